@@ -1,0 +1,105 @@
+# Bulkhead. `make demo` and `make test` are the two commands a new machine needs
+# (as root); everything else they need is installed from here.
+
+SHELL        := /usr/bin/env bash
+GO           ?= go
+CLANG        ?= clang-19
+BIN          := $(CURDIR)/bin
+# Builds of large third-party tools live outside the clone, so that fresh
+# clones (CI) on the same machine reuse them.
+CACHE        ?= /var/cache/bulkhead
+CNI_VERSION  := v1.10.0
+CNI_BIN      := $(CACHE)/cni-plugins-$(CNI_VERSION)
+CNI_PLUGINS  := ptp bridge host-local
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool
+BPFFS        := /sys/fs/bpf
+# Fuzz targets run this many iterations each in `make test`.
+FUZZ_ITERS   ?= 3000
+GOTEST_FLAGS ?= -count=1 -timeout 20m
+
+export BULKHEAD_CNI_BIN := $(CNI_BIN)
+
+.PHONY: all build generate check-generated deps bpffs cni-plugins test test-unit \
+        vet staticcheck fuzz bench demo clean
+
+all: build
+
+## deps: install the Debian packages the build and the tests need.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+## bpffs: make sure the BPF filesystem is mounted (pins live there).
+bpffs:
+	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
+
+## generate: regenerate bpf2go output (needs clang-19) and the CRD manifests.
+generate:
+	$(GO) generate ./...
+
+## check-generated: fail when the committed generated files are stale.
+GENERATED := '*_bpfel.go' '*_bpfel.o' 'manifests/crds/*.yaml' '*zz_generated*.go'
+check-generated: deps
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	git ls-files -- $(GENERATED) | while read -r f; do mkdir -p "$$tmp/$$(dirname $$f)"; cp "$$f" "$$tmp/$$f"; done; \
+	$(GO) generate ./... || exit 1; \
+	stale=$$(git ls-files -- $(GENERATED) | while read -r f; do cmp -s "$$f" "$$tmp/$$f" || echo "$$f"; done); \
+	new=$$(git ls-files --others --exclude-standard -- $(GENERATED)); \
+	if [ -n "$$stale$$new" ]; then echo "stale or uncommitted generated files:" $$stale $$new; \
+		echo "run 'make generate' and commit them"; exit 1; fi; \
+	echo "generated files are up to date"
+
+## build: the binaries, into bin/.
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+## cni-plugins: the reference CNI plugins and cnitool, built once into $(CACHE).
+cni-plugins: $(CNI_BIN)/.done
+$(CNI_BIN)/.done:
+	@mkdir -p $(CNI_BIN)
+	cd $$(mktemp -d) && $(GO) mod init cnibuild >/dev/null 2>&1 && \
+	  GOFLAGS=-mod=mod $(GO) get github.com/containernetworking/plugins@$(CNI_VERSION) github.com/containernetworking/cni/cnitool@v1.3.1 >/dev/null && \
+	  for p in $(CNI_PLUGINS); do \
+	    case $$p in host-local) d=ipam/host-local;; *) d=main/$$p;; esac; \
+	    GOBIN=$(CNI_BIN) CGO_ENABLED=0 GOFLAGS=-mod=mod $(GO) install github.com/containernetworking/plugins/plugins/$$d || exit 1; \
+	  done && \
+	  GOBIN=$(CNI_BIN) CGO_ENABLED=0 GOFLAGS=-mod=mod $(GO) install github.com/containernetworking/cni/cnitool
+	@touch $@
+
+vet:
+	$(GO) vet ./...
+
+staticcheck:
+	$(GO) tool staticcheck ./...
+
+## fuzz: every fuzz target, a bounded number of iterations each.
+fuzz: deps bpffs
+	@set -e; for pkg in $$($(GO) list ./...); do \
+		dir=$$($(GO) list -f '{{.Dir}}' $$pkg); \
+		for f in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go 2>/dev/null | cut -d' ' -f2 | sort -u); do \
+			echo "fuzz $$pkg $$f ($(FUZZ_ITERS) iterations)"; \
+			BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZ_ITERS)x $$pkg; \
+		done; \
+	done
+
+## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
+test: deps bpffs check-generated cni-plugins build vet staticcheck
+	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
+	$(MAKE) fuzz
+
+## bench: the named benchmarks, pinned to one CPU.
+bench: deps bpffs cni-plugins build
+	BULKHEAD_PRIVILEGED=1 taskset -c 1 $(GO) test -run '^$$' -bench . -benchmem ./...
+
+## demo: the embedded-default demo (no Kubernetes, no SPIRE).
+demo: deps bpffs cni-plugins build
+	$(BIN)/bulkhead demo
+
+clean:
+	rm -rf $(BIN)
