@@ -1,0 +1,47 @@
+package flows
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestCompact(t *testing.T) {
+	f := sampleFlow()
+	f.Time = time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.Local)
+	got := Compact(f, false)
+	want := "03:04:05.006 shop/frontend:40000 -> [fd00::2]:8080 TCP SYN,ACK DROPPED by BulkheadPolicy shop/api egress[1]"
+	if got != want {
+		t.Fatalf("Compact =\n%q\nwant\n%q", got, want)
+	}
+	if colored := Compact(f, true); !strings.Contains(colored, colorRed+"DROPPED"+colorReset) {
+		t.Fatalf("no colour on a terminal: %q", colored)
+	}
+}
+
+func TestWriteTable(t *testing.T) {
+	a := sampleFlow()
+	b := sampleFlow()
+	b.Verdict, b.EgressDeniedBy, b.IsReply = VerdictForwarded, nil, true
+	b.IngressAllowedBy = []*Policy{{Kind: "NetworkPolicy", Namespace: "shop", Name: "allow-frontend", Rule: "ingress[0]"}}
+	var buf bytes.Buffer
+	if err := WriteTable(&buf, []*Flow{a, b}, false); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "TIME") {
+		t.Fatalf("table:\n%s", buf.String())
+	}
+	if !strings.Contains(lines[1], "DROPPED") || !strings.Contains(lines[1], "BulkheadPolicy shop/api egress[1]") {
+		t.Fatalf("row 1: %q", lines[1])
+	}
+	if !strings.Contains(lines[2], "reply") || !strings.Contains(lines[2], "NetworkPolicy shop/allow-frontend ingress[0]") {
+		t.Fatalf("row 2: %q", lines[2])
+	}
+	// Columns line up: VERDICT starts at the same offset in every row.
+	col := strings.Index(lines[0], "VERDICT")
+	if strings.Index(lines[1], "DROPPED") != col || strings.Index(lines[2], "FORWARDED") != col {
+		t.Fatalf("columns not aligned:\n%s", buf.String())
+	}
+}
