@@ -208,7 +208,7 @@ func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID,
 			(e.Proto != 0 && e.Proto != proto) || port < e.PortLo || port > e.PortHi {
 			continue
 		}
-		if best == nil || entryBeats(e, best) {
+		if best == nil || e.Beats(best) {
 			best = e
 		}
 	}
@@ -234,8 +234,9 @@ func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID,
 	return d
 }
 
-// entryBeats reports whether a wins over b when both match a packet.
-func entryBeats(a, b *Entry) bool {
+// Beats reports whether a wins over b when both match a packet, by the
+// order Lookup documents. The datapath resolves overlaps with it too.
+func (a *Entry) Beats(b *Entry) bool {
 	if c := cmp.Compare(precedence(b), precedence(a)); c != 0 {
 		return c < 0
 	}
