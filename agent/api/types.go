@@ -1,0 +1,277 @@
+package api
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// DefaultSocket is where the agent listens unless --socket says otherwise
+// (DESIGN.md §5). The plugin uses it when the conflist has no "socket".
+const DefaultSocket = "/run/bulkhead/agent.sock"
+
+// Version is the API version every path below is prefixed with.
+const Version = "v1"
+
+// Request paths. The version prefix lets a newer agent keep serving older
+// plugins that are still installed on the node during an upgrade.
+const (
+	PathEndpointAdd   = "/v1/endpoints/add"
+	PathEndpointDel   = "/v1/endpoints/del"
+	PathEndpointCheck = "/v1/endpoints/check"
+	PathEndpointGC    = "/v1/endpoints/gc"
+	PathStatus        = "/v1/status"
+	PathEndpoints     = "/v1/endpoints"
+	PathIdentities    = "/v1/identities"
+	PathExplain       = "/v1/explain"
+)
+
+// PodRef names the Kubernetes pod behind an endpoint, from CNI_ARGS. All
+// fields are empty for runtimes that do not pass them.
+type PodRef struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name,omitempty"`
+	UID       string `json:"uid,omitempty"`
+}
+
+// EndpointKey identifies an attachment the way the CNI runtime does, so GC
+// and DEL can name endpoints without any other state.
+type EndpointKey struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+}
+
+func (k EndpointKey) validate() error {
+	if k.ContainerID == "" {
+		return errors.New("containerID is required")
+	}
+	if k.IfName == "" {
+		return errors.New("ifName is required")
+	}
+	return nil
+}
+
+// EndpointAddRequest asks the agent to enforce policy on a new endpoint. The
+// agent must treat it as idempotent per EndpointKey: the plugin retries when
+// a response is lost, and the runtime may repeat ADD.
+type EndpointAddRequest struct {
+	EndpointKey
+	// Network is the conflist name; GC is scoped to it.
+	Network string `json:"network,omitempty"`
+	// Netns is the path of the pod's network namespace (CNI_NETNS).
+	Netns string `json:"netns"`
+	// PodIfIndex is the index of IfName inside Netns.
+	PodIfIndex int `json:"podIfIndex"`
+	// HostVeth and HostIfIndex name the host-side veth peer, found by
+	// following the peer index rather than by name. The agent attaches its
+	// programs to HostIfIndex and may use HostVeth to detect index reuse.
+	HostVeth    string         `json:"hostVeth"`
+	HostIfIndex int            `json:"hostIfIndex"`
+	IPs         []netip.Prefix `json:"ips"`
+	Pod         PodRef         `json:"pod"`
+}
+
+// Validate reports the first missing or malformed field.
+func (r EndpointAddRequest) Validate() error {
+	if err := r.EndpointKey.validate(); err != nil {
+		return err
+	}
+	if r.Netns == "" {
+		return errors.New("netns is required")
+	}
+	if r.HostVeth == "" || r.HostIfIndex <= 0 {
+		return errors.New("hostVeth and a positive hostIfIndex are required")
+	}
+	for _, p := range r.IPs {
+		if !p.IsValid() {
+			return fmt.Errorf("invalid ip prefix %v", p)
+		}
+	}
+	return nil
+}
+
+// EndpointAddResponse is returned only once enforcement is live: programs
+// attached, endpoint config written, ipcache and policy applied.
+type EndpointAddResponse struct {
+	// Enforced is true when the datapath enforces policy for the endpoint.
+	// A plugin must fail ADD when it is false.
+	Enforced       bool   `json:"enforced"`
+	IdentityID     uint32 `json:"identityID,omitempty"`
+	SPIFFEID       string `json:"spiffeID,omitempty"`
+	PolicyRevision uint64 `json:"policyRevision,omitempty"`
+}
+
+// EndpointDelRequest asks the agent to forget an endpoint. Netns may be empty:
+// runtimes call DEL after the namespace is gone.
+type EndpointDelRequest struct {
+	EndpointKey
+	Netns string `json:"netns,omitempty"`
+}
+
+// Validate reports the first missing field.
+func (r EndpointDelRequest) Validate() error { return r.EndpointKey.validate() }
+
+// EndpointDelResponse reports whether the agent knew the endpoint. An unknown
+// endpoint is not an error: DEL is idempotent.
+type EndpointDelResponse struct {
+	Removed bool `json:"removed"`
+}
+
+// EndpointCheckRequest asks the agent whether an endpoint is still enforced
+// as the plugin sees it now.
+type EndpointCheckRequest struct {
+	EndpointKey
+	Netns       string         `json:"netns"`
+	HostVeth    string         `json:"hostVeth"`
+	HostIfIndex int            `json:"hostIfIndex"`
+	IPs         []netip.Prefix `json:"ips,omitempty"`
+}
+
+// Validate reports the first missing field.
+func (r EndpointCheckRequest) Validate() error {
+	if err := r.EndpointKey.validate(); err != nil {
+		return err
+	}
+	if r.HostIfIndex <= 0 {
+		return errors.New("a positive hostIfIndex is required")
+	}
+	return nil
+}
+
+// EndpointCheckResponse is healthy only when all three booleans are true.
+// Problems explains, for a human, what is wrong.
+type EndpointCheckResponse struct {
+	Known bool `json:"known"`
+	// Attached is true when the endpoint's programs are attached to the
+	// veth with the requested HostIfIndex.
+	Attached bool `json:"attached"`
+	// IdentityCurrent is false when the pod's labels changed and the
+	// endpoint still carries the old identity.
+	IdentityCurrent bool     `json:"identityCurrent"`
+	Problems        []string `json:"problems,omitempty"`
+}
+
+// Healthy reports whether CHECK should pass.
+func (r EndpointCheckResponse) Healthy() bool { return r.Known && r.Attached && r.IdentityCurrent }
+
+// GCRequest lists every attachment the runtime still considers valid
+// (cni.dev/valid-attachments). The agent removes endpoints not in it.
+type GCRequest struct {
+	// Network is the conflist name: only this network's endpoints are
+	// collected, so two networks chaining bulkhead-cni do not collect
+	// each other's.
+	Network          string        `json:"network,omitempty"`
+	ValidAttachments []EndpointKey `json:"validAttachments"`
+}
+
+// GCResponse lists what the agent removed.
+type GCResponse struct {
+	Removed []EndpointKey `json:"removed,omitempty"`
+}
+
+// StoreError is a bad store file that the agent refused to apply.
+type StoreError struct {
+	File    string `json:"file"`
+	Line    int    `json:"line,omitempty"`
+	Message string `json:"message"`
+}
+
+// StatusResponse is the agent's health and summary. Ready is false until
+// the agent has restored pinned state and can enforce new endpoints.
+type StatusResponse struct {
+	Ready          bool         `json:"ready"`
+	Reason         string       `json:"reason,omitempty"`
+	AgentVersion   string       `json:"agentVersion,omitempty"`
+	NodeName       string       `json:"nodeName,omitempty"`
+	StartedAt      time.Time    `json:"startedAt,omitzero"`
+	Endpoints      int          `json:"endpoints"`
+	Identities     int          `json:"identities"`
+	PolicyRevision uint64       `json:"policyRevision"`
+	Datapath       string       `json:"datapath,omitempty"`
+	Store          string       `json:"store,omitempty"`
+	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
+}
+
+// EndpointInfo is one endpoint as the CLI lists it.
+type EndpointInfo struct {
+	EndpointKey
+	Netns          string         `json:"netns"`
+	HostVeth       string         `json:"hostVeth"`
+	HostIfIndex    int            `json:"hostIfIndex"`
+	IPs            []netip.Prefix `json:"ips"`
+	Pod            PodRef         `json:"pod"`
+	IdentityID     uint32         `json:"identityID"`
+	SPIFFEID       string         `json:"spiffeID,omitempty"`
+	Attached       bool           `json:"attached"`
+	AttachMode     string         `json:"attachMode,omitempty"`
+	PolicyRevision uint64         `json:"policyRevision"`
+	CreatedAt      time.Time      `json:"createdAt,omitzero"`
+}
+
+// EndpointList is the response of GET PathEndpoints.
+type EndpointList struct {
+	Endpoints []EndpointInfo `json:"endpoints"`
+}
+
+// Identity is one security identity as the CLI lists it.
+type Identity struct {
+	ID             uint32            `json:"id"`
+	SPIFFEID       string            `json:"spiffeID,omitempty"`
+	Reserved       string            `json:"reserved,omitempty"`
+	Namespace      string            `json:"namespace,omitempty"`
+	ServiceAccount string            `json:"serviceAccount,omitempty"`
+	Labels         map[string]string `json:"labels,omitempty"`
+	Endpoints      int               `json:"endpoints"`
+}
+
+// IdentityList is the response of GET PathIdentities.
+type IdentityList struct {
+	Identities []Identity `json:"identities"`
+}
+
+// Peer is one side of an explained flow: a pod by name, or an address.
+type Peer struct {
+	Pod *PodRef    `json:"pod,omitempty"`
+	IP  netip.Addr `json:"ip,omitzero"`
+}
+
+// ExplainRequest asks why a flow would be allowed or denied by the live state.
+type ExplainRequest struct {
+	Source      Peer   `json:"source"`
+	Destination Peer   `json:"destination"`
+	Protocol    string `json:"protocol"`
+	Port        uint16 `json:"port,omitempty"`
+}
+
+// Validate reports the first missing field.
+func (r ExplainRequest) Validate() error {
+	if r.Source.Pod == nil && !r.Source.IP.IsValid() {
+		return errors.New("source needs a pod or an ip")
+	}
+	if r.Destination.Pod == nil && !r.Destination.IP.IsValid() {
+		return errors.New("destination needs a pod or an ip")
+	}
+	if r.Protocol == "" {
+		return errors.New("protocol is required")
+	}
+	return nil
+}
+
+// ExplainRule is one policy rule that took part in a verdict.
+type ExplainRule struct {
+	Policy    string `json:"policy"`
+	Rule      string `json:"rule,omitempty"`
+	Direction string `json:"direction"`
+	Verdict   string `json:"verdict"`
+}
+
+// ExplainResponse is the verdict and the rules behind it.
+type ExplainResponse struct {
+	Verdict             string        `json:"verdict"`
+	Reason              string        `json:"reason,omitempty"`
+	SourceIdentity      uint32        `json:"sourceIdentity"`
+	DestinationIdentity uint32        `json:"destinationIdentity"`
+	Rules               []ExplainRule `json:"rules,omitempty"`
+	PolicyRevision      uint64        `json:"policyRevision"`
+}
