@@ -1,16 +1,20 @@
-// Command bulkhead is the Bulkhead CLI.
+// Command bulkhead is the Bulkhead CLI. It only wires flags to the packages
+// that do the work.
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
+
+	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "demo" {
-		fmt.Println("bulkhead demo: not yet (the demo issue builds it)")
-		return
+	if err := newRoot().Execute(); err != nil {
+		if !errors.Is(err, explain.ErrInvalidStore) {
+			fmt.Fprintln(os.Stderr, "bulkhead:", err)
+		}
+		os.Exit(1)
 	}
-	fmt.Fprintln(os.Stderr, "usage: bulkhead demo")
-	os.Exit(2)
 }

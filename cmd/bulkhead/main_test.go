@@ -1,0 +1,113 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/bulkhead-io/bulkhead/policy/explain"
+)
+
+const goodStore = "../../policy/testdata/stores/shop"
+
+func run(t *testing.T, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errw bytes.Buffer
+	root := newRoot()
+	root.SetArgs(args)
+	root.SetOut(&out)
+	root.SetErr(&errw)
+	err := root.Execute()
+	return out.String(), errw.String(), err
+}
+
+func TestDemo(t *testing.T) {
+	out, _, err := run(t, "demo")
+	if err != nil || !strings.Contains(out, "not yet") {
+		t.Fatalf("demo: %q %v", out, err)
+	}
+}
+
+func TestPolicyCheck(t *testing.T) {
+	out, _, err := run(t, "policy", "check", goodStore)
+	if err != nil || !strings.Contains(out, "all valid") {
+		t.Fatalf("good store: %q %v", out, err)
+	}
+	_, errOut, err := run(t, "policy", "check", "testdata/bad")
+	if !errors.Is(err, explain.ErrInvalidStore) {
+		t.Fatalf("bad store: got %v, want ErrInvalidStore", err)
+	}
+	for _, want := range []string{
+		"testdata/bad/policies.yaml:15: NetworkPolicy shop/bad-cidr: spec.ingress[0].from[0].ipBlock.cidr",
+		"testdata/bad/policies.yaml:23: BulkheadPolicy shop/bad-action: spec.egress[0].action",
+		"testdata/bad/pods.yaml:1: Pod shop/p: status.podIPs[0]",
+	} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("check output lacks %q:\n%s", want, errOut)
+		}
+	}
+	if strings.Contains(errOut, "shop/good") {
+		t.Errorf("a valid policy was reported:\n%s", errOut)
+	}
+}
+
+func TestPolicyExplain(t *testing.T) {
+	out, _, err := run(t, "policy", "explain", "--store", goodStore, "--from", "shop/api", "--to", "shop/db", "--port", "5432", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Ingress  struct{ Verdict string }
+		Egress   struct{ Verdict string }
+		Combined string
+		Allowed  []struct{ Name string } `json:"allowed_by"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	// db's NetworkPolicy allows api on its named port pg; api's own
+	// BulkheadPolicy only lets it out to DNS.
+	if r.Ingress.Verdict != "allow" || r.Egress.Verdict != "deny" || r.Combined != "deny" || len(r.Allowed) != 1 || r.Allowed[0].Name != "db" {
+		t.Fatalf("unexpected verdict: %+v\n%s", r, out)
+	}
+	out, _, err = run(t, "policy", "explain", "--store", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "5432")
+	if err != nil || !strings.Contains(out, "ALLOW") || !strings.Contains(out, "NetworkPolicy shop/db ingress[0]") {
+		t.Fatalf("text explain: %v\n%s", err, out)
+	}
+	if _, _, err := run(t, "policy", "explain", "--store", goodStore, "--from", "shop/nope", "--to", "shop/db", "--port", "1"); err == nil {
+		t.Fatal("unknown pod: want an error")
+	}
+}
+
+func TestPolicyMatrix(t *testing.T) {
+	out, _, err := run(t, "policy", "matrix", "--store", goodStore, "--ports", "8080/TCP,5432/TCP,53/UDP", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cells []map[string]any
+	if err := json.Unmarshal([]byte(out), &cells); err != nil {
+		t.Fatal(err)
+	}
+	if len(cells) != 4*4*3 {
+		t.Fatalf("got %d cells, want 48 (4 pods squared, 3 ports)", len(cells))
+	}
+	for _, c := range cells {
+		for _, k := range []string{"from", "to", "port", "protocol", "ingress", "egress", "combined"} {
+			if _, ok := c[k]; !ok {
+				t.Fatalf("cell lacks %q: %v", k, c)
+			}
+		}
+		if c["from"] == "ops/monitor" && c["to"] == "shop/db" && c["port"] == float64(5432) && c["combined"] != true {
+			t.Errorf("monitor -> db 5432 should pass: %v", c)
+		}
+		if c["from"] == "shop/db" && c["to"] == "shop/db" && c["port"] == float64(5432) && c["combined"] != false {
+			t.Errorf("db -> db 5432 should be denied (only api and ops may connect): %v", c)
+		}
+	}
+	out, _, err = run(t, "policy", "matrix", "--store", goodStore, "--ports", "80")
+	if err != nil || !strings.Contains(out, "80/TCP") {
+		t.Fatalf("table: %v\n%s", err, out)
+	}
+}

@@ -1,0 +1,108 @@
+package identity
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+)
+
+func TestLabelsKey(t *testing.T) {
+	a := Labels{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}}
+	b := Labels{Namespace: "shop", PodLabels: map[string]string{"tier": "1", "app": "api"}, ServiceAccount: "default"}
+	if a.Key() != b.Key() {
+		t.Fatal("equal label sets (and the defaulted service account) must share a key")
+	}
+	for _, c := range []Labels{
+		{Namespace: "shop", PodLabels: map[string]string{"app": "api"}},
+		{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}, ServiceAccount: "api"},
+		{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}, NamespaceLabels: map[string]string{"x": "y"}},
+		// A value that looks like an encoded second label must not collide.
+		{Namespace: "shop", PodLabels: map[string]string{"app": "api4:tier1:1"}},
+	} {
+		if c.Key() == a.Key() {
+			t.Errorf("%+v collides with %+v", c, a)
+		}
+	}
+}
+
+func TestAllocator(t *testing.T) {
+	a := NewAllocator(256, 258)
+	x, _ := a.Acquire("x")
+	y, _ := a.Acquire("y")
+	if x != 256 || y != 257 {
+		t.Fatalf("got %d %d, want 256 257", x, y)
+	}
+	if again, _ := a.Acquire("x"); again != x {
+		t.Fatal("an ID must be stable while in use")
+	}
+	a.Release("x")
+	if id, ok := a.Lookup("x"); !ok || id != x {
+		t.Fatal("x still has a reference")
+	}
+	a.Release("x")
+	if _, ok := a.Lookup("x"); ok {
+		t.Fatal("x should be released")
+	}
+	z, _ := a.Acquire("z")
+	if z != 258 {
+		t.Fatalf("a released ID is reused only after the range wraps: got %d", z)
+	}
+	w, _ := a.Acquire("w")
+	if w != 256 {
+		t.Fatalf("after wrapping, the free ID: got %d", w)
+	}
+	if _, err := a.Acquire("v"); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("want ErrExhausted, got %v", err)
+	}
+}
+
+func TestSPIFFE(t *testing.T) {
+	id, err := Labels{Namespace: "shop"}.SPIFFEID("cluster.local")
+	if err != nil || id.String() != "spiffe://cluster.local/ns/shop/sa/default" {
+		t.Fatalf("got %v %v", id, err)
+	}
+	if _, err := (Labels{Namespace: "shop"}).SPIFFEID("Bad Domain"); err == nil {
+		t.Fatal("invalid trust domain accepted")
+	}
+	api, _ := Labels{Namespace: "shop", ServiceAccount: "api"}.SPIFFEID("cluster.local")
+	tests := []struct {
+		pattern string
+		ok      bool
+		match   bool
+	}{
+		{"spiffe://cluster.local/ns/shop/sa/api", true, true},
+		{"spiffe://cluster.local/ns/shop/sa/*", true, true},
+		{"spiffe://cluster.local/ns/*/sa/*", true, true},
+		{"spiffe://*/ns/shop/sa/api", true, true},
+		{"spiffe://cluster.local/ns/shop", true, false},
+		{"spiffe://cluster.local/ns/other/sa/*", true, false},
+		{"spiffe://other.local/ns/shop/sa/api", true, false},
+		{"spiffe://cluster.local/ns/sh*/sa/api", false, false},
+		{"spiffe://cluster.local", false, false},
+		{"https://cluster.local/ns/a", false, false},
+		{"spiffe://cluster.local/ns//sa/a", false, false},
+	}
+	for _, tt := range tests {
+		p, err := ParseSPIFFEPattern(tt.pattern)
+		if (err == nil) != tt.ok {
+			t.Errorf("%s: err %v, want ok=%v", tt.pattern, err, tt.ok)
+			continue
+		}
+		if err == nil && p.Match(api) != tt.match {
+			t.Errorf("%s: match %v, want %v", tt.pattern, !tt.match, tt.match)
+		}
+	}
+}
+
+func TestLongestMatch(t *testing.T) {
+	c := map[netip.Prefix]NumericID{
+		netip.MustParsePrefix("10.0.0.0/8"):   MinCIDRID,
+		netip.MustParsePrefix("10.1.0.0/16"):  MinCIDRID + 1,
+		Host(netip.MustParseAddr("10.1.0.5")): 300,
+	}
+	for ip, want := range map[string]NumericID{"10.1.0.5": 300, "10.1.0.6": MinCIDRID + 1, "10.2.0.1": MinCIDRID, "192.0.2.1": IDWorld, "::ffff:10.1.0.5": 300, "fd00::1": IDWorld} {
+		if got := LongestMatch(c, netip.MustParseAddr(ip)); got != want {
+			t.Errorf("%s: got %v want %v", ip, got, want)
+		}
+	}
+}

@@ -1,0 +1,59 @@
+package identity
+
+import (
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// DefaultServiceAccount is the service account of a pod that names none, as
+// Kubernetes assigns it.
+const DefaultServiceAccount = "default"
+
+// Labels is the security-relevant label set of a workload: everything a
+// policy can select a pod by. Two pods with equal Labels are
+// indistinguishable to policy and so share one numeric identity.
+type Labels struct {
+	Namespace       string
+	NamespaceLabels map[string]string
+	PodLabels       map[string]string
+	// ServiceAccount is empty for "default"; use SA to read it.
+	ServiceAccount string
+}
+
+// SA returns the service account, defaulted the way Kubernetes defaults it.
+func (l Labels) SA() string {
+	if l.ServiceAccount == "" {
+		return DefaultServiceAccount
+	}
+	return l.ServiceAccount
+}
+
+// Key is a canonical encoding of the label set: equal sets give equal keys,
+// different sets give different keys (every string is length-prefixed, so no
+// separator can be forged by a label value).
+func (l Labels) Key() string {
+	var b strings.Builder
+	writeLP(&b, l.Namespace)
+	writeLP(&b, l.SA())
+	writeMap(&b, l.NamespaceLabels)
+	writeMap(&b, l.PodLabels)
+	return b.String()
+}
+
+func writeMap(b *strings.Builder, m map[string]string) {
+	b.WriteString(strconv.Itoa(len(m)))
+	b.WriteByte('{')
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		writeLP(b, k)
+		writeLP(b, m[k])
+	}
+	b.WriteByte('}')
+}
+
+func writeLP(b *strings.Builder, s string) {
+	b.WriteString(strconv.Itoa(len(s)))
+	b.WriteByte(':')
+	b.WriteString(s)
+}

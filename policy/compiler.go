@@ -1,0 +1,399 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Compiler turns a Snapshot into a MapState and keeps what it needs to apply
+// single changes (a pod, a namespace, a policy) incrementally: identities,
+// rule IDs and per-endpoint results survive between updates, so an update
+// recomputes only the endpoints it affects and the IDs of everything else stay
+// the same (the datapath writes only the difference).
+//
+// A Compiler is not safe for concurrent use.
+type Compiler struct {
+	log         *slog.Logger
+	trustDomain string
+	denyHost    bool
+
+	namespaces map[string]map[string]string
+	pods       map[podKey]*podState
+	podsByNS   map[string]map[podKey]*podState
+
+	idents     map[string]*ident
+	identsByID map[identity.NumericID]*ident
+	identsByNS map[string]map[*ident]struct{}
+	withRegion map[*ident]struct{}
+	workloads  *identity.Allocator
+
+	policies     map[policyKey]*cpolicy
+	policiesByNS map[string]map[policyKey]*cpolicy
+
+	cidrs     map[netip.Prefix]*cidrIdent
+	cidrAlloc *identity.Allocator
+
+	ruleIDs  map[ruleKey]RuleID
+	nextRule RuleID
+
+	// peerCache holds the resolved identities of one peer of one rule; it is
+	// dropped for a policy whenever identities it could match change.
+	peerCache map[policyKey]map[peerRef][]identity.NumericID
+	// namedIdx maps "name/proto" to the identities that have that named port.
+	namedIdx map[string][]identPort
+
+	ipcache    map[netip.Prefix]identity.NumericID
+	endpoints  map[EndpointID]podKey
+	epPolicies map[EndpointID][]policyKey
+	policyEPs  map[policyKey]map[EndpointID]struct{}
+
+	ms *MapState
+}
+
+type cidrIdent struct {
+	id   identity.NumericID
+	refs int
+}
+
+type ruleKey struct {
+	policy policyKey
+	dir    Direction
+	index  int
+}
+
+type peerRef struct {
+	rule, peer int
+}
+
+type identPort struct {
+	id   identity.NumericID
+	port uint16
+}
+
+// Config configures a Compiler.
+type Config struct {
+	Logger *slog.Logger
+}
+
+// NewCompiler returns an empty compiler; Reset loads a snapshot into it.
+func NewCompiler(cfg Config) *Compiler {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &Compiler{log: log}
+	c.clear(&Snapshot{})
+	return c
+}
+
+func (c *Compiler) clear(s *Snapshot) {
+	c.trustDomain = s.TrustDomain
+	if c.trustDomain == "" {
+		c.trustDomain = identity.DefaultTrustDomain
+	}
+	c.denyHost = s.DenyHostIngress
+	c.namespaces = map[string]map[string]string{}
+	c.pods = map[podKey]*podState{}
+	c.podsByNS = map[string]map[podKey]*podState{}
+	c.idents = map[string]*ident{}
+	c.identsByID = map[identity.NumericID]*ident{}
+	c.identsByNS = map[string]map[*ident]struct{}{}
+	c.withRegion = map[*ident]struct{}{}
+	c.workloads = identity.NewWorkloadAllocator()
+	c.policies = map[policyKey]*cpolicy{}
+	c.policiesByNS = map[string]map[policyKey]*cpolicy{}
+	c.cidrs = map[netip.Prefix]*cidrIdent{}
+	c.cidrAlloc = identity.NewCIDRAllocator()
+	c.ruleIDs = map[ruleKey]RuleID{}
+	c.nextRule = 1
+	c.peerCache = map[policyKey]map[peerRef][]identity.NumericID{}
+	c.namedIdx = nil
+	c.ipcache = map[netip.Prefix]identity.NumericID{}
+	c.endpoints = map[EndpointID]podKey{}
+	c.epPolicies = map[EndpointID][]policyKey{}
+	c.policyEPs = map[policyKey]map[EndpointID]struct{}{}
+	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{}}
+}
+
+// Compile compiles a snapshot from scratch. It is deterministic: the same
+// snapshot gives the same MapState, identities and rule IDs.
+//
+// The MapState is always usable. The error, when not nil, lists the policies
+// that were rejected (each rejected whole, see ValidationError) and other
+// inconsistencies of the snapshot that were skipped.
+func Compile(s *Snapshot) (*MapState, error) {
+	return NewCompiler(Config{}).Reset(s)
+}
+
+// MapState returns the current result.
+func (c *Compiler) MapState() *MapState { return c.ms }
+
+// Reset replaces the compiler's state with a full compile of s.
+func (c *Compiler) Reset(s *Snapshot) (*MapState, error) {
+	ms, _, err := c.Replace(s)
+	return ms, err
+}
+
+// Replace is Reset that also returns the difference to the previous result,
+// for an agent that reloads its whole store. The revision keeps increasing
+// across it. Numeric identities and rule IDs are allocated afresh (in the
+// deterministic order of a full compile), so they may all move: prefer the
+// incremental methods for single changes.
+func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
+	if s.TrustDomain != "" {
+		if _, err := spiffeid.TrustDomainFromString(s.TrustDomain); err != nil {
+			return c.ms, Diff{}, fmt.Errorf("trust domain %q: %w", s.TrustDomain, err)
+		}
+	}
+	prev := c.ms
+	c.clear(s)
+	c.ms = prev
+	var errs []error
+	for _, n := range s.Namespaces {
+		c.namespaces[n.Name] = namespaceLabels(n)
+	}
+	// Policies first: their CIDRs decide the identities' regions.
+	var pols []*cpolicy
+	for _, np := range s.NetworkPolicies {
+		p, err := compileNetworkPolicy(np)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		pols = append(pols, p)
+	}
+	for _, bp := range s.BulkheadPolicies {
+		p, err := compileBulkheadPolicy(bp)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		pols = append(pols, p)
+	}
+	slices.SortStableFunc(pols, func(a, b *cpolicy) int { return compareKeys(a.key, b.key) })
+	for i, p := range pols {
+		if i > 0 && pols[i-1].key == p.key {
+			errs = append(errs, fmt.Errorf("%s: defined twice, the first definition is used", p.key))
+			continue
+		}
+		c.addPolicy(p)
+	}
+	for _, p := range c.policies {
+		for _, pr := range p.cidrs {
+			if c.cidrs[pr] == nil {
+				c.cidrs[pr] = &cidrIdent{}
+			}
+			c.cidrs[pr].refs++
+		}
+	}
+	cidrOrder := slices.Collect(maps.Keys(c.cidrs))
+	slices.SortFunc(cidrOrder, comparePrefix)
+	for _, pr := range cidrOrder {
+		id, err := c.cidrAlloc.Acquire(pr.String())
+		if err != nil {
+			return c.ms, Diff{}, err
+		}
+		c.cidrs[pr].id = id
+		c.ipcache[pr] = id
+	}
+
+	// Pods in the order of their identity keys, so IDs are deterministic.
+	type keyed struct {
+		pod Pod
+		key string
+	}
+	var ps []keyed
+	seen := map[podKey]bool{}
+	seenEP := map[EndpointID]podKey{}
+	for _, p := range s.Pods {
+		p.Namespace = namespaceOf(p.Namespace)
+		k := podKey{p.Namespace, p.Name}
+		if seen[k] {
+			errs = append(errs, fmt.Errorf("pod %s: defined twice, the first definition is used", k))
+			continue
+		}
+		if p.Endpoint != 0 {
+			if other, dup := seenEP[p.Endpoint]; dup {
+				errs = append(errs, fmt.Errorf("pod %s: endpoint %d already belongs to %s, treated as not local", k, p.Endpoint, other))
+				p.Endpoint = 0
+			} else {
+				seenEP[p.Endpoint] = k
+			}
+		}
+		seen[k] = true
+		_, _, key := c.identKey(&p)
+		ps = append(ps, keyed{p, key})
+	}
+	slices.SortFunc(ps, func(a, b keyed) int {
+		if a.key != b.key {
+			if a.key < b.key {
+				return -1
+			}
+			return 1
+		}
+		return compareKeys(policyKey{"", a.pod.Namespace, a.pod.Name}, policyKey{"", b.pod.Namespace, b.pod.Name})
+	})
+	w := newWork()
+	for _, kp := range ps {
+		if err := c.attachPod(kp.pod, w); err != nil {
+			return c.ms, Diff{}, err
+		}
+	}
+	for ep := range c.endpoints {
+		w.dirty[ep] = struct{}{}
+	}
+	for ep := range prev.Endpoints {
+		w.dirty[ep] = struct{}{}
+	}
+	d := c.finish(w, true)
+	return c.ms, d, errors.Join(errs...)
+}
+
+func namespaceLabels(n Namespace) map[string]string {
+	l := make(map[string]string, len(n.Labels)+1)
+	maps.Copy(l, n.Labels)
+	l[NamespaceNameLabel] = n.Name
+	return l
+}
+
+func compareKeys(a, b policyKey) int {
+	switch {
+	case a.Kind != b.Kind:
+		return cmpString(a.Kind, b.Kind)
+	case a.Namespace != b.Namespace:
+		return cmpString(a.Namespace, b.Namespace)
+	}
+	return cmpString(a.Name, b.Name)
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// addPolicy registers a validated policy and gives its rules IDs.
+func (c *Compiler) addPolicy(p *cpolicy) {
+	c.policies[p.key] = p
+	m := c.policiesByNS[p.key.Namespace]
+	if m == nil {
+		m = map[policyKey]*cpolicy{}
+		c.policiesByNS[p.key.Namespace] = m
+	}
+	m[p.key] = p
+	for _, r := range p.rules {
+		k := ruleKey{p.key, r.dir, r.index}
+		if _, ok := c.ruleIDs[k]; !ok {
+			c.ruleIDs[k] = c.nextRule
+			c.nextRule++
+		}
+	}
+}
+
+// removePolicy unregisters a policy; rule IDs the replacement keeps survive
+// (keep), the others are released.
+func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
+	delete(c.policies, p.key)
+	delete(c.policiesByNS[p.key.Namespace], p.key)
+	for _, r := range p.rules {
+		k := ruleKey{p.key, r.dir, r.index}
+		if keep != nil && slices.ContainsFunc(keep.rules, func(o crule) bool { return o.dir == r.dir && o.index == r.index }) {
+			continue
+		}
+		delete(c.ruleIDs, k)
+	}
+	delete(c.peerCache, p.key)
+}
+
+// attachPod registers a pod under its identity and in the ipcache.
+func (c *Compiler) attachPod(p Pod, w *work) error {
+	p.Namespace = namespaceOf(p.Namespace)
+	k := podKey{p.Namespace, p.Name}
+	l, regions, key := c.identKey(&p)
+	id := c.idents[key]
+	if id == nil {
+		nid, err := c.workloads.Acquire(key)
+		if err != nil {
+			return fmt.Errorf("pod %s: %w", k, err)
+		}
+		id = c.newIdent(l, regions, key)
+		id.id = nid
+		c.idents[key] = id
+		c.identsByID[nid] = id
+		if c.identsByNS[p.Namespace] == nil {
+			c.identsByNS[p.Namespace] = map[*ident]struct{}{}
+		}
+		c.identsByNS[p.Namespace][id] = struct{}{}
+		if len(regions) > 0 {
+			c.withRegion[id] = struct{}{}
+		}
+		w.idents = append(w.idents, id)
+	} else if _, err := c.workloads.Acquire(key); err != nil {
+		return fmt.Errorf("pod %s: %w", k, err)
+	}
+	ps := &podState{key: k, pod: p, ident: id}
+	id.pods[k] = ps
+	if id.recomputePorts() {
+		w.idents = append(w.idents, id)
+		c.namedIdx = nil
+	}
+	c.pods[k] = ps
+	if c.podsByNS[k.ns] == nil {
+		c.podsByNS[k.ns] = map[podKey]*podState{}
+	}
+	c.podsByNS[k.ns][k] = ps
+	for _, a := range p.IPs {
+		h := identity.Host(a)
+		c.ipcache[h] = id.id
+		w.ip[h] = struct{}{}
+	}
+	if p.Endpoint != 0 {
+		c.endpoints[p.Endpoint] = k
+		w.dirty[p.Endpoint] = struct{}{}
+	}
+	return nil
+}
+
+// detachPod undoes attachPod.
+func (c *Compiler) detachPod(ps *podState, w *work) {
+	id := ps.ident
+	delete(id.pods, ps.key)
+	delete(c.pods, ps.key)
+	delete(c.podsByNS[ps.key.ns], ps.key)
+	c.workloads.Release(id.key)
+	if len(id.pods) == 0 {
+		delete(c.idents, id.key)
+		delete(c.identsByID, id.id)
+		delete(c.identsByNS[ps.key.ns], id)
+		delete(c.withRegion, id)
+		c.namedIdx = nil
+		w.idents = append(w.idents, id)
+	} else if id.recomputePorts() {
+		c.namedIdx = nil
+		w.idents = append(w.idents, id)
+	}
+	for _, a := range ps.pod.IPs {
+		h := identity.Host(a)
+		if ci, ok := c.cidrs[h]; ok {
+			c.ipcache[h] = ci.id
+		} else {
+			delete(c.ipcache, h)
+		}
+		w.ip[h] = struct{}{}
+	}
+	if ep := ps.pod.Endpoint; ep != 0 && c.endpoints[ep] == ps.key {
+		delete(c.endpoints, ep)
+		w.dirty[ep] = struct{}{}
+	}
+}

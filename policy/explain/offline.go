@@ -1,0 +1,185 @@
+package explain
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/policy/store"
+)
+
+// ErrInvalidStore is returned by Check when some object is invalid.
+var ErrInvalidStore = errors.New("store has invalid objects")
+
+// Check validates every object of a store directory, writes one line per
+// problem to errw (file:line: what), a summary to w, and returns
+// ErrInvalidStore when there is any problem.
+func Check(dir string, w, errw io.Writer) error {
+	res, err := store.Load(dir, store.Options{AllLocal: true})
+	if res == nil {
+		return err
+	}
+	if err == nil {
+		_, err = policy.Compile(res.Snapshot)
+	}
+	if err != nil {
+		for _, line := range flatten(err) {
+			fmt.Fprintln(errw, line)
+		}
+		return ErrInvalidStore
+	}
+	fmt.Fprintf(w, "%s: %d objects, all valid\n", dir, len(res.Objects))
+	return nil
+}
+
+func flatten(err error) []string {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []string
+		for _, e := range j.Unwrap() {
+			if e != nil {
+				out = append(out, flatten(e)...)
+			}
+		}
+		return out
+	}
+	return []string{err.Error()}
+}
+
+// Offline is a store compiled with every pod local.
+type Offline struct {
+	MapState  *policy.MapState
+	Workloads []Workload
+	byName    map[string]Workload
+}
+
+// LoadOffline loads and compiles a store directory with every pod local. It
+// refuses a store with invalid objects, since an answer that silently
+// ignores a policy would mislead.
+func LoadOffline(dir string) (*Offline, error) {
+	res, err := store.Load(dir, store.Options{AllLocal: true})
+	if err != nil {
+		return nil, fmt.Errorf("load store %s: %w", dir, err)
+	}
+	o, err := NewOffline(res.Snapshot)
+	if err != nil {
+		return nil, fmt.Errorf("compile store %s: %w", dir, err)
+	}
+	return o, nil
+}
+
+// NewOffline compiles a snapshot whose pods all have endpoint IDs.
+func NewOffline(s *policy.Snapshot) (*Offline, error) {
+	ms, err := policy.Compile(s)
+	if err != nil {
+		return nil, err
+	}
+	o := &Offline{MapState: ms, byName: map[string]Workload{}}
+	for _, p := range s.Pods {
+		w := Workload{Name: p.Namespace + "/" + p.Name, Endpoint: p.Endpoint, IPs: p.IPs}
+		o.Workloads = append(o.Workloads, w)
+		o.byName[w.Name] = w
+	}
+	SortWorkloads(o.Workloads)
+	return o, nil
+}
+
+// Peer resolves "ns/pod" (or "pod" in default) or an IP address.
+func (o *Offline) Peer(s string) (Peer, error) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		for _, w := range o.Workloads {
+			for _, ip := range w.IPs {
+				if ip == a.Unmap() {
+					return PeerOfEndpoint(o.MapState, w.Name, w.Endpoint, []netip.Addr{ip}), nil
+				}
+			}
+		}
+		return PeerOfAddr(o.MapState, a.Unmap()), nil
+	}
+	if !strings.Contains(s, "/") {
+		s = "default/" + s
+	}
+	w, ok := o.byName[s]
+	if !ok {
+		return Peer{}, fmt.Errorf("no pod %s in the store", s)
+	}
+	return PeerOfEndpoint(o.MapState, w.Name, w.Endpoint, w.IPs), nil
+}
+
+// ExplainOptions are the arguments of `bulkhead policy explain`.
+type ExplainOptions struct {
+	Store, From, To string
+	Port            uint16
+	Protocol        string
+	Output          string // "" or "text", or "json"
+}
+
+// Explain writes the verdict for one connection.
+func Explain(o ExplainOptions, w io.Writer) error {
+	proto, ok := ParseProto(o.Protocol)
+	if !ok {
+		return fmt.Errorf("protocol %q: want TCP, UDP or SCTP", o.Protocol)
+	}
+	off, err := LoadOffline(o.Store)
+	if err != nil {
+		return err
+	}
+	src, err := off.Peer(o.From)
+	if err != nil {
+		return fmt.Errorf("--from: %w", err)
+	}
+	dst, err := off.Peer(o.To)
+	if err != nil {
+		return fmt.Errorf("--to: %w", err)
+	}
+	r := Verdict(off.MapState, src, dst, proto, o.Port)
+	switch o.Output {
+	case "", "text":
+		_, err = io.WriteString(w, Text(r))
+	case "json":
+		err = writeJSON(w, r)
+	default:
+		return fmt.Errorf("output %q: want text or json", o.Output)
+	}
+	return err
+}
+
+// MatrixOptions are the arguments of `bulkhead policy matrix`.
+type MatrixOptions struct {
+	Store, Ports string
+	Output       string // "" or "table", or "json"
+}
+
+// RunMatrix writes the truth table of every ordered pair of pods.
+func RunMatrix(o MatrixOptions, w io.Writer) error {
+	ports, err := ParsePorts(o.Ports)
+	if err != nil {
+		return fmt.Errorf("--ports: %w", err)
+	}
+	off, err := LoadOffline(o.Store)
+	if err != nil {
+		return err
+	}
+	cells := Matrix(off.MapState, off.Workloads, ports)
+	switch o.Output {
+	case "", "table":
+		_, err = io.WriteString(w, Table(cells, off.Workloads, ports))
+	case "json":
+		err = writeJSON(w, cells)
+	default:
+		return fmt.Errorf("output %q: want table or json", o.Output)
+	}
+	return err
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		return fmt.Errorf("write json: %w", err)
+	}
+	return nil
+}

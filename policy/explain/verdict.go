@@ -1,0 +1,183 @@
+package explain
+
+import (
+	"net/netip"
+	"slices"
+	"strconv"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// Peer is one end of a connection.
+type Peer struct {
+	// Name is for display ("ns/pod" or an address).
+	Name string
+	// Endpoint is set when the peer is an endpoint of the MapState: then its
+	// side of the connection is enforced.
+	Endpoint policy.EndpointID
+	// Identity is what the other side's datapath sees (the ipcache's answer
+	// for the peer's address).
+	Identity identity.NumericID
+}
+
+// PeerOfEndpoint describes a local endpoint. Its identity is what the
+// ipcache gives its first address, or its endpoint identity when it has none.
+func PeerOfEndpoint(ms *policy.MapState, name string, ep policy.EndpointID, addrs []netip.Addr) Peer {
+	p := Peer{Name: name, Endpoint: ep, Identity: identity.IDWorld}
+	if e := ms.Endpoints[ep]; e != nil {
+		p.Identity = e.Identity
+	}
+	if len(addrs) > 0 {
+		p.Identity = ms.ResolveIP(addrs[0])
+	}
+	return p
+}
+
+// PeerOfAddr describes an address that is not a local endpoint.
+func PeerOfAddr(ms *policy.MapState, addr netip.Addr) Peer {
+	return Peer{Name: addr.String(), Identity: ms.ResolveIP(addr)}
+}
+
+// Rule names a policy rule.
+type Rule struct {
+	Kind      string `json:"kind"`
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Direction string `json:"direction"`
+	Index     int    `json:"index"`
+	Action    string `json:"action"`
+	Audit     bool   `json:"audit,omitempty"`
+}
+
+// Side is the verdict of one direction.
+type Side struct {
+	Verdict string `json:"verdict"`
+	// Enforced is false when that end is not a local endpoint (its node
+	// decides) or is not selected by any policy in that direction.
+	Enforced bool `json:"enforced"`
+	// Rule decided; nil when the direction's default did.
+	Rule *Rule `json:"rule,omitempty"`
+	// Default is "allow", "deny" or "audit" when the default decided.
+	Default string `json:"default,omitempty"`
+	// Matching lists every rule with an entry that matches, for context.
+	Matching []Rule `json:"matching,omitempty"`
+}
+
+// Result is the verdict for one connection.
+type Result struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+	// FromIdentity and ToIdentity are the numeric identities each side's
+	// datapath sees for the other.
+	FromIdentity identity.NumericID `json:"from_identity"`
+	ToIdentity   identity.NumericID `json:"to_identity"`
+	Protocol     string             `json:"protocol"`
+	Port         uint16             `json:"port"`
+	Ingress      Side               `json:"ingress"`
+	Egress       Side               `json:"egress"`
+	Combined     string             `json:"combined"`
+	AllowedBy    []Rule             `json:"allowed_by"`
+	DeniedBy     []Rule             `json:"denied_by"`
+	verdicts     [2]policy.Verdict
+}
+
+// Passes reports whether the connection's first packet gets through both
+// ends (audit passes).
+func (r *Result) Passes() bool { return r.verdicts[0].Passes() && r.verdicts[1].Passes() }
+
+// IngressPasses and EgressPasses report each side.
+func (r *Result) IngressPasses() bool { return r.verdicts[policy.Ingress].Passes() }
+func (r *Result) EgressPasses() bool  { return r.verdicts[policy.Egress].Passes() }
+
+// Verdict decides a connection from src to dst on (proto, port): egress at
+// src's endpoint with dst's identity as the peer, ingress at dst's endpoint
+// with src's identity. A side that is not a local endpoint is not enforced
+// here and passes.
+func Verdict(ms *policy.MapState, src, dst Peer, proto uint8, port uint16) Result {
+	r := Result{From: src.Name, To: dst.Name, FromIdentity: src.Identity, ToIdentity: dst.Identity, Protocol: ProtoName(proto), Port: port, AllowedBy: []Rule{}, DeniedBy: []Rule{}}
+	r.Egress, r.verdicts[policy.Egress] = side(ms, src.Endpoint, policy.Egress, dst.Identity, proto, port, &r)
+	r.Ingress, r.verdicts[policy.Ingress] = side(ms, dst.Endpoint, policy.Ingress, src.Identity, proto, port, &r)
+	in, eg := r.verdicts[policy.Ingress], r.verdicts[policy.Egress]
+	switch {
+	case in == policy.VerdictDeny || eg == policy.VerdictDeny:
+		r.Combined = policy.VerdictDeny.String()
+	case in == policy.VerdictAudit || eg == policy.VerdictAudit:
+		r.Combined = policy.VerdictAudit.String()
+	default:
+		r.Combined = policy.VerdictAllow.String()
+	}
+	return r
+}
+
+func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer identity.NumericID, proto uint8, port uint16, r *Result) (Side, policy.Verdict) {
+	ept := ms.Endpoints[ep]
+	if ep == 0 || ept == nil {
+		return Side{Verdict: policy.VerdictAllow.String()}, policy.VerdictAllow
+	}
+	d := ms.Lookup(ep, dir, peer, proto, port)
+	s := Side{Verdict: d.Verdict.String(), Enforced: ept.Default[dir] != policy.DefaultAllow || len(ept.Entries) > 0}
+	if d.Rule != policy.RuleDefault {
+		ru := ruleOf(ms, d.Rule)
+		s.Rule = &ru
+		if d.Verdict == policy.VerdictAllow {
+			r.AllowedBy = append(r.AllowedBy, ru)
+		} else {
+			r.DeniedBy = append(r.DeniedBy, ru)
+		}
+	} else {
+		switch {
+		case dir == policy.Ingress && peer == identity.IDHost && ms.AllowHostIngress:
+			s.Default = "allow (host)"
+		case ept.Default[dir] == policy.DefaultDeny:
+			s.Default = "deny"
+		case ept.Default[dir] == policy.DefaultAudit:
+			s.Default = "audit"
+		default:
+			s.Default = "allow"
+		}
+	}
+	var ids []policy.RuleID
+	for i := range ept.Entries {
+		if e := &ept.Entries[i]; e.Matches(dir, peer, proto, port) && !slices.Contains(ids, e.Rule) {
+			ids = append(ids, e.Rule)
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		s.Matching = append(s.Matching, ruleOf(ms, id))
+	}
+	return s, d.Verdict
+}
+
+func ruleOf(ms *policy.MapState, id policy.RuleID) Rule {
+	ri := ms.Rules[id]
+	return Rule{Kind: ri.Kind, Namespace: ri.Namespace, Name: ri.Name, Direction: ri.Direction.String(),
+		Index: ri.Index, Action: ri.Action.String(), Audit: ri.Audit}
+}
+
+// ProtoName names the protocols policies use.
+func ProtoName(p uint8) string {
+	switch p {
+	case policy.ProtoTCP:
+		return "TCP"
+	case policy.ProtoUDP:
+		return "UDP"
+	case policy.ProtoSCTP:
+		return "SCTP"
+	}
+	return "proto-" + strconv.Itoa(int(p))
+}
+
+// ParseProto is the inverse of ProtoName for TCP, UDP and SCTP.
+func ParseProto(s string) (uint8, bool) {
+	switch s {
+	case "TCP", "tcp":
+		return policy.ProtoTCP, true
+	case "UDP", "udp":
+		return policy.ProtoUDP, true
+	case "SCTP", "sctp":
+		return policy.ProtoSCTP, true
+	}
+	return 0, false
+}

@@ -1,0 +1,176 @@
+package policy
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/labels"
+)
+
+type podKey struct{ ns, name string }
+
+func (k podKey) String() string { return k.ns + "/" + k.name }
+
+type podState struct {
+	key   podKey
+	pod   Pod
+	ident *ident
+}
+
+// ident is one workload identity and the pods that have it.
+//
+// Its key is the label set plus the "regions" of its pods' IPs: the most
+// specific ipBlock prefix (cidr or except of any policy) that contains each
+// IP. The datapath resolves one identity per IP, so two pods with equal
+// labels whose IPs an ipBlock treats differently (one inside 10.0.0.0/8, one
+// outside) must not share an identity, or a rule for one would open the
+// other. Pods outside every ipBlock (the usual case) have no region, and then
+// equal label sets do share one ID.
+//
+// For the same reason the key includes the pod's named container ports: an
+// egress rule to port "dns" resolves per destination pod, and the datapath
+// only sees the destination's identity. Pods of one workload have the same
+// ports, so in practice this splits nothing.
+type ident struct {
+	id      identity.NumericID
+	key     string
+	labels  identity.Labels
+	nsSet   labels.Set
+	podSet  labels.Set
+	spiffe  spiffeid.ID
+	regions []netip.Prefix
+	pods    map[podKey]*podState
+	// ports is the union of the named container ports of the pods, by name.
+	ports map[string][]NamedPort
+}
+
+// IdentityInfo describes one allocated identity, for explain and flow logs.
+type IdentityInfo struct {
+	ID       identity.NumericID
+	Labels   identity.Labels
+	SPIFFEID string
+	// Prefix is set for CIDR identities.
+	Prefix netip.Prefix
+}
+
+func (c *Compiler) nsLabels(ns string) map[string]string {
+	if l, ok := c.namespaces[ns]; ok {
+		return l
+	}
+	return map[string]string{NamespaceNameLabel: ns}
+}
+
+// identKey computes the identity key of a pod under the current CIDR set.
+func (c *Compiler) identKey(p *Pod) (identity.Labels, []netip.Prefix, string) {
+	l := identity.Labels{
+		Namespace:       p.Namespace,
+		NamespaceLabels: c.nsLabels(p.Namespace),
+		PodLabels:       p.Labels,
+		ServiceAccount:  p.ServiceAccount,
+	}
+	var regions []netip.Prefix
+	for _, a := range p.IPs {
+		if r, ok := c.region(a); ok {
+			regions = append(regions, r)
+		}
+	}
+	slices.SortFunc(regions, comparePrefix)
+	regions = slices.Compact(regions)
+	key := l.Key()
+	if len(regions) > 0 || len(p.Ports) > 0 {
+		var b strings.Builder
+		b.WriteString(key)
+		for _, r := range regions {
+			b.WriteString("|")
+			b.WriteString(r.String())
+		}
+		ports := slices.Clone(p.Ports)
+		slices.SortFunc(ports, compareNamedPort)
+		for _, np := range slices.Compact(ports) {
+			fmt.Fprintf(&b, "|%d:%s=%d/%d", len(np.Name), np.Name, np.Port, np.Proto)
+		}
+		key = b.String()
+	}
+	return l, regions, key
+}
+
+// region is the most specific ipBlock prefix containing a.
+func (c *Compiler) region(a netip.Addr) (netip.Prefix, bool) {
+	if len(c.cidrs) == 0 {
+		return netip.Prefix{}, false
+	}
+	a = a.Unmap()
+	for bits := a.BitLen(); bits >= 0; bits-- {
+		p, _ := a.Prefix(bits)
+		if _, ok := c.cidrs[p]; ok {
+			return p, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+func compareNamedPort(a, b NamedPort) int {
+	if a.Name != b.Name {
+		return strings.Compare(a.Name, b.Name)
+	}
+	if a.Proto != b.Proto {
+		return int(a.Proto) - int(b.Proto)
+	}
+	return int(a.Port) - int(b.Port)
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// newIdent builds (but does not register) an identity.
+func (c *Compiler) newIdent(l identity.Labels, regions []netip.Prefix, key string) *ident {
+	id := &ident{key: key, labels: l, regions: regions, pods: map[podKey]*podState{},
+		nsSet: labels.Set(l.NamespaceLabels), podSet: labels.Set(l.PodLabels)}
+	if sid, err := l.SPIFFEID(c.trustDomain); err == nil {
+		id.spiffe = sid
+	}
+	return id
+}
+
+// recomputePorts recomputes the union of the named ports of the pods and
+// reports whether it changed.
+func (i *ident) recomputePorts() bool {
+	ports := map[string][]NamedPort{}
+	for _, ps := range i.pods {
+		for _, np := range ps.pod.Ports {
+			if np.Name != "" && !slices.Contains(ports[np.Name], np) {
+				ports[np.Name] = append(ports[np.Name], np)
+			}
+		}
+	}
+	for _, v := range ports {
+		slices.SortFunc(v, func(a, b NamedPort) int { return int(a.Port) - int(b.Port) + 65536*(int(a.Proto)-int(b.Proto)) })
+	}
+	changed := !maps.EqualFunc(ports, i.ports, slices.Equal)
+	i.ports = ports
+	return changed
+}
+
+// Identities lists every allocated identity, ordered by ID.
+func (c *Compiler) Identities() []IdentityInfo {
+	out := []IdentityInfo{{ID: identity.IDHost}, {ID: identity.IDWorld}}
+	for _, i := range c.identsByID {
+		out = append(out, IdentityInfo{ID: i.id, Labels: i.labels, SPIFFEID: i.spiffe.String()})
+	}
+	for p, ci := range c.cidrs {
+		out = append(out, IdentityInfo{ID: ci.id, Prefix: p})
+	}
+	slices.SortFunc(out, func(a, b IdentityInfo) int { return int(a.ID) - int(b.ID) })
+	return out
+}
+
+func labelsSet(m map[string]string) labels.Set { return labels.Set(m) }

@@ -1,0 +1,65 @@
+package policy
+
+import (
+	"net/netip"
+
+	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
+	networkingv1 "k8s.io/api/networking/v1"
+)
+
+// Snapshot is everything the compiler needs: the workloads, the namespaces
+// they live in, and the policies. The agent builds it from its store (and
+// assigns EndpointIDs to the pods that run on this node); the CLI builds it
+// from a directory with every pod local.
+type Snapshot struct {
+	// TrustDomain of the SPIFFE IDs; empty means identity.DefaultTrustDomain.
+	TrustDomain string
+	// DenyHostIngress turns off the kubelet-probe exception (MapState.AllowHostIngress).
+	DenyHostIngress bool
+
+	Namespaces       []Namespace
+	Pods             []Pod
+	NetworkPolicies  []*networkingv1.NetworkPolicy
+	BulkheadPolicies []*v1alpha1.BulkheadPolicy
+}
+
+// Namespace is a namespace and its labels. Namespaces that pods or policies
+// name but the snapshot lacks exist with no labels but the
+// kubernetes.io/metadata.name label the API server always sets.
+type Namespace struct {
+	Name   string
+	Labels map[string]string
+}
+
+// Pod is the policy-relevant view of a workload.
+type Pod struct {
+	Namespace string
+	Name      string
+	Labels    map[string]string
+	// ServiceAccount is empty for "default".
+	ServiceAccount string
+	// Ports are the named container ports, for named ports in policies.
+	Ports []NamedPort
+	// IPs are the pod's addresses (status.podIPs).
+	IPs []netip.Addr
+	// Endpoint is the node-local endpoint ID when the pod runs on this node,
+	// zero otherwise.
+	Endpoint EndpointID
+}
+
+// NamedPort is a named container port.
+type NamedPort struct {
+	Name  string
+	Port  uint16
+	Proto uint8
+}
+
+// IP protocol numbers the policy APIs name.
+const (
+	ProtoTCP  uint8 = 6
+	ProtoUDP  uint8 = 17
+	ProtoSCTP uint8 = 132
+)
+
+// NamespaceNameLabel is set on every namespace by the API server.
+const NamespaceNameLabel = "kubernetes.io/metadata.name"

@@ -1,0 +1,147 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/bulkhead-io/bulkhead/policy"
+	"go.yaml.in/yaml/v3"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+)
+
+// Options controls Load.
+type Options struct {
+	// AllLocal gives every pod an EndpointID (1, 2, ... in namespace/name
+	// order), for offline use: every policy is then enforced somewhere.
+	AllLocal bool
+}
+
+// Result is a loaded directory.
+type Result struct {
+	Snapshot *policy.Snapshot
+	// Objects are the valid objects, in file and line order.
+	Objects []*Object
+}
+
+// Load reads every *.yaml file of dir. Objects that fail to decode or
+// validate are left out of the snapshot and reported in the error (a join
+// of *Error, each with file and line); the caller decides whether a partial
+// snapshot is usable (the agent keeps its last good state instead).
+func Load(dir string, opt Options) (*Result, error) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", dir, err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return nil, fmt.Errorf("read store: %w", err)
+	}
+	slices.Sort(files)
+	var objs []*Object
+	var errs []error
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("read %s: %w", f, err))
+			continue
+		}
+		parsed, err := Parse(f, data)
+		objs = append(objs, parsed...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	res, err := Build(objs, opt)
+	return res, errors.Join(append(errs, err)...)
+}
+
+// Build validates decoded objects and assembles the snapshot.
+func Build(objs []*Object, opt Options) (*Result, error) {
+	var errs []error
+	seen := map[string]*Object{}
+	res := &Result{Snapshot: &policy.Snapshot{}}
+	s := res.Snapshot
+	for _, o := range objs {
+		if prev, dup := seen[o.Ref()]; dup {
+			errs = append(errs, &Error{File: o.File, Line: o.Line, Err: fmt.Errorf("%s: already defined at %s:%d", o.Ref(), prev.File, prev.Line)})
+			continue
+		}
+		seen[o.Ref()] = o
+		var verr error
+		switch {
+		case o.NetworkPolicy != nil:
+			verr = policy.ValidateNetworkPolicy(o.NetworkPolicy)
+		case o.BulkheadPolicy != nil:
+			verr = policy.ValidateBulkheadPolicy(o.BulkheadPolicy)
+		}
+		if verr != nil {
+			errs = append(errs, &Error{File: o.File, Line: o.lineOf(verr), Err: verr})
+			continue
+		}
+		res.Objects = append(res.Objects, o)
+		switch {
+		case o.Namespace != nil:
+			s.Namespaces = append(s.Namespaces, *o.Namespace)
+		case o.Pod != nil:
+			s.Pods = append(s.Pods, *o.Pod)
+		case o.NetworkPolicy != nil:
+			s.NetworkPolicies = append(s.NetworkPolicies, o.NetworkPolicy)
+		case o.BulkheadPolicy != nil:
+			s.BulkheadPolicies = append(s.BulkheadPolicies, o.BulkheadPolicy)
+		}
+	}
+	if opt.AllLocal {
+		slices.SortFunc(s.Pods, func(a, b policy.Pod) int {
+			return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+		})
+		for i := range s.Pods {
+			s.Pods[i].Endpoint = policy.EndpointID(i + 1)
+		}
+	}
+	return res, errors.Join(errs...)
+}
+
+// lineOf finds the line of the first field a validation error names.
+func (o *Object) lineOf(err error) int {
+	var ve *policy.ValidationError
+	if !errors.As(err, &ve) || len(ve.Errs) == 0 || o.node == nil {
+		return o.Line
+	}
+	return fieldLine(o.node, ve.Errs[0])
+}
+
+func fieldLine(root *yaml.Node, fe *field.Error) int {
+	n := root
+	line := root.Line
+	for _, tok := range splitPath(fe.Field) {
+		var next *yaml.Node
+		if idx, err := strconv.Atoi(tok); err == nil && n.Kind == yaml.SequenceNode {
+			if idx < len(n.Content) {
+				next = n.Content[idx]
+			}
+		} else if n.Kind == yaml.MappingNode {
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				if n.Content[i].Value == tok {
+					next = n.Content[i+1]
+					line = n.Content[i].Line
+					break
+				}
+			}
+		}
+		if next == nil {
+			break
+		}
+		n = next
+		line = n.Line
+	}
+	return line
+}
+
+// splitPath turns "spec.ingress[0].from" into [spec ingress 0 from].
+func splitPath(p string) []string {
+	return strings.FieldsFunc(p, func(r rune) bool { return r == '.' || r == '[' || r == ']' })
+}
