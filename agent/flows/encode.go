@@ -250,3 +250,21 @@ func appendString(dst []byte, s string) []byte {
 	dst = append(dst, s[start:]...)
 	return append(dst, '"')
 }
+
+// AppendJSON appends the record that marks a gap in the flow log:
+// {"lost_events":{...},"time":...,"node_name":...}, the shape Hubble's
+// exporter uses.
+func (l *LostEvents) AppendJSON(dst []byte) []byte {
+	dst = append(dst, `{"lost_events":{"source":`...)
+	dst = appendString(dst, l.Source)
+	dst = append(dst, `,"num_events_lost":`...)
+	dst = strconv.AppendUint(dst, l.NumEventsLost, 10)
+	dst = append(dst, `},"time":"`...)
+	dst = l.Time.UTC().AppendFormat(dst, time.RFC3339Nano)
+	dst = append(dst, '"')
+	if l.NodeName != "" {
+		dst = append(dst, `,"node_name":`...)
+		dst = appendString(dst, l.NodeName)
+	}
+	return append(dst, '}')
+}

@@ -82,3 +82,15 @@ func BenchmarkAppendJSON(b *testing.B) {
 	}
 	b.SetBytes(int64(len(buf)))
 }
+
+func TestLostEventsJSON(t *testing.T) {
+	l := &LostEvents{Time: time.Unix(10, 0), Source: "kernel", NumEventsLost: 42, NodeName: "n1"}
+	var got map[string]any
+	if err := json.Unmarshal(l.AppendJSON(nil), &got); err != nil {
+		t.Fatal(err)
+	}
+	le, _ := got["lost_events"].(map[string]any)
+	if le["source"] != "kernel" || le["num_events_lost"] != float64(42) || got["node_name"] != "n1" || got["time"] != "1970-01-01T00:00:10Z" {
+		t.Fatalf("lost_events record = %v", got)
+	}
+}

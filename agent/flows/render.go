@@ -60,12 +60,21 @@ func Compact(f *Flow, color bool) string {
 // Decider names the rule that decided the flow, preferring a denying rule,
 // in the direction that decided: "BulkheadPolicy shop/api egress[1]".
 func (f *Flow) Decider() string {
-	for _, ps := range [][]*Policy{f.IngressDeniedBy, f.EgressDeniedBy, f.IngressAllowedBy, f.EgressAllowedBy} {
-		if len(ps) > 0 {
-			return ps[0].String()
-		}
+	if p := f.DecidingPolicy(); p != nil {
+		return p.String()
 	}
 	return ""
+}
+
+// DecidingPolicy is the rule that decided the flow, preferring a denying
+// one; nil when the record names none.
+func (f *Flow) DecidingPolicy() *Policy {
+	for _, ps := range [][]*Policy{f.IngressDeniedBy, f.EgressDeniedBy, f.IngressAllowedBy, f.EgressAllowedBy} {
+		if len(ps) > 0 {
+			return ps[0]
+		}
+	}
+	return nil
 }
 
 func (p *Policy) String() string {

@@ -131,3 +131,17 @@ func (s *Subscription) Close() {
 	defer s.hub.mu.Unlock()
 	delete(s.hub.subs, s)
 }
+
+// PublishLost tells every follower that events were lost before they
+// reached the agent (kernel ring buffer full): a marker in each stream.
+func (h *Hub) PublishLost(l *LostEvents) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for s := range h.subs {
+		select {
+		case s.ch <- Item{Lost: l}:
+		default:
+			s.pendingLost += l.NumEventsLost
+		}
+	}
+}

@@ -86,3 +86,13 @@ func times(fs []*Flow) []int64 {
 	}
 	return out
 }
+
+func TestHubPublishLostReachesFollowers(t *testing.T) {
+	h := NewHub(10, "n")
+	_, sub := h.Subscribe(0, Selector{}, 1)
+	defer sub.Close()
+	h.PublishLost(&LostEvents{Source: "kernel", NumEventsLost: 5})
+	if it := <-sub.C(); it.Lost == nil || it.Lost.Source != "kernel" || it.Lost.NumEventsLost != 5 {
+		t.Fatalf("got %+v, want the kernel loss marker", it)
+	}
+}
