@@ -1,0 +1,214 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Types and constants shared between the BPF programs and Go. Every struct
+ * here is a bpf2go -type, so Go never mirrors one by hand. Keep them free of
+ * implicit padding: Go sees the same bytes. */
+#pragma once
+
+#include "vmlinux.h"
+
+/* Return codes. TCX_NEXT (-1) equals TC_ACT_UNSPEC, so the same value lets the
+ * packet continue under both TCX and a clsact/cls_bpf direct-action filter. */
+#define BH_PASS TCX_NEXT
+#define TC_ACT_SHOT 2
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
+
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IPPROTO_ICMPV6_ 58
+#define IPPROTO_SCTP_ 132
+
+/* Reserved identities, as in identity/numeric.go. */
+#define ID_NONE 0
+#define ID_WORLD 2
+
+/* Directions, as policy.Direction: seen from the endpoint. */
+enum bh_direction {
+	DIR_INGRESS = 0, /* towards the pod: TCX egress on the host veth */
+	DIR_EGRESS = 1,  /* from the pod: TCX ingress on the host veth */
+};
+
+/* Verdicts; 1-3 equal policy.Verdict. */
+enum bh_verdict {
+	VERDICT_NONE = 0,
+	VERDICT_ALLOW = 1,
+	VERDICT_DENY = 2,
+	VERDICT_AUDIT = 3,
+	/* Not judged: unmanaged endpoint, non-IP, IPv6 neighbour discovery. */
+	VERDICT_PASS = 4,
+};
+
+enum bh_drop_reason {
+	DROP_NONE = 0,
+	DROP_POLICY = 1,         /* new flow denied by policy (rule or default) */
+	DROP_POLICY_REVISED = 2, /* established flow denied after a policy change */
+	DROP_MALFORMED = 3,      /* truncated or inconsistent IP/L4 header */
+};
+
+enum bh_event_type {
+	EVENT_FLOW_NEW = 1,
+	EVENT_DROP = 2,
+	EVENT_FLOW_END = 3,
+};
+
+/* Policy actions and flags, as policy.Action / policy.Flags. */
+#define ACTION_ALLOW 1
+#define ACTION_DENY 2
+#define FLAG_AUDIT (1 << 0)
+#define FLAG_MTLS_REQUIRED (1 << 1)
+
+/* ep_config.flags */
+#define EP_AUDIT (1 << 0)
+
+/* globals.flags */
+#define GLOBAL_ALLOW_HOST_INGRESS (1 << 0)
+
+/* ct_entry.state */
+#define CT_SYN_A (1 << 0)
+#define CT_SYN_B (1 << 1)
+#define CT_FIN_A (1 << 2)
+#define CT_FIN_B (1 << 3)
+#define CT_CLOSED (1 << 4) /* RST seen, or FIN from both sides */
+/* Denied at a policy change: the entry stays as a tombstone that drops the
+ * flow in both directions until it expires or a later revision allows it
+ * again. Removing it instead would let the first packet the other side
+ * sends (a retransmission, a keepalive) start a "new" flow in the reverse
+ * direction, which its own policy may allow, and so revive the connection. */
+#define CT_DENIED (1 << 5)
+
+/* TCP flags as in the header's 13th byte. */
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* Counter indexes: verdicts, then drop reasons, then lost events. */
+#define CNT_VERDICT_BASE 0
+#define CNT_DROP_BASE 8
+#define CNT_EVENTS_LOST 31
+#define CNT_MAX 32
+
+/* Policy LPM key. Bytes after prefixlen, in order: ep_id, peer, slot, dir,
+ * pad (all always fully matched: 88 bits), then proto (8 bits) and dport
+ * (16 bits, big endian) which may be cut by the prefix. prefixlen 88 is "any
+ * protocol", 96 "this protocol, any port", 96+n a port prefix of n bits. */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u32 peer;
+	__u8 slot;
+	__u8 dir;
+	__u8 pad;
+	__u8 proto;
+	__u16 dport; /* network byte order */
+	__u16 pad2;  /* outside every prefix */
+};
+
+#define POLICY_FIXED_BITS 88
+#define POLICY_FULL_BITS 112
+
+struct policy_value {
+	__u32 rule_id;
+	__u8 action;
+	__u8 flags;
+	__u16 pad;
+};
+
+/* ipcache key: IPv4 is stored v4-mapped (::ffff:a.b.c.d, prefixlen 96+n). */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct ipcache_value {
+	__u32 identity;
+};
+
+/* Per-endpoint policy configuration, keyed by endpoint ID. Written by Apply;
+ * flipping slot is the one update that makes a new policy live. */
+struct ep_config {
+	__u32 identity;
+	__u8 slot;
+	__u8 flags;
+	__u8 def_ingress; /* policy.DefaultVerdict */
+	__u8 def_egress;
+};
+
+struct global_config {
+	/* Bumped after every Apply that changed something; conntrack entries
+	 * checked at another revision are re-evaluated. */
+	__u64 revision;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* Conntrack key: both directions of a flow normalise to the same key, the
+ * lower (address, port) pair first. ep_id separates the two endpoints a
+ * pod-to-pod flow passes. */
+struct ct_key {
+	__u32 addr_a[4];
+	__u32 addr_b[4];
+	__u32 ep_id;
+	__u16 port_a;
+	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ct_entry {
+	__u64 created;
+	__u64 last_seen;
+	__u64 revision;
+	__u32 rule_id;
+	__u32 peer_id;
+	__u16 dport;     /* the originator's destination port, as judged */
+	__u8 dir;        /* direction of the originating packet */
+	__u8 orig_is_a;  /* the originator is side a of the key */
+	__u8 state;      /* CT_* */
+	__u8 verdict;    /* ALLOW or AUDIT */
+	__u8 flags;      /* policy flags of the deciding entry */
+	__u8 pad;
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct frag_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct frag_value {
+	__u16 sport;
+	__u16 dport;
+};
+
+struct flow_event {
+	__u64 timestamp; /* CLOCK_MONOTONIC ns */
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 ep_id;
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 rule_id;
+	__u16 sport;
+	__u16 dport;
+	__u8 type;
+	__u8 verdict;
+	__u8 drop_reason;
+	__u8 dir;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 is_reply;
+	__u8 ipv6;
+};

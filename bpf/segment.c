@@ -1,0 +1,470 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Segmentation: the TC programs on each pod's host-side veth.
+ *
+ * bulkhead_from_pod runs at TCX ingress of the host veth (packets leaving the
+ * pod: the pod's egress, the peer is the destination); bulkhead_to_pod runs
+ * at TCX egress (packets entering the pod: its ingress, the peer is the
+ * source). One loaded copy serves every endpoint; the host veth's ifindex
+ * selects the endpoint.
+ *
+ * Per packet: parse; conntrack lookup on the normalised 5-tuple; an
+ * established flow passes unless its entry was checked at another policy
+ * revision, in which case it is re-judged (and, when the policy now denies
+ * it, dropped, with the entry kept as a tombstone: see CT_DENIED). A new flow is judged by two LPM lookups in the
+ * policy map (exact peer, wildcard peer), combined deny first, then specific
+ * peer; see datapath's package doc for how Go encodes the map.
+ *
+ * Defined behaviour for the odd cases:
+ *  - non-IP (ARP, ...) passes, uncounted by policy (VERDICT_PASS);
+ *  - IPv6 neighbour discovery (ICMPv6 133-137) passes (VERDICT_PASS): without
+ *    it no IPv6 works under default deny;
+ *  - an unknown L4 protocol is judged with port 0 under its protocol number;
+ *  - a first fragment stores its ports in `fragments` keyed by (addresses,
+ *    protocol, IP ID); later fragments take the ports from there and so
+ *    follow the first fragment's flow. A later fragment whose first one was
+ *    not seen is judged with ports 0;
+ *  - a truncated header on a managed endpoint is dropped (DROP_MALFORMED).
+ */
+#include "include/vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "include/bulkhead.h"
+#include "lib/parse.h"
+#include "lib/maps.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Load-time settings (ebpf.Variable). */
+const volatile __u32 host_identity = 1;
+const volatile __u64 ct_timeout_tcp_ns = 21600ULL * 1000000000ULL;
+const volatile __u64 ct_timeout_closing_ns = 10ULL * 1000000000ULL;
+const volatile __u64 ct_timeout_other_ns = 60ULL * 1000000000ULL;
+const volatile __u64 drop_event_interval_ns = 1000000000ULL;
+/* Wake the event reader only once this much is pending: a wakeup costs more
+ * than the rest of a new flow. The reader also polls (see datapath's
+ * EventReader), so a quiet ring is still drained promptly. */
+const volatile __u64 ring_wakeup_bytes = 64 * 1024;
+
+/* Types only Go reads; referenced so that they land in BTF for bpf2go. */
+struct flow_event *unused_flow_event __attribute__((unused));
+
+struct decision {
+	__u32 rule;
+	__u8 verdict;
+	__u8 flags;
+};
+
+static __always_inline void count(__u32 idx, __u32 len)
+{
+	struct counter *c = bpf_map_lookup_elem(&counters, &idx);
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+static __always_inline void count_verdict(__u8 verdict, __u32 len)
+{
+	count(CNT_VERDICT_BASE + (verdict & 7), len);
+}
+
+static __always_inline void count_drop(__u8 reason, __u32 len)
+{
+	count(CNT_VERDICT_BASE + VERDICT_DENY, len);
+	count(CNT_DROP_BASE + (reason & 15), len);
+}
+
+static __always_inline __u32 ipcache_lookup(const __u32 *addr)
+{
+	struct ipcache_key k = { .prefixlen = 128 };
+	struct ipcache_value *v;
+
+	__builtin_memcpy(k.addr, addr, 16);
+	v = bpf_map_lookup_elem(&ipcache, &k);
+	return v ? v->identity : ID_WORLD;
+}
+
+/* policy_decide is the BPF twin of policy.MapState.Lookup. */
+static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *cfg,
+					  __u32 gflags, __u8 dir, __u32 peer,
+					  __u8 proto, __u16 port, struct decision *d)
+{
+	struct policy_key k = {
+		.prefixlen = POLICY_FULL_BITS,
+		.ep_id = ep_id,
+		.peer = peer,
+		.slot = cfg->slot,
+		.dir = dir,
+		.proto = proto,
+		.dport = bpf_htons(port),
+	};
+	struct policy_value *exact, *wild, *win;
+	__u8 def;
+
+	d->rule = 0;
+	d->flags = 0;
+	if (dir == DIR_INGRESS && peer == host_identity &&
+	    (gflags & GLOBAL_ALLOW_HOST_INGRESS)) {
+		d->verdict = VERDICT_ALLOW;
+		return;
+	}
+	exact = bpf_map_lookup_elem(&policy, &k);
+	k.peer = ID_NONE;
+	wild = bpf_map_lookup_elem(&policy, &k);
+
+	/* Deny beats allow, then a specific peer beats the wildcard; inside
+	 * each peer dimension Go already resolved the rest of the order. */
+	if (exact && exact->action == ACTION_DENY)
+		win = exact;
+	else if (wild && wild->action == ACTION_DENY)
+		win = wild;
+	else if (exact)
+		win = exact;
+	else
+		win = wild;
+
+	if (!win) {
+		def = dir == DIR_INGRESS ? cfg->def_ingress : cfg->def_egress;
+		if (def == 0)
+			d->verdict = VERDICT_ALLOW;
+		else if (def == 2 || (cfg->flags & EP_AUDIT))
+			d->verdict = VERDICT_AUDIT;
+		else
+			d->verdict = VERDICT_DENY;
+		return;
+	}
+	d->rule = win->rule_id;
+	d->flags = win->flags;
+	if (win->action != ACTION_DENY)
+		d->verdict = VERDICT_ALLOW;
+	else if ((win->flags & FLAG_AUDIT) || (cfg->flags & EP_AUDIT))
+		d->verdict = VERDICT_AUDIT;
+	else
+		d->verdict = VERDICT_DENY;
+}
+
+/* ct_normalise builds the key and reports whether the packet's source is
+ * side a. */
+static __always_inline int ct_normalise(const struct pkt *p, __u32 ep_id, struct ct_key *k)
+{
+	int src_first = 1;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 s = bpf_ntohl(p->saddr[i]), d = bpf_ntohl(p->daddr[i]);
+		if (s != d) {
+			src_first = s < d;
+			goto done;
+		}
+	}
+	src_first = p->sport <= p->dport;
+done:
+	k->ep_id = ep_id;
+	k->proto = p->proto;
+	if (src_first) {
+		__builtin_memcpy(k->addr_a, p->saddr, 16);
+		__builtin_memcpy(k->addr_b, p->daddr, 16);
+		k->port_a = p->sport;
+		k->port_b = p->dport;
+	} else {
+		__builtin_memcpy(k->addr_a, p->daddr, 16);
+		__builtin_memcpy(k->addr_b, p->saddr, 16);
+		k->port_a = p->dport;
+		k->port_b = p->sport;
+	}
+	return src_first;
+}
+
+static __always_inline int ct_expired(const struct ct_entry *ct, const struct pkt *p, __u64 now)
+{
+	__u64 timeout = ct_timeout_other_ns;
+
+	if (ct->state & (CT_CLOSED | CT_DENIED)) {
+		/* A new SYN on a closed or denied flow starts a new flow. */
+		if (p->proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			return 1;
+		timeout = ct_timeout_closing_ns;
+	} else if (p->proto == IPPROTO_TCP_) {
+		timeout = ct_timeout_tcp_ns;
+	}
+	return now - ct->last_seen > timeout;
+}
+
+/* ct_track updates TCP state; it returns 1 when this packet closed the flow. */
+static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, int pkt_is_a, __u64 now)
+{
+	__u8 st = ct->state, f = p->tcp_flags;
+
+	/* Refresh at most once a second: timeouts are coarse, cache lines are not. */
+	if (now - ct->last_seen > 1000000000ULL)
+		ct->last_seen = now;
+	if (p->proto != IPPROTO_TCP_ || (st & CT_CLOSED))
+		return 0;
+	if (f & TCP_RST)
+		st |= CT_CLOSED;
+	if (f & TCP_FIN)
+		st |= pkt_is_a ? CT_FIN_A : CT_FIN_B;
+	if (f & TCP_SYN)
+		st |= pkt_is_a ? CT_SYN_A : CT_SYN_B;
+	if ((st & (CT_FIN_A | CT_FIN_B)) == (CT_FIN_A | CT_FIN_B))
+		st |= CT_CLOSED;
+	if (st == ct->state)
+		return 0;
+	ct->state = st;
+	if (!(st & CT_CLOSED))
+		return 0;
+	ct->last_seen = now;
+	return 1;
+}
+
+static __always_inline void emit(const struct pkt *p, __u8 type, __u8 verdict, __u8 reason,
+				 __u32 rule, __u8 flow_dir, __u8 pkt_from_pod, __u32 ep_id,
+				 __u32 ifindex, __u32 ep_identity, __u32 peer, __u8 is_reply)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		count(CNT_EVENTS_LOST, 0);
+		return;
+	}
+	e->timestamp = bpf_ktime_get_ns();
+	__builtin_memcpy(e->saddr, p->saddr, 16);
+	__builtin_memcpy(e->daddr, p->daddr, 16);
+	e->ep_id = ep_id;
+	e->ifindex = ifindex;
+	e->src_identity = pkt_from_pod ? ep_identity : peer;
+	e->dst_identity = pkt_from_pod ? peer : ep_identity;
+	e->rule_id = rule;
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->type = type;
+	e->verdict = verdict;
+	e->drop_reason = reason;
+	e->dir = flow_dir;
+	e->proto = p->proto;
+	e->tcp_flags = p->tcp_flags;
+	e->is_reply = is_reply;
+	e->ipv6 = p->ipv6;
+	/* Wake the reader when this event crossed the threshold, once per
+	 * batch; missed crossings (concurrent producers) wait for its poll. */
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, avail >= ring_wakeup_bytes &&
+				      avail < ring_wakeup_bytes + 2 * (sizeof(*e) + 8) ?
+				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+/* drop_event_due rate-limits drop events per flow. */
+static __always_inline int drop_event_due(const struct ct_key *k, __u64 now)
+{
+	__u64 *last = bpf_map_lookup_elem(&drop_events, k);
+
+	if (last && now - *last < drop_event_interval_ns)
+		return 0;
+	bpf_map_update_elem(&drop_events, k, &now, BPF_ANY);
+	return 1;
+}
+
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP_ || proto == IPPROTO_UDP_ || proto == IPPROTO_SCTP_;
+}
+
+static __always_inline void resolve_fragment(struct pkt *p)
+{
+	struct frag_key fk = { .id = p->frag_id, .proto = p->proto };
+	struct frag_value *fv;
+
+	__builtin_memcpy(fk.saddr, p->saddr, 16);
+	__builtin_memcpy(fk.daddr, p->daddr, 16);
+	if (p->frag == FRAG_FIRST) {
+		struct frag_value v = { .sport = p->sport, .dport = p->dport };
+		bpf_map_update_elem(&fragments, &fk, &v, BPF_ANY);
+		return;
+	}
+	fv = bpf_map_lookup_elem(&fragments, &fk);
+	if (!fv)
+		return; /* judged with ports 0 */
+	p->sport = fv->sport;
+	p->dport = fv->dport;
+	p->policy_port = has_ports(p->proto) ? fv->dport : 0;
+}
+
+static __always_inline __u32 endpoint_of(__u32 ifindex)
+{
+	__u32 *ep;
+
+	if (ifindex < ENDPOINTS_ARRAY_SIZE)
+		ep = bpf_map_lookup_elem(&endpoints_array, &ifindex);
+	else
+		ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	return ep ? *ep : 0;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex, zero = 0;
+	__u8 from_pod = dir == DIR_EGRESS;
+	struct ep_config *cfg;
+	struct ct_entry *ct;
+	struct global_config *g;
+	struct decision d;
+	struct ct_key k = {};
+	struct pkt p = {};
+	__u64 now, rev = 0;
+	__u32 gflags = 0, peer_id;
+	int pkt_is_a, r;
+
+	__u32 ep_id = endpoint_of(ifindex);
+	if (!ep_id)
+		return BH_PASS;
+
+	r = parse_packet(skb, &p);
+	if (r == PARSE_NOT_IP) {
+		count_verdict(VERDICT_PASS, skb->len);
+		return BH_PASS;
+	}
+	if (r == PARSE_BAD) {
+		if (!bpf_map_lookup_elem(&ep_configs, &ep_id)) {
+			count_verdict(VERDICT_PASS, skb->len);
+			return BH_PASS;
+		}
+		count_drop(DROP_MALFORMED, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (p.frag != FRAG_NONE)
+		resolve_fragment(&p);
+	if (p.proto == IPPROTO_ICMPV6_ && p.frag != FRAG_LATER && p.icmp_type >= 133 &&
+	    p.icmp_type <= 137) {
+		count_verdict(VERDICT_PASS, p.len);
+		return BH_PASS;
+	}
+
+	/* The revision is read before the endpoint's slot: Apply flips slots
+	 * before it bumps the revision, so a packet that sees the new revision
+	 * also sees the new slot. */
+	g = bpf_map_lookup_elem(&globals, &zero);
+	if (g) {
+		rev = g->revision;
+		gflags = g->flags;
+	}
+
+	pkt_is_a = ct_normalise(&p, ep_id, &k);
+	/* The coarse clock (a tick's resolution) is enough for timeouts of
+	 * seconds and much cheaper than a clock read in a VM. */
+	now = bpf_ktime_get_coarse_ns();
+	ct = bpf_map_lookup_elem(&conntrack, &k);
+	if (ct && ct_expired(ct, &p, now)) {
+		/* Judged as new; an allowed flow's insert overwrites the
+		 * entry (cheaper than delete + insert), GC removes the rest. */
+		ct = NULL;
+	}
+	if (ct) {
+		__u8 is_reply = pkt_is_a != ct->orig_is_a;
+
+		if (ct->revision != rev) {
+			const __u32 *peer_addr;
+
+			cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
+			if (!cfg) {
+				/* No longer managed: everything passes, untracked. */
+				bpf_map_delete_elem(&conntrack, &k);
+				count_verdict(VERDICT_PASS, p.len);
+				return BH_PASS;
+			}
+			/* Re-judge the flow as its first packet was judged. */
+			if ((ct->dir == DIR_EGRESS) == (ct->orig_is_a != 0))
+				peer_addr = k.addr_b;
+			else
+				peer_addr = k.addr_a;
+			peer_id = ipcache_lookup(peer_addr);
+			policy_decide(ep_id, cfg, gflags, ct->dir, peer_id, k.proto, ct->dport, &d);
+			ct->revision = rev;
+			ct->rule_id = d.rule;
+			ct->flags = d.flags;
+			ct->peer_id = peer_id;
+			if (d.verdict == VERDICT_DENY) {
+				/* Becomes a tombstone (see CT_DENIED). */
+				ct->state |= CT_DENIED;
+				ct->last_seen = now;
+				count_drop(DROP_POLICY_REVISED, p.len);
+				emit(&p, EVENT_DROP, VERDICT_DENY, DROP_POLICY_REVISED, d.rule,
+				     ct->dir, from_pod, ep_id, ifindex, cfg->identity, peer_id,
+				     is_reply);
+				return TC_ACT_SHOT;
+			}
+			ct->state &= ~CT_DENIED;
+			ct->verdict = d.verdict;
+		}
+		if (ct->state & CT_DENIED) {
+			count_drop(DROP_POLICY_REVISED, p.len);
+			return TC_ACT_SHOT;
+		}
+		if (ct_track(ct, &p, pkt_is_a, now)) {
+			cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
+			emit(&p, EVENT_FLOW_END, ct->verdict, DROP_NONE, ct->rule_id, ct->dir,
+			     from_pod, ep_id, ifindex, cfg ? cfg->identity : 0, ct->peer_id,
+			     is_reply);
+		}
+		count_verdict(ct->verdict, p.len);
+		return BH_PASS;
+	}
+
+	/* A new flow. */
+	cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
+	if (!cfg) {
+		count_verdict(VERDICT_PASS, p.len);
+		return BH_PASS;
+	}
+	peer_id = ipcache_lookup(from_pod ? p.daddr : p.saddr);
+	policy_decide(ep_id, cfg, gflags, dir, peer_id, p.proto, p.policy_port, &d);
+	if (d.verdict == VERDICT_DENY) {
+		count_drop(DROP_POLICY, p.len);
+		if (drop_event_due(&k, now))
+			emit(&p, EVENT_DROP, VERDICT_DENY, DROP_POLICY, d.rule, dir, from_pod,
+			     ep_id, ifindex, cfg->identity, peer_id, 0);
+		return TC_ACT_SHOT;
+	}
+
+	struct ct_entry e = {
+		.created = now,
+		.last_seen = now,
+		.revision = rev,
+		.rule_id = d.rule,
+		.peer_id = peer_id,
+		.dport = p.policy_port,
+		.dir = dir,
+		.orig_is_a = pkt_is_a,
+		.verdict = d.verdict,
+		.flags = d.flags,
+	};
+	if (p.proto == IPPROTO_TCP_) {
+		if (p.tcp_flags & TCP_SYN)
+			e.state |= pkt_is_a ? CT_SYN_A : CT_SYN_B;
+		if (p.tcp_flags & (TCP_RST | TCP_FIN))
+			e.state |= CT_CLOSED;
+	}
+	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
+	emit(&p, EVENT_FLOW_NEW, d.verdict, DROP_NONE, d.rule, dir, from_pod, ep_id, ifindex,
+	     cfg->identity, peer_id, 0);
+	count_verdict(d.verdict, p.len);
+	return BH_PASS;
+}
+
+SEC("tc")
+int bulkhead_from_pod(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS);
+}
+
+SEC("tc")
+int bulkhead_to_pod(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS);
+}
+
+/* The benchmark baseline: what a program costs that does nothing. */
+SEC("tc")
+int bulkhead_passthrough(struct __sk_buff *skb)
+{
+	return BH_PASS;
+}

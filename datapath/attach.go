@@ -1,0 +1,326 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// Endpoint names a pod's host-side veth to attach to.
+type Endpoint struct {
+	ID policy.EndpointID
+	// Ifname or Ifindex (Ifindex wins when both are set).
+	Ifname  string
+	Ifindex int
+	// Netns is the path of the network namespace the host veth lives in;
+	// empty means the caller's.
+	Netns string
+}
+
+// AttachMode tells how the programs were attached.
+type AttachMode string
+
+const (
+	ModeTCX    AttachMode = "tcx"
+	ModeClsact AttachMode = "clsact"
+)
+
+// hook is one attachment point of the host veth.
+type hook struct {
+	name   string // in pin names
+	prog   string
+	tcx    ebpf.AttachType
+	parent uint32 // clsact parent
+}
+
+// hooks: TCX ingress on the host veth sees what leaves the pod (its egress),
+// TCX egress sees what enters it (its ingress).
+func hooks() []hook {
+	return []hook{
+		{"from-pod", "bulkhead_from_pod", ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS},
+		{"to-pod", "bulkhead_to_pod", ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS},
+	}
+}
+
+const clsactFilterName = "bulkhead"
+
+// inNetns runs f in the given network namespace (or the caller's) on a locked
+// OS thread.
+func inNetns(path string, f func() error) error {
+	if path == "" {
+		return f()
+	}
+	return ns.WithNetNSPath(path, func(ns.NetNS) error { return f() })
+}
+
+// netnsID identifies the calling thread's network namespace in pin names,
+// since ifindexes repeat across namespaces.
+func netnsID() (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/thread-self/ns/net", &st); err != nil {
+		return 0, fmt.Errorf("stat netns: %w", err)
+	}
+	return st.Ino, nil
+}
+
+func resolveLink(ep Endpoint) (netlink.Link, error) {
+	if ep.Ifindex > 0 {
+		l, err := netlink.LinkByIndex(ep.Ifindex)
+		if err != nil {
+			return nil, fmt.Errorf("find link %d: %w", ep.Ifindex, err)
+		}
+		return l, nil
+	}
+	l, err := netlink.LinkByName(ep.Ifname)
+	if err != nil {
+		return nil, fmt.Errorf("find link %q: %w", ep.Ifname, err)
+	}
+	return l, nil
+}
+
+func (d *Datapath) linkPin(nsID uint64, ifindex int, h hook) string {
+	return filepath.Join(d.linkDir(), fmt.Sprintf("%d_%d_%s", nsID, ifindex, h.name))
+}
+
+// Attach makes ep's host veth enforce ep.ID's policy: one map write, then the
+// already loaded programs are attached with TCX (pinned links, which outlive
+// this process) or, where TCX is missing, with clsact and cls_bpf.
+func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
+	if ep.ID == 0 {
+		return "", errors.New("attach: endpoint ID 0 is not valid")
+	}
+	var mode AttachMode
+	err := inNetns(ep.Netns, func() error {
+		l, err := resolveLink(ep)
+		if err != nil {
+			return err
+		}
+		ifindex := l.Attrs().Index
+		nsID, err := netnsID()
+		if err != nil {
+			return err
+		}
+		// The endpoint entry goes first, so the first packet the
+		// programs see is already attributed.
+		if err := d.setEndpoint(ifindex, ep.ID); err != nil {
+			return fmt.Errorf("write endpoint %d: %w", ep.ID, err)
+		}
+		mode = ModeTCX
+		if d.cfg.ForceClsact {
+			mode = ModeClsact
+		}
+		for _, h := range hooks() {
+			if mode == ModeTCX {
+				err := d.attachTCX(nsID, ifindex, h)
+				if errors.Is(err, ebpf.ErrNotSupported) {
+					d.log.Warn("tcx not supported, falling back to clsact", "ifindex", ifindex)
+					mode = ModeClsact
+				} else if err != nil {
+					return err
+				}
+			}
+			if mode == ModeClsact {
+				if err := d.attachClsact(ifindex, h); err != nil {
+					return err
+				}
+			}
+		}
+		d.log.Info("endpoint attached", "endpoint", ep.ID, "ifindex", ifindex, "link", l.Attrs().Name, "mode", mode)
+		return nil
+	})
+	if err != nil {
+		// Leave nothing half-attached behind.
+		if derr := d.Detach(ep); derr != nil {
+			d.log.Warn("cleanup after failed attach", "endpoint", ep.ID, "error", derr)
+		}
+		return "", fmt.Errorf("attach endpoint %d: %w", ep.ID, err)
+	}
+	return mode, nil
+}
+
+func (d *Datapath) attachTCX(nsID uint64, ifindex int, h hook) error {
+	pin := d.linkPin(nsID, ifindex, h)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		// Already attached (by us or an earlier process): point it at
+		// the current program. A link whose device is gone fails here.
+		err = l.Update(d.prog(h.prog))
+		l.Close()
+		if err == nil {
+			return nil
+		}
+		if err := os.Remove(pin); err != nil {
+			return fmt.Errorf("remove stale link pin: %w", err)
+		}
+	}
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: d.prog(h.prog), Attach: h.tcx})
+	if err != nil {
+		return fmt.Errorf("attach tcx %s to %d: %w", h.name, ifindex, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		l.Detach()
+		return fmt.Errorf("pin tcx link: %w", err)
+	}
+	return nil
+}
+
+func (d *Datapath) attachClsact(ifindex int, h hook) error {
+	q := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+		QdiscType:  "clsact",
+	}
+	if err := netlink.QdiscReplace(q); err != nil {
+		return fmt.Errorf("add clsact to %d: %w", ifindex, err)
+	}
+	f := clsactFilter(ifindex, h)
+	f.Fd = d.prog(h.prog).FD()
+	if err := netlink.FilterReplace(f); err != nil {
+		return fmt.Errorf("add cls_bpf %s to %d: %w", h.name, ifindex, err)
+	}
+	return nil
+}
+
+func clsactFilter(ifindex int, h hook) *netlink.BpfFilter {
+	return &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex, Parent: h.parent, Handle: 1,
+			Protocol: unix.ETH_P_ALL, Priority: 1,
+		},
+		Name:         clsactFilterName,
+		DirectAction: true,
+	}
+}
+
+// Detach removes the programs from ep's host veth (both TCX and clsact, so it
+// also cleans up after a fallback) and forgets the endpoint's ifindex. When
+// the veth is already gone (a CNI DEL after the runtime deleted the netns),
+// the kernel has detached the programs; Detach then removes the pins of
+// every link whose device is gone and the ifindex entries still naming ep.
+func (d *Datapath) Detach(ep Endpoint) error {
+	err := inNetns(ep.Netns, func() error {
+		l, err := resolveLink(ep)
+		var notFound netlink.LinkNotFoundError
+		if errors.As(err, &notFound) {
+			return d.pruneGone(ep.ID)
+		}
+		if err != nil {
+			return err
+		}
+		ifindex := l.Attrs().Index
+		nsID, err := netnsID()
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, h := range hooks() {
+			errs = append(errs, d.detachTCX(d.linkPin(nsID, ifindex, h)))
+			if err := netlink.FilterDel(clsactFilter(ifindex, h)); err != nil &&
+				!errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.EINVAL) {
+				errs = append(errs, fmt.Errorf("delete cls_bpf %s: %w", h.name, err))
+			}
+		}
+		if err := d.setEndpoint(ifindex, 0); err != nil {
+			errs = append(errs, fmt.Errorf("forget endpoint: %w", err))
+		}
+		return errors.Join(errs...)
+	})
+	if err != nil {
+		return fmt.Errorf("detach endpoint %d: %w", ep.ID, err)
+	}
+	return nil
+}
+
+func (d *Datapath) detachTCX(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open link pin %s: %w", pin, err)
+	}
+	defer l.Close()
+	// A link whose device is gone is already detached.
+	if err := l.Detach(); err != nil && !errors.Is(err, syscall.ENOLINK) && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("detach %s: %w", pin, err)
+	}
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin %s: %w", pin, err)
+	}
+	return nil
+}
+
+// pruneGone unpins TCX links whose device no longer exists and clears the
+// endpoint entries of their ifindexes that still name id.
+func (d *Datapath) pruneGone(id policy.EndpointID) error {
+	entries, err := os.ReadDir(d.linkDir())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		pin := filepath.Join(d.linkDir(), e.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open link pin %s: %w", pin, err))
+			continue
+		}
+		info, err := l.Info()
+		if err != nil || info.TCX() == nil || info.TCX().Ifindex != 0 {
+			l.Close()
+			continue // alive (or not ours to judge)
+		}
+		errs = append(errs, l.Unpin())
+		l.Close()
+		parts := strings.Split(e.Name(), "_")
+		if len(parts) != 3 {
+			continue
+		}
+		ifindex, err := strconv.Atoi(parts[1])
+		if err != nil {
+			continue
+		}
+		var cur uint32
+		if ifindex < endpointsArraySize {
+			err = d.objs.EndpointsArray.Lookup(uint32(ifindex), &cur)
+		} else {
+			err = d.objs.Endpoints.Lookup(uint32(ifindex), &cur)
+		}
+		if err == nil && cur == uint32(id) {
+			errs = append(errs, d.setEndpoint(ifindex, 0))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// detachAll detaches every TCX link pinned under BPFFS.
+func (d *Datapath) detachAll() error {
+	entries, err := os.ReadDir(d.linkDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		errs = append(errs, d.detachTCX(filepath.Join(d.linkDir(), e.Name())))
+		if parts := strings.Split(e.Name(), "_"); len(parts) == 3 {
+			if ifindex, err := strconv.Atoi(parts[1]); err == nil {
+				d.setEndpoint(ifindex, 0)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

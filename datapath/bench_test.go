@@ -1,0 +1,271 @@
+package datapath
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// kernelNsPerPkt runs prog repeat times inside the kernel and returns the
+// kernel's own per-run time (it excludes syscall overhead and the pauses
+// when the loop yields the CPU).
+func kernelNsPerPkt(b *testing.B, prog *ebpf.Program, pkt []byte, repeat int) float64 {
+	b.Helper()
+	_, per, err := prog.Benchmark(pkt, repeat, nil)
+	if err != nil {
+		b.Fatalf("benchmark run: %v", err)
+	}
+	return float64(per.Nanoseconds())
+}
+
+// drainInBackground keeps the event ring from filling up, as an agent would.
+func drainInBackground(b *testing.B, d *Datapath) {
+	r, err := d.Events()
+	if err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			if _, err := r.Read(); errors.Is(err, ErrClosed) {
+				return
+			}
+		}
+	}()
+	b.Cleanup(func() { r.Close(); <-done })
+}
+
+// lpm10kState has 10,000 ipcache prefixes and 10,000 policy entries.
+func lpm10kState() *policy.MapState {
+	ms := baseState(allowIn(clientID, 17, 53, 53, 8))
+	ep := ms.Endpoints[testEP]
+	for i := range 5000 {
+		ms.IPCache[netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 214, byte(i / 256), byte(i % 256)}), 32)] = identity.NumericID(1000 + i%2000)
+		var a6 [16]byte
+		copy(a6[:], netip.MustParseAddr("fd00:214::").AsSlice())
+		a6[12], a6[13] = byte(i>>8), byte(i)
+		ms.IPCache[netip.PrefixFrom(netip.AddrFrom16(a6), 112)] = identity.NumericID(1000 + i%2000)
+	}
+	for i := range 10000 - 1 {
+		e := allowIn(identity.NumericID(1000+i/5), 6, uint16(8000+i%5), uint16(8000+i%5), policy.RuleID(100+i))
+		if i%7 == 0 {
+			e.PortHi += 1000 // some ranges
+		}
+		ep.Entries = append(ep.Entries, e)
+	}
+	ep.Entries = policy.SortEntries(ep.Entries)
+	return ms
+}
+
+// BenchmarkDatapath measures the program per packet with BPF_PROG_TEST_RUN
+// and reports ns/pkt and the ratio to a program that only returns, measured
+// in the same run. Pin it: taskset -c 1 go test -run '^$' -bench Datapath.
+func BenchmarkDatapath(b *testing.B) {
+	d := newTestDatapath(b, Config{})
+	bindTestEndpoint(b, d, uint32(testEP))
+	if _, err := d.Apply(baseState(allowIn(clientID, 6, 80, 80, 7), allowIn(clientID, 17, 53, 53, 8))); err != nil {
+		b.Fatal(err)
+	}
+	drainInBackground(b, d)
+	d10k := newTestDatapath(b, Config{})
+	bindTestEndpoint(b, d10k, uint32(testEP))
+	if _, err := d10k.Apply(lpm10kState()); err != nil {
+		b.Fatal(err)
+	}
+	drainInBackground(b, d10k)
+
+	ack := tcpSyn(clientIP, podIP, 40000, 80)
+	if got := run(b, d.objs.BulkheadToPod, ack.build()); got != retPass {
+		b.Fatalf("SYN: %#x", got)
+	}
+	ack.tcpFlags = tcpACK
+	// The kernel repeats one packet, so a "new flow" packet must make its
+	// own successor new again: SYN+RST creates a closed entry, and a SYN on
+	// a closed entry starts a new flow. Each run does a conntrack hit,
+	// delete, policy lookups, insert and a ring buffer event: a little more
+	// than a real new flow (miss, insert, event).
+	newFlow := tcpSyn(clientIP, podIP, 40001, 80)
+	newFlow.tcpFlags = tcpSYN | tcpRST
+	denied := tcpSyn(clientIP, podIP, 40000, 81)
+	lpmPkt := tcpSyn(netip.MustParseAddr("10.214.1.244"), podIP, 5000, 8002)
+	lpmPkt.tcpFlags = tcpSYN | tcpRST
+
+	// The baseline, measured now and in the same process as the rest.
+	var base []float64
+	for range 5 {
+		base = append(base, kernelNsPerPkt(b, d.objs.BulkheadPassthrough, ack.build(), 1<<20))
+	}
+	slices.Sort(base)
+	baseline := max(base[2], 1)
+
+	cases := []struct {
+		name string
+		prog *ebpf.Program
+		pkt  []byte
+		want uint32
+	}{
+		{"passthrough", d.objs.BulkheadPassthrough, ack.build(), retPass},
+		{"established", d.objs.BulkheadToPod, ack.build(), retPass},
+		{"new-flow-allow", d.objs.BulkheadToPod, newFlow.build(), retPass},
+		{"deny", d.objs.BulkheadToPod, denied.build(), retShot},
+		{"lpm-10k", d10k.objs.BulkheadToPod, lpmPkt.build(), retPass},
+	}
+	for _, c := range cases {
+		b.Run(c.name, func(b *testing.B) {
+			if got := run(b, c.prog, c.pkt); got != c.want {
+				b.Fatalf("verdict %#x, want %#x", got, c.want)
+			}
+			b.ResetTimer()
+			ret, per, err := c.prog.Benchmark(c.pkt, b.N, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if ret != c.want {
+				b.Fatalf("verdict %#x, want %#x", ret, c.want)
+			}
+			ns := float64(per.Nanoseconds())
+			b.ReportMetric(ns, "ns/pkt")
+			b.ReportMetric(ns/baseline, "x-passthrough")
+		})
+	}
+}
+
+// BenchmarkVethUDP pushes small UDP packets (iperf3 -u -b 0 -l 64) from one
+// pod netns to another through the host netns, with no program, with
+// Bulkhead enforcing 1,000 rules, and with an nftables forward chain of
+// 1,000 equivalent rules. The machine is shared and noisy, so each
+// sub-benchmark alternates its mode with no program, round by round, and
+// reports medians: pps, and the ratio to no program.
+func BenchmarkVethUDP(b *testing.B) {
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("iperf3 not installed")
+	}
+	const rounds = 5
+	tp := newTopo(b, 2)
+	client, server := tp.pods[0], tp.pods[1]
+	d := newTestDatapath(b, Config{})
+	drainInBackground(b, d)
+	var rules []policy.Entry
+	for i := range 999 {
+		rules = append(rules, allowIn(identity.NumericID(5000+i), 17, 5201, 5201, policy.RuleID(i+10)))
+	}
+	rules = append(rules, allowIn(client.id, 0, 0, 65535, 1))
+	if _, err := d.Apply(tp.state(1, rules...)); err != nil {
+		b.Fatal(err)
+	}
+	var nft strings.Builder
+	nft.WriteString("table inet bhbench {\n chain forward_bh {\n  type filter hook forward priority 0; policy drop;\n  ct state established,related accept\n")
+	for i := range 999 {
+		fmt.Fprintf(&nft, "  ip saddr 10.215.%d.%d udp dport 5201 accept\n", i/250, 1+i%250)
+	}
+	fmt.Fprintf(&nft, "  ip saddr %s accept\n }\n}\n", client.ip4)
+	nftRun := func(stdin string, args ...string) {
+		cmd := exec.Command("ip", append([]string{"netns", "exec", tp.host.Name, "nft"}, args...)...)
+		cmd.Stdin = strings.NewReader(stdin)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("nft %v: %v: %s", args, err, out)
+		}
+	}
+	on := map[string]func(){
+		"none": func() {},
+		"bulkhead-1000": func() {
+			for _, p := range tp.pods {
+				if _, err := d.Attach(tp.endpoint(p)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		},
+		"nftables-1000": func() { nftRun(nft.String(), "-f", "-") },
+	}
+	off := map[string]func(){
+		"none": func() {},
+		"bulkhead-1000": func() {
+			for _, p := range tp.pods {
+				if err := d.Detach(tp.endpoint(p)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		},
+		"nftables-1000": func() { nftRun("", "delete", "table", "inet", "bhbench") },
+	}
+	median := func(xs []float64) float64 {
+		slices.Sort(xs)
+		return xs[len(xs)/2]
+	}
+	for _, mode := range []string{"none", "bulkhead-1000", "nftables-1000"} {
+		b.Run(mode, func(b *testing.B) {
+			var pps, ratios []float64
+			for range rounds {
+				base := iperfUDP(b, tp, client, server)
+				if mode == "none" {
+					pps = append(pps, base)
+					continue
+				}
+				on[mode]()
+				v := iperfUDP(b, tp, client, server)
+				off[mode]()
+				pps = append(pps, v)
+				ratios = append(ratios, v/base)
+			}
+			b.ReportMetric(median(pps), "pps")
+			if len(ratios) > 0 {
+				b.ReportMetric(median(ratios), "x-none")
+			}
+		})
+	}
+}
+
+// iperfUDP runs one 2 s iperf3 UDP test and returns the receiver's pps.
+func iperfUDP(b testing.TB, tp *topo, client, server *testPod) float64 {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv := exec.CommandContext(ctx, "ip", "netns", "exec", server.ns.Name, "iperf3", "-s", "-1", "-p", "5201")
+	if err := srv.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	var out []byte
+	var err error
+	for range 20 { // until the server listens
+		time.Sleep(100 * time.Millisecond)
+		out, err = exec.CommandContext(ctx, "ip", "netns", "exec", client.ns.Name, "iperf3", "-c", server.ip4.String(),
+			"-p", "5201", "-u", "-b", "0", "-l", "64", "-t", "2", "-J").Output()
+		if err == nil {
+			break
+		}
+	}
+	if err != nil {
+		b.Fatalf("iperf3 client: %v: %s", err, out)
+	}
+	var res struct {
+		End struct {
+			Sum struct {
+				Packets     float64 `json:"packets"`
+				LostPackets float64 `json:"lost_packets"`
+				Seconds     float64 `json:"seconds"`
+			} `json:"sum"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		b.Fatalf("iperf3 json: %v", err)
+	}
+	s := res.End.Sum
+	if s.Seconds == 0 {
+		b.Fatalf("iperf3 reported no duration: %s", out)
+	}
+	return (s.Packets - s.LostPackets) / s.Seconds
+}

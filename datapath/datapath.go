@@ -1,0 +1,341 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// ErrNotSupported is returned when the kernel lacks a feature the datapath
+// needs.
+var ErrNotSupported = errors.New("not supported by this kernel")
+
+// DefaultBPFFS is where the datapath pins its objects unless told otherwise.
+const DefaultBPFFS = "/sys/fs/bpf/bulkhead"
+
+// Config configures New. Zero values take the defaults.
+type Config struct {
+	// BPFFS is the directory under a bpffs mount for pins.
+	BPFFS  string
+	Logger *slog.Logger
+	// HostIdentity is the identity of this node's own addresses.
+	HostIdentity identity.NumericID
+	// Conntrack timeouts: established TCP, closed TCP, everything else.
+	CTTimeoutTCP     time.Duration
+	CTTimeoutClosing time.Duration
+	CTTimeoutOther   time.Duration
+	// DropEventInterval is the least time between two drop events of a flow.
+	DropEventInterval time.Duration
+	// Map sizes.
+	MaxPolicyEntries uint32
+	MaxIPCache       uint32
+	MaxConntrack     uint32
+	// ForceClsact skips TCX, as on kernels older than 6.6.
+	ForceClsact bool
+}
+
+func (c *Config) setDefaults() {
+	if c.BPFFS == "" {
+		c.BPFFS = DefaultBPFFS
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.HostIdentity == 0 {
+		c.HostIdentity = identity.IDHost
+	}
+	if c.CTTimeoutTCP == 0 {
+		c.CTTimeoutTCP = 6 * time.Hour
+	}
+	if c.CTTimeoutClosing == 0 {
+		c.CTTimeoutClosing = 10 * time.Second
+	}
+	if c.CTTimeoutOther == 0 {
+		c.CTTimeoutOther = 60 * time.Second
+	}
+	if c.DropEventInterval == 0 {
+		c.DropEventInterval = time.Second
+	}
+}
+
+// Datapath is the loaded (or re-opened) datapath.
+type Datapath struct {
+	cfg  Config
+	log  *slog.Logger
+	objs segmentObjects
+
+	mu sync.Mutex
+	// Mirrors of what is live, read from the maps when opened, so Apply can
+	// write differences without dumping maps every time. Policy keys in
+	// slots have Slot zero; the slot is the map key.
+	epConfigs map[policy.EndpointID]EPConfig
+	slots     map[slotRef]map[PolicyKey]PolicyValue
+	ipcache   map[IPCacheKey]IPCacheValue
+	global    GlobalConfig
+	// lastFlip is when each endpoint's slot last flipped (see Apply).
+	lastFlip map[policy.EndpointID]time.Time
+}
+
+type slotRef struct {
+	ep   policy.EndpointID
+	slot uint8
+}
+
+// Typed views of the maps' keys and values, generated from bpf/include.
+type (
+	PolicyKey     = segmentPolicyKey
+	PolicyValue   = segmentPolicyValue
+	IPCacheKey    = segmentIpcacheKey
+	IPCacheValue  = segmentIpcacheValue
+	EPConfig      = segmentEpConfig
+	GlobalConfig  = segmentGlobalConfig
+	ConntrackKey  = segmentCtKey
+	ConntrackItem = segmentCtEntry
+	Counter       = segmentCounter
+)
+
+// pinnedMaps are the maps that live under BPFFS/maps; the rest (.rodata,
+// .bss) belong to the programs.
+func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
+	m := &d.objs.segmentMaps
+	return map[string]**ebpf.Map{
+		"endpoints_array": &m.EndpointsArray, "endpoints": &m.Endpoints, "ep_configs": &m.EpConfigs,
+		"policy": &m.Policy, "ipcache": &m.Ipcache, "globals": &m.Globals, "conntrack": &m.Conntrack,
+		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
+		"events": &m.Events,
+	}
+}
+
+// pinnedProgs are the programs that live under BPFFS/progs.
+func (d *Datapath) pinnedProgs() map[string]**ebpf.Program {
+	return map[string]**ebpf.Program{
+		"bulkhead_from_pod": &d.objs.BulkheadFromPod, "bulkhead_to_pod": &d.objs.BulkheadToPod,
+	}
+}
+
+// endpointsArraySize is ENDPOINTS_ARRAY_SIZE: smaller ifindexes live in
+// endpoints_array, the rest in the endpoints hash.
+const endpointsArraySize = 65536
+
+func (d *Datapath) setEndpoint(ifindex int, id policy.EndpointID) error {
+	if ifindex < endpointsArraySize {
+		return d.objs.EndpointsArray.Update(uint32(ifindex), uint32(id), ebpf.UpdateAny)
+	}
+	if id == 0 {
+		err := d.objs.Endpoints.Delete(uint32(ifindex))
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return err
+	}
+	return d.objs.Endpoints.Update(uint32(ifindex), uint32(id), ebpf.UpdateAny)
+}
+
+// Probe reports ErrNotSupported when the kernel lacks something the datapath
+// cannot work without.
+func Probe() error {
+	for _, mt := range []ebpf.MapType{ebpf.LPMTrie, ebpf.LRUHash, ebpf.RingBuf, ebpf.PerCPUArray} {
+		if err := features.HaveMapType(mt); err != nil {
+			return fmt.Errorf("map type %s: %w: %w", mt, ErrNotSupported, err)
+		}
+	}
+	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
+		return fmt.Errorf("program type sched_cls: %w: %w", ErrNotSupported, err)
+	}
+	return nil
+}
+
+// New loads the datapath and pins it under cfg.BPFFS, or re-opens what an
+// earlier process pinned there. Re-opening attaches nothing: links pinned
+// by earlier Attach calls keep enforcing throughout.
+func New(cfg Config) (*Datapath, error) {
+	cfg.setDefaults()
+	if err := Probe(); err != nil {
+		return nil, err
+	}
+	d := &Datapath{cfg: cfg, log: cfg.Logger}
+	if _, err := os.Stat(d.progPin("bulkhead_from_pod")); err == nil {
+		if err := d.openPinned(); err != nil {
+			return nil, err
+		}
+		d.log.Info("datapath re-opened from pins", "bpffs", cfg.BPFFS)
+	} else {
+		if err := d.load(); err != nil {
+			return nil, err
+		}
+		d.log.Info("datapath loaded and pinned", "bpffs", cfg.BPFFS)
+	}
+	if err := d.readMirrors(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Datapath) mapPin(name string) string  { return filepath.Join(d.cfg.BPFFS, "maps", name) }
+func (d *Datapath) progPin(name string) string { return filepath.Join(d.cfg.BPFFS, "progs", name) }
+func (d *Datapath) linkDir() string            { return filepath.Join(d.cfg.BPFFS, "links") }
+
+// loadSpec returns the collection spec with load-time settings applied.
+func loadSpec(cfg Config) (*ebpf.CollectionSpec, error) {
+	spec, err := loadSegment()
+	if err != nil {
+		return nil, fmt.Errorf("load bpf spec: %w", err)
+	}
+	vars := map[string]any{
+		"host_identity":          uint32(cfg.HostIdentity),
+		"ct_timeout_tcp_ns":      uint64(cfg.CTTimeoutTCP),
+		"ct_timeout_closing_ns":  uint64(cfg.CTTimeoutClosing),
+		"ct_timeout_other_ns":    uint64(cfg.CTTimeoutOther),
+		"drop_event_interval_ns": uint64(cfg.DropEventInterval),
+	}
+	for name, v := range vars {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			return nil, fmt.Errorf("bpf variable %s missing", name)
+		}
+		if err := vs.Set(v); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
+		}
+	}
+	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache, "conntrack": cfg.MaxConntrack} {
+		if n != 0 {
+			spec.Maps[name].MaxEntries = n
+		}
+	}
+	return spec, nil
+}
+
+func (d *Datapath) load() error {
+	spec, err := loadSpec(d.cfg)
+	if err != nil {
+		return err
+	}
+	for name := range d.pinnedMaps() {
+		spec.Maps[name].Pinning = ebpf.PinByName
+	}
+	for _, dir := range []string{"maps", "progs", "links"} {
+		if err := os.MkdirAll(filepath.Join(d.cfg.BPFFS, dir), 0o700); err != nil {
+			return fmt.Errorf("create pin dir: %w", err)
+		}
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: filepath.Join(d.cfg.BPFFS, "maps")}}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			d.log.Error("verifier rejected program", "log", fmt.Sprintf("%+v", verr))
+		}
+		return fmt.Errorf("load bpf objects: %w", err)
+	}
+	for name, p := range d.pinnedProgs() {
+		if err := (*p).Pin(d.progPin(name)); err != nil {
+			d.Close()
+			return fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) prog(name string) *ebpf.Program {
+	if p, ok := d.pinnedProgs()[name]; ok {
+		return *p
+	}
+	return nil
+}
+
+func (d *Datapath) openPinned() error {
+	for name, dst := range d.pinnedMaps() {
+		mp, err := ebpf.LoadPinnedMap(d.mapPin(name), nil)
+		if err != nil {
+			d.Close()
+			return fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		*dst = mp
+	}
+	for name, dst := range d.pinnedProgs() {
+		p, err := ebpf.LoadPinnedProgram(d.progPin(name), nil)
+		if err != nil {
+			d.Close()
+			return fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		*dst = p
+	}
+	return nil
+}
+
+// readMirrors fills the in-memory copies of the live maps.
+func (d *Datapath) readMirrors() error {
+	d.epConfigs = map[policy.EndpointID]EPConfig{}
+	d.slots = map[slotRef]map[PolicyKey]PolicyValue{}
+	d.ipcache = map[IPCacheKey]IPCacheValue{}
+	d.lastFlip = map[policy.EndpointID]time.Time{}
+
+	var epID uint32
+	var cfg EPConfig
+	it := d.objs.EpConfigs.Iterate()
+	for it.Next(&epID, &cfg) {
+		d.epConfigs[policy.EndpointID(epID)] = cfg
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read ep_configs: %w", err)
+	}
+	var pk PolicyKey
+	var pv PolicyValue
+	it = d.objs.Policy.Iterate()
+	for it.Next(&pk, &pv) {
+		ref := slotRef{policy.EndpointID(pk.EpId), pk.Slot}
+		pk.Slot = 0
+		if d.slots[ref] == nil {
+			d.slots[ref] = map[PolicyKey]PolicyValue{}
+		}
+		d.slots[ref][pk] = pv
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read policy: %w", err)
+	}
+	var ik IPCacheKey
+	var iv IPCacheValue
+	it = d.objs.Ipcache.Iterate()
+	for it.Next(&ik, &iv) {
+		d.ipcache[ik] = iv
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read ipcache: %w", err)
+	}
+	if err := d.objs.Globals.Lookup(uint32(0), &d.global); err != nil {
+		return fmt.Errorf("read globals: %w", err)
+	}
+	return nil
+}
+
+// Revision is the live policy revision (bumped by every effective Apply).
+func (d *Datapath) Revision() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.global.Revision
+}
+
+// Close releases this process's handles. Pinned objects and links stay, and
+// so does enforcement.
+func (d *Datapath) Close() error {
+	return d.objs.Close()
+}
+
+// Remove detaches every endpoint attached under this BPFFS, unpins
+// everything and closes the datapath. Traffic is no longer enforced.
+func (d *Datapath) Remove() error {
+	errs := []error{d.detachAll()}
+	errs = append(errs, d.Close())
+	errs = append(errs, os.RemoveAll(d.cfg.BPFFS))
+	return errors.Join(errs...)
+}

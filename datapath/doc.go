@@ -1,0 +1,106 @@
+// Package datapath owns Bulkhead's eBPF datapath: loading the segmentation
+// programs (bpf/segment.c) and their maps, pinning them under the bpffs
+// directory, attaching them to pods' host-side veths (TCX, or clsact+cls_bpf
+// where TCX is missing), applying a policy.MapState as a difference against
+// the live maps, reading flow events and counters, and garbage-collecting
+// conntrack.
+//
+// # One program set, many endpoints
+//
+// One loaded copy of the programs and maps serves every endpoint. The maps
+// "endpoints_array" (ifindex < 65536, an array whose lookup the verifier
+// inlines) and "endpoints" (larger ifindexes, a hash) map a host veth's
+// ifindex to its endpoint ID (written by Attach); "ep_configs" maps an
+// endpoint ID to its identity, defaults, audit flag and live policy slot
+// (written by Apply). Keeping the two apart lets Apply work without knowing
+// interfaces, and lets a restarted agent read all live state back from the
+// pinned maps. Attaching a pod is one map
+// write plus two TCX attaches of programs that are already loaded. An
+// endpoint without an ep_configs entry is unmanaged: everything passes, as
+// policy.MapState.Lookup says for an unknown endpoint.
+//
+// # Policy map encoding
+//
+// The policy map is one LPM trie. Its key is {ep_id, peer, slot, dir, proto,
+// dport}: the first 88 bits (endpoint, peer identity, slot, direction) always
+// match exactly; the protocol and the big-endian destination port follow and
+// may be cut by the prefix length (88: any protocol; 96: this protocol, any
+// port; 96+n: a port prefix of n bits). A new flow costs two lookups, one with
+// the packet's peer identity and one with peer 0 (the wildcard); BPF takes a
+// deny over an allow, then the exact peer over the wildcard.
+//
+// An LPM trie returns only the longest match, so Go resolves the rest of
+// Lookup's order before writing: for each (endpoint, direction, peer) it
+// splits each protocol's port space at every entry's bounds into disjoint
+// cells, picks each cell's winner among that protocol's entries and the
+// any-protocol entries with Lookup's own order, merges neighbouring cells
+// with the same outcome, and writes each cell as at most ~30 port prefixes.
+// A port range never becomes one entry per port. The fuzz test
+// FuzzDatapathVerdict checks the program against MapState.Lookup.
+//
+// # Make-before-break: slots and the revision
+//
+// Every endpoint has two slots in the policy map. Apply writes an endpoint's
+// new entries into its inactive slot, which still holds the policy from two
+// applies ago, so only the difference between that and the new policy is
+// written. It then flips the endpoint's slot with one update of its
+// ep_configs entry. A packet reads the slot once, so it is judged by the
+// whole old or the whole new policy, never by a mix or an empty one. Apply
+// deletes nothing from a live slot. ipcache changes are global and are
+// written as additions before the flips and deletions after them.
+//
+// After all flips Apply bumps the revision in the "globals" map. Conntrack
+// entries record the revision at which their flow was judged. A packet of an
+// established flow whose entry has another revision is judged again, as its
+// first packet was (original direction, peer, protocol and port): still
+// allowed, the entry takes the new revision and rule; now denied, the packet
+// is dropped (DROP_POLICY_REVISED) and the entry becomes a tombstone that
+// drops the flow's packets in both directions until it expires (closing
+// timeout), a new SYN starts the flow afresh, or a later revision allows it
+// again. Deleting the entry instead would let the peer's next packet (a
+// retransmission, a keepalive) start a "new" flow in the reverse direction,
+// which that side's policy may allow, and so revive the connection: the
+// integration test caught exactly that. BPF reads the
+// revision before the slot, and Apply flips before it bumps, so a packet that
+// sees the new revision also sees the new slot. A packet that saw the old
+// revision but the new slot is merely judged once more on its next packet.
+// The revision compares by inequality, so a restarted agent whose MapState
+// revision started again from 1 still triggers re-checks.
+//
+// One window remains: a packet that read the old slot number and is still
+// inside its lookups when the next Apply starts rewriting that slot. A
+// program run takes a microsecond or less, so Apply leaves a slot alone for
+// 2 ms after it went inactive (it sleeps only when applies come faster than
+// that) instead of waiting for a real RCU grace period, which userspace
+// cannot ask for.
+//
+// # Conntrack
+//
+// The conntrack LRU key is the flow's 5-tuple normalised so that the lower
+// (address, port) is side a, plus the endpoint ID (a pod-to-pod flow passes
+// two endpoints, each with its own entry). TCP FIN from both sides or an RST
+// mark the entry closed, which expires after the closing timeout; a new SYN on
+// a closed entry starts a new flow. BPF treats expired entries as absent, and
+// GC removes them.
+//
+// # Packets policy does not see
+//
+// Non-IP frames (ARP, ...) and IPv6 neighbour discovery pass unjudged. An
+// unknown L4 protocol is judged with port 0 under its protocol number, as
+// are ICMP and ICMPv6 (conntrack pairs echo requests and replies by
+// identifier; ICMP errors are judged as flows of their own). A first
+// fragment leaves its ports in the "fragments" map, keyed by addresses,
+// protocol and IP ID; later fragments take them from there and so follow
+// the first fragment's flow, and a later fragment whose first was not seen
+// is judged with ports 0. A truncated header on a managed endpoint is
+// dropped (DROP_MALFORMED).
+//
+// # Events and counters
+//
+// Ring buffer events: one per new flow, one per drop (at most one per flow per
+// drop interval), one when a flow ends (FIN/RST in BPF; timeouts reported by
+// GC). Per-CPU counters count packets and bytes by verdict and by drop
+// reason, and events lost to a full ring. Waking the reader costs more than
+// judging a new flow, so BPF wakes it only when 64 KiB are pending and
+// EventReader also polls every 50 ms.
+package datapath
