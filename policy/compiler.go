@@ -49,7 +49,10 @@ type Compiler struct {
 	// namedIdx maps "name/proto" to the identities that have that named port.
 	namedIdx map[string][]identPort
 
-	ipcache    map[netip.Prefix]identity.NumericID
+	ipcache map[netip.Prefix]identity.NumericID
+	// hostIPs are the node's addresses, added to the published ipcache as
+	// identity.IDHost (they win over any CIDR prefix of the same length).
+	hostIPs    map[netip.Prefix]struct{}
 	endpoints  map[EndpointID]podKey
 	epPolicies map[EndpointID][]policyKey
 	policyEPs  map[policyKey]map[EndpointID]struct{}
@@ -99,6 +102,7 @@ func (c *Compiler) clear(s *Snapshot) {
 		c.trustDomain = identity.DefaultTrustDomain
 	}
 	c.denyHost = s.DenyHostIngress
+	c.hostIPs = hostPrefixes(s.HostIPs)
 	c.namespaces = map[string]map[string]string{}
 	c.pods = map[podKey]*podState{}
 	c.podsByNS = map[string]map[podKey]*podState{}

@@ -254,6 +254,9 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 	}
 	if full || len(w.ip) > 0 {
 		next.IPCache = maps.Clone(c.ipcache)
+		for p := range c.hostIPs {
+			next.IPCache[p] = identity.IDHost
+		}
 	}
 	if full || w.rules {
 		next.Rules = c.ruleInfos()
@@ -394,6 +397,39 @@ func (c *Compiler) ruleInfos() map[RuleID]RuleInfo {
 			id := c.ruleIDs[ruleKey{p.key, r.dir, r.index}]
 			out[id] = RuleInfo{Kind: p.key.Kind, Namespace: p.key.Namespace, Name: p.key.Name,
 				Direction: r.dir, Index: r.index, Action: r.action, Audit: r.audit}
+		}
+	}
+	return out
+}
+
+// SetHostIPs replaces the node's own addresses, which the ipcache maps to
+// identity.IDHost so that traffic from the node (kubelet probes) is host
+// traffic and not world.
+func (c *Compiler) SetHostIPs(ips []netip.Addr) (*MapState, Diff) {
+	w := newWork()
+	next := hostPrefixes(ips)
+	for p := range c.hostIPs {
+		if _, ok := next[p]; !ok {
+			w.ip[p] = struct{}{}
+		}
+	}
+	for p := range next {
+		if _, ok := c.hostIPs[p]; !ok {
+			w.ip[p] = struct{}{}
+		}
+	}
+	c.hostIPs = next
+	if len(w.ip) == 0 {
+		return c.ms, Diff{}
+	}
+	return c.ms, c.finish(w, false)
+}
+
+func hostPrefixes(ips []netip.Addr) map[netip.Prefix]struct{} {
+	out := make(map[netip.Prefix]struct{}, len(ips))
+	for _, a := range ips {
+		if a.IsValid() {
+			out[identity.Host(a.Unmap())] = struct{}{}
 		}
 	}
 	return out

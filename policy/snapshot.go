@@ -16,6 +16,10 @@ type Snapshot struct {
 	TrustDomain string
 	// DenyHostIngress turns off the kubelet-probe exception (MapState.AllowHostIngress).
 	DenyHostIngress bool
+	// HostIPs are this node's own addresses; the ipcache maps them to
+	// identity.IDHost. The agent keeps them current (Compiler.SetHostIPs):
+	// primary CNIs such as ptp give every host-side veth an address.
+	HostIPs []netip.Addr
 
 	Namespaces       []Namespace
 	Pods             []Pod
