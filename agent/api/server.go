@@ -53,6 +53,9 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	mux.Handle("GET "+PathStatus, get(logger, b.Status))
 	mux.Handle("GET "+PathEndpoints, get(logger, b.ListEndpoints))
 	mux.Handle("GET "+PathIdentities, get(logger, b.ListIdentities))
+	if fs, ok := b.(FlowStreamer); ok {
+		mux.Handle("POST "+PathFlows, flowsHandler(logger, fs))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, logger, r, Errorf(CodeUnsupported, "no such endpoint %s %s", r.Method, r.URL.Path))
 	})

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -191,6 +192,19 @@ type StatusResponse struct {
 	Datapath       string       `json:"datapath,omitempty"`
 	Store          string       `json:"store,omitempty"`
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
+	// Features are the kernel features the datapath probed.
+	Features []Feature `json:"features,omitempty"`
+	// LostEventsKernel counts flow events the kernel ring buffer had no
+	// room for; LostEventsUserspace those the agent dropped for slow
+	// consumers.
+	LostEventsKernel    uint64 `json:"lostEventsKernel"`
+	LostEventsUserspace uint64 `json:"lostEventsUserspace"`
+}
+
+// Feature is one probed kernel feature: State is "yes", "no" or an error.
+type Feature struct {
+	Name  string `json:"name"`
+	State string `json:"state"`
 }
 
 // EndpointInfo is one endpoint as the CLI lists it.
@@ -274,4 +288,8 @@ type ExplainResponse struct {
 	DestinationIdentity uint32        `json:"destinationIdentity"`
 	Rules               []ExplainRule `json:"rules,omitempty"`
 	PolicyRevision      uint64        `json:"policyRevision"`
+	// Detail is the explain engine's full result (both directions, the
+	// deciding and the matching rules), for the CLI to render exactly as it
+	// renders an offline explain.
+	Detail json.RawMessage `json:"detail,omitempty"`
 }

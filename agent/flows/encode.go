@@ -268,3 +268,14 @@ func (l *LostEvents) AppendJSON(dst []byte) []byte {
 	}
 	return append(dst, '}')
 }
+
+// AppendJSON appends the item as a stream line: {"flow":{...}} or the
+// lost_events record.
+func (it Item) AppendJSON(dst []byte) []byte {
+	if it.Lost != nil {
+		return it.Lost.AppendJSON(dst)
+	}
+	dst = append(dst, `{"flow":`...)
+	dst = it.Flow.AppendJSON(dst)
+	return append(dst, '}')
+}

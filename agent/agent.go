@@ -1,0 +1,659 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/batch"
+	"github.com/bulkhead-io/bulkhead/agent/dirwatch"
+	"github.com/bulkhead-io/bulkhead/agent/flows"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
+	"github.com/bulkhead-io/bulkhead/agent/state"
+	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
+	"github.com/bulkhead-io/bulkhead/policy/store"
+	"github.com/vishvananda/netlink"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Agent is the node daemon.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	dp       *datapath.Datapath
+	records  *state.Dir[endpointRecord]
+	metrics  *metrics.Metrics
+	hub      *flows.Hub
+	enricher *flows.Enricher
+	batch    *batch.Batcher[*change]
+	started  time.Time
+	// features are the kernel features probed at start.
+	features []api.Feature
+
+	// view is what readers use: replaced after every apply, never mutated.
+	view atomic.Pointer[view]
+
+	// mu guards the endpoint table and the store status. The batch
+	// goroutine holds it only to publish, never across compile or apply.
+	mu        sync.Mutex
+	endpoints map[api.EndpointKey]*endpointRecord
+	storeErrs []api.StoreError
+	ready     bool
+	notReady  string
+	// remoteIPs are the store's addresses of pods, for explain.
+	remoteIPs map[podRef][]netip.Addr
+	// modes counts endpoints by attach mode (tcx, clsact).
+	modes map[datapath.AttachMode]int
+
+	// Owned by the batch goroutine (and by New before it starts).
+	compiler    *policy.Compiler
+	storePods   map[podRef]policy.Pod
+	storeNS     map[string]policy.Namespace
+	storePol    map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
+	appliedPods map[podRef]policy.Pod
+	haveStore   bool
+	// reattach holds restored endpoints whose programs are re-attached
+	// (idempotently) after the first apply.
+	reattach []*endpointRecord
+}
+
+// view is an immutable snapshot of the agent's state for readers.
+type view struct {
+	ms         *policy.MapState
+	identities map[uint32]policy.IdentityInfo
+	endpoints  map[policy.EndpointID]*endpointRecord
+	pods       map[policy.EndpointID]podRef
+}
+
+// change is one item of the batcher: an endpoint to add or delete, or a
+// new store state.
+type change struct {
+	add   *endpointRecord
+	del   *api.EndpointKey
+	store *store.Result
+	// removed is, for del, the endpoint that was removed (nil: unknown).
+	removed *endpointRecord
+}
+
+// New opens (or loads) the datapath, restores persisted endpoints, and
+// loads the store. Enforcement that survived in pinned maps stays in place
+// throughout: nothing is detached or emptied on the way.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg: cfg, log: cfg.Logger, started: time.Now(),
+		endpoints:   map[api.EndpointKey]*endpointRecord{},
+		compiler:    policy.NewCompiler(policy.Config{Logger: cfg.Logger.With("component", "compiler")}),
+		storePods:   map[podRef]policy.Pod{},
+		storeNS:     map[string]policy.Namespace{},
+		storePol:    map[string]any{},
+		appliedPods: map[podRef]policy.Pod{},
+		hub:         flows.NewHub(cfg.FlowRing, cfg.NodeName),
+		enricher:    flows.NewEnricher(cfg.NodeName),
+		notReady:    "starting",
+		modes:       map[datapath.AttachMode]int{},
+	}
+	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
+		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
+
+	dpcfg := cfg.Datapath
+	dpcfg.BPFFS = cfg.BPFFS
+	dpcfg.Logger = cfg.Logger.With("component", "datapath")
+	dp, err := datapath.New(dpcfg)
+	if err != nil {
+		return nil, fmt.Errorf("datapath: %w", err)
+	}
+	a.dp = dp
+	for _, f := range datapath.Features() {
+		state := "yes"
+		if f.Err != nil {
+			state = "no (" + f.Err.Error() + ")"
+		}
+		a.features = append(a.features, api.Feature{Name: f.Name, State: state})
+	}
+	a.metrics = metrics.New(func() []metrics.MapStat {
+		var out []metrics.MapStat
+		for _, s := range dp.MapStats() {
+			out = append(out, metrics.MapStat{Name: s.Name, Entries: s.Entries, MaxEntries: s.MaxEntries})
+		}
+		return out
+	})
+	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
+	if err != nil {
+		dp.Close()
+		return nil, err
+	}
+	if err := a.restoreEndpoints(); err != nil {
+		dp.Close()
+		return nil, err
+	}
+	a.batch = batch.New(a.applyBatch)
+	return a, nil
+}
+
+// restoreEndpoints reads the persisted records. Endpoints whose host veth
+// is gone are forgotten (their pins removed); the rest are re-attached
+// once the first policy is compiled.
+func (a *Agent) restoreEndpoints() error {
+	good, bad, err := a.records.LoadAll()
+	if err != nil {
+		return err
+	}
+	for k, err := range bad {
+		a.log.Warn("unreadable endpoint record dropped", "record", k, "error", err)
+		_ = a.records.Delete(k)
+	}
+	for k, rec := range good {
+		if !vethPresent(rec) {
+			a.log.Info("endpoint gone while the agent was down", "container", rec.Key.ContainerID, "veth", rec.HostVeth)
+			if err := a.dp.Forget(rec.dpEndpoint()); err != nil {
+				a.log.Warn("forget gone endpoint", "container", rec.Key.ContainerID, "error", err)
+			}
+			_ = a.records.Delete(k)
+			continue
+		}
+		r := rec
+		a.endpoints[rec.Key] = &r
+		a.reattach = append(a.reattach, &r)
+		if r.Mode != "" {
+			a.modes[r.Mode]++
+		}
+	}
+	a.log.Info("endpoints restored", "endpoints", len(a.endpoints), "dropped", len(good)+len(bad)-len(a.endpoints))
+	return nil
+}
+
+// Run serves the API and metrics, watches the store and the flow events,
+// until ctx is done. On return enforcement stays in place: programs and
+// maps are pinned, and nothing is detached.
+func (a *Agent) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	ln, err := api.Listen(a.cfg.Socket)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", a.cfg.Socket, err)
+	}
+	srv := &http.Server{Handler: api.NewHandler(a, a.log.With("component", "api")), ReadHeaderTimeout: 10 * time.Second}
+	var wg sync.WaitGroup
+	errc := make(chan error, 4)
+	wg.Go(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("api server: %w", err)
+		}
+	})
+	if a.cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("metrics listen on %s: %w", a.cfg.MetricsAddr, err)
+		}
+		msrv := &http.Server{Handler: a.metrics.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		wg.Go(func() { _ = msrv.Serve(mln) })
+		defer msrv.Close()
+	}
+	pipe, err := a.startFlows(ctx, &wg)
+	if err != nil {
+		srv.Close()
+		return err
+	}
+	wg.Go(func() {
+		err := dirwatch.Watch(ctx, a.cfg.storeDir(), a.cfg.StoreDebounce, func() { a.reloadStore(ctx) })
+		if err != nil {
+			errc <- fmt.Errorf("store: %w", err)
+		}
+	})
+	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		a.log.Error("agent stopping", "error", err)
+	}
+	// Stop serving first: a CNI call that arrives now gets "unavailable"
+	// and retries against the next agent, rather than a half answer.
+	shutdownCtx, stop := context.WithTimeout(context.Background(), 5*time.Second)
+	defer stop()
+	_ = srv.Shutdown(shutdownCtx)
+	ln.Close()
+	cancel()
+	a.batch.Close()
+	pipe.close()
+	wg.Wait()
+	a.dp.Close()
+	a.log.Info("agent stopped; enforcement stays pinned")
+	return err
+}
+
+// reloadStore loads the store folder. A store with any error is not
+// applied: the last good state stays enforced, and the errors are reported
+// with file and line in the log and in status.
+func (a *Agent) reloadStore(ctx context.Context) {
+	res, err := store.Load(a.cfg.storeDir(), store.Options{})
+	if err != nil {
+		serrs := storeErrors(err)
+		a.mu.Lock()
+		a.storeErrs = serrs
+		if !a.ready {
+			a.notReady = fmt.Sprintf("store has errors and no earlier good state: %s:%d: %s", serrs[0].File, serrs[0].Line, serrs[0].Message)
+		}
+		a.mu.Unlock()
+		for _, e := range serrs {
+			a.log.Error("store file rejected; last good state stays", "file", e.File, "line", e.Line, "error", e.Message)
+		}
+		return
+	}
+	a.mu.Lock()
+	a.storeErrs = nil
+	a.mu.Unlock()
+	if err := a.batch.Submit(ctx, &change{store: res}); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
+		a.log.Error("apply store", "error", err)
+	}
+}
+
+func storeErrors(err error) []api.StoreError {
+	var out []api.StoreError
+	var walk func(error)
+	walk = func(err error) {
+		var se *store.Error
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+			return
+		}
+		if errors.As(err, &se) {
+			out = append(out, api.StoreError{File: se.File, Line: se.Line, Message: se.Err.Error()})
+			return
+		}
+		out = append(out, api.StoreError{Message: err.Error()})
+	}
+	walk(err)
+	if len(out) == 0 {
+		out = append(out, api.StoreError{Message: err.Error()})
+	}
+	return out
+}
+
+// applyBatch runs on the batcher's goroutine: it folds every change into
+// the compiler and applies the resulting MapState to the datapath once.
+// Attaching and detaching programs happen outside, in the API handlers:
+// a TCX attach waits for an RCU grace period under the RTNL lock, and a
+// batch must not make every ADD in it wait for every other's attach.
+func (a *Agent) applyBatch(changes []*change) []error {
+	start := time.Now()
+	errs := make([]error, len(changes))
+	var added, deleted int
+	for i, c := range changes {
+		switch {
+		case c.store != nil:
+			errs[i] = a.foldStore(c.store)
+		case c.add != nil:
+			if err := a.foldAdd(c.add); err != nil {
+				errs[i] = err
+				continue
+			}
+			added++
+		case c.del != nil:
+			c.removed = a.foldDel(*c.del)
+			if c.removed != nil {
+				deleted++
+			}
+		}
+	}
+	if !a.haveStore {
+		// Nothing is compiled before the first good store state: the
+		// pinned maps keep enforcing what the last agent applied.
+		for i, c := range changes {
+			if c.add != nil && errs[i] == nil {
+				errs[i] = api.Errorf(api.CodeNotReady, "no valid store state yet; see `bulkhead status`")
+				a.dropEndpoint(c.add)
+			}
+		}
+		return errs
+	}
+	// Primary CNIs give host-side veths and bridges addresses as pods come
+	// and go; traffic from them is the node's (kubelet probes), not world.
+	if ips, err := hostAddrs(); err != nil {
+		a.log.Warn("list host addresses", "error", err)
+	} else {
+		a.compiler.SetHostIPs(ips)
+	}
+	compiled := time.Now()
+	ms := a.compiler.MapState()
+	st, err := a.dp.Apply(ms)
+	if err != nil {
+		a.log.Error("policy apply failed", "revision", ms.Revision, "error", err)
+		for i := range errs {
+			if errs[i] == nil {
+				errs[i] = fmt.Errorf("apply policy: %w", err)
+			}
+		}
+		return errs
+	}
+	applied := time.Now()
+	for _, rec := range a.reattach {
+		if _, err := a.dp.Attach(rec.dpEndpoint()); err != nil {
+			a.log.Error("re-attach restored endpoint", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "error", err)
+		}
+	}
+	a.reattach = nil
+	a.publish(ms)
+	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
+	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())
+	a.metrics.PolicyRevision.Set(float64(ms.Revision))
+	a.log.Info("policy applied", "revision", ms.Revision, "changes", len(changes),
+		"added", added, "deleted", deleted, "endpoints", len(ms.Endpoints),
+		"policyWrites", st.PolicyWrites, "policyDeletes", st.PolicyDeletes,
+		"ipcacheWrites", st.IPCacheWrites, "ipcacheDeletes", st.IPCacheDeletes,
+		"compile", compiled.Sub(start), "apply", applied.Sub(compiled))
+	return errs
+}
+
+// foldAdd registers an endpoint and compiles its pod.
+func (a *Agent) foldAdd(rec *endpointRecord) error {
+	a.mu.Lock()
+	if old := a.endpoints[rec.Key]; old != nil && old != rec {
+		// A repeated ADD for the same attachment: keep the ID.
+		rec.ID = old.ID
+		rec.CreatedAt = old.CreatedAt
+	}
+	if rec.ID == 0 {
+		rec.ID = a.freeIDLocked()
+	}
+	a.endpoints[rec.Key] = rec
+	a.mu.Unlock()
+	return a.syncPod(podRefOf(rec))
+}
+
+func (a *Agent) dropEndpoint(rec *endpointRecord) {
+	a.mu.Lock()
+	if a.endpoints[rec.Key] == rec {
+		delete(a.endpoints, rec.Key)
+	}
+	a.mu.Unlock()
+	_ = a.syncPod(podRefOf(rec))
+}
+
+// foldDel forgets an endpoint; it returns nil when it was unknown.
+func (a *Agent) foldDel(k api.EndpointKey) *endpointRecord {
+	a.mu.Lock()
+	rec := a.endpoints[k]
+	delete(a.endpoints, k)
+	a.mu.Unlock()
+	if rec == nil {
+		return nil
+	}
+	if err := a.syncPod(podRefOf(rec)); err != nil {
+		a.log.Warn("recompile after delete", "pod", podRefOf(rec), "error", err)
+	}
+	return rec
+}
+
+// freeIDLocked returns the lowest endpoint ID not in use.
+func (a *Agent) freeIDLocked() policy.EndpointID {
+	used := make(map[policy.EndpointID]bool, len(a.endpoints))
+	for _, e := range a.endpoints {
+		used[e.ID] = true
+	}
+	for id := policy.EndpointID(1); ; id++ {
+		if !used[id] {
+			return id
+		}
+	}
+}
+
+// localEndpoint returns the endpoint of a pod on this node, if any. With
+// several (a sandbox being replaced), the newest wins.
+func (a *Agent) localEndpoint(ref podRef) *endpointRecord {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var best *endpointRecord
+	for _, e := range a.endpoints {
+		if podRefOf(e) == ref && (best == nil || e.CreatedAt.After(best.CreatedAt)) {
+			best = e
+		}
+	}
+	return best
+}
+
+// desiredPod is the compiler's view of a pod: the store's workload
+// metadata, with the addresses and endpoint ID of the local endpoint.
+func (a *Agent) desiredPod(ref podRef) (policy.Pod, bool) {
+	sp, inStore := a.storePods[ref]
+	ep := a.localEndpoint(ref)
+	if ep == nil {
+		return sp, inStore
+	}
+	p := policy.Pod{Namespace: ref.ns, Name: ref.name}
+	if inStore {
+		p = sp
+	}
+	p.IPs = ep.addrs()
+	p.Endpoint = ep.ID
+	return p, true
+}
+
+// syncPod brings the compiler's pod ref in line with the desired state.
+func (a *Agent) syncPod(ref podRef) error {
+	want, ok := a.desiredPod(ref)
+	have, had := a.appliedPods[ref]
+	switch {
+	case !ok && had:
+		a.compiler.DeletePod(ref.ns, ref.name)
+		delete(a.appliedPods, ref)
+	case ok && (!had || !reflect.DeepEqual(want, have)):
+		if _, _, err := a.compiler.UpsertPod(want); err != nil {
+			return fmt.Errorf("compile pod %s: %w", ref, err)
+		}
+		a.appliedPods[ref] = want
+	}
+	return nil
+}
+
+// foldStore folds a new store state into the compiler. The first one is a
+// full compile; later ones change only the objects that differ.
+func (a *Agent) foldStore(res *store.Result) error {
+	s := res.Snapshot
+	pods := make(map[podRef]policy.Pod, len(s.Pods))
+	remote := make(map[podRef][]netip.Addr, len(s.Pods))
+	for _, p := range s.Pods {
+		pods[podRef{p.Namespace, p.Name}] = p
+		remote[podRef{p.Namespace, p.Name}] = p.IPs
+	}
+	a.mu.Lock()
+	a.remoteIPs = remote
+	a.mu.Unlock()
+	nss := make(map[string]policy.Namespace, len(s.Namespaces))
+	for _, n := range s.Namespaces {
+		nss[n.Name] = n
+	}
+	pols := map[string]any{}
+	for _, np := range s.NetworkPolicies {
+		pols[policy.KindNetworkPolicy+" "+np.Namespace+"/"+np.Name] = np
+	}
+	for _, bp := range s.BulkheadPolicies {
+		pols[policy.KindBulkheadPolicy+" "+bp.Namespace+"/"+bp.Name] = bp
+	}
+
+	if !a.haveStore {
+		a.storePods, a.storeNS, a.storePol = pods, nss, pols
+		full := &policy.Snapshot{TrustDomain: a.cfg.TrustDomain, DenyHostIngress: a.cfg.DenyHostIngress,
+			Namespaces: s.Namespaces, NetworkPolicies: s.NetworkPolicies, BulkheadPolicies: s.BulkheadPolicies}
+		refs := map[podRef]bool{}
+		for r := range pods {
+			refs[r] = true
+		}
+		a.mu.Lock()
+		for _, e := range a.endpoints {
+			refs[podRefOf(e)] = true
+		}
+		a.mu.Unlock()
+		a.appliedPods = map[podRef]policy.Pod{}
+		for _, r := range slices.SortedFunc(maps.Keys(refs), func(x, y podRef) int {
+			return cmpRef(x, y)
+		}) {
+			if p, ok := a.desiredPod(r); ok {
+				full.Pods = append(full.Pods, p)
+				a.appliedPods[r] = p
+			}
+		}
+		_, err := a.compiler.Reset(full)
+		a.haveStore = true
+		if err != nil {
+			a.log.Warn("store compiled with rejected objects", "error", err)
+		}
+		return nil
+	}
+
+	var errs []error
+	for name, n := range nss {
+		if old, ok := a.storeNS[name]; !ok || !reflect.DeepEqual(old, n) {
+			if _, _, err := a.compiler.UpsertNamespace(n); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	for name := range a.storeNS {
+		if _, ok := nss[name]; !ok {
+			if _, _, err := a.compiler.DeleteNamespace(name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	a.storeNS = nss
+	for key, p := range pols {
+		if old, ok := a.storePol[key]; ok && reflect.DeepEqual(old, p) {
+			continue
+		}
+		var err error
+		switch p := p.(type) {
+		case *networkingv1.NetworkPolicy:
+			_, _, err = a.compiler.UpsertNetworkPolicy(p)
+		case *v1alpha1.BulkheadPolicy:
+			_, _, err = a.compiler.UpsertBulkheadPolicy(p)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for key, p := range a.storePol {
+		if _, ok := pols[key]; ok {
+			continue
+		}
+		kind := policy.KindNetworkPolicy
+		if _, ok := p.(*v1alpha1.BulkheadPolicy); ok {
+			kind = policy.KindBulkheadPolicy
+		}
+		meta := p.(metav1.Object)
+		if _, _, err := a.compiler.DeletePolicy(kind, meta.GetNamespace(), meta.GetName()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	a.storePol = pols
+	refs := map[podRef]bool{}
+	for r := range pods {
+		refs[r] = true
+	}
+	for r := range a.storePods {
+		refs[r] = true
+	}
+	a.storePods = pods
+	for r := range refs {
+		if err := a.syncPod(r); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func cmpRef(x, y podRef) int {
+	if x.ns != y.ns {
+		if x.ns < y.ns {
+			return -1
+		}
+		return 1
+	}
+	switch {
+	case x.name < y.name:
+		return -1
+	case x.name > y.name:
+		return 1
+	}
+	return 0
+}
+
+// publish makes the applied state visible to readers.
+func (a *Agent) publish(ms *policy.MapState) {
+	infos := a.compiler.Identities()
+	ids := map[uint32]policy.IdentityInfo{}
+	for _, ii := range infos {
+		ids[uint32(ii.ID)] = ii
+	}
+	a.mu.Lock()
+	v := &view{ms: ms, identities: ids, endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}}
+	for _, e := range a.endpoints {
+		c := *e
+		v.endpoints[e.ID] = &c
+		v.pods[e.ID] = podRefOf(e)
+	}
+	if !a.ready {
+		a.ready, a.notReady = true, ""
+	}
+	remote := a.remoteIPs
+	a.mu.Unlock()
+	a.view.Store(v)
+	a.enricher.SetContext(flows.NewContext(ms, infos, v.podAddrs(remote)))
+	a.metrics.Endpoints.Set(float64(len(v.endpoints)))
+}
+
+// vethPresent reports whether the record's host veth still exists with the
+// same index and name.
+func vethPresent(rec endpointRecord) bool {
+	ifi, err := net.InterfaceByIndex(rec.HostIfIndex)
+	return err == nil && ifi.Name == rec.HostVeth
+}
+
+// datapathMode says how endpoints are attached: "tcx", "clsact", or both
+// with counts when the kernel made some fall back.
+func (a *Agent) datapathMode() string {
+	switch {
+	case a.modes[datapath.ModeClsact] == 0:
+		return string(datapath.ModeTCX)
+	case a.modes[datapath.ModeTCX] == 0:
+		return string(datapath.ModeClsact)
+	}
+	return fmt.Sprintf("tcx (%d endpoints), clsact (%d endpoints)", a.modes[datapath.ModeTCX], a.modes[datapath.ModeClsact])
+}
+
+// hostAddrs lists the addresses of this network namespace: the node's.
+func hostAddrs() ([]netip.Addr, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			out = append(out, ip.Unmap())
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,118 @@
+package api
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+)
+
+// PathFlows streams flow records: the recent ones, then (with Follow) new
+// ones as they happen. The response is JSON lines, each {"flow":{...}} or
+// {"lost_events":{...}} where the stream has a gap, as Hubble's GetFlows
+// returns them.
+const PathFlows = "/v1/flows"
+
+// ObserveRequest selects flows.
+type ObserveRequest struct {
+	// Last is how many recent flows to send first (0: all that are kept).
+	Last int `json:"last,omitempty"`
+	// Follow keeps the stream open for new flows.
+	Follow bool `json:"follow,omitempty"`
+	// Selector is an allow and deny list of flow filters
+	// ({"allow":[...],"deny":[...]}); the agent validates it. Its schema
+	// belongs to the flow record package, which this package must not
+	// import.
+	Selector json.RawMessage `json:"selector,omitempty"`
+}
+
+// FlowStreamer is implemented by backends that serve PathFlows. write sends
+// one JSON line; it fails once the client is gone.
+type FlowStreamer interface {
+	ObserveFlows(ctx context.Context, req ObserveRequest, write func(line []byte) error) error
+}
+
+// flowsHandler serves PathFlows with chunked JSON lines, flushing each.
+func flowsHandler(logger *slog.Logger, fs FlowStreamer) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req ObserveRequest
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(&req); err != nil {
+			writeError(w, logger, r, Errorf(CodeInvalidRequest, "decode request body: %w", err))
+			return
+		}
+		flusher, _ := w.(http.Flusher)
+		started := false
+		write := func(line []byte) error {
+			if !started {
+				w.Header().Set("Content-Type", "application/x-ndjson")
+				w.WriteHeader(http.StatusOK)
+				started = true
+			}
+			if _, err := w.Write(append(line, '\n')); err != nil {
+				return err
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
+			return nil
+		}
+		err := fs.ObserveFlows(r.Context(), req, write)
+		if err != nil && !started {
+			writeError(w, logger, r, err)
+			return
+		}
+		if !started { // an empty, finished stream
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusOK)
+		}
+	})
+}
+
+// ObserveFlows calls PathFlows and hands each line to fn until the stream
+// ends, ctx is done, or fn returns an error. The client's per-request
+// timeout does not apply: a followed stream lasts as long as ctx.
+func (c *Client) ObserveFlows(ctx context.Context, req ObserveRequest, fn func(line []byte) error) error {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return Errorf(CodeInvalidRequest, "encode %s request: %w", PathFlows, err)
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://bulkhead-agent"+PathFlows, bytes.NewReader(b))
+	if err != nil {
+		return Errorf(CodeInvalidRequest, "build %s request: %w", PathFlows, err)
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(hreq)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return Errorf(CodeUnavailable, "POST %s: %w", PathFlows, err)
+	}
+	defer drainAndClose(resp.Body)
+	if resp.StatusCode/100 != 2 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxRequestBytes))
+		var eb errorBody
+		if json.Unmarshal(data, &eb) == nil && eb.Error != nil && eb.Error.Code != "" {
+			return eb.Error
+		}
+		return &Error{Code: codeForStatus(resp.StatusCode), Message: fmt.Sprintf("%s: http %d", PathFlows, resp.StatusCode)}
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		if err := fn(sc.Bytes()); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return Errorf(CodeUnavailable, "read %s stream: %w", PathFlows, err)
+	}
+	return nil
+}

@@ -1,0 +1,325 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/batch"
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/policy/explain"
+)
+
+var _ api.Backend = (*Agent)(nil)
+
+// AddEndpoint registers an endpoint and returns once its policy is applied
+// and its programs are attached.
+func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (api.EndpointAddResponse, error) {
+	start := time.Now()
+	rec := &endpointRecord{
+		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
+		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
+	}
+	if err := a.submit(ctx, &change{add: rec}); err != nil {
+		return api.EndpointAddResponse{}, err
+	}
+	// The policy is live; attaching makes the veth enforce it. Only then
+	// is the endpoint recorded and the ADD answered.
+	mode, err := a.dp.Attach(rec.dpEndpoint())
+	if err == nil {
+		rec.Mode = mode
+		err = a.records.Put(recordKey(rec.Key), *rec)
+	}
+	if err != nil {
+		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
+		if derr := a.deleteEndpoint(context.WithoutCancel(ctx), req.EndpointKey); derr != nil {
+			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
+		}
+		return api.EndpointAddResponse{}, fmt.Errorf("attach to %s: %w", req.HostVeth, err)
+	}
+	a.mu.Lock()
+	a.modes[mode]++
+	a.mu.Unlock()
+	v := a.view.Load()
+	resp := api.EndpointAddResponse{Enforced: true, PolicyRevision: v.ms.Revision}
+	if p := v.ms.Endpoints[rec.ID]; p != nil {
+		resp.IdentityID = uint32(p.Identity)
+		resp.SPIFFEID = v.identities[uint32(p.Identity)].SPIFFEID
+	}
+	a.metrics.CNIAddSeconds.Observe(time.Since(start).Seconds())
+	a.log.Info("endpoint added", "container", req.ContainerID, "pod", podRefOf(rec).String(), "endpoint", rec.ID,
+		"veth", req.HostVeth, "identity", resp.IdentityID, "spiffeID", resp.SPIFFEID, "mode", rec.Mode,
+		"revision", resp.PolicyRevision, "took", time.Since(start))
+	return resp, nil
+}
+
+// DeleteEndpoint forgets an endpoint and detaches its programs.
+func (a *Agent) DeleteEndpoint(ctx context.Context, req api.EndpointDelRequest) (api.EndpointDelResponse, error) {
+	err := a.deleteEndpoint(ctx, req.EndpointKey)
+	if errors.Is(err, errUnknownEndpoint) {
+		return api.EndpointDelResponse{}, nil
+	}
+	if err != nil {
+		return api.EndpointDelResponse{}, err
+	}
+	return api.EndpointDelResponse{Removed: true}, nil
+}
+
+var errUnknownEndpoint = errors.New("unknown endpoint")
+
+// deleteEndpoint removes the endpoint's policy (one apply), then detaches
+// its programs and deletes its record.
+func (a *Agent) deleteEndpoint(ctx context.Context, k api.EndpointKey) error {
+	c := &change{del: &k}
+	if err := a.submit(ctx, c); err != nil {
+		return err
+	}
+	rec := c.removed
+	if rec == nil {
+		return errUnknownEndpoint
+	}
+	a.mu.Lock()
+	if rec.Mode != "" {
+		a.modes[rec.Mode]--
+	}
+	a.mu.Unlock()
+	var errs []error
+	if err := a.dp.Forget(rec.dpEndpoint()); err != nil {
+		errs = append(errs, err)
+	}
+	if err := a.records.Delete(recordKey(rec.Key)); err != nil {
+		errs = append(errs, err)
+	}
+	a.log.Info("endpoint deleted", "container", k.ContainerID, "ifname", k.IfName, "pod", podRefOf(rec).String(), "endpoint", rec.ID)
+	return errors.Join(errs...)
+}
+
+// submit hands a change to the batcher.
+func (a *Agent) submit(ctx context.Context, c *change) error {
+	err := a.batch.Submit(ctx, c)
+	if errors.Is(err, batch.ErrClosed) {
+		return api.Errorf(api.CodeNotReady, "agent is shutting down")
+	}
+	return err
+}
+
+// CheckEndpoint verifies that an endpoint is known, attached to the veth
+// the plugin sees now, and carries its current identity.
+func (a *Agent) CheckEndpoint(_ context.Context, req api.EndpointCheckRequest) (api.EndpointCheckResponse, error) {
+	a.mu.Lock()
+	rec := a.endpoints[req.EndpointKey]
+	var cp endpointRecord
+	if rec != nil {
+		cp = *rec
+	}
+	a.mu.Unlock()
+	if rec == nil {
+		return api.EndpointCheckResponse{Problems: []string{"endpoint unknown to the agent"}}, nil
+	}
+	resp := api.EndpointCheckResponse{Known: true}
+	switch {
+	case cp.HostIfIndex != req.HostIfIndex:
+		resp.Problems = append(resp.Problems, fmt.Sprintf("agent enforces on ifindex %d (%s), the pod's veth is now %d (%s)",
+			cp.HostIfIndex, cp.HostVeth, req.HostIfIndex, req.HostVeth))
+	default:
+		attached, err := a.dp.Attached(cp.dpEndpoint())
+		switch {
+		case err != nil:
+			resp.Problems = append(resp.Problems, "cannot inspect the veth: "+err.Error())
+		case !attached:
+			resp.Problems = append(resp.Problems, "programs are not attached to "+cp.HostVeth)
+		default:
+			resp.Attached = true
+		}
+	}
+	// The identity is current when the live datapath carries the identity
+	// the compiler computes from the store now.
+	want := a.view.Load().ms.Endpoints[cp.ID]
+	live, err := a.dp.EndpointIdentity(cp.ID)
+	switch {
+	case want == nil:
+		resp.Problems = append(resp.Problems, "endpoint has no compiled policy")
+	case err != nil:
+		resp.Problems = append(resp.Problems, "cannot read the endpoint's live identity: "+err.Error())
+	case live != want.Identity:
+		resp.Problems = append(resp.Problems, fmt.Sprintf("live identity %d, expected %d", live, want.Identity))
+	default:
+		resp.IdentityCurrent = true
+	}
+	return resp, nil
+}
+
+// GCEndpoints removes the endpoints of network that the runtime no longer
+// lists.
+func (a *Agent) GCEndpoints(ctx context.Context, req api.GCRequest) (api.GCResponse, error) {
+	valid := map[api.EndpointKey]bool{}
+	for _, k := range req.ValidAttachments {
+		valid[k] = true
+	}
+	a.mu.Lock()
+	var stale []api.EndpointKey
+	for k, e := range a.endpoints {
+		if !valid[k] && (req.Network == "" || e.Network == req.Network) {
+			stale = append(stale, k)
+		}
+	}
+	a.mu.Unlock()
+	slices.SortFunc(stale, func(x, y api.EndpointKey) int {
+		return strings.Compare(x.ContainerID+"/"+x.IfName, y.ContainerID+"/"+y.IfName)
+	})
+	var resp api.GCResponse
+	for _, k := range stale {
+		err := a.deleteEndpoint(ctx, k)
+		if errors.Is(err, errUnknownEndpoint) {
+			continue
+		}
+		if err != nil {
+			return resp, err
+		}
+		resp.Removed = append(resp.Removed, k)
+	}
+	if len(resp.Removed) > 0 {
+		a.log.Info("endpoints garbage-collected", "removed", len(resp.Removed), "network", req.Network)
+	}
+	return resp, nil
+}
+
+// Status reports health and a summary.
+func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
+	v := a.view.Load()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	resp := api.StatusResponse{
+		Ready: a.ready, Reason: a.notReady, AgentVersion: a.cfg.Version, NodeName: a.cfg.NodeName,
+		StartedAt: a.started, Endpoints: len(a.endpoints), Identities: len(v.identities),
+		PolicyRevision: v.ms.Revision, Datapath: a.datapathMode(), Store: a.cfg.Store,
+		StoreErrors: slices.Clone(a.storeErrs), Features: a.features,
+		LostEventsUserspace: a.hub.LostUserspace(),
+	}
+	if c, err := a.dp.Counters(); err == nil {
+		resp.LostEventsKernel = c.EventsLost
+	}
+	return resp, nil
+}
+
+// ListEndpoints lists the endpoints, ordered by pod.
+func (a *Agent) ListEndpoints(context.Context) (api.EndpointList, error) {
+	v := a.view.Load()
+	a.mu.Lock()
+	out := api.EndpointList{Endpoints: []api.EndpointInfo{}}
+	for _, e := range a.endpoints {
+		out.Endpoints = append(out.Endpoints, e.info(v.ms, func(id policy.EndpointID) string {
+			if p := v.ms.Endpoints[id]; p != nil {
+				return v.identities[uint32(p.Identity)].SPIFFEID
+			}
+			return ""
+		}))
+	}
+	a.mu.Unlock()
+	slices.SortFunc(out.Endpoints, func(x, y api.EndpointInfo) int {
+		return strings.Compare(x.Pod.Namespace+"/"+x.Pod.Name+"/"+x.ContainerID, y.Pod.Namespace+"/"+y.Pod.Name+"/"+y.ContainerID)
+	})
+	return out, nil
+}
+
+// ListIdentities lists the reserved and allocated identities.
+func (a *Agent) ListIdentities(context.Context) (api.IdentityList, error) {
+	v := a.view.Load()
+	count := map[identity.NumericID]int{}
+	for id := range v.endpoints {
+		if p := v.ms.Endpoints[id]; p != nil {
+			count[p.Identity]++
+		}
+	}
+	out := api.IdentityList{Identities: []api.Identity{
+		{ID: uint32(identity.IDHost), Reserved: "host"},
+		{ID: uint32(identity.IDWorld), Reserved: "world"},
+	}}
+	for _, id := range slices.Sorted(maps.Keys(v.identities)) {
+		ii := v.identities[id]
+		it := api.Identity{ID: id, SPIFFEID: ii.SPIFFEID, Endpoints: count[ii.ID]}
+		if ii.Prefix.IsValid() {
+			it.Reserved = "cidr:" + ii.Prefix.String()
+		} else {
+			it.Namespace, it.ServiceAccount, it.Labels = ii.Labels.Namespace, ii.Labels.SA(), ii.Labels.PodLabels
+		}
+		out.Identities = append(out.Identities, it)
+	}
+	return out, nil
+}
+
+// Explain answers from the live MapState, with the engine the offline CLI
+// uses.
+func (a *Agent) Explain(_ context.Context, req api.ExplainRequest) (api.ExplainResponse, error) {
+	v := a.view.Load()
+	proto, ok := explain.ParseProto(req.Protocol)
+	if !ok {
+		return api.ExplainResponse{}, api.Errorf(api.CodeInvalidRequest, "protocol %q: want TCP, UDP or SCTP", req.Protocol)
+	}
+	src, err := a.explainPeer(v, req.Source)
+	if err != nil {
+		return api.ExplainResponse{}, err
+	}
+	dst, err := a.explainPeer(v, req.Destination)
+	if err != nil {
+		return api.ExplainResponse{}, err
+	}
+	r := explain.Verdict(v.ms, src, dst, proto, req.Port)
+	resp := api.ExplainResponse{
+		Verdict: r.Combined, SourceIdentity: uint32(src.Identity), DestinationIdentity: uint32(dst.Identity),
+		PolicyRevision: v.ms.Revision, Reason: explain.Text(r),
+	}
+	if detail, err := json.Marshal(r); err == nil {
+		resp.Detail = detail
+	}
+	for _, s := range []struct {
+		dir  string
+		side explain.Side
+	}{{"egress", r.Egress}, {"ingress", r.Ingress}} {
+		if s.side.Rule != nil {
+			ru := s.side.Rule
+			resp.Rules = append(resp.Rules, api.ExplainRule{
+				Policy: ru.Kind + " " + ru.Namespace + "/" + ru.Name, Rule: fmt.Sprintf("%s[%d]", ru.Direction, ru.Index),
+				Direction: s.dir, Verdict: s.side.Verdict,
+			})
+		} else if s.side.Enforced {
+			resp.Rules = append(resp.Rules, api.ExplainRule{Policy: "default", Rule: s.side.Default, Direction: s.dir, Verdict: s.side.Verdict})
+		}
+	}
+	return resp, nil
+}
+
+func (a *Agent) explainPeer(v *view, p api.Peer) (explain.Peer, error) {
+	if p.Pod != nil {
+		ref := podRef{p.Pod.Namespace, p.Pod.Name}
+		for id, r := range v.pods {
+			if r == ref {
+				return explain.PeerOfEndpoint(v.ms, ref.String(), id, v.endpoints[id].addrs()), nil
+			}
+		}
+		if sp, ok := a.storePodIPs(ref); ok && len(sp) > 0 {
+			pe := explain.PeerOfAddr(v.ms, sp[0])
+			pe.Name = ref.String()
+			return pe, nil
+		}
+		return explain.Peer{}, api.Errorf(api.CodeInvalidRequest, "pod %s is neither on this node nor a known remote pod with an address", ref)
+	}
+	return explain.PeerOfAddr(v.ms, p.IP), nil
+}
+
+// storePodIPs returns the addresses the store gives a remote pod. It reads
+// the view's MapState only, never the batch goroutine's maps.
+func (a *Agent) storePodIPs(ref podRef) ([]netip.Addr, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ips, ok := a.remoteIPs[ref]
+	return ips, ok
+}

@@ -1,0 +1,144 @@
+// Package cli renders the agent's read APIs for people and scripts: the
+// logic behind `bulkhead status`, `endpoints`, `identities`, `observe` and
+// the live `policy explain`. cmd/bulkhead only wires flags to it.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+)
+
+// Output formats.
+const (
+	FormatTable = "table"
+	FormatJSON  = "json"
+)
+
+// AgentError turns "cannot reach the agent" into advice.
+func AgentError(c *api.Client, err error) error {
+	if errors.Is(err, api.ErrUnavailable) {
+		return fmt.Errorf("cannot reach bulkhead-agent at %s: is it running (and are you root)? Start it with `bulkhead-agent --store dir:PATH`, or point --socket at its socket: %w", c.Socket(), err)
+	}
+	return err
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// Status prints the agent's health. It returns an error when the agent is
+// not ready, so scripts can use the exit code.
+func Status(ctx context.Context, c *api.Client, w io.Writer, format string) error {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return AgentError(c, err)
+	}
+	if format == FormatJSON {
+		if err := writeJSON(w, st); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		ready := "yes"
+		if !st.Ready {
+			ready = "no: " + st.Reason
+		}
+		fmt.Fprintf(tw, "Ready:\t%s\n", ready)
+		fmt.Fprintf(tw, "Agent:\t%s on node %q, up %s\n", orDash(st.AgentVersion), st.NodeName, time.Since(st.StartedAt).Round(time.Second))
+		fmt.Fprintf(tw, "Datapath:\t%s\n", orDash(st.Datapath))
+		for _, f := range st.Features {
+			fmt.Fprintf(tw, "  %s:\t%s\n", f.Name, f.State)
+		}
+		fmt.Fprintf(tw, "Store:\t%s\n", st.Store)
+		fmt.Fprintf(tw, "Endpoints:\t%d\n", st.Endpoints)
+		fmt.Fprintf(tw, "Identities:\t%d\n", st.Identities)
+		fmt.Fprintf(tw, "Policy revision:\t%d\n", st.PolicyRevision)
+		fmt.Fprintf(tw, "Lost flow events:\t%d in the kernel ring, %d in the agent\n", st.LostEventsKernel, st.LostEventsUserspace)
+		if len(st.StoreErrors) == 0 {
+			fmt.Fprintf(tw, "Last store error:\tnone\n")
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		for _, e := range st.StoreErrors {
+			fmt.Fprintf(w, "Store error: %s:%d: %s (the last good state stays enforced)\n", e.File, e.Line, e.Message)
+		}
+	}
+	if !st.Ready {
+		return fmt.Errorf("agent not ready: %s", st.Reason)
+	}
+	return nil
+}
+
+// Endpoints lists the endpoints.
+func Endpoints(ctx context.Context, c *api.Client, w io.Writer, format string) error {
+	l, err := c.ListEndpoints(ctx)
+	if err != nil {
+		return AgentError(c, err)
+	}
+	if format == FormatJSON {
+		return writeJSON(w, l)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "POD\tIDENTITY\tSPIFFE ID\tIPS\tVETH\tENFORCEMENT")
+	for _, e := range l.Endpoints {
+		pod := e.Pod.Namespace + "/" + e.Pod.Name
+		if e.Pod.Name == "" {
+			pod = "container " + e.ContainerID
+		}
+		var ips []string
+		for _, p := range e.IPs {
+			ips = append(ips, p.Addr().String())
+		}
+		state := "not attached"
+		if e.Attached {
+			state = e.AttachMode
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", pod, e.IdentityID, orDash(e.SPIFFEID), strings.Join(ips, ","), e.HostVeth, state)
+	}
+	return tw.Flush()
+}
+
+// Identities lists the identities.
+func Identities(ctx context.Context, c *api.Client, w io.Writer, format string) error {
+	l, err := c.ListIdentities(ctx)
+	if err != nil {
+		return AgentError(c, err)
+	}
+	if format == FormatJSON {
+		return writeJSON(w, l)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSPIFFE ID\tNAMESPACE\tLABELS\tENDPOINTS")
+	for _, id := range l.Identities {
+		name := id.SPIFFEID
+		if id.Reserved != "" {
+			name = id.Reserved
+		}
+		var labels []string
+		for _, k := range slices.Sorted(maps.Keys(id.Labels)) {
+			labels = append(labels, k+"="+id.Labels[k])
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\n", id.ID, orDash(name), orDash(id.Namespace), orDash(strings.Join(labels, ",")), id.Endpoints)
+	}
+	return tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,82 @@
+package agent
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// endpointRecord is what the agent persists per endpoint under --state-dir,
+// so that a restarted agent knows its endpoints before any CNI call.
+type endpointRecord struct {
+	Key         api.EndpointKey     `json:"key"`
+	Network     string              `json:"network,omitempty"`
+	Netns       string              `json:"netns"`
+	HostVeth    string              `json:"hostVeth"`
+	HostIfIndex int                 `json:"hostIfIndex"`
+	IPs         []netip.Prefix      `json:"ips"`
+	Pod         api.PodRef          `json:"pod"`
+	ID          policy.EndpointID   `json:"id"`
+	CreatedAt   time.Time           `json:"createdAt"`
+	Mode        datapath.AttachMode `json:"mode,omitempty"`
+}
+
+// recordKey names the record's file. Runtimes use hex container IDs, so the
+// key is readable; anything unsafe in a file name is refused by state.Dir.
+func recordKey(k api.EndpointKey) string { return k.ContainerID + "_" + k.IfName }
+
+// podRef names a pod in the compiler.
+type podRef struct{ ns, name string }
+
+func (r podRef) String() string { return r.ns + "/" + r.name }
+
+// podRefOf is the compiler name of an endpoint's pod. Runtimes that pass no
+// K8S_POD_* arguments get a pod named after the container in "default".
+func podRefOf(rec *endpointRecord) podRef {
+	ns, name := rec.Pod.Namespace, rec.Pod.Name
+	if ns == "" {
+		ns = "default"
+	}
+	if name == "" {
+		name = "container-" + shortID(rec.Key.ContainerID)
+	}
+	return podRef{ns, name}
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func (rec *endpointRecord) dpEndpoint() datapath.Endpoint {
+	return datapath.Endpoint{ID: rec.ID, Ifname: rec.HostVeth, Ifindex: rec.HostIfIndex}
+}
+
+func (rec *endpointRecord) addrs() []netip.Addr {
+	out := make([]netip.Addr, 0, len(rec.IPs))
+	for _, p := range rec.IPs {
+		out = append(out, p.Addr())
+	}
+	return out
+}
+
+func (rec *endpointRecord) info(ms *policy.MapState, spiffe func(policy.EndpointID) string) api.EndpointInfo {
+	info := api.EndpointInfo{
+		EndpointKey: rec.Key, Netns: rec.Netns, HostVeth: rec.HostVeth, HostIfIndex: rec.HostIfIndex,
+		IPs: rec.IPs, Pod: rec.Pod, AttachMode: string(rec.Mode), Attached: rec.Mode != "",
+		CreatedAt: rec.CreatedAt,
+	}
+	if ms != nil {
+		info.PolicyRevision = ms.Revision
+		if p := ms.Endpoints[rec.ID]; p != nil {
+			info.IdentityID = uint32(p.Identity)
+			info.SPIFFEID = spiffe(rec.ID)
+		}
+	}
+	return info
+}

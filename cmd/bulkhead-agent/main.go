@@ -1,0 +1,81 @@
+// Command bulkhead-agent is the Bulkhead node daemon: flags → agent.Config
+// → agent.Run.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/bulkhead-io/bulkhead/agent"
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/datapath"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	var cfg agent.Config
+	fs := flag.NewFlagSet("bulkhead-agent", flag.ExitOnError)
+	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml file in PATH)")
+	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the agent API (mode 0600)")
+	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "where endpoint records persist across restarts")
+	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
+	fs.StringVar(&cfg.FlowLog, "flow-log", "", "write flow records to this file, one JSON object per line")
+	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity)")
+	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
+	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
+	fs.IntVar(&cfg.FlowRing, "flow-ring", 4096, "recent flows kept in memory for `bulkhead observe`")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
+	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
+	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
+	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
+	attachMode := fs.String("attach-mode", "tcx", "tcx (falls back to clsact where the kernel lacks TCX) or clsact; TCX attach waits for RCU grace periods, clsact does not (see README)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	_ = fs.Parse(os.Args[1:])
+	if *showVersion {
+		fmt.Println("bulkhead-agent", version)
+		return
+	}
+	switch *attachMode {
+	case "tcx":
+	case "clsact":
+		cfg.Datapath.ForceClsact = true
+	default:
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: --attach-mode %q: want tcx or clsact\n", *attachMode)
+		os.Exit(2)
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: --log-level: %v\n", err)
+		os.Exit(2)
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg.Version = version
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	a, err := agent.New(cfg)
+	if err != nil {
+		cfg.Logger.Error("agent failed to start", "error", err)
+		os.Exit(1)
+	}
+	if err := a.Run(ctx); err != nil {
+		cfg.Logger.Error("agent failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+func hostname() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return ""
+	}
+	return h
+}

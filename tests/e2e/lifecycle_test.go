@@ -1,0 +1,333 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+
+	"github.com/bulkhead-io/bulkhead/tests/cnichain"
+)
+
+const openStore = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+`
+
+// TestSpecVersions runs ADD, CHECK and DEL through the chain for every
+// supported spec version, against the real agent.
+func TestSpecVersions(t *testing.T) {
+	for _, v := range cnichain.SpecVersions() {
+		t.Run(v, func(t *testing.T) {
+			e := newEnv(t, "ptp")
+			e.chain = cnichain.New(t, cnichain.Config{Primary: "ptp", CNIVersion: v,
+				Bulkhead: &cnichain.BulkheadConfig{Socket: e.socket, AgentWaitSeconds: 5}})
+			e.writeStore("ns.yaml", openStore)
+			e.startAgent()
+			p := e.addPod("shop", "a")
+			if v != "0.3.1" { // CHECK exists from 0.4.0 on
+				if err := e.chain.Check(context.Background(), p.Pod); err != nil {
+					t.Fatalf("CHECK: %v", err)
+				}
+			}
+			if n := len(e.endpoints(t)); n != 1 {
+				t.Fatalf("agent has %d endpoints after ADD, want 1", n)
+			}
+			if err := e.chain.Del(context.Background(), p.Pod); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if n := len(e.endpoints(t)); n != 0 {
+				t.Fatalf("agent has %d endpoints after DEL, want 0", n)
+			}
+			if err := e.chain.Del(context.Background(), p.Pod); err != nil {
+				t.Fatalf("second DEL: %v", err)
+			}
+		})
+	}
+}
+
+func (e *env) endpoints(t *testing.T) []string {
+	t.Helper()
+	l, err := e.client.ListEndpoints(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, ep := range l.Endpoints {
+		out = append(out, ep.Pod.Namespace+"/"+ep.Pod.Name)
+	}
+	return out
+}
+
+// TestCheckDetectsDetachedPrograms: CHECK fails once the programs are gone
+// from the pod's veth.
+func TestCheckDetectsDetachedPrograms(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+	e.startAgent()
+	p := e.addPod("shop", "a")
+	if err := e.chain.Check(context.Background(), p.Pod); err != nil {
+		t.Fatalf("CHECK on a healthy pod: %v", err)
+	}
+	eps, err := e.client.ListEndpoints(context.Background())
+	if err != nil || len(eps.Endpoints) != 1 {
+		t.Fatalf("endpoints: %v %v", eps, err)
+	}
+	// Detach behind the agent's back: remove the pinned TCX links.
+	links, _ := filepath.Glob(filepath.Join(e.bpffs, "links", "*"))
+	if len(links) == 0 {
+		t.Fatalf("no pinned links under %s", e.bpffs)
+	}
+	for _, l := range links {
+		if err := os.Remove(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = e.chain.Check(context.Background(), p.Pod)
+	if err == nil || !strings.Contains(err.Error(), "not attached") {
+		t.Fatalf("CHECK after detach = %v, want a 'not attached' error", err)
+	}
+}
+
+// TestAddBeforeAgent: an ADD issued before the agent runs waits for it and
+// succeeds once it is up; without an agent it fails with a clear message.
+func TestAddBeforeAgent(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+
+	p := e.chain.NewPod(t)
+	p.Namespace, p.Name = "shop", "early"
+	errc := make(chan error, 1)
+	go func() {
+		_, err := e.chain.Add(context.Background(), p)
+		errc <- err
+	}()
+	time.Sleep(time.Second)
+	e.startAgent()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("ADD that started before the agent failed: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ADD still waiting 10s after the agent came up")
+	}
+	if got := e.endpoints(t); len(got) != 1 || got[0] != "shop/early" {
+		t.Fatalf("endpoints = %v", got)
+	}
+
+	// No agent at all: the ADD fails after agentWaitSeconds (5 s here) and
+	// says what to do.
+	e.stopAgent(syscall.SIGTERM)
+	late := e.chain.NewPod(t)
+	start := time.Now()
+	_, err := e.chain.Add(context.Background(), late)
+	if err == nil {
+		t.Fatal("ADD succeeded without an agent: a pod would run unenforced")
+	}
+	if took := time.Since(start); took < 4*time.Second {
+		t.Fatalf("ADD gave up after %v, before the 5s window", took)
+	}
+	for _, want := range []string{"bulkhead-agent", "start bulkhead-agent"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+// TestDelWhileAgentDown: DEL succeeds with the agent down, and the agent
+// reconciles the endpoint away when it comes back.
+func TestDelWhileAgentDown(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+	e.startAgent()
+	keep, gone := e.addPod("shop", "keep"), e.addPod("shop", "gone")
+	_ = keep
+	e.stopAgent(syscall.SIGTERM)
+	if err := e.chain.Del(context.Background(), gone.Pod); err != nil {
+		t.Fatalf("DEL with the agent down: %v", err)
+	}
+	if err := e.chain.RemoveNetns(gone.Pod); err != nil {
+		t.Fatal(err)
+	}
+	e.startAgent()
+	if got := e.endpoints(t); len(got) != 1 || got[0] != "shop/keep" {
+		t.Fatalf("after restart endpoints = %v, want [shop/keep]", got)
+	}
+	recs, _ := filepath.Glob(filepath.Join(e.stateDir, "endpoints", "*.json"))
+	if len(recs) != 1 {
+		t.Fatalf("state records = %v, want one", recs)
+	}
+}
+
+// TestGC: GC removes endpoints the runtime no longer lists.
+func TestGC(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+	e.startAgent()
+	a, b, c := e.addPod("shop", "a"), e.addPod("shop", "b"), e.addPod("shop", "c")
+	if err := e.chain.GC(context.Background(), a.Pod, c.Pod); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	got := e.endpoints(t)
+	if len(got) != 2 || got[0] != "shop/a" || got[1] != "shop/c" {
+		t.Fatalf("after GC endpoints = %v, want [shop/a shop/c]", got)
+	}
+	_ = b
+}
+
+// TestConcurrentAdds: twenty pods at once, as kubelet starts them.
+func TestConcurrentAdds(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+	e.startAgent()
+	const n = 20
+	pods := make([]*cnichain.Pod, n)
+	for i := range pods {
+		pods[i] = e.chain.NewPod(t)
+		pods[i].Namespace, pods[i].Name = "shop", fmt.Sprintf("p%02d", i)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range pods {
+		wg.Go(func() { _, errs[i] = e.chain.Add(context.Background(), pods[i]) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("ADD %d: %v", i, err)
+		}
+	}
+	if got := e.endpoints(t); len(got) != n {
+		t.Fatalf("agent has %d endpoints, want %d", len(got), n)
+	}
+	batches := strings.Count(e.agentLogs(), `"msg":"policy applied"`)
+	t.Logf("%d concurrent ADDs took %d policy applies", n, batches)
+}
+
+// TestChurnLeavesNothing adds and deletes 200 pods and then checks that no
+// link, pin, map entry or state record is left.
+func TestChurnLeavesNothing(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.writeStore("ns.yaml", openStore)
+	e.startAgent()
+	vethsBefore := countVeths(t)
+	const total, wave = 200, 20
+	for done := 0; done < total; done += wave {
+		pods := make([]*cnichain.Pod, wave)
+		var wg sync.WaitGroup
+		errs := make([]error, wave)
+		for i := range pods {
+			pods[i] = e.chain.NewPod(t)
+			pods[i].Namespace, pods[i].Name = "shop", fmt.Sprintf("churn-%03d", done+i)
+			wg.Go(func() { _, errs[i] = e.chain.Add(context.Background(), pods[i]) })
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("ADD %d: %v", done+i, err)
+			}
+		}
+		for _, p := range pods {
+			if err := e.chain.Remove(context.Background(), p); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if got := e.endpoints(t); len(got) != 0 {
+		t.Fatalf("%d endpoints left: %v", len(got), got)
+	}
+	if n := countVeths(t); n != vethsBefore {
+		t.Errorf("veths: %d before, %d after", vethsBefore, n)
+	}
+	links, _ := filepath.Glob(filepath.Join(e.bpffs, "links", "*"))
+	if len(links) != 0 {
+		t.Errorf("%d link pins left: %v", len(links), links)
+	}
+	recs, _ := filepath.Glob(filepath.Join(e.stateDir, "endpoints", "*"))
+	if len(recs) != 0 {
+		t.Errorf("%d state records left", len(recs))
+	}
+	for _, m := range []string{"endpoints", "ep_configs", "policy"} {
+		if n := mapEntries(t, filepath.Join(e.bpffs, "maps", m)); n != 0 {
+			t.Errorf("map %s has %d entries left", m, n)
+		}
+	}
+	if n := nonZeroArrayEntries(t, filepath.Join(e.bpffs, "maps", "endpoints_array")); n != 0 {
+		t.Errorf("endpoints_array attributes %d ifindexes to endpoints after churn", n)
+	}
+}
+
+func countVeths(t *testing.T) int {
+	links, err := netlink.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range links {
+		if l.Type() == "veth" {
+			n++
+		}
+	}
+	return n
+}
+
+func mapEntries(t *testing.T, pin string) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("map pin %s missing", pin)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	keySize := m.KeySize()
+	n := 0
+	key := make([]byte, keySize)
+	next := make([]byte, keySize)
+	var cur any
+	for {
+		if err := m.NextKey(cur, &next); err != nil {
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return n
+			}
+			t.Fatal(err)
+		}
+		n++
+		copy(key, next)
+		cur = key
+	}
+}
+
+// nonZeroArrayEntries counts the u32 array slots that are not zero.
+func nonZeroArrayEntries(t *testing.T, pin string) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if err != nil {
+		t.Fatalf("open %s: %v", pin, err)
+	}
+	defer m.Close()
+	n := 0
+	var k, v uint32
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if v != 0 {
+			n++
+		}
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
