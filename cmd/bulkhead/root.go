@@ -36,7 +36,11 @@ observe, live explain) and checks policies offline (policy check, explain
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.PersistentFlags().StringVar(&g.socket, "socket", api.DefaultSocket, "the agent's API socket")
+	socket := api.DefaultSocket
+	if env := os.Getenv("BULKHEAD_SOCKET"); env != "" {
+		socket = env
+	}
+	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "the agent's API socket (or $BULKHEAD_SOCKET)")
 	root.AddCommand(newDemo(), newPolicy(g), newStatus(g), newEndpoints(g), newIdentities(g), newObserve(g), newVersion())
 	return root
 }
