@@ -97,6 +97,12 @@ func TestCheckDetectsDetachedPrograms(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not attached") {
 		t.Fatalf("CHECK after detach = %v, want a 'not attached' error", err)
 	}
+	// A restarted agent re-attaches what is missing.
+	e.stopAgent(syscall.SIGTERM)
+	e.startAgent()
+	if err := e.chain.Check(context.Background(), p.Pod); err != nil {
+		t.Fatalf("CHECK after the agent restarted: %v", err)
+	}
 }
 
 // TestAddBeforeAgent: an ADD issued before the agent runs waits for it and
