@@ -18,7 +18,6 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/batch"
-	"github.com/bulkhead-io/bulkhead/agent/dirwatch"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/agent/state"
@@ -41,6 +40,7 @@ type Agent struct {
 	hub      *flows.Hub
 	enricher *flows.Enricher
 	batch    *batch.Batcher[*change]
+	source   Source
 	started  time.Time
 	// features are the kernel features probed at start.
 	features []api.Feature
@@ -113,6 +113,11 @@ func New(cfg Config) (*Agent, error) {
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
 
+	src, err := NewSource(cfg.Store, cfg.StoreDebounce)
+	if err != nil {
+		return nil, err
+	}
+	a.source = src
 	dpcfg := cfg.Datapath
 	dpcfg.BPFFS = cfg.BPFFS
 	dpcfg.Logger = cfg.Logger.With("component", "datapath")
@@ -215,7 +220,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	wg.Go(func() {
-		err := dirwatch.Watch(ctx, a.cfg.storeDir(), a.cfg.StoreDebounce, func() { a.reloadStore(ctx) })
+		err := a.source.Run(ctx, func(r *store.Result) { a.storeUpdated(ctx, r) }, a.storeFailed)
 		if err != nil {
 			errc <- fmt.Errorf("store: %w", err)
 		}
@@ -242,54 +247,29 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
-// reloadStore loads the store folder. A store with any error is not
-// applied: the last good state stays enforced, and the errors are reported
-// with file and line in the log and in status.
-func (a *Agent) reloadStore(ctx context.Context) {
-	res, err := store.Load(a.cfg.storeDir(), store.Options{})
-	if err != nil {
-		serrs := storeErrors(err)
-		a.mu.Lock()
-		a.storeErrs = serrs
-		if !a.ready {
-			a.notReady = fmt.Sprintf("store has errors and no earlier good state: %s:%d: %s", serrs[0].File, serrs[0].Line, serrs[0].Message)
-		}
-		a.mu.Unlock()
-		for _, e := range serrs {
-			a.log.Error("store file rejected; last good state stays", "file", e.File, "line", e.Line, "error", e.Message)
-		}
-		return
+// storeFailed records a rejected store state: the last good state stays
+// enforced, and the problems are reported with file and line in the log and
+// in status.
+func (a *Agent) storeFailed(serrs []api.StoreError) {
+	a.mu.Lock()
+	a.storeErrs = serrs
+	if !a.ready {
+		a.notReady = fmt.Sprintf("store has errors and no earlier good state: %s:%d: %s", serrs[0].File, serrs[0].Line, serrs[0].Message)
 	}
+	a.mu.Unlock()
+	for _, e := range serrs {
+		a.log.Error("store state rejected; last good state stays", "file", e.File, "line", e.Line, "error", e.Message)
+	}
+}
+
+// storeUpdated applies a new good store state.
+func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) {
 	a.mu.Lock()
 	a.storeErrs = nil
 	a.mu.Unlock()
 	if err := a.batch.Submit(ctx, &change{store: res}); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
 		a.log.Error("apply store", "error", err)
 	}
-}
-
-func storeErrors(err error) []api.StoreError {
-	var out []api.StoreError
-	var walk func(error)
-	walk = func(err error) {
-		var se *store.Error
-		if j, ok := err.(interface{ Unwrap() []error }); ok {
-			for _, e := range j.Unwrap() {
-				walk(e)
-			}
-			return
-		}
-		if errors.As(err, &se) {
-			out = append(out, api.StoreError{File: se.File, Line: se.Line, Message: se.Err.Error()})
-			return
-		}
-		out = append(out, api.StoreError{Message: err.Error()})
-	}
-	walk(err)
-	if len(out) == 0 {
-		out = append(out, api.StoreError{Message: err.Error()})
-	}
-	return out
 }
 
 // applyBatch runs on the batcher's goroutine: it folds every change into

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
@@ -81,9 +80,6 @@ func (c *Config) setDefaults() error {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	var errs []error
-	if _, ok := strings.CutPrefix(c.Store, "dir:"); !ok {
-		errs = append(errs, fmt.Errorf("--store %q: only dir:PATH is supported", c.Store))
-	}
 	if c.FlowFormat != "json" && c.FlowFormat != "ocsf" {
 		errs = append(errs, fmt.Errorf("--flow-format %q: want json or ocsf", c.FlowFormat))
 	}
@@ -97,5 +93,3 @@ func (c *Config) setDefaults() error {
 	}
 	return errors.Join(errs...)
 }
-
-func (c *Config) storeDir() string { return strings.TrimPrefix(c.Store, "dir:") }
