@@ -97,9 +97,10 @@ test: deps bpffs check-generated cni-plugins build vet staticcheck
 bench: deps bpffs cni-plugins build
 	BULKHEAD_PRIVILEGED=1 taskset -c 1 $(GO) test -run '^$$' -bench . -benchmem ./...
 
-## demo: the embedded-default demo (no Kubernetes, no SPIRE).
+## demo: the embedded-default demo (no Kubernetes, no SPIRE). DEMO_FLAGS=--keep
+## leaves the agent and the pods running for exploring.
 demo: deps bpffs cni-plugins build
-	$(BIN)/bulkhead demo
+	$(BIN)/bulkhead demo --cni-bin $(CNI_BIN) --bin-dir $(BIN) $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(BIN)
