@@ -42,6 +42,8 @@ type Agent struct {
 	batch    *batch.Batcher[*change]
 	source   Source
 	started  time.Time
+	// stopping is closed when Run begins to shut down.
+	stopping chan struct{}
 	// features are the kernel features probed at start.
 	features []api.Feature
 
@@ -108,6 +110,7 @@ func New(cfg Config) (*Agent, error) {
 		hub:         flows.NewHub(cfg.FlowRing, cfg.NodeName),
 		enricher:    flows.NewEnricher(cfg.NodeName),
 		notReady:    "starting",
+		stopping:    make(chan struct{}),
 		modes:       map[datapath.AttachMode]int{},
 	}
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
@@ -212,7 +215,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		msrv := &http.Server{Handler: a.metrics.Handler(), ReadHeaderTimeout: 10 * time.Second}
 		wg.Go(func() { _ = msrv.Serve(mln) })
-		defer msrv.Close()
+		// Closed when ctx ends, before wg.Wait below waits for Serve.
+		wg.Go(func() { <-ctx.Done(); _ = msrv.Close() })
 	}
 	pipe, err := a.startFlows(ctx, &wg)
 	if err != nil {
@@ -233,7 +237,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Error("agent stopping", "error", err)
 	}
 	// Stop serving first: a CNI call that arrives now gets "unavailable"
-	// and retries against the next agent, rather than a half answer.
+	// and retries against the next agent, rather than a half answer. Flow
+	// streams never go idle by themselves, so they are ended first.
+	close(a.stopping)
 	shutdownCtx, stop := context.WithTimeout(context.Background(), 5*time.Second)
 	defer stop()
 	_ = srv.Shutdown(shutdownCtx)

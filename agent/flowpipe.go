@@ -3,25 +3,164 @@ package agent
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/netip"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/bulkhead-io/bulkhead/agent/flowlog"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/datapath"
 )
 
+// eventSource is where flow events come from: the datapath's ring buffer
+// reader, or recorded events in tests and benchmarks.
+type eventSource interface {
+	// Read blocks until the next event; datapath.ErrClosed ends the loop.
+	Read() (datapath.FlowEvent, error)
+	Close() error
+}
+
+// flowDatapath is what the pipeline asks of the datapath besides events.
+type flowDatapath interface {
+	Counters() (datapath.Counters, error)
+	GC() (deleted int, ended []datapath.FlowEvent, err error)
+}
+
+// flowPipeConfig is everything a flowPipe uses, so that tests can build one
+// without an Agent.
+type flowPipeConfig struct {
+	Log      *slog.Logger
+	Datapath flowDatapath
+	Events   eventSource
+	Enricher *flows.Enricher
+	Hub      *flows.Hub
+	Metrics  *metrics.Metrics
+	NodeName string
+	// Format is "json" or "ocsf".
+	Format string
+	// FlowLog is nil without --flow-log. The pipe closes it.
+	FlowLog *flowlog.Writer
+}
+
 // flowPipe moves datapath events to the flow log, the hub and metrics.
 type flowPipe struct {
-	a        *Agent
-	reader   *datapath.EventReader
+	log      *slog.Logger
+	dp       flowDatapath
+	events   eventSource
 	enricher *flows.Enricher
-	log      *flowlog.Writer // nil without --flow-log
+	hub      *flows.Hub
+	nodeName string
+	ocsf     bool
+	flowLog  *flowlog.Writer // nil without --flow-log
 
-	mu         sync.Mutex // serialises writers of the log and the hub
+	// readDone is closed when the read loop started by startFlows ends.
+	readDone chan struct{}
+
+	mu         sync.Mutex // serialises emitters: the log, the hub, the counter caches
 	buf        []byte
 	kernelLost uint64
+	metrics    flowMetrics
+}
+
+// flowMetrics caches the counters emit increments for every event:
+// CounterVec.WithLabelValues hashes the label values and takes a lock on
+// every call, which cost more than the rest of a metric update.
+type flowMetrics struct {
+	m *metrics.Metrics
+	// flows is indexed by verdictIndex and directionIndex.
+	flows      [3][2]prometheus.Counter
+	drops      map[string]prometheus.Counter
+	policies   map[policyLabels]*[3]prometheus.Counter
+	lostKernel prometheus.Counter
+	lostUser   prometheus.Counter
+}
+
+type policyLabels struct{ kind, namespace, name string }
+
+var verdicts = [3]string{flows.VerdictForwarded, flows.VerdictDropped, flows.VerdictAudit}
+
+func verdictIndex(v string) int {
+	switch v {
+	case flows.VerdictForwarded:
+		return 0
+	case flows.VerdictDropped:
+		return 1
+	case flows.VerdictAudit:
+		return 2
+	}
+	return -1
+}
+
+func newFlowMetrics(m *metrics.Metrics) flowMetrics {
+	fm := flowMetrics{m: m, drops: map[string]prometheus.Counter{}, policies: map[policyLabels]*[3]prometheus.Counter{},
+		lostKernel: m.LostEvents.WithLabelValues("kernel"), lostUser: m.LostEvents.WithLabelValues("userspace")}
+	for i, v := range verdicts {
+		for j, d := range [2]string{flows.DirectionIngress, flows.DirectionEgress} {
+			fm.flows[i][j] = m.Flows.WithLabelValues(v, d)
+		}
+	}
+	return fm
+}
+
+// count updates the flow metrics of f. The caches grow with the label
+// values seen, as the CounterVecs themselves do.
+func (fm *flowMetrics) count(f *flows.Flow) {
+	vi := verdictIndex(f.Verdict)
+	di := 0
+	if f.TrafficDirection == flows.DirectionEgress {
+		di = 1
+	}
+	if vi >= 0 && (di == 1 || f.TrafficDirection == flows.DirectionIngress) {
+		fm.flows[vi][di].Inc()
+	} else {
+		fm.m.Flows.WithLabelValues(f.Verdict, f.TrafficDirection).Inc()
+	}
+	if r := f.DropReasonDesc; r != "" {
+		c, ok := fm.drops[r]
+		if !ok {
+			c = fm.m.Drops.WithLabelValues(r)
+			fm.drops[r] = c
+		}
+		c.Inc()
+	}
+	if by := f.DecidingPolicy(); by != nil {
+		if vi < 0 {
+			fm.m.PolicyVerdicts.WithLabelValues(by.Kind, by.Namespace, by.Name, f.Verdict).Inc()
+			return
+		}
+		k := policyLabels{by.Kind, by.Namespace, by.Name}
+		cs := fm.policies[k]
+		if cs == nil {
+			cs = new([3]prometheus.Counter)
+			fm.policies[k] = cs
+		}
+		if cs[vi] == nil {
+			cs[vi] = fm.m.PolicyVerdicts.WithLabelValues(by.Kind, by.Namespace, by.Name, verdicts[vi])
+		}
+		cs[vi].Inc()
+	}
+}
+
+func newFlowPipe(cfg flowPipeConfig) *flowPipe {
+	p := &flowPipe{
+		log: cfg.Log, dp: cfg.Datapath, events: cfg.Events, enricher: cfg.Enricher, hub: cfg.Hub,
+		nodeName: cfg.NodeName, ocsf: cfg.Format == "ocsf", flowLog: cfg.FlowLog,
+		buf: make([]byte, 0, 4096), metrics: newFlowMetrics(cfg.Metrics),
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	// The counter runs from when the datapath was loaded, and an earlier
+	// agent reported what it saw; only later losses are ours to report.
+	// (Those while no agent ran stay in the counter and in status only.)
+	if c, err := p.dp.Counters(); err == nil {
+		p.kernelLost = c.EventsLost
+	}
+	return p
 }
 
 // startFlows opens the event ring and starts the reader, the conntrack GC
@@ -31,30 +170,36 @@ func (a *Agent) startFlows(ctx context.Context, wg *sync.WaitGroup) (*flowPipe, 
 	if err != nil {
 		return nil, err
 	}
-	p := &flowPipe{a: a, reader: rd, enricher: a.enricher}
+	var fl *flowlog.Writer
 	if a.cfg.FlowLog != "" {
-		p.log, err = flowlog.Open(flowlog.Config{Path: a.cfg.FlowLog, MaxSize: a.cfg.FlowLogMaxSize, MaxFiles: a.cfg.FlowLogMaxFiles})
+		fl, err = flowlog.Open(flowlog.Config{Path: a.cfg.FlowLog, MaxSize: a.cfg.FlowLogMaxSize, MaxFiles: a.cfg.FlowLogMaxFiles})
 		if err != nil {
 			rd.Close()
 			return nil, err
 		}
 	}
-	if c, err := a.dp.Counters(); err == nil {
-		p.kernelLost = c.EventsLost
-	}
-	wg.Go(func() { p.readLoop() })
+	p := newFlowPipe(flowPipeConfig{
+		Log: a.log, Datapath: a.dp, Events: rd, Enricher: a.enricher, Hub: a.hub, Metrics: a.metrics,
+		NodeName: a.cfg.NodeName, Format: a.cfg.FlowFormat, FlowLog: fl,
+	})
+	p.readDone = make(chan struct{})
+	wg.Go(func() { defer close(p.readDone); p.readLoop() })
 	wg.Go(func() { p.tick(ctx) })
 	return p, nil
 }
 
 func (p *flowPipe) readLoop() {
 	for {
-		ev, err := p.reader.Read()
+		ev, err := p.events.Read()
 		if errors.Is(err, datapath.ErrClosed) {
 			return
 		}
 		if err != nil {
-			p.a.log.Warn("read flow event", "error", err)
+			if errors.Is(err, datapath.ErrShortEvent) {
+				// The record was consumed but cannot be reported: a loss.
+				p.metrics.lostUser.Inc()
+			}
+			p.log.Warn("read flow event", "error", err)
 			continue
 		}
 		p.emit(&ev)
@@ -73,88 +218,108 @@ func (p *flowPipe) tick(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-gc.C:
-			_, ended, err := p.a.dp.GC()
+			_, ended, err := p.dp.GC()
 			if err != nil {
-				p.a.log.Warn("conntrack gc", "error", err)
+				p.log.Warn("conntrack gc", "error", err)
 			}
 			for i := range ended {
 				p.emit(&ended[i])
 			}
 		case <-flush.C:
 			p.checkKernelLoss()
-			p.mu.Lock()
-			if p.log != nil {
-				if err := p.log.Flush(); err != nil {
-					p.a.log.Warn("flush flow log", "error", err)
-				}
-			}
-			p.mu.Unlock()
+			p.flush()
 		}
 	}
 }
 
+func (p *flowPipe) flush() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.flowLog != nil {
+		if err := p.flowLog.Flush(); err != nil {
+			p.log.Warn("flush flow log", "error", err)
+		}
+	}
+}
+
+// checkKernelLoss reports events the full ring refused since the last
+// check: in the metric, as a marker in every stream, and as a record in the
+// flow log where the gap is.
 func (p *flowPipe) checkKernelLoss() {
-	c, err := p.a.dp.Counters()
+	c, err := p.dp.Counters()
 	if err != nil {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if c.EventsLost <= p.kernelLost {
+	if c.EventsLost == p.kernelLost {
 		return
 	}
 	n := c.EventsLost - p.kernelLost
+	if c.EventsLost < p.kernelLost {
+		// The counter restarted (the datapath was loaded afresh): all it
+		// holds now is new.
+		n = c.EventsLost
+	}
 	p.kernelLost = c.EventsLost
-	p.a.metrics.LostEvents.WithLabelValues("kernel").Add(float64(n))
-	lost := &flows.LostEvents{Time: time.Now(), Source: "kernel", NumEventsLost: n, NodeName: p.a.cfg.NodeName}
-	p.a.hub.PublishLost(lost)
-	if p.log != nil {
+	p.metrics.lostKernel.Add(float64(n))
+	lost := &flows.LostEvents{Time: time.Now(), Source: "kernel", NumEventsLost: n, NodeName: p.nodeName}
+	p.hub.PublishLost(lost)
+	if p.flowLog != nil {
 		p.buf = lost.AppendJSON(p.buf[:0])
-		if err := p.log.WriteLine(p.buf); err != nil {
-			p.a.log.Warn("write flow log", "error", err)
+		if err := p.flowLog.WriteLine(p.buf); err != nil {
+			p.log.Warn("write flow log", "error", err)
 		}
 	}
 }
 
+// emit is the per-event hot path: enrich (one allocation), count, encode
+// into a reused buffer, write, publish.
 func (p *flowPipe) emit(ev *datapath.FlowEvent) {
 	f := p.enricher.Enrich(ev)
-	m := p.a.metrics
-	m.Flows.WithLabelValues(f.Verdict, f.TrafficDirection).Inc()
-	if f.DropReasonDesc != "" {
-		m.Drops.WithLabelValues(f.DropReasonDesc).Inc()
-	}
-	if by := f.DecidingPolicy(); by != nil {
-		m.PolicyVerdicts.WithLabelValues(by.Kind, by.Namespace, by.Name, f.Verdict).Inc()
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.log != nil {
+	p.metrics.count(f)
+	if p.flowLog != nil {
 		var err error
-		if p.a.cfg.FlowFormat == "ocsf" {
+		if p.ocsf {
 			p.buf, err = f.AppendOCSF(p.buf[:0])
 		} else {
 			p.buf = f.AppendJSON(p.buf[:0])
 		}
 		if err == nil {
-			err = p.log.WriteLine(p.buf)
+			err = p.flowLog.WriteLine(p.buf)
 		}
 		if err != nil {
-			p.a.log.Warn("write flow log", "error", err)
+			p.log.Warn("write flow log", "error", err)
 		}
 	}
-	p.a.hub.Publish(f)
+	if n := p.hub.Publish(f); n > 0 {
+		p.metrics.lostUser.Add(float64(n))
+	}
 }
 
 func (p *flowPipe) close() {
 	if p == nil {
 		return
 	}
-	p.reader.Close()
+	p.events.Close()
+	// Let the read loop finish the event it holds, so that it is written
+	// rather than refused by a closed log. Read returns soon after Close;
+	// the timeout only guards shutdown against a wedged reader.
+	if p.readDone != nil {
+		select {
+		case <-p.readDone:
+		case <-time.After(time.Second):
+			p.log.Warn("flow reader did not stop; closing the flow log under it")
+		}
+	}
+	p.checkKernelLoss() // the last losses reach the log before it closes
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.log != nil {
-		if err := p.log.Close(); err != nil {
-			p.a.log.Warn("close flow log", "error", err)
+	if p.flowLog != nil {
+		if err := p.flowLog.Close(); err != nil {
+			p.log.Warn("close flow log", "error", err)
 		}
 	}
 }

@@ -49,6 +49,8 @@ func (a *Agent) ObserveFlows(ctx context.Context, req api.ObserveRequest, write 
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-a.stopping:
+			return nil
 		case it := <-sub.C():
 			if err := emit(it); err != nil {
 				return err

@@ -1,13 +1,13 @@
 package datapath
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf/ringbuf"
 
@@ -90,34 +90,102 @@ type FlowEvent struct {
 	TCPFlags    uint8
 }
 
-func decodeEvent(raw []byte) (FlowEvent, error) {
-	var e segmentFlowEvent
-	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
-		return FlowEvent{}, fmt.Errorf("decode flow event: %w", err)
+// EventSize is the size of one flow event record in the ring buffer
+// (struct flow_event in bpf/include).
+const EventSize = int(unsafe.Sizeof(segmentFlowEvent{}))
+
+// ErrShortEvent is returned for a ring-buffer record shorter than EventSize.
+var ErrShortEvent = errors.New("short flow event")
+
+// Offsets of the fields of struct flow_event. The test checks them against
+// the bpf2go struct, so a change of the C struct fails it rather than
+// decoding garbage.
+const (
+	offTimestamp   = 0
+	offSaddr       = 8
+	offDaddr       = 24
+	offEpID        = 40
+	offIfindex     = 44
+	offSrcIdentity = 48
+	offDstIdentity = 52
+	offRuleID      = 56
+	offSport       = 60
+	offDport       = 62
+	offType        = 64
+	offVerdict     = 65
+	offDropReason  = 66
+	offDir         = 67
+	offProto       = 68
+	offTCPFlags    = 69
+	offIsReply     = 70
+	offIPv6        = 71
+)
+
+// DecodeEvent decodes one ring-buffer record. It reads the fixed layout
+// field by field: encoding/binary.Read reflects over the struct and
+// allocates on every call, and an unsafe cast would need the record to be
+// aligned, which a caller's buffer need not be. The fixed-offset loads
+// compile to plain moves. Bytes past EventSize are ignored, so a newer
+// datapath may append fields.
+func DecodeEvent(raw []byte) (FlowEvent, error) {
+	if len(raw) < EventSize {
+		return FlowEvent{}, fmt.Errorf("decode flow event: %w: %d bytes, want %d", ErrShortEvent, len(raw), EventSize)
 	}
-	return flowEventOf(&e), nil
+	raw = raw[:EventSize] // one bounds check for all the loads below
+	ne := binary.NativeEndian
+	return FlowEvent{
+		Type:        EventType(raw[offType]),
+		Timestamp:   ne.Uint64(raw[offTimestamp:]),
+		Endpoint:    policy.EndpointID(ne.Uint32(raw[offEpID:])),
+		Ifindex:     ne.Uint32(raw[offIfindex:]),
+		Direction:   policy.Direction(raw[offDir]),
+		IsReply:     raw[offIsReply] != 0,
+		Verdict:     policy.Verdict(raw[offVerdict]),
+		DropReason:  DropReason(raw[offDropReason]),
+		Rule:        policy.RuleID(ne.Uint32(raw[offRuleID:])),
+		Proto:       raw[offProto],
+		Src:         netip.AddrFrom16([16]byte(raw[offSaddr : offSaddr+16])).Unmap(),
+		Dst:         netip.AddrFrom16([16]byte(raw[offDaddr : offDaddr+16])).Unmap(),
+		SrcPort:     ne.Uint16(raw[offSport:]),
+		DstPort:     ne.Uint16(raw[offDport:]),
+		SrcIdentity: identity.NumericID(ne.Uint32(raw[offSrcIdentity:])),
+		DstIdentity: identity.NumericID(ne.Uint32(raw[offDstIdentity:])),
+		TCPFlags:    raw[offTCPFlags],
+	}, nil
 }
 
-func flowEventOf(e *segmentFlowEvent) FlowEvent {
-	return FlowEvent{
-		Type:        EventType(e.Type),
-		Timestamp:   e.Timestamp,
-		Endpoint:    policy.EndpointID(e.EpId),
-		Ifindex:     e.Ifindex,
-		Direction:   policy.Direction(e.Dir),
-		IsReply:     e.IsReply != 0,
-		Verdict:     policy.Verdict(e.Verdict),
-		DropReason:  DropReason(e.DropReason),
-		Rule:        policy.RuleID(e.RuleId),
-		Proto:       e.Proto,
-		Src:         addrOf(e.Saddr),
-		Dst:         addrOf(e.Daddr),
-		SrcPort:     e.Sport,
-		DstPort:     e.Dport,
-		SrcIdentity: identity.NumericID(e.SrcIdentity),
-		DstIdentity: identity.NumericID(e.DstIdentity),
-		TCPFlags:    e.TcpFlags,
+// AppendEvent appends ev as the datapath writes it to the ring buffer: the
+// inverse of DecodeEvent, for replaying events and for tests of consumers.
+// IPv4 addresses are written IPv4-mapped, as the datapath does.
+func AppendEvent(dst []byte, ev *FlowEvent) []byte {
+	n := len(dst)
+	dst = append(dst, make([]byte, EventSize)...)
+	b := dst[n:]
+	ne := binary.NativeEndian
+	ne.PutUint64(b[offTimestamp:], ev.Timestamp)
+	src, dstAddr := ev.Src.As16(), ev.Dst.As16()
+	copy(b[offSaddr:], src[:])
+	copy(b[offDaddr:], dstAddr[:])
+	ne.PutUint32(b[offEpID:], uint32(ev.Endpoint))
+	ne.PutUint32(b[offIfindex:], ev.Ifindex)
+	ne.PutUint32(b[offSrcIdentity:], uint32(ev.SrcIdentity))
+	ne.PutUint32(b[offDstIdentity:], uint32(ev.DstIdentity))
+	ne.PutUint32(b[offRuleID:], uint32(ev.Rule))
+	ne.PutUint16(b[offSport:], ev.SrcPort)
+	ne.PutUint16(b[offDport:], ev.DstPort)
+	b[offType] = uint8(ev.Type)
+	b[offVerdict] = uint8(ev.Verdict)
+	b[offDropReason] = uint8(ev.DropReason)
+	b[offDir] = uint8(ev.Direction)
+	b[offProto] = ev.Proto
+	b[offTCPFlags] = ev.TCPFlags
+	if ev.IsReply {
+		b[offIsReply] = 1
 	}
+	if ev.Src.Is6() && !ev.Src.Is4In6() {
+		b[offIPv6] = 1
+	}
+	return dst
 }
 
 // EventReader reads flow events. Only one reader should exist per datapath.
@@ -127,6 +195,7 @@ func flowEventOf(e *segmentFlowEvent) FlowEvent {
 // eventPollInterval: an event waits at most that long.
 type EventReader struct {
 	rd       *ringbuf.Reader
+	rec      ringbuf.Record // reused: reading allocates nothing
 	deadline time.Time
 }
 
@@ -153,10 +222,10 @@ func (r *EventReader) Read() (FlowEvent, error) {
 			poll = r.deadline
 		}
 		r.rd.SetDeadline(poll)
-		rec, err := r.rd.Read()
+		err := r.rd.ReadInto(&r.rec)
 		switch {
 		case err == nil:
-			return decodeEvent(rec.RawSample)
+			return DecodeEvent(r.rec.RawSample)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if !r.deadline.IsZero() && !time.Now().Before(r.deadline) {
 				return FlowEvent{}, err

@@ -146,14 +146,12 @@ func (e *Endpoint) appendJSON(dst []byte) []byte {
 		dst = appendString(dst, e.PodName)
 	}
 	if len(e.Labels) > 0 {
-		dst = append(dst, `,"labels":[`...)
-		for i, l := range e.Labels {
-			if i > 0 {
-				dst = append(dst, ',')
-			}
-			dst = appendString(dst, l)
+		dst = append(dst, `,"labels":`...)
+		if e.labelsJSON != nil {
+			dst = append(dst, e.labelsJSON...)
+		} else {
+			dst = appendLabels(dst, e.Labels)
 		}
-		dst = append(dst, ']')
 	}
 	if e.SPIFFEID != "" {
 		dst = append(dst, `,"spiffe_id":`...)
@@ -164,6 +162,17 @@ func (e *Endpoint) appendJSON(dst []byte) []byte {
 		dst = appendString(dst, e.CIDR)
 	}
 	return append(dst, '}')
+}
+
+func appendLabels(dst []byte, labels []string) []byte {
+	dst = append(dst, '[')
+	for i, l := range labels {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendString(dst, l)
+	}
+	return append(dst, ']')
 }
 
 func appendPolicies(dst []byte, key string, ps []*Policy) []byte {
@@ -205,12 +214,19 @@ func appendString(dst []byte, s string) []byte {
 	dst = append(dst, '"')
 	start := 0
 	for i := 0; i < len(s); {
+		// Labels, names and addresses are nearly always plain ASCII: skip
+		// runs of it in a tight loop.
+		for i < len(s) {
+			if c := s[i]; c < 0x20 || c >= utf8.RuneSelf || c == '"' || c == '\\' {
+				break
+			}
+			i++
+		}
+		if i == len(s) {
+			break
+		}
 		c := s[i]
 		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' {
-				i++
-				continue
-			}
 			dst = append(dst, s[start:i]...)
 			switch c {
 			case '"', '\\':

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -30,6 +31,9 @@ type IdentityView struct {
 	Labels    []string
 	SPIFFEID  string
 	CIDR      string
+	// labelsJSON is Labels encoded once for every record that names the
+	// identity; nil for views not built by NewContext.
+	labelsJSON []byte
 }
 
 // PodName names a pod.
@@ -71,6 +75,9 @@ func NewContext(ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.A
 		}
 		c.Identities[ii.ID] = v
 	}
+	for _, v := range c.Identities {
+		v.labelsJSON = appendLabels(nil, v.Labels)
+	}
 	for id, ri := range ms.Rules {
 		c.Rules[id] = &Policy{Name: ri.Name, Namespace: ri.Namespace, Kind: ri.Kind, Revision: ms.Revision,
 			Rule: fmt.Sprintf("%s[%d]", ri.Direction, ri.Index)}
@@ -105,17 +112,37 @@ func NewEnricher(nodeName string) *Enricher {
 // SetContext publishes a new context; records enriched afterwards use it.
 func (e *Enricher) SetContext(c *Context) { e.ctx.Store(c) }
 
-// Enrich builds the record of one event.
+// flowBlock holds a record and everything it points to, so that a record
+// costs one allocation. The pointers of f point into the block, which the
+// garbage collector keeps alive as a whole while f is referenced.
+type flowBlock struct {
+	f        Flow
+	ip       IP
+	l4       Layer4
+	tcp      TCP
+	flags    TCPFlags
+	ports    Ports
+	icmp     ICMP
+	src, dst Endpoint
+	by       [1]*Policy
+	// addrs holds the text of both addresses; IP.Source and IP.Destination
+	// are strings over it. The block is never reused or written after
+	// Enrich returns, so the strings are immutable as Go requires.
+	addrs [2 * len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")]byte
+}
+
+// Enrich builds the record of one event. The record is new (one
+// allocation) and immutable: the hub and followers keep it.
 func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	c := e.ctx.Load()
-	f := &Flow{
-		Time:             time.Unix(0, int64(ev.Timestamp)+e.bootOffset),
-		Type:             "L3_L4",
-		NodeName:         e.nodeName,
-		IsReply:          ev.IsReply,
-		TrafficDirection: DirectionIngress,
-		EventKind:        ev.Type.String(),
-	}
+	b := new(flowBlock)
+	f := &b.f
+	f.Time = time.Unix(0, int64(ev.Timestamp)+e.bootOffset)
+	f.Type = "L3_L4"
+	f.NodeName = e.nodeName
+	f.IsReply = ev.IsReply
+	f.TrafficDirection = DirectionIngress
+	f.EventKind = ev.Type.String()
 	if ev.Direction == policy.Egress {
 		f.TrafficDirection = DirectionEgress
 	}
@@ -137,16 +164,27 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 			f.DropReasonDesc = DropPolicyDeny
 		}
 	}
-	ipv := "IPv4"
+	b.ip.IPVersion = "IPv4"
 	if ev.Src.Is6() && !ev.Src.Is4In6() {
-		ipv = "IPv6"
+		b.ip.IPVersion = "IPv6"
 	}
-	f.IP = &IP{Source: ev.Src.String(), Destination: ev.Dst.String(), IPVersion: ipv}
-	f.L4 = layer4(ev)
-	f.Source = c.endpoint(ev.SrcIdentity, ev.Src)
-	f.Destination = c.endpoint(ev.DstIdentity, ev.Dst)
-	// The local endpoint is the source of what leaves the pod (egress, not
-	// a reply) and of replies into it; otherwise the destination.
+	a := ev.Src.AppendTo(b.addrs[:0])
+	n := len(a)
+	a = ev.Dst.AppendTo(a)
+	if len(a) <= len(b.addrs) { // always, unless zoned addresses
+		b.ip.Source = unsafe.String(unsafe.SliceData(a), n)
+		b.ip.Destination = unsafe.String(&b.addrs[n], len(a)-n)
+	} else {
+		b.ip.Source, b.ip.Destination = ev.Src.String(), ev.Dst.String()
+	}
+	f.IP = &b.ip
+	f.L4 = b.layer4(ev)
+	c.endpoint(&b.src, ev.SrcIdentity, ev.Src)
+	c.endpoint(&b.dst, ev.DstIdentity, ev.Dst)
+	f.Source, f.Destination = &b.src, &b.dst
+	// The local endpoint is the source of the packets that leave the pod:
+	// those of its egress flows and the replies of its ingress flows.
+	// Otherwise it is the destination.
 	if (ev.Direction == policy.Egress) != ev.IsReply {
 		f.Source.ID = uint32(ev.Endpoint)
 	} else {
@@ -161,14 +199,18 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 			} else {
 				by = &Policy{Name: fmt.Sprintf("rule-%d", ev.Rule), Kind: "unknown"}
 			}
-		case ev.Verdict != policy.VerdictAllow:
+		case f.Verdict != VerdictForwarded:
 			by = policyDefaultDeny
 		}
-		list := []*Policy{by}
+		b.by[0] = by
+		list := b.by[:]
+		// FORWARDED flows name what allowed them, including those no
+		// policy judged (VerdictPass); DROPPED and AUDIT (would have been
+		// dropped) name what denied them.
 		switch {
-		case ev.Verdict == policy.VerdictAllow && ev.Direction == policy.Ingress:
+		case f.Verdict == VerdictForwarded && ev.Direction == policy.Ingress:
 			f.IngressAllowedBy = list
-		case ev.Verdict == policy.VerdictAllow:
+		case f.Verdict == VerdictForwarded:
 			f.EgressAllowedBy = list
 		case ev.Direction == policy.Ingress:
 			f.IngressDeniedBy = list
@@ -179,35 +221,40 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	return f
 }
 
-func (c *Context) endpoint(id identity.NumericID, addr netip.Addr) *Endpoint {
-	e := &Endpoint{Identity: uint32(id)}
+func (c *Context) endpoint(e *Endpoint, id identity.NumericID, addr netip.Addr) {
+	e.Identity = uint32(id)
 	if v := c.Identities[id]; v != nil {
 		e.Namespace, e.Labels, e.SPIFFEID, e.CIDR = v.Namespace, v.Labels, v.SPIFFEID, v.CIDR
+		e.labelsJSON = v.labelsJSON
 	}
 	if p, ok := c.Pods[addr.Unmap()]; ok {
 		e.Namespace, e.PodName = p.Namespace, p.Name
 	}
-	return e
 }
 
-func layer4(ev *datapath.FlowEvent) *Layer4 {
+func (b *flowBlock) layer4(ev *datapath.FlowEvent) *Layer4 {
 	switch ev.Proto {
 	case 6:
-		t := &TCP{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}
+		b.tcp = TCP{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}
 		if fl := ev.TCPFlags; fl != 0 {
-			t.Flags = &TCPFlags{FIN: fl&0x01 != 0, SYN: fl&0x02 != 0, RST: fl&0x04 != 0, PSH: fl&0x08 != 0,
+			b.flags = TCPFlags{FIN: fl&0x01 != 0, SYN: fl&0x02 != 0, RST: fl&0x04 != 0, PSH: fl&0x08 != 0,
 				ACK: fl&0x10 != 0, URG: fl&0x20 != 0, ECE: fl&0x40 != 0, CWR: fl&0x80 != 0}
+			b.tcp.Flags = &b.flags
 		}
-		return &Layer4{TCP: t}
+		b.l4.TCP = &b.tcp
 	case 17:
-		return &Layer4{UDP: &Ports{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}}
+		b.ports = Ports{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}
+		b.l4.UDP = &b.ports
 	case 132:
-		return &Layer4{SCTP: &Ports{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}}
+		b.ports = Ports{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}
+		b.l4.SCTP = &b.ports
 	// The datapath event carries the echo identifier, not the ICMP type.
 	case 1:
-		return &Layer4{ICMPv4: &ICMP{}}
+		b.l4.ICMPv4 = &b.icmp
 	case 58:
-		return &Layer4{ICMPv6: &ICMP{}}
+		b.l4.ICMPv6 = &b.icmp
+	default:
+		return nil
 	}
-	return nil
+	return &b.l4
 }

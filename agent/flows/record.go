@@ -105,6 +105,9 @@ type Endpoint struct {
 	// CIDR is the ipBlock prefix whose CIDR identity matched, for peers
 	// outside the cluster.
 	CIDR string `json:"cidr,omitempty"`
+	// labelsJSON, when set, is Labels as AppendJSON writes them, shared
+	// by every record of the identity (see IdentityView).
+	labelsJSON []byte
 }
 
 // Policy names the rule that decided a flow.

@@ -33,14 +33,15 @@ func NewHub(capacity int, nodeName string) *Hub {
 }
 
 // Publish records fl and hands it to every follower whose filter it
-// passes. fl must not be modified afterwards.
-func (h *Hub) Publish(fl *Flow) {
+// passes. fl must not be modified afterwards. It returns how many followers
+// lost fl because they lagged, so that the caller can count userspace loss.
+func (h *Hub) Publish(fl *Flow) (lost uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.ring[h.next] = fl
-	h.next = (h.next + 1) % len(h.ring)
-	if h.next == 0 {
-		h.full = true
+	h.next++
+	if h.next == len(h.ring) {
+		h.next, h.full = 0, true
 	}
 	for s := range h.subs {
 		if !s.sel.Match(fl) {
@@ -53,6 +54,7 @@ func (h *Hub) Publish(fl *Flow) {
 			default:
 				s.pendingLost++
 				h.lostUS++
+				lost++
 				continue
 			}
 		}
@@ -61,8 +63,10 @@ func (h *Hub) Publish(fl *Flow) {
 		default:
 			s.pendingLost++
 			h.lostUS++
+			lost++
 		}
 	}
+	return lost
 }
 
 // Last returns up to n of the most recent flows that pass sel, oldest

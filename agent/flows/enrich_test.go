@@ -1,0 +1,161 @@
+package flows
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+var (
+	enrichPod  = netip.MustParseAddr("10.0.0.10")
+	enrichPeer = netip.MustParseAddr("10.0.0.20")
+	enrichCIDR = netip.MustParseAddr("192.0.2.7")
+)
+
+func enrichContext() *Context {
+	ms := &policy.MapState{Revision: 3, Rules: map[policy.RuleID]policy.RuleInfo{
+		7: {Kind: "NetworkPolicy", Namespace: "shop", Name: "allow-web", Direction: policy.Ingress},
+		9: {Kind: "BulkheadPolicy", Namespace: "shop", Name: "deny-db", Direction: policy.Egress, Index: 2},
+	}}
+	ids := []policy.IdentityInfo{
+		{ID: 300, SPIFFEID: "spiffe://cluster.local/ns/shop/sa/web",
+			Labels: identity.Labels{Namespace: "shop", ServiceAccount: "web", PodLabels: map[string]string{"app": "web", "q\"uote": "\u2028"}}},
+		{ID: 400, SPIFFEID: "spiffe://cluster.local/ns/shop/sa/default", Labels: identity.Labels{Namespace: "shop"}},
+		{ID: 16777217, Prefix: netip.MustParsePrefix("192.0.2.0/24")},
+	}
+	pods := map[netip.Addr]PodName{enrichPod: {Namespace: "shop", Name: "web-1"}, enrichPeer: {Namespace: "shop", Name: "client-1"}}
+	return NewContext(ms, ids, pods)
+}
+
+func newTestEnricher() *Enricher {
+	e := NewEnricher("node-1")
+	e.SetContext(enrichContext())
+	return e
+}
+
+// TestEnrichOrientation: the local endpoint's ID goes on the side of the
+// packet that is the pod, for both directions and replies, and the deciding
+// policy lands in the list of the flow's direction and verdict.
+func TestEnrichOrientation(t *testing.T) {
+	e := newTestEnricher()
+	for _, c := range []struct {
+		name     string
+		dir      policy.Direction
+		reply    bool
+		src, dst netip.Addr
+		srcID    identity.NumericID
+		dstID    identity.NumericID
+		localSrc bool
+	}{
+		{"ingress", policy.Ingress, false, enrichPeer, enrichPod, 400, 300, false},
+		{"ingress reply", policy.Ingress, true, enrichPod, enrichPeer, 300, 400, true},
+		{"egress", policy.Egress, false, enrichPod, enrichPeer, 300, 400, true},
+		{"egress reply", policy.Egress, true, enrichPeer, enrichPod, 400, 300, false},
+	} {
+		f := e.Enrich(&datapath.FlowEvent{Type: datapath.EventFlowNew, Endpoint: 5, Direction: c.dir, IsReply: c.reply,
+			Verdict: policy.VerdictAllow, Rule: 7, Proto: 6, Src: c.src, Dst: c.dst, SrcPort: 1000, DstPort: 80,
+			SrcIdentity: c.srcID, DstIdentity: c.dstID})
+		local, remote := f.Destination, f.Source
+		if c.localSrc {
+			local, remote = f.Source, f.Destination
+		}
+		if local.ID != 5 || remote.ID != 0 || local.PodName != "web-1" || remote.PodName != "client-1" {
+			t.Errorf("%s: source %+v destination %+v", c.name, f.Source, f.Destination)
+		}
+		if f.IsReply != c.reply || f.IP.Source != c.src.String() || f.IP.Destination != c.dst.String() {
+			t.Errorf("%s: is_reply %v, IP %+v", c.name, f.IsReply, f.IP)
+		}
+		wantDir := DirectionIngress
+		allowed := f.IngressAllowedBy
+		if c.dir == policy.Egress {
+			wantDir, allowed = DirectionEgress, f.EgressAllowedBy
+		}
+		if f.TrafficDirection != wantDir || len(allowed) != 1 || allowed[0].Name != "allow-web" {
+			t.Errorf("%s: direction %s, allowed by %+v", c.name, f.TrafficDirection, allowed)
+		}
+		assertSameJSON(t, 0, f)
+	}
+}
+
+func TestEnrichVerdicts(t *testing.T) {
+	e := newTestEnricher()
+	base := datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Direction: policy.Egress, Proto: 17,
+		Src: enrichPod, Dst: enrichCIDR, SrcPort: 5353, DstPort: 53, SrcIdentity: 300, DstIdentity: 16777217}
+	for _, c := range []struct {
+		name       string
+		verdict    policy.Verdict
+		reason     datapath.DropReason
+		rule       policy.RuleID
+		wantV      string
+		wantReason string
+		deniedBy   string
+		allowedBy  string
+	}{
+		{"default deny", policy.VerdictDeny, datapath.DropPolicy, policy.RuleDefault, VerdictDropped, DropPolicyDenied, "default-deny", ""},
+		{"explicit deny", policy.VerdictDeny, datapath.DropPolicy, 9, VerdictDropped, DropPolicyDeny, "deny-db", ""},
+		{"revised deny", policy.VerdictDeny, datapath.DropPolicyRevised, 9, VerdictDropped, DropPolicyDeny, "deny-db", ""},
+		{"malformed", policy.VerdictDeny, datapath.DropMalformed, policy.RuleDefault, VerdictDropped, DropInvalidPacket, "", ""},
+		{"audit", policy.VerdictAudit, datapath.DropNone, policy.RuleDefault, VerdictAudit, "", "default-deny", ""},
+		{"unknown rule", policy.VerdictAllow, datapath.DropNone, 12345, VerdictForwarded, "", "", "rule-12345"},
+		{"unselected", datapath.VerdictPass, datapath.DropNone, policy.RuleDefault, VerdictForwarded, "", "", "no-policy-selects"},
+	} {
+		ev := base
+		ev.Verdict, ev.DropReason, ev.Rule = c.verdict, c.reason, c.rule
+		f := e.Enrich(&ev)
+		if f.Verdict != c.wantV || f.DropReasonDesc != c.wantReason {
+			t.Errorf("%s: verdict %s reason %q", c.name, f.Verdict, f.DropReasonDesc)
+		}
+		name := func(ps []*Policy) string {
+			if len(ps) == 0 {
+				return ""
+			}
+			return ps[0].Name
+		}
+		if got := name(f.EgressDeniedBy); got != c.deniedBy {
+			t.Errorf("%s: egress_denied_by %q, want %q", c.name, got, c.deniedBy)
+		}
+		if got := name(f.EgressAllowedBy); got != c.allowedBy {
+			t.Errorf("%s: egress_allowed_by %q, want %q", c.name, got, c.allowedBy)
+		}
+		if f.Destination.CIDR != "192.0.2.0/24" || f.L4.UDP == nil || f.L4.UDP.DestinationPort != 53 {
+			t.Errorf("%s: destination %+v l4 %+v", c.name, f.Destination, f.L4)
+		}
+		assertSameJSON(t, 0, f)
+	}
+}
+
+// TestEnrichJSON: records built by Enrich (addresses in the record's own
+// storage, labels encoded once per identity) encode as encoding/json does.
+func TestEnrichJSON(t *testing.T) {
+	e := newTestEnricher()
+	for i, ev := range []datapath.FlowEvent{
+		{Type: datapath.EventFlowNew, Endpoint: 5, Verdict: policy.VerdictAllow, Rule: 7, Proto: 6, Src: enrichPeer, Dst: enrichPod,
+			SrcIdentity: 400, DstIdentity: 300, TCPFlags: 0xff},
+		{Type: datapath.EventFlowEnd, Endpoint: 5, Direction: policy.Egress, Verdict: policy.VerdictAllow, Proto: 58,
+			Src: netip.MustParseAddr("fd00::10"), Dst: netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+			SrcIdentity: 300, DstIdentity: identity.IDWorld},
+		{Type: datapath.EventFlowNew, Endpoint: 5, Verdict: policy.VerdictAllow, Proto: 132, Src: enrichPeer, Dst: enrichPod,
+			SrcIdentity: identity.IDHost, DstIdentity: 999},
+		{Type: datapath.EventFlowNew, Endpoint: 5, Verdict: policy.VerdictAllow, Proto: 1, Src: enrichPeer, Dst: enrichPod},
+		{Type: datapath.EventFlowNew, Endpoint: 5, Verdict: policy.VerdictAllow, Proto: 47, Src: enrichPeer, Dst: enrichPod},
+	} {
+		f := e.Enrich(&ev)
+		if f.IP.Source != ev.Src.String() || f.IP.Destination != ev.Dst.String() {
+			t.Fatalf("event %d: IP %+v", i, f.IP)
+		}
+		assertSameJSON(t, i, f)
+	}
+}
+
+// TestEnrichAllocs: a record costs one allocation.
+func TestEnrichAllocs(t *testing.T) {
+	e := newTestEnricher()
+	ev := datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Verdict: policy.VerdictDeny, DropReason: datapath.DropPolicy,
+		Proto: 6, Src: enrichPeer, Dst: enrichPod, SrcIdentity: 400, DstIdentity: 300, TCPFlags: 2}
+	if n := testing.AllocsPerRun(100, func() { e.Enrich(&ev) }); n != 1 {
+		t.Fatalf("Enrich allocates %v times, want 1", n)
+	}
+}
