@@ -135,11 +135,11 @@ func TestApplyMakeBeforeBreak(t *testing.T) {
 		var rule policy.RuleID
 		if ret == retPass {
 			var ct ConntrackItem
-			if err := d.objs.Conntrack.Lookup(key, &ct); err != nil {
+			if err := d.lookupConntrack(key, &ct); err != nil {
 				t.Fatalf("no conntrack entry: %v", err)
 			}
 			rule = policy.RuleID(ct.RuleId)
-			d.objs.Conntrack.Delete(key)
+			d.deleteConntrack(key)
 		} else {
 			evs := drainEvents(t, ev)
 			if len(evs) == 0 {

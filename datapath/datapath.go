@@ -36,7 +36,7 @@ type Config struct {
 	CTTimeoutOther   time.Duration
 	// DropEventInterval is the least time between two drop events of a flow.
 	DropEventInterval time.Duration
-	// Map sizes.
+	// Map sizes. MaxConntrack sizes each address family's conntrack map.
 	MaxPolicyEntries uint32
 	MaxIPCache       uint32
 	MaxConntrack     uint32
@@ -100,6 +100,7 @@ type (
 	EPConfig      = segmentEpConfig
 	GlobalConfig  = segmentGlobalConfig
 	ConntrackKey  = segmentCtKey
+	Conntrack4Key = segmentCt4Key
 	ConntrackItem = segmentCtEntry
 	Counter       = segmentCounter
 )
@@ -110,7 +111,8 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 	m := &d.objs.segmentMaps
 	return map[string]**ebpf.Map{
 		"endpoints_array": &m.EndpointsArray, "endpoints": &m.Endpoints, "ep_configs": &m.EpConfigs,
-		"policy": &m.Policy, "ipcache": &m.Ipcache, "globals": &m.Globals, "conntrack": &m.Conntrack,
+		"policy": &m.Policy, "ipcache": &m.Ipcache, "globals": &m.Globals,
+		"conntrack4": &m.Conntrack4, "conntrack6": &m.Conntrack6,
 		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
 		"events": &m.Events,
 	}
@@ -120,6 +122,7 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 func (d *Datapath) pinnedProgs() map[string]**ebpf.Program {
 	return map[string]**ebpf.Program{
 		"bulkhead_from_pod": &d.objs.BulkheadFromPod, "bulkhead_to_pod": &d.objs.BulkheadToPod,
+		"bulkhead_clock": &d.objs.BulkheadClock,
 	}
 }
 
@@ -187,12 +190,14 @@ func (d *Datapath) progPin(name string) string { return filepath.Join(d.cfg.BPFF
 func (d *Datapath) linkDir() string            { return filepath.Join(d.cfg.BPFFS, "links") }
 
 // loadSpec returns the collection spec with load-time settings applied.
-func loadSpec(cfg Config) (*ebpf.CollectionSpec, error) {
+// jiffy is the kernel's tick (jiffyLength).
+func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 	spec, err := loadSegment()
 	if err != nil {
 		return nil, fmt.Errorf("load bpf spec: %w", err)
 	}
 	vars := map[string]any{
+		"jiffy_ns":               uint64(jiffy),
 		"host_identity":          uint32(cfg.HostIdentity),
 		"ct_timeout_tcp_ns":      uint64(cfg.CTTimeoutTCP),
 		"ct_timeout_closing_ns":  uint64(cfg.CTTimeoutClosing),
@@ -208,7 +213,8 @@ func loadSpec(cfg Config) (*ebpf.CollectionSpec, error) {
 			return nil, fmt.Errorf("set %s: %w", name, err)
 		}
 	}
-	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache, "conntrack": cfg.MaxConntrack} {
+	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache,
+		"conntrack4": cfg.MaxConntrack, "conntrack6": cfg.MaxConntrack} {
 		if n != 0 {
 			spec.Maps[name].MaxEntries = n
 		}
@@ -217,7 +223,11 @@ func loadSpec(cfg Config) (*ebpf.CollectionSpec, error) {
 }
 
 func (d *Datapath) load() error {
-	spec, err := loadSpec(d.cfg)
+	jiffy, err := jiffyLength()
+	if err != nil {
+		return err
+	}
+	spec, err := loadSpec(d.cfg, jiffy)
 	if err != nil {
 		return err
 	}

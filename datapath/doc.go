@@ -25,9 +25,14 @@
 // dport}: the first 88 bits (endpoint, peer identity, slot, direction) always
 // match exactly; the protocol and the big-endian destination port follow and
 // may be cut by the prefix length (88: any protocol; 96: this protocol, any
-// port; 96+n: a port prefix of n bits). A new flow costs two lookups, one with
-// the packet's peer identity and one with peer 0 (the wildcard); BPF takes a
-// deny over an allow, then the exact peer over the wildcard.
+// port; 96+n: a port prefix of n bits). A new flow costs up to two lookups,
+// one with the packet's peer identity and one with peer 0 (the wildcard);
+// BPF takes an enforcing deny over an audit deny over an allow, then the
+// exact peer over the wildcard. ep_configs flags tell, per direction,
+// whether the endpoint has entries with a specific peer and with the
+// wildcard peer at all, and BPF skips a lookup that cannot match: a trie
+// lookup costs as much as the rest of the judgement. The flags are written
+// with the slot flip, so they always describe the live slot.
 //
 // An LPM trie returns only the longest match, so Go resolves the rest of
 // Lookup's order before writing: for each (endpoint, direction, peer) it
@@ -78,10 +83,21 @@
 //
 // The conntrack LRU key is the flow's 5-tuple normalised so that the lower
 // (address, port) is side a, plus the endpoint ID (a pod-to-pod flow passes
-// two endpoints, each with its own entry). TCP FIN from both sides or an RST
-// mark the entry closed, which expires after the closing timeout; a new SYN on
-// a closed entry starts a new flow. BPF treats expired entries as absent, and
-// GC removes them.
+// two endpoints, each with its own entry). IPv4 flows live in "conntrack4"
+// with a 20-byte key, IPv6 flows in "conntrack6" with a 40-byte one: the
+// lookup hashes and compares the whole key, and it is most of an established
+// packet's cost. Go shows both as ConntrackKey, IPv4 v4-mapped. TCP FIN from
+// both sides or an RST mark the entry closed, which expires after the
+// closing timeout; a new SYN on a closed entry starts a new flow. BPF treats
+// expired entries as absent, and GC removes them.
+//
+// Conntrack times (created, last seen) and drop-event rate limits use the
+// conntrack clock, jiffies scaled to nanoseconds: bpf_jiffies64 is inlined to
+// a load, where the coarse monotonic clock cost two kernel calls, a fifth of
+// an established packet. Userspace cannot ask the kernel for HZ, so New
+// measures a jiffy when it loads the programs (measureJiffy), and GC reads
+// the clock through the bulkhead_clock program so that it compares like with
+// like. Flow events keep CLOCK_MONOTONIC timestamps.
 //
 // # Packets policy does not see
 //

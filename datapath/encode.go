@@ -153,10 +153,24 @@ func epConfigOf(p *policy.EndpointPolicy) EPConfig {
 	if p.Audit {
 		c.Flags |= epAudit
 	}
+	// BPF skips the policy lookups these rule out (EP_EXACT_PEER,
+	// EP_WILD_PEER): a lookup that cannot match costs as much as one that
+	// does.
+	for _, e := range p.Entries {
+		if e.Peer == identity.IDNone {
+			c.Flags |= epWildPeer << e.Direction
+		} else {
+			c.Flags |= epExactPeer << e.Direction
+		}
+	}
 	return c
 }
 
-const epAudit = 1 // EP_AUDIT
+const (
+	epAudit     = 1      // EP_AUDIT
+	epExactPeer = 1 << 1 // EP_EXACT_PEER, shifted by the direction
+	epWildPeer  = 1 << 3 // EP_WILD_PEER, shifted by the direction
+)
 
 // ipcacheKeyOf stores IPv4 prefixes v4-mapped.
 func ipcacheKeyOf(p netip.Prefix) IPCacheKey {

@@ -79,15 +79,11 @@ func (d *Datapath) MapStats() []MapStat {
 		{Name: "ep_configs", Entries: len(d.epConfigs), MaxEntries: int(d.objs.EpConfigs.MaxEntries())},
 	}
 	d.mu.Unlock()
+	// Both families' maps count as one "conntrack", as users know it.
 	ct := 0
-	var k ConntrackKey
-	var v ConntrackItem
-	it := d.objs.Conntrack.Iterate()
-	for it.Next(&k, &v) {
-		ct++
-	}
-	if it.Err() == nil {
-		out = append(out, MapStat{Name: "conntrack", Entries: ct, MaxEntries: int(d.objs.Conntrack.MaxEntries())})
+	if d.eachConntrack(func(ConntrackKey, ConntrackItem, *ebpf.Map) { ct++ }) == nil {
+		out = append(out, MapStat{Name: "conntrack", Entries: ct,
+			MaxEntries: int(d.objs.Conntrack4.MaxEntries() + d.objs.Conntrack6.MaxEntries())})
 	}
 	return out
 }

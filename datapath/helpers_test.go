@@ -260,7 +260,7 @@ func compareBytes(a, b []byte) int {
 func ctLookup(t testing.TB, d *Datapath, ep uint32, s pktSpec) (ConntrackItem, bool) {
 	t.Helper()
 	var v ConntrackItem
-	err := d.objs.Conntrack.Lookup(ctKeyOf(ep, s), &v)
+	err := d.lookupConntrack(ctKeyOf(ep, s), &v)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return v, false
 	}

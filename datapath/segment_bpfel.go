@@ -19,6 +19,17 @@ type segmentCounter struct {
 	Bytes   uint64
 }
 
+type segmentCt4Key struct {
+	_     structs.HostLayout
+	AddrA uint32
+	AddrB uint32
+	EpId  uint32
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type segmentCtEntry struct {
 	_        structs.HostLayout
 	Created  uint64
@@ -135,7 +146,8 @@ type segmentPolicyValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	segmentMapConntrack            = "conntrack"
+	segmentMapConntrack4           = "conntrack4"
+	segmentMapConntrack6           = "conntrack6"
 	segmentMapCounters             = "counters"
 	segmentMapDropEvents           = "drop_events"
 	segmentMapEndpoints            = "endpoints"
@@ -146,6 +158,7 @@ const (
 	segmentMapGlobals              = "globals"
 	segmentMapIpcache              = "ipcache"
 	segmentMapPolicy               = "policy"
+	segmentProgBulkheadClock       = "bulkhead_clock"
 	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
 	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
 	segmentProgBulkheadToPod       = "bulkhead_to_pod"
@@ -154,6 +167,7 @@ const (
 	segmentVarCtTimeoutTcpNs       = "ct_timeout_tcp_ns"
 	segmentVarDropEventIntervalNs  = "drop_event_interval_ns"
 	segmentVarHostIdentity         = "host_identity"
+	segmentVarJiffyNs              = "jiffy_ns"
 	segmentVarRingWakeupBytes      = "ring_wakeup_bytes"
 	segmentVarUnusedFlowEvent      = "unused_flow_event"
 )
@@ -200,6 +214,7 @@ type segmentSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentProgramSpecs struct {
+	BulkheadClock       *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
 	BulkheadFromPod     *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
 	BulkheadPassthrough *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
 	BulkheadToPod       *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
@@ -209,7 +224,8 @@ type segmentProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentMapSpecs struct {
-	Conntrack      *ebpf.MapSpec `ebpf:"conntrack"`
+	Conntrack4     *ebpf.MapSpec `ebpf:"conntrack4"`
+	Conntrack6     *ebpf.MapSpec `ebpf:"conntrack6"`
 	Counters       *ebpf.MapSpec `ebpf:"counters"`
 	DropEvents     *ebpf.MapSpec `ebpf:"drop_events"`
 	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
@@ -231,6 +247,7 @@ type segmentVariableSpecs struct {
 	CtTimeoutTcpNs      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.VariableSpec `ebpf:"drop_event_interval_ns"`
 	HostIdentity        *ebpf.VariableSpec `ebpf:"host_identity"`
+	JiffyNs             *ebpf.VariableSpec `ebpf:"jiffy_ns"`
 	RingWakeupBytes     *ebpf.VariableSpec `ebpf:"ring_wakeup_bytes"`
 	UnusedFlowEvent     *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 }
@@ -255,7 +272,8 @@ func (o *segmentObjects) Close() error {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentMaps struct {
-	Conntrack      *ebpf.Map `ebpf:"conntrack"`
+	Conntrack4     *ebpf.Map `ebpf:"conntrack4"`
+	Conntrack6     *ebpf.Map `ebpf:"conntrack6"`
 	Counters       *ebpf.Map `ebpf:"counters"`
 	DropEvents     *ebpf.Map `ebpf:"drop_events"`
 	Endpoints      *ebpf.Map `ebpf:"endpoints"`
@@ -270,7 +288,8 @@ type segmentMaps struct {
 
 func (m *segmentMaps) Close() error {
 	return _SegmentClose(
-		m.Conntrack,
+		m.Conntrack4,
+		m.Conntrack6,
 		m.Counters,
 		m.DropEvents,
 		m.Endpoints,
@@ -293,6 +312,7 @@ type segmentVariables struct {
 	CtTimeoutTcpNs      *ebpf.Variable `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.Variable `ebpf:"drop_event_interval_ns"`
 	HostIdentity        *ebpf.Variable `ebpf:"host_identity"`
+	JiffyNs             *ebpf.Variable `ebpf:"jiffy_ns"`
 	RingWakeupBytes     *ebpf.Variable `ebpf:"ring_wakeup_bytes"`
 	UnusedFlowEvent     *ebpf.Variable `ebpf:"unused_flow_event"`
 }
@@ -301,6 +321,7 @@ type segmentVariables struct {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentPrograms struct {
+	BulkheadClock       *ebpf.Program `ebpf:"bulkhead_clock"`
 	BulkheadFromPod     *ebpf.Program `ebpf:"bulkhead_from_pod"`
 	BulkheadPassthrough *ebpf.Program `ebpf:"bulkhead_passthrough"`
 	BulkheadToPod       *ebpf.Program `ebpf:"bulkhead_to_pod"`
@@ -308,6 +329,7 @@ type segmentPrograms struct {
 
 func (p *segmentPrograms) Close() error {
 	return _SegmentClose(
+		p.BulkheadClock,
 		p.BulkheadFromPod,
 		p.BulkheadPassthrough,
 		p.BulkheadToPod,

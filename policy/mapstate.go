@@ -183,7 +183,9 @@ type Decision struct {
 //
 // Among the entries that match (peer equal or wildcard, protocol equal or
 // wildcard, port in range), the winner is the first by:
-//  1. a deny beats any allow;
+//  1. an enforcing deny beats an audit deny (FlagAudit), which beats any
+//     allow: an audit-mode policy only reports, so it must never turn a
+//     drop an enforcing policy asks for into AUDIT, however specific it is;
 //  2. a specific peer beats the wildcard peer;
 //  3. a specific protocol beats the wildcard protocol;
 //  4. a narrower port range beats a wider one;
@@ -251,6 +253,9 @@ func precedence(e *Entry) int {
 	r := 0
 	if e.Action == ActionDeny {
 		r += 4
+		if e.Flags&FlagAudit == 0 {
+			r += 4
+		}
 	}
 	if e.Peer != identity.IDNone {
 		r += 2

@@ -27,6 +27,10 @@ func TestLookupPrecedence(t *testing.T) {
 					{Direction: Ingress, Peer: other, Proto: 0, PortLo: 0, PortHi: 65535, Action: ActionDeny, Flags: FlagAudit, Rule: 4},
 					{Direction: Ingress, Peer: other, Proto: udp, PortLo: 53, PortHi: 53, Action: ActionAllow, Rule: 5},
 					{Direction: Egress, Peer: identity.IDWorld, Proto: 0, PortLo: 0, PortHi: 65535, Action: ActionDeny, Rule: 6},
+					// Less specific than rule 4 in peer and protocol, but enforcing.
+					{Direction: Ingress, Peer: identity.IDNone, Proto: udp, PortLo: 5353, PortHi: 5353, Action: ActionDeny, Rule: 7},
+					// Narrower than rule 6, but audit only.
+					{Direction: Egress, Peer: identity.IDWorld, Proto: tcp, PortLo: 443, PortHi: 443, Action: ActionDeny, Flags: FlagAudit, Rule: 8},
 				}),
 			},
 		},
@@ -47,6 +51,8 @@ func TestLookupPrecedence(t *testing.T) {
 		{"host allowed", Ingress, identity.IDHost, tcp, 9, Decision{Verdict: VerdictAllow}},
 		{"egress open by default", Egress, peer, udp, 9, Decision{Verdict: VerdictAllow}},
 		{"egress deny world", Egress, identity.IDWorld, udp, 9, Decision{Verdict: VerdictDeny, Rule: 6}},
+		{"enforcing wildcard-peer deny beats specific-peer audit deny", Ingress, other, udp, 5353, Decision{Verdict: VerdictDeny, Rule: 7}},
+		{"enforcing deny beats narrower audit deny", Egress, identity.IDWorld, tcp, 443, Decision{Verdict: VerdictDeny, Rule: 6}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := ms.Lookup(1, tc.dir, tc.peer, tc.proto, tc.port); got != tc.want {

@@ -63,6 +63,13 @@ enum bh_event_type {
 
 /* ep_config.flags */
 #define EP_AUDIT (1 << 0)
+/* The endpoint's policy has entries with a specific peer (EXACT) or with
+ * the wildcard peer (WILD) in a direction; shift by the direction. A policy
+ * lookup that cannot match is skipped: it costs as much as the rest of a
+ * new flow's judgement. Written with the slot, so they always describe the
+ * live slot. */
+#define EP_EXACT_PEER (1 << 1) /* << dir: bit 1 ingress, bit 2 egress */
+#define EP_WILD_PEER (1 << 3)  /* << dir: bit 3 ingress, bit 4 egress */
 
 /* globals.flags */
 #define GLOBAL_ALLOW_HOST_INGRESS (1 << 0)
@@ -148,7 +155,9 @@ struct global_config {
 
 /* Conntrack key: both directions of a flow normalise to the same key, the
  * lower (address, port) pair first. ep_id separates the two endpoints a
- * pod-to-pod flow passes. */
+ * pod-to-pod flow passes. IPv6 flows use it in conntrack6 (and every flow in
+ * drop_events); IPv4 flows use ct4_key in conntrack4: the map hashes and
+ * compares the whole key on every packet, and half the bytes cost half. */
 struct ct_key {
 	__u32 addr_a[4];
 	__u32 addr_b[4];
@@ -159,7 +168,20 @@ struct ct_key {
 	__u8 pad[3];
 };
 
+/* IPv4 conntrack key: ct_key with plain IPv4 addresses (network byte
+ * order), ordered the same way. */
+struct ct4_key {
+	__u32 addr_a;
+	__u32 addr_b;
+	__u32 ep_id;
+	__u16 port_a;
+	__u16 port_b;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 struct ct_entry {
+	/* In the conntrack clock (ct_now: jiffies in ns), not CLOCK_MONOTONIC. */
 	__u64 created;
 	__u64 last_seen;
 	__u64 revision;

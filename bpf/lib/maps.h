@@ -58,12 +58,21 @@ struct {
 	__uint(max_entries, 1);
 } globals SEC(".maps");
 
+/* Conntrack, one map per address family so that IPv4, the common case,
+ * hashes and compares a 20-byte key instead of a 40-byte one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct4_key);
+	__type(value, struct ct_entry);
+	__uint(max_entries, 65536);
+} conntrack4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);
 	__uint(max_entries, 65536);
-} conntrack SEC(".maps");
+} conntrack6 SEC(".maps");
 
 /* First fragments leave their ports here for the later fragments. */
 struct {
