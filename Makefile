@@ -20,7 +20,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 20m
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
 
 .PHONY: all build generate check-generated deps bpffs cni-plugins test test-unit \
-        vet staticcheck fuzz bench demo clean
+        vet staticcheck fuzz bench demo demo-check clean
 
 all: build
 
@@ -92,6 +92,19 @@ fuzz: deps bpffs
 test: deps bpffs check-generated cni-plugins build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
+	$(MAKE) demo-check
+
+## demo-check: run `make demo` as a user does, then assert it left nothing behind.
+demo-check:
+	@$(MAKE) --no-print-directory demo > $(CURDIR)/bin/demo.log 2>&1 || { cat $(CURDIR)/bin/demo.log; exit 1; }
+	@tail -n 1 $(CURDIR)/bin/demo.log
+	@left=""; \
+	ls -d $(BPFFS)/bulkhead-demo-* >/dev/null 2>&1 && left="$$left pins:$$(ls -d $(BPFFS)/bulkhead-demo-*)"; \
+	ls /run/netns 2>/dev/null | grep -q '^bh-' && left="$$left netns:$$(ls /run/netns | grep '^bh-' | tr '\n' ' ')"; \
+	pgrep -x bulkhead-agent >/dev/null && left="$$left process:bulkhead-agent"; \
+	ip -o link show type veth 2>/dev/null | grep -q . && ip -o addr show 2>/dev/null | grep -q '10\.213\.25[0-4]\.' && left="$$left addresses:10.213.250-254"; \
+	if [ -n "$$left" ]; then echo "make demo left behind:$$left"; exit 1; fi; \
+	echo "make demo left nothing behind"
 
 ## bench: the named benchmarks, pinned to one CPU.
 bench: deps bpffs cni-plugins build
