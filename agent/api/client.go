@@ -119,30 +119,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return Errorf(CodeInvalidRequest, "encode %s request: %w", path, err)
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://bulkhead-agent"+path, body)
+	resp, err := c.send(ctx, method, path, in)
 	if err != nil {
-		return Errorf(CodeInvalidRequest, "build %s request: %w", path, err)
-	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		// *url.Error repeats the fake URL; the dial error names the socket.
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return Errorf(CodeUnavailable, "%s %s: %w", method, path, err)
+		return err
 	}
 	defer drainAndClose(resp.Body)
 
@@ -168,4 +147,34 @@ func truncate(b []byte, n int) []byte {
 		return b[:n]
 	}
 	return b
+}
+
+// send issues one request with in as its JSON body (none when nil).
+// Failures to reach the agent come back as CodeUnavailable.
+func (c *Client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, Errorf(CodeInvalidRequest, "encode %s request: %w", path, err)
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://bulkhead-agent"+path, body)
+	if err != nil {
+		return nil, Errorf(CodeInvalidRequest, "build %s request: %w", path, err)
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		// *url.Error repeats the fake URL; the dial error names the socket.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return nil, Errorf(CodeUnavailable, "%s %s: %w", method, path, err)
+	}
+	return resp, nil
 }

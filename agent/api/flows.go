@@ -2,15 +2,12 @@ package api
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 )
 
 // PathFlows streams flow records: the recent ones, then (with Follow) new
@@ -78,22 +75,9 @@ func flowsHandler(logger *slog.Logger, fs FlowStreamer) http.Handler {
 // ends, ctx is done, or fn returns an error. The client's per-request
 // timeout does not apply: a followed stream lasts as long as ctx.
 func (c *Client) ObserveFlows(ctx context.Context, req ObserveRequest, fn func(line []byte) error) error {
-	b, err := json.Marshal(req)
+	resp, err := c.send(ctx, http.MethodPost, PathFlows, req)
 	if err != nil {
-		return Errorf(CodeInvalidRequest, "encode %s request: %w", PathFlows, err)
-	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://bulkhead-agent"+PathFlows, bytes.NewReader(b))
-	if err != nil {
-		return Errorf(CodeInvalidRequest, "build %s request: %w", PathFlows, err)
-	}
-	hreq.Header.Set("Content-Type", "application/json")
-	resp, err := c.http.Do(hreq)
-	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
-		return Errorf(CodeUnavailable, "POST %s: %w", PathFlows, err)
+		return err
 	}
 	defer drainAndClose(resp.Body)
 	if resp.StatusCode/100 != 2 {
