@@ -59,8 +59,9 @@ type Agent struct {
 	notReady  string
 	// remoteIPs are the store's addresses of pods, for explain.
 	remoteIPs map[podRef][]netip.Addr
-	// modes counts endpoints by attach mode (tcx, clsact).
-	modes map[datapath.AttachMode]int
+	// attachMode is how new endpoints are attached: TCX unless configured
+	// otherwise or the kernel lacks it.
+	attachMode datapath.AttachMode
 
 	// Owned by the batch goroutine (and by New before it starts).
 	compiler    *policy.Compiler
@@ -111,7 +112,6 @@ func New(cfg Config) (*Agent, error) {
 		enricher:    flows.NewEnricher(cfg.NodeName),
 		notReady:    "starting",
 		stopping:    make(chan struct{}),
-		modes:       map[datapath.AttachMode]int{},
 	}
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
@@ -129,10 +129,17 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
 	a.dp = dp
+	a.attachMode = datapath.ModeTCX
+	if cfg.Datapath.ForceClsact {
+		a.attachMode = datapath.ModeClsact
+	}
 	for _, f := range datapath.Features() {
 		state := "yes"
 		if f.Err != nil {
 			state = "no (" + f.Err.Error() + ")"
+			if f.Name == "tcx" {
+				a.attachMode = datapath.ModeClsact
+			}
 		}
 		a.features = append(a.features, api.Feature{Name: f.Name, State: state})
 	}
@@ -180,9 +187,6 @@ func (a *Agent) restoreEndpoints() error {
 		r := rec
 		a.endpoints[rec.Key] = &r
 		a.reattach = append(a.reattach, &r)
-		if r.Mode != "" {
-			a.modes[r.Mode]++
-		}
 	}
 	a.log.Info("endpoints restored", "endpoints", len(a.endpoints), "dropped", len(good)+len(bad)-len(a.endpoints))
 	return nil
@@ -617,16 +621,20 @@ func vethPresent(rec endpointRecord) bool {
 	return err == nil && ifi.Name == rec.HostVeth
 }
 
-// datapathMode says how endpoints are attached: "tcx", "clsact", or both
-// with counts when the kernel made some fall back.
+// datapathMode says how endpoints are attached, and how many are attached
+// the other way (a fallback, or a change of --attach-mode since they were
+// added). Called with a.mu held.
 func (a *Agent) datapathMode() string {
-	switch {
-	case a.modes[datapath.ModeClsact] == 0:
-		return string(datapath.ModeTCX)
-	case a.modes[datapath.ModeTCX] == 0:
-		return string(datapath.ModeClsact)
+	other := 0
+	for _, e := range a.endpoints {
+		if e.Mode != "" && e.Mode != a.attachMode {
+			other++
+		}
 	}
-	return fmt.Sprintf("tcx (%d endpoints), clsact (%d endpoints)", a.modes[datapath.ModeTCX], a.modes[datapath.ModeClsact])
+	if other == 0 {
+		return string(a.attachMode)
+	}
+	return fmt.Sprintf("%s (%d endpoints attached otherwise)", a.attachMode, other)
 }
 
 // hostAddrs lists the addresses of this network namespace: the node's.

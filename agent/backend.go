@@ -35,8 +35,11 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	// is the endpoint recorded and the ADD answered.
 	mode, err := a.dp.Attach(rec.dpEndpoint())
 	if err == nil {
+		a.mu.Lock()
 		rec.Mode = mode
-		err = a.records.Put(recordKey(rec.Key), *rec)
+		cp := *rec
+		a.mu.Unlock()
+		err = a.records.Put(recordKey(rec.Key), cp)
 	}
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
@@ -45,9 +48,6 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		}
 		return api.EndpointAddResponse{}, fmt.Errorf("attach to %s: %w", req.HostVeth, err)
 	}
-	a.mu.Lock()
-	a.modes[mode]++
-	a.mu.Unlock()
 	v := a.view.Load()
 	resp := api.EndpointAddResponse{Enforced: true, PolicyRevision: v.ms.Revision}
 	if p := v.ms.Endpoints[rec.ID]; p != nil {
@@ -86,11 +86,6 @@ func (a *Agent) deleteEndpoint(ctx context.Context, k api.EndpointKey) error {
 	if rec == nil {
 		return errUnknownEndpoint
 	}
-	a.mu.Lock()
-	if rec.Mode != "" {
-		a.modes[rec.Mode]--
-	}
-	a.mu.Unlock()
 	var errs []error
 	if err := a.dp.Forget(rec.dpEndpoint()); err != nil {
 		errs = append(errs, err)
