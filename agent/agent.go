@@ -89,6 +89,9 @@ type change struct {
 	add   *endpointRecord
 	del   *api.EndpointKey
 	store *store.Result
+	// refresh asks for nothing but a recompile: the node's addresses
+	// changed (applyBatch reads them on every batch).
+	refresh bool
 	// removed is, for del, the endpoint that was removed (nil: unknown).
 	removed *endpointRecord
 }
@@ -233,6 +236,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			errc <- fmt.Errorf("store: %w", err)
 		}
 	})
+	wg.Go(func() { a.watchHostAddrs(ctx) })
 	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
 
 	select {
@@ -349,7 +353,11 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())
 	a.metrics.PolicyRevision.Set(float64(ms.Revision))
-	a.log.Info("policy applied", "revision", ms.Revision, "changes", len(changes),
+	level := slog.LevelInfo
+	if st.PolicyWrites+st.PolicyDeletes+st.IPCacheWrites+st.IPCacheDeletes+st.Flipped+st.Removed == 0 && added+deleted == 0 {
+		level = slog.LevelDebug // a refresh that changed nothing
+	}
+	a.log.Log(context.Background(), level, "policy applied", "revision", ms.Revision, "changes", len(changes),
 		"added", added, "deleted", deleted, "endpoints", len(ms.Endpoints),
 		"policyWrites", st.PolicyWrites, "policyDeletes", st.PolicyDeletes,
 		"ipcacheWrites", st.IPCacheWrites, "ipcacheDeletes", st.IPCacheDeletes,
@@ -650,4 +658,36 @@ func hostAddrs() ([]netip.Addr, error) {
 		}
 	}
 	return out, nil
+}
+
+// watchHostAddrs recompiles when the node's addresses change: a primary CNI
+// gives each new host-side veth an address (and the kernel a link-local one
+// a moment later), and traffic from them must be host, not world, from the
+// first packet on.
+func (a *Agent) watchHostAddrs(ctx context.Context) {
+	updates := make(chan netlink.AddrUpdate, 64)
+	if err := netlink.AddrSubscribeWithOptions(updates, ctx.Done(), netlink.AddrSubscribeOptions{
+		ErrorCallback: func(err error) { a.log.Warn("address updates", "error", err) },
+	}); err != nil {
+		a.log.Warn("cannot watch the node's addresses; they refresh with endpoint changes only", "error", err)
+		return
+	}
+	const settle = 50 * time.Millisecond
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-updates:
+			if !ok {
+				return
+			}
+			timer.Reset(settle)
+		case <-timer.C:
+			if err := a.batch.Submit(ctx, &change{refresh: true}); err != nil && ctx.Err() == nil {
+				a.log.Warn("refresh host addresses", "error", err)
+			}
+		}
+	}
 }

@@ -88,7 +88,7 @@ func TestCLIAndFlowsAgainstLiveAgent(t *testing.T) {
 			t.Fatalf("--verdict DROPPED returned %v", f["verdict"])
 		}
 		if src := f["source"].(map[string]any); src["pod_name"] != "db" {
-			t.Fatalf("drop from %v, want db", src["pod_name"])
+			t.Fatalf("drop from %v, want db: %v", src["pod_name"], f)
 		}
 	}
 	var audit []map[string]any
