@@ -240,6 +240,9 @@ func (a *Agent) ListIdentities(context.Context) (api.IdentityList, error) {
 	}}
 	for _, id := range slices.Sorted(maps.Keys(v.identities)) {
 		ii := v.identities[id]
+		if ii.ID.IsReserved() {
+			continue // listed above
+		}
 		it := api.Identity{ID: id, SPIFFEID: ii.SPIFFEID, Endpoints: count[ii.ID]}
 		if ii.Prefix.IsValid() {
 			it.Reserved = "cidr:" + ii.Prefix.String()

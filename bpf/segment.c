@@ -18,7 +18,10 @@
  * Defined behaviour for the odd cases:
  *  - non-IP (ARP, ...) passes, uncounted by policy (VERDICT_PASS);
  *  - IPv6 neighbour discovery (ICMPv6 133-137) passes (VERDICT_PASS): without
- *    it no IPv6 works under default deny;
+ *    it no IPv6 works under default deny; so does multicast listener
+ *    discovery (MLD, ICMPv6 130-132 and 143), which every IPv6 interface
+ *    sends from :: or its link-local address as it comes up, and which is
+ *    link-local control traffic, not a flow between workloads;
  *  - an unknown L4 protocol is judged with port 0 under its protocol number;
  *  - a first fragment stores its ports in `fragments` keyed by (addresses,
  *    protocol, IP ID); later fragments take the ports from there and so
@@ -539,8 +542,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 	if (p.frag != FRAG_NONE)
 		resolve_fragment(&p);
-	if (p.proto == IPPROTO_ICMPV6_ && p.frag != FRAG_LATER && p.icmp_type >= 133 &&
-	    p.icmp_type <= 137) {
+	if (p.proto == IPPROTO_ICMPV6_ && p.frag != FRAG_LATER &&
+	    ((p.icmp_type >= 133 && p.icmp_type <= 137) || (p.icmp_type >= 130 && p.icmp_type <= 132) ||
+	     p.icmp_type == 143)) {
 		count_verdict(VERDICT_PASS, p.len);
 		return BH_PASS;
 	}

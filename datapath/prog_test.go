@@ -290,6 +290,18 @@ func TestProgIPv6(t *testing.T) {
 	if got := f.toPod(t, ns); got != retPass {
 		t.Fatalf("neighbour solicitation: got %#x, want pass", got)
 	}
+	// So do MLD reports, sent from :: while an interface comes up; an
+	// echo request from the same (unknown) source is judged and dropped.
+	for _, typ := range []uint8{130, 131, 132, 143} {
+		mld := pktSpec{src: netip.IPv6Unspecified(), dst: netip.MustParseAddr("ff02::16"), proto: 58, icmpType: typ}
+		if got := f.toPod(t, mld); got != retPass {
+			t.Fatalf("MLD type %d: got %#x, want pass", typ, got)
+		}
+	}
+	echo := pktSpec{src: netip.IPv6Unspecified(), dst: podIP6, proto: 58, icmpType: 128}
+	if got := f.toPod(t, echo); got != retShot {
+		t.Fatalf("echo request from an unknown source: got %#x, want drop", got)
+	}
 }
 
 func TestProgReplies(t *testing.T) {

@@ -60,6 +60,9 @@ func NewContext(ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.A
 	c.Identities[identity.IDHost] = &IdentityView{ID: identity.IDHost, Labels: []string{"reserved:host"}}
 	c.Identities[identity.IDWorld] = &IdentityView{ID: identity.IDWorld, Labels: []string{"reserved:world"}}
 	for _, ii := range ids {
+		if ii.ID.IsReserved() {
+			continue // host and world keep their reserved labels above
+		}
 		v := &IdentityView{ID: ii.ID, SPIFFEID: ii.SPIFFEID}
 		if ii.Prefix.IsValid() {
 			v.CIDR = ii.Prefix.String()

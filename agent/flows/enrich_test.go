@@ -159,3 +159,16 @@ func TestEnrichAllocs(t *testing.T) {
 		t.Fatalf("Enrich allocates %v times, want 1", n)
 	}
 }
+
+// TestReservedIdentitiesKeepTheirLabels: the compiler lists host and world
+// among its identities, with no labels; records must still say reserved:*.
+func TestReservedIdentitiesKeepTheirLabels(t *testing.T) {
+	ms := &policy.MapState{}
+	c := NewContext(ms, []policy.IdentityInfo{{ID: identity.IDHost}, {ID: identity.IDWorld}}, nil)
+	if got := c.Identities[identity.IDWorld].Labels; len(got) != 1 || got[0] != "reserved:world" {
+		t.Fatalf("world labels = %v", got)
+	}
+	if got := c.Identities[identity.IDHost].Labels; len(got) != 1 || got[0] != "reserved:host" {
+		t.Fatalf("host labels = %v", got)
+	}
+}

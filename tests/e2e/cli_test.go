@@ -150,8 +150,8 @@ func TestCLIAndFlowsAgainstLiveAgent(t *testing.T) {
 		t.Fatalf("endpoints: %v\n%s", err, out)
 	}
 	out, err = e.bulkhead(t, "identities")
-	if err != nil || !strings.Contains(out, "spiffe://cluster.local/ns/shop/sa/frontend") || !strings.Contains(out, "world") {
-		t.Fatalf("identities: %v\n%s", err, out)
+	if err != nil || !strings.Contains(out, "spiffe://cluster.local/ns/shop/sa/frontend") || strings.Count(out, " world ") != 1 || strings.Count(out, " host ") != 1 {
+		t.Fatalf("identities (host and world once each): %v\n%s", err, out)
 	}
 	out, err = e.bulkhead(t, "policy", "explain", "--from", "shop/db", "--to", "shop/api", "--port", "8080")
 	if err != nil || !strings.Contains(out, "DENY") || !strings.Contains(out, "live state") {
