@@ -351,3 +351,12 @@ next:
 	}
 	return out
 }
+
+// forEachChain runs test once with ptp + host-local + bulkhead-cni and once
+// with bridge + host-local + bulkhead-cni: the plugin must work after any
+// veth-based primary CNI.
+func forEachChain(t *testing.T, test func(t *testing.T, primary string)) {
+	for _, primary := range []string{"ptp", "bridge"} {
+		t.Run(primary, func(t *testing.T) { test(t, primary) })
+	}
+}

@@ -26,11 +26,13 @@ metadata: {name: shop}
 
 // TestSpecVersions runs ADD, CHECK and DEL through the chain for every
 // supported spec version, against the real agent.
-func TestSpecVersions(t *testing.T) {
+func TestSpecVersions(t *testing.T) { forEachChain(t, testSpecVersions) }
+
+func testSpecVersions(t *testing.T, primary string) {
 	for _, v := range cnichain.SpecVersions() {
 		t.Run(v, func(t *testing.T) {
-			e := newEnv(t, "ptp")
-			e.chain = cnichain.New(t, cnichain.Config{Primary: "ptp", CNIVersion: v,
+			e := newEnv(t, primary)
+			e.chain = cnichain.New(t, cnichain.Config{Primary: primary, CNIVersion: v,
 				Bulkhead: &cnichain.BulkheadConfig{Socket: e.socket, AgentWaitSeconds: 5}})
 			e.writeStore("ns.yaml", openStore)
 			e.startAgent()
@@ -72,7 +74,11 @@ func (e *env) endpoints(t *testing.T) []string {
 // TestCheckDetectsDetachedPrograms: CHECK fails once the programs are gone
 // from the pod's veth.
 func TestCheckDetectsDetachedPrograms(t *testing.T) {
-	e := newEnv(t, "ptp")
+	forEachChain(t, testCheckDetectsDetachedPrograms)
+}
+
+func testCheckDetectsDetachedPrograms(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
 	p := e.addPod("shop", "a")
@@ -107,8 +113,10 @@ func TestCheckDetectsDetachedPrograms(t *testing.T) {
 
 // TestAddBeforeAgent: an ADD issued before the agent runs waits for it and
 // succeeds once it is up; without an agent it fails with a clear message.
-func TestAddBeforeAgent(t *testing.T) {
-	e := newEnv(t, "ptp")
+func TestAddBeforeAgent(t *testing.T) { forEachChain(t, testAddBeforeAgent) }
+
+func testAddBeforeAgent(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 
 	p := e.chain.NewPod(t)
@@ -153,8 +161,10 @@ func TestAddBeforeAgent(t *testing.T) {
 
 // TestDelWhileAgentDown: DEL succeeds with the agent down, and the agent
 // reconciles the endpoint away when it comes back.
-func TestDelWhileAgentDown(t *testing.T) {
-	e := newEnv(t, "ptp")
+func TestDelWhileAgentDown(t *testing.T) { forEachChain(t, testDelWhileAgentDown) }
+
+func testDelWhileAgentDown(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
 	keep, gone := e.addPod("shop", "keep"), e.addPod("shop", "gone")
@@ -177,8 +187,10 @@ func TestDelWhileAgentDown(t *testing.T) {
 }
 
 // TestGC: GC removes endpoints the runtime no longer lists.
-func TestGC(t *testing.T) {
-	e := newEnv(t, "ptp")
+func TestGC(t *testing.T) { forEachChain(t, testGC) }
+
+func testGC(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
 	a, b, c := e.addPod("shop", "a"), e.addPod("shop", "b"), e.addPod("shop", "c")
@@ -193,8 +205,10 @@ func TestGC(t *testing.T) {
 }
 
 // TestConcurrentAdds: twenty pods at once, as kubelet starts them.
-func TestConcurrentAdds(t *testing.T) {
-	e := newEnv(t, "ptp")
+func TestConcurrentAdds(t *testing.T) { forEachChain(t, testConcurrentAdds) }
+
+func testConcurrentAdds(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
 	const n = 20
@@ -223,8 +237,10 @@ func TestConcurrentAdds(t *testing.T) {
 
 // TestChurnLeavesNothing adds and deletes 200 pods and then checks that no
 // link, pin, map entry or state record is left.
-func TestChurnLeavesNothing(t *testing.T) {
-	e := newEnv(t, "ptp")
+func TestChurnLeavesNothing(t *testing.T) { forEachChain(t, testChurnLeavesNothing) }
+
+func testChurnLeavesNothing(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
 	vethsBefore := countVeths(t)

@@ -13,7 +13,11 @@ import (
 // traffic stays denied while no agent runs, and after the restart a policy
 // change still applies.
 func TestKill9KeepsConnectionsAndEnforcement(t *testing.T) {
-	e := newEnv(t, "ptp")
+	forEachChain(t, testKill9KeepsConnectionsAndEnforcement)
+}
+
+func testKill9KeepsConnectionsAndEnforcement(t *testing.T, primary string) {
+	e := newEnv(t, primary)
 	e.writeStore("shop.yaml", shopStore)
 	e.writeStore("policy.yaml", apiOnlyFromFrontend)
 	e.startAgent()
