@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/identity"
 )
@@ -26,6 +27,8 @@ type Config struct {
 	FlowFormat      string
 	FlowLogMaxSize  int64
 	FlowLogMaxFiles int
+	// FlowLogFilter selects which records the flow log keeps.
+	FlowLogFilter flows.Selector
 	// FlowRing is how many recent flows the agent keeps for `observe`.
 	FlowRing int
 	// MetricsAddr serves Prometheus metrics; empty serves none.
@@ -82,6 +85,9 @@ func (c *Config) setDefaults() error {
 	var errs []error
 	if c.FlowFormat != "json" && c.FlowFormat != "ocsf" {
 		errs = append(errs, fmt.Errorf("--flow-format %q: want json or ocsf", c.FlowFormat))
+	}
+	if err := c.FlowLogFilter.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))

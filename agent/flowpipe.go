@@ -44,6 +44,9 @@ type flowPipeConfig struct {
 	Format string
 	// FlowLog is nil without --flow-log. The pipe closes it.
 	FlowLog *flowlog.Writer
+	// LogFilter decides which records reach the flow log (the stream and
+	// metrics see every record), as Hubble's exporter allow and deny lists.
+	LogFilter flows.Selector
 }
 
 // flowPipe moves datapath events to the flow log, the hub and metrics.
@@ -56,6 +59,7 @@ type flowPipe struct {
 	nodeName string
 	ocsf     bool
 	flowLog  *flowlog.Writer // nil without --flow-log
+	logSel   flows.Selector
 
 	// readDone is closed when the read loop started by startFlows ends.
 	readDone chan struct{}
@@ -148,7 +152,7 @@ func (fm *flowMetrics) count(f *flows.Flow) {
 func newFlowPipe(cfg flowPipeConfig) *flowPipe {
 	p := &flowPipe{
 		log: cfg.Log, dp: cfg.Datapath, events: cfg.Events, enricher: cfg.Enricher, hub: cfg.Hub,
-		nodeName: cfg.NodeName, ocsf: cfg.Format == "ocsf", flowLog: cfg.FlowLog,
+		nodeName: cfg.NodeName, ocsf: cfg.Format == "ocsf", flowLog: cfg.FlowLog, logSel: cfg.LogFilter,
 		buf: make([]byte, 0, 4096), metrics: newFlowMetrics(cfg.Metrics),
 	}
 	if p.log == nil {
@@ -180,7 +184,7 @@ func (a *Agent) startFlows(ctx context.Context, wg *sync.WaitGroup) (*flowPipe, 
 	}
 	p := newFlowPipe(flowPipeConfig{
 		Log: a.log, Datapath: a.dp, Events: rd, Enricher: a.enricher, Hub: a.hub, Metrics: a.metrics,
-		NodeName: a.cfg.NodeName, Format: a.cfg.FlowFormat, FlowLog: fl,
+		NodeName: a.cfg.NodeName, Format: a.cfg.FlowFormat, FlowLog: fl, LogFilter: a.cfg.FlowLogFilter,
 	})
 	p.readDone = make(chan struct{})
 	wg.Go(func() { defer close(p.readDone); p.readLoop() })
@@ -280,7 +284,7 @@ func (p *flowPipe) emit(ev *datapath.FlowEvent) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.metrics.count(f)
-	if p.flowLog != nil {
+	if p.flowLog != nil && p.logSel.Match(f) {
 		var err error
 		if p.ocsf {
 			p.buf, err = f.AppendOCSF(p.buf[:0])

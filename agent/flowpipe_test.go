@@ -145,6 +145,10 @@ type pipeFixture struct {
 }
 
 func newPipeFixture(tb testing.TB, dp flowDatapath, src eventSource, logCfg flowlog.Config) *pipeFixture {
+	return newFilteredPipeFixture(tb, dp, src, logCfg, flows.Selector{})
+}
+
+func newFilteredPipeFixture(tb testing.TB, dp flowDatapath, src eventSource, logCfg flowlog.Config, sel flows.Selector) *pipeFixture {
 	tb.Helper()
 	logCfg.Path = filepath.Join(tb.TempDir(), "flows.log")
 	w, err := flowlog.Open(logCfg)
@@ -155,7 +159,7 @@ func newPipeFixture(tb testing.TB, dp flowDatapath, src eventSource, logCfg flow
 	en.SetContext(shopContext())
 	fx := &pipeFixture{hub: flows.NewHub(4096, "node-a"), metrics: metrics.New(nil), path: logCfg.Path}
 	fx.pipe = newFlowPipe(flowPipeConfig{Datapath: dp, Events: src, Enricher: en, Hub: fx.hub,
-		Metrics: fx.metrics, NodeName: "node-a", Format: "json", FlowLog: w})
+		Metrics: fx.metrics, NodeName: "node-a", Format: "json", FlowLog: w, LogFilter: sel})
 	return fx
 }
 
@@ -276,6 +280,32 @@ func TestFlowPipeRecords(t *testing.T) {
 	}
 	if got := len(fx.hub.Last(0, nil)); got != 50 {
 		t.Errorf("hub holds %d flows, want 50", got)
+	}
+}
+
+// TestFlowPipeLogFilters: the flow log keeps what the allow list matches
+// and the deny list does not, as Hubble's exporter filters; the stream and
+// metrics still see every record.
+func TestFlowPipeLogFilters(t *testing.T) {
+	sel := flows.Selector{
+		Allow: []flows.Filter{{Verdicts: []string{flows.VerdictDropped}}},
+		Deny:  []flows.Filter{{ToPods: []string{"shop/db-0"}}},
+	}
+	fx := newFilteredPipeFixture(t, &fakeDatapath{}, newRawEvents(shopEvents(5), 50), flowlog.Config{}, sel)
+	fx.pipe.readLoop()
+	fx.pipe.close()
+	lines := readLines(t, fx.path)
+	// Of every 5 events, 2 are drops and one of them goes to db: 10 lines.
+	if len(lines) != 10 {
+		t.Fatalf("%d lines, want the 10 drops not to db", len(lines))
+	}
+	for _, l := range lines {
+		if l["verdict"] != "DROPPED" || get(l, "destination.pod_name") == "db-0" {
+			t.Fatalf("filtered log has %v", l)
+		}
+	}
+	if got := len(fx.hub.Last(0, nil)); got != 50 {
+		t.Errorf("hub holds %d flows, want all 50", got)
 	}
 }
 

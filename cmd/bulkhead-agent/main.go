@@ -4,15 +4,18 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/bulkhead-io/bulkhead/agent"
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/datapath"
 )
 
@@ -35,6 +38,8 @@ func main() {
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
 	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
+	logAllow := fs.String("flow-log-allow", "", `JSON list of flow filters; the flow log keeps only records that match one, e.g. [{"verdicts":["DROPPED"]},{"namespaces":["shop"]}]`)
+	logDeny := fs.String("flow-log-deny", "", `JSON list of flow filters; the flow log drops records that match one, e.g. [{"spiffe_ids":["spiffe://cluster.local/ns/kube-system/sa/*"]}]`)
 	attachMode := fs.String("attach-mode", "tcx", "tcx (falls back to clsact where the kernel lacks TCX) or clsact; TCX attach waits for RCU grace periods, clsact does not (see README)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -50,6 +55,23 @@ func main() {
 	default:
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --attach-mode %q: want tcx or clsact\n", *attachMode)
 		os.Exit(2)
+	}
+	for name, v := range map[string]string{"flow-log-allow": *logAllow, "flow-log-deny": *logDeny} {
+		if v == "" {
+			continue
+		}
+		var fl []flows.Filter
+		dec := json.NewDecoder(strings.NewReader(v))
+		dec.DisallowUnknownFields() // a misspelt field must not widen the filter
+		if err := dec.Decode(&fl); err != nil {
+			fmt.Fprintf(os.Stderr, "bulkhead-agent: --%s: want a JSON list of filters: %v\n", name, err)
+			os.Exit(2)
+		}
+		if name == "flow-log-allow" {
+			cfg.FlowLogFilter.Allow = fl
+		} else {
+			cfg.FlowLogFilter.Deny = fl
+		}
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
