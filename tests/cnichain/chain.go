@@ -5,14 +5,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,6 +20,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+
+	"github.com/bulkhead-io/bulkhead/demo/subnets"
 )
 
 // DefaultCNIBin is where `make cni-plugins` puts the reference plugins when
@@ -230,82 +229,24 @@ func New(t testing.TB, cfg Config) *Chain {
 }
 
 // reserveSubnet picks a /24 index in 10.213.0.0/16 that no other harness
-// (in any process on this host) holds and no host route overlaps. The lock
-// file carries the PID, so locks of dead test processes are reclaimed.
+// or demo (in any process on this host) holds and no host route overlaps.
 func reserveSubnet(t testing.TB) byte {
 	t.Helper()
-	dir := filepath.Join(os.TempDir(), "bulkhead-cnichain-subnets")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatalf("subnet lock dir: %v", err)
-	}
-	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
-	if err != nil {
-		t.Fatalf("list routes: %v", err)
-	}
 	var seed [1]byte
 	if _, err := rand.Read(seed[:]); err != nil {
 		t.Fatalf("random: %v", err)
 	}
 	// Start at a random /24 so concurrent runs rarely contend for locks.
-	for i := range 256 {
-		octet := seed[0] + byte(i)
-		pfx := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 213, octet, 0}), 24)
-		if routeOverlaps(routes, pfx) {
-			continue
-		}
-		lock := filepath.Join(dir, strconv.Itoa(int(octet)))
-		if !tryLock(lock) {
-			continue
-		}
-		t.Cleanup(func() { _ = os.Remove(lock) })
-		return octet
+	octets := make([]int, 256)
+	for i := range octets {
+		octets[i] = int(seed[0] + byte(i))
 	}
-	t.Fatalf("no free /24 in 10.213.0.0/16")
-	return 0
-}
-
-func routeOverlaps(routes []netlink.Route, pfx netip.Prefix) bool {
-	for _, r := range routes {
-		if r.Dst == nil {
-			continue
-		}
-		a, ok := netip.AddrFromSlice(r.Dst.IP)
-		if !ok {
-			continue
-		}
-		ones, _ := r.Dst.Mask.Size()
-		if ones == 0 {
-			continue // the default route overlaps everything
-		}
-		if netip.PrefixFrom(a.Unmap(), ones).Overlaps(pfx) {
-			return true
-		}
+	pfx, release, err := subnets.Reserve(octets)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return false
-}
-
-func tryLock(path string) bool {
-	for range 2 {
-		f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-		if err == nil {
-			_, _ = f.WriteString(strconv.Itoa(os.Getpid()))
-			_ = f.Close()
-			return true
-		}
-		if !errors.Is(err, os.ErrExist) {
-			return false
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return false
-		}
-		pid, err := strconv.Atoi(string(b))
-		if err != nil || pid <= 0 || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
-			return false // held by a live process, or unreadable
-		}
-		_ = os.Remove(path) // holder is dead
-	}
-	return false
+	t.Cleanup(func() { _ = release() })
+	return pfx.Addr().As4()[2]
 }
 
 // Pod is a sandbox: a network namespace plus the identity a runtime passes.
