@@ -293,7 +293,10 @@ static __always_inline void emit(const struct pkt *p, __u8 type, __u8 verdict, _
 	e->drop_reason = reason;
 	e->dir = flow_dir;
 	e->proto = p->proto;
-	e->tcp_flags = p->tcp_flags;
+	/* ICMP has no flags: the byte carries its type, so that records can
+	 * say echo request, echo reply, unreachable, ... */
+	e->tcp_flags = (p->proto == IPPROTO_ICMP_ || p->proto == IPPROTO_ICMPV6_) ? p->icmp_type
+										  : p->tcp_flags;
 	e->is_reply = is_reply;
 	e->ipv6 = p->ipv6;
 	/* Wake the reader when this event crossed the threshold, once per

@@ -87,8 +87,14 @@ type FlowEvent struct {
 	DstPort     uint16
 	SrcIdentity identity.NumericID
 	DstIdentity identity.NumericID
-	TCPFlags    uint8
+	// TCPFlags are the TCP packet's flags; zero for other protocols.
+	TCPFlags uint8
+	// ICMPType is the ICMP or ICMPv6 packet's type (the event's flags byte
+	// carries it for those protocols); zero for other protocols.
+	ICMPType uint8
 }
+
+func isICMP(proto uint8) bool { return proto == 1 || proto == 58 }
 
 // EventSize is the size of one flow event record in the ring buffer
 // (struct flow_event in bpf/include).
@@ -133,7 +139,7 @@ func DecodeEvent(raw []byte) (FlowEvent, error) {
 	}
 	raw = raw[:EventSize] // one bounds check for all the loads below
 	ne := binary.NativeEndian
-	return FlowEvent{
+	ev := FlowEvent{
 		Type:        EventType(raw[offType]),
 		Timestamp:   ne.Uint64(raw[offTimestamp:]),
 		Endpoint:    policy.EndpointID(ne.Uint32(raw[offEpID:])),
@@ -150,8 +156,13 @@ func DecodeEvent(raw []byte) (FlowEvent, error) {
 		DstPort:     ne.Uint16(raw[offDport:]),
 		SrcIdentity: identity.NumericID(ne.Uint32(raw[offSrcIdentity:])),
 		DstIdentity: identity.NumericID(ne.Uint32(raw[offDstIdentity:])),
-		TCPFlags:    raw[offTCPFlags],
-	}, nil
+	}
+	if isICMP(ev.Proto) {
+		ev.ICMPType = raw[offTCPFlags]
+	} else {
+		ev.TCPFlags = raw[offTCPFlags]
+	}
+	return ev, nil
 }
 
 // AppendEvent appends ev as the datapath writes it to the ring buffer: the
@@ -179,6 +190,9 @@ func AppendEvent(dst []byte, ev *FlowEvent) []byte {
 	b[offDir] = uint8(ev.Direction)
 	b[offProto] = ev.Proto
 	b[offTCPFlags] = ev.TCPFlags
+	if isICMP(ev.Proto) {
+		b[offTCPFlags] = ev.ICMPType
+	}
 	if ev.IsReply {
 		b[offIsReply] = 1
 	}

@@ -21,7 +21,7 @@ func decodeEventReflect(raw []byte) (FlowEvent, error) {
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &e); err != nil {
 		return FlowEvent{}, err
 	}
-	return FlowEvent{
+	ev := FlowEvent{
 		Type:        EventType(e.Type),
 		Timestamp:   e.Timestamp,
 		Endpoint:    policy.EndpointID(e.EpId),
@@ -38,8 +38,13 @@ func decodeEventReflect(raw []byte) (FlowEvent, error) {
 		DstPort:     e.Dport,
 		SrcIdentity: identity.NumericID(e.SrcIdentity),
 		DstIdentity: identity.NumericID(e.DstIdentity),
-		TCPFlags:    e.TcpFlags,
-	}, nil
+	}
+	if ev.Proto == 1 || ev.Proto == 58 {
+		ev.ICMPType = e.TcpFlags
+	} else {
+		ev.TCPFlags = e.TcpFlags
+	}
+	return ev, nil
 }
 
 func TestEventLayout(t *testing.T) {

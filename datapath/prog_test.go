@@ -337,8 +337,8 @@ func TestProgReplies(t *testing.T) {
 		t.Fatalf("echo reply: got %#x, want pass", got)
 	}
 	evs := drainEvents(t, f.ev)
-	if len(evs) != 1 || evs[0].Type != EventFlowNew || evs[0].Rule != 8 {
-		t.Fatalf("events %+v, want one new flow by rule 8", evs)
+	if len(evs) != 1 || evs[0].Type != EventFlowNew || evs[0].Rule != 8 || evs[0].ICMPType != 8 || evs[0].TCPFlags != 0 {
+		t.Fatalf("events %+v, want one new flow by rule 8 of an echo request (ICMP type 8)", evs)
 	}
 	// Close: FIN from both sides ends the flow with one event.
 	fin := syn

@@ -251,10 +251,12 @@ func (b *flowBlock) layer4(ev *datapath.FlowEvent) *Layer4 {
 	case 132:
 		b.ports = Ports{SourcePort: ev.SrcPort, DestinationPort: ev.DstPort}
 		b.l4.SCTP = &b.ports
-	// The datapath event carries the echo identifier, not the ICMP type.
+	// The datapath reports the ICMP type; it does not parse the code.
 	case 1:
+		b.icmp = ICMP{Type: ev.ICMPType}
 		b.l4.ICMPv4 = &b.icmp
 	case 58:
+		b.icmp = ICMP{Type: ev.ICMPType}
 		b.l4.ICMPv6 = &b.icmp
 	default:
 		return nil

@@ -172,3 +172,22 @@ func TestReservedIdentitiesKeepTheirLabels(t *testing.T) {
 		t.Fatalf("host labels = %v", got)
 	}
 }
+
+func TestEnrichICMPType(t *testing.T) {
+	en := NewEnricher("n")
+	for _, c := range []struct {
+		proto, typ uint8
+	}{{1, 8}, {58, 129}} {
+		f := en.Enrich(&datapath.FlowEvent{Type: datapath.EventFlowNew, Verdict: policy.VerdictAllow, Proto: c.proto, ICMPType: c.typ,
+			Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2")})
+		var got *ICMP
+		if c.proto == 1 {
+			got = f.L4.ICMPv4
+		} else {
+			got = f.L4.ICMPv6
+		}
+		if got == nil || got.Type != c.typ {
+			t.Fatalf("proto %d: ICMP %+v, want type %d", c.proto, got, c.typ)
+		}
+	}
+}

@@ -230,7 +230,7 @@ struct flow_event {
 	__u8 drop_reason;
 	__u8 dir;
 	__u8 proto;
-	__u8 tcp_flags;
+	__u8 tcp_flags; /* TCP flags; for ICMP and ICMPv6, which have none, the type */
 	__u8 is_reply;
 	__u8 ipv6;
 };
