@@ -22,6 +22,11 @@
  *    discovery (MLD, ICMPv6 130-132 and 143), which every IPv6 interface
  *    sends from :: or its link-local address as it comes up, and which is
  *    link-local control traffic, not a flow between workloads;
+ *  - an ICMP error (destination unreachable, including fragmentation
+ *    needed, time exceeded, parameter problem; ICMPv6 1-4) about a tracked,
+ *    allowed flow passes as part of that flow, as netfilter's RELATED does:
+ *    path MTU discovery must work under default deny. Other ICMP errors are
+ *    judged like any new flow;
  *  - an unknown L4 protocol is judged with port 0 under its protocol number;
  *  - a first fragment stores its ports in `fragments` keyed by (addresses,
  *    protocol, IP ID); later fragments take the ports from there and so
@@ -521,6 +526,69 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	return BH_PASS;
 }
 
+/* icmp_error reports whether p is an ICMP error, which quotes the packet it
+ * is about after its 8-byte header. */
+static __always_inline int icmp_error(const struct pkt *p)
+{
+	if (p->frag == FRAG_LATER)
+		return 0;
+	if (p->proto == IPPROTO_ICMP_)
+		return p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12;
+	if (p->proto == IPPROTO_ICMPV6_)
+		return p->icmp_type >= 1 && p->icmp_type <= 4;
+	return 0;
+}
+
+/* icmp_related reports whether the ICMP error p is about a flow that
+ * conntrack tracks for ep_id and that is not denied. Only TCP, UDP and SCTP
+ * quotes are matched; the quoted IPv6 header's extension headers are not
+ * walked. */
+static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt *p, __u32 ep_id)
+{
+	struct pkt in = {};
+	struct ct4_key k4 = {};
+	struct ct_key k6 = {};
+	struct ct_entry *ct;
+	__u32 off = p->l4_off + 8;
+	__u8 *l4;
+
+	if (!p->ipv6) {
+		struct iphdr *ip = hdr(skb, off, sizeof(*ip));
+
+		if (!ip || ip->version != 4 || ip->ihl < 5)
+			return 0;
+		v4_mapped(in.saddr, ip->saddr);
+		v4_mapped(in.daddr, ip->daddr);
+		in.proto = ip->protocol;
+		off += ip->ihl * 4;
+	} else {
+		struct ipv6hdr *ip6 = hdr(skb, off, sizeof(*ip6));
+
+		if (!ip6 || ip6->version != 6)
+			return 0;
+		__builtin_memcpy(in.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(in.daddr, &ip6->daddr, 16);
+		in.proto = ip6->nexthdr;
+		in.ipv6 = 1;
+		off += sizeof(*ip6);
+	}
+	if (in.proto != IPPROTO_TCP_ && in.proto != IPPROTO_UDP_ && in.proto != IPPROTO_SCTP_)
+		return 0;
+	l4 = hdr(skb, off, 4);
+	if (!l4)
+		return 0;
+	in.sport = ((__u16)l4[0] << 8) | l4[1];
+	in.dport = ((__u16)l4[2] << 8) | l4[3];
+	if (in.ipv6) {
+		ct_normalise(&in, ep_id, &k6);
+		ct = bpf_map_lookup_elem(&conntrack6, &k6);
+	} else {
+		ct_normalise4(&in, ep_id, &k4);
+		ct = bpf_map_lookup_elem(&conntrack4, &k4);
+	}
+	return ct && !(ct->state & CT_DENIED);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct pkt p = {};
@@ -549,6 +617,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	    ((p.icmp_type >= 133 && p.icmp_type <= 137) || (p.icmp_type >= 130 && p.icmp_type <= 132) ||
 	     p.icmp_type == 143)) {
 		count_verdict(VERDICT_PASS, p.len);
+		return BH_PASS;
+	}
+	if (icmp_error(&p) && icmp_related(skb, &p, ep_id)) {
+		count_verdict(VERDICT_ALLOW, p.len);
 		return BH_PASS;
 	}
 	if (p.ipv6)

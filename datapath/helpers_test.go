@@ -76,6 +76,9 @@ type pktSpec struct {
 	vlan         bool
 	ipv4Options  int // words of IPv4 options
 	ipv6HopByHop bool
+	// icmpQuote, for an ICMP error, is the packet the error is about: its
+	// IP header and first L4 bytes follow the ICMP header.
+	icmpQuote *pktSpec
 }
 
 func (s pktSpec) reversed() pktSpec {
@@ -112,6 +115,9 @@ func (s pktSpec) build() []byte {
 		l4 = make([]byte, 16)
 		l4[0] = s.icmpType
 		binary.BigEndian.PutUint16(l4[4:], s.icmpID)
+		if s.icmpQuote != nil {
+			l4 = append(l4[:8], s.icmpQuote.build()[14:]...)
+		}
 	default:
 		l4 = make([]byte, 16)
 	}

@@ -626,3 +626,44 @@ func TestProgEventsLostCounted(t *testing.T) {
 		t.Fatalf("%d events read, %d lost; want some lost and 30000 in all", len(evs), c.EventsLost)
 	}
 }
+
+// TestProgICMPErrorsOfTrackedFlows: an ICMP error about a flow conntrack
+// tracks passes a default-deny endpoint (path MTU discovery keeps working);
+// one about an unknown flow is judged, and dropped, like any new flow.
+func TestProgICMPErrorsOfTrackedFlows(t *testing.T) {
+	router4 := netip.MustParseAddr("192.0.2.1")
+	router6 := netip.MustParseAddr("2001:db8::1")
+	// Both directions are default-deny; the pod may open TCP 8443 to the
+	// client, and only the client may reach its port 443.
+	egress := policy.Entry{Direction: policy.Egress, Peer: clientID, Proto: 6, PortLo: 8443, PortHi: 8443,
+		Action: policy.ActionAllow, Rule: 4}
+	f := newProgFixture(t, baseState(allowIn(clientID, 6, 443, 443, 3), egress))
+	for _, c := range []struct {
+		name           string
+		pod, peer, rtr netip.Addr
+		proto, typ     uint8
+	}{
+		{"v4 fragmentation needed", podIP, clientIP, router4, 1, 3},
+		{"v4 time exceeded", podIP, clientIP, router4, 1, 11},
+		{"v6 packet too big", podIP6, client6, router6, 58, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			out := tcpSyn(c.pod, c.peer, 40100, 8443)
+			if got := f.fromPod(t, out); got != retPass {
+				t.Fatalf("pod's own SYN: got %#x, want pass", got)
+			}
+			drainEvents(t, f.ev)
+			related := pktSpec{src: c.rtr, dst: c.pod, proto: c.proto, icmpType: c.typ, icmpQuote: &out}
+			if got := f.toPod(t, related); got != retPass {
+				t.Fatalf("ICMP error about the pod's flow: got %#x, want pass", got)
+			}
+			unknown := out
+			unknown.sport = 40101 // a flow conntrack never saw
+			stray := pktSpec{src: c.rtr, dst: c.pod, proto: c.proto, icmpType: c.typ, icmpQuote: &unknown}
+			if got := f.toPod(t, stray); got != retShot {
+				t.Fatalf("ICMP error about an unknown flow: got %#x, want drop", got)
+			}
+			drainEvents(t, f.ev)
+		})
+	}
+}

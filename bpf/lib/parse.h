@@ -45,6 +45,9 @@ struct pkt {
 	__u8 frag;
 	__u8 icmp_type;
 	__u8 pad;
+	/* Offset of the ICMP header, for the original packet an ICMP error
+	 * carries (icmp_related in segment.c). */
+	__u16 l4_off;
 };
 
 static __always_inline void v4_mapped(__u32 *dst, __u32 addr)
@@ -136,6 +139,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 
 		__u16 id;
 		if (!h)
 			return PARSE_BAD;
+		p->l4_off = off;
 		p->icmp_type = h[0];
 		id = ((__u16)h[4] << 8) | h[5];
 		/* echo request: 8 / 128, echo reply: 0 / 129 */
