@@ -40,6 +40,10 @@ type Config struct {
 	MaxPolicyEntries uint32
 	MaxIPCache       uint32
 	MaxConntrack     uint32
+	// EventRingBytes sizes the flow event ring buffer (default 1 MiB, about
+	// 13,000 events): a power of two and a multiple of the page size. A
+	// larger ring rides out longer bursts before events are lost.
+	EventRingBytes uint32
 	// ForceClsact skips TCX, as on kernels older than 6.6.
 	ForceClsact bool
 }
@@ -213,8 +217,11 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 			return nil, fmt.Errorf("set %s: %w", name, err)
 		}
 	}
+	if n := cfg.EventRingBytes; n != 0 && (n&(n-1) != 0 || n%uint32(os.Getpagesize()) != 0) {
+		return nil, fmt.Errorf("event ring size %d: want a power of two and a multiple of the page size (%d)", n, os.Getpagesize())
+	}
 	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache,
-		"conntrack4": cfg.MaxConntrack, "conntrack6": cfg.MaxConntrack} {
+		"conntrack4": cfg.MaxConntrack, "conntrack6": cfg.MaxConntrack, "events": cfg.EventRingBytes} {
 		if n != 0 {
 			spec.Maps[name].MaxEntries = n
 		}

@@ -33,6 +33,7 @@ func main() {
 	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity)")
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
 	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
+	ringKiB := fs.Uint("flow-event-ring-kib", 1024, "size of the kernel's flow event ring buffer in KiB (a power of two); a larger ring loses fewer events in bursts")
 	fs.IntVar(&cfg.FlowRing, "flow-ring", 4096, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
@@ -73,6 +74,11 @@ func main() {
 			cfg.FlowLogFilter.Deny = fl
 		}
 	}
+	if *ringKiB == 0 || *ringKiB > 1<<20 {
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: --flow-event-ring-kib %d: want 1 to %d\n", *ringKiB, 1<<20)
+		os.Exit(2)
+	}
+	cfg.Datapath.EventRingBytes = uint32(*ringKiB) << 10
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --log-level: %v\n", err)
