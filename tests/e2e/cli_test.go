@@ -20,6 +20,20 @@ func (e *env) bulkhead(t *testing.T, args ...string) (string, error) {
 	return string(out), err
 }
 
+// denyStore: an explicit Deny by SPIFFE ID, on a pod no other policy
+// selects (a Deny-only policy adds no default deny).
+const denyStore = `
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata: {name: frontend-no-db, namespace: shop}
+spec:
+  selector: {spiffeID: "spiffe://cluster.local/ns/shop/sa/frontend"}
+  ingress:
+  - from: [{spiffeID: "spiffe://cluster.local/ns/shop/sa/db"}]
+    ports: [{port: 9000, protocol: TCP}]
+    action: Deny
+`
+
 const auditStore = `
 apiVersion: bulkhead.io/v1alpha1
 kind: BulkheadPolicy
@@ -41,10 +55,35 @@ func TestCLIAndFlowsAgainstLiveAgent(t *testing.T) {
 	e.writeStore("shop.yaml", shopStore)
 	e.writeStore("policy.yaml", apiOnlyFromFrontend)
 	e.writeStore("audit.yaml", auditStore)
+	e.writeStore("deny.yaml", denyStore)
 	e.startAgent()
 	front, api, db := e.addPod("shop", "frontend"), e.addPod("shop", "api"), e.addPod("shop", "db")
 	api.serve(t, 8080)
 	db.serve(t, 5432)
+	front.serve(t, 9000)
+
+	// The explicit Deny: db may not reach frontend:9000, and the record
+	// names the policy, its rule, and both SPIFFE IDs.
+	if db.tcpWorks(front.IPv4, 9000) {
+		t.Fatal("db → frontend:9000 passes a Deny rule")
+	}
+	if !api.tcpWorks(front.IPv4, 9000) {
+		t.Fatal("a Deny-only policy blocked api → frontend:9000")
+	}
+	var denied []string
+	if !eventually(3*time.Second, func() bool {
+		denied = e.flowLines(`"verdict":"DROPPED"`, `"drop_reason_desc":"POLICY_DENY"`,
+			`"ingress_denied_by":[{"name":"frontend-no-db","namespace":"shop","kind":"BulkheadPolicy"`, `"rule":"ingress[0]"`)
+		return len(denied) > 0
+	}) {
+		t.Fatalf("no DROPPED record naming the Deny rule; flow log:\n%s", strings.Join(e.flowLines(), "\n"))
+	}
+	for _, want := range []string{`"spiffe_id":"spiffe://cluster.local/ns/shop/sa/db"`, `"spiffe_id":"spiffe://cluster.local/ns/shop/sa/frontend"`,
+		`"destination_port":9000`} {
+		if !strings.Contains(denied[0], want) {
+			t.Errorf("deny record lacks %s: %s", want, denied[0])
+		}
+	}
 
 	if !front.tcpWorks(api.IPv4, 8080) {
 		t.Fatal("frontend → api blocked")
