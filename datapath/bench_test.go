@@ -16,6 +16,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/tests/privileged"
 )
 
 // kernelNsPerPkt runs prog repeat times inside the kernel and returns the
@@ -208,7 +209,7 @@ func freshFlows(b *testing.B, d *Datapath) {
 // reports medians: pps, and the ratio to no program.
 func BenchmarkVethUDP(b *testing.B) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
-		b.Skip("iperf3 not installed")
+		privileged.Unsupported(b, "iperf3 not installed (make deps installs it)")
 	}
 	const rounds = 5
 	tp := newTopo(b, 2)
