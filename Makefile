@@ -11,7 +11,7 @@ CACHE        ?= /var/cache/bulkhead
 CNI_VERSION  := v1.10.0
 CNI_BIN      := $(CACHE)/cni-plugins-$(CNI_VERSION)
 CNI_PLUGINS  := ptp bridge host-local
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps
 BPFFS        := /sys/fs/bpf
 # Fuzz targets run this many iterations each in `make test`.
 FUZZ_ITERS   ?= 3000
