@@ -49,9 +49,16 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 	}
 
 	for id, p := range ms.Endpoints {
+		// The compiler hands unchanged endpoints over as the same
+		// *EndpointPolicy; re-encoding them on every apply would make each
+		// CNI ADD cost as much as the node's whole policy.
+		if d.applied[id] == p {
+			continue
+		}
 		if err := d.applyEndpoint(id, p, &st); err != nil {
 			return st, fmt.Errorf("apply endpoint %d: %w", id, err)
 		}
+		d.applied[id] = p
 	}
 	for id := range d.epConfigs {
 		if _, ok := ms.Endpoints[id]; ok {
@@ -176,6 +183,7 @@ func (d *Datapath) removeEndpoint(id policy.EndpointID, st *ApplyStats) error {
 	}
 	delete(d.epConfigs, id)
 	delete(d.lastFlip, id)
+	delete(d.applied, id)
 	for slot := range uint8(2) {
 		ref := slotRef{id, slot}
 		for k := range d.slots[ref] {

@@ -88,6 +88,9 @@ type Datapath struct {
 	global    GlobalConfig
 	// lastFlip is when each endpoint's slot last flipped (see Apply).
 	lastFlip map[policy.EndpointID]time.Time
+	// applied is the policy each endpoint last got from Apply. A policy
+	// in a MapState is never modified, so the same pointer means no change.
+	applied map[policy.EndpointID]*policy.EndpointPolicy
 }
 
 type slotRef struct {
@@ -296,6 +299,7 @@ func (d *Datapath) readMirrors() error {
 	d.slots = map[slotRef]map[PolicyKey]PolicyValue{}
 	d.ipcache = map[IPCacheKey]IPCacheValue{}
 	d.lastFlip = map[policy.EndpointID]time.Time{}
+	d.applied = map[policy.EndpointID]*policy.EndpointPolicy{}
 
 	var epID uint32
 	var cfg EPConfig

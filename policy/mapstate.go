@@ -103,7 +103,10 @@ const (
 	DefaultAudit DefaultVerdict = 2
 )
 
-// EndpointPolicy is the compiled policy of one local endpoint.
+// EndpointPolicy is the compiled policy of one local endpoint. Once it is in
+// a MapState it is never modified: the compiler shares an unchanged one
+// between revisions, and the datapath skips an endpoint whose policy is the
+// pointer it applied last.
 type EndpointPolicy struct {
 	Identity identity.NumericID
 	// Default is indexed by Direction.
