@@ -40,6 +40,7 @@
 #include "include/bulkhead.h"
 #include "lib/parse.h"
 #include "lib/maps.h"
+#include "lib/ct.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -94,6 +95,22 @@ static __always_inline __u32 ipcache_lookup(const __u32 *addr)
 	v = bpf_map_lookup_elem(&ipcache, &k);
 	return v ? v->identity : ID_WORLD;
 }
+
+/* ep_config_of copies endpoint ep_id's configuration with one load (Go
+ * writes it with one store) and returns 0 for an unmanaged endpoint. */
+static __always_inline int ep_config_of(__u32 ep_id, struct ep_config *out)
+{
+	__u64 *raw = bpf_map_lookup_elem(&ep_configs, &ep_id);
+	__u64 v;
+
+	if (!raw)
+		return 0;
+	v = *(volatile __u64 *)raw;
+	__builtin_memcpy(out, &v, sizeof(v));
+	return out->identity != 0;
+}
+
+_Static_assert(sizeof(struct ep_config) == 8, "ep_config is read and written as one word");
 
 /* rank is the first criterion of policy.MapState.Lookup's order: an
  * enforcing deny (2) beats an audit deny (1), which beats an allow (0). An
@@ -246,14 +263,19 @@ static __always_inline int ct_expired(const struct ct_entry *ct, const struct pk
 	return now - ct->last_seen > timeout;
 }
 
-/* ct_track updates TCP state; it returns 1 when this packet closed the flow. */
-static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, int pkt_is_a, __u64 now)
+/* ct_track updates TCP state in ct (a copy), setting *dirty when it changed
+ * something; it returns 1 when this packet closed the flow. */
+static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, int pkt_is_a, __u64 now,
+				    int *dirty)
 {
 	__u8 st = ct->state, f = p->tcp_flags;
 
-	/* Refresh at most once a second: timeouts are coarse, cache lines are not. */
-	if (now - ct->last_seen > 1000000000ULL)
+	/* Refresh at most once a second: timeouts are coarse, and a refresh
+	 * is a write to a slot other CPUs read. */
+	if (now - ct->last_seen > 1000000000ULL) {
 		ct->last_seen = now;
+		*dirty = 1;
+	}
 	if (p->proto != IPPROTO_TCP_ || (st & CT_CLOSED))
 		return 0;
 	if (f & TCP_RST)
@@ -267,15 +289,17 @@ static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, in
 	if (st == ct->state)
 		return 0;
 	ct->state = st;
+	*dirty = 1;
 	if (!(st & CT_CLOSED))
 		return 0;
 	ct->last_seen = now;
 	return 1;
 }
 
-static __always_inline void emit(const struct pkt *p, __u8 type, __u8 verdict, __u8 reason,
-				 __u32 rule, __u8 flow_dir, __u8 pkt_from_pod, __u32 ep_id,
-				 __u32 ifindex, __u32 ep_identity, __u32 peer, __u8 is_reply)
+static __always_inline void emit(const struct pkt *p, __u64 now, __u8 type, __u8 verdict,
+				 __u8 reason, __u32 rule, __u8 flow_dir, __u8 pkt_from_pod,
+				 __u32 ep_id, __u32 ifindex, __u32 ep_identity, __u32 peer,
+				 __u8 is_reply)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -283,7 +307,10 @@ static __always_inline void emit(const struct pkt *p, __u8 type, __u8 verdict, _
 		count(CNT_EVENTS_LOST, 0);
 		return;
 	}
-	e->timestamp = bpf_ktime_get_ns();
+	/* The conntrack clock, which this packet already read: the monotonic
+	 * clock costs as much as the rest of the event here. EventReader
+	 * turns it into CLOCK_MONOTONIC, to a tick's resolution. */
+	e->timestamp = now;
 	__builtin_memcpy(e->saddr, p->saddr, 16);
 	__builtin_memcpy(e->daddr, p->daddr, 16);
 	e->ep_id = ep_id;
@@ -365,33 +392,6 @@ static __always_inline __u32 endpoint_of(__u32 ifindex)
 	return ep ? *ep : 0;
 }
 
-/* The conntrack map of the packet's family. v6 is a constant in each
- * inlined copy of handle_flow, so every call site names one map and the
- * verifier inlines its lookups. */
-static __always_inline struct ct_entry *ct_lookup(const int v6, struct ct4_key *k4, struct ct_key *k6)
-{
-	if (v6)
-		return bpf_map_lookup_elem(&conntrack6, k6);
-	return bpf_map_lookup_elem(&conntrack4, k4);
-}
-
-static __always_inline void ct_insert(const int v6, struct ct4_key *k4, struct ct_key *k6,
-				      struct ct_entry *e)
-{
-	if (v6)
-		bpf_map_update_elem(&conntrack6, k6, e, BPF_ANY);
-	else
-		bpf_map_update_elem(&conntrack4, k4, e, BPF_ANY);
-}
-
-static __always_inline void ct_delete(const int v6, struct ct4_key *k4, struct ct_key *k6)
-{
-	if (v6)
-		bpf_map_delete_elem(&conntrack6, k6);
-	else
-		bpf_map_delete_elem(&conntrack4, k4);
-}
-
 /* handle_flow judges an IP packet of a managed (or formerly managed)
  * endpoint: conntrack, then policy for a new flow. */
 static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
@@ -399,15 +399,17 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 {
 	__u32 ifindex = skb->ifindex, zero = 0;
 	__u8 from_pod = dir == DIR_EGRESS;
-	struct ep_config *cfg;
-	struct ct_entry *ct;
+	struct ep_config cfgv, *cfg = &cfgv;
 	struct global_config *g;
 	struct decision d;
 	struct ct4_key k4 = {};
 	struct ct_key k6 = {};
+	struct ct4_bucket *b4 = NULL;
+	struct ct6_bucket *b6 = NULL;
+	struct ct_ref r;
 	__u64 now, rev = 0;
-	__u32 gflags = 0, peer_id;
-	int pkt_is_a;
+	__u32 gflags = 0, seed = 0, peer_id;
+	int pkt_is_a, found, hint = -1;
 
 	/* The revision is read before the endpoint's slot: Apply flips slots
 	 * before it bumps the revision, so a packet that sees the new revision
@@ -416,75 +418,85 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	if (g) {
 		rev = g->revision;
 		gflags = g->flags;
+		seed = g->ct_seed;
 	}
 
-	if (v6)
-		pkt_is_a = ct_normalise(p, ep_id, &k6);
-	else
-		pkt_is_a = ct_normalise4(p, ep_id, &k4);
 	now = ct_now();
-	ct = ct_lookup(v6, &k4, &k6);
-	if (ct && ct_expired(ct, p, now)) {
-		/* Judged as new; an allowed flow's insert overwrites the
-		 * entry (cheaper than delete + insert), GC removes the rest. */
-		ct = NULL;
+	if (v6) {
+		pkt_is_a = ct_normalise(p, ep_id, &k6);
+		b6 = ct6_bucket(&k6, seed);
+		found = b6 && ct6_find(b6, &k6, &r);
+	} else {
+		pkt_is_a = ct_normalise4(p, ep_id, &k4);
+		b4 = ct4_bucket(&k4, seed);
+		found = b4 && ct4_find(b4, &k4, &r);
 	}
-	if (ct) {
-		__u8 is_reply = pkt_is_a != ct->orig_is_a;
+	if (found && ct_expired(&r.e, p, now)) {
+		/* Judged as new; an allowed flow's insert reuses the slot. */
+		hint = r.way;
+		found = 0;
+	}
+	if (found) {
+		__u8 is_reply = pkt_is_a != r.e.orig_is_a;
+		int dirty = 0;
 
-		if (ct->revision != rev) {
+		if (r.e.revision != rev) {
 			const __u32 *peer_addr;
 
-			cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
-			if (!cfg) {
+			if (!ep_config_of(ep_id, cfg)) {
 				/* No longer managed: everything passes, untracked. */
-				ct_delete(v6, &k4, &k6);
+				ct_remove(&r);
 				count_verdict(VERDICT_PASS, p->len);
 				return BH_PASS;
 			}
 			/* Re-judge the flow as its first packet was judged: the
 			 * peer is the originator's destination (egress) or
 			 * source (ingress). */
-			if ((ct->dir == DIR_EGRESS) == !is_reply)
+			if ((r.e.dir == DIR_EGRESS) == !is_reply)
 				peer_addr = p->daddr;
 			else
 				peer_addr = p->saddr;
 			peer_id = ipcache_lookup(peer_addr);
-			policy_decide(ep_id, cfg, gflags, ct->dir, peer_id, p->proto, ct->dport, &d);
-			ct->revision = rev;
-			ct->rule_id = d.rule;
-			ct->flags = d.flags;
-			ct->peer_id = peer_id;
+			policy_decide(ep_id, cfg, gflags, r.e.dir, peer_id, p->proto, r.e.dport, &d);
+			r.e.revision = rev;
+			r.e.rule_id = d.rule;
+			r.e.flags = d.flags;
+			r.e.peer_id = peer_id;
 			if (d.verdict == VERDICT_DENY) {
 				/* Becomes a tombstone (see CT_DENIED). */
-				ct->state |= CT_DENIED;
-				ct->last_seen = now;
+				r.e.state |= CT_DENIED;
+				r.e.last_seen = now;
+				ct_commit(&r);
 				count_drop(DROP_POLICY_REVISED, p->len);
-				emit(p, EVENT_DROP, VERDICT_DENY, DROP_POLICY_REVISED, d.rule,
-				     ct->dir, from_pod, ep_id, ifindex, cfg->identity, peer_id,
+				emit(p, now, EVENT_DROP, VERDICT_DENY, DROP_POLICY_REVISED, d.rule,
+				     r.e.dir, from_pod, ep_id, ifindex, cfg->identity, peer_id,
 				     is_reply);
 				return TC_ACT_SHOT;
 			}
-			ct->state &= ~CT_DENIED;
-			ct->verdict = d.verdict;
+			r.e.state &= ~CT_DENIED;
+			r.e.verdict = d.verdict;
+			dirty = 1;
 		}
-		if (ct->state & CT_DENIED) {
+		if (r.e.state & CT_DENIED) {
 			count_drop(DROP_POLICY_REVISED, p->len);
 			return TC_ACT_SHOT;
 		}
-		if (ct_track(ct, p, pkt_is_a, now)) {
-			cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
-			emit(p, EVENT_FLOW_END, ct->verdict, DROP_NONE, ct->rule_id, ct->dir,
-			     from_pod, ep_id, ifindex, cfg ? cfg->identity : 0, ct->peer_id,
+		int closed = ct_track(&r.e, p, pkt_is_a, now, &dirty);
+		if (dirty)
+			ct_commit(&r);
+		if (closed) {
+			if (!ep_config_of(ep_id, cfg))
+				cfg->identity = 0;
+			emit(p, now, EVENT_FLOW_END, r.e.verdict, DROP_NONE, r.e.rule_id, r.e.dir,
+			     from_pod, ep_id, ifindex, cfg->identity, r.e.peer_id,
 			     is_reply);
 		}
-		count_verdict(ct->verdict, p->len);
+		count_verdict(r.e.verdict, p->len);
 		return BH_PASS;
 	}
 
 	/* A new flow. */
-	cfg = bpf_map_lookup_elem(&ep_configs, &ep_id);
-	if (!cfg) {
+	if (!ep_config_of(ep_id, cfg)) {
 		count_verdict(VERDICT_PASS, p->len);
 		return BH_PASS;
 	}
@@ -496,7 +508,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		if (!v6)
 			ct_normalise(p, ep_id, &k6);
 		if (drop_event_due(&k6, now))
-			emit(p, EVENT_DROP, VERDICT_DENY, DROP_POLICY, d.rule, dir, from_pod,
+			emit(p, now, EVENT_DROP, VERDICT_DENY, DROP_POLICY, d.rule, dir, from_pod,
 			     ep_id, ifindex, cfg->identity, peer_id, 0);
 		return TC_ACT_SHOT;
 	}
@@ -519,8 +531,13 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		if (p->tcp_flags & (TCP_RST | TCP_FIN))
 			e.state |= CT_CLOSED;
 	}
-	ct_insert(v6, &k4, &k6, &e);
-	emit(p, EVENT_FLOW_NEW, d.verdict, DROP_NONE, d.rule, dir, from_pod, ep_id, ifindex,
+	if (v6) {
+		if (b6)
+			ct6_insert(b6, &k6, &e, hint);
+	} else if (b4) {
+		ct4_insert(b4, &k4, &e, hint);
+	}
+	emit(p, now, EVENT_FLOW_NEW, d.verdict, DROP_NONE, d.rule, dir, from_pod, ep_id, ifindex,
 	     cfg->identity, peer_id, 0);
 	count_verdict(d.verdict, p->len);
 	return BH_PASS;
@@ -548,8 +565,10 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
 	struct pkt in = {};
 	struct ct4_key k4 = {};
 	struct ct_key k6 = {};
-	struct ct_entry *ct;
-	__u32 off = p->l4_off + 8;
+	struct global_config *g;
+	struct ct_ref r;
+	__u32 off = p->l4_off + 8, zero = 0, seed;
+	int found;
 	__u8 *l4;
 
 	if (!p->ipv6) {
@@ -579,14 +598,22 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
 		return 0;
 	in.sport = ((__u16)l4[0] << 8) | l4[1];
 	in.dport = ((__u16)l4[2] << 8) | l4[3];
+	g = bpf_map_lookup_elem(&globals, &zero);
+	seed = g ? g->ct_seed : 0;
 	if (in.ipv6) {
+		struct ct6_bucket *b6;
+
 		ct_normalise(&in, ep_id, &k6);
-		ct = bpf_map_lookup_elem(&conntrack6, &k6);
+		b6 = ct6_bucket(&k6, seed);
+		found = b6 && ct6_find(b6, &k6, &r);
 	} else {
+		struct ct4_bucket *b4;
+
 		ct_normalise4(&in, ep_id, &k4);
-		ct = bpf_map_lookup_elem(&conntrack4, &k4);
+		b4 = ct4_bucket(&k4, seed);
+		found = b4 && ct4_find(b4, &k4, &r);
 	}
-	return ct && !(ct->state & CT_DENIED);
+	return found && !(r.e.state & CT_DENIED);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
@@ -604,7 +631,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return BH_PASS;
 	}
 	if (r == PARSE_BAD) {
-		if (!bpf_map_lookup_elem(&ep_configs, &ep_id)) {
+		struct ep_config cfg;
+
+		if (!ep_config_of(ep_id, &cfg)) {
 			count_verdict(VERDICT_PASS, skb->len);
 			return BH_PASS;
 		}

@@ -48,6 +48,11 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 		st.IPCacheWrites++
 	}
 
+	for id := range ms.Endpoints {
+		if err := d.epcfg.check(id); err != nil {
+			return st, err
+		}
+	}
 	for id, p := range ms.Endpoints {
 		// The compiler hands unchanged endpoints over as the same
 		// *EndpointPolicy; re-encoding them on every apply would make each
@@ -166,7 +171,7 @@ func (d *Datapath) applyEndpoint(id policy.EndpointID, p *policy.EndpointPolicy,
 	}
 	// The flip: one update makes the whole new policy live.
 	cfg.Slot = target
-	if err := d.objs.EpConfigs.Update(uint32(id), cfg, ebpf.UpdateAny); err != nil {
+	if err := d.epcfg.store(id, cfg); err != nil {
 		return fmt.Errorf("flip slot: %w", err)
 	}
 	d.epConfigs[id] = cfg
@@ -178,7 +183,7 @@ func (d *Datapath) applyEndpoint(id policy.EndpointID, p *policy.EndpointPolicy,
 // removeEndpoint makes the endpoint unmanaged first (everything passes, as
 // for an endpoint no MapState knows) and then deletes its entries.
 func (d *Datapath) removeEndpoint(id policy.EndpointID, st *ApplyStats) error {
-	if err := d.objs.EpConfigs.Delete(uint32(id)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := d.epcfg.store(id, EPConfig{}); err != nil {
 		return fmt.Errorf("delete ep config: %w", err)
 	}
 	delete(d.epConfigs, id)

@@ -98,8 +98,8 @@ func (d *Datapath) linkPin(nsID uint64, ifindex int, h hook) string {
 // already loaded programs are attached with TCX (pinned links, which outlive
 // this process) or, where TCX is missing, with clsact and cls_bpf.
 func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
-	if ep.ID == 0 {
-		return "", errors.New("attach: endpoint ID 0 is not valid")
+	if err := d.epcfg.check(ep.ID); err != nil {
+		return "", fmt.Errorf("attach: %w", err)
 	}
 	var mode AttachMode
 	err := inNetns(ep.Netns, func() error {

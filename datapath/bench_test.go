@@ -166,14 +166,8 @@ func freshFlows(b *testing.B, d *Datapath) {
 	syn := tcpSyn(clientIP, podIP, 0, 80)
 	passPkt := tcpSyn(clientIP, podIP, 40000, 80).build()
 	clear := func() {
-		var k Conntrack4Key
-		var keys []Conntrack4Key
-		it := d.objs.Conntrack4.Iterate()
-		for it.Next(&k, new(ConntrackItem)) {
-			keys = append(keys, k)
-		}
-		for _, k := range keys {
-			d.objs.Conntrack4.Delete(k)
+		if _, err := d.deleteConntrackWhere(func(ConntrackKey, ConntrackItem) bool { return true }); err != nil {
+			b.Fatal(err)
 		}
 	}
 	b.Cleanup(clear)

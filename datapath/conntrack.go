@@ -5,7 +5,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
+	"os"
+	"runtime"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -40,32 +45,156 @@ func (e ConntrackEntry) Denied() bool { return e.Entry.State&ctDenied != 0 }
 // addresses.
 func (d *Datapath) Conntrack() ([]ConntrackEntry, error) {
 	var out []ConntrackEntry
-	err := d.eachConntrack(func(k ConntrackKey, v ConntrackItem, _ *ebpf.Map) {
+	err := d.eachConntrack(func(k ConntrackKey, v ConntrackItem, _ ctRef) {
 		out = append(out, ConntrackEntry{k, v})
 	})
 	return out, err
 }
 
-// eachConntrack calls fn with every entry of both conntrack maps, and the
-// map that holds it. IPv4 keys are given in ConntrackKey's v4-mapped form.
-func (d *Datapath) eachConntrack(fn func(ConntrackKey, ConntrackItem, *ebpf.Map)) error {
-	var k4 Conntrack4Key
-	var v ConntrackItem
-	it := d.objs.Conntrack4.Iterate()
-	for it.Next(&k4, &v) {
-		fn(ctKeyFrom4(k4), v, d.objs.Conntrack4)
+// The conntrack tables (bpf/lib/ct.h) are arrays of buckets of ctWays
+// slots, mapped into this process. Go follows BPF's protocol: a slot is read
+// between two equal, even reads of its seq, and written only by the one who
+// moved seq from the value it read to odd, which then adds one more.
+const ctWays = 4
+
+type (
+	ct4Slot = segmentCt4Slot
+	ct6Slot = segmentCt6Slot
+)
+
+// ctTable is one address family's conntrack table.
+type ctTable struct {
+	mem      []byte
+	buckets  uint32
+	slotSize uintptr
+	v6       bool
+}
+
+// ctRef names one slot and the seq its entry was read at.
+type ctRef struct {
+	t    *ctTable
+	off  uintptr
+	seen uint32
+}
+
+func mapCTTable(m *ebpf.Map, v6 bool) (*ctTable, error) {
+	t := &ctTable{buckets: m.MaxEntries(), v6: v6, slotSize: unsafe.Sizeof(ct4Slot{})}
+	if v6 {
+		t.slotSize = unsafe.Sizeof(ct6Slot{})
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("dump conntrack4: %w", err)
+	if want := uint32(t.slotSize * ctWays); m.ValueSize() != want {
+		return nil, fmt.Errorf("conntrack table: bucket of %d bytes, want %d (pinned by another version?)", m.ValueSize(), want)
 	}
-	var k ConntrackKey
-	it = d.objs.Conntrack6.Iterate()
-	for it.Next(&k, &v) {
-		fn(k, v, d.objs.Conntrack6)
+	size := int(t.buckets) * ctWays * int(t.slotSize)
+	page := os.Getpagesize()
+	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map conntrack table: %w", err)
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("dump conntrack6: %w", err)
+	t.mem = mem[:size]
+	return t, nil
+}
+
+func (t *ctTable) close() error {
+	if t == nil || t.mem == nil {
+		return nil
 	}
+	err := unix.Munmap(t.mem[:cap(t.mem)])
+	t.mem = nil
+	return err
+}
+
+func (t *ctTable) seq(off uintptr) *uint32 { return (*uint32)(unsafe.Pointer(&t.mem[off])) }
+
+// read copies the slot at off. ok is false for an empty slot, or one that
+// kept changing under the reader.
+func (t *ctTable) read(off uintptr) (k ConntrackKey, v ConntrackItem, seen uint32, ok bool) {
+	seq := t.seq(off)
+	for range 1000 {
+		s := atomic.LoadUint32(seq)
+		if s&1 != 0 {
+			runtime.Gosched()
+			continue
+		}
+		if t.v6 {
+			sl := *(*ct6Slot)(unsafe.Pointer(&t.mem[off]))
+			k, v = sl.Key, sl.Entry
+		} else {
+			sl := *(*ct4Slot)(unsafe.Pointer(&t.mem[off]))
+			k, v = ctKeyFrom4(sl.Key), sl.Entry
+		}
+		if atomic.LoadUint32(seq) == s {
+			return k, v, s, k.EpId != 0
+		}
+	}
+	return k, v, 0, false
+}
+
+// remove empties the slot if it still holds what was read at r.seen.
+func (r ctRef) remove() bool {
+	seq := r.t.seq(r.off)
+	if !atomic.CompareAndSwapUint32(seq, r.seen, r.seen+1) {
+		return false
+	}
+	clear(r.t.mem[r.off+4 : r.off+r.t.slotSize])
+	atomic.AddUint32(seq, 1)
+	return true
+}
+
+// each calls fn with every occupied slot.
+func (t *ctTable) each(fn func(ConntrackKey, ConntrackItem, ctRef)) {
+	n := uintptr(t.buckets) * ctWays
+	for i := range n {
+		off := i * t.slotSize
+		if k, v, seen, ok := t.read(off); ok {
+			fn(k, v, ctRef{t, off, seen})
+		}
+	}
+}
+
+// find returns the slot that holds k (in the table's own key form).
+func (t *ctTable) find(k ConntrackKey, seed uint32) (ConntrackItem, ctRef, bool) {
+	var h uint32
+	if t.v6 {
+		h = ctHash((*[unsafe.Sizeof(ConntrackKey{}) / 4]uint32)(unsafe.Pointer(&k))[:], seed)
+	} else {
+		k4 := ct4KeyOf(k)
+		h = ctHash((*[unsafe.Sizeof(Conntrack4Key{}) / 4]uint32)(unsafe.Pointer(&k4))[:], seed)
+	}
+	base := uintptr(h&(t.buckets-1)) * ctWays * t.slotSize
+	for w := range uintptr(ctWays) {
+		off := base + w*t.slotSize
+		if sk, v, seen, ok := t.read(off); ok && sk == k {
+			return v, ctRef{t, off, seen}, true
+		}
+	}
+	return ConntrackItem{}, ctRef{}, false
+}
+
+// ctHash is ct_hash in bpf/lib/ct.h.
+func ctHash(words []uint32, seed uint32) uint32 {
+	h := seed
+	for _, w := range words {
+		k := bits.RotateLeft32(w*0xcc9e2d51, 15) * 0x1b873593
+		h = bits.RotateLeft32(h^k, 13)*5 + 0xe6546b64
+	}
+	h ^= uint32(len(words) * 4)
+	h ^= h >> 16
+	h *= 0x85ebca6b
+	h ^= h >> 13
+	h *= 0xc2b2ae35
+	h ^= h >> 16
+	return h
+}
+
+// eachConntrack calls fn with every entry of both tables. IPv4 keys are
+// given in ConntrackKey's v4-mapped form.
+func (d *Datapath) eachConntrack(fn func(ConntrackKey, ConntrackItem, ctRef)) error {
+	if d.ct4 == nil || d.ct6 == nil {
+		return errors.New("conntrack tables are not mapped")
+	}
+	d.ct4.each(fn)
+	d.ct6.each(fn)
 	return nil
 }
 
@@ -82,28 +211,58 @@ func ctKeyFrom4(k Conntrack4Key) ConntrackKey {
 	return out
 }
 
-// ctMapKey returns the map and key BPF uses for a flow given in
-// ConntrackKey form: conntrack4 when both addresses are v4-mapped. An IPv6
-// packet that carries v4-mapped addresses is tracked in conntrack6, which
-// this cannot tell from the key; GC deletes by the map it found an entry in.
-func (d *Datapath) ctMapKey(k ConntrackKey) (*ebpf.Map, any) {
-	if isV4Mapped(k.AddrA) && isV4Mapped(k.AddrB) {
-		return d.objs.Conntrack4, Conntrack4Key{AddrA: k.AddrA[3], AddrB: k.AddrB[3], EpId: k.EpId,
-			PortA: k.PortA, PortB: k.PortB, Proto: k.Proto}
-	}
-	return d.objs.Conntrack6, k
+func ct4KeyOf(k ConntrackKey) Conntrack4Key {
+	return Conntrack4Key{AddrA: k.AddrA[3], AddrB: k.AddrB[3], EpId: k.EpId,
+		PortA: k.PortA, PortB: k.PortB, Proto: k.Proto}
 }
 
-// lookupConntrack reads the entry of one flow.
+// ctTableOf returns the table BPF uses for a flow given in ConntrackKey
+// form: conntrack4 when both addresses are v4-mapped. An IPv6 packet that
+// carries v4-mapped addresses is tracked in conntrack6, which this cannot
+// tell from the key; GC deletes through the slot it found an entry in.
+func (d *Datapath) ctTableOf(k ConntrackKey) *ctTable {
+	if isV4Mapped(k.AddrA) && isV4Mapped(k.AddrB) {
+		return d.ct4
+	}
+	return d.ct6
+}
+
+func (d *Datapath) ctSeed() uint32 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.global.CtSeed
+}
+
+// lookupConntrack reads the entry of one flow; ebpf.ErrKeyNotExist if
+// there is none.
 func (d *Datapath) lookupConntrack(k ConntrackKey, v *ConntrackItem) error {
-	m, mk := d.ctMapKey(k)
-	return m.Lookup(mk, v)
+	e, _, ok := d.ctTableOf(k).find(k, d.ctSeed())
+	if !ok {
+		return ebpf.ErrKeyNotExist
+	}
+	*v = e
+	return nil
 }
 
 // deleteConntrack deletes the entry of one flow.
 func (d *Datapath) deleteConntrack(k ConntrackKey) error {
-	m, mk := d.ctMapKey(k)
-	return m.Delete(mk)
+	_, ref, ok := d.ctTableOf(k).find(k, d.ctSeed())
+	if !ok || !ref.remove() {
+		return ebpf.ErrKeyNotExist
+	}
+	return nil
+}
+
+// deleteConntrackWhere deletes every entry for which del returns true, and
+// returns how many it deleted.
+func (d *Datapath) deleteConntrackWhere(del func(ConntrackKey, ConntrackItem) bool) (int, error) {
+	n := 0
+	err := d.eachConntrack(func(k ConntrackKey, v ConntrackItem, r ctRef) {
+		if del(k, v) && r.remove() {
+			n++
+		}
+	})
+	return n, err
 }
 
 // monotonicNow is bpf_ktime_get_ns's clock.
@@ -139,19 +298,12 @@ func (d *Datapath) GC() (deleted int, ended []FlowEvent, err error) {
 	}
 	type expiredEntry struct {
 		ConntrackEntry
-		m  *ebpf.Map
-		mk any
+		ref ctRef
 	}
 	var expired []expiredEntry
-	err = d.eachConntrack(func(k ConntrackKey, v ConntrackItem, m *ebpf.Map) {
+	err = d.eachConntrack(func(k ConntrackKey, v ConntrackItem, r ctRef) {
 		if now > v.LastSeen && time.Duration(now-v.LastSeen) > d.ctTimeout(&k, &v) {
-			// Delete from the map that holds the entry: an IPv6 packet
-			// may carry v4-mapped addresses.
-			var mk any = k
-			if m == d.objs.Conntrack4 {
-				_, mk = d.ctMapKey(k)
-			}
-			expired = append(expired, expiredEntry{ConntrackEntry{k, v}, m, mk})
+			expired = append(expired, expiredEntry{ConntrackEntry{k, v}, r})
 		}
 	})
 	if err != nil {
@@ -165,11 +317,10 @@ func (d *Datapath) GC() (deleted int, ended []FlowEvent, err error) {
 	d.mu.Unlock()
 	epIdentity := func(ep policy.EndpointID) identity.NumericID { return ids[ep] }
 	for _, e := range expired {
-		if err := e.m.Delete(e.mk); err != nil {
-			if errors.Is(err, ebpf.ErrKeyNotExist) {
-				continue
-			}
-			return deleted, ended, fmt.Errorf("delete conntrack entry: %w", err)
+		// A slot that changed since the scan (the flow was seen again,
+		// or the slot holds another flow now) is left alone.
+		if !e.ref.remove() {
+			continue
 		}
 		deleted++
 		if !e.Closed() && !e.Denied() {

@@ -1,6 +1,8 @@
 package datapath
 
 import (
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -36,7 +38,8 @@ type Config struct {
 	CTTimeoutOther   time.Duration
 	// DropEventInterval is the least time between two drop events of a flow.
 	DropEventInterval time.Duration
-	// Map sizes. MaxConntrack sizes each address family's conntrack map.
+	// Map sizes. MaxConntrack is the flows each address family's
+	// conntrack table holds: a power of two, at least 4 (default 65536).
 	MaxPolicyEntries uint32
 	MaxIPCache       uint32
 	MaxConntrack     uint32
@@ -91,6 +94,10 @@ type Datapath struct {
 	// applied is the policy each endpoint last got from Apply. A policy
 	// in a MapState is never modified, so the same pointer means no change.
 	applied map[policy.EndpointID]*policy.EndpointPolicy
+
+	// The conntrack tables and ep_configs, mapped into this process.
+	ct4, ct6 *ctTable
+	epcfg    *epConfigTable
 }
 
 type slotRef struct {
@@ -185,6 +192,14 @@ func New(cfg Config) (*Datapath, error) {
 		}
 		d.log.Info("datapath loaded and pinned", "bpffs", cfg.BPFFS)
 	}
+	var err4, err6, errEP error
+	d.ct4, err4 = mapCTTable(d.objs.Conntrack4, false)
+	d.ct6, err6 = mapCTTable(d.objs.Conntrack6, true)
+	d.epcfg, errEP = mapEPConfigs(d.objs.EpConfigs)
+	if err := errors.Join(err4, err6, errEP); err != nil {
+		d.Close()
+		return nil, err
+	}
 	if err := d.readMirrors(); err != nil {
 		d.Close()
 		return nil, err
@@ -223,10 +238,22 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 	if n := cfg.EventRingBytes; n != 0 && (n&(n-1) != 0 || n%uint32(os.Getpagesize()) != 0) {
 		return nil, fmt.Errorf("event ring size %d: want a power of two and a multiple of the page size (%d)", n, os.Getpagesize())
 	}
+	if n := cfg.MaxConntrack; n != 0 {
+		if n < ctWays || n&(n-1) != 0 {
+			return nil, fmt.Errorf("conntrack size %d: want a power of two, at least %d", n, ctWays)
+		}
+		spec.Maps["conntrack4"].MaxEntries = n / ctWays
+		spec.Maps["conntrack6"].MaxEntries = n / ctWays
+	}
 	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache,
-		"conntrack4": cfg.MaxConntrack, "conntrack6": cfg.MaxConntrack, "events": cfg.EventRingBytes} {
+		"events": cfg.EventRingBytes} {
 		if n != 0 {
 			spec.Maps[name].MaxEntries = n
+		}
+	}
+	for name, m := range map[string]string{"ct4_bucket_mask": "conntrack4", "ct6_bucket_mask": "conntrack6"} {
+		if err := spec.Variables[name].Set(spec.Maps[m].MaxEntries - 1); err != nil {
+			return nil, fmt.Errorf("set %s: %w", name, err)
 		}
 	}
 	return spec, nil
@@ -257,11 +284,36 @@ func (d *Datapath) load() error {
 		}
 		return fmt.Errorf("load bpf objects: %w", err)
 	}
+	if err := d.seedConntrack(); err != nil {
+		d.Close()
+		return err
+	}
 	for name, p := range d.pinnedProgs() {
 		if err := (*p).Pin(d.progPin(name)); err != nil {
 			d.Close()
 			return fmt.Errorf("pin program %s: %w", name, err)
 		}
+	}
+	return nil
+}
+
+// seedConntrack gives new maps a random conntrack hash seed (before any
+// program is attached). Maps re-used from pins keep theirs: their tables
+// are filed under it.
+func (d *Datapath) seedConntrack() error {
+	var g GlobalConfig
+	if err := d.objs.Globals.Lookup(uint32(0), &g); err != nil {
+		return fmt.Errorf("read globals: %w", err)
+	}
+	for g.CtSeed == 0 {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Errorf("conntrack seed: %w", err)
+		}
+		g.CtSeed = binary.NativeEndian.Uint32(b[:])
+	}
+	if err := d.objs.Globals.Update(uint32(0), g, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write globals: %w", err)
 	}
 	return nil
 }
@@ -301,18 +353,14 @@ func (d *Datapath) readMirrors() error {
 	d.lastFlip = map[policy.EndpointID]time.Time{}
 	d.applied = map[policy.EndpointID]*policy.EndpointPolicy{}
 
-	var epID uint32
-	var cfg EPConfig
-	it := d.objs.EpConfigs.Iterate()
-	for it.Next(&epID, &cfg) {
-		d.epConfigs[policy.EndpointID(epID)] = cfg
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read ep_configs: %w", err)
+	for id := policy.EndpointID(1); uint32(id) < d.epcfg.n; id++ {
+		if cfg, ok := d.epcfg.load(id); ok {
+			d.epConfigs[id] = cfg
+		}
 	}
 	var pk PolicyKey
 	var pv PolicyValue
-	it = d.objs.Policy.Iterate()
+	it := d.objs.Policy.Iterate()
 	for it.Next(&pk, &pv) {
 		ref := slotRef{policy.EndpointID(pk.EpId), pk.Slot}
 		pk.Slot = 0
@@ -349,7 +397,7 @@ func (d *Datapath) Revision() uint64 {
 // Close releases this process's handles. Pinned objects and links stay, and
 // so does enforcement.
 func (d *Datapath) Close() error {
-	return d.objs.Close()
+	return errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.objs.Close())
 }
 
 // Remove detaches every endpoint attached under this BPFFS, unpins

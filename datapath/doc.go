@@ -15,8 +15,11 @@
 // (written by Apply). Keeping the two apart lets Apply work without knowing
 // interfaces, and lets a restarted agent read all live state back from the
 // pinned maps. Attaching a pod is one map
-// write plus two TCX attaches of programs that are already loaded. An
-// endpoint without an ep_configs entry is unmanaged: everything passes, as
+// write plus two TCX attaches of programs that are already loaded.
+// ep_configs is an array indexed by endpoint ID (1 to 4095) of 8-byte
+// entries, which Go writes through a mapping with one atomic store and BPF
+// reads with one load, so a packet never sees half an update. An endpoint
+// whose entry has identity 0 is unmanaged: everything passes, as
 // policy.MapState.Lookup says for an unknown endpoint.
 //
 // # Policy map encoding
@@ -48,7 +51,7 @@
 // Every endpoint has two slots in the policy map. Apply writes an endpoint's
 // new entries into its inactive slot, which still holds the policy from two
 // applies ago, so only the difference between that and the new policy is
-// written. It then flips the endpoint's slot with one update of its
+// written. It then flips the endpoint's slot with one store to its
 // ep_configs entry. A packet reads the slot once, so it is judged by the
 // whole old or the whole new policy, never by a mix or an empty one. Apply
 // deletes nothing from a live slot. ipcache changes are global and are
@@ -81,15 +84,27 @@
 //
 // # Conntrack
 //
-// The conntrack LRU key is the flow's 5-tuple normalised so that the lower
+// The conntrack key is the flow's 5-tuple normalised so that the lower
 // (address, port) is side a, plus the endpoint ID (a pod-to-pod flow passes
 // two endpoints, each with its own entry). IPv4 flows live in "conntrack4"
-// with a 20-byte key, IPv6 flows in "conntrack6" with a 40-byte one: the
-// lookup hashes and compares the whole key, and it is most of an established
-// packet's cost. Go shows both as ConntrackKey, IPv4 v4-mapped. TCP FIN from
-// both sides or an RST mark the entry closed, which expires after the
-// closing timeout; a new SYN on a closed entry starts a new flow. BPF treats
-// expired entries as absent, and GC removes them.
+// with a 20-byte key, IPv6 flows in "conntrack6" with a 44-byte one. Go
+// shows both as ConntrackKey, IPv4 v4-mapped. TCP FIN from both sides or an
+// RST mark the entry closed, which expires after the closing timeout; a new
+// SYN on a closed entry starts a new flow. BPF treats expired entries as
+// absent, and GC removes them.
+//
+// The tables are not kernel hash maps but arrays of 4-way buckets that the
+// program searches itself (bpf/lib/ct.h has the details): the array lookup
+// is inlined, so an established packet costs no call, and an insert is a
+// compare-and-swap and a few stores, where an LRU hash insert cost more
+// than the rest of a new flow. Each slot has a sequence word: readers copy
+// an entry between two equal even reads of it, writers take it odd with a
+// compare-and-swap from the value they read. Go maps the tables
+// (BPF_F_MMAPABLE) and follows the same protocol to scan, look up and
+// delete. A full bucket evicts a closed flow first, then the flow seen
+// longest ago. The bucket hash is seeded from a random value kept in
+// "globals", chosen when the maps are created. Config.MaxConntrack (a power
+// of two) sets how many flows each family holds.
 //
 // Conntrack times (created, last seen) and drop-event rate limits use the
 // conntrack clock, jiffies scaled to nanoseconds: bpf_jiffies64 is inlined to
@@ -97,7 +112,10 @@
 // an established packet. Userspace cannot ask the kernel for HZ, so New
 // measures a jiffy when it loads the programs (measureJiffy), and GC reads
 // the clock through the bulkhead_clock program so that it compares like with
-// like. Flow events keep CLOCK_MONOTONIC timestamps.
+// like. Flow events carry the same clock, read once per packet anyway (the
+// monotonic clock cost as much as the rest of a new flow here);
+// EventReader converts it to CLOCK_MONOTONIC, so event times have a tick's
+// resolution (1/HZ: 4 ms at HZ=250).
 //
 // # Packets policy does not see
 //

@@ -123,9 +123,12 @@ func clsactLive(l netlink.Link, h hook) (bool, error) {
 
 // EndpointIdentity reads the identity the live maps give endpoint id.
 func (d *Datapath) EndpointIdentity(id policy.EndpointID) (identity.NumericID, error) {
-	var cfg EPConfig
-	if err := d.objs.EpConfigs.Lookup(uint32(id), &cfg); err != nil {
-		return 0, fmt.Errorf("read endpoint %d config: %w", id, err)
+	if err := d.epcfg.check(id); err != nil {
+		return 0, err
+	}
+	cfg, ok := d.epcfg.load(id)
+	if !ok {
+		return 0, fmt.Errorf("read endpoint %d config: %w", id, ebpf.ErrKeyNotExist)
 	}
 	return identity.NumericID(cfg.Identity), nil
 }

@@ -81,9 +81,9 @@ func (d *Datapath) MapStats() []MapStat {
 	d.mu.Unlock()
 	// Both families' maps count as one "conntrack", as users know it.
 	ct := 0
-	if d.eachConntrack(func(ConntrackKey, ConntrackItem, *ebpf.Map) { ct++ }) == nil {
+	if d.eachConntrack(func(ConntrackKey, ConntrackItem, ctRef) { ct++ }) == nil {
 		out = append(out, MapStat{Name: "conntrack", Entries: ct,
-			MaxEntries: int(d.objs.Conntrack4.MaxEntries() + d.objs.Conntrack6.MaxEntries())})
+			MaxEntries: int(d.objs.Conntrack4.MaxEntries()+d.objs.Conntrack6.MaxEntries()) * ctWays})
 	}
 	return out
 }

@@ -2,8 +2,11 @@ package datapath
 
 import (
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
@@ -665,5 +668,91 @@ func TestProgICMPErrorsOfTrackedFlows(t *testing.T) {
 			}
 			drainEvents(t, f.ev)
 		})
+	}
+}
+
+// TestConntrackBucketEviction fills one conntrack bucket and checks which
+// flow a fifth one evicts: a closed flow first, then the flow seen longest
+// ago; and that a flow's own slot is reused when it starts again.
+func TestConntrackBucketEviction(t *testing.T) {
+	d := newTestDatapath(t, Config{MaxConntrack: 64}) // 16 buckets
+	bindTestEndpoint(t, d, uint32(testEP))
+	if _, err := d.Apply(baseState(allowIn(clientID, 6, 80, 80, 7))); err != nil {
+		t.Fatal(err)
+	}
+	f := &progFixture{d: d}
+	seed := d.ctSeed()
+	bucketOf := func(s pktSpec) uint32 {
+		k4 := ct4KeyOf(ctKeyOf(uint32(testEP), s))
+		return ctHash((*[5]uint32)(unsafe.Pointer(&k4))[:], seed) & (d.ct4.buckets - 1)
+	}
+	// Six flows that share the bucket of the first.
+	var flows []pktSpec
+	want := bucketOf(tcpSyn(clientIP, podIP, 1024, 80))
+	for sport := uint16(1024); len(flows) < 6; sport++ {
+		if s := tcpSyn(clientIP, podIP, sport, 80); bucketOf(s) == want {
+			flows = append(flows, s)
+		}
+	}
+	present := func() []bool {
+		var out []bool
+		for _, s := range flows {
+			_, ok := ctLookup(t, d, uint32(testEP), s)
+			out = append(out, ok)
+		}
+		return out
+	}
+	for _, s := range flows[:4] {
+		if got := f.toPod(t, s); got != retPass {
+			t.Fatalf("SYN: %#x", got)
+		}
+		time.Sleep(10 * time.Millisecond) // a later tick: a distinct last_seen
+	}
+	// Close flow 2, the youngest but one: it goes first all the same.
+	rst := flows[2].reversed()
+	rst.tcpFlags = tcpRST
+	f.fromPod(t, rst)
+	f.toPod(t, flows[4])
+	if got := present(); !slices.Equal(got, []bool{true, true, false, true, true, false}) {
+		t.Fatalf("after a fifth flow: present %v, want flow 2 (closed) evicted", got)
+	}
+	// The bucket is full of open flows: the sixth evicts flow 0, the oldest.
+	f.toPod(t, flows[5])
+	if got := present(); !slices.Equal(got, []bool{false, true, false, true, true, true}) {
+		t.Fatalf("after a sixth flow: present %v, want flow 0 (oldest) evicted", got)
+	}
+	// A SYN on the closed-then-evicted flow 2 evicts the next oldest (1),
+	// and an RST+SYN cycle of flow 3 keeps using flow 3's own slot.
+	f.toPod(t, flows[2])
+	if got := present(); !slices.Equal(got, []bool{false, false, true, true, true, true}) {
+		t.Fatalf("flow 2 again: present %v", got)
+	}
+	rst = flows[3].reversed()
+	rst.tcpFlags = tcpRST
+	f.fromPod(t, rst)
+	f.toPod(t, flows[3])
+	if got := present(); !slices.Equal(got, []bool{false, false, true, true, true, true}) {
+		t.Fatalf("flow 3 restarted: present %v", got)
+	}
+	if n, _ := d.Conntrack(); len(n) != 4 {
+		t.Fatalf("conntrack holds %d entries, want the 4 of one bucket", len(n))
+	}
+}
+
+// TestEndpointIDRange checks that IDs the ep_configs array cannot hold are
+// refused with an error that says so, and change nothing.
+func TestEndpointIDRange(t *testing.T) {
+	d := newTestDatapath(t, Config{})
+	ms := baseState(allowIn(clientID, 6, 80, 80, 7))
+	ms.Endpoints[policy.EndpointID(4096)] = ms.Endpoints[testEP]
+	rev := d.Revision()
+	if _, err := d.Apply(ms); err == nil || !strings.Contains(err.Error(), "endpoint ID 4096 out of range") {
+		t.Fatalf("apply with endpoint 4096: %v", err)
+	}
+	if d.Revision() != rev {
+		t.Fatal("a refused apply bumped the revision")
+	}
+	if _, err := d.EndpointIdentity(testEP); err == nil {
+		t.Fatal("a refused apply configured an endpoint")
 	}
 }

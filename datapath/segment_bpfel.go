@@ -19,6 +19,11 @@ type segmentCounter struct {
 	Bytes   uint64
 }
 
+type segmentCt4Bucket struct {
+	_   structs.HostLayout
+	Way [4]segmentCt4Slot
+}
+
 type segmentCt4Key struct {
 	_     structs.HostLayout
 	AddrA uint32
@@ -28,6 +33,25 @@ type segmentCt4Key struct {
 	PortB uint16
 	Proto uint8
 	Pad   [3]uint8
+}
+
+type segmentCt4Slot struct {
+	_     structs.HostLayout
+	Seq   uint32
+	Key   segmentCt4Key
+	Entry segmentCtEntry
+}
+
+type segmentCt6Bucket struct {
+	_   structs.HostLayout
+	Way [4]segmentCt6Slot
+}
+
+type segmentCt6Slot struct {
+	_     structs.HostLayout
+	Seq   uint32
+	Key   segmentCtKey
+	Entry segmentCtEntry
 }
 
 type segmentCtEntry struct {
@@ -107,7 +131,7 @@ type segmentGlobalConfig struct {
 	_        structs.HostLayout
 	Revision uint64
 	Flags    uint32
-	Pad      uint32
+	CtSeed   uint32
 }
 
 type segmentIpcacheKey struct {
@@ -162,6 +186,8 @@ const (
 	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
 	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
 	segmentProgBulkheadToPod       = "bulkhead_to_pod"
+	segmentVarCt4BucketMask        = "ct4_bucket_mask"
+	segmentVarCt6BucketMask        = "ct6_bucket_mask"
 	segmentVarCtTimeoutClosingNs   = "ct_timeout_closing_ns"
 	segmentVarCtTimeoutOtherNs     = "ct_timeout_other_ns"
 	segmentVarCtTimeoutTcpNs       = "ct_timeout_tcp_ns"
@@ -242,6 +268,8 @@ type segmentMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentVariableSpecs struct {
+	Ct4BucketMask       *ebpf.VariableSpec `ebpf:"ct4_bucket_mask"`
+	Ct6BucketMask       *ebpf.VariableSpec `ebpf:"ct6_bucket_mask"`
 	CtTimeoutClosingNs  *ebpf.VariableSpec `ebpf:"ct_timeout_closing_ns"`
 	CtTimeoutOtherNs    *ebpf.VariableSpec `ebpf:"ct_timeout_other_ns"`
 	CtTimeoutTcpNs      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_ns"`
@@ -307,6 +335,8 @@ func (m *segmentMaps) Close() error {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentVariables struct {
+	Ct4BucketMask       *ebpf.Variable `ebpf:"ct4_bucket_mask"`
+	Ct6BucketMask       *ebpf.Variable `ebpf:"ct6_bucket_mask"`
 	CtTimeoutClosingNs  *ebpf.Variable `ebpf:"ct_timeout_closing_ns"`
 	CtTimeoutOtherNs    *ebpf.Variable `ebpf:"ct_timeout_other_ns"`
 	CtTimeoutTcpNs      *ebpf.Variable `ebpf:"ct_timeout_tcp_ns"`

@@ -136,7 +136,8 @@ struct ipcache_value {
 };
 
 /* Per-endpoint policy configuration, keyed by endpoint ID. Written by Apply;
- * flipping slot is the one update that makes a new policy live. */
+ * flipping slot is the one update that makes a new policy live. Exactly 8
+ * bytes: it is written and read whole, atomically. Identity 0: unmanaged. */
 struct ep_config {
 	__u32 identity;
 	__u8 slot;
@@ -150,7 +151,8 @@ struct global_config {
 	 * checked at another revision are re-evaluated. */
 	__u64 revision;
 	__u32 flags;
-	__u32 pad;
+	/* Seeds the conntrack hash; random, chosen when the maps are created. */
+	__u32 ct_seed;
 };
 
 /* Conntrack key: both directions of a flow normalise to the same key, the
@@ -196,6 +198,33 @@ struct ct_entry {
 	__u8 pad;
 };
 
+/* The conntrack tables are set-associative: an array of buckets of CT_WAYS
+ * slots, a flow's bucket chosen by a seeded hash of its key (see
+ * bpf/lib/ct.h). A slot's seq is even while it is stable and odd while a
+ * writer holds it; every write bumps it twice. A slot whose key has ep_id 0
+ * is empty. */
+#define CT_WAYS 4
+
+struct ct4_slot {
+	__u32 seq;
+	struct ct4_key key;
+	struct ct_entry entry;
+};
+
+struct ct6_slot {
+	__u32 seq;
+	struct ct_key key;
+	struct ct_entry entry;
+};
+
+struct ct4_bucket {
+	struct ct4_slot way[CT_WAYS];
+};
+
+struct ct6_bucket {
+	struct ct6_slot way[CT_WAYS];
+};
+
 struct counter {
 	__u64 packets;
 	__u64 bytes;
@@ -215,7 +244,7 @@ struct frag_value {
 };
 
 struct flow_event {
-	__u64 timestamp; /* CLOCK_MONOTONIC ns */
+	__u64 timestamp; /* the conntrack clock (ct_now); EventReader converts it */
 	__u32 saddr[4];
 	__u32 daddr[4];
 	__u32 ep_id;

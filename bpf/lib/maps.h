@@ -26,13 +26,19 @@ struct {
 	__uint(max_entries, 4096);
 } endpoints SEC(".maps");
 
-/* Endpoint ID -> configuration with the live policy slot. Written by Apply.
- * No entry: the endpoint is unmanaged and everything passes. */
+/* Endpoint ID -> configuration with the live policy slot. Written by Apply,
+ * through a mapping of the array, with one 8-byte store; read with one 8-byte
+ * load (ep_config_of), so a packet sees a whole configuration, old or new.
+ * Identity 0: the endpoint is unmanaged and everything passes. An array, not
+ * a hash: its lookup is inlined, where a hash lookup was a call that cost an
+ * eighth of a new flow. */
+#define MAX_ENDPOINTS 4096
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct ep_config);
-	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAX_ENDPOINTS);
 } ep_configs SEC(".maps");
 
 struct {
@@ -58,20 +64,27 @@ struct {
 	__uint(max_entries, 1);
 } globals SEC(".maps");
 
-/* Conntrack, one map per address family so that IPv4, the common case,
- * hashes and compares a 20-byte key instead of a 40-byte one. */
+/* Conntrack, one table per address family so that IPv4, the common case,
+ * hashes and compares a 20-byte key instead of a 44-byte one. Each is an
+ * array of buckets (bpf/lib/ct.h): the array lookup is inlined and the
+ * bucket is searched in the program, where a kernel hash map costs a call
+ * per lookup and an LRU insert costs more than the rest of a new flow.
+ * Userspace maps the tables (BPF_F_MMAPABLE) to scan and delete. The Go
+ * loader sets max_entries to the bucket count, a power of two. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ct4_key);
-	__type(value, struct ct_entry);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ct4_bucket);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 16384);
 } conntrack4 SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ct_key);
-	__type(value, struct ct_entry);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ct6_bucket);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 16384);
 } conntrack6 SEC(".maps");
 
 /* First fragments leave their ports here for the later fragments. */

@@ -87,6 +87,9 @@ static __always_inline void *hdr_at(struct __sk_buff *skb, __u32 off, __u32 len)
 
 	if (off > HDR_MAX_OFF)
 		return NULL;
+	/* Keeps clang from adding off to data before the check above, which
+	 * leaves the verifier an offset it cannot bound. */
+	barrier_var(off);
 	p = data + off;
 	if (p + len > end)
 		return NULL;

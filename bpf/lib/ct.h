@@ -1,0 +1,184 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The conntrack tables: arrays of buckets of CT_WAYS slots, searched in the
+ * program.
+ *
+ * Why not a kernel hash map: an LRU hash lookup is a call that hashes and
+ * compares in the kernel, and an LRU insert takes a lock and walks free
+ * lists; on a machine with return-thunk mitigations the insert alone cost
+ * four times what a packet that does nothing costs. Here the array lookup is
+ * inlined by the verifier, the bucket is searched with plain loads, and an
+ * insert is one compare-and-swap and a few stores.
+ *
+ * Concurrency. A slot's seq is even when stable, odd while a writer holds
+ * it. A reader copies the entry between two reads of seq and uses the copy
+ * only when both reads are equal and even, so it never sees half of one flow
+ * and half of another. A writer takes the slot with a compare-and-swap from
+ * the seq it read (so it fails if anything wrote in between) and releases it
+ * with an atomic add; BPF atomics are full barriers. Userspace (GC, Forget)
+ * follows the same protocol on the mmapped table. A packet that meets a slot
+ * being written treats it as absent for that packet: it is judged by policy
+ * as a new flow, and its insert is skipped if it loses the race.
+ * The reader's ordering relies on loads not being reordered with loads
+ * (x86); weakly ordered CPUs need load-acquire, which clang 19 cannot emit
+ * for BPF yet.
+ *
+ * Eviction. An insert takes, in order: the slot that held the same flow
+ * (expired or closed), an empty slot, a closed or denied flow's slot, the
+ * slot seen longest ago. The bucket hash is seeded with a random value
+ * chosen when the maps are created (globals.ct_seed), so that which flows
+ * share a bucket cannot be predicted from outside. datapath/conntrack.go
+ * holds the Go twin of ct_hash. */
+#pragma once
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include "../include/bulkhead.h"
+#include "maps.h"
+
+/* Bucket count minus one, a power of two minus one; set by the Go loader
+ * from the tables' sizes. */
+const volatile __u32 ct4_bucket_mask = 16383;
+const volatile __u32 ct6_bucket_mask = 16383;
+
+#define CT_READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define ct_compiler_barrier() asm volatile("" ::: "memory")
+
+static __always_inline __u32 ct_rotl(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/* ct_hash mixes the key's 32-bit words (a multiply-rotate round each and a
+ * final avalanche, as in murmur3). */
+static __always_inline __u32 ct_hash(const __u32 *w, const int n, __u32 seed)
+{
+	__u32 h = seed;
+
+#pragma unroll
+	for (int i = 0; i < n; i++) {
+		__u32 k = w[i] * 0xcc9e2d51;
+		k = ct_rotl(k, 15) * 0x1b873593;
+		h = ct_rotl(h ^ k, 13) * 5 + 0xe6546b64;
+	}
+	h ^= n * 4;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* ct_ref is a consistent copy of one slot's entry and where it came from. */
+struct ct_ref {
+	struct ct_entry e;
+	struct ct_entry *slot; /* the slot's entry, for ct_commit */
+	__u32 *seq;
+	__u32 *ep_id; /* the slot key's ep_id: 0 empties the slot */
+	__u32 seen;   /* seq when e was copied */
+	int way;
+};
+
+/* ct_commit writes r->e back if the slot has not changed since it was read;
+ * it returns 0 when it lost a race (the update is skipped). */
+static __always_inline int ct_commit(struct ct_ref *r)
+{
+	if (__sync_val_compare_and_swap(r->seq, r->seen, r->seen + 1) != r->seen)
+		return 0;
+	*r->slot = r->e;
+	__sync_fetch_and_add(r->seq, 1);
+	r->seen += 2;
+	return 1;
+}
+
+/* ct_remove empties r's slot if it has not changed since it was read. */
+static __always_inline void ct_remove(struct ct_ref *r)
+{
+	if (__sync_val_compare_and_swap(r->seq, r->seen, r->seen + 1) != r->seen)
+		return;
+	*r->ep_id = 0;
+	__sync_fetch_and_add(r->seq, 1);
+}
+
+/* victim_rank orders eviction candidates: lower goes first. */
+static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
+{
+	if (ep_id == 0)
+		return 0;
+	if (e->state & (CT_CLOSED | CT_DENIED))
+		return 1ULL + (e->last_seen >> 2);
+	return (1ULL << 62) + (e->last_seen >> 2);
+}
+
+/* CT_TABLE defines PFX_bucket, PFX_find and PFX_insert for one family. */
+#define CT_TABLE(PFX, KEY, BUCKET, MAP, MASK)                                                  \
+	static __always_inline struct BUCKET *PFX##_bucket(const struct KEY *k, __u32 seed)      \
+	{                                                                                        \
+		__u32 idx = ct_hash((const __u32 *)k, sizeof(*k) / 4, seed) & MASK;              \
+		return bpf_map_lookup_elem(&MAP, &idx);                                          \
+	}                                                                                        \
+                                                                                                 \
+	static __always_inline int PFX##_key_eq(const struct KEY *a, const struct KEY *b)       \
+	{                                                                                        \
+		const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;                        \
+		__u32 diff = 0;                                                                  \
+		_Pragma("unroll") for (int i = 0; i < (int)(sizeof(*a) / 4); i++) diff |=        \
+			x[i] ^ y[i];                                                             \
+		return diff == 0;                                                                \
+	}                                                                                        \
+                                                                                                 \
+	/* PFX_find fills r from k's slot and returns 1, or returns 0. */                        \
+	static __always_inline int PFX##_find(struct BUCKET *b, const struct KEY *k,            \
+					      struct ct_ref *r)                                  \
+	{                                                                                        \
+		_Pragma("unroll") for (int i = 0; i < CT_WAYS; i++)                              \
+		{                                                                                \
+			__u32 s = CT_READ_ONCE(b->way[i].seq);                                   \
+			if ((s & 1) || !PFX##_key_eq(&b->way[i].key, k))                         \
+				continue;                                                        \
+			r->e = b->way[i].entry;                                                  \
+			ct_compiler_barrier();                                                   \
+			if (CT_READ_ONCE(b->way[i].seq) != s)                                    \
+				continue;                                                        \
+			r->slot = &b->way[i].entry;                                              \
+			r->seq = &b->way[i].seq;                                                 \
+			r->ep_id = &b->way[i].key.ep_id;                                         \
+			r->seen = s;                                                             \
+			r->way = i;                                                              \
+			return 1;                                                                \
+		}                                                                                \
+		return 0;                                                                        \
+	}                                                                                        \
+                                                                                                 \
+	/* PFX_insert stores (k, e) in way hint (the way that held k, or -1: the                 \
+	 * best victim). It gives up when it loses a race for the slot. */                       \
+	static __always_inline void PFX##_insert(struct BUCKET *b, const struct KEY *k,         \
+						 const struct ct_entry *e, int hint)             \
+	{                                                                                        \
+		__u64 best = ~0ULL;                                                              \
+		__u32 seen = 0;                                                                  \
+		int v = -1;                                                                      \
+		_Pragma("unroll") for (int i = 0; i < CT_WAYS; i++)                              \
+		{                                                                                \
+			__u32 s = CT_READ_ONCE(b->way[i].seq);                                   \
+			__u64 rank;                                                              \
+			if (s & 1)                                                               \
+				continue;                                                        \
+			rank = i == hint ? 0 : victim_rank(b->way[i].key.ep_id, &b->way[i].entry) + 1; \
+			if (rank < best) {                                                       \
+				best = rank;                                                     \
+				seen = s;                                                        \
+				v = i;                                                           \
+			}                                                                        \
+		}                                                                                \
+		if (v < 0 || v >= CT_WAYS)                                                       \
+			return;                                                                  \
+		if (__sync_val_compare_and_swap(&b->way[v].seq, seen, seen + 1) != seen)         \
+			return;                                                                  \
+		b->way[v].key = *k;                                                              \
+		b->way[v].entry = *e;                                                            \
+		__sync_fetch_and_add(&b->way[v].seq, 1);                                         \
+	}
+
+CT_TABLE(ct4, ct4_key, ct4_bucket, conntrack4, ct4_bucket_mask)
+CT_TABLE(ct6, ct_key, ct6_bucket, conntrack6, ct6_bucket_mask)

@@ -1,0 +1,79 @@
+package datapath
+
+import (
+	"fmt"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// epConfigTable is the ep_configs array mapped into this process. BPF reads
+// an endpoint's configuration with one 8-byte load, so it is written with
+// one 8-byte store: a packet sees the old configuration or the new one,
+// never half of each (a map update is a memcpy, which promises neither).
+type epConfigTable struct {
+	mem []byte
+	n   uint32
+}
+
+func init() {
+	if unsafe.Sizeof(EPConfig{}) != 8 {
+		panic("datapath: ep_config must be 8 bytes")
+	}
+}
+
+func mapEPConfigs(m *ebpf.Map) (*epConfigTable, error) {
+	if m.ValueSize() != 8 {
+		return nil, fmt.Errorf("ep_configs: value of %d bytes, want 8 (pinned by another version?)", m.ValueSize())
+	}
+	size := int(m.MaxEntries()) * 8
+	page := os.Getpagesize()
+	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map ep_configs: %w", err)
+	}
+	return &epConfigTable{mem: mem[:size], n: m.MaxEntries()}, nil
+}
+
+func (t *epConfigTable) close() error {
+	if t == nil || t.mem == nil {
+		return nil
+	}
+	err := unix.Munmap(t.mem[:cap(t.mem)])
+	t.mem = nil
+	return err
+}
+
+func (t *epConfigTable) word(id policy.EndpointID) *uint64 {
+	return (*uint64)(unsafe.Pointer(&t.mem[uintptr(id)*8]))
+}
+
+// check reports an endpoint ID the table has no room for.
+func (t *epConfigTable) check(id policy.EndpointID) error {
+	if id == 0 || uint32(id) >= t.n {
+		return fmt.Errorf("endpoint ID %d out of range: the datapath holds IDs 1 to %d", id, t.n-1)
+	}
+	return nil
+}
+
+func (t *epConfigTable) store(id policy.EndpointID, cfg EPConfig) error {
+	if err := t.check(id); err != nil {
+		return err
+	}
+	atomic.StoreUint64(t.word(id), *(*uint64)(unsafe.Pointer(&cfg)))
+	return nil
+}
+
+// load returns endpoint id's configuration; ok is false when it is unmanaged.
+func (t *epConfigTable) load(id policy.EndpointID) (cfg EPConfig, ok bool) {
+	if t.check(id) != nil {
+		return cfg, false
+	}
+	*(*uint64)(unsafe.Pointer(&cfg)) = atomic.LoadUint64(t.word(id))
+	return cfg, cfg.Identity != 0
+}
