@@ -39,15 +39,20 @@ bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
 ## generate: regenerate bpf2go output (needs clang-19) and the CRD manifests.
+# clang's BTF output for these programs depends on the checkout's path (the
+# order of types differs), so generation runs from one fixed path, a
+# symlink to this checkout, for the same bytes on every machine.
+GEN_LINK := /tmp/bulkhead-generate
+GEN_RUN   = flock $(GEN_LINK).lock sh -c 'ln -sfn "$(CURDIR)" $(GEN_LINK) && cd $(GEN_LINK) && $(GO) generate ./...'
 generate:
-	$(GO) generate ./...
+	$(GEN_RUN)
 
 ## check-generated: fail when the committed generated files are stale.
 GENERATED := '*_bpfel.go' '*_bpfel.o' 'manifests/crds/*.yaml' '*zz_generated*.go'
 check-generated: deps
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
 	git ls-files -- $(GENERATED) | while read -r f; do mkdir -p "$$tmp/$$(dirname $$f)"; cp "$$f" "$$tmp/$$f"; done; \
-	$(GO) generate ./... || exit 1; \
+	$(GEN_RUN) || exit 1; \
 	stale=$$(git ls-files -- $(GENERATED) | while read -r f; do cmp -s "$$f" "$$tmp/$$f" || echo "$$f"; done); \
 	new=$$(git ls-files --others --exclude-standard -- $(GENERATED)); \
 	if [ -n "$$stale$$new" ]; then echo "stale or uncommitted generated files:" $$stale $$new; \
