@@ -28,12 +28,15 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
 	}
-	if err := a.submit(ctx, &change{add: rec}); err != nil {
+	c := &change{add: rec}
+	if err := a.submit(ctx, c); err != nil {
 		return api.EndpointAddResponse{}, err
 	}
+	submitted := time.Now()
 	// The policy is live; attaching makes the veth enforce it. Only then
 	// is the endpoint recorded and the ADD answered.
 	mode, err := a.dp.Attach(rec.dpEndpoint())
+	attached := time.Now()
 	if err == nil {
 		a.mu.Lock()
 		rec.Mode = mode
@@ -41,6 +44,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		a.mu.Unlock()
 		err = a.records.Put(recordKey(rec.Key), cp)
 	}
+	persisted := time.Now()
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
 		if derr := a.deleteEndpoint(context.WithoutCancel(ctx), req.EndpointKey); derr != nil {
@@ -55,9 +59,14 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		resp.SPIFFEID = v.identities[uint32(p.Identity)].SPIFFEID
 	}
 	a.metrics.CNIAddSeconds.Observe(time.Since(start).Seconds())
+	// Where the time went: waiting for the batch to start, the batch
+	// (compile and apply, shared by batchSize changes), the attach and the
+	// durable record.
 	a.log.Info("endpoint added", "container", req.ContainerID, "pod", podRefOf(rec).String(), "endpoint", rec.ID,
 		"veth", req.HostVeth, "identity", resp.IdentityID, "spiffeID", resp.SPIFFEID, "mode", rec.Mode,
-		"revision", resp.PolicyRevision, "took", time.Since(start))
+		"revision", resp.PolicyRevision, "took", time.Since(start),
+		"queued", c.batchStart.Sub(start), "batch", submitted.Sub(c.batchStart), "batchSize", c.batchSize,
+		"attach", attached.Sub(submitted), "persist", persisted.Sub(attached))
 	return resp, nil
 }
 
