@@ -33,18 +33,39 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		return api.EndpointAddResponse{}, err
 	}
 	submitted := time.Now()
-	// The policy is live; attaching makes the veth enforce it. Only then
-	// is the endpoint recorded and the ADD answered.
+	// The policy is live; attaching makes the veth enforce it. The record
+	// is made durable meanwhile: a TCX attach spends its time waiting for
+	// RCU grace periods, and the fsyncs need not wait behind them. The ADD
+	// is answered only once both are done. A record that is durable before
+	// its attach is safe: a restarted agent re-attaches every endpoint it
+	// restores.
+	a.mu.Lock()
+	cp := *rec
+	cp.Mode = a.attachMode
+	a.mu.Unlock()
+	var persistTook time.Duration
+	persistErr := make(chan error, 1)
+	go func() {
+		err := a.records.Put(recordKey(rec.Key), cp)
+		persistTook = time.Since(submitted)
+		persistErr <- err
+	}()
 	mode, err := a.dp.Attach(rec.dpEndpoint())
-	attached := time.Now()
+	attachTook := time.Since(submitted)
+	if perr := <-persistErr; err == nil {
+		err = perr
+	}
+	if err == nil && mode != cp.Mode {
+		// A fallback that the start-up probe did not predict: the record
+		// says how the endpoint is attached.
+		cp.Mode = mode
+		err = a.records.Put(recordKey(rec.Key), cp)
+	}
 	if err == nil {
 		a.mu.Lock()
 		rec.Mode = mode
-		cp := *rec
 		a.mu.Unlock()
-		err = a.records.Put(recordKey(rec.Key), cp)
 	}
-	persisted := time.Now()
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
 		if derr := a.deleteEndpoint(context.WithoutCancel(ctx), req.EndpointKey); derr != nil {
@@ -60,13 +81,13 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	}
 	a.metrics.CNIAddSeconds.Observe(time.Since(start).Seconds())
 	// Where the time went: waiting for the batch to start, the batch
-	// (compile and apply, shared by batchSize changes), the attach and the
-	// durable record.
+	// (compile and apply, shared by batchSize changes), then the attach and
+	// the durable record, which run side by side.
 	a.log.Info("endpoint added", "container", req.ContainerID, "pod", podRefOf(rec).String(), "endpoint", rec.ID,
 		"veth", req.HostVeth, "identity", resp.IdentityID, "spiffeID", resp.SPIFFEID, "mode", rec.Mode,
 		"revision", resp.PolicyRevision, "took", time.Since(start),
 		"queued", c.batchStart.Sub(start), "batch", submitted.Sub(c.batchStart), "batchSize", c.batchSize,
-		"attach", attached.Sub(submitted), "persist", persisted.Sub(attached))
+		"attach", attachTook, "persist", persistTook)
 	return resp, nil
 }
 
