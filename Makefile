@@ -59,10 +59,13 @@ check-generated: deps
 		echo "run 'make generate' and commit them"; exit 1; fi; \
 	echo "generated files are up to date"
 
-## build: the binaries, into bin/.
+## build: the binaries, into bin/. bulkhead-cni is static (CGO_ENABLED=0), as
+## the reference plugins are: the runtime starts it for every CNI call, and a
+## dynamically linked one spends about 0.5 ms more in the loader on each.
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -o $(BIN)/ $$($(GO) list ./cmd/... | grep -v '/cmd/bulkhead-cni$$')
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/bulkhead-cni
 
 ## cni-plugins: the reference CNI plugins and cnitool, built once into $(CACHE).
 cni-plugins: $(CNI_BIN)/.done

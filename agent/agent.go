@@ -94,6 +94,10 @@ type change struct {
 	refresh bool
 	// removed is, for del, the endpoint that was removed (nil: unknown).
 	removed *endpointRecord
+	// batchStart and batchSize say when the batch holding the change
+	// began and how many changes it held, for the ADD's timing log.
+	batchStart time.Time
+	batchSize  int
 }
 
 // New opens (or loads) the datapath, restores persisted endpoints, and
@@ -293,6 +297,9 @@ func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) {
 // batch must not make every ADD in it wait for every other's attach.
 func (a *Agent) applyBatch(changes []*change) []error {
 	start := time.Now()
+	for _, c := range changes {
+		c.batchStart, c.batchSize = start, len(changes)
+	}
 	errs := make([]error, len(changes))
 	var added, deleted int
 	for i, c := range changes {

@@ -86,13 +86,13 @@ func DefaultPluginDirs(t testing.TB, withBulkhead bool) []string {
 	if withBulkhead {
 		fi, err := os.Stat(filepath.Join(bin, "bulkhead-cni"))
 		if err != nil {
-			t.Fatalf("bulkhead-cni missing in %s (run `go build -o bin/ ./cmd/bulkhead-cni` or `make build`): %v", bin, err)
+			t.Fatalf("bulkhead-cni missing in %s (run `make build`, or `CGO_ENABLED=0 go build -o bin/ ./cmd/bulkhead-cni`): %v", bin, err)
 		}
 		// A stale binary would make these tests pass or fail for code
 		// that no longer exists.
 		if newer := newestSource(t, root, "cni", "agent/api", "cmd/bulkhead-cni"); newer != "" {
 			if si, err := os.Stat(newer); err == nil && si.ModTime().After(fi.ModTime()) {
-				t.Fatalf("bin/bulkhead-cni is older than %s; rebuild it (`go build -o bin/ ./cmd/bulkhead-cni` or `make build`)", newer)
+				t.Fatalf("bin/bulkhead-cni is older than %s; rebuild it (`make build`, or `CGO_ENABLED=0 go build -o bin/ ./cmd/bulkhead-cni`)", newer)
 			}
 		}
 	}

@@ -1,0 +1,104 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/tests/privileged"
+)
+
+// runAgent runs a real agent (datapath under a private bpffs directory, a
+// dir store with one namespace) until the test ends, and returns it once it
+// is ready.
+func runAgent(t *testing.T) *Agent {
+	t.Helper()
+	privileged.Require(t)
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	if err := os.MkdirAll(store, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ns := "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n"
+	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), []byte(ns), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	a, err := New(Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
+		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"})
+	if err != nil {
+		if errors.Is(err, datapath.ErrNotSupported) {
+			privileged.Unsupported(t, "datapath: %v", err)
+		}
+		t.Fatalf("new agent: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("agent run: %v", err)
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := a.Status(ctx)
+		if err == nil && st.Ready {
+			return a
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready after 10s: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// An ADD whose attach fails is rolled back completely: the error reaches
+// the plugin, and neither the endpoint nor its record (which is written
+// while the attach runs) survives it.
+func TestAddAttachFailureLeavesNothing(t *testing.T) {
+	a := runAgent(t)
+	missing := 1
+	for {
+		if _, err := net.InterfaceByIndex(missing); err != nil {
+			break
+		}
+		missing++
+	}
+	_, err := a.AddEndpoint(context.Background(), api.EndpointAddRequest{
+		EndpointKey: api.EndpointKey{ContainerID: "c0ffee", IfName: "eth0"},
+		Netns:       "/var/run/netns/none", HostVeth: "bh-missing", HostIfIndex: missing,
+		IPs: []netip.Prefix{netip.MustParsePrefix("10.213.255.7/32")},
+		Pod: api.PodRef{Namespace: "shop", Name: "ghost"},
+	})
+	if err == nil {
+		t.Fatal("ADD onto a missing veth succeeded")
+	}
+	list, err := a.ListEndpoints(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list.Endpoints) != 0 {
+		t.Errorf("endpoints after a failed ADD: %+v", list.Endpoints)
+	}
+	keys, err := a.records.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 0 {
+		t.Errorf("records after a failed ADD: %v", keys)
+	}
+}
