@@ -52,10 +52,12 @@ const volatile __u64 ct_timeout_other_ns = 60ULL * 1000000000ULL;
 const volatile __u64 drop_event_interval_ns = 1000000000ULL;
 /* A jiffy (1/HZ) in ns, measured by Go at load: see ct_now. */
 const volatile __u64 jiffy_ns = 4000000;
-/* Wake the event reader only once this much is pending: a wakeup costs more
- * than the rest of a new flow. The reader also polls (see datapath's
- * EventReader), so a quiet ring is still drained promptly. */
-const volatile __u64 ring_wakeup_bytes = 64 * 1024;
+/* Each CPU wakes the event reader once per ring_wakeup_mask+1 events it
+ * emits: a wakeup costs more than the rest of a new flow, and so does asking
+ * the ring how much it holds. Go sizes the mask so that all CPUs together
+ * fill about half the ring between wakeups. The reader also polls (see
+ * datapath's EventReader), so a quiet ring is still drained promptly. */
+const volatile __u64 ring_wakeup_mask = 511;
 
 /* Types only Go reads; referenced so that they land in BTF for bpf2go. */
 struct flow_event *unused_flow_event __attribute__((unused));
@@ -86,11 +88,35 @@ static __always_inline void count_drop(__u8 reason, __u32 len)
 	count(CNT_DROP_BASE + (reason & 15), len);
 }
 
-static __always_inline __u32 ipcache_lookup(const __u32 *addr)
+/* Bucket counts of ipcache_hosts and policy_exact minus one; set by the Go
+ * loader. */
+const volatile __u32 ipcache_host_mask = 16383;
+const volatile __u32 policy_exact_mask = 65535;
+
+/* ipcache_lookup resolves an address to its identity: a host entry from
+ * ipcache_hosts, else the longest prefix from the trie, else world. */
+static __always_inline __u32 ipcache_lookup(const __u32 *addr, __u32 seed)
 {
+	__u32 idx = ct_hash(addr, 4, seed) & ipcache_host_mask;
+	struct ipcache_host_bucket *b = bpf_map_lookup_elem(&ipcache_hosts, &idx);
 	struct ipcache_key k = { .prefixlen = 128 };
 	struct ipcache_value *v;
 
+	if (b) {
+#pragma unroll
+		for (int i = 0; i < EXACT_WAYS; i++) {
+			struct ipcache_host_slot *sl = &b->way[i];
+			__u32 s = CT_READ_ONCE(sl->seq), id;
+
+			if ((s & 1) || ((sl->addr[0] ^ addr[0]) | (sl->addr[1] ^ addr[1]) |
+					(sl->addr[2] ^ addr[2]) | (sl->addr[3] ^ addr[3])))
+				continue;
+			id = sl->identity;
+			ct_compiler_barrier();
+			if (id && CT_READ_ONCE(sl->seq) == s)
+				return id;
+		}
+	}
 	__builtin_memcpy(k.addr, addr, 16);
 	v = bpf_map_lookup_elem(&ipcache, &k);
 	return v ? v->identity : ID_WORLD;
@@ -112,6 +138,39 @@ static __always_inline int ep_config_of(__u32 ep_id, struct ep_config *out)
 
 _Static_assert(sizeof(struct ep_config) == 8, "ep_config is read and written as one word");
 
+/* policy_get copies the value of policy key k (a full-length key: one
+ * protocol, one port) into *out and returns 1, or returns 0: from
+ * policy_exact when it is there, else from the trie's longest match. */
+static __always_inline int policy_get(const struct policy_key *k, __u32 seed,
+				      struct policy_value *out)
+{
+	const __u32 *w = (const __u32 *)&k->ep_id;
+	__u32 idx = ct_hash(w, 4, seed) & policy_exact_mask;
+	struct policy_exact_bucket *b = bpf_map_lookup_elem(&policy_exact, &idx);
+	struct policy_value *v;
+
+	if (b) {
+#pragma unroll
+		for (int i = 0; i < EXACT_WAYS; i++) {
+			struct policy_exact_slot *sl = &b->way[i];
+			__u32 s = CT_READ_ONCE(sl->seq);
+
+			if ((s & 1) || ((sl->key[0] ^ w[0]) | (sl->key[1] ^ w[1]) | (sl->key[2] ^ w[2]) |
+					(sl->key[3] ^ w[3])))
+				continue;
+			*out = sl->value;
+			ct_compiler_barrier();
+			if (out->action && CT_READ_ONCE(sl->seq) == s)
+				return 1;
+		}
+	}
+	v = bpf_map_lookup_elem(&policy, k);
+	if (!v)
+		return 0;
+	*out = *v;
+	return 1;
+}
+
 /* rank is the first criterion of policy.MapState.Lookup's order: an
  * enforcing deny (2) beats an audit deny (1), which beats an allow (0). An
  * audit policy only reports, so however specific it is it must not turn an
@@ -127,7 +186,7 @@ static __always_inline int rank(const struct policy_value *v)
 
 /* policy_decide is the BPF twin of policy.MapState.Lookup. */
 static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *cfg,
-					  __u32 gflags, __u8 dir, __u32 peer,
+					  __u32 gflags, __u32 seed, __u8 dir, __u32 peer,
 					  __u8 proto, __u16 port, struct decision *d)
 {
 	struct policy_key k = {
@@ -139,7 +198,7 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		.proto = proto,
 		.dport = bpf_htons(port),
 	};
-	struct policy_value *exact, *wild, *win;
+	struct policy_value ev, wv, *exact, *wild, *win;
 	__u8 def;
 
 	d->rule = 0;
@@ -150,12 +209,13 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		return;
 	}
 	exact = NULL;
-	if (cfg->flags & (EP_EXACT_PEER << dir))
-		exact = bpf_map_lookup_elem(&policy, &k);
+	if ((cfg->flags & (EP_EXACT_PEER << dir)) && policy_get(&k, seed, &ev))
+		exact = &ev;
 	wild = NULL;
 	if (cfg->flags & (EP_WILD_PEER << dir)) {
 		k.peer = ID_NONE;
-		wild = bpf_map_lookup_elem(&policy, &k);
+		if (policy_get(&k, seed, &wv))
+			wild = &wv;
 	}
 
 	/* An enforcing deny beats an audit deny, which beats an allow; then a
@@ -331,12 +391,13 @@ static __always_inline void emit(const struct pkt *p, __u64 now, __u8 type, __u8
 										  : p->tcp_flags;
 	e->is_reply = is_reply;
 	e->ipv6 = p->ipv6;
-	/* Wake the reader when this event crossed the threshold, once per
-	 * batch; missed crossings (concurrent producers) wait for its poll. */
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= ring_wakeup_bytes &&
-				      avail < ring_wakeup_bytes + 2 * (sizeof(*e) + 8) ?
-				      BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	__u32 idx = CNT_EVENTS;
+	struct counter *c = bpf_map_lookup_elem(&counters, &idx);
+	__u64 wake = BPF_RB_NO_WAKEUP;
+
+	if (c && (c->packets++ & ring_wakeup_mask) == ring_wakeup_mask)
+		wake = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, wake);
 }
 
 /* drop_event_due rate-limits drop events per flow. */
@@ -456,8 +517,8 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 				peer_addr = p->daddr;
 			else
 				peer_addr = p->saddr;
-			peer_id = ipcache_lookup(peer_addr);
-			policy_decide(ep_id, cfg, gflags, r.e.dir, peer_id, p->proto, r.e.dport, &d);
+			peer_id = ipcache_lookup(peer_addr, seed);
+			policy_decide(ep_id, cfg, gflags, seed, r.e.dir, peer_id, p->proto, r.e.dport, &d);
 			r.e.revision = rev;
 			r.e.rule_id = d.rule;
 			r.e.flags = d.flags;
@@ -500,8 +561,8 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		count_verdict(VERDICT_PASS, p->len);
 		return BH_PASS;
 	}
-	peer_id = ipcache_lookup(from_pod ? p->daddr : p->saddr);
-	policy_decide(ep_id, cfg, gflags, dir, peer_id, p->proto, p->policy_port, &d);
+	peer_id = ipcache_lookup(from_pod ? p->daddr : p->saddr, seed);
+	policy_decide(ep_id, cfg, gflags, seed, dir, peer_id, p->proto, p->policy_port, &d);
 	if (d.verdict == VERDICT_DENY) {
 		count_drop(DROP_POLICY, p->len);
 		/* drop_events is keyed by the family-independent key. */

@@ -44,6 +44,7 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 		if err := d.objs.Ipcache.Update(k, v, ebpf.UpdateAny); err != nil {
 			return st, fmt.Errorf("write ipcache: %w", err)
 		}
+		d.putHost(k, v)
 		d.ipcache[k] = v
 		st.IPCacheWrites++
 	}
@@ -78,6 +79,7 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 		if _, ok := desiredIP[k]; ok {
 			continue
 		}
+		d.delHost(k)
 		if err := d.objs.Ipcache.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return st, fmt.Errorf("delete ipcache: %w", err)
 		}
@@ -154,6 +156,7 @@ func (d *Datapath) applyEndpoint(id policy.EndpointID, p *policy.EndpointPolicy,
 		if err := d.objs.Policy.Update(mk, v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("write policy: %w", err)
 		}
+		d.putPolicy(mk, v)
 		live[k] = v
 		st.PolicyWrites++
 	}
@@ -163,6 +166,7 @@ func (d *Datapath) applyEndpoint(id policy.EndpointID, p *policy.EndpointPolicy,
 		}
 		mk := k
 		mk.Slot = target
+		d.delPolicy(mk)
 		if err := d.objs.Policy.Delete(mk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete policy: %w", err)
 		}
@@ -194,6 +198,7 @@ func (d *Datapath) removeEndpoint(id policy.EndpointID, st *ApplyStats) error {
 		for k := range d.slots[ref] {
 			mk := k
 			mk.Slot = slot
+			d.delPolicy(mk)
 			if err := d.objs.Policy.Delete(mk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("delete policy: %w", err)
 			}

@@ -10,6 +10,7 @@ import (
 const (
 	cntVerdictBase = 0
 	cntDropBase    = 8
+	cntEvents      = 30
 	cntEventsLost  = 31
 	cntMax         = 32
 )
@@ -19,8 +20,9 @@ type Counters struct {
 	// ByVerdict is keyed by policy.Verdict, plus VerdictPass.
 	ByVerdict map[policy.Verdict]Counter
 	ByDrop    map[DropReason]Counter
-	// EventsLost counts events the full ring buffer refused.
-	EventsLost uint64
+	// Events counts events written to the ring buffer; EventsLost those
+	// the full ring refused.
+	Events, EventsLost uint64
 }
 
 // Counters reads the per-CPU counters.
@@ -39,6 +41,8 @@ func (d *Datapath) Counters() (Counters, error) {
 		switch {
 		case idx == cntEventsLost:
 			c.EventsLost = sum.Packets
+		case idx == cntEvents:
+			c.Events = sum.Packets
 		case idx >= cntDropBase && idx < cntDropBase+16:
 			if sum.Packets > 0 {
 				c.ByDrop[DropReason(idx-cntDropBase)] = sum

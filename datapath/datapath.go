@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -49,6 +50,9 @@ type Config struct {
 	EventRingBytes uint32
 	// ForceClsact skips TCX, as on kernels older than 6.6.
 	ForceClsact bool
+
+	// exactBuckets, when set, sizes both exact-match tables (tests).
+	exactBuckets uint32
 }
 
 func (c *Config) setDefaults() {
@@ -98,6 +102,8 @@ type Datapath struct {
 	// The conntrack tables and ep_configs, mapped into this process.
 	ct4, ct6 *ctTable
 	epcfg    *epConfigTable
+	// The exact-match tables in front of ipcache and policy.
+	hosts, policyExact *exactTable
 }
 
 type slotRef struct {
@@ -126,8 +132,9 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
 		"endpoints_array": &m.EndpointsArray, "endpoints": &m.Endpoints, "ep_configs": &m.EpConfigs,
 		"policy": &m.Policy, "ipcache": &m.Ipcache, "globals": &m.Globals,
-		"conntrack4": &m.Conntrack4, "conntrack6": &m.Conntrack6,
-		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
+		"conntrack4": &m.Conntrack4, "conntrack6": &m.Conntrack6, "ipcache_hosts": &m.IpcacheHosts,
+		"policy_exact": &m.PolicyExact,
+		"fragments":    &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
 		"events": &m.Events,
 	}
 }
@@ -192,11 +199,14 @@ func New(cfg Config) (*Datapath, error) {
 		}
 		d.log.Info("datapath loaded and pinned", "bpffs", cfg.BPFFS)
 	}
-	var err4, err6, errEP error
+	var err4, err6, errEP, errHosts error
 	d.ct4, err4 = mapCTTable(d.objs.Conntrack4, false)
 	d.ct6, err6 = mapCTTable(d.objs.Conntrack6, true)
 	d.epcfg, errEP = mapEPConfigs(d.objs.EpConfigs)
-	if err := errors.Join(err4, err6, errEP); err != nil {
+	d.hosts, errHosts = mapExactTable(d.objs.IpcacheHosts, "ipcache_hosts", 4, 1)
+	var errPol error
+	d.policyExact, errPol = mapExactTable(d.objs.PolicyExact, "policy_exact", 4, 2)
+	if err := errors.Join(err4, err6, errEP, errHosts, errPol); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -204,6 +214,7 @@ func New(cfg Config) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
+	d.syncExact()
 	return d, nil
 }
 
@@ -225,6 +236,7 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 		"ct_timeout_closing_ns":  uint64(cfg.CTTimeoutClosing),
 		"ct_timeout_other_ns":    uint64(cfg.CTTimeoutOther),
 		"drop_event_interval_ns": uint64(cfg.DropEventInterval),
+		"ring_wakeup_mask":       ringWakeupMask(spec, cfg.EventRingBytes, runtime.NumCPU()),
 	}
 	for name, v := range vars {
 		vs, ok := spec.Variables[name]
@@ -251,12 +263,43 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 			spec.Maps[name].MaxEntries = n
 		}
 	}
-	for name, m := range map[string]string{"ct4_bucket_mask": "conntrack4", "ct6_bucket_mask": "conntrack6"} {
+	// The exact tables: a bucket of 4 slots per 4 entries of their trie,
+	// a power of two.
+	for table, trie := range map[string]string{"ipcache_hosts": "ipcache", "policy_exact": "policy"} {
+		n := uint32(1)
+		for n*exactWays < spec.Maps[trie].MaxEntries {
+			n *= 2
+		}
+		if cfg.exactBuckets != 0 {
+			n = cfg.exactBuckets
+		}
+		spec.Maps[table].MaxEntries = n
+	}
+	for name, m := range map[string]string{"ct4_bucket_mask": "conntrack4", "ct6_bucket_mask": "conntrack6",
+		"ipcache_host_mask": "ipcache_hosts", "policy_exact_mask": "policy_exact"} {
 		if err := spec.Variables[name].Set(spec.Maps[m].MaxEntries - 1); err != nil {
 			return nil, fmt.Errorf("set %s: %w", name, err)
 		}
 	}
 	return spec, nil
+}
+
+// ringWakeupMask is one less than the events each CPU emits between two
+// wakeups of the reader: a power of two such that all CPUs together fill
+// about half the ring in that time. A wakeup costs the emitting CPU about
+// as much as 250 events (interrupt work and the reader's wakeup), so it is
+// kept rare; EventReader's poll drains a ring that fills slowly.
+func ringWakeupMask(spec *ebpf.CollectionSpec, ringBytes uint32, cpus int) uint64 {
+	if ringBytes == 0 {
+		ringBytes = spec.Maps["events"].MaxEntries
+	}
+	const record = uint64(EventSize) + 8 // and the ring's header
+	per := uint64(ringBytes) / 2 / record / uint64(max(cpus, 1))
+	mask := uint64(0)
+	for (mask+1)*2 <= per {
+		mask = mask*2 + 1
+	}
+	return mask
 }
 
 func (d *Datapath) load() error {
@@ -397,7 +440,8 @@ func (d *Datapath) Revision() uint64 {
 // Close releases this process's handles. Pinned objects and links stay, and
 // so does enforcement.
 func (d *Datapath) Close() error {
-	return errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.objs.Close())
+	return errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(),
+		d.policyExact.close(), d.objs.Close())
 }
 
 // Remove detaches every endpoint attached under this BPFFS, unpins

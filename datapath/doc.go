@@ -117,6 +117,21 @@
 // EventReader converts it to CLOCK_MONOTONIC, so event times have a tick's
 // resolution (1/HZ: 4 ms at HZ=250).
 //
+// # Exact-match tables
+//
+// Two arrays of 4-way buckets, "ipcache_hosts" and "policy_exact", hold the
+// full-length entries of the ipcache trie (/32 and /128) and of the policy
+// trie (one protocol, one port) again. BPF looks a key up there first, with
+// an inlined array lookup and a few compares, and goes to the trie on a
+// miss; an LPM lookup is a call that walks the trie, and the two of a new
+// flow were a third of its cost. A full-length entry is always the longest
+// match for its key, and every entry stays in its trie, so the tables
+// change how fast a lookup is, never its answer: a key that finds no free
+// slot is simply found in the trie. Go is their only writer (under d.mu,
+// with a per-slot sequence word, as for conntrack), writes a table entry
+// after its trie entry and deletes it before, and re-synchronises both
+// tables with the tries when it re-opens pins.
+//
 // # Packets policy does not see
 //
 // Non-IP frames (ARP, ...) and IPv6 neighbour discovery pass unjudged. An
@@ -134,7 +149,9 @@
 // Ring buffer events: one per new flow, one per drop (at most one per flow per
 // drop interval), one when a flow ends (FIN/RST in BPF; timeouts reported by
 // GC). Per-CPU counters count packets and bytes by verdict and by drop
-// reason, and events lost to a full ring. Waking the reader costs more than
-// judging a new flow, so BPF wakes it only when 64 KiB are pending and
-// EventReader also polls every 50 ms.
+// reason, events written and events lost to a full ring. Waking the reader
+// costs more than judging a new flow, and so does asking the ring how much
+// it holds, so each CPU wakes the reader once per so many events of its own
+// (all CPUs together fill about half the ring in between), and
+// EventReader also polls every 20 ms.
 package datapath

@@ -224,7 +224,7 @@ type EventReader struct {
 
 const clockRefresh = time.Minute
 
-const eventPollInterval = 50 * time.Millisecond
+const eventPollInterval = 20 * time.Millisecond
 
 // ErrClosed is returned by EventReader.Read after Close.
 var ErrClosed = ringbuf.ErrClosed

@@ -186,8 +186,9 @@ type verdictChecker struct {
 	seen map[string]int
 }
 
-func newVerdictChecker(t testing.TB) *verdictChecker {
-	d := newTestDatapath(t, Config{DropEventInterval: 1})
+func newVerdictChecker(t testing.TB, cfg Config) *verdictChecker {
+	cfg.DropEventInterval = 1
+	d := newTestDatapath(t, cfg)
 	bindTestEndpoint(t, d, uint32(fuzzEP))
 	return &verdictChecker{d: d, ev: openEvents(t, d), seen: map[string]int{}}
 }
@@ -286,32 +287,41 @@ func FuzzDatapathVerdict(f *testing.F) {
 	f.Add([]byte{0})
 	f.Add([]byte{1, 1, 1, 3, 0, 2, 1, 0, 1, 0, 0, 80, 0, 0, 80, 4, 0, 3, 1, 1, 0, 1, 0, 80})
 	f.Add([]byte{3, 2, 2, 0, 8, 1, 4, 1, 2, 1, 0, 1, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12})
-	c := newVerdictChecker(f)
+	c := newVerdictChecker(f, Config{})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c.check(t, data)
 	})
 }
 
 // TestDatapathVerdictRandom runs thousands of seeded random cases in every
-// `go test`, fuzz or not.
+// `go test`, fuzz or not. The "tiny-exact" run gives the exact-match tables
+// one bucket each, so that most keys find no slot there and are found in
+// the tries, and some are in both: the two must always agree.
 func TestDatapathVerdictRandom(t *testing.T) {
-	c := newVerdictChecker(t)
-	rng := rand.New(rand.NewPCG(2, 13))
-	cases := 3000
-	if testing.Short() {
-		cases = 300
-	}
-	buf := make([]byte, 160)
-	for range cases {
-		for i := range buf {
-			buf[i] = uint8(rng.Uint32())
-		}
-		c.check(t, buf)
-	}
-	t.Logf("outcomes: %v", c.seen)
-	for _, k := range []string{"allow", "deny", "audit", "by-rule", "unmanaged", "audit-vs-enforcing-deny"} {
-		if c.seen[k] < cases/50 {
-			t.Errorf("only %d %s outcomes in %d cases: the generator is too narrow", c.seen[k], k, cases)
-		}
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{{"default", Config{}}, {"tiny-exact", Config{exactBuckets: 1}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newVerdictChecker(t, tc.cfg)
+			rng := rand.New(rand.NewPCG(2, 13))
+			cases := 3000
+			if testing.Short() {
+				cases = 300
+			}
+			buf := make([]byte, 160)
+			for range cases {
+				for i := range buf {
+					buf[i] = uint8(rng.Uint32())
+				}
+				c.check(t, buf)
+			}
+			t.Logf("outcomes: %v", c.seen)
+			for _, k := range []string{"allow", "deny", "audit", "by-rule", "unmanaged", "audit-vs-enforcing-deny"} {
+				if c.seen[k] < cases/50 {
+					t.Errorf("only %d %s outcomes in %d cases: the generator is too narrow", c.seen[k], k, cases)
+				}
+			}
+		})
 	}
 }

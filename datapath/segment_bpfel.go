@@ -134,6 +134,18 @@ type segmentGlobalConfig struct {
 	CtSeed   uint32
 }
 
+type segmentIpcacheHostBucket struct {
+	_   structs.HostLayout
+	Way [4]segmentIpcacheHostSlot
+}
+
+type segmentIpcacheHostSlot struct {
+	_        structs.HostLayout
+	Seq      uint32
+	Addr     [4]uint32
+	Identity uint32
+}
+
 type segmentIpcacheKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -143,6 +155,18 @@ type segmentIpcacheKey struct {
 type segmentIpcacheValue struct {
 	_        structs.HostLayout
 	Identity uint32
+}
+
+type segmentPolicyExactBucket struct {
+	_   structs.HostLayout
+	Way [4]segmentPolicyExactSlot
+}
+
+type segmentPolicyExactSlot struct {
+	_     structs.HostLayout
+	Seq   uint32
+	Key   [4]uint32
+	Value segmentPolicyValue
 }
 
 type segmentPolicyKey struct {
@@ -181,7 +205,9 @@ const (
 	segmentMapFragments            = "fragments"
 	segmentMapGlobals              = "globals"
 	segmentMapIpcache              = "ipcache"
+	segmentMapIpcacheHosts         = "ipcache_hosts"
 	segmentMapPolicy               = "policy"
+	segmentMapPolicyExact          = "policy_exact"
 	segmentProgBulkheadClock       = "bulkhead_clock"
 	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
 	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
@@ -193,8 +219,10 @@ const (
 	segmentVarCtTimeoutTcpNs       = "ct_timeout_tcp_ns"
 	segmentVarDropEventIntervalNs  = "drop_event_interval_ns"
 	segmentVarHostIdentity         = "host_identity"
+	segmentVarIpcacheHostMask      = "ipcache_host_mask"
 	segmentVarJiffyNs              = "jiffy_ns"
-	segmentVarRingWakeupBytes      = "ring_wakeup_bytes"
+	segmentVarPolicyExactMask      = "policy_exact_mask"
+	segmentVarRingWakeupMask       = "ring_wakeup_mask"
 	segmentVarUnusedFlowEvent      = "unused_flow_event"
 )
 
@@ -261,7 +289,9 @@ type segmentMapSpecs struct {
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Globals        *ebpf.MapSpec `ebpf:"globals"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	IpcacheHosts   *ebpf.MapSpec `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
+	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
 }
 
 // segmentVariableSpecs contains global variables before they are loaded into the kernel.
@@ -275,8 +305,10 @@ type segmentVariableSpecs struct {
 	CtTimeoutTcpNs      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.VariableSpec `ebpf:"drop_event_interval_ns"`
 	HostIdentity        *ebpf.VariableSpec `ebpf:"host_identity"`
+	IpcacheHostMask     *ebpf.VariableSpec `ebpf:"ipcache_host_mask"`
 	JiffyNs             *ebpf.VariableSpec `ebpf:"jiffy_ns"`
-	RingWakeupBytes     *ebpf.VariableSpec `ebpf:"ring_wakeup_bytes"`
+	PolicyExactMask     *ebpf.VariableSpec `ebpf:"policy_exact_mask"`
+	RingWakeupMask      *ebpf.VariableSpec `ebpf:"ring_wakeup_mask"`
 	UnusedFlowEvent     *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 }
 
@@ -311,7 +343,9 @@ type segmentMaps struct {
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Globals        *ebpf.Map `ebpf:"globals"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	IpcacheHosts   *ebpf.Map `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.Map `ebpf:"policy"`
+	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
 }
 
 func (m *segmentMaps) Close() error {
@@ -327,7 +361,9 @@ func (m *segmentMaps) Close() error {
 		m.Fragments,
 		m.Globals,
 		m.Ipcache,
+		m.IpcacheHosts,
 		m.Policy,
+		m.PolicyExact,
 	)
 }
 
@@ -342,8 +378,10 @@ type segmentVariables struct {
 	CtTimeoutTcpNs      *ebpf.Variable `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.Variable `ebpf:"drop_event_interval_ns"`
 	HostIdentity        *ebpf.Variable `ebpf:"host_identity"`
+	IpcacheHostMask     *ebpf.Variable `ebpf:"ipcache_host_mask"`
 	JiffyNs             *ebpf.Variable `ebpf:"jiffy_ns"`
-	RingWakeupBytes     *ebpf.Variable `ebpf:"ring_wakeup_bytes"`
+	PolicyExactMask     *ebpf.Variable `ebpf:"policy_exact_mask"`
+	RingWakeupMask      *ebpf.Variable `ebpf:"ring_wakeup_mask"`
 	UnusedFlowEvent     *ebpf.Variable `ebpf:"unused_flow_event"`
 }
 

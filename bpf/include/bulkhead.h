@@ -96,6 +96,7 @@ enum bh_event_type {
 /* Counter indexes: verdicts, then drop reasons, then lost events. */
 #define CNT_VERDICT_BASE 0
 #define CNT_DROP_BASE 8
+#define CNT_EVENTS 30 /* events written to the ring (packets field) */
 #define CNT_EVENTS_LOST 31
 #define CNT_MAX 32
 
@@ -133,6 +134,41 @@ struct ipcache_key {
 
 struct ipcache_value {
 	__u32 identity;
+};
+
+
+/* Exact-match tables in front of the two LPM tries. ipcache_hosts holds the
+ * ipcache's full-length entries (IPv4 /32, stored v4-mapped, and IPv6 /128)
+ * again; policy_exact holds the policy entries whose prefix covers the whole
+ * key (one protocol, one port) again. Each is an array of buckets of
+ * EXACT_WAYS slots found by the conntrack hash of the key: a lookup there is
+ * inlined, where an LPM lookup is a call that walks the trie. Only Go writes
+ * them (seq odd while it does); a slot whose value is all zero is empty. A
+ * key that did not fit is found in its trie, which holds every entry, and
+ * a full-length entry is the longest match for its key: the tables change
+ * how fast a lookup is, never what it finds. */
+#define EXACT_WAYS 4
+
+struct ipcache_host_slot {
+	__u32 seq;
+	__u32 addr[4];
+	__u32 identity;
+};
+
+struct ipcache_host_bucket {
+	struct ipcache_host_slot way[EXACT_WAYS];
+};
+
+/* The key is policy_key after prefixlen: ep_id, peer, slot..proto,
+ * dport..pad2. */
+struct policy_exact_slot {
+	__u32 seq;
+	__u32 key[4];
+	struct policy_value value;
+};
+
+struct policy_exact_bucket {
+	struct policy_exact_slot way[EXACT_WAYS];
 };
 
 /* Per-endpoint policy configuration, keyed by endpoint ID. Written by Apply;

@@ -69,6 +69,18 @@ static __always_inline __u32 ct_hash(const __u32 *w, const int n, __u32 seed)
 	return h;
 }
 
+/* ct_launder returns i, a way index, in a form the verifier cannot tell
+ * from any other way index (s is any value it does not know). The paths
+ * that found a flow in way 0, 1, 2 or 3 then hold the same state and are
+ * verified once, not four times over for all the code that follows. */
+static __always_inline int ct_launder(int i, __u32 s)
+{
+	__u32 t = (__u32)i + s;
+
+	barrier_var(t);
+	return (t - s) & (CT_WAYS - 1);
+}
+
 /* ct_ref is a consistent copy of one slot's entry and where it came from. */
 struct ct_ref {
 	struct ct_entry e;
@@ -140,11 +152,12 @@ static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 			ct_compiler_barrier();                                                   \
 			if (CT_READ_ONCE(b->way[i].seq) != s)                                    \
 				continue;                                                        \
-			r->slot = &b->way[i].entry;                                              \
-			r->seq = &b->way[i].seq;                                                 \
-			r->ep_id = &b->way[i].key.ep_id;                                         \
+			int w = ct_launder(i, s);                                                \
+			r->slot = &b->way[w].entry;                                              \
+			r->seq = &b->way[w].seq;                                                 \
+			r->ep_id = &b->way[w].key.ep_id;                                         \
 			r->seen = s;                                                             \
-			r->way = i;                                                              \
+			r->way = w;                                                              \
 			return 1;                                                                \
 		}                                                                                \
 		return 0;                                                                        \
@@ -171,8 +184,9 @@ static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 				v = i;                                                           \
 			}                                                                        \
 		}                                                                                \
-		if (v < 0 || v >= CT_WAYS)                                                       \
+		if (v < 0)                                                                       \
 			return;                                                                  \
+		v = ct_launder(v, seen);                                                         \
 		if (__sync_val_compare_and_swap(&b->way[v].seq, seen, seen + 1) != seen)         \
 			return;                                                                  \
 		b->way[v].key = *k;                                                              \

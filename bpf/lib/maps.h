@@ -57,6 +57,25 @@ struct {
 	__uint(max_entries, 65536);
 } ipcache SEC(".maps");
 
+/* The full-length entries of ipcache and policy, again, for lookups
+ * without a call (see EXACT_WAYS). The Go loader sizes them with their
+ * tries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct policy_exact_bucket);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 65536);
+} policy_exact SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ipcache_host_bucket);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 16384);
+} ipcache_hosts SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);

@@ -1,0 +1,234 @@
+package datapath
+
+import (
+	"fmt"
+	"os"
+	"slices"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// exactTable is ipcache_hosts or policy_exact mapped into this process: the
+// full-length entries of an LPM trie again, in 4-way buckets that BPF
+// searches without a call (see EXACT_WAYS in bpf/include/bulkhead.h). A
+// slot is words: seq, the key, the value; a value of zeros is an empty
+// slot. Go is the only writer and holds d.mu while it writes; a slot's seq
+// is odd while it does. A key that finds no slot stays in the trie alone,
+// which BPF consults on a miss, so a full bucket costs speed, never
+// correctness.
+type exactTable struct {
+	name               string
+	mem                []byte
+	buckets            uint32
+	keyWords, valWords int
+}
+
+const exactWays = 4
+
+func mapExactTable(m *ebpf.Map, name string, keyWords, valWords int) (*exactTable, error) {
+	t := &exactTable{name: name, buckets: m.MaxEntries(), keyWords: keyWords, valWords: valWords}
+	if want := uint32(t.slotWords() * 4 * exactWays); m.ValueSize() != want {
+		return nil, fmt.Errorf("%s: bucket of %d bytes, want %d (pinned by another version?)", name, m.ValueSize(), want)
+	}
+	size := int(t.buckets) * exactWays * t.slotWords() * 4
+	page := os.Getpagesize()
+	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map %s: %w", name, err)
+	}
+	t.mem = mem[:size]
+	return t, nil
+}
+
+func (t *exactTable) close() error {
+	if t == nil || t.mem == nil {
+		return nil
+	}
+	err := unix.Munmap(t.mem[:cap(t.mem)])
+	t.mem = nil
+	return err
+}
+
+func (t *exactTable) slotWords() int { return 1 + t.keyWords + t.valWords }
+
+// slot returns slot i's words: seq, key, value.
+func (t *exactTable) slot(i int) []uint32 {
+	n := t.slotWords()
+	return unsafe.Slice((*uint32)(unsafe.Pointer(&t.mem[i*n*4])), n)
+}
+
+func (t *exactTable) parts(s []uint32) (seq *uint32, key, val []uint32) {
+	return &s[0], s[1 : 1+t.keyWords], s[1+t.keyWords:]
+}
+
+func isZero(w []uint32) bool { return !slices.ContainsFunc(w, func(x uint32) bool { return x != 0 }) }
+
+// write sets a slot's key and value between two seq bumps.
+func (t *exactTable) write(s []uint32, key, val []uint32) {
+	seq, k, v := t.parts(s)
+	atomic.AddUint32(seq, 1)
+	copy(k, key)
+	for i := range v {
+		atomic.StoreUint32(&v[i], val[i])
+	}
+	atomic.AddUint32(seq, 1)
+}
+
+func (t *exactTable) clear(s []uint32) {
+	seq, k, v := t.parts(s)
+	atomic.AddUint32(seq, 1)
+	clear(v)
+	clear(k)
+	atomic.AddUint32(seq, 1)
+}
+
+func (t *exactTable) bucket(key []uint32, seed uint32) int {
+	return int(ctHash(key, seed)&(t.buckets-1)) * exactWays
+}
+
+// put files key with val; it returns false when key's bucket is full.
+func (t *exactTable) put(key, val []uint32, seed uint32) bool {
+	base := t.bucket(key, seed)
+	var free []uint32
+	for w := range exactWays {
+		s := t.slot(base + w)
+		_, k, v := t.parts(s)
+		switch {
+		case !isZero(v) && slices.Equal(k, key):
+			if !slices.Equal(v, val) {
+				t.write(s, key, val)
+			}
+			return true
+		case isZero(v) && free == nil:
+			free = s
+		}
+	}
+	if free == nil {
+		return false
+	}
+	t.write(free, key, val)
+	return true
+}
+
+// del removes key, if it is there.
+func (t *exactTable) del(key []uint32, seed uint32) {
+	base := t.bucket(key, seed)
+	for w := range exactWays {
+		s := t.slot(base + w)
+		if _, k, v := t.parts(s); !isZero(v) && slices.Equal(k, key) {
+			t.clear(s)
+		}
+	}
+}
+
+// get returns key's value, for tests.
+func (t *exactTable) get(key []uint32, seed uint32) ([]uint32, bool) {
+	base := t.bucket(key, seed)
+	for w := range exactWays {
+		if _, k, v := t.parts(t.slot(base + w)); !isZero(v) && slices.Equal(k, key) {
+			return slices.Clone(v), true
+		}
+	}
+	return nil, false
+}
+
+// sync makes the table hold exactly what want says, for the keys that fit:
+// a process that died between writing a trie and its table may have left
+// them apart. want returns a key's value, or false for a key the trie does
+// not hold at full length; all lists every full-length entry.
+func (t *exactTable) sync(seed uint32, want func(key []uint32) ([]uint32, bool), all func(put func(key, val []uint32))) {
+	for i := range int(t.buckets) * exactWays {
+		s := t.slot(i)
+		_, k, v := t.parts(s)
+		if isZero(v) {
+			continue
+		}
+		val, ok := want(k)
+		switch {
+		case !ok || t.bucket(k, seed) != i/exactWays*exactWays:
+			t.clear(s)
+		case !slices.Equal(val, v):
+			t.write(s, slices.Clone(k), val)
+		}
+	}
+	all(func(key, val []uint32) { t.put(key, val, seed) })
+}
+
+// policyFullBits is POLICY_FULL_BITS: a key with one protocol and one port.
+const policyFullBits = policyProtoBits + 16
+
+func policyExactKey(k *PolicyKey) []uint32 {
+	w := (*[unsafe.Sizeof(PolicyKey{}) / 4]uint32)(unsafe.Pointer(k))
+	return slices.Clone(w[1:])
+}
+
+func policyExactValue(v PolicyValue) []uint32 {
+	w := (*[unsafe.Sizeof(PolicyValue{}) / 4]uint32)(unsafe.Pointer(&v))
+	return slices.Clone(w[:])
+}
+
+// putPolicy and delPolicy keep policy_exact in step with the trie; mk is
+// the key as written to the trie (with its slot).
+func (d *Datapath) putPolicy(mk PolicyKey, v PolicyValue) {
+	if mk.Prefixlen == policyFullBits {
+		d.policyExact.put(policyExactKey(&mk), policyExactValue(v), d.global.CtSeed)
+	}
+}
+
+func (d *Datapath) delPolicy(mk PolicyKey) {
+	if mk.Prefixlen == policyFullBits {
+		d.policyExact.del(policyExactKey(&mk), d.global.CtSeed)
+	}
+}
+
+func (d *Datapath) putHost(k IPCacheKey, v IPCacheValue) {
+	if k.Prefixlen == 128 {
+		d.hosts.put(k.Addr[:], []uint32{v.Identity}, d.global.CtSeed)
+	}
+}
+
+func (d *Datapath) delHost(k IPCacheKey) {
+	if k.Prefixlen == 128 {
+		d.hosts.del(k.Addr[:], d.global.CtSeed)
+	}
+}
+
+// syncExact makes both exact tables match the tries' mirrors.
+func (d *Datapath) syncExact() {
+	seed := d.global.CtSeed
+	d.hosts.sync(seed, func(key []uint32) ([]uint32, bool) {
+		v, ok := d.ipcache[IPCacheKey{Prefixlen: 128, Addr: [4]uint32(key)}]
+		return []uint32{v.Identity}, ok
+	}, func(put func(key, val []uint32)) {
+		for k, v := range d.ipcache {
+			if k.Prefixlen == 128 {
+				put(k.Addr[:], []uint32{v.Identity})
+			}
+		}
+	})
+	d.policyExact.sync(seed, func(key []uint32) ([]uint32, bool) {
+		var mk PolicyKey
+		w := (*[unsafe.Sizeof(PolicyKey{}) / 4]uint32)(unsafe.Pointer(&mk))
+		w[0] = policyFullBits
+		copy(w[1:], key)
+		slot := mk.Slot
+		mk.Slot = 0
+		v, ok := d.slots[slotRef{policy.EndpointID(mk.EpId), slot}][mk]
+		return policyExactValue(v), ok
+	}, func(put func(key, val []uint32)) {
+		for ref, entries := range d.slots {
+			for k, v := range entries {
+				if k.Prefixlen == policyFullBits {
+					mk := k
+					mk.Slot = ref.slot
+					put(policyExactKey(&mk), policyExactValue(v))
+				}
+			}
+		}
+	})
+}
