@@ -116,7 +116,7 @@ demo-check:
 
 ## bench: the named benchmarks, pinned to one CPU.
 bench: deps bpffs cni-plugins build
-	BULKHEAD_PRIVILEGED=1 taskset -c 1 $(GO) test -run '^$$' -bench . -benchmem ./...
+	BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchmem ./...
 
 ## demo: the embedded-default demo (no Kubernetes, no SPIRE). DEMO_FLAGS=--keep
 ## leaves the agent and the pods running for exploring.
