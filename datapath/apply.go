@@ -32,6 +32,9 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var st ApplyStats
+	if d.epcfg == nil {
+		return st, errClosed
+	}
 
 	desiredIP := make(map[IPCacheKey]IPCacheValue, len(ms.IPCache))
 	for p, id := range ms.IPCache {

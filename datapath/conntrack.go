@@ -190,8 +190,10 @@ func ctHash(words []uint32, seed uint32) uint32 {
 // eachConntrack calls fn with every entry of both tables. IPv4 keys are
 // given in ConntrackKey's v4-mapped form.
 func (d *Datapath) eachConntrack(fn func(ConntrackKey, ConntrackItem, ctRef)) error {
+	d.unmapMu.RLock()
+	defer d.unmapMu.RUnlock()
 	if d.ct4 == nil || d.ct6 == nil {
-		return errors.New("conntrack tables are not mapped")
+		return errClosed
 	}
 	d.ct4.each(fn)
 	d.ct6.each(fn)
@@ -236,7 +238,13 @@ func (d *Datapath) ctSeed() uint32 {
 // lookupConntrack reads the entry of one flow; ebpf.ErrKeyNotExist if
 // there is none.
 func (d *Datapath) lookupConntrack(k ConntrackKey, v *ConntrackItem) error {
-	e, _, ok := d.ctTableOf(k).find(k, d.ctSeed())
+	seed := d.ctSeed()
+	d.unmapMu.RLock()
+	defer d.unmapMu.RUnlock()
+	if d.ct4 == nil {
+		return errClosed
+	}
+	e, _, ok := d.ctTableOf(k).find(k, seed)
 	if !ok {
 		return ebpf.ErrKeyNotExist
 	}
@@ -246,12 +254,20 @@ func (d *Datapath) lookupConntrack(k ConntrackKey, v *ConntrackItem) error {
 
 // deleteConntrack deletes the entry of one flow.
 func (d *Datapath) deleteConntrack(k ConntrackKey) error {
-	_, ref, ok := d.ctTableOf(k).find(k, d.ctSeed())
+	seed := d.ctSeed()
+	d.unmapMu.RLock()
+	defer d.unmapMu.RUnlock()
+	if d.ct4 == nil {
+		return errClosed
+	}
+	_, ref, ok := d.ctTableOf(k).find(k, seed)
 	if !ok || !ref.remove() {
 		return ebpf.ErrKeyNotExist
 	}
 	return nil
 }
+
+var errClosed = errors.New("datapath closed")
 
 // deleteConntrackWhere deletes every entry for which del returns true, and
 // returns how many it deleted.

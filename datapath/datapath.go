@@ -99,7 +99,10 @@ type Datapath struct {
 	// in a MapState is never modified, so the same pointer means no change.
 	applied map[policy.EndpointID]*policy.EndpointPolicy
 
-	// The conntrack tables and ep_configs, mapped into this process.
+	// The conntrack tables, ep_configs and the exact-match tables, mapped
+	// into this process. Code that reads them without holding mu holds
+	// unmapMu for reading; Close unmaps them holding both.
+	unmapMu  sync.RWMutex
 	ct4, ct6 *ctTable
 	epcfg    *epConfigTable
 	// The exact-match tables in front of ipcache and policy.
@@ -440,8 +443,13 @@ func (d *Datapath) Revision() uint64 {
 // Close releases this process's handles. Pinned objects and links stay, and
 // so does enforcement.
 func (d *Datapath) Close() error {
-	return errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(),
-		d.policyExact.close(), d.objs.Close())
+	d.mu.Lock()
+	d.unmapMu.Lock()
+	err := errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(), d.policyExact.close())
+	d.ct4, d.ct6, d.epcfg, d.hosts, d.policyExact = nil, nil, nil, nil, nil
+	d.unmapMu.Unlock()
+	d.mu.Unlock()
+	return errors.Join(err, d.objs.Close())
 }
 
 // Remove detaches every endpoint attached under this BPFFS, unpins

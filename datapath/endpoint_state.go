@@ -123,6 +123,11 @@ func clsactLive(l netlink.Link, h hook) (bool, error) {
 
 // EndpointIdentity reads the identity the live maps give endpoint id.
 func (d *Datapath) EndpointIdentity(id policy.EndpointID) (identity.NumericID, error) {
+	d.unmapMu.RLock()
+	defer d.unmapMu.RUnlock()
+	if d.epcfg == nil {
+		return 0, errClosed
+	}
 	if err := d.epcfg.check(id); err != nil {
 		return 0, err
 	}

@@ -55,6 +55,9 @@ func (t *epConfigTable) word(id policy.EndpointID) *uint64 {
 
 // check reports an endpoint ID the table has no room for.
 func (t *epConfigTable) check(id policy.EndpointID) error {
+	if t == nil {
+		return errClosed
+	}
 	if id == 0 || uint32(id) >= t.n {
 		return fmt.Errorf("endpoint ID %d out of range: the datapath holds IDs 1 to %d", id, t.n-1)
 	}

@@ -19,8 +19,9 @@ import (
 // "added-p50-x-ptp": Bulkhead's added p50 as a multiple of the ptp step.
 //
 // TCX attach and detach each wait for an RCU grace period under the RTNL
-// lock (about 8-16 ms here, and concurrent ADDs queue behind it); cls_bpf
-// does not. So both attach modes are measured.
+// lock (about 5 ms for a pod's first attach here and 16 ms for its second,
+// and concurrent ADDs queue behind them); cls_bpf does not. So both attach
+// modes are measured.
 func BenchmarkCNIAddAgent(b *testing.B) {
 	for _, mode := range []string{"tcx", "clsact"} {
 		b.Run(mode, func(b *testing.B) { benchCNIAddAgent(b, mode) })
