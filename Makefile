@@ -114,7 +114,7 @@ demo-check:
 	if [ -n "$$left" ]; then echo "make demo left behind:$$left"; exit 1; fi; \
 	echo "make demo left nothing behind"
 
-## bench: the named benchmarks, pinned to one CPU.
+## bench: every benchmark (BenchmarkDatapath pins its own thread to one CPU).
 bench: deps bpffs cni-plugins build
 	BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchmem ./...
 
