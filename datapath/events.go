@@ -216,7 +216,7 @@ type EventReader struct {
 
 	// The conntrack clock plus offset is CLOCK_MONOTONIC, re-measured
 	// every clockRefresh: with a jiffy rounded to whole nanoseconds (HZ
-	// 300) the two drift apart by about 0.1 ms an hour.
+	// 300) the two drift apart by about 0.4 ms an hour.
 	d        *Datapath
 	offset   int64
 	offsetAt time.Time
