@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -85,23 +84,19 @@ func mapCTTable(m *ebpf.Map, v6 bool) (*ctTable, error) {
 	if want := uint32(t.slotSize * ctWays); m.ValueSize() != want {
 		return nil, fmt.Errorf("conntrack table: bucket of %d bytes, want %d (pinned by another version?)", m.ValueSize(), want)
 	}
-	size := int(t.buckets) * ctWays * int(t.slotSize)
-	page := os.Getpagesize()
-	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	var err error
+	t.mem, err = mapArray(m, "conntrack table", int(t.buckets)*ctWays*int(t.slotSize))
 	if err != nil {
-		return nil, fmt.Errorf("map conntrack table: %w", err)
+		return nil, err
 	}
-	t.mem = mem[:size]
 	return t, nil
 }
 
 func (t *ctTable) close() error {
-	if t == nil || t.mem == nil {
+	if t == nil {
 		return nil
 	}
-	err := unix.Munmap(t.mem[:cap(t.mem)])
-	t.mem = nil
-	return err
+	return unmapArray(&t.mem)
 }
 
 func (t *ctTable) seq(off uintptr) *uint32 { return (*uint32)(unsafe.Pointer(&t.mem[off])) }
@@ -238,33 +233,36 @@ func (d *Datapath) ctSeed() uint32 {
 // lookupConntrack reads the entry of one flow; ebpf.ErrKeyNotExist if
 // there is none.
 func (d *Datapath) lookupConntrack(k ConntrackKey, v *ConntrackItem) error {
+	return d.findConntrack(k, func(e ConntrackItem, _ ctRef) error {
+		*v = e
+		return nil
+	})
+}
+
+// findConntrack calls fn with the entry of one flow and its slot, or
+// returns ebpf.ErrKeyNotExist.
+func (d *Datapath) findConntrack(k ConntrackKey, fn func(ConntrackItem, ctRef) error) error {
 	seed := d.ctSeed()
 	d.unmapMu.RLock()
 	defer d.unmapMu.RUnlock()
 	if d.ct4 == nil {
 		return errClosed
 	}
-	e, _, ok := d.ctTableOf(k).find(k, seed)
+	e, ref, ok := d.ctTableOf(k).find(k, seed)
 	if !ok {
 		return ebpf.ErrKeyNotExist
 	}
-	*v = e
-	return nil
+	return fn(e, ref)
 }
 
 // deleteConntrack deletes the entry of one flow.
 func (d *Datapath) deleteConntrack(k ConntrackKey) error {
-	seed := d.ctSeed()
-	d.unmapMu.RLock()
-	defer d.unmapMu.RUnlock()
-	if d.ct4 == nil {
-		return errClosed
-	}
-	_, ref, ok := d.ctTableOf(k).find(k, seed)
-	if !ok || !ref.remove() {
-		return ebpf.ErrKeyNotExist
-	}
-	return nil
+	return d.findConntrack(k, func(_ ConntrackItem, ref ctRef) error {
+		if !ref.remove() {
+			return ebpf.ErrKeyNotExist
+		}
+		return nil
+	})
 }
 
 var errClosed = errors.New("datapath closed")

@@ -2,12 +2,10 @@ package datapath
 
 import (
 	"fmt"
-	"os"
 	"sync/atomic"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 )
@@ -31,22 +29,18 @@ func mapEPConfigs(m *ebpf.Map) (*epConfigTable, error) {
 	if m.ValueSize() != 8 {
 		return nil, fmt.Errorf("ep_configs: value of %d bytes, want 8 (pinned by another version?)", m.ValueSize())
 	}
-	size := int(m.MaxEntries()) * 8
-	page := os.Getpagesize()
-	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mem, err := mapArray(m, "ep_configs", int(m.MaxEntries())*8)
 	if err != nil {
-		return nil, fmt.Errorf("map ep_configs: %w", err)
+		return nil, err
 	}
-	return &epConfigTable{mem: mem[:size], n: m.MaxEntries()}, nil
+	return &epConfigTable{mem: mem, n: m.MaxEntries()}, nil
 }
 
 func (t *epConfigTable) close() error {
-	if t == nil || t.mem == nil {
+	if t == nil {
 		return nil
 	}
-	err := unix.Munmap(t.mem[:cap(t.mem)])
-	t.mem = nil
-	return err
+	return unmapArray(&t.mem)
 }
 
 func (t *epConfigTable) word(id policy.EndpointID) *uint64 {

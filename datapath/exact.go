@@ -2,13 +2,11 @@ package datapath
 
 import (
 	"fmt"
-	"os"
 	"slices"
 	"sync/atomic"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 )
@@ -35,23 +33,19 @@ func mapExactTable(m *ebpf.Map, name string, keyWords, valWords int) (*exactTabl
 	if want := uint32(t.slotWords() * 4 * exactWays); m.ValueSize() != want {
 		return nil, fmt.Errorf("%s: bucket of %d bytes, want %d (pinned by another version?)", name, m.ValueSize(), want)
 	}
-	size := int(t.buckets) * exactWays * t.slotWords() * 4
-	page := os.Getpagesize()
-	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)/page*page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	var err error
+	t.mem, err = mapArray(m, name, int(t.buckets)*exactWays*t.slotWords()*4)
 	if err != nil {
-		return nil, fmt.Errorf("map %s: %w", name, err)
+		return nil, err
 	}
-	t.mem = mem[:size]
 	return t, nil
 }
 
 func (t *exactTable) close() error {
-	if t == nil || t.mem == nil {
+	if t == nil {
 		return nil
 	}
-	err := unix.Munmap(t.mem[:cap(t.mem)])
-	t.mem = nil
-	return err
+	return unmapArray(&t.mem)
 }
 
 func (t *exactTable) slotWords() int { return 1 + t.keyWords + t.valWords }
