@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"math/bits"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -166,20 +165,20 @@ func (t *ctTable) find(k ConntrackKey, seed uint32) (ConntrackItem, ctRef, bool)
 	return ConntrackItem{}, ctRef{}, false
 }
 
-// ctHash is ct_hash in bpf/lib/ct.h.
+// ctHashMuls and ctHash are their twins in bpf/lib/ct.h.
+var ctHashMuls = [11]uint64{
+	0x9e3779b97f4a7c15, 0xbf58476d1ce4e5b9, 0x94d049bb133111eb, 0xd6e8feb86659fd93,
+	0xa0761d6478bd642f, 0xe7037ed1a0b428db, 0x8ebc6af09c88c6e3, 0x589965cc75374cc3,
+	0x1d8e4e27c47d124f, 0xc2b2ae3d27d4eb4f, 0x165667b19e3779f9,
+}
+
 func ctHash(words []uint32, seed uint32) uint32 {
-	h := seed
-	for _, w := range words {
-		k := bits.RotateLeft32(w*0xcc9e2d51, 15) * 0x1b873593
-		h = bits.RotateLeft32(h^k, 13)*5 + 0xe6546b64
+	var sum uint64
+	for i, w := range words {
+		sum += uint64(w^seed) * ctHashMuls[i]
 	}
-	h ^= uint32(len(words) * 4)
-	h ^= h >> 16
-	h *= 0x85ebca6b
-	h ^= h >> 13
-	h *= 0xc2b2ae35
-	h ^= h >> 16
-	return h
+	sum ^= sum >> 32
+	return uint32((sum * 0x9e3779b97f4a7c15) >> 32)
 }
 
 // eachConntrack calls fn with every entry of both tables. IPv4 keys are

@@ -57,3 +57,33 @@ func TestExactTablesResyncOnOpen(t *testing.T) {
 		t.Errorf("after re-open, an address the ipcache does not hold is still there: %v", got)
 	}
 }
+
+// TestCTHashSpreads checks that ct_hash's Go twin spreads the keys nodes
+// really see (one client address and consecutive source ports, a /16 of
+// consecutive addresses on one port, IPv6 keys that differ in one word)
+// over the buckets about as evenly as random placement would: for 65,536
+// keys in 16,384 buckets (4 each on average) random placement's fullest
+// bucket holds about 13, and a hash that keeps structure piles far more
+// into some buckets.
+func TestCTHashSpreads(t *testing.T) {
+	const buckets = 16384
+	for _, seed := range []uint32{0, 1, 0xdeadbeef, 0x80000000} {
+		for name, key := range map[string]func(i uint32) []uint32{
+			"ports":   func(i uint32) []uint32 { return []uint32{0x0a000001, 0x0a000002, 7, i<<16 | 80, 6} },
+			"addrs":   func(i uint32) []uint32 { return []uint32{0x0a000000 + i, 0x0a640001, 7, 40000<<16 | 443, 6} },
+			"ipv6":    func(i uint32) []uint32 { return []uint32{0xfd00, 0, 0, i, 0xfd00, 0, 0, 1, 3, 80<<16 | 5353, 17} },
+			"ep-port": func(i uint32) []uint32 { return []uint32{0x0a000001, 0x0a000002, i >> 8, (i&0xff)<<16 | 53, 17} },
+		} {
+			load := make([]int, buckets)
+			most := 0
+			for i := range uint32(4 * buckets) {
+				b := ctHash(key(i), seed) & (buckets - 1)
+				load[b]++
+				most = max(most, load[b])
+			}
+			if most > 20 {
+				t.Errorf("seed %#x, %s: fullest bucket holds %d of %d keys (random: about 13)", seed, name, most, 4*buckets)
+			}
+		}
+	}
+}
