@@ -35,6 +35,12 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 	if d.epcfg == nil {
 		return st, errClosed
 	}
+	// Refuse an endpoint the maps cannot hold before writing anything.
+	for id := range ms.Endpoints {
+		if err := d.epcfg.check(id); err != nil {
+			return st, err
+		}
+	}
 
 	desiredIP := make(map[IPCacheKey]IPCacheValue, len(ms.IPCache))
 	for p, id := range ms.IPCache {
@@ -52,11 +58,6 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 		st.IPCacheWrites++
 	}
 
-	for id := range ms.Endpoints {
-		if err := d.epcfg.check(id); err != nil {
-			return st, err
-		}
-	}
 	for id, p := range ms.Endpoints {
 		// The compiler hands unchanged endpoints over as the same
 		// *EndpointPolicy; re-encoding them on every apply would make each

@@ -755,4 +755,7 @@ func TestEndpointIDRange(t *testing.T) {
 	if _, err := d.EndpointIdentity(testEP); err == nil {
 		t.Fatal("a refused apply configured an endpoint")
 	}
+	if _, ok, err := d.IPCacheLookup(clientIP); err != nil || ok {
+		t.Fatalf("a refused apply wrote the ipcache: %v %v", ok, err)
+	}
 }
