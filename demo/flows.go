@@ -105,26 +105,12 @@ func (idx flowIndex) deciding(c Cell, o Outcome) *flows.Flow {
 // "ingress of shop/db: default deny" or "ingress: BulkheadPolicy shop/api
 // rule ingress[0]".
 func deciderText(f *flows.Flow) string {
-	for _, side := range []struct {
-		dir string
-		ps  []*flows.Policy
-	}{
-		{"ingress", f.IngressDeniedBy}, {"egress", f.EgressDeniedBy},
-		{"ingress", f.IngressAllowedBy}, {"egress", f.EgressAllowedBy},
-	} {
-		for _, p := range side.ps {
+	for _, ps := range [][]*flows.Policy{f.IngressDeniedBy, f.EgressDeniedBy, f.IngressAllowedBy, f.EgressAllowedBy} {
+		for _, p := range ps {
 			if p.Kind == "default" {
 				continue
 			}
-			name := p.Name
-			if p.Namespace != "" {
-				name = p.Namespace + "/" + p.Name
-			}
-			s := p.Kind + " " + name
-			if p.Rule != "" {
-				s += " " + p.Rule
-			}
-			return s
+			return p.String()
 		}
 	}
 	if p := f.DecidingPolicy(); p != nil {
