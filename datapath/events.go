@@ -286,7 +286,8 @@ func (r *EventReader) measureOffset() error {
 // or Close (ErrClosed).
 func (r *EventReader) Read() (FlowEvent, error) {
 	for {
-		poll := time.Now().Add(eventPollInterval)
+		now := time.Now()
+		poll := now.Add(eventPollInterval)
 		if !r.deadline.IsZero() && r.deadline.Before(poll) {
 			poll = r.deadline
 		}
@@ -298,7 +299,7 @@ func (r *EventReader) Read() (FlowEvent, error) {
 			if err != nil {
 				return ev, err
 			}
-			if time.Since(r.offsetAt) > clockRefresh {
+			if now.Sub(r.offsetAt) > clockRefresh {
 				if err := r.measureOffset(); err != nil {
 					r.d.log.Warn("event clock", "error", err)
 				}
