@@ -223,23 +223,33 @@ func (d *Datapath) Detach(ep Endpoint) error {
 		if err != nil {
 			return err
 		}
-		var errs []error
-		for _, h := range hooks() {
-			errs = append(errs, d.detachTCX(d.linkPin(nsID, ifindex, h)))
-			if err := netlink.FilterDel(clsactFilter(ifindex, h)); err != nil &&
-				!errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.EINVAL) {
-				errs = append(errs, fmt.Errorf("delete cls_bpf %s: %w", h.name, err))
-			}
-		}
-		if err := d.setEndpoint(ifindex, 0); err != nil {
-			errs = append(errs, fmt.Errorf("forget endpoint: %w", err))
-		}
-		return errors.Join(errs...)
+		return d.detachIfindex(nsID, ifindex, true)
 	})
 	if err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", ep.ID, err)
 	}
 	return nil
+}
+
+// detachIfindex removes both hooks' TCX links (by their pins) and, when
+// clsact is set, our cls_bpf filters from ifindex in the current netns, and
+// forgets the endpoint the ifindex named.
+func (d *Datapath) detachIfindex(nsID uint64, ifindex int, clsact bool) error {
+	var errs []error
+	for _, h := range hooks() {
+		errs = append(errs, d.detachTCX(d.linkPin(nsID, ifindex, h)))
+		if !clsact {
+			continue
+		}
+		if err := netlink.FilterDel(clsactFilter(ifindex, h)); err != nil &&
+			!errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.EINVAL) {
+			errs = append(errs, fmt.Errorf("delete cls_bpf %s: %w", h.name, err))
+		}
+	}
+	if err := d.setEndpoint(ifindex, 0); err != nil {
+		errs = append(errs, fmt.Errorf("forget endpoint: %w", err))
+	}
+	return errors.Join(errs...)
 }
 
 func (d *Datapath) detachTCX(pin string) error {

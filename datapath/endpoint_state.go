@@ -28,20 +28,11 @@ func (d *Datapath) Forget(ep Endpoint) error {
 		if err != nil {
 			return err
 		}
-		var errs []error
-		for _, h := range hooks() {
-			errs = append(errs, d.detachTCX(d.linkPin(nsID, ep.Ifindex, h)))
-			if l, err := netlink.LinkByIndex(ep.Ifindex); err == nil && (ep.Ifname == "" || l.Attrs().Name == ep.Ifname) {
-				if err := netlink.FilterDel(clsactFilter(ep.Ifindex, h)); err != nil &&
-					!errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.EINVAL) {
-					errs = append(errs, fmt.Errorf("delete cls_bpf %s: %w", h.name, err))
-				}
-			}
-		}
-		if err := d.setEndpoint(ep.Ifindex, 0); err != nil {
-			errs = append(errs, fmt.Errorf("forget endpoint: %w", err))
-		}
-		return errors.Join(errs...)
+		// Filters are deleted only from the device the endpoint had: the
+		// ifindex may name another device by now.
+		l, err := netlink.LinkByIndex(ep.Ifindex)
+		ours := err == nil && (ep.Ifname == "" || l.Attrs().Name == ep.Ifname)
+		return d.detachIfindex(nsID, ep.Ifindex, ours)
 	})
 	if err != nil {
 		return fmt.Errorf("forget endpoint %d on ifindex %d: %w", ep.ID, ep.Ifindex, err)
