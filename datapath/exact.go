@@ -120,17 +120,6 @@ func (t *exactTable) del(key []uint32, seed uint32) {
 	}
 }
 
-// get returns key's value, for tests.
-func (t *exactTable) get(key []uint32, seed uint32) ([]uint32, bool) {
-	base := t.bucket(key, seed)
-	for w := range exactWays {
-		if _, k, v := t.parts(t.slot(base + w)); !isZero(v) && slices.Equal(k, key) {
-			return slices.Clone(v), true
-		}
-	}
-	return nil, false
-}
-
 // sync makes the table hold exactly what want says, for the keys that fit:
 // a process that died between writing a trie and its table may have left
 // them apart. want returns a key's value, or false for a key the trie does

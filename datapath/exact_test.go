@@ -2,8 +2,20 @@ package datapath
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 )
+
+// get returns key's value from an exact table.
+func (t *exactTable) get(key []uint32, seed uint32) ([]uint32, bool) {
+	base := t.bucket(key, seed)
+	for w := range exactWays {
+		if _, k, v := t.parts(t.slot(base + w)); !isZero(v) && slices.Equal(k, key) {
+			return slices.Clone(v), true
+		}
+	}
+	return nil, false
+}
 
 // TestExactTablesResyncOnOpen leaves the exact-match tables out of step
 // with the tries, as a process that died between the two writes would, and
