@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"syscall"
@@ -439,5 +440,72 @@ func TestApplyFailureLeavesOldState(t *testing.T) {
 	}
 	if failed == 0 {
 		t.Error("no injected failure failed an Apply")
+	}
+}
+
+// TestApplyCrashThenReopen stops an Apply part-way, as a killed agent's
+// would (every write from the fifth on fails), and re-opens the pins as the
+// next agent does: the old state is live, the new process rebuilds both
+// generations' mirrors from the maps and knows which one is live, and its
+// first Apply makes the new state live, mirrors and maps in agreement.
+func TestApplyCrashThenReopen(t *testing.T) {
+	d := newTestDatapath(t, Config{})
+	u := newAtomicUniverse()
+	probes := u.probes()
+	old, new := relabelStates()
+	// More for the crashed apply to leave half-written.
+	new.Endpoints[2] = &policy.EndpointPolicy{Identity: 259, Entries: fillers(600, 40)}
+	if _, err := d.Apply(old); err != nil {
+		t.Fatal(err)
+	}
+	writes := 0
+	d.beforeWrite = func(string) error {
+		if writes++; writes >= 5 {
+			return syscall.EINTR
+		}
+		return nil
+	}
+	if _, err := d.Apply(new); err == nil {
+		t.Fatal("the crashed apply succeeded")
+	}
+	d.beforeWrite = nil
+
+	d2, err := New(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	if d2.liveGen() != d.liveGen() || d2.Revision() != d.Revision() {
+		t.Fatalf("re-opened: live generation %d revision %d, want %d %d", d2.liveGen(), d2.Revision(), d.liveGen(), d.Revision())
+	}
+	for g := range 2 {
+		a, b := &d.gens[g], &d2.gens[g]
+		if a.flags != b.flags || !maps.Equal(a.epConfigs, b.epConfigs) || !maps.Equal(a.ipcache, b.ipcache) {
+			t.Fatalf("generation %d: re-opened mirrors differ from the crashed process's", g)
+		}
+		for id, e := range a.slots {
+			if !maps.Equal(e, b.slots[id]) {
+				t.Fatalf("generation %d endpoint %d: re-opened policy mirror differs", g, id)
+			}
+		}
+	}
+	pr := newProber(t, d2, u)
+	if bad := pr.mismatches(old, probes); len(bad) > 0 {
+		t.Fatalf("after the crash the old state is not live: %v", bad)
+	}
+	st, err := d2.Apply(new)
+	if err != nil || !st.Published {
+		t.Fatalf("apply after re-open: %+v %v", st, err)
+	}
+	if bad := pr.mismatches(new, probes); len(bad) > 0 {
+		t.Fatalf("after the re-opened apply: %v", bad)
+	}
+	live := liveSlots(t, d2)
+	for g := range uint8(2) {
+		for id, want := range d2.gens[g].slots {
+			if len(want)+len(live[genRef{id, g}]) > 0 && !maps.Equal(live[genRef{id, g}], want) {
+				t.Fatalf("endpoint %d generation %d: map and mirror differ", id, g)
+			}
+		}
 	}
 }
