@@ -115,30 +115,63 @@ func (o *Object) lineOf(err error) int {
 }
 
 func fieldLine(root *yaml.Node, fe *field.Error) int {
-	n := root
-	line := root.Line
-	for _, tok := range splitPath(fe.Field) {
-		var next *yaml.Node
-		if idx, err := strconv.Atoi(tok); err == nil && n.Kind == yaml.SequenceNode {
-			if idx < len(n.Content) {
-				next = n.Content[idx]
-			}
-		} else if n.Kind == yaml.MappingNode {
-			for i := 0; i+1 < len(n.Content); i += 2 {
-				if n.Content[i].Value == tok {
-					next = n.Content[i+1]
-					line = n.Content[i].Line
-					break
-				}
-			}
-		}
-		if next == nil {
-			break
-		}
-		n = next
-		line = n.Line
+	return pathLine(root, splitPath(fe.Field))
+}
+
+// pathLine is the line of the deepest node of path that root has: a
+// mapping key's own line, or a list element's. A path token that names no
+// index in a list (the paths of type errors have none) is looked for in
+// each element in turn.
+func pathLine(root *yaml.Node, path []string) int {
+	line, _ := findPath(root, path)
+	if line == 0 {
+		return root.Line
 	}
 	return line
+}
+
+// findPath returns the line of the deepest node of path under n (0: none)
+// and how many tokens it matched.
+func findPath(n *yaml.Node, path []string) (int, int) {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	if len(path) == 0 {
+		return 0, 0
+	}
+	tok := path[0]
+	switch n.Kind {
+	case yaml.SequenceNode:
+		if idx, err := strconv.Atoi(tok); err == nil {
+			if idx < 0 || idx >= len(n.Content) {
+				return 0, 0
+			}
+			el := n.Content[idx]
+			line, depth := findPath(el, path[1:])
+			if line == 0 {
+				line = el.Line
+			}
+			return line, depth + 1
+		}
+		best, bestDepth := 0, 0
+		for _, el := range n.Content {
+			if line, depth := findPath(el, path); depth > bestDepth {
+				best, bestDepth = line, depth
+			}
+		}
+		return best, bestDepth
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if n.Content[i].Value == tok {
+				line, depth := findPath(n.Content[i+1], path[1:])
+				if line == 0 {
+					line = n.Content[i].Line
+				}
+				return line, depth + 1
+			}
+		}
+	}
+	return 0, 0
 }
 
 // splitPath turns "spec.ingress[0].from" into [spec ingress 0 from].
