@@ -123,7 +123,7 @@ func New(cfg Config) (*Agent, error) {
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
 
-	src, err := NewSource(cfg.Store, cfg.StoreDebounce)
+	src, err := NewSource(cfg.Store, cfg.StoreDebounce, cfg.Logger.With("component", "store"))
 	if err != nil {
 		return nil, err
 	}

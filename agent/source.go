@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -26,30 +27,49 @@ type Source interface {
 
 // NewSource parses --store. Only dir:PATH exists today; a kubernetes
 // source implements the same interface.
-func NewSource(spec string, debounce time.Duration) (Source, error) {
+func NewSource(spec string, debounce time.Duration, log *slog.Logger) (Source, error) {
 	if dir, ok := strings.CutPrefix(spec, "dir:"); ok && dir != "" {
-		return &DirSource{Dir: dir, Debounce: debounce}, nil
+		return &DirSource{Dir: dir, Debounce: debounce, Logger: log}, nil
 	}
 	return nil, fmt.Errorf("--store %q: want dir:PATH", spec)
 }
 
-// DirSource reads every *.yaml file of a folder and reloads after changes.
+// DirSource reads every store file (*.yaml, *.yml) of a folder and reloads
+// after complete changes (agent/dirwatch): it never hands over a file that
+// is halfway through being written, or a mix of two versions of a
+// ConfigMap volume.
 type DirSource struct {
 	Dir      string
 	Debounce time.Duration
+	Logger   *slog.Logger
 }
 
 func (s *DirSource) String() string { return "dir:" + s.Dir }
 
 // Run watches the folder; a reload happens once a burst of changes settles.
 func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail func([]api.StoreError)) error {
-	return dirwatch.Watch(ctx, s.Dir, s.Debounce, func() {
+	log := s.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	opt := dirwatch.Options{Debounce: s.Debounce, StoreFile: store.StoreFile, Logger: log}
+	return dirwatch.Watch(ctx, s.Dir, opt, func(quiet func() bool) bool {
 		res, err := store.Load(s.Dir, store.Options{})
+		if errors.Is(err, store.ErrChanged) {
+			log.Info("store changed while it was read; reading it again", "error", err)
+			return false
+		}
+		if !quiet() {
+			// Something changed after it was read: what was read may
+			// be half of a change. The change schedules the next read.
+			return true
+		}
 		if err != nil {
 			fail(storeErrors(err))
-			return
+			return true
 		}
 		update(res)
+		return true
 	})
 }
 

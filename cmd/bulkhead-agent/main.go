@@ -25,7 +25,7 @@ var version = "dev"
 func main() {
 	var cfg agent.Config
 	fs := flag.NewFlagSet("bulkhead-agent", flag.ExitOnError)
-	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml file in PATH)")
+	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml and *.yml file in PATH)")
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the agent API (mode 0600)")
 	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "where endpoint records persist across restarts")
 	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
