@@ -21,6 +21,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/agent/state"
+	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
@@ -46,6 +47,8 @@ type Agent struct {
 	stopping chan struct{}
 	// features are the kernel features probed at start.
 	features []api.Feature
+	// guard holds back store states that remove too much at once.
+	guard *storeguard.Guard
 
 	// view is what readers use: replaced after every apply, never mutated.
 	view atomic.Pointer[view]
@@ -157,6 +160,10 @@ func New(cfg Config) (*Agent, error) {
 		}
 		return out
 	})
+	if a.guard, err = newStoreGuard(cfg, a.metrics, a.storeUpdated); err != nil {
+		dp.Close()
+		return nil, err
+	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
 		dp.Close()
@@ -235,7 +242,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	wg.Go(func() {
-		err := a.source.Run(ctx, func(r *store.Result) { a.storeUpdated(ctx, r) }, a.storeFailed)
+		defer a.guard.Stop()
+		err := a.source.Run(ctx, func(r *store.Result) { a.guard.Offer(ctx, r) },
+			func(serrs []api.StoreError) { a.guard.Fail(); a.storeFailed(serrs) })
 		if err != nil {
 			errc <- fmt.Errorf("store: %w", err)
 		}

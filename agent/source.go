@@ -10,6 +10,8 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/dirwatch"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
+	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/policy/store"
 )
 
@@ -71,6 +73,34 @@ func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail fu
 		update(res)
 		return true
 	})
+}
+
+// newStoreGuard holds store states back (agent/storeguard) before they
+// reach apply, and reports holds in metrics.
+func newStoreGuard(cfg Config, m *metrics.Metrics, apply func(context.Context, *store.Result)) (*storeguard.Guard, error) {
+	return storeguard.New(storeguard.Config{
+		Grace:  cfg.StoreShrinkGrace,
+		Logger: cfg.Logger.With("component", "store"),
+		OnHold: func(h *storeguard.Hold) {
+			if h == nil {
+				m.StoreHeld.Set(0)
+				return
+			}
+			m.StoreHeld.Set(1)
+			m.StoreHolds.Inc()
+		},
+	}, apply)
+}
+
+// storeHold is the guard's hold for status.
+func storeHold(g *storeguard.Guard) *api.StoreHold {
+	h := g.Held()
+	if h == nil {
+		return nil
+	}
+	return &api.StoreHold{Reason: h.Reason, Since: h.Since, Until: h.Until,
+		AppliedObjects: h.AppliedObjects, AppliedPolicies: h.AppliedPolicies,
+		HeldObjects: h.HeldObjects, HeldPolicies: h.HeldPolicies}
 }
 
 // storeErrors flattens a load error into file:line problems.

@@ -31,6 +31,10 @@ type Metrics struct {
 	CompileSeconds prometheus.Histogram
 	ApplySeconds   prometheus.Histogram
 	CNIAddSeconds  prometheus.Histogram
+	// StoreHeld is 1 while a store state that removes too much at once is
+	// held back; StoreHolds counts such holds.
+	StoreHeld  prometheus.Gauge
+	StoreHolds prometheus.Counter
 }
 
 // MapStat is how full one BPF map is.
@@ -76,11 +80,17 @@ func New(mapStats func() []MapStat) *Metrics {
 			Namespace: namespace, Name: "cni_add_seconds", Help: "Time the agent took to serve a CNI ADD, until enforcement was live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12),
 		}),
+		StoreHeld: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "store_held", Help: "1 while a store state that removes every policy or most objects at once is held back for its grace period.",
+		}),
+		StoreHolds: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "store_holds_total", Help: "Store states held back because they removed every policy or most objects at once.",
+		}),
 	}
 	m.LostEvents.WithLabelValues("kernel")
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
-		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds,
+		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.StoreHeld, m.StoreHolds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})
