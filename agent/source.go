@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -79,8 +80,9 @@ func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail fu
 // reach apply, and reports holds in metrics.
 func newStoreGuard(cfg Config, m *metrics.Metrics, apply func(context.Context, *store.Result)) (*storeguard.Guard, error) {
 	return storeguard.New(storeguard.Config{
-		Grace:  cfg.StoreShrinkGrace,
-		Logger: cfg.Logger.With("component", "store"),
+		Grace:     cfg.StoreShrinkGrace,
+		StatePath: filepath.Join(cfg.StateDir, "store-applied.json"),
+		Logger:    cfg.Logger.With("component", "store"),
 		OnHold: func(h *storeguard.Hold) {
 			if h == nil {
 				m.StoreHeld.Set(0)

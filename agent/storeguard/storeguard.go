@@ -9,8 +9,12 @@ package storeguard
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"reflect"
 	"sync"
 	"sync/atomic"
@@ -36,8 +40,13 @@ type Hold struct {
 type Config struct {
 	// Grace is how long a shrunken state must stay the same before it is
 	// applied. It must be positive.
-	Grace  time.Duration
-	Logger *slog.Logger
+	Grace time.Duration
+	// StatePath, if set, is a file where the guard keeps what the last
+	// applied state held, so that an agent restarted on an emptied store
+	// holds it back too, while the pinned maps keep enforcing the last
+	// state.
+	StatePath string
+	Logger    *slog.Logger
 	// OnHold, if set, is called when a hold begins (with it) and ends
 	// (with nil), for metrics.
 	OnHold func(*Hold)
@@ -51,7 +60,7 @@ type Guard struct {
 	// mu serialises decisions and applies, so that states are applied in
 	// the order they were offered.
 	mu      sync.Mutex
-	applied *store.Result
+	applied *Summary
 	held    *store.Result
 	timer   *time.Timer
 	// gen counts holds, so that a timer of an ended hold does nothing.
@@ -62,7 +71,8 @@ type Guard struct {
 	hold atomic.Pointer[Hold]
 }
 
-// New returns a Guard that passes states to apply.
+// New returns a Guard that passes states to apply. With cfg.StatePath, the
+// last applied state of an earlier run is the baseline for the first one.
 func New(cfg Config, apply func(context.Context, *store.Result)) (*Guard, error) {
 	if cfg.Grace <= 0 {
 		return nil, fmt.Errorf("store shrink grace %v: must be positive", cfg.Grace)
@@ -70,34 +80,59 @@ func New(cfg Config, apply func(context.Context, *store.Result)) (*Guard, error)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Guard{cfg: cfg, apply: apply}, nil
+	g := &Guard{cfg: cfg, apply: apply}
+	if cfg.StatePath != "" {
+		s, err := loadSummary(cfg.StatePath)
+		if err != nil {
+			// Without it the first state is applied as it is, as on a
+			// fresh node.
+			cfg.Logger.Warn("last applied store state unreadable; the first store state is not compared with it", "error", err)
+		}
+		g.applied = s
+	}
+	return g, nil
+}
+
+// Summary is what Shrinks compares: the objects of a state, by kind,
+// namespace and name, and how many of them are policies.
+type Summary struct {
+	Refs     []string `json:"refs"`
+	Policies int      `json:"policies"`
+}
+
+// Summarize summarises a store state.
+func Summarize(r *store.Result) *Summary {
+	s := &Summary{Refs: make([]string, 0, len(r.Objects)), Policies: policies(r)}
+	for _, o := range r.Objects {
+		s.Refs = append(s.Refs, o.Ref())
+	}
+	return s
 }
 
 // Shrinks says why next removes too much of prev to apply at once, or ""
 // when it does not: when prev has policies and next has none, or when more
 // than half of prev's objects (by kind, namespace and name) are not in
-// next. Exactly half is not "most". The first state (prev nil) never
+// next. Exactly half is not "most". Without a prev (a fresh node) nothing
 // shrinks.
-func Shrinks(prev, next *store.Result) string {
+func Shrinks(prev, next *Summary) string {
 	if prev == nil {
 		return ""
 	}
-	pp, np := policies(prev), policies(next)
-	if pp > 0 && np == 0 {
-		return fmt.Sprintf("every policy is gone (%d before, none now)", pp)
+	if prev.Policies > 0 && next.Policies == 0 {
+		return fmt.Sprintf("every policy is gone (%d before, none now)", prev.Policies)
 	}
-	have := make(map[string]bool, len(next.Objects))
-	for _, o := range next.Objects {
-		have[o.Ref()] = true
+	have := make(map[string]bool, len(next.Refs))
+	for _, r := range next.Refs {
+		have[r] = true
 	}
 	lost := 0
-	for _, o := range prev.Objects {
-		if !have[o.Ref()] {
+	for _, r := range prev.Refs {
+		if !have[r] {
 			lost++
 		}
 	}
-	if 2*lost > len(prev.Objects) {
-		return fmt.Sprintf("%d of its %d objects are gone", lost, len(prev.Objects))
+	if 2*lost > len(prev.Refs) {
+		return fmt.Sprintf("%d of its %d objects are gone", lost, len(prev.Refs))
 	}
 	return ""
 }
@@ -114,14 +149,14 @@ func (g *Guard) Offer(ctx context.Context, next *store.Result) {
 	if g.stopped {
 		return
 	}
-	reason := Shrinks(g.applied, next)
+	sum := Summarize(next)
+	reason := Shrinks(g.applied, sum)
 	if reason == "" {
 		if g.held != nil {
 			g.cfg.Logger.Info("store no longer removes too much at once; hold ended", "objects", len(next.Objects), "policies", policies(next))
 		}
 		g.endHold()
-		g.applied = next
-		g.apply(ctx, next)
+		g.pass(ctx, next, sum)
 		return
 	}
 	if g.held != nil && reflect.DeepEqual(g.held.Snapshot, next.Snapshot) {
@@ -131,7 +166,7 @@ func (g *Guard) Offer(ctx context.Context, next *store.Result) {
 	now := time.Now()
 	h := &Hold{
 		Reason: reason, Since: now, Until: now.Add(g.cfg.Grace),
-		AppliedObjects: len(g.applied.Objects), AppliedPolicies: policies(g.applied),
+		AppliedObjects: len(g.applied.Refs), AppliedPolicies: g.applied.Policies,
 		HeldObjects: len(next.Objects), HeldPolicies: policies(next),
 	}
 	g.held = next
@@ -168,8 +203,19 @@ func (g *Guard) expire(ctx context.Context, gen uint64) {
 	next := g.held
 	g.cfg.Logger.Warn("store state applied after its grace period", "objects", len(next.Objects), "policies", policies(next))
 	g.endHold()
-	g.applied = next
+	g.pass(ctx, next, Summarize(next))
+}
+
+// pass applies a state and records it as the baseline. Called with g.mu
+// held.
+func (g *Guard) pass(ctx context.Context, next *store.Result, sum *Summary) {
+	g.applied = sum
 	g.apply(ctx, next)
+	if g.cfg.StatePath != "" {
+		if err := saveSummary(g.cfg.StatePath, sum); err != nil {
+			g.cfg.Logger.Warn("record the applied store state", "error", err)
+		}
+	}
 }
 
 // endHold forgets the held state. Called with g.mu held.
@@ -203,4 +249,38 @@ func (g *Guard) Stop() {
 	defer g.mu.Unlock()
 	g.endHold()
 	g.stopped = true
+}
+
+func loadSummary(path string) (*Summary, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	var s Summary
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", path, err)
+	}
+	return &s, nil
+}
+
+// saveSummary writes the file whole or not at all (write, then rename).
+func saveSummary(path string, s *Summary) error {
+	data, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
 }

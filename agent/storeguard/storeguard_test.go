@@ -3,6 +3,8 @@ package storeguard
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -64,18 +66,18 @@ func TestShrinks(t *testing.T) {
 		{"most replaced by others", prefixed(t, "other", 8, 2), true},
 	}
 	for _, tt := range tests {
-		if got := Shrinks(prev, tt.next); (got != "") != tt.shrink {
+		if got := Shrinks(Summarize(prev), Summarize(tt.next)); (got != "") != tt.shrink {
 			t.Errorf("%s: Shrinks = %q, want shrink=%v", tt.name, got, tt.shrink)
 		}
 	}
-	if got := Shrinks(nil, state(t, 0, 0)); got != "" {
+	if got := Shrinks(nil, Summarize(state(t, 0, 0))); got != "" {
 		t.Errorf("the first state shrinks: %q", got)
 	}
 	// A store with no policies that loses half or less of its objects.
-	if got := Shrinks(state(t, 2, 0), state(t, 2, 0, "ns1")); got != "" {
+	if got := Shrinks(Summarize(state(t, 2, 0)), Summarize(state(t, 2, 0, "ns1"))); got != "" {
 		t.Errorf("1 of 2 namespaces lost: %q", got)
 	}
-	if got := Shrinks(state(t, 1, 0), state(t, 0, 0)); got == "" {
+	if got := Shrinks(Summarize(state(t, 1, 0)), Summarize(state(t, 0, 0))); got == "" {
 		t.Error("the only object lost: no shrink")
 	}
 }
@@ -105,10 +107,15 @@ func (a *applied) last() *store.Result {
 
 func newGuard(t *testing.T, grace time.Duration) (*Guard, *applied, *[]*Hold) {
 	t.Helper()
+	return newGuardAt(t, grace, "")
+}
+
+func newGuardAt(t *testing.T, grace time.Duration, statePath string) (*Guard, *applied, *[]*Hold) {
+	t.Helper()
 	a := &applied{}
 	var mu sync.Mutex
 	var holds []*Hold
-	g, err := New(Config{Grace: grace, OnHold: func(h *Hold) {
+	g, err := New(Config{Grace: grace, StatePath: statePath, OnHold: func(h *Hold) {
 		mu.Lock()
 		defer mu.Unlock()
 		holds = append(holds, h)
@@ -204,6 +211,40 @@ func TestGuardHoldEnds(t *testing.T) {
 	time.Sleep(2 * grace)
 	if a.count() != 2 || g.Held() != nil {
 		t.Fatalf("after Fail: %d applies, hold %+v", a.count(), g.Held())
+	}
+}
+
+// An agent restarted on an emptied store holds it back too: the pinned maps
+// still enforce the last applied state, which the guard remembers.
+func TestGuardRemembersTheAppliedStateAcrossRestarts(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state", "store-applied.json")
+	ctx := context.Background()
+	g, a, _ := newGuardAt(t, time.Hour, path)
+	g.Offer(ctx, state(t, 3, 2))
+	if a.count() != 1 {
+		t.Fatal("first state not applied")
+	}
+	g.Stop()
+
+	g2, a2, _ := newGuardAt(t, time.Hour, path)
+	g2.Offer(ctx, state(t, 0, 0))
+	if h := g2.Held(); a2.count() != 0 || h == nil || h.AppliedObjects != 5 || h.AppliedPolicies != 2 {
+		t.Fatalf("after a restart, an empty store: %d applies, hold %+v; want it held", a2.count(), h)
+	}
+	// A state like the last applied one is applied at once.
+	g2.Offer(ctx, state(t, 3, 2))
+	if a2.count() != 1 || g2.Held() != nil {
+		t.Fatalf("after a restart, the same store: %d applies, hold %+v", a2.count(), g2.Held())
+	}
+
+	// An unreadable record is no baseline, and no error.
+	if err := os.WriteFile(path, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g3, a3, _ := newGuardAt(t, time.Hour, path)
+	g3.Offer(ctx, state(t, 0, 0))
+	if a3.count() != 1 {
+		t.Fatal("with an unreadable record, the first state was not applied")
 	}
 }
 

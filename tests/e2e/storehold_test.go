@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -92,6 +93,50 @@ func TestEmptiedStoreIsHeldBack(t *testing.T) {
 	}
 	if st := status(t, e); st.StoreHeld != nil {
 		t.Fatalf("still held after the grace period: %+v", st.StoreHeld)
+	}
+}
+
+// An agent restarted on an emptied store holds it back as well: the pinned
+// maps keep enforcing the last applied state, which the agent remembers in
+// its state dir, and a restart must not open every pod at once.
+func TestRestartOnEmptiedStoreIsHeldBack(t *testing.T) {
+	e := newEnv(t, "ptp")
+	e.extraArgs = []string{"--store-shrink-grace", "1m"}
+	e.writeStore("shop.yaml", shopStore)
+	e.writeStore("policy.yaml", apiOnlyFromFrontend)
+	e.startAgent()
+	front, apiPod, db := e.addPod("shop", "frontend"), e.addPod("shop", "api"), e.addPod("shop", "db")
+	apiPod.serve(t, 8080)
+	if !front.tcpWorks(apiPod.IPv4, 8080) || db.tcpWorks(apiPod.IPv4, 8080) {
+		t.Fatal("policy not enforced as expected")
+	}
+	e.stopAgent(syscall.SIGTERM)
+	e.removeStore("shop.yaml")
+	e.removeStore("policy.yaml")
+	e.launchAgent()
+	var st api.StatusResponse
+	if !eventually(10*time.Second, func() bool {
+		s, err := e.client.Status(context.Background())
+		st = s
+		return err == nil && s.StoreHeld != nil
+	}) {
+		t.Fatalf("the emptied store was not held back after a restart (last status %+v):\n%s", st, e.agentLogs())
+	}
+	if st.StoreHeld.AppliedPolicies != 1 || st.StoreHeld.AppliedObjects != 5 {
+		t.Fatalf("hold: %+v", st.StoreHeld)
+	}
+	if db.tcpWorks(apiPod.IPv4, 8080) || !front.tcpWorks(apiPod.IPv4, 8080) {
+		t.Fatal("a restart on an emptied store changed enforcement")
+	}
+	// The files come back: the hold ends and the agent is ready.
+	e.writeStore("shop.yaml", shopStore)
+	e.writeStore("policy.yaml", apiOnlyFromFrontend)
+	e.waitReady()
+	if st := status(t, e); st.StoreHeld != nil {
+		t.Fatalf("still held: %+v", st.StoreHeld)
+	}
+	if db.tcpWorks(apiPod.IPv4, 8080) || !front.tcpWorks(apiPod.IPv4, 8080) {
+		t.Fatal("policy not enforced after the store came back")
 	}
 }
 
