@@ -226,8 +226,15 @@ func (w *watcher) warnWriting() {
 func (w *watcher) handle(buf []byte) {
 	for off := 0; off+unix.SizeofInotifyEvent <= len(buf); {
 		ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
-		nameBytes := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
-		off += unix.SizeofInotifyEvent + int(ev.Len)
+		end := off + unix.SizeofInotifyEvent + int(ev.Len)
+		if end > len(buf) {
+			// The kernel returns whole events only; treat a short one
+			// as lost events.
+			w.event(-1, unix.IN_Q_OVERFLOW, "")
+			return
+		}
+		nameBytes := buf[off+unix.SizeofInotifyEvent : end]
+		off = end
 		name := string(trimNUL(nameBytes))
 		w.event(int(ev.Wd), ev.Mask, name)
 	}
