@@ -21,6 +21,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/agent/state"
+	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
@@ -46,6 +47,8 @@ type Agent struct {
 	stopping chan struct{}
 	// features are the kernel features probed at start.
 	features []api.Feature
+	// guard holds back store states that remove too much at once.
+	guard *storeguard.Guard
 
 	// view is what readers use: replaced after every apply, never mutated.
 	view atomic.Pointer[view]
@@ -127,7 +130,7 @@ func New(cfg Config) (*Agent, error) {
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
 
-	src, err := NewSource(cfg.Store, cfg.StoreDebounce)
+	src, err := NewSource(cfg.Store, cfg.StoreDebounce, cfg.Logger.With("component", "store"))
 	if err != nil {
 		return nil, err
 	}
@@ -161,6 +164,10 @@ func New(cfg Config) (*Agent, error) {
 		}
 		return out
 	})
+	if a.guard, err = newStoreGuard(cfg, a.metrics, a.storeUpdated); err != nil {
+		dp.Close()
+		return nil, err
+	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
 		dp.Close()
@@ -241,7 +248,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	wg.Go(func() {
-		err := a.source.Run(ctx, func(r *store.Result) { a.storeUpdated(ctx, r) }, a.storeFailed)
+		defer a.guard.Stop()
+		err := a.source.Run(ctx, func(r *store.Result) { a.guard.Offer(ctx, r) },
+			func(serrs []api.StoreError) { a.guard.Fail(); a.storeFailed(serrs) })
 		if err != nil {
 			errc <- fmt.Errorf("store: %w", err)
 		}

@@ -40,6 +40,10 @@ type Config struct {
 	DenyHostIngress bool
 	// StoreDebounce is how long the store must be quiet before a reload.
 	StoreDebounce time.Duration
+	// StoreShrinkGrace is how long a store state that removes every policy
+	// or most objects at once must stay the same before it is applied
+	// (agent/storeguard). Zero means DefaultStoreShrinkGrace.
+	StoreShrinkGrace time.Duration
 	// Version is reported in status.
 	Version string
 	Logger  *slog.Logger
@@ -52,6 +56,9 @@ const (
 	DefaultStore    = "dir:/etc/bulkhead"
 	DefaultStateDir = "/var/run/bulkhead"
 	DefaultMetrics  = "127.0.0.1:9962"
+	// DefaultStoreShrinkGrace is long enough for a copy of a store to
+	// finish, short enough that an intended change does not wait long.
+	DefaultStoreShrinkGrace = 30 * time.Second
 )
 
 func (c *Config) setDefaults() error {
@@ -79,6 +86,9 @@ func (c *Config) setDefaults() error {
 	if c.StoreDebounce <= 0 {
 		c.StoreDebounce = 200 * time.Millisecond
 	}
+	if c.StoreShrinkGrace == 0 {
+		c.StoreShrinkGrace = DefaultStoreShrinkGrace
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -88,6 +98,9 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
+	}
+	if c.StoreShrinkGrace < 0 {
+		errs = append(errs, fmt.Errorf("--store-shrink-grace %v: must be positive", c.StoreShrinkGrace))
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))

@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/dirwatch"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
+	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/policy/store"
 )
 
@@ -26,31 +30,79 @@ type Source interface {
 
 // NewSource parses --store. Only dir:PATH exists today; a kubernetes
 // source implements the same interface.
-func NewSource(spec string, debounce time.Duration) (Source, error) {
+func NewSource(spec string, debounce time.Duration, log *slog.Logger) (Source, error) {
 	if dir, ok := strings.CutPrefix(spec, "dir:"); ok && dir != "" {
-		return &DirSource{Dir: dir, Debounce: debounce}, nil
+		return &DirSource{Dir: dir, Debounce: debounce, Logger: log}, nil
 	}
 	return nil, fmt.Errorf("--store %q: want dir:PATH", spec)
 }
 
-// DirSource reads every *.yaml file of a folder and reloads after changes.
+// DirSource reads every store file (*.yaml, *.yml) of a folder and reloads
+// after complete changes (agent/dirwatch): it never hands over a file that
+// is halfway through being written, or a mix of two versions of a
+// ConfigMap volume.
 type DirSource struct {
 	Dir      string
 	Debounce time.Duration
+	Logger   *slog.Logger
 }
 
 func (s *DirSource) String() string { return "dir:" + s.Dir }
 
 // Run watches the folder; a reload happens once a burst of changes settles.
 func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail func([]api.StoreError)) error {
-	return dirwatch.Watch(ctx, s.Dir, s.Debounce, func() {
+	log := s.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	opt := dirwatch.Options{Debounce: s.Debounce, StoreFile: store.StoreFile, Logger: log}
+	return dirwatch.Watch(ctx, s.Dir, opt, func(quiet func() bool) bool {
 		res, err := store.Load(s.Dir, store.Options{})
+		if errors.Is(err, store.ErrChanged) {
+			log.Info("store changed while it was read; reading it again", "error", err)
+			return false
+		}
+		if !quiet() {
+			// Something changed after it was read: what was read may
+			// be half of a change. The change schedules the next read.
+			return true
+		}
 		if err != nil {
 			fail(storeErrors(err))
-			return
+			return true
 		}
 		update(res)
+		return true
 	})
+}
+
+// newStoreGuard holds store states back (agent/storeguard) before they
+// reach apply, and reports holds in metrics.
+func newStoreGuard(cfg Config, m *metrics.Metrics, apply func(context.Context, *store.Result)) (*storeguard.Guard, error) {
+	return storeguard.New(storeguard.Config{
+		Grace:     cfg.StoreShrinkGrace,
+		StatePath: filepath.Join(cfg.StateDir, "store-applied.json"),
+		Logger:    cfg.Logger.With("component", "store"),
+		OnHold: func(h *storeguard.Hold) {
+			if h == nil {
+				m.StoreHeld.Set(0)
+				return
+			}
+			m.StoreHeld.Set(1)
+			m.StoreHolds.Inc()
+		},
+	}, apply)
+}
+
+// storeHold is the guard's hold for status.
+func storeHold(g *storeguard.Guard) *api.StoreHold {
+	h := g.Held()
+	if h == nil {
+		return nil
+	}
+	return &api.StoreHold{Reason: h.Reason, Since: h.Since, Until: h.Until,
+		AppliedObjects: h.AppliedObjects, AppliedPolicies: h.AppliedPolicies,
+		HeldObjects: h.HeldObjects, HeldPolicies: h.HeldPolicies}
 }
 
 // storeErrors flattens a load error into file:line problems.

@@ -178,6 +178,19 @@ type StoreError struct {
 	Message string `json:"message"`
 }
 
+// StoreHold is a store state that removes every policy or most objects at
+// once. The agent keeps enforcing the last applied state, and applies the
+// held one at Until if the store stays the same until then.
+type StoreHold struct {
+	Reason          string    `json:"reason"`
+	Since           time.Time `json:"since"`
+	Until           time.Time `json:"until"`
+	AppliedObjects  int       `json:"appliedObjects"`
+	AppliedPolicies int       `json:"appliedPolicies"`
+	HeldObjects     int       `json:"heldObjects"`
+	HeldPolicies    int       `json:"heldPolicies"`
+}
+
 // StatusResponse is the agent's health and summary. Ready is false until
 // the agent has restored pinned state and can enforce new endpoints.
 type StatusResponse struct {
@@ -192,6 +205,8 @@ type StatusResponse struct {
 	Datapath       string       `json:"datapath,omitempty"`
 	Store          string       `json:"store,omitempty"`
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
+	// StoreHeld is set while a store state is held back (StoreHold).
+	StoreHeld *StoreHold `json:"storeHeld,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`
 	// LostEventsKernel counts flow events the kernel ring buffer had no

@@ -83,6 +83,11 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, e := range st.StoreErrors {
 			fmt.Fprintf(w, "Store error: %s:%d: %s (the last good state stays enforced)\n", e.File, e.Line, e.Message)
 		}
+		if h := st.StoreHeld; h != nil {
+			fmt.Fprintf(w, "Store held: %s; the last applied state (%d objects, %d policies) stays enforced, and the held one (%d objects, %d policies) is applied at %s (in %s) if the store stays as it is\n",
+				h.Reason, h.AppliedObjects, h.AppliedPolicies, h.HeldObjects, h.HeldPolicies,
+				h.Until.Local().Format(time.RFC3339), time.Until(h.Until).Round(time.Second))
+		}
 	}
 	if !st.Ready {
 		return fmt.Errorf("agent not ready: %s", st.Reason)

@@ -35,6 +35,10 @@ type Metrics struct {
 	// is 1 while the live policy is older than the compiled one.
 	PolicyApplyFailures prometheus.Counter
 	PolicyApplyLagging  prometheus.Gauge
+	// StoreHeld is 1 while a store state that removes too much at once is
+	// held back; StoreHolds counts such holds.
+	StoreHeld  prometheus.Gauge
+	StoreHolds prometheus.Counter
 }
 
 // MapStat is how full one BPF map is.
@@ -88,11 +92,18 @@ func New(mapStats func() []MapStat) *Metrics {
 			Namespace: namespace, Name: "policy_apply_lagging",
 			Help: "1 while the datapath enforces an older policy than the compiled one, because applying failed.",
 		}),
+		StoreHeld: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "store_held", Help: "1 while a store state that removes every policy or most objects at once is held back for its grace period.",
+		}),
+		StoreHolds: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "store_holds_total", Help: "Store states held back because they removed every policy or most objects at once.",
+		}),
 	}
 	m.LostEvents.WithLabelValues("kernel")
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
 		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyApplyFailures, m.PolicyApplyLagging,
+		m.StoreHeld, m.StoreHolds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})

@@ -25,7 +25,7 @@ var version = "dev"
 func main() {
 	var cfg agent.Config
 	fs := flag.NewFlagSet("bulkhead-agent", flag.ExitOnError)
-	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml file in PATH)")
+	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml and *.yml file in PATH)")
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the agent API (mode 0600)")
 	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "where endpoint records persist across restarts")
 	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
@@ -38,6 +38,7 @@ func main() {
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
+	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy or more than half of the objects at once until it has stayed the same this long")
 	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
 	logAllow := fs.String("flow-log-allow", "", `JSON list of flow filters; the flow log keeps only records that match one, e.g. [{"verdicts":["DROPPED"]},{"namespaces":["shop"]}]`)
 	logDeny := fs.String("flow-log-deny", "", `JSON list of flow filters; the flow log drops records that match one, e.g. [{"spiffe_ids":["spiffe://cluster.local/ns/kube-system/sa/*"]}]`)
@@ -73,6 +74,10 @@ func main() {
 		} else {
 			cfg.FlowLogFilter.Deny = fl
 		}
+	}
+	if cfg.StoreShrinkGrace <= 0 {
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: --store-shrink-grace %v: must be positive\n", cfg.StoreShrinkGrace)
+		os.Exit(2)
 	}
 	if *ringKiB == 0 || *ringKiB > 1<<20 {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --flow-event-ring-kib %d: want 1 to %d\n", *ringKiB, 1<<20)

@@ -48,6 +48,8 @@ func TestPolicyCheck(t *testing.T) {
 		"testdata/bad/policies.yaml:15: NetworkPolicy shop/bad-cidr: spec.ingress[0].from[0].ipBlock.cidr",
 		"testdata/bad/policies.yaml:23: BulkheadPolicy shop/bad-action: spec.egress[0].action",
 		"testdata/bad/pods.yaml:1: Pod shop/p: status.podIPs[0]",
+		`testdata/bad/cased.yaml:7: NetworkPolicy shop/cased: unknown field "spec.PodSelector"`,
+		`testdata/bad/cased.yaml:14: BulkheadPolicy shop/cased: unknown field "spec.selector.spiffeId"`,
 	} {
 		if !strings.Contains(errOut, want) {
 			t.Errorf("check output lacks %q:\n%s", want, errOut)

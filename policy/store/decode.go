@@ -15,6 +15,8 @@ import (
 	"go.yaml.in/yaml/v3"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kjson "sigs.k8s.io/json"
 )
 
 // Object is one decoded document and where it came from.
@@ -75,9 +77,9 @@ func Parse(file string, data []byte) ([]*Object, error) {
 			continue
 		}
 		root := doc.Content[0]
-		o, err := decodeDoc(root)
+		o, err := decodeDoc(file, root)
 		if err != nil {
-			errs = append(errs, &Error{File: file, Line: root.Line, Err: err})
+			errs = append(errs, err)
 			continue
 		}
 		o.File, o.Line, o.node = file, root.Line, root
@@ -100,51 +102,79 @@ func yamlErrLine(err error) int {
 	return 1
 }
 
-func decodeDoc(root *yaml.Node) (*Object, error) {
+// decodeDoc decodes one document. Its error is a join of *Error, each at
+// the line of the field it is about where there is one.
+func decodeDoc(file string, root *yaml.Node) (*Object, error) {
+	at := func(line int, err error) error { return &Error{File: file, Line: line, Err: err} }
 	if root.Kind != yaml.MappingNode {
-		return nil, errors.New("document is not an object")
+		return nil, at(root.Line, errors.New("document is not an object"))
 	}
 	var v any
 	if err := root.Decode(&v); err != nil {
-		return nil, fmt.Errorf("decode: %w", err)
+		return nil, at(root.Line, fmt.Errorf("decode: %w", err))
 	}
 	raw, err := json.Marshal(v)
 	if err != nil {
-		return nil, fmt.Errorf("decode: %w", err)
+		return nil, at(root.Line, fmt.Errorf("decode: %w", err))
 	}
+	// apiVersion and kind match case-sensitively too: to the apiserver,
+	// "Kind: Pod" is no kind at all.
 	var tm typeMeta
-	if err := json.Unmarshal(raw, &tm); err != nil {
-		return nil, fmt.Errorf("decode apiVersion/kind: %w", err)
+	if err := kjson.UnmarshalCaseSensitivePreserveInts(raw, &tm); err != nil {
+		return nil, at(root.Line, fmt.Errorf("decode apiVersion/kind: %w", err))
+	}
+	// strict decodes raw into obj as the apiserver does, and places each
+	// problem at its field's line.
+	strict := func(obj metav1.Object) error {
+		errs := strictUnmarshal(raw, obj)
+		if len(errs) == 0 {
+			return nil
+		}
+		ref := tm.Kind + " " + obj.GetName()
+		if tm.Kind != "Namespace" {
+			ref = tm.Kind + " " + namespaceOr(obj.GetNamespace()) + "/" + obj.GetName()
+		}
+		out := make([]error, len(errs))
+		for i, fe := range errs {
+			line := root.Line
+			if fe.path != "" {
+				line = pathLine(root, splitPath(fe.path))
+			}
+			out[i] = at(line, fmt.Errorf("%s: %w", ref, fe))
+		}
+		return errors.Join(out...)
 	}
 	o := &Object{Kind: tm.Kind}
 	switch tm.APIVersion + " " + tm.Kind {
 	case "v1 Namespace":
 		var n corev1.Namespace
-		if err := json.Unmarshal(raw, &n); err != nil {
-			return nil, fmt.Errorf("decode Namespace: %w", err)
+		if err := strict(&n); err != nil {
+			return nil, err
 		}
 		if n.Name == "" {
-			return nil, fmt.Errorf("%s: metadata.name is required", tm.Kind)
+			return nil, at(root.Line, fmt.Errorf("%s: metadata.name is required", tm.Kind))
 		}
 		o.name = n.Name
 		o.Namespace = &policy.Namespace{Name: n.Name, Labels: n.Labels}
 	case "v1 Pod":
-		// Pods are decoded leniently: a full pod manifest carries many
-		// fields that policy does not use.
+		// A pod manifest as kubectl prints it carries many fields that
+		// policy does not use. corev1.Pod knows them all, so it decodes
+		// strictly too: a misspelt "Labels" is an error, not labels that
+		// the cluster would not have.
 		var p corev1.Pod
-		if err := json.Unmarshal(raw, &p); err != nil {
-			return nil, fmt.Errorf("decode Pod: %w", err)
+		if err := strict(&p); err != nil {
+			return nil, err
 		}
 		pod, err := podOf(&p)
 		if err != nil {
-			return nil, fmt.Errorf("%s %s/%s: %w", tm.Kind, namespaceOr(p.Namespace), p.Name, err)
+			return nil, at(root.Line, fmt.Errorf("%s %s/%s: %w", tm.Kind, namespaceOr(p.Namespace), p.Name, err))
 		}
 		o.namespace, o.name = pod.Namespace, pod.Name
 		o.Pod = pod
 	case "networking.k8s.io/v1 NetworkPolicy":
 		var np networkingv1.NetworkPolicy
-		if err := strictUnmarshal(raw, &np); err != nil {
-			return nil, fmt.Errorf("decode NetworkPolicy: %w", err)
+		if err := strict(&np); err != nil {
+			return nil, err
 		}
 		if np.Namespace == "" {
 			np.Namespace = "default"
@@ -153,8 +183,8 @@ func decodeDoc(root *yaml.Node) (*Object, error) {
 		o.NetworkPolicy = &np
 	case v1alpha1.APIVersion + " " + v1alpha1.Kind:
 		var bp v1alpha1.BulkheadPolicy
-		if err := strictUnmarshal(raw, &bp); err != nil {
-			return nil, fmt.Errorf("decode BulkheadPolicy: %w", err)
+		if err := strict(&bp); err != nil {
+			return nil, err
 		}
 		if bp.Namespace == "" {
 			bp.Namespace = "default"
@@ -162,18 +192,46 @@ func decodeDoc(root *yaml.Node) (*Object, error) {
 		o.namespace, o.name = bp.Namespace, bp.Name
 		o.BulkheadPolicy = &bp
 	default:
-		return nil, fmt.Errorf("unsupported apiVersion %q kind %q (want v1 Namespace, v1 Pod, networking.k8s.io/v1 NetworkPolicy or %s %s)",
-			tm.APIVersion, tm.Kind, v1alpha1.APIVersion, v1alpha1.Kind)
+		return nil, at(root.Line, fmt.Errorf("unsupported apiVersion %q kind %q (want v1 Namespace, v1 Pod, networking.k8s.io/v1 NetworkPolicy or %s %s)",
+			tm.APIVersion, tm.Kind, v1alpha1.APIVersion, v1alpha1.Kind))
 	}
 	return o, nil
 }
 
-// strictUnmarshal rejects unknown fields: in a policy, a misspelt field
-// silently widens or narrows what it allows.
-func strictUnmarshal(raw []byte, v any) error {
-	d := json.NewDecoder(bytes.NewReader(raw))
-	d.DisallowUnknownFields()
-	return d.Decode(v)
+// decodeError is one problem of a strict decode, at a field path such as
+// "spec.ingress[0].from[0].PodSelector" (empty: the document).
+type decodeError struct {
+	path string
+	msg  string
+}
+
+func (e *decodeError) Error() string { return e.msg }
+
+// strictUnmarshal decodes raw into v as the apiserver does with strict field
+// validation: field names match case-sensitively (encoding/json would take
+// "PodSelector" for podSelector, which the apiserver drops, leaving an empty
+// selector that selects every pod), and an unknown or duplicate field is an
+// error. A misspelt field in a policy would otherwise silently widen or
+// narrow what it allows.
+func strictUnmarshal(raw []byte, v any) []*decodeError {
+	strictErrs, err := kjson.UnmarshalStrict(raw, v)
+	if err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return []*decodeError{{path: te.Field, msg: fmt.Sprintf("%s: cannot decode %s as %s", te.Field, te.Value, te.Type)}}
+		}
+		return []*decodeError{{msg: fmt.Sprintf("decode: %v", err)}}
+	}
+	out := make([]*decodeError, 0, len(strictErrs))
+	for _, e := range strictErrs {
+		de := &decodeError{msg: e.Error()}
+		var fe kjson.FieldError
+		if errors.As(e, &fe) {
+			de.path = fe.FieldPath()
+		}
+		out = append(out, de)
+	}
+	return out
 }
 
 func podOf(p *corev1.Pod) (*policy.Pod, error) {

@@ -3,11 +3,13 @@ package store
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 	"go.yaml.in/yaml/v3"
@@ -19,6 +21,9 @@ type Options struct {
 	// AllLocal gives every pod an EndpointID (1, 2, ... in namespace/name
 	// order), for offline use: every policy is then enforced somewhere.
 	AllLocal bool
+	// afterRead, in tests, runs between reading a file and checking that
+	// it did not change meanwhile.
+	afterRead func(path string)
 }
 
 // Result is a loaded directory.
@@ -28,23 +33,53 @@ type Result struct {
 	Objects []*Object
 }
 
-// Load reads every *.yaml file of dir. Objects that fail to decode or
-// validate are left out of the snapshot and reported in the error (a join
-// of *Error, each with file and line); the caller decides whether a partial
-// snapshot is usable (the agent keeps its last good state instead).
-func Load(dir string, opt Options) (*Result, error) {
-	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
-	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", dir, err)
+// ErrChanged says that a file, or the folder's ..data link, changed while
+// Load read it: what was read may be half of a write. Read again once the
+// folder is quiet.
+var ErrChanged = errors.New("changed while being read")
+
+// dataLink is the symlink that kubelet swaps to update a ConfigMap or
+// Secret volume in one step: the visible names are links through it.
+const dataLink = "..data"
+
+// StoreFile reports whether a folder entry is a store file: *.yaml or
+// *.yml, and not hidden (editor lock files, and the ..data and timestamped
+// folders of a ConfigMap volume, whose files the visible names already
+// link to).
+func StoreFile(name string) bool {
+	if strings.HasPrefix(name, ".") {
+		return false
 	}
-	if _, err := os.Stat(dir); err != nil {
+	ext := filepath.Ext(name)
+	return ext == ".yaml" || ext == ".yml"
+}
+
+// Load reads every store file (StoreFile) of dir. Objects that fail to
+// decode or validate are left out of the snapshot and reported in the error
+// (a join of *Error, each with file and line); the caller decides whether a
+// partial snapshot is usable (the agent keeps its last good state instead).
+// When a file changes while it is read, Load returns no result and an
+// error that wraps ErrChanged.
+func Load(dir string, opt Options) (*Result, error) {
+	gen, err := readDataLink(dir)
+	if err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
 		return nil, fmt.Errorf("read store: %w", err)
 	}
-	slices.Sort(files)
 	var objs []*Object
 	var errs []error
-	for _, f := range files {
-		data, err := os.ReadFile(f)
+	for _, e := range entries { // sorted by name
+		if !StoreFile(e.Name()) {
+			continue
+		}
+		f := filepath.Join(dir, e.Name())
+		data, err := readStable(f, opt.afterRead)
+		if errors.Is(err, ErrChanged) {
+			return nil, err
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("read %s: %w", f, err))
 			continue
@@ -55,8 +90,63 @@ func Load(dir string, opt Options) (*Result, error) {
 			errs = append(errs, err)
 		}
 	}
+	// kubelet swaps ..data while we read: the files read may be of two
+	// versions of the ConfigMap.
+	if now, err := readDataLink(dir); err != nil || now != gen {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, dataLink), ErrChanged)
+	}
 	res, err := Build(objs, opt)
 	return res, errors.Join(append(errs, err)...)
+}
+
+// readDataLink is the target of dir/..data, or "" when there is none.
+func readDataLink(dir string) (string, error) {
+	t, err := os.Readlink(filepath.Join(dir, dataLink))
+	if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.EINVAL) {
+		return "", fmt.Errorf("read store: %w", err)
+	}
+	return t, nil
+}
+
+// readStable reads a file and checks that it did not change while it was
+// read: the same inode, size, mtime and ctime before and after, all of it
+// read, and the name still naming that inode. A writer that is halfway
+// through the file changes at least one of them.
+func readStable(path string, afterRead func(string)) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	before, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return nil, err
+	}
+	if afterRead != nil {
+		afterRead(path)
+	}
+	after, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	named, err := os.Stat(path)
+	if err != nil || !sameVersion(before, after) || int64(len(data)) != after.Size() || !os.SameFile(after, named) {
+		return nil, fmt.Errorf("%s: %w", path, ErrChanged)
+	}
+	return data, nil
+}
+
+func sameVersion(a, b os.FileInfo) bool {
+	if a.Size() != b.Size() || !a.ModTime().Equal(b.ModTime()) || !os.SameFile(a, b) {
+		return false
+	}
+	sa, ok1 := a.Sys().(*syscall.Stat_t)
+	sb, ok2 := b.Sys().(*syscall.Stat_t)
+	return ok1 && ok2 && sa.Ctim == sb.Ctim
 }
 
 // Build validates decoded objects and assembles the snapshot.
@@ -115,30 +205,63 @@ func (o *Object) lineOf(err error) int {
 }
 
 func fieldLine(root *yaml.Node, fe *field.Error) int {
-	n := root
-	line := root.Line
-	for _, tok := range splitPath(fe.Field) {
-		var next *yaml.Node
-		if idx, err := strconv.Atoi(tok); err == nil && n.Kind == yaml.SequenceNode {
-			if idx < len(n.Content) {
-				next = n.Content[idx]
-			}
-		} else if n.Kind == yaml.MappingNode {
-			for i := 0; i+1 < len(n.Content); i += 2 {
-				if n.Content[i].Value == tok {
-					next = n.Content[i+1]
-					line = n.Content[i].Line
-					break
-				}
-			}
-		}
-		if next == nil {
-			break
-		}
-		n = next
-		line = n.Line
+	return pathLine(root, splitPath(fe.Field))
+}
+
+// pathLine is the line of the deepest node of path that root has: a
+// mapping key's own line, or a list element's. A path token that names no
+// index in a list (the paths of type errors have none) is looked for in
+// each element in turn.
+func pathLine(root *yaml.Node, path []string) int {
+	line, _ := findPath(root, path)
+	if line == 0 {
+		return root.Line
 	}
 	return line
+}
+
+// findPath returns the line of the deepest node of path under n (0: none)
+// and how many tokens it matched.
+func findPath(n *yaml.Node, path []string) (int, int) {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	if len(path) == 0 {
+		return 0, 0
+	}
+	tok := path[0]
+	switch n.Kind {
+	case yaml.SequenceNode:
+		if idx, err := strconv.Atoi(tok); err == nil {
+			if idx < 0 || idx >= len(n.Content) {
+				return 0, 0
+			}
+			el := n.Content[idx]
+			line, depth := findPath(el, path[1:])
+			if line == 0 {
+				line = el.Line
+			}
+			return line, depth + 1
+		}
+		best, bestDepth := 0, 0
+		for _, el := range n.Content {
+			if line, depth := findPath(el, path); depth > bestDepth {
+				best, bestDepth = line, depth
+			}
+		}
+		return best, bestDepth
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if n.Content[i].Value == tok {
+				line, depth := findPath(n.Content[i+1], path[1:])
+				if line == 0 {
+					line = n.Content[i].Line
+				}
+				return line, depth + 1
+			}
+		}
+	}
+	return 0, 0
 }
 
 // splitPath turns "spec.ingress[0].from" into [spec ingress 0 from].

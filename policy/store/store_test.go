@@ -1,7 +1,9 @@
 package store
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -90,8 +92,54 @@ func TestDuplicateObjects(t *testing.T) {
 	}
 }
 
+// The apiserver matches field names case-sensitively and, with strict field
+// validation, rejects unknown ones. encoding/json matches them
+// case-insensitively, so "PodSelector" used to be taken as podSelector here
+// while the apiserver drops it and leaves an empty selector, which selects
+// every pod of the namespace. Every such field is now an error at its own
+// line, naming its own path.
+func TestFieldNamesAreCaseSensitiveAndStrict(t *testing.T) {
+	const np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: shop}\nspec:\n"
+	const bhp = "apiVersion: bulkhead.io/v1alpha1\nkind: BulkheadPolicy\nmetadata: {name: x}\nspec:\n"
+	tests := []struct{ data, want string }{
+		{np + "  PodSelector: {matchLabels: {app: db}}\n", `f.yaml:5: NetworkPolicy shop/x: unknown field "spec.PodSelector"`},
+		{np + "  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n  - from:\n    - PodSelector: {matchLabels: {a: b}}\n",
+			`f.yaml:10: NetworkPolicy shop/x: unknown field "spec.ingress[1].from[0].PodSelector"`},
+		{np + "  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock:\n        CIDR: 10.0.0.0/8\n",
+			`f.yaml:9: NetworkPolicy shop/x: unknown field "spec.ingress[0].from[0].ipBlock.CIDR"`},
+		{np + "  podSelector: {}\n  policytypes: [Ingress]\n", `f.yaml:6: NetworkPolicy shop/x: unknown field "spec.policytypes"`},
+		{bhp + "  selector: {spiffeId: \"spiffe://cluster.local/ns/default/sa/db\"}\n", `f.yaml:5: BulkheadPolicy default/x: unknown field "spec.selector.spiffeId"`},
+		{bhp + "  selector:\n    SPIFFEID: \"spiffe://cluster.local/ns/default/sa/db\"\n", `f.yaml:6: BulkheadPolicy default/x: unknown field "spec.selector.SPIFFEID"`},
+		{bhp + "  selector: {podSelector: {}}\n  egress:\n  - to: [{cidr: 10.0.0.0/8}]\n    Action: Deny\n", `f.yaml:8: BulkheadPolicy default/x: unknown field "spec.egress[0].Action"`},
+		{"apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  Labels: {app: db}\n", `f.yaml:5: Pod default/p: unknown field "metadata.Labels"`},
+		{"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  ServiceAccountName: db\n", `f.yaml:5: Pod default/p: unknown field "spec.ServiceAccountName"`},
+		{"apiVersion: v1\nkind: Namespace\nmetadata: {name: n, Labels: {a: b}}\n", `f.yaml:3: Namespace n: unknown field "metadata.Labels"`},
+		{"apiVersion: v1\nKind: Namespace\nmetadata: {name: n}\n", `f.yaml:1: unsupported apiVersion "v1" kind ""`},
+		// A type error names its field and line too, even though the
+		// decoder's path for it has no list indices.
+		{np + "  podSelector: {}\n  ingress:\n  - from: []\n  - ports:\n    - port: [80]\n",
+			`f.yaml:9: NetworkPolicy shop/x: spec.ingress.ports.port: cannot decode array`},
+	}
+	for _, tt := range tests {
+		objs, err := Parse("f.yaml", []byte(tt.data))
+		if err == nil {
+			_, err = Build(objs, Options{})
+		}
+		var e *Error
+		if !errors.As(err, &e) || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s\ngot  %v\nwant an *Error containing %s", tt.data, err, tt.want)
+		}
+		if len(objs) != 0 {
+			t.Errorf("%s\ndecoded %d objects, want none", tt.data, len(objs))
+		}
+	}
+}
+
 // FuzzParse: any bytes either decode or give *Error values with a line, and
-// whatever decodes validates and compiles without panicking.
+// whatever decodes validates and compiles without panicking. Nothing is
+// parsed and then ignored: every field of a policy document that is set
+// comes back, under its exact name, when the decoded policy is encoded
+// again.
 func FuzzParse(f *testing.F) {
 	for _, seed := range []string{
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {a: b}}\nspec: {containers: [{ports: [{name: h, containerPort: 80}]}]}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n",
@@ -99,6 +147,9 @@ func FuzzParse(f *testing.F) {
 		"apiVersion: bulkhead.io/v1alpha1\nkind: BulkheadPolicy\nmetadata: {name: x}\nspec:\n  selector: {spiffeID: \"spiffe://cluster.local/ns/*/sa/*\"}\n  egress: [{to: [{cidr: 0.0.0.0/0}], action: Deny, mode: Audit}]\n",
 		"apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n---\n",
 		"{]",
+		"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  PodSelector: {matchLabels: {a: b}}\n",
+		"apiVersion: bulkhead.io/v1alpha1\nkind: BulkheadPolicy\nmetadata: {name: x}\nspec:\n  selector: {spiffeId: \"spiffe://cluster.local/ns/a/sa/b\"}\n",
+		"apiVersion: bulkhead.io/v1alpha1\nkind: BulkheadPolicy\nmetadata: {name: x}\nspec:\n  selector: {podSelector: {}}\n  ingress: [{from: [{podSelector: {}}], Action: Deny}]\n",
 	} {
 		f.Add([]byte(seed))
 	}
@@ -110,6 +161,24 @@ func FuzzParse(f *testing.F) {
 				t.Fatalf("error without file:line: %v", err)
 			}
 		}
+		for _, o := range objs {
+			var typed any
+			switch {
+			case o.NetworkPolicy != nil:
+				typed = o.NetworkPolicy
+			case o.BulkheadPolicy != nil:
+				typed = o.BulkheadPolicy
+			default:
+				continue
+			}
+			var in any
+			if err := o.node.Decode(&in); err != nil {
+				t.Fatalf("decoded document does not decode again: %v", err)
+			}
+			if path := lostField(jsonValue(t, in), jsonValue(t, typed), ""); path != "" {
+				t.Fatalf("field %q was accepted but is not in the decoded %s", path, o.Ref())
+			}
+		}
 		res, _ := Build(objs, Options{AllLocal: true})
 		if _, err := policy.Compile(res.Snapshot); err != nil {
 			// Build has validated every policy it kept.
@@ -119,4 +188,71 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// jsonValue is v as encoding/json's generic values.
+func jsonValue(t *testing.T, v any) any {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out any
+	if err := json.Unmarshal(raw, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// lostField returns the path of the first field that is set in in but
+// missing, under its exact name, from out ("": none).
+func lostField(in, out any, path string) string {
+	switch in := in.(type) {
+	case map[string]any:
+		om, _ := out.(map[string]any)
+		for k, v := range in {
+			if isZero(v) {
+				continue
+			}
+			ov, ok := om[k]
+			if !ok {
+				return path + "." + k
+			}
+			if p := lostField(v, ov, path+"."+k); p != "" {
+				return p
+			}
+		}
+	case []any:
+		ol, _ := out.([]any)
+		for i, v := range in {
+			if isZero(v) {
+				continue
+			}
+			if i >= len(ol) {
+				return fmt.Sprintf("%s[%d]", path, i)
+			}
+			if p := lostField(v, ol[i], fmt.Sprintf("%s[%d]", path, i)); p != "" {
+				return p
+			}
+		}
+	}
+	return ""
+}
+
+// isZero is true for values that an omitempty field leaves out.
+func isZero(v any) bool {
+	switch v := v.(type) {
+	case nil:
+		return true
+	case string:
+		return v == ""
+	case float64:
+		return v == 0
+	case bool:
+		return !v
+	case map[string]any:
+		return len(v) == 0
+	case []any:
+		return len(v) == 0
+	}
+	return false
 }

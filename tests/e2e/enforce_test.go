@@ -45,6 +45,8 @@ func TestEnforcementFollowsTheStore(t *testing.T) {
 	for _, primary := range []string{"ptp", "bridge"} {
 		t.Run(primary, func(t *testing.T) {
 			e := newEnv(t, primary)
+			// Removing the only policy, below, is held back for this long.
+			e.extraArgs = []string{"--store-shrink-grace", "1s"}
 			e.writeStore("shop.yaml", shopStore)
 			e.startAgent()
 			front, api, db := e.addPod("shop", "frontend"), e.addPod("shop", "api"), e.addPod("shop", "db")
@@ -110,9 +112,10 @@ func TestEnforcementFollowsTheStore(t *testing.T) {
 			if db.tcpWorks(api.IPv4, 8080) || !front.tcpWorks(api.IPv4, 8080) {
 				t.Fatal("a bad store changed enforcement: the last good state must stay")
 			}
-			// Fixing the store applies the removal of the policy.
+			// Fixing the store applies the removal of the policy, once the
+			// store has stayed without policies for the grace period.
 			e.removeStore("zz-bad.yaml")
-			if !eventually(2*time.Second, func() bool { return db.tcpWorks(api.IPv4, 8080) }) {
+			if !eventually(3*time.Second, func() bool { return db.tcpWorks(api.IPv4, 8080) }) {
 				t.Fatal("removing the policy did not reopen access")
 			}
 		})

@@ -136,6 +136,13 @@ func (e *env) removeStore(name string) {
 
 func (e *env) startAgent() {
 	e.t.Helper()
+	e.launchAgent()
+	e.waitReady()
+}
+
+// launchAgent starts the agent and does not wait for it to be ready.
+func (e *env) launchAgent() {
+	e.t.Helper()
 	bin := filepath.Join(cnichain.RepoRoot(e.t), "bin", "bulkhead-agent")
 	cmd := exec.Command(bin, "--store", "dir:"+e.store, "--socket", e.socket, "--state-dir", e.stateDir,
 		"--bpffs", e.bpffs, "--flow-log", e.flowLog, "--metrics-addr", "", "--node-name", "e2e-node", "--log-level", "debug")
@@ -152,7 +159,6 @@ func (e *env) startAgent() {
 	p := &agentProc{cmd: cmd, logs: logs, done: make(chan struct{})}
 	go func() { _ = cmd.Wait(); close(p.done) }()
 	e.agent = p
-	e.waitReady()
 }
 
 func (e *env) waitReady() {

@@ -7,24 +7,28 @@ import (
 	"testing"
 )
 
-// EnvVar, set to 1 by `make test` and CI, turns every privilege skip into a
-// failure, so a missing capability can never pass silently.
+// EnvVar, set to 1 by `make test`, `make fuzz`, `make bench` and CI, is the
+// only thing that lets kernel tests run: being root is not enough, so a plain
+// `go test ./...` as root never loads BPF or makes namespaces. Under it every
+// privilege skip is a failure, so a missing capability can never pass
+// silently.
 const EnvVar = "BULKHEAD_PRIVILEGED"
 
-// Required reports whether privileged tests are mandatory in this run.
+// Required reports whether privileged tests run, and are mandatory, in this
+// run.
 func Required() bool { return os.Getenv(EnvVar) == "1" }
 
-// Require skips t when not running as root, unless privileged tests are
-// mandatory, in which case it fails t.
+// Require skips t unless BULKHEAD_PRIVILEGED=1. With it, t fails when not
+// running as root.
 func Require(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
+	if !Required() {
+		t.Skipf("kernel test: runs only with %s=1 (as root), e.g. under make test", EnvVar)
 		return
 	}
-	if Required() {
+	if os.Geteuid() != 0 {
 		t.Fatalf("%s=1 but not running as root", EnvVar)
 	}
-	t.Skip("needs root; run with sudo or BULKHEAD_PRIVILEGED=1 as root")
 }
 
 // Unsupported is called when the kernel lacks a feature the test needs. It
