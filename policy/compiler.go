@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -42,6 +43,8 @@ type Compiler struct {
 
 	ruleIDs  map[ruleKey]RuleID
 	nextRule RuleID
+	// rulesVersion counts changes of ruleIDs, for AllocationVersion.
+	rulesVersion uint64
 
 	// peerCache holds the resolved identities of one peer of one rule; it is
 	// dropped for a policy whenever identities it could match change.
@@ -83,6 +86,9 @@ type identPort struct {
 // Config configures a Compiler.
 type Config struct {
 	Logger *slog.Logger
+	// Now stamps identities when their last pod goes (see
+	// ExpireIdentities); time.Now when nil.
+	Now func() time.Time
 }
 
 // NewCompiler returns an empty compiler; Reset loads a snapshot into it.
@@ -91,7 +97,16 @@ func NewCompiler(cfg Config) *Compiler {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Compiler{log: log}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	c := &Compiler{log: log, workloads: identity.NewWorkloadAllocator(), cidrAlloc: identity.NewCIDRAllocator(),
+		ruleIDs: map[ruleKey]RuleID{}, nextRule: 1}
+	// Numbers outlive the objects that had them until ExpireIdentities:
+	// see Allocation.
+	c.workloads.Retain(now)
+	c.cidrAlloc.Retain(now)
 	c.clear(&Snapshot{})
 	return c
 }
@@ -110,13 +125,13 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.identsByID = map[identity.NumericID]*ident{}
 	c.identsByNS = map[string]map[*ident]struct{}{}
 	c.withRegion = map[*ident]struct{}{}
-	c.workloads = identity.NewWorkloadAllocator()
+	// The allocators and rule IDs are kept: a full compile gives every
+	// identity and rule that is still there the number it had.
+	c.workloads.ReleaseAll()
 	c.policies = map[policyKey]*cpolicy{}
 	c.policiesByNS = map[string]map[policyKey]*cpolicy{}
 	c.cidrs = map[netip.Prefix]*cidrIdent{}
-	c.cidrAlloc = identity.NewCIDRAllocator()
-	c.ruleIDs = map[ruleKey]RuleID{}
-	c.nextRule = 1
+	c.cidrAlloc.ReleaseAll()
 	c.peerCache = map[policyKey]map[peerRef][]identity.NumericID{}
 	c.namedIdx = nil
 	c.ipcache = map[netip.Prefix]identity.NumericID{}
@@ -147,9 +162,9 @@ func (c *Compiler) Reset(s *Snapshot) (*MapState, error) {
 
 // Replace is Reset that also returns the difference to the previous result,
 // for an agent that reloads its whole store. The revision keeps increasing
-// across it. Numeric identities and rule IDs are allocated afresh (in the
-// deterministic order of a full compile), so they may all move: prefer the
-// incremental methods for single changes.
+// across it. Identities and rules that the compiler numbered before (or
+// that RestoreAllocation loaded) keep their numbers; new ones are numbered
+// in the deterministic order of a full compile.
 func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 	if s.TrustDomain != "" {
 		if _, err := spiffeid.TrustDomainFromString(s.TrustDomain); err != nil {
@@ -256,6 +271,7 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 	for ep := range prev.Endpoints {
 		w.dirty[ep] = struct{}{}
 	}
+	c.pruneRuleIDs()
 	d := c.finish(w, true)
 	return c.ms, d, errors.Join(errs...)
 }
@@ -301,6 +317,7 @@ func (c *Compiler) addPolicy(p *cpolicy) {
 		if _, ok := c.ruleIDs[k]; !ok {
 			c.ruleIDs[k] = c.nextRule
 			c.nextRule++
+			c.rulesVersion++
 		}
 	}
 }
@@ -316,6 +333,7 @@ func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
 			continue
 		}
 		delete(c.ruleIDs, k)
+		c.rulesVersion++
 	}
 	delete(c.peerCache, p.key)
 }
