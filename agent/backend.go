@@ -22,8 +22,22 @@ var _ api.Backend = (*Agent)(nil)
 
 // AddEndpoint registers an endpoint and returns once its policy is applied
 // and its programs are attached.
+//
+// An ADD is all or nothing: on any failure its registration, ID, policy,
+// attach and record are undone (rollbackAdd), and ADDs and DELs of one key
+// run one after the other, so a rollback never undoes another ADD.
 func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (api.EndpointAddResponse, error) {
 	start := time.Now()
+	if err := api.CheckPodIPs(req.IPs); err != nil {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s/%s: %w", req.ContainerID, req.IfName, err)
+	}
+	if req.Pod.Namespace == "" || req.Pod.Name == "" {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest,
+			"endpoint %s/%s: the pod's namespace and name are required (K8S_POD_NAMESPACE, K8S_POD_NAME)", req.ContainerID, req.IfName)
+	}
+	unlock := a.fc.lockKey(req.EndpointKey)
+	defer unlock()
+	prior := a.priorEndpoint(req.EndpointKey)
 	rec := &endpointRecord{
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
@@ -61,6 +75,9 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		cp.Mode = mode
 		err = a.records.Put(recordKey(rec.Key), cp)
 	}
+	if err == nil && a.fc.addFault != nil {
+		err = a.fc.addFault(req.EndpointKey)
+	}
 	if err == nil {
 		a.mu.Lock()
 		rec.Mode = mode
@@ -68,7 +85,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	}
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
-		if derr := a.deleteEndpoint(context.WithoutCancel(ctx), req.EndpointKey); derr != nil {
+		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
 			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
 		}
 		return api.EndpointAddResponse{}, fmt.Errorf("attach to %s: %w", req.HostVeth, err)
@@ -93,7 +110,9 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 
 // DeleteEndpoint forgets an endpoint and detaches its programs.
 func (a *Agent) DeleteEndpoint(ctx context.Context, req api.EndpointDelRequest) (api.EndpointDelResponse, error) {
+	unlock := a.fc.lockKey(req.EndpointKey)
 	err := a.deleteEndpoint(ctx, req.EndpointKey)
+	unlock()
 	if errors.Is(err, errUnknownEndpoint) {
 		return api.EndpointDelResponse{}, nil
 	}
@@ -202,7 +221,9 @@ func (a *Agent) GCEndpoints(ctx context.Context, req api.GCRequest) (api.GCRespo
 	})
 	var resp api.GCResponse
 	for _, k := range stale {
+		unlock := a.fc.lockKey(k)
 		err := a.deleteEndpoint(ctx, k)
+		unlock()
 		if errors.Is(err, errUnknownEndpoint) {
 			continue
 		}
@@ -229,6 +250,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		StoreErrors: slices.Clone(a.storeErrs), Features: a.features,
 		LostEventsUserspace: a.hub.LostUserspace(),
 	}
+	resp.EndpointWarnings = a.endpointWarningsLocked()
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost
 	}

@@ -45,6 +45,12 @@ type Config struct {
 	Logger  *slog.Logger
 	// Datapath tunes the datapath; BPFFS above wins over its BPFFS.
 	Datapath datapath.Config
+	// IdentityGrace is how long an identity number or endpoint ID that
+	// nothing uses stays reserved (default DefaultIdentityGrace).
+	IdentityGrace time.Duration
+	// ReconcileInterval is how often endpoints whose veth vanished are
+	// looked for, besides on every link deletion (default 5 s).
+	ReconcileInterval time.Duration
 }
 
 // Defaults (DESIGN.md §5).
@@ -78,6 +84,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StoreDebounce <= 0 {
 		c.StoreDebounce = 200 * time.Millisecond
+	}
+	if c.IdentityGrace <= 0 {
+		c.IdentityGrace = DefaultIdentityGrace
+	}
+	if c.ReconcileInterval <= 0 {
+		c.ReconcileInterval = 5 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

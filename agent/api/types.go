@@ -199,6 +199,10 @@ type StatusResponse struct {
 	// consumers.
 	LostEventsKernel    uint64 `json:"lostEventsKernel"`
 	LostEventsUserspace uint64 `json:"lostEventsUserspace"`
+	// EndpointWarnings are lasting problems with endpoint state:
+	// quarantined records, endpoints enforced without a record (held at
+	// default deny), addresses claimed by more than one pod.
+	EndpointWarnings []string `json:"endpointWarnings,omitempty"`
 }
 
 // Feature is one probed kernel feature: State is "yes", "no" or an error.
