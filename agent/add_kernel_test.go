@@ -22,6 +22,12 @@ import (
 // is ready.
 func runAgent(t *testing.T) *Agent {
 	t.Helper()
+	return runAgentWith(t, nil)
+}
+
+// runAgentWith is runAgent with the configuration adjusted by tune.
+func runAgentWith(t *testing.T, tune func(*Config)) *Agent {
+	t.Helper()
 	privileged.Require(t)
 	dir := t.TempDir()
 	store := filepath.Join(dir, "store")
@@ -36,8 +42,12 @@ func runAgent(t *testing.T) *Agent {
 	rand.Read(b)
 	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
 	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	a, err := New(Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
-		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"})
+	cfg := Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
+		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"}
+	if tune != nil {
+		tune(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		if errors.Is(err, datapath.ErrNotSupported) {
 			privileged.Unsupported(t, "datapath: %v", err)
