@@ -374,6 +374,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	applied := time.Now()
 	a.publishConflicts()
+	a.fc.noteApply(st)
 	for _, rec := range a.reattach {
 		if _, err := a.dp.Attach(rec.dpEndpoint()); err != nil {
 			a.log.Error("re-attach restored endpoint", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "error", err)

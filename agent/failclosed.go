@@ -8,6 +8,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -40,6 +41,9 @@ type failClosed struct {
 	// then never undoes a later ADD of the same key.
 	keyMu    sync.Mutex
 	keyLocks map[api.EndpointKey]*keyLock
+	// firstApply is what the first apply of this process wrote: nothing,
+	// for an unchanged store after a restart.
+	firstApply atomic.Pointer[datapath.ApplyStats]
 	// addFault, set by tests only, fails an ADD after its attach and
 	// record, as late as an ADD can fail.
 	addFault func(api.EndpointKey) error
@@ -293,4 +297,11 @@ func (a *Agent) endpointWarningsLocked() []string {
 		out = append(out, fmt.Sprintf("endpoint %d on %s is enforced without a record: held at default deny until its veth goes", id, o.hostVeth))
 	}
 	return append(out, a.fc.conflicts...)
+}
+
+// noteApply keeps the first apply's statistics: that the
+// first apply after a restart writes nothing is what persisting the
+// numbering is for.
+func (f *failClosed) noteApply(st datapath.ApplyStats) {
+	f.firstApply.CompareAndSwap(nil, &st)
 }
