@@ -85,7 +85,7 @@ func (c *Config) setDefaults() error {
 	if c.StoreDebounce <= 0 {
 		c.StoreDebounce = 200 * time.Millisecond
 	}
-	if c.IdentityGrace <= 0 {
+	if c.IdentityGrace == 0 {
 		c.IdentityGrace = DefaultIdentityGrace
 	}
 	if c.ReconcileInterval <= 0 {
@@ -100,6 +100,9 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
+	}
+	if c.IdentityGrace < 0 {
+		errs = append(errs, fmt.Errorf("--identity-grace %v must not be negative", c.IdentityGrace))
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))
