@@ -240,13 +240,31 @@ func (a *Agent) reconcileOnce(ctx context.Context) {
 			gone = append(gone, *e)
 		}
 	}
-	var goneOrphans []*orphan
+	var goneOrphans, replaced []*orphan
 	for _, o := range a.fc.orphans {
 		if ifi, err := net.InterfaceByIndex(o.ifindex); err != nil || ifi.Name != o.hostVeth {
 			goneOrphans = append(goneOrphans, o)
+		} else {
+			replaced = append(replaced, o)
 		}
 	}
 	a.mu.Unlock()
+	// An orphan's veth that an ADD has since taken over (a retried ADD
+	// after the state was lost) is enforced by that endpoint now: the
+	// orphan is dropped, but its veth's programs stay.
+	dropped := 0
+	for _, o := range replaced {
+		ep := datapath.Endpoint{ID: o.id, Ifname: o.hostVeth, Ifindex: o.ifindex}
+		if ok, err := a.dp.Attached(ep); err != nil || ok {
+			continue
+		}
+		dropped++
+		a.mu.Lock()
+		delete(a.fc.orphans, o.id)
+		a.retireIDLocked(o.id)
+		a.mu.Unlock()
+		a.log.Info("unrecorded endpoint's veth is enforced by a new endpoint; its deny policy is removed", "endpoint", o.id, "veth", o.hostVeth)
+	}
 	for _, rec := range gone {
 		unlock := a.fc.lockKey(rec.Key)
 		err := a.removeIf(ctx, rec.Key, func(cur *endpointRecord) bool {
@@ -261,7 +279,7 @@ func (a *Agent) reconcileOnce(ctx context.Context) {
 			a.log.Info("endpoint's veth vanished; endpoint removed without a DEL", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "endpoint", rec.ID)
 		}
 	}
-	if len(goneOrphans) == 0 {
+	if len(goneOrphans) == 0 && dropped == 0 {
 		return
 	}
 	a.mu.Lock()

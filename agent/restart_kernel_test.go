@@ -145,3 +145,53 @@ spec:
 		t.Fatalf("the first apply after a restart with an unchanged store wrote %d entries: %+v", n, *st)
 	}
 }
+
+// After the state dir is lost, an endpoint still attached is held at
+// default deny under its old ID; a new ADD of its veth (the runtime's
+// retry) takes the veth over, and the held endpoint is then let go without
+// detaching the new one.
+func TestUnrecordedEndpointTakenOverByNewADD(t *testing.T) {
+	privileged.Require(t)
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "store"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "store", "ns.yaml"), []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	a, stop := agentAt(t, dir, bpffs)
+	req := podVeth(t, "c0ffee21", "web", "10.213.2.1/32")
+	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	if err := os.RemoveAll(filepath.Join(dir, "state")); err != nil {
+		t.Fatal(err)
+	}
+	a2, _ := agentAt(t, dir, bpffs)
+	a2.mu.Lock()
+	held := len(a2.fc.orphans)
+	a2.mu.Unlock()
+	if held != 1 {
+		t.Fatalf("%d endpoints held at default deny, want 1", held)
+	}
+	if id, err := a2.dp.EndpointIdentity(1); err != nil || id == 0 {
+		t.Fatalf("the unrecorded endpoint's live identity is %d (%v): it passes everything", id, err)
+	}
+	req.ContainerID = "c0ffee22"
+	if _, err := a2.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	a2.reconcileOnce(context.Background())
+	a2.mu.Lock()
+	held = len(a2.fc.orphans)
+	a2.mu.Unlock()
+	if held != 0 {
+		t.Fatal("the unrecorded endpoint is still held after a new ADD took its veth over")
+	}
+	assertEnforced(t, a2, req)
+}
