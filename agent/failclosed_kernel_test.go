@@ -216,3 +216,32 @@ func TestOneIPTwoPods(t *testing.T) {
 		t.Fatalf("after the stale pod's deletion the live pod's address resolves to %d, want its identity %d", got, want)
 	}
 }
+
+// The agent refuses, as the plugin does, an endpoint without a usable
+// address or without a pod: it must not enforce under a made-up name or
+// put 0.0.0.0 in the ipcache.
+func TestAddRejectsBadRequests(t *testing.T) {
+	a := runAgent(t)
+	base := api.EndpointAddRequest{
+		EndpointKey: api.EndpointKey{ContainerID: "c0ffee03", IfName: "eth0"},
+		HostVeth:    "lo", HostIfIndex: 1,
+		IPs: []netip.Prefix{netip.MustParsePrefix("10.213.0.11/32")},
+		Pod: api.PodRef{Namespace: "shop", Name: "x"},
+	}
+	for name, mutate := range map[string]func(*api.EndpointAddRequest){
+		"no IP":    func(r *api.EndpointAddRequest) { r.IPs = nil },
+		"0/0":      func(r *api.EndpointAddRequest) { r.IPs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")} },
+		"::/0":     func(r *api.EndpointAddRequest) { r.IPs = append(r.IPs, netip.MustParsePrefix("::/0")) },
+		"no pod":   func(r *api.EndpointAddRequest) { r.Pod = api.PodRef{} },
+		"half pod": func(r *api.EndpointAddRequest) { r.Pod.Name = "" },
+	} {
+		req := base
+		mutate(&req)
+		if _, err := a.AddEndpoint(context.Background(), req); !errors.Is(err, api.ErrInvalidRequest) {
+			t.Errorf("%s: got %v, want invalid_request", name, err)
+		}
+	}
+	if list, _ := a.ListEndpoints(context.Background()); len(list.Endpoints) != 0 {
+		t.Fatalf("endpoints after refused ADDs: %+v", list.Endpoints)
+	}
+}
