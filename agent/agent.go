@@ -345,7 +345,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		for i, c := range changes {
 			if c.add != nil && errs[i] == nil {
 				errs[i] = api.Errorf(api.CodeNotReady, "no valid store state yet; see `bulkhead status`")
-				a.dropEndpoint(c.add)
+				a.dropEndpoint(c.add, c.restore)
 			}
 		}
 		return errs
@@ -413,13 +413,21 @@ func (a *Agent) foldAdd(rec *endpointRecord) error {
 	return a.syncPod(podRefOf(rec))
 }
 
-func (a *Agent) dropEndpoint(rec *endpointRecord) {
+// dropEndpoint undoes foldAdd: an earlier registration of the key (prior)
+// comes back.
+func (a *Agent) dropEndpoint(rec, prior *endpointRecord) {
 	a.mu.Lock()
 	if a.endpoints[rec.Key] == rec {
 		delete(a.endpoints, rec.Key)
+		if prior != nil {
+			a.endpoints[rec.Key] = prior
+		}
 	}
 	a.mu.Unlock()
 	_ = a.syncPod(podRefOf(rec))
+	if prior != nil && podRefOf(prior) != podRefOf(rec) {
+		_ = a.syncPod(podRefOf(prior))
+	}
 }
 
 // foldDel forgets an endpoint (or puts c.restore back in its place); it

@@ -42,8 +42,13 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
 	}
-	c := &change{add: rec}
+	c := &change{add: rec, restore: prior}
 	if err := a.submit(ctx, c); err != nil {
+		// Registered but not applied (a failed apply), or not yet
+		// processed (ctx ended): undo it either way, after it.
+		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
+			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
+		}
 		return api.EndpointAddResponse{}, err
 	}
 	submitted := time.Now()

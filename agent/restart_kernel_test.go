@@ -195,3 +195,61 @@ func TestUnrecordedEndpointTakenOverByNewADD(t *testing.T) {
 	}
 	assertEnforced(t, a2, req)
 }
+
+// A retried ADD of a restored endpoint that arrives while the agent has no
+// good store state yet is refused, and leaves the restored endpoint as it
+// was. Before the fix the refusal dropped the key's registration, the
+// restored endpoint's with it, and the first apply then un-enforced it.
+func TestRefusedADDKeepsRestoredEndpoint(t *testing.T) {
+	privileged.Require(t)
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	if err := os.MkdirAll(store, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	good := []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
+	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), good, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
+	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	a, stop := agentAt(t, dir, bpffs)
+	req := podVeth(t, "c0ffee31", "web", "10.213.3.1/32")
+	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), []byte("kind: [broken"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a2, err := New(Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
+		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test", StoreDebounce: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a2.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	addCtx, addCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer addCancel()
+	if _, err := a2.AddEndpoint(addCtx, req); err == nil {
+		t.Fatal("ADD succeeded without a good store state")
+	}
+	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), good, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if st, _ := a2.Status(ctx); st.Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("agent not ready after the store was fixed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	assertEnforced(t, a2, req)
+}
