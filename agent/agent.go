@@ -358,10 +358,11 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		a.compiler.SetHostIPs(ips)
 	}
 	compiled := time.Now()
-	ms, err := a.prepareApply(a.compiler.MapState())
+	ms := a.compiler.MapState()
+	live, err := a.prepareApply(ms)
 	var st datapath.ApplyStats
 	if err == nil {
-		st, err = a.dp.Apply(ms)
+		st, err = a.dp.Apply(live)
 	}
 	if err != nil {
 		a.log.Error("policy apply failed", "revision", ms.Revision, "error", err)
