@@ -245,3 +245,27 @@ func TestAddRejectsBadRequests(t *testing.T) {
 		t.Fatalf("endpoints after refused ADDs: %+v", list.Endpoints)
 	}
 }
+
+// When the numbering cannot be saved, nothing that uses a new number is
+// applied: the ADD fails and is rolled back, rather than the maps holding
+// a number a restarted agent could give to another label set.
+func TestUnsavedNumberingIsNotApplied(t *testing.T) {
+	a := runAgent(t)
+	ids := filepath.Join(a.cfg.StateDir, "identities")
+	if err := os.RemoveAll(ids); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ids, nil, 0o600); err != nil { // a file where the folder was
+		t.Fatal(err)
+	}
+	req := podVeth(t, "c0ffee04", "fresh", "10.213.0.12/32")
+	if _, err := a.AddEndpoint(context.Background(), req); err == nil || !strings.Contains(err.Error(), "numbering") {
+		t.Fatalf("ADD with an unsavable numbering: %v", err)
+	}
+	if list, _ := a.ListEndpoints(context.Background()); len(list.Endpoints) != 0 {
+		t.Fatalf("endpoints after the failed ADD: %+v", list.Endpoints)
+	}
+	if id, _, _ := a.dp.IPCacheLookup(netip.MustParseAddr("10.213.0.12")); id != 0 {
+		t.Fatalf("the failed ADD's address is in the ipcache as %d", id)
+	}
+}
