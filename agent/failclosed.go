@@ -89,7 +89,15 @@ func (f *failClosed) lockKey(k api.EndpointKey) func() {
 
 // quarantineRecords moves unreadable endpoint records aside (never deletes
 // them) and reports them.
+//
+// Records quarantined by an earlier run stay reported until an operator
+// removes them.
 func (a *Agent) quarantineRecords(bad map[string]error) {
+	if earlier, err := a.records.Quarantined(); err == nil {
+		for _, f := range earlier {
+			a.fc.warnings = append(a.fc.warnings, fmt.Sprintf("endpoint record quarantined earlier: %s (delete it once inspected)", f))
+		}
+	}
 	for k, err := range bad {
 		moved, qerr := a.records.Quarantine(k)
 		if qerr != nil {
