@@ -171,7 +171,7 @@ func (a *Agent) CheckEndpoint(_ context.Context, req api.EndpointCheckRequest) (
 	}
 	a.mu.Unlock()
 	if rec == nil {
-		return api.EndpointCheckResponse{Problems: []string{"endpoint unknown to the agent"}}, nil
+		return api.EndpointCheckResponse{Problems: a.unknownEndpointProblems(req.HostIfIndex)}, nil
 	}
 	resp := api.EndpointCheckResponse{Known: true}
 	switch {

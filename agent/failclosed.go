@@ -331,3 +331,18 @@ func (a *Agent) endpointWarningsLocked() []string {
 func (f *failClosed) noteApply(st datapath.ApplyStats) {
 	f.firstApply.CompareAndSwap(nil, &st)
 }
+
+// unknownEndpointProblems explains a CHECK of an endpoint the agent has no
+// record of; if its veth is one held at default deny, CHECK says so, and
+// the runtime's answer (recreating the pod) settles it.
+func (a *Agent) unknownEndpointProblems(hostIfIndex int) []string {
+	problems := []string{"endpoint unknown to the agent"}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, o := range a.fc.orphans {
+		if o.ifindex == hostIfIndex {
+			problems = append(problems, fmt.Sprintf("its veth %s is enforced as endpoint %d without a record, held at default deny", o.hostVeth, o.id))
+		}
+	}
+	return problems
+}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 )
 
@@ -181,6 +182,11 @@ func TestUnrecordedEndpointTakenOverByNewADD(t *testing.T) {
 	}
 	if id, err := a2.dp.EndpointIdentity(1); err != nil || id == 0 {
 		t.Fatalf("the unrecorded endpoint's live identity is %d (%v): it passes everything", id, err)
+	}
+	chk, err := a2.CheckEndpoint(context.Background(), api.EndpointCheckRequest{EndpointKey: req.EndpointKey,
+		Netns: req.Netns, HostVeth: req.HostVeth, HostIfIndex: req.HostIfIndex, IPs: req.IPs})
+	if err != nil || chk.Healthy() || !strings.Contains(strings.Join(chk.Problems, "; "), "default deny") {
+		t.Fatalf("CHECK of the unrecorded endpoint: %+v, %v", chk, err)
 	}
 	req.ContainerID = "c0ffee22"
 	if _, err := a2.AddEndpoint(context.Background(), req); err != nil {
