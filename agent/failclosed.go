@@ -13,6 +13,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/datapath"
@@ -228,7 +229,7 @@ func (a *Agent) reconcileVeths(ctx context.Context, interval time.Duration) {
 				updates = nil
 				continue
 			}
-			if u.Header.Type != netlinkDelLink {
+			if u.Header.Type != unix.RTM_DELLINK {
 				continue
 			}
 		case <-tick.C:
@@ -236,9 +237,6 @@ func (a *Agent) reconcileVeths(ctx context.Context, interval time.Duration) {
 		a.reconcileOnce(ctx)
 	}
 }
-
-// netlinkDelLink is RTM_DELLINK.
-const netlinkDelLink = 17
 
 func (a *Agent) reconcileOnce(ctx context.Context) {
 	a.mu.Lock()
