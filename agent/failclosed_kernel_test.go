@@ -269,3 +269,30 @@ func TestUnsavedNumberingIsNotApplied(t *testing.T) {
 		t.Fatalf("the failed ADD's address is in the ipcache as %d", id)
 	}
 }
+
+// An address reused by a new local pod while the old pod's endpoint is
+// still registered (a missed DEL): the new pod owns it, and the old pod's
+// late DEL leaves the new pod's ipcache entry alone. Before the fix the DEL
+// deleted the entry and the live pod's address became world.
+func TestStaleLocalDeleteKeepsLiveIP(t *testing.T) {
+	a := runAgent(t)
+	stale := podVeth(t, "c0ffee05", "stale", "10.213.0.13/32")
+	live := podVeth(t, "c0ffee06", "live", "10.213.0.13/32")
+	addr := netip.MustParseAddr("10.213.0.13")
+	if _, err := a.AddEndpoint(context.Background(), stale); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := a.AddEndpoint(context.Background(), live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, _, _ := a.dp.IPCacheLookup(addr); id != resp.IdentityID {
+		t.Fatalf("the newer pod does not own the address: ipcache %d, its identity %d", id, resp.IdentityID)
+	}
+	if _, err := a.DeleteEndpoint(context.Background(), api.EndpointDelRequest{EndpointKey: stale.EndpointKey}); err != nil {
+		t.Fatal(err)
+	}
+	if id, _, _ := a.dp.IPCacheLookup(addr); id != resp.IdentityID {
+		t.Fatalf("after the stale pod's DEL the live pod's address resolves to %d, want %d", id, resp.IdentityID)
+	}
+}

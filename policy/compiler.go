@@ -53,6 +53,10 @@ type Compiler struct {
 	namedIdx map[string][]identPort
 
 	ipcache map[netip.Prefix]identity.NumericID
+	// ipOwner is the pod whose address each host entry of ipcache is:
+	// only that pod's removal takes the entry out, so a stale pod that
+	// shared the address cannot delete the live pod's entry.
+	ipOwner map[netip.Prefix]podKey
 	// hostIPs are the node's addresses, added to the published ipcache as
 	// identity.IDHost (they win over any CIDR prefix of the same length).
 	hostIPs    map[netip.Prefix]struct{}
@@ -135,6 +139,7 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.peerCache = map[policyKey]map[peerRef][]identity.NumericID{}
 	c.namedIdx = nil
 	c.ipcache = map[netip.Prefix]identity.NumericID{}
+	c.ipOwner = map[netip.Prefix]podKey{}
 	c.endpoints = map[EndpointID]podKey{}
 	c.epPolicies = map[EndpointID][]policyKey{}
 	c.policyEPs = map[policyKey]map[EndpointID]struct{}{}
@@ -378,6 +383,7 @@ func (c *Compiler) attachPod(p Pod, w *work) error {
 	for _, a := range p.IPs {
 		h := identity.Host(a)
 		c.ipcache[h] = id.id
+		c.ipOwner[h] = k
 		w.ip[h] = struct{}{}
 	}
 	if p.Endpoint != 0 {
@@ -407,6 +413,10 @@ func (c *Compiler) detachPod(ps *podState, w *work) {
 	}
 	for _, a := range ps.pod.IPs {
 		h := identity.Host(a)
+		if c.ipOwner[h] != ps.key {
+			continue // a later pod took the address over
+		}
+		delete(c.ipOwner, h)
 		if ci, ok := c.cidrs[h]; ok {
 			c.ipcache[h] = ci.id
 		} else {
