@@ -22,7 +22,13 @@ import (
 // is ready.
 func runAgent(t *testing.T) *Agent {
 	t.Helper()
-	a, _ := newTestAgent(t)
+	return runAgentWith(t, nil)
+}
+
+// runAgentWith is runAgent with the configuration adjusted by tune.
+func runAgentWith(t *testing.T, tune func(*Config)) *Agent {
+	t.Helper()
+	a, _ := newTestAgentWith(t, tune)
 	startTestAgent(t, a)
 	return a
 }
@@ -30,6 +36,12 @@ func runAgent(t *testing.T) *Agent {
 // newTestAgent makes the agent runAgent runs, and returns it with its store
 // directory.
 func newTestAgent(t *testing.T) (*Agent, string) {
+	t.Helper()
+	return newTestAgentWith(t, nil)
+}
+
+// newTestAgentWith is newTestAgent with the configuration adjusted by tune.
+func newTestAgentWith(t *testing.T, tune func(*Config)) (*Agent, string) {
 	t.Helper()
 	privileged.Require(t)
 	dir := t.TempDir()
@@ -45,8 +57,12 @@ func newTestAgent(t *testing.T) (*Agent, string) {
 	rand.Read(b)
 	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
 	t.Cleanup(func() { os.RemoveAll(bpffs) })
-	a, err := New(Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
-		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"})
+	cfg := Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
+		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"}
+	if tune != nil {
+		tune(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		if errors.Is(err, datapath.ErrNotSupported) {
 			privileged.Unsupported(t, "datapath: %v", err)

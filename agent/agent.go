@@ -80,6 +80,11 @@ type Agent struct {
 	// applyRetry retries it when it fails.
 	applyPolicy func(*policy.MapState) (datapath.ApplyStats, error)
 	applyRetry  *applyRetry
+	// numbers keeps identity numbers across restarts; fc and ipOwners
+	// keep enforcement when records or addresses fall short.
+	numbers  *numbering
+	fc       failClosed
+	ipOwners *ipOwners
 }
 
 // view is an immutable snapshot of the agent's state for readers.
@@ -101,6 +106,10 @@ type change struct {
 	refresh bool
 	// removed is, for del, the endpoint that was removed (nil: unknown).
 	removed *endpointRecord
+	// delIf, for del, removes only an endpoint it holds for; restore puts
+	// an earlier registration back in its place (an ADD's rollback).
+	delIf   func(*endpointRecord) bool
+	restore *endpointRecord
 	// batchStart and batchSize say when the batch holding the change
 	// began and how many changes it held, for the ADD's timing log.
 	batchStart time.Time
@@ -127,6 +136,7 @@ func New(cfg Config) (*Agent, error) {
 		notReady:    "starting",
 		stopping:    make(chan struct{}),
 	}
+	a.ipOwners = newIPOwners(a.reportIPConflict)
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
 
@@ -173,12 +183,24 @@ func New(cfg Config) (*Agent, error) {
 		dp.Close()
 		return nil, err
 	}
+	var warn string
+	if a.numbers, warn, err = openNumbering(cfg.StateDir, cfg.IdentityGrace, a.compiler); err != nil {
+		dp.Close()
+		return nil, err
+	} else if warn != "" {
+		a.log.Error(warn)
+		a.fc.warnings = append(a.fc.warnings, warn)
+	}
 	if err := a.restoreEndpoints(); err != nil {
 		dp.Close()
 		return nil, err
 	}
 	a.applyPolicy = dp.Apply
 	a.applyRetry = newApplyRetry(a.log, a.metrics.PolicyApplyFailures, a.metrics.PolicyApplyLagging)
+	if err := a.findOrphans(); err != nil {
+		dp.Close()
+		return nil, err
+	}
 	a.batch = batch.New(a.applyBatch)
 	return a, nil
 }
@@ -191,10 +213,7 @@ func (a *Agent) restoreEndpoints() error {
 	if err != nil {
 		return err
 	}
-	for k, err := range bad {
-		a.log.Warn("unreadable endpoint record dropped", "record", k, "error", err)
-		_ = a.records.Delete(k)
-	}
+	a.quarantineRecords(bad)
 	for k, rec := range good {
 		if !vethPresent(rec) {
 			a.log.Info("endpoint gone while the agent was down", "container", rec.Key.ContainerID, "veth", rec.HostVeth)
@@ -259,6 +278,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Go(func() {
 		a.applyRetry.run(ctx, func(ctx context.Context) error { return a.batch.Submit(ctx, &change{refresh: true}) })
 	})
+	wg.Go(func() { a.reconcileVeths(ctx, a.cfg.ReconcileInterval) })
 	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
 
 	select {
@@ -331,7 +351,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 			}
 			added++
 		case c.del != nil:
-			c.removed = a.foldDel(*c.del)
+			c.removed = a.foldDel(c)
 			if c.removed != nil {
 				deleted++
 			}
@@ -343,7 +363,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		for i, c := range changes {
 			if c.add != nil && errs[i] == nil {
 				errs[i] = api.Errorf(api.CodeNotReady, "no valid store state yet; see `bulkhead status`")
-				a.dropEndpoint(c.add)
+				a.dropEndpoint(c.add, c.restore)
 			}
 		}
 		return errs
@@ -357,7 +377,11 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
-	st, err := a.applyPolicy(ms)
+	live, err := a.prepareApply(ms)
+	var st datapath.ApplyStats
+	if err == nil {
+		st, err = a.applyPolicy(live)
+	}
 	if err != nil {
 		a.applyRetry.failed(fmt.Errorf("apply policy revision %d: %w", ms.Revision, err))
 		for i := range errs {
@@ -369,6 +393,8 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	applied := time.Now()
 	a.applyRetry.succeeded()
+	a.publishConflicts()
+	a.fc.noteApply(st)
 	for _, rec := range a.reattach {
 		if _, err := a.dp.Attach(rec.dpEndpoint()); err != nil {
 			a.log.Error("re-attach restored endpoint", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "error", err)
@@ -407,26 +433,45 @@ func (a *Agent) foldAdd(rec *endpointRecord) error {
 	return a.syncPod(podRefOf(rec))
 }
 
-func (a *Agent) dropEndpoint(rec *endpointRecord) {
+// dropEndpoint undoes foldAdd: an earlier registration of the key (prior)
+// comes back.
+func (a *Agent) dropEndpoint(rec, prior *endpointRecord) {
 	a.mu.Lock()
 	if a.endpoints[rec.Key] == rec {
 		delete(a.endpoints, rec.Key)
+		if prior != nil {
+			a.endpoints[rec.Key] = prior
+		}
 	}
 	a.mu.Unlock()
 	_ = a.syncPod(podRefOf(rec))
+	if prior != nil && podRefOf(prior) != podRefOf(rec) {
+		_ = a.syncPod(podRefOf(prior))
+	}
 }
 
-// foldDel forgets an endpoint; it returns nil when it was unknown.
-func (a *Agent) foldDel(k api.EndpointKey) *endpointRecord {
+// foldDel forgets an endpoint (or puts c.restore back in its place); it
+// returns nil when it was unknown or c.delIf refused it.
+func (a *Agent) foldDel(c *change) *endpointRecord {
+	k := *c.del
 	a.mu.Lock()
 	rec := a.endpoints[k]
-	delete(a.endpoints, k)
-	a.mu.Unlock()
-	if rec == nil {
+	if rec == nil || (c.delIf != nil && !c.delIf(rec)) {
+		a.mu.Unlock()
 		return nil
 	}
+	delete(a.endpoints, k)
+	if c.restore != nil {
+		a.endpoints[k] = c.restore
+	}
+	a.mu.Unlock()
 	if err := a.syncPod(podRefOf(rec)); err != nil {
 		a.log.Warn("recompile after delete", "pod", podRefOf(rec), "error", err)
+	}
+	if c.restore != nil && podRefOf(c.restore) != podRefOf(rec) {
+		if err := a.syncPod(podRefOf(c.restore)); err != nil {
+			a.log.Warn("recompile after rollback", "pod", podRefOf(c.restore), "error", err)
+		}
 	}
 	return rec
 }
@@ -438,7 +483,7 @@ func (a *Agent) freeIDLocked() policy.EndpointID {
 		used[e.ID] = true
 	}
 	for id := policy.EndpointID(1); ; id++ {
-		if !used[id] {
+		if !used[id] && !a.idReservedLocked(id) {
 			return id
 		}
 	}
@@ -460,17 +505,21 @@ func (a *Agent) localEndpoint(ref podRef) *endpointRecord {
 
 // desiredPod is the compiler's view of a pod: the store's workload
 // metadata, with the addresses and endpoint ID of the local endpoint.
+//
+// A pod gets only the addresses it owns (ipOwners): another pod claiming
+// the same address neither takes it over nor removes it.
 func (a *Agent) desiredPod(ref podRef) (policy.Pod, bool) {
 	sp, inStore := a.storePods[ref]
 	ep := a.localEndpoint(ref)
 	if ep == nil {
+		sp.IPs = a.ipOwners.claim(ref, sp.IPs, false, time.Time{})
 		return sp, inStore
 	}
 	p := policy.Pod{Namespace: ref.ns, Name: ref.name}
 	if inStore {
 		p = sp
 	}
-	p.IPs = ep.addrs()
+	p.IPs = a.ipOwners.claim(ref, ep.addrs(), true, ep.CreatedAt)
 	p.Endpoint = ep.ID
 	return p, true
 }
@@ -489,7 +538,12 @@ func (a *Agent) syncPod(ref podRef) error {
 		}
 		a.appliedPods[ref] = want
 	}
-	return nil
+	// Pods that gained or lost an address by this claim follow.
+	var errs []error
+	for _, r := range a.ipOwners.takeDirty() {
+		errs = append(errs, a.syncPod(r))
+	}
+	return errors.Join(errs...)
 }
 
 // foldStore folds a new store state into the compiler. The first one is a
@@ -531,6 +585,12 @@ func (a *Agent) foldStore(res *store.Result) error {
 		}
 		a.mu.Unlock()
 		a.appliedPods = map[podRef]policy.Pod{}
+		// Every address claim first, so each pod below gets only what
+		// it owns among all of them.
+		for r := range refs {
+			a.desiredPod(r)
+		}
+		a.ipOwners.takeDirty()
 		for _, r := range slices.SortedFunc(maps.Keys(refs), func(x, y podRef) int {
 			return cmpRef(x, y)
 		}) {

@@ -22,14 +22,33 @@ var _ api.Backend = (*Agent)(nil)
 
 // AddEndpoint registers an endpoint and returns once its policy is applied
 // and its programs are attached.
+//
+// An ADD is all or nothing: on any failure its registration, ID, policy,
+// attach and record are undone (rollbackAdd), and ADDs and DELs of one key
+// run one after the other, so a rollback never undoes another ADD.
 func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (api.EndpointAddResponse, error) {
 	start := time.Now()
+	if err := api.CheckPodIPs(req.IPs); err != nil {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s/%s: %w", req.ContainerID, req.IfName, err)
+	}
+	if req.Pod.Namespace == "" || req.Pod.Name == "" {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest,
+			"endpoint %s/%s: the pod's namespace and name are required (K8S_POD_NAMESPACE, K8S_POD_NAME)", req.ContainerID, req.IfName)
+	}
+	unlock := a.fc.lockKey(req.EndpointKey)
+	defer unlock()
+	prior := a.priorEndpoint(req.EndpointKey)
 	rec := &endpointRecord{
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
 	}
-	c := &change{add: rec}
+	c := &change{add: rec, restore: prior}
 	if err := a.submit(ctx, c); err != nil {
+		// Registered but not applied (a failed apply), or not yet
+		// processed (ctx ended): undo it either way, after it.
+		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
+			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
+		}
 		return api.EndpointAddResponse{}, err
 	}
 	submitted := time.Now()
@@ -61,6 +80,9 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		cp.Mode = mode
 		err = a.records.Put(recordKey(rec.Key), cp)
 	}
+	if err == nil && a.fc.addFault != nil {
+		err = a.fc.addFault(req.EndpointKey)
+	}
 	if err == nil {
 		a.mu.Lock()
 		rec.Mode = mode
@@ -68,7 +90,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	}
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
-		if derr := a.deleteEndpoint(context.WithoutCancel(ctx), req.EndpointKey); derr != nil {
+		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
 			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
 		}
 		return api.EndpointAddResponse{}, fmt.Errorf("attach to %s: %w", req.HostVeth, err)
@@ -93,7 +115,9 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 
 // DeleteEndpoint forgets an endpoint and detaches its programs.
 func (a *Agent) DeleteEndpoint(ctx context.Context, req api.EndpointDelRequest) (api.EndpointDelResponse, error) {
+	unlock := a.fc.lockKey(req.EndpointKey)
 	err := a.deleteEndpoint(ctx, req.EndpointKey)
+	unlock()
 	if errors.Is(err, errUnknownEndpoint) {
 		return api.EndpointDelResponse{}, nil
 	}
@@ -147,7 +171,7 @@ func (a *Agent) CheckEndpoint(_ context.Context, req api.EndpointCheckRequest) (
 	}
 	a.mu.Unlock()
 	if rec == nil {
-		return api.EndpointCheckResponse{Problems: []string{"endpoint unknown to the agent"}}, nil
+		return api.EndpointCheckResponse{Problems: a.unknownEndpointProblems(req.HostIfIndex)}, nil
 	}
 	resp := api.EndpointCheckResponse{Known: true}
 	switch {
@@ -202,7 +226,9 @@ func (a *Agent) GCEndpoints(ctx context.Context, req api.GCRequest) (api.GCRespo
 	})
 	var resp api.GCResponse
 	for _, k := range stale {
+		unlock := a.fc.lockKey(k)
 		err := a.deleteEndpoint(ctx, k)
+		unlock()
 		if errors.Is(err, errUnknownEndpoint) {
 			continue
 		}
@@ -229,6 +255,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		StoreErrors: slices.Clone(a.storeErrs), StoreHeld: storeHold(a.guard), Features: a.features,
 		LostEventsUserspace: a.hub.LostUserspace(), PolicyApply: a.applyRetry.status(),
 	}
+	resp.EndpointWarnings = a.endpointWarningsLocked()
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost
 	}

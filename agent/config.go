@@ -49,6 +49,12 @@ type Config struct {
 	Logger  *slog.Logger
 	// Datapath tunes the datapath; BPFFS above wins over its BPFFS.
 	Datapath datapath.Config
+	// IdentityGrace is how long an identity number or endpoint ID that
+	// nothing uses stays reserved (default DefaultIdentityGrace).
+	IdentityGrace time.Duration
+	// ReconcileInterval is how often endpoints whose veth vanished are
+	// looked for, besides on every link deletion (default 5 s).
+	ReconcileInterval time.Duration
 }
 
 // Defaults (DESIGN.md §5).
@@ -89,6 +95,12 @@ func (c *Config) setDefaults() error {
 	if c.StoreShrinkGrace == 0 {
 		c.StoreShrinkGrace = DefaultStoreShrinkGrace
 	}
+	if c.IdentityGrace == 0 {
+		c.IdentityGrace = DefaultIdentityGrace
+	}
+	if c.ReconcileInterval <= 0 {
+		c.ReconcileInterval = 5 * time.Second
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -101,6 +113,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StoreShrinkGrace < 0 {
 		errs = append(errs, fmt.Errorf("--store-shrink-grace %v: must be positive", c.StoreShrinkGrace))
+	}
+	if c.IdentityGrace < 0 {
+		errs = append(errs, fmt.Errorf("--identity-grace %v must not be negative", c.IdentityGrace))
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))

@@ -39,6 +39,9 @@ type rawConfig struct {
 	types.PluginConf
 	Socket           string   `json:"socket,omitempty"`
 	AgentWaitSeconds *float64 `json:"agentWaitSeconds,omitempty"`
+	// AllowMissingPodArgs names a pod without K8S_POD_* arguments after
+	// its container (see Config.AllowMissingPodArgs).
+	AllowMissingPodArgs bool `json:"allowMissingPodArgs,omitempty"`
 	// ValidAttachments shadows the embedded field to tell "absent" from
 	// "empty": an absent list must never make GC remove every endpoint.
 	ValidAttachments *[]types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
@@ -61,6 +64,12 @@ type Config struct {
 	PrevResult types.Result
 	// ValidAttachments is nil when the runtime sent no list (GC only).
 	ValidAttachments []types.GCAttachment
+	// AllowMissingPodArgs lets an ADD without K8S_POD_NAMESPACE and
+	// K8S_POD_NAME through as pod "container-<first 12 of the ID>" in
+	// namespace "default" (runtimes outside Kubernetes). Off by default:
+	// a pod that loses its name would otherwise be judged by the policy of
+	// a made-up one.
+	AllowMissingPodArgs bool
 }
 
 // ParseConfig parses and validates the plugin's stdin. Every error is a
@@ -86,7 +95,8 @@ func ParseConfig(stdin []byte) (*Config, error) {
 	if raw.Name == "" {
 		return nil, types.NewError(types.ErrInvalidNetworkConfig, "bulkhead-cni config: name is required", "")
 	}
-	c := &Config{CNIVersion: raw.CNIVersion, Name: raw.Name, Socket: api.DefaultSocket, AgentWait: DefaultAgentWait}
+	c := &Config{CNIVersion: raw.CNIVersion, Name: raw.Name, Socket: api.DefaultSocket, AgentWait: DefaultAgentWait,
+		AllowMissingPodArgs: raw.AllowMissingPodArgs}
 	if raw.Socket != "" {
 		if !filepath.IsAbs(raw.Socket) {
 			return nil, types.NewError(types.ErrInvalidNetworkConfig,
@@ -151,4 +161,23 @@ func parsePodArgs(cniArgs string) (api.PodRef, error) {
 		Name:      string(a.K8S_POD_NAME),
 		UID:       string(a.K8S_POD_UID),
 	}, nil
+}
+
+// requirePod returns the pod reference of an ADD: the K8S_POD_* arguments,
+// or with allowMissingPodArgs the documented default for a runtime that
+// passes none. Half a reference is never completed.
+func (c *Config) requirePod(pod api.PodRef, containerID string) (api.PodRef, error) {
+	switch {
+	case pod.Namespace != "" && pod.Name != "":
+		return pod, nil
+	case pod.Namespace == "" && pod.Name == "" && c.AllowMissingPodArgs:
+		id := containerID
+		if len(id) > 12 {
+			id = id[:12]
+		}
+		return api.PodRef{Namespace: "default", Name: "container-" + id, UID: pod.UID}, nil
+	}
+	return api.PodRef{}, types.NewError(types.ErrInvalidEnvironmentVariables,
+		fmt.Sprintf("bulkhead-cni: CNI_ARGS lack K8S_POD_NAMESPACE and K8S_POD_NAME (got namespace %q, name %q): policy cannot be chosen without the pod", pod.Namespace, pod.Name),
+		`runtimes outside Kubernetes can set "allowMissingPodArgs": true in the conflist to name the pod "container-<id>" in namespace "default"`)
 }

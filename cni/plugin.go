@@ -89,6 +89,15 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	if pod, err = conf.requirePod(pod, args.ContainerID); err != nil {
+		return err
+	}
+	ips := endpointIPs(prev, args.IfName)
+	if err := api.CheckPodIPs(ips); err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig,
+			fmt.Sprintf("bulkhead-cni: prevResult for %s: %v", args.IfName, err),
+			"bulkhead-cni enforces policy by the pod's own addresses; the primary plugin must assign the interface at least one unicast host address")
+	}
 	peer, err := p.findPeer(args.Netns, args.IfName)
 	if err != nil {
 		return peerError(err)
@@ -100,7 +109,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		PodIfIndex:  peer.PodIfIndex,
 		HostVeth:    peer.HostIfName,
 		HostIfIndex: peer.HostIfIndex,
-		IPs:         endpointIPs(prev, args.IfName),
+		IPs:         ips,
 		Pod:         pod,
 	}
 	client := newClient(conf)

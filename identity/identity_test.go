@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 func TestLabelsKey(t *testing.T) {
@@ -104,5 +105,49 @@ func TestLongestMatch(t *testing.T) {
 		if got := LongestMatch(c, netip.MustParseAddr(ip)); got != want {
 			t.Errorf("%s: got %v want %v", ip, got, want)
 		}
+	}
+}
+
+func TestAllocatorRetainRestore(t *testing.T) {
+	now := time.Unix(100, 0)
+	a := NewAllocator(256, 1000)
+	a.Retain(func() time.Time { return now })
+	x, _ := a.Acquire("x")
+	y, _ := a.Acquire("y")
+	a.Release("x")
+	if again, _ := a.Acquire("x"); again != x {
+		t.Fatalf("a retired key came back as %d, want %d", again, x)
+	}
+	a.Release("y")
+	st := a.State()
+	b := NewAllocator(256, 1000)
+	b.Retain(func() time.Time { return now })
+	if err := b.Restore(st); err != nil {
+		t.Fatal(err)
+	}
+	// Restored in the other order: numbers follow the keys, not the order.
+	if got, _ := b.Acquire("y"); got != y {
+		t.Fatalf("restored y = %d, want %d", got, y)
+	}
+	if got, _ := b.Acquire("x"); got != x {
+		t.Fatalf("restored x = %d, want %d", got, x)
+	}
+	z, _ := b.Acquire("z")
+	if z == x || z == y {
+		t.Fatalf("new key got a restored number %d", z)
+	}
+	b.Release("z")
+	if n := b.Expire(now.Add(time.Second)); n != 1 {
+		t.Fatalf("expired %d, want 1 (z)", n)
+	}
+	if w, _ := b.Acquire("w"); w == z {
+		t.Fatal("an expired number was reused before the range wrapped")
+	}
+	if err := b.Restore(st); err == nil {
+		t.Fatal("restore into a used allocator succeeded")
+	}
+	bad := AllocatorState{Next: 256, Keys: map[string]KeyRecord{"p": {ID: 300}, "q": {ID: 300}}}
+	if err := NewAllocator(256, 1000).Restore(bad); err == nil {
+		t.Fatal("restore with a duplicate ID succeeded")
 	}
 }

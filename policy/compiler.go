@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -42,6 +43,8 @@ type Compiler struct {
 
 	ruleIDs  map[ruleKey]RuleID
 	nextRule RuleID
+	// rulesVersion counts changes of ruleIDs, for AllocationVersion.
+	rulesVersion uint64
 
 	// peerCache holds the resolved identities of one peer of one rule; it is
 	// dropped for a policy whenever identities it could match change.
@@ -50,6 +53,10 @@ type Compiler struct {
 	namedIdx map[string][]identPort
 
 	ipcache map[netip.Prefix]identity.NumericID
+	// ipOwner is the pod whose address each host entry of ipcache is:
+	// only that pod's removal takes the entry out, so a stale pod that
+	// shared the address cannot delete the live pod's entry.
+	ipOwner map[netip.Prefix]podKey
 	// hostIPs are the node's addresses, added to the published ipcache as
 	// identity.IDHost (they win over any CIDR prefix of the same length).
 	hostIPs    map[netip.Prefix]struct{}
@@ -83,6 +90,9 @@ type identPort struct {
 // Config configures a Compiler.
 type Config struct {
 	Logger *slog.Logger
+	// Now stamps identities when their last pod goes (see
+	// ExpireIdentities); time.Now when nil.
+	Now func() time.Time
 }
 
 // NewCompiler returns an empty compiler; Reset loads a snapshot into it.
@@ -91,7 +101,16 @@ func NewCompiler(cfg Config) *Compiler {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Compiler{log: log}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	c := &Compiler{log: log, workloads: identity.NewWorkloadAllocator(), cidrAlloc: identity.NewCIDRAllocator(),
+		ruleIDs: map[ruleKey]RuleID{}, nextRule: 1}
+	// Numbers outlive the objects that had them until ExpireIdentities:
+	// see Allocation.
+	c.workloads.Retain(now)
+	c.cidrAlloc.Retain(now)
 	c.clear(&Snapshot{})
 	return c
 }
@@ -110,16 +129,17 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.identsByID = map[identity.NumericID]*ident{}
 	c.identsByNS = map[string]map[*ident]struct{}{}
 	c.withRegion = map[*ident]struct{}{}
-	c.workloads = identity.NewWorkloadAllocator()
+	// The allocators and rule IDs are kept: a full compile gives every
+	// identity and rule that is still there the number it had.
+	c.workloads.ReleaseAll()
 	c.policies = map[policyKey]*cpolicy{}
 	c.policiesByNS = map[string]map[policyKey]*cpolicy{}
 	c.cidrs = map[netip.Prefix]*cidrIdent{}
-	c.cidrAlloc = identity.NewCIDRAllocator()
-	c.ruleIDs = map[ruleKey]RuleID{}
-	c.nextRule = 1
+	c.cidrAlloc.ReleaseAll()
 	c.peerCache = map[policyKey]map[peerRef][]identity.NumericID{}
 	c.namedIdx = nil
 	c.ipcache = map[netip.Prefix]identity.NumericID{}
+	c.ipOwner = map[netip.Prefix]podKey{}
 	c.endpoints = map[EndpointID]podKey{}
 	c.epPolicies = map[EndpointID][]policyKey{}
 	c.policyEPs = map[policyKey]map[EndpointID]struct{}{}
@@ -147,9 +167,9 @@ func (c *Compiler) Reset(s *Snapshot) (*MapState, error) {
 
 // Replace is Reset that also returns the difference to the previous result,
 // for an agent that reloads its whole store. The revision keeps increasing
-// across it. Numeric identities and rule IDs are allocated afresh (in the
-// deterministic order of a full compile), so they may all move: prefer the
-// incremental methods for single changes.
+// across it. Identities and rules that the compiler numbered before (or
+// that RestoreAllocation loaded) keep their numbers; new ones are numbered
+// in the deterministic order of a full compile.
 func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 	if s.TrustDomain != "" {
 		if _, err := spiffeid.TrustDomainFromString(s.TrustDomain); err != nil {
@@ -256,6 +276,7 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 	for ep := range prev.Endpoints {
 		w.dirty[ep] = struct{}{}
 	}
+	c.pruneRuleIDs()
 	d := c.finish(w, true)
 	return c.ms, d, errors.Join(errs...)
 }
@@ -301,6 +322,7 @@ func (c *Compiler) addPolicy(p *cpolicy) {
 		if _, ok := c.ruleIDs[k]; !ok {
 			c.ruleIDs[k] = c.nextRule
 			c.nextRule++
+			c.rulesVersion++
 		}
 	}
 }
@@ -316,6 +338,7 @@ func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
 			continue
 		}
 		delete(c.ruleIDs, k)
+		c.rulesVersion++
 	}
 	delete(c.peerCache, p.key)
 }
@@ -360,6 +383,7 @@ func (c *Compiler) attachPod(p Pod, w *work) error {
 	for _, a := range p.IPs {
 		h := identity.Host(a)
 		c.ipcache[h] = id.id
+		c.ipOwner[h] = k
 		w.ip[h] = struct{}{}
 	}
 	if p.Endpoint != 0 {
@@ -389,6 +413,10 @@ func (c *Compiler) detachPod(ps *podState, w *work) {
 	}
 	for _, a := range ps.pod.IPs {
 		h := identity.Host(a)
+		if c.ipOwner[h] != ps.key {
+			continue // a later pod took the address over
+		}
+		delete(c.ipOwner, h)
 		if ci, ok := c.cidrs[h]; ok {
 			c.ipcache[h] = ci.id
 		} else {

@@ -217,6 +217,10 @@ type StatusResponse struct {
 	// PolicyApply is set while the datapath enforces an older policy than
 	// the agent compiled, because applying the newer one failed.
 	PolicyApply *ApplyStatus `json:"policyApply,omitempty"`
+	// EndpointWarnings are lasting problems with endpoint state:
+	// quarantined records, endpoints enforced without a record (held at
+	// default deny), addresses claimed by more than one pod.
+	EndpointWarnings []string `json:"endpointWarnings,omitempty"`
 }
 
 // ApplyStatus describes a policy apply that keeps failing. The datapath

@@ -88,6 +88,9 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 				h.Reason, h.AppliedObjects, h.AppliedPolicies, h.HeldObjects, h.HeldPolicies,
 				h.Until.Local().Format(time.RFC3339), time.Until(h.Until).Round(time.Second))
 		}
+		for _, m := range st.EndpointWarnings {
+			fmt.Fprintf(w, "Endpoint warning: %s\n", m)
+		}
 	}
 	if !st.Ready {
 		return fmt.Errorf("agent not ready: %s", st.Reason)

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 )
 
 // ErrNotFound is returned by Get for a key that has no record.
@@ -159,4 +160,30 @@ func (d *Dir[T]) syncDir() error {
 		return fmt.Errorf("sync state dir: %w", err)
 	}
 	return nil
+}
+
+// Quarantine moves key's record aside as <key>.json.bad-<time>, where
+// Keys and LoadAll no longer see it and an operator can inspect it. A
+// record that cannot be read is never deleted: it may be the only trace of
+// an endpoint the agent still enforces. It returns the new file's path.
+func (d *Dir[T]) Quarantine(key string) (string, error) {
+	name, err := d.file(key)
+	if err != nil {
+		return "", err
+	}
+	bad := name + ".bad-" + time.Now().UTC().Format("20060102T150405.000000000Z")
+	if err := os.Rename(name, bad); err != nil {
+		return "", fmt.Errorf("quarantine record %q: %w", key, err)
+	}
+	return bad, d.syncDir()
+}
+
+// Quarantined lists the records that Quarantine moved aside.
+func (d *Dir[T]) Quarantined() ([]string, error) {
+	matches, err := filepath.Glob(filepath.Join(d.path, "*.json.bad-*"))
+	if err != nil {
+		return nil, fmt.Errorf("list quarantined records: %w", err)
+	}
+	slices.Sort(matches)
+	return matches, nil
 }

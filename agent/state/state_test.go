@@ -95,3 +95,33 @@ func TestDirRejectsPathKeys(t *testing.T) {
 		}
 	}
 }
+
+// A quarantined record keeps its bytes, leaves LoadAll, and is listed.
+func TestQuarantine(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "endpoints")
+	d, err := Open[rec](path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	torn := []byte(`{"netns":"/run/ne`)
+	if err := os.WriteFile(filepath.Join(path, "c1_eth0.json"), torn, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, bad, err := d.LoadAll()
+	if err != nil || len(bad) != 1 {
+		t.Fatalf("bad records %v, %v", bad, err)
+	}
+	moved, err := d.Quarantine("c1_eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if data, err := os.ReadFile(moved); err != nil || string(data) != string(torn) {
+		t.Fatalf("quarantined file %s: %q %v", moved, data, err)
+	}
+	if good, bad, err := d.LoadAll(); err != nil || len(good)+len(bad) != 0 {
+		t.Fatalf("LoadAll after quarantine: %v %v %v", good, bad, err)
+	}
+	if q, err := d.Quarantined(); err != nil || len(q) != 1 || q[0] != moved {
+		t.Fatalf("Quarantined() = %v, %v", q, err)
+	}
+}

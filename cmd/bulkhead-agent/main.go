@@ -43,6 +43,7 @@ func main() {
 	logAllow := fs.String("flow-log-allow", "", `JSON list of flow filters; the flow log keeps only records that match one, e.g. [{"verdicts":["DROPPED"]},{"namespaces":["shop"]}]`)
 	logDeny := fs.String("flow-log-deny", "", `JSON list of flow filters; the flow log drops records that match one, e.g. [{"spiffe_ids":["spiffe://cluster.local/ns/kube-system/sa/*"]}]`)
 	attachMode := fs.String("attach-mode", "tcx", "tcx (falls back to clsact where the kernel lacks TCX) or clsact; TCX attach waits for RCU grace periods, clsact does not (see README)")
+	fs.DurationVar(&cfg.IdentityGrace, "identity-grace", agent.DefaultIdentityGrace, "how long an identity number or endpoint ID that nothing uses stays reserved")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	_ = fs.Parse(os.Args[1:])

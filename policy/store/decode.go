@@ -264,6 +264,11 @@ func podOf(p *corev1.Pod) (*policy.Pod, error) {
 	if len(ips) == 0 && p.Status.PodIP != "" {
 		ips = []corev1.PodIP{{IP: p.Status.PodIP}}
 	}
+	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+		// A terminal pod's addresses are free for IPAM to hand out again:
+		// they must not claim the next pod's traffic.
+		ips = nil
+	}
 	for i, ip := range ips {
 		a, err := netip.ParseAddr(ip.IP)
 		if err != nil {
