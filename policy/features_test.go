@@ -367,7 +367,7 @@ spec:
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: bad, namespace: shop}
-spec: {podSelecter: {}}`, `unknown field "podSelecter"`},
+spec: {podSelecter: {}}`, `test.yaml:40: NetworkPolicy shop/bad: unknown field "spec.podSelecter"`},
 		{"ipBlock with selector", `
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
