@@ -38,6 +38,7 @@ type testPod struct {
 	hostIf   string
 	ifindex  int
 	ip4, ip6 netip.Addr
+	mac      net.HardwareAddr
 	ep       policy.EndpointID
 	id       identity.NumericID
 }
@@ -68,6 +69,10 @@ func newTopo(t testing.TB, n int) *topo {
 		netns.Addr(t, p.ns, "eth0", p.ip4.String()+"/24", p.ip6.String()+"/64")
 		// Static neighbours: no ARP/ND timing in the probes' timeouts.
 		hostMAC, podMAC := linkMAC(t, tp.host, p.hostIf), linkMAC(t, p.ns, "eth0")
+		var err error
+		if p.mac, err = net.ParseMAC(podMAC); err != nil {
+			t.Fatal(err)
+		}
 		p.ns.Do(t, func() error {
 			for _, gw := range []string{fmt.Sprintf("10.213.%d.1", i), fmt.Sprintf("fd00:213:%d::1", i)} {
 				if err := runIP("neigh", "replace", gw, "lladdr", hostMAC, "dev", "eth0", "nud", "permanent"); err != nil {
@@ -117,7 +122,7 @@ func runIP(args ...string) error {
 }
 
 func (tp *topo) endpoint(p *testPod) Endpoint {
-	return Endpoint{ID: p.ep, Ifname: p.hostIf, Netns: tp.host.Path()}
+	return Endpoint{ID: p.ep, Ifname: p.hostIf, Netns: tp.host.Path(), MAC: p.mac, Addrs: []netip.Addr{p.ip4, p.ip6}}
 }
 
 // state: pod 2 is a server that admits pod 1 on 8080/tcp, 5353/udp and
