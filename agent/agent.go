@@ -625,7 +625,9 @@ func (a *Agent) publish(ms *policy.MapState) {
 	remote := a.remoteIPs
 	a.mu.Unlock()
 	a.view.Store(v)
-	a.enricher.SetContext(flows.NewContext(ms, infos, v.podAddrs(remote)))
+	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
+	fc.Endpoints = v.endpointPods()
+	a.enricher.SetContext(fc)
 	a.metrics.Endpoints.Set(float64(len(v.endpoints)))
 }
 
