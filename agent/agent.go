@@ -192,6 +192,16 @@ func (a *Agent) restoreEndpoints() error {
 			continue
 		}
 		r := rec
+		// Records from before the MAC was kept: without it the re-attach
+		// would fail, and the programs already attached keep enforcing
+		// the old way (no source validation) until it succeeds.
+		if filled, err := r.ensureMAC(); err != nil {
+			a.log.Warn("read MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+		} else if filled {
+			if err := a.records.Put(k, r); err != nil {
+				a.log.Warn("persist MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+			}
+		}
 		a.endpoints[rec.Key] = &r
 		a.reattach = append(a.reattach, &r)
 	}
