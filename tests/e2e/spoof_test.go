@@ -3,17 +3,22 @@ package e2e
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -427,4 +432,82 @@ func scrapeCounter(t *testing.T, addr, series string) float64 {
 		return true
 	})
 	return v
+}
+
+// TestRestoredRecordWithoutMAC: endpoint records written before the agent
+// kept the pod's MAC, with source-address slots that hold nothing (as maps
+// from before source validation), are completed from the pod's netns when
+// the agent restarts: the pods send again, and forgeries are still dropped.
+func TestRestoredRecordWithoutMAC(t *testing.T) {
+	e := newEnvConfig(t, "ptp", false)
+	e.writeStore("spoof.yaml", spoofStore)
+	e.startAgent()
+	a, b, c := e.addPod("x", "a"), e.addPod("x", "b"), e.addPod("y", "c")
+	inB := listenUDP(t, b, 82)
+	e.stopAgent(syscall.SIGTERM)
+
+	records, err := filepath.Glob(filepath.Join(e.stateDir, "endpoints", "*.json"))
+	if err != nil || len(records) != 3 {
+		t.Fatalf("endpoint records: %v %v", records, err)
+	}
+	for _, path := range records {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec map[string]any
+		if err := json.Unmarshal(raw, &rec); err != nil {
+			t.Fatal(err)
+		}
+		if rec["mac"] == nil {
+			t.Fatalf("record %s has no MAC: %s", path, raw)
+		}
+		delete(rec, "mac")
+		if raw, err = json.Marshal(rec); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(e.bpffs, "maps", "endpoint_addrs"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty := make([]byte, m.ValueSize())
+	for id := uint32(1); id < 16; id++ {
+		if err := m.Update(id, empty, ebpf.UpdateAny); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Close()
+	// With empty slots, the attached programs drop everything the pods send.
+	tok := token()
+	sendUDP(t, a, b.IPv4, 82, tok)
+	if inB.got(tok, 500*time.Millisecond) {
+		t.Fatal("a pod with no registered addresses could send")
+	}
+
+	e.startAgent()
+	if !eventually(3*time.Second, func() bool {
+		tok := token()
+		sendUDP(t, a, b.IPv4, 82, tok)
+		return inB.got(tok, 300*time.Millisecond)
+	}) {
+		t.Fatalf("a cannot reach b after the restart: its MAC was not restored\n%s", e.agentLogs())
+	}
+	tok = token()
+	rawUDP(t, c, a.IPv4, b.IPv4, 40000, 82, tok)
+	if inB.got(tok, 500*time.Millisecond) {
+		t.Fatal("c's forged datagram arrived after the restart")
+	}
+	for _, path := range records {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Contains(raw, []byte(`"mac":"`)) {
+			t.Errorf("record %s was not completed with the MAC: %s", path, raw)
+		}
+	}
 }
