@@ -40,25 +40,35 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	return *(const __u32 *)a == *(const __u32 *)b && *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
 }
 
+/* own_v4 and own_v6 stop at the first match: a pod's first address is the
+ * one it nearly always sends from. */
 static __always_inline int own_v4(const struct ep_addrs *a, __u32 addr)
 {
-	int hit = 0;
+	__u8 n = a->n4;
 
 #pragma unroll
-	for (int i = 0; i < EP_MAX_V4; i++)
-		hit |= i < a->n4 && a->v4[i] == addr;
-	return hit;
+	for (int i = 0; i < EP_MAX_V4; i++) {
+		if (i >= n)
+			return 0;
+		if (a->v4[i] == addr)
+			return 1;
+	}
+	return 0;
 }
 
 static __always_inline int own_v6(const struct ep_addrs *a, const __u32 *addr)
 {
-	int hit = 0;
+	__u8 n = a->n6;
 
 #pragma unroll
-	for (int i = 0; i < EP_MAX_V6; i++)
-		hit |= i < a->n6 && !((a->v6[i][0] ^ addr[0]) | (a->v6[i][1] ^ addr[1]) |
-				      (a->v6[i][2] ^ addr[2]) | (a->v6[i][3] ^ addr[3]));
-	return hit;
+	for (int i = 0; i < EP_MAX_V6; i++) {
+		if (i >= n)
+			return 0;
+		if (!((a->v6[i][0] ^ addr[0]) | (a->v6[i][1] ^ addr[1]) | (a->v6[i][2] ^ addr[2]) |
+		      (a->v6[i][3] ^ addr[3])))
+			return 1;
+	}
+	return 0;
 }
 
 static __always_inline int v6_link_local(const __u32 *addr)
@@ -238,7 +248,8 @@ static __always_inline __u8 srcval_from_pod(struct __sk_buff *skb, __u32 ep_id, 
 	/* No slot, or a slot Go never filled: fail closed. */
 	if (!a || !(a->n4 | a->n6))
 		return DROP_INVALID_SOURCE;
-	eth = hdr(skb, 0, sizeof(*eth));
+	/* parse_packet read it already: it is in the linear data. */
+	eth = hdr_at(skb, 0, sizeof(*eth));
 	if (!eth)
 		return DROP_MALFORMED;
 	if (!mac_eq(eth->h_source, a->mac))
