@@ -143,10 +143,25 @@ func TestForgedSourcesGainNothing(t *testing.T) {
 				t.Errorf("gratuitous ARP from c poisoned %s: %v is at c's MAC %s", where, claimed, cMAC)
 			}
 		}
+		// The same over IPv6: an unsolicited, overriding neighbour
+		// advertisement for a's address with c's MAC.
+		unsolicitedNA(t, c, cMAC, a.IPv6)
+		time.Sleep(300 * time.Millisecond)
+		if where := neighbourWith(t, []*pod{a, b}, a.IPv6, cMAC); where != "" {
+			t.Errorf("neighbour advertisement from c poisoned %s: %v is at c's MAC %s", where, a.IPv6, cMAC)
+		}
+		if len(e.flowLines(`"drop_reason_desc":"INVALID_SOURCE_IP"`, `"destination":"ff02::1"`, `"pod_name":"c"`)) == 0 {
+			t.Errorf("no flow record for c's neighbour advertisement for %v", a.IPv6)
+		}
 		tok = token()
 		sendUDP(t, b, a.IPv4, 82, tok)
 		if !inA.got(tok, time.Second) {
 			t.Errorf("b no longer reaches a after c's gratuitous ARP")
+		}
+		tok = token()
+		sendUDP(t, b, a.IPv6, 82, tok)
+		if !inA.got(tok, time.Second) {
+			t.Errorf("b no longer reaches a over IPv6 after c's neighbour advertisement")
 		}
 
 		// Every forgery is on record with its reason and the real sender.
@@ -336,6 +351,39 @@ func gratuitousARP(t *testing.T, p *pod, mac net.HardwareAddr, addr netip.Addr, 
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
+// unsolicitedNA sends a neighbour advertisement (override flag, target
+// link-layer option) from p to all nodes, claiming target for mac. The
+// kernel picks the source (p's link-local address) and the checksum.
+func unsolicitedNA(t *testing.T, p *pod, mac net.HardwareAddr, target netip.Addr) {
+	t.Helper()
+	msg := make([]byte, 32)
+	msg[0] = 136
+	msg[4] = 0x20 // override
+	tg := target.As16()
+	copy(msg[8:24], tg[:])
+	msg[24], msg[25] = 2, 1
+	copy(msg[26:32], mac)
+	err := ns.WithNetNSPath(p.NS.Path(), func(ns.NetNS) error {
+		l, err := netlink.LinkByName(p.IfName)
+		if err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW, unix.IPPROTO_ICMPV6)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MULTICAST_HOPS, 255); err != nil {
+			return err
+		}
+		sa := &unix.SockaddrInet6{Addr: netip.MustParseAddr("ff02::1").As16(), ZoneId: uint32(l.Attrs().Index)}
+		return unix.Sendto(fd, msg, 0, sa)
+	})
+	if err != nil {
+		t.Fatalf("send NA from %s: %v", p.Name, err)
+	}
+}
+
 func podLinkMAC(t *testing.T, p *pod) net.HardwareAddr {
 	t.Helper()
 	var mac net.HardwareAddr
@@ -357,8 +405,12 @@ func podLinkMAC(t *testing.T, p *pod) net.HardwareAddr {
 // neighbour table maps addr to mac, or "".
 func neighbourWith(t *testing.T, pods []*pod, addr netip.Addr, mac net.HardwareAddr) string {
 	t.Helper()
+	family := netlink.FAMILY_V4
+	if addr.Is6() {
+		family = netlink.FAMILY_V6
+	}
 	match := func() (bool, error) {
-		ns, err := netlink.NeighList(0, netlink.FAMILY_V4)
+		ns, err := netlink.NeighList(0, family)
 		if err != nil {
 			return false, err
 		}
