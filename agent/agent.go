@@ -224,6 +224,16 @@ func (a *Agent) restoreEndpoints() error {
 			continue
 		}
 		r := rec
+		// Records from before the MAC was kept: without it the re-attach
+		// would fail, and the programs already attached keep enforcing
+		// the old way (no source validation) until it succeeds.
+		if filled, err := r.ensureMAC(); err != nil {
+			a.log.Warn("read MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+		} else if filled {
+			if err := a.records.Put(k, r); err != nil {
+				a.log.Warn("persist MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+			}
+		}
 		a.endpoints[rec.Key] = &r
 		a.reattach = append(a.reattach, &r)
 	}
@@ -704,7 +714,9 @@ func (a *Agent) publish(ms *policy.MapState) {
 	remote := a.remoteIPs
 	a.mu.Unlock()
 	a.view.Store(v)
-	a.enricher.SetContext(flows.NewContext(ms, infos, v.podAddrs(remote)))
+	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
+	fc.Endpoints = v.endpointPods()
+	a.enricher.SetContext(fc)
 	a.metrics.Endpoints.Set(float64(len(v.endpoints)))
 }
 

@@ -40,7 +40,11 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	prior := a.priorEndpoint(req.EndpointKey)
 	rec := &endpointRecord{
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
-		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start,
+		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start, MAC: req.MAC,
+	}
+	// A plugin that sends no MAC: read it now, before any state changes.
+	if _, err := rec.ensureMAC(); err != nil {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s: %v", req.ContainerID, err)
 	}
 	c := &change{add: rec, restore: prior}
 	if err := a.submit(ctx, c); err != nil {

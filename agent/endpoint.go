@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"net"
 	"net/netip"
 	"time"
 
@@ -22,6 +23,10 @@ type endpointRecord struct {
 	ID          policy.EndpointID   `json:"id"`
 	CreatedAt   time.Time           `json:"createdAt"`
 	Mode        datapath.AttachMode `json:"mode,omitempty"`
+	// MAC is the pod interface's MAC, the only one it may send from.
+	// Records written before it was kept have none: the agent reads it
+	// from the pod's netns when it restores them.
+	MAC string `json:"mac,omitempty"`
 }
 
 // recordKey names the record's file. Runtimes use hex container IDs, so the
@@ -54,7 +59,9 @@ func shortID(id string) string {
 }
 
 func (rec *endpointRecord) dpEndpoint() datapath.Endpoint {
-	return datapath.Endpoint{ID: rec.ID, Ifname: rec.HostVeth, Ifindex: rec.HostIfIndex}
+	// A MAC that does not parse leaves MAC nil, which Attach refuses.
+	mac, _ := net.ParseMAC(rec.MAC)
+	return datapath.Endpoint{ID: rec.ID, Ifname: rec.HostVeth, Ifindex: rec.HostIfIndex, MAC: mac, Addrs: rec.addrs()}
 }
 
 func (rec *endpointRecord) addrs() []netip.Addr {

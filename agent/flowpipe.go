@@ -14,6 +14,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/policy"
 )
 
 // eventSource is where flow events come from: the datapath's ring buffer
@@ -326,6 +327,16 @@ func (p *flowPipe) close() {
 			p.log.Warn("close flow log", "error", err)
 		}
 	}
+}
+
+// endpointPods names the pod of every local endpoint, for records of
+// forged packets.
+func (v *view) endpointPods() map[policy.EndpointID]flows.PodName {
+	out := make(map[policy.EndpointID]flows.PodName, len(v.pods))
+	for id, ref := range v.pods {
+		out[id] = flows.PodName{Namespace: ref.ns, Name: ref.name}
+	}
+	return out
 }
 
 // podAddrs maps every known pod address to its pod, for flow records.

@@ -16,7 +16,12 @@
  * then specific peer; see datapath's package doc for how Go encodes the map.
  *
  * Defined behaviour for the odd cases:
- *  - non-IP (ARP, ...) passes, uncounted by policy (VERDICT_PASS);
+ *  - from the pod, a frame must first pass source validation (see
+ *    bpf/lib/srcval.h): the pod's MAC, its own addresses, ARP and NDP that
+ *    claim only what is the pod's, no other ethertype;
+ *  - non-IP (ARP, ...) passes, uncounted by policy (VERDICT_PASS); towards
+ *    the pod every ethertype passes: such frames come from the node or from
+ *    pods whose egress validated them, and ARP answers must reach the pod;
  *  - IPv6 neighbour discovery (ICMPv6 133-137) passes (VERDICT_PASS): without
  *    it no IPv6 works under default deny; so does multicast listener
  *    discovery (MLD, ICMPv6 130-132 and 143), which every IPv6 interface
@@ -41,6 +46,7 @@
 #include "lib/parse.h"
 #include "lib/maps.h"
 #include "lib/ct.h"
+#include "lib/srcval.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -701,6 +707,28 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
 	return found && !(r.e.state & CT_DENIED);
 }
 
+/* drop_from_pod drops a frame that source validation refused: counted
+ * always, reported at most once per drop_event_interval per (addresses,
+ * ports). The event names the sending endpoint, whatever address it
+ * claimed. */
+static __attribute__((noinline)) int drop_from_pod(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
+						   __u8 reason)
+{
+	struct ep_config cfg;
+	struct ct_key k = {};
+	__u64 now = ct_now();
+
+	count_drop(reason, skb->len);
+	ct_normalise(p, ep_id, &k);
+	if (drop_event_due(&k, now)) {
+		if (!ep_config_of(ep_id, &cfg))
+			cfg.identity = 0;
+		emit(p, now, EVENT_DROP, VERDICT_DENY, reason, 0, DIR_EGRESS, 1, ep_id, skb->ifindex,
+		     cfg.identity, ID_NONE, 0);
+	}
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct pkt p = {};
@@ -711,6 +739,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return BH_PASS;
 
 	r = parse_packet(skb, &p);
+	if (dir == DIR_EGRESS) {
+		__u8 bad = srcval_from_pod(skb, ep_id, &p, r);
+
+		if (bad)
+			return drop_from_pod(skb, &p, ep_id, bad);
+	}
 	if (r == PARSE_NOT_IP) {
 		count_verdict(VERDICT_PASS, skb->len);
 		return BH_PASS;

@@ -1,11 +1,13 @@
 package cni
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -102,6 +104,10 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return peerError(err)
 	}
+	mac, err := endpointMAC(prev, args.IfName, peer.PodMAC)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("bulkhead-cni: %v", err), "")
+	}
 	req := api.EndpointAddRequest{
 		EndpointKey: api.EndpointKey{ContainerID: args.ContainerID, IfName: args.IfName},
 		Network:     conf.Name,
@@ -110,6 +116,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		HostVeth:    peer.HostIfName,
 		HostIfIndex: peer.HostIfIndex,
 		IPs:         ips,
+		MAC:         mac,
 		Pod:         pod,
 	}
 	client := newClient(conf)
@@ -321,6 +328,35 @@ func peerError(err error) error {
 	default:
 		return types.NewError(types.ErrInternal, fmt.Sprintf("bulkhead-cni: find host veth: %v", err), "")
 	}
+}
+
+// endpointMAC is the MAC the pod sends from: the one prevResult gives
+// ifName inside the sandbox, else the one the interface has (link, read in
+// the pod's netns; some primaries report no MAC). The agent drops every
+// frame from the pod with another source MAC, so when both are known and
+// differ (a plugin changed the MAC without saying so) the ADD fails rather
+// than start a pod that cannot send.
+func endpointMAC(res *current.Result, ifName string, link net.HardwareAddr) (string, error) {
+	var fromResult net.HardwareAddr
+	for _, iface := range res.Interfaces {
+		if iface.Name != ifName || iface.Sandbox == "" || iface.Mac == "" {
+			continue
+		}
+		mac, err := net.ParseMAC(iface.Mac)
+		if err != nil || len(mac) != 6 {
+			return "", fmt.Errorf("prevResult interface %s: invalid MAC %q", ifName, iface.Mac)
+		}
+		fromResult = mac
+	}
+	switch {
+	case fromResult != nil && link != nil && !bytes.Equal(fromResult, link):
+		return "", fmt.Errorf("prevResult gives %s MAC %s, but the interface has %s", ifName, fromResult, link)
+	case fromResult != nil:
+		return fromResult.String(), nil
+	case len(link) == 6:
+		return link.String(), nil
+	}
+	return "", fmt.Errorf("no MAC for %s in prevResult or on the interface", ifName)
 }
 
 // endpointIPs returns the addresses prevResult assigned to ifName inside the

@@ -102,6 +102,7 @@ func TestAddEnforcesAndPrintsPrevResult(t *testing.T) {
 				EndpointKey: key, Network: "pods", Netns: "/var/run/netns/pod", PodIfIndex: 2,
 				HostVeth: "veth0abc", HostIfIndex: 17,
 				Pod: api.PodRef{Namespace: "shop", Name: "cart-0", UID: "uid-1"},
+				MAC: "aa:bb:cc:dd:ee:02",
 			}
 			if len(ep.IPs) != 1 || ep.IPs[0] != netip.MustParsePrefix("10.213.7.5/24") {
 				t.Errorf("endpoint IPs = %v", ep.IPs)

@@ -3,6 +3,7 @@ package cni
 import (
 	"errors"
 	"fmt"
+	"net"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -29,6 +30,8 @@ type Peer struct {
 	PodIfIndex  int
 	HostIfName  string
 	HostIfIndex int
+	// PodMAC is the pod interface's MAC, read inside the pod's netns.
+	PodMAC net.HardwareAddr
 }
 
 // FindVethPeer finds the host-side peer of the veth ifName inside the netns
@@ -72,6 +75,7 @@ func FindVethPeer(netnsPath, ifName string) (Peer, error) {
 			return fmt.Errorf("%s in netns %s is a %s: %w", ifName, netnsPath, link.Type(), ErrNotVeth)
 		}
 		p.PodIfIndex = veth.Index
+		p.PodMAC = veth.HardwareAddr
 		p.HostIfIndex = veth.ParentIndex
 		if p.HostIfIndex == 0 {
 			// Old kernels may omit IFLA_LINK; ethtool's peer_ifindex is

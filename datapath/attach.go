@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -27,6 +29,11 @@ type Endpoint struct {
 	// Netns is the path of the network namespace the host veth lives in;
 	// empty means the caller's.
 	Netns string
+	// MAC and Addrs are what the pod may send from (its interface's MAC
+	// and IP addresses); everything else leaving the pod is dropped.
+	// Attach requires both; Detach and Forget do not read them.
+	MAC   net.HardwareAddr
+	Addrs []netip.Addr
 }
 
 // AttachMode tells how the programs were attached.
@@ -101,8 +108,12 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 	if err := d.epcfg.check(ep.ID); err != nil {
 		return "", fmt.Errorf("attach: %w", err)
 	}
+	srcs, err := encodeAddrs(ep)
+	if err != nil {
+		return "", fmt.Errorf("attach: %w", err)
+	}
 	var mode AttachMode
-	err := inNetns(ep.Netns, func() error {
+	err = inNetns(ep.Netns, func() error {
 		l, err := resolveLink(ep)
 		if err != nil {
 			return err
@@ -112,8 +123,12 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		if err != nil {
 			return err
 		}
-		// The endpoint entry goes first, so the first packet the
-		// programs see is already attributed.
+		// The source addresses go first, then the endpoint entry, so
+		// the first packet the programs see is already attributed and
+		// validated.
+		if err := d.setAddrs(ep.ID, srcs); err != nil {
+			return err
+		}
 		if err := d.setEndpoint(ifindex, ep.ID); err != nil {
 			return fmt.Errorf("write endpoint %d: %w", ep.ID, err)
 		}
@@ -225,6 +240,9 @@ func (d *Datapath) Detach(ep Endpoint) error {
 		}
 		return d.detachIfindex(nsID, ifindex, true)
 	})
+	if err == nil {
+		err = d.clearAddrs(ep.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", ep.ID, err)
 	}

@@ -85,7 +85,9 @@ func BenchmarkDatapath(b *testing.B) {
 	// Rings that hold a whole chunk of events (see runChunks).
 	d := newTestDatapath(b, Config{EventRingBytes: benchRingBytes})
 	bindTestEndpoint(b, d, uint32(testEP))
-	if _, err := d.Apply(baseState(allowIn(clientID, 6, 80, 80, 7), allowIn(clientID, 17, 53, 53, 8))); err != nil {
+	allowOut := policy.Entry{Direction: policy.Egress, Peer: clientID, Proto: 6, PortLo: 80, PortHi: 80,
+		Action: policy.ActionAllow, Rule: 9}
+	if _, err := d.Apply(baseState(allowIn(clientID, 6, 80, 80, 7), allowIn(clientID, 17, 53, 53, 8), allowOut)); err != nil {
 		b.Fatal(err)
 	}
 	d10k := newTestDatapath(b, Config{EventRingBytes: benchRingBytes})
@@ -109,6 +111,12 @@ func BenchmarkDatapath(b *testing.B) {
 	newFlow := tcpSyn(clientIP, podIP, 40001, 80)
 	newFlow.tcpFlags = tcpSYN | tcpRST
 	denied := tcpSyn(clientIP, podIP, 40000, 81)
+	// The same from the pod's side (bulkhead_from_pod, which also
+	// validates the source): the established flow's replies, and new flows
+	// to the client that its egress policy allows.
+	reply := ack.reversed()
+	newOut := tcpSyn(podIP, clientIP, 40002, 80)
+	newOut.tcpFlags = tcpSYN | tcpRST
 	lpmPkt := tcpSyn(netip.MustParseAddr("10.214.1.244"), podIP, 5000, 8002)
 	lpmPkt.tcpFlags = tcpSYN | tcpRST
 
@@ -122,16 +130,19 @@ func BenchmarkDatapath(b *testing.B) {
 	baseline := max(base[2], 1)
 
 	cases := []struct {
-		name string
-		dp   *Datapath
-		pkt  []byte
-		want uint32
+		name    string
+		dp      *Datapath
+		pkt     []byte
+		want    uint32
+		fromPod bool
 	}{
-		{"passthrough", d, ack.build(), retPass},
-		{"established", d, ack.build(), retPass},
-		{"new-flow-allow", d, newFlow.build(), retPass},
-		{"deny", d, denied.build(), retShot},
-		{"lpm-10k", d10k, lpmPkt.build(), retPass},
+		{"passthrough", d, ack.build(), retPass, false},
+		{"established", d, ack.build(), retPass, false},
+		{"new-flow-allow", d, newFlow.build(), retPass, false},
+		{"established-from-pod", d, reply.build(), retPass, true},
+		{"new-flow-allow-from-pod", d, newOut.build(), retPass, true},
+		{"deny", d, denied.build(), retShot, false},
+		{"lpm-10k", d10k, lpmPkt.build(), retPass, false},
 	}
 	for _, c := range cases {
 		if c.name == "deny" {
@@ -141,6 +152,9 @@ func BenchmarkDatapath(b *testing.B) {
 			pinToLastCPU(b)
 			dp := c.dp
 			prog := dp.objs.BulkheadToPod
+			if c.fromPod {
+				prog = dp.objs.BulkheadFromPod
+			}
 			if c.name == "passthrough" {
 				prog = dp.objs.BulkheadPassthrough
 			}

@@ -132,8 +132,8 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 		"endpoints_array": &m.EndpointsArray, "endpoints": &m.Endpoints, "ep_configs": &m.EpConfigs,
 		"policy": &m.Policy, "ipcache": &m.Ipcache, "globals": &m.Globals,
 		"conntrack4": &m.Conntrack4, "conntrack6": &m.Conntrack6, "ipcache_hosts": &m.IpcacheHosts,
-		"policy_exact": &m.PolicyExact,
-		"fragments":    &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
+		"policy_exact": &m.PolicyExact, "endpoint_addrs": &m.EndpointAddrs,
+		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
 		"events": &m.Events,
 	}
 }

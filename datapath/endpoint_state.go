@@ -34,6 +34,9 @@ func (d *Datapath) Forget(ep Endpoint) error {
 		ours := err == nil && (ep.Ifname == "" || l.Attrs().Name == ep.Ifname)
 		return d.detachIfindex(nsID, ep.Ifindex, ours)
 	})
+	if err == nil {
+		err = d.clearAddrs(ep.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("forget endpoint %d on ifindex %d: %w", ep.ID, ep.Ifindex, err)
 	}

@@ -47,7 +47,26 @@ const (
 	DropPolicyRevised DropReason = 2
 	// DropMalformed: a truncated or inconsistent header.
 	DropMalformed DropReason = 3
+	// Source validation at the pod's egress (bpf/lib/srcval.h).
+	// DropInvalidSource: the IP source, or an ARP sender IP or NDP target,
+	// is not one of the pod's addresses.
+	DropInvalidSource DropReason = 4
+	// DropInvalidSourceMAC: the Ethernet source, or an ARP/NDP link-layer
+	// address, is not the pod's MAC.
+	DropInvalidSourceMAC DropReason = 5
+	// DropForbiddenICMPv6: a router advertisement or redirect, or NDP/MLD
+	// outside its hop-limit and link-local rules.
+	DropForbiddenICMPv6 DropReason = 6
+	// DropUnsupportedL2: an ethertype other than IPv4, IPv6 and ARP, or
+	// stacked VLAN tags.
+	DropUnsupportedL2 DropReason = 7
 )
+
+// SourceValidation reports whether r is one of source validation's drop
+// reasons: the packet was refused for what it claimed, not by policy.
+func (r DropReason) SourceValidation() bool {
+	return r >= DropInvalidSource && r <= DropUnsupportedL2
+}
 
 func (r DropReason) String() string {
 	switch r {
@@ -59,6 +78,14 @@ func (r DropReason) String() string {
 		return "POLICY_DENIED_REVISED"
 	case DropMalformed:
 		return "MALFORMED"
+	case DropInvalidSource:
+		return "INVALID_SOURCE_IP"
+	case DropInvalidSourceMAC:
+		return "INVALID_SOURCE_MAC"
+	case DropForbiddenICMPv6:
+		return "FORBIDDEN_ICMP6_MESSAGE"
+	case DropUnsupportedL2:
+		return "UNSUPPORTED_L2_PROTOCOL"
 	}
 	return fmt.Sprintf("REASON_%d", uint8(r))
 }

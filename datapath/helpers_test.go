@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -54,9 +55,24 @@ func testBPFFS(t testing.TB) string {
 	return dir
 }
 
-// bindTestEndpoint makes packets run through prog.Run belong to ep.
+// testPodMAC is the Ethernet source of every frame pktSpec.build makes.
+var testPodMAC = net.HardwareAddr{2, 0, 0, 0, 0, 2}
+
+// testPodAddrs are the addresses the test endpoints may send from: the
+// prog tests' pod and the fuzz tests' pod.
+var testPodAddrs = []netip.Addr{podIP, podIP6, fuzzPodIP4, fuzzPodIP6}
+
+// bindTestEndpoint makes packets run through prog.Run belong to ep, which
+// may send from testPodMAC and testPodAddrs, as Attach would register them.
 func bindTestEndpoint(t testing.TB, d *Datapath, ep uint32) {
 	t.Helper()
+	v, err := encodeAddrs(Endpoint{ID: policy.EndpointID(ep), MAC: testPodMAC, Addrs: testPodAddrs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.setAddrs(policy.EndpointID(ep), v); err != nil {
+		t.Fatal(err)
+	}
 	if err := d.setEndpoint(testIfindex, policy.EndpointID(ep)); err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -38,6 +39,7 @@ type testPod struct {
 	hostIf   string
 	ifindex  int
 	ip4, ip6 netip.Addr
+	mac      net.HardwareAddr
 	ep       policy.EndpointID
 	id       identity.NumericID
 }
@@ -68,6 +70,10 @@ func newTopo(t testing.TB, n int) *topo {
 		netns.Addr(t, p.ns, "eth0", p.ip4.String()+"/24", p.ip6.String()+"/64")
 		// Static neighbours: no ARP/ND timing in the probes' timeouts.
 		hostMAC, podMAC := linkMAC(t, tp.host, p.hostIf), linkMAC(t, p.ns, "eth0")
+		var err error
+		if p.mac, err = net.ParseMAC(podMAC); err != nil {
+			t.Fatal(err)
+		}
 		p.ns.Do(t, func() error {
 			for _, gw := range []string{fmt.Sprintf("10.213.%d.1", i), fmt.Sprintf("fd00:213:%d::1", i)} {
 				if err := runIP("neigh", "replace", gw, "lladdr", hostMAC, "dev", "eth0", "nud", "permanent"); err != nil {
@@ -117,7 +123,7 @@ func runIP(args ...string) error {
 }
 
 func (tp *topo) endpoint(p *testPod) Endpoint {
-	return Endpoint{ID: p.ep, Ifname: p.hostIf, Netns: tp.host.Path()}
+	return Endpoint{ID: p.ep, Ifname: p.hostIf, Netns: tp.host.Path(), MAC: p.mac, Addrs: []netip.Addr{p.ip4, p.ip6}}
 }
 
 // state: pod 2 is a server that admits pod 1 on 8080/tcp, 5353/udp and
@@ -522,6 +528,13 @@ func TestIntegrationPinnedSurvivesLoader(t *testing.T) {
 	}
 	// The loader is gone; enforcement is not.
 	d := newTestDatapath(t, Config{BPFFS: dir}) // re-opens from pins
+	// The source addresses the loader registered live on in the pins.
+	for _, p := range tp.pods {
+		mac, addrs, err := d.EndpointAddrs(p.ep)
+		if err != nil || mac.String() != p.mac.String() || !slices.Equal(addrs, []netip.Addr{p.ip4, p.ip6}) {
+			t.Fatalf("re-opened source addresses of %d: %v %v %v, want %v %v %v", p.ep, mac, addrs, err, p.mac, p.ip4, p.ip6)
+		}
+	}
 	mustWork(t, "allowed after loader exit", tcpWorks(client, server.ip4, 8080))
 	mustFail(t, "denied after loader exit", tcpWorks(client, server.ip4, 8081))
 	// The re-opened datapath knows the live state: the same MapState is a
@@ -544,6 +557,11 @@ func TestIntegrationPinnedSurvivesLoader(t *testing.T) {
 		}
 	}
 	mustWork(t, "8080 after detach", tcpWorks(client, server.ip6, 8080))
+	for _, p := range tp.pods {
+		if mac, addrs, err := d.EndpointAddrs(p.ep); err != nil || mac != nil || len(addrs) != 0 {
+			t.Fatalf("source addresses of %d after detach: %v %v %v", p.ep, mac, addrs, err)
+		}
+	}
 
 	// Detach after the veth is gone (CNI DEL after the netns went away)
 	// cleans up the pins and the ifindex entry.
@@ -560,5 +578,26 @@ func TestIntegrationPinnedSurvivesLoader(t *testing.T) {
 	var cur uint32
 	if err := d.objs.EndpointsArray.Lookup(uint32(server.ifindex), &cur); err != nil || cur != 0 {
 		t.Fatalf("endpoint entry of the deleted veth: %d %v", cur, err)
+	}
+}
+
+// TestAttachNeedsSourceAddrs: an endpoint without a MAC or addresses is
+// refused before anything is attached: its programs would drop everything
+// the pod sends.
+func TestAttachNeedsSourceAddrs(t *testing.T) {
+	tp := newTopo(t, 1)
+	d := newTestDatapath(t, Config{})
+	for name, mut := range map[string]func(*Endpoint){
+		"no MAC":       func(ep *Endpoint) { ep.MAC = nil },
+		"no addresses": func(ep *Endpoint) { ep.Addrs = nil },
+	} {
+		ep := tp.endpoint(tp.pods[0])
+		mut(&ep)
+		if _, err := d.Attach(ep); !errors.Is(err, ErrNoSourceAddrs) {
+			t.Fatalf("%s: attach error %v, want ErrNoSourceAddrs", name, err)
+		}
+		if ok, err := d.Attached(tp.endpoint(tp.pods[0])); err != nil || ok {
+			t.Fatalf("%s: attached %v %v after a refused attach", name, ok, err)
+		}
 	}
 }

@@ -81,6 +81,15 @@ type segmentCtKey struct {
 	Pad   [3]uint8
 }
 
+type segmentEpAddrs struct {
+	_   structs.HostLayout
+	Mac [6]uint8
+	N4  uint8
+	N6  uint8
+	V4  [4]uint32
+	V6  [4][4]uint32
+}
+
 type segmentEpConfig struct {
 	_          structs.HostLayout
 	Identity   uint32
@@ -201,6 +210,7 @@ const (
 	segmentMapConntrack6           = "conntrack6"
 	segmentMapCounters             = "counters"
 	segmentMapDropEvents           = "drop_events"
+	segmentMapEndpointAddrs        = "endpoint_addrs"
 	segmentMapEndpoints            = "endpoints"
 	segmentMapEndpointsArray       = "endpoints_array"
 	segmentMapEpConfigs            = "ep_configs"
@@ -285,6 +295,7 @@ type segmentMapSpecs struct {
 	Conntrack6     *ebpf.MapSpec `ebpf:"conntrack6"`
 	Counters       *ebpf.MapSpec `ebpf:"counters"`
 	DropEvents     *ebpf.MapSpec `ebpf:"drop_events"`
+	EndpointAddrs  *ebpf.MapSpec `ebpf:"endpoint_addrs"`
 	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
 	EndpointsArray *ebpf.MapSpec `ebpf:"endpoints_array"`
 	EpConfigs      *ebpf.MapSpec `ebpf:"ep_configs"`
@@ -339,6 +350,7 @@ type segmentMaps struct {
 	Conntrack6     *ebpf.Map `ebpf:"conntrack6"`
 	Counters       *ebpf.Map `ebpf:"counters"`
 	DropEvents     *ebpf.Map `ebpf:"drop_events"`
+	EndpointAddrs  *ebpf.Map `ebpf:"endpoint_addrs"`
 	Endpoints      *ebpf.Map `ebpf:"endpoints"`
 	EndpointsArray *ebpf.Map `ebpf:"endpoints_array"`
 	EpConfigs      *ebpf.Map `ebpf:"ep_configs"`
@@ -357,6 +369,7 @@ func (m *segmentMaps) Close() error {
 		m.Conntrack6,
 		m.Counters,
 		m.DropEvents,
+		m.EndpointAddrs,
 		m.Endpoints,
 		m.EndpointsArray,
 		m.EpConfigs,

@@ -333,3 +333,22 @@ func TestListenSocket(t *testing.T) {
 		t.Errorf("regular file was touched: %q, %v", b, err)
 	}
 }
+
+func TestAddRequestValidateMAC(t *testing.T) {
+	base := api.EndpointAddRequest{EndpointKey: api.EndpointKey{ContainerID: "c1", IfName: "eth0"}, Netns: "/n",
+		HostVeth: "veth0", HostIfIndex: 3}
+	for mac, ok := range map[string]bool{
+		"":                        true, // the agent reads it from the netns
+		"aa:bb:cc:dd:ee:02":       true,
+		"zz":                      false,
+		"00:00:00:00:00:00":       false,
+		"01:00:5e:00:00:01":       false, // multicast
+		"00:11:22:33:44:55:66:77": false,
+	} {
+		r := base
+		r.MAC = mac
+		if err := r.Validate(); (err == nil) != ok {
+			t.Errorf("mac %q: Validate() = %v, want ok=%v", mac, err, ok)
+		}
+	}
+}

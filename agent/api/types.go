@@ -1,9 +1,11 @@
 package api
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"time"
 )
@@ -71,6 +73,10 @@ type EndpointAddRequest struct {
 	HostIfIndex int            `json:"hostIfIndex"`
 	IPs         []netip.Prefix `json:"ips"`
 	Pod         PodRef         `json:"pod"`
+	// MAC is the pod interface's MAC (prevResult's sandbox interface):
+	// the only Ethernet source the pod may send from. Empty: the agent
+	// reads it from the pod's netns.
+	MAC string `json:"mac,omitempty"`
 }
 
 // Validate reports the first missing or malformed field.
@@ -87,6 +93,12 @@ func (r EndpointAddRequest) Validate() error {
 	for _, p := range r.IPs {
 		if !p.IsValid() {
 			return fmt.Errorf("invalid ip prefix %v", p)
+		}
+	}
+	if r.MAC != "" {
+		mac, err := net.ParseMAC(r.MAC)
+		if err != nil || len(mac) != 6 || mac[0]&1 != 0 || bytes.Equal(mac, make(net.HardwareAddr, 6)) {
+			return fmt.Errorf("mac %q: want a unicast Ethernet address", r.MAC)
 		}
 	}
 	return nil

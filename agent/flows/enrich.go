@@ -21,6 +21,12 @@ const (
 	DropPolicyDenied  = "POLICY_DENIED" // default deny: no rule allowed it
 	DropPolicyDeny    = "POLICY_DENY"   // an explicit deny rule
 	DropInvalidPacket = "INVALID_PACKET_DROPPED"
+	// Source validation at the pod's egress: the pod claimed an address
+	// that is not its own (datapath.DropReason.String gives the names).
+	DropInvalidSourceIP  = "INVALID_SOURCE_IP"
+	DropInvalidSourceMAC = "INVALID_SOURCE_MAC"
+	DropForbiddenICMPv6  = "FORBIDDEN_ICMP6_MESSAGE"
+	DropUnsupportedL2    = "UNSUPPORTED_L2_PROTOCOL"
 )
 
 // IdentityView is what a flow record says about an identity. Built once per
@@ -46,6 +52,9 @@ type Context struct {
 	Identities map[identity.NumericID]*IdentityView
 	Rules      map[policy.RuleID]*Policy
 	Pods       map[netip.Addr]PodName
+	// Endpoints names the pods of this node's endpoints, for records of
+	// packets whose source address is forged and so names nobody.
+	Endpoints map[policy.EndpointID]PodName
 }
 
 // NewContext builds a Context from a MapState, the compiler's identities
@@ -161,6 +170,8 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 		switch {
 		case ev.DropReason == datapath.DropMalformed:
 			f.DropReasonDesc = DropInvalidPacket
+		case ev.DropReason.SourceValidation():
+			f.DropReasonDesc = ev.DropReason.String()
 		case ev.Rule == policy.RuleDefault:
 			f.DropReasonDesc = DropPolicyDenied
 		default:
@@ -182,7 +193,17 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	}
 	f.IP = &b.ip
 	f.L4 = b.layer4(ev)
-	c.endpoint(&b.src, ev.SrcIdentity, ev.Src)
+	forged := ev.DropReason.SourceValidation()
+	if forged {
+		// The source address is what the pod claimed: name the sending
+		// endpoint's pod, never the pod that owns the address.
+		c.endpoint(&b.src, ev.SrcIdentity, netip.Addr{})
+		if p, ok := c.Endpoints[ev.Endpoint]; ok {
+			b.src.Namespace, b.src.PodName = p.Namespace, p.Name
+		}
+	} else {
+		c.endpoint(&b.src, ev.SrcIdentity, ev.Src)
+	}
 	c.endpoint(&b.dst, ev.DstIdentity, ev.Dst)
 	f.Source, f.Destination = &b.src, &b.dst
 	// The local endpoint is the source of the packets that leave the pod:
@@ -193,7 +214,9 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	} else {
 		f.Destination.ID = uint32(ev.Endpoint)
 	}
-	if ev.DropReason != datapath.DropMalformed {
+	// Malformed and forged packets are dropped before policy: no policy
+	// decided them.
+	if ev.DropReason != datapath.DropMalformed && !forged {
 		by := policyDefaultAllow
 		switch {
 		case ev.Rule != policy.RuleDefault:

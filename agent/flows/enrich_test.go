@@ -2,6 +2,7 @@ package flows
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/bulkhead-io/bulkhead/datapath"
@@ -189,5 +190,45 @@ func TestEnrichICMPType(t *testing.T) {
 		if got == nil || got.Type != c.typ {
 			t.Fatalf("proto %d: ICMP %+v, want type %d", c.proto, got, c.typ)
 		}
+	}
+}
+
+// TestEnrichForgedSource: a packet dropped by source validation names the
+// reason, the sending endpoint's pod (not the pod whose address it forged)
+// and no policy, in the JSON record, OCSF and the compact line.
+func TestEnrichForgedSource(t *testing.T) {
+	e := NewEnricher("node-1")
+	c := enrichContext()
+	c.Endpoints = map[policy.EndpointID]PodName{5: {Namespace: "shop", Name: "web-1"}}
+	e.SetContext(c)
+	for _, tc := range []struct {
+		reason datapath.DropReason
+		want   string
+	}{
+		{datapath.DropInvalidSource, DropInvalidSourceIP},
+		{datapath.DropInvalidSourceMAC, DropInvalidSourceMAC},
+		{datapath.DropForbiddenICMPv6, DropForbiddenICMPv6},
+		{datapath.DropUnsupportedL2, DropUnsupportedL2},
+	} {
+		// web-1 (endpoint 5, identity 300) claims client-1's address.
+		f := e.Enrich(&datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Direction: policy.Egress,
+			Verdict: policy.VerdictDeny, DropReason: tc.reason, Proto: 17, Src: enrichPeer, Dst: enrichCIDR,
+			SrcPort: 5000, DstPort: 82, SrcIdentity: 300})
+		if f.Verdict != VerdictDropped || f.DropReasonDesc != tc.want {
+			t.Errorf("%s: verdict %s reason %q", tc.reason, f.Verdict, f.DropReasonDesc)
+		}
+		if f.Source.PodName != "web-1" || f.Source.ID != 5 || f.Source.Identity != 300 || f.IP.Source != enrichPeer.String() {
+			t.Errorf("%s: source %+v ip %+v, want web-1 claiming %v", tc.reason, f.Source, f.IP, enrichPeer)
+		}
+		if f.DecidingPolicy() != nil {
+			t.Errorf("%s: decided by %v, want no policy", tc.reason, f.DecidingPolicy())
+		}
+		if got := Compact(f, false); !strings.HasSuffix(got, "DROPPED "+tc.want) || !strings.Contains(got, "shop/web-1:5000 -> ") {
+			t.Errorf("%s: compact %q", tc.reason, got)
+		}
+		if o := f.ToOCSF(); o.Unmapped.DropReasonDesc != tc.want || o.Disposition != "Blocked" {
+			t.Errorf("%s: ocsf %+v", tc.reason, o)
+		}
+		assertSameJSON(t, 0, f)
 	}
 }

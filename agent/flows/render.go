@@ -53,6 +53,10 @@ func Compact(f *Flow, color bool) string {
 	if by := f.Decider(); by != "" {
 		b.WriteString(" by ")
 		b.WriteString(by)
+	} else if f.DropReasonDesc != "" {
+		// Dropped before policy (a forged source, a malformed header).
+		b.WriteString(" ")
+		b.WriteString(f.DropReasonDesc)
 	}
 	return b.String()
 }

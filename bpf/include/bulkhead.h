@@ -47,6 +47,11 @@ enum bh_drop_reason {
 	DROP_POLICY = 1,         /* new flow denied by policy (rule or default) */
 	DROP_POLICY_REVISED = 2, /* established flow denied after a policy change */
 	DROP_MALFORMED = 3,      /* truncated or inconsistent IP/L4 header */
+	/* Source validation at the pod's egress (bpf/lib/srcval.h). */
+	DROP_INVALID_SOURCE = 4,  /* IP source or ARP sender IP not the pod's */
+	DROP_INVALID_SMAC = 5,    /* Ethernet source or ARP/NDP link-layer address not the pod's MAC */
+	DROP_FORBIDDEN_ICMP6 = 6, /* RA, redirect, or NDP/MLD outside its link-local rules */
+	DROP_UNSUPPORTED_L2 = 7,  /* an ethertype a pod has no use for, or stacked VLAN tags */
 };
 
 enum bh_event_type {
@@ -188,6 +193,23 @@ struct ep_config {
 	__u8 flags;
 	__u8 def_ingress; /* policy.DefaultVerdict */
 	__u8 def_egress;
+};
+
+/* The addresses an endpoint may send from, keyed by endpoint ID
+ * (endpoint_addrs). Go writes a slot before it attaches the programs and clears
+ * it when the endpoint is detached. A slot with no address (n4 == n6 == 0)
+ * is an endpoint whose addresses are unknown: everything it sends is
+ * dropped, never passed. Addresses are in network byte order; only the
+ * first n4 / n6 are valid. */
+#define EP_MAX_V4 4
+#define EP_MAX_V6 4
+
+struct ep_addrs {
+	__u8 mac[6];
+	__u8 n4;
+	__u8 n6;
+	__u32 v4[EP_MAX_V4];
+	__u32 v6[EP_MAX_V6][4];
 };
 
 /* The policy state exists twice, as generations 0 and 1: the ipcache

@@ -41,6 +41,16 @@ struct {
 	__uint(max_entries, 2 * MAX_ENDPOINTS);
 } ep_configs SEC(".maps");
 
+/* Endpoint ID -> the addresses and MAC it may send from (struct ep_addrs),
+ * checked at the pod's egress (bpf/lib/srcval.h). An array for the same
+ * reason as ep_configs: one inlined lookup per packet from a pod. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ep_addrs);
+	__uint(max_entries, MAX_ENDPOINTS);
+} endpoint_addrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_key);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Bounded packet parsing for TC programs: Ethernet (one optional 802.1Q/AD
- * tag), IPv4 with options, IPv6 with up to IPV6_MAX_EXT extension headers, and
+/* Bounded packet parsing for TC programs: Ethernet (up to two 802.1Q/AD
+ * tags; a third is PARSE_BAD), IPv4 with options, IPv6 with up to IPV6_MAX_EXT extension headers, and
  * the ports of TCP, UDP and SCTP, the echo identifier of ICMP/ICMPv6.
  *
  * Headers are read with direct packet access; when a header is not in the
@@ -44,10 +44,15 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 frag;
 	__u8 icmp_type;
-	__u8 pad;
+	__u8 vlans; /* VLAN tags in the packet data (not one the skb carries) */
 	/* Offset of the ICMP header, for the original packet an ICMP error
 	 * carries (icmp_related in segment.c). */
 	__u16 l4_off;
+	/* The ethertype after the VLAN tags (network byte order) and the
+	 * offset of the header it names: source validation reads ARP and the
+	 * IPv6 hop limit there. */
+	__u16 eth_proto;
+	__u16 l3_off;
 };
 
 static __always_inline void v4_mapped(__u32 *dst, __u32 addr)
@@ -246,14 +251,26 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	if ((void *)(eth + 1) > data_end)
 		return PARSE_NOT_IP;
 	proto = eth->h_proto;
-	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
-		__be16 *inner = hdr(skb, off, 4); /* TCI, encapsulated protocol */
+	/* Up to two tags (802.1ad QinQ): a double-tagged frame that passed as
+	 * "not IP" would carry IP past policy and source validation. */
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		__be16 *inner;
+
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		inner = hdr(skb, off, 4); /* TCI, encapsulated protocol */
 		if (!inner)
-			return PARSE_NOT_IP;
+			return PARSE_BAD;
 		proto = inner[1];
 		off += 4;
+		p->vlans++;
 	}
+	p->eth_proto = proto;
+	p->l3_off = off;
 	p->len = skb->len;
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return PARSE_BAD; /* a third tag */
 	if (proto == bpf_htons(ETH_P_IP))
 		return parse_ipv4(skb, p, off);
 	if (proto == bpf_htons(ETH_P_IPV6))

@@ -80,6 +80,12 @@ func randomHex(t testing.TB, n int) string {
 // newEnv prepares a store and a chain; the agent is started by startAgent.
 func newEnv(t testing.TB, primary string) *env {
 	t.Helper()
+	return newEnvConfig(t, primary, false)
+}
+
+// newEnvConfig is newEnv with dual-stack pods when ipv6 is set.
+func newEnvConfig(t testing.TB, primary string, ipv6 bool) *env {
+	t.Helper()
 	privileged.Require(t)
 	root := cnichain.RepoRoot(t)
 	if _, err := os.Stat(filepath.Join(root, "bin", "bulkhead-agent")); err != nil {
@@ -97,7 +103,7 @@ func newEnv(t testing.TB, primary string) *env {
 	if err := os.MkdirAll(e.store, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	e.chain = cnichain.New(t, cnichain.Config{Primary: primary, CNIVersion: "1.1.0",
+	e.chain = cnichain.New(t, cnichain.Config{Primary: primary, CNIVersion: "1.1.0", IPv6: ipv6,
 		Bulkhead: &cnichain.BulkheadConfig{Socket: e.socket, AgentWaitSeconds: 5}})
 	e.client = api.NewClient(api.ClientConfig{Socket: e.socket, Timeout: 5 * time.Second})
 	t.Cleanup(func() {
@@ -203,6 +209,8 @@ func (e *env) stopAgent(sig syscall.Signal) {
 type pod struct {
 	*cnichain.Pod
 	IPv4 netip.Addr
+	// IPv6 is the pod's IPv6 address on dual-stack chains.
+	IPv6 netip.Addr
 }
 
 func (e *env) addPod(namespace, name string) *pod {
@@ -213,7 +221,22 @@ func (e *env) addPod(namespace, name string) *pod {
 	if err != nil {
 		e.t.Fatalf("ADD %s/%s: %v\nagent log:\n%s", namespace, name, err, e.agentLogs())
 	}
-	return &pod{Pod: p, IPv4: firstIPv4(e.t, res)}
+	return &pod{Pod: p, IPv4: firstIPv4(e.t, res), IPv6: firstIPv6(e.t, res)}
+}
+
+// firstIPv6 is the result's first IPv6 address, if any.
+func firstIPv6(t testing.TB, r types.Result) netip.Addr {
+	t.Helper()
+	res, err := current.NewResultFromResult(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ipc := range res.IPs {
+		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok && a.Is6() && !a.Is4In6() {
+			return a
+		}
+	}
+	return netip.Addr{}
 }
 
 func (e *env) agentLogs() string {

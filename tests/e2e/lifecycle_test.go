@@ -292,6 +292,9 @@ func testChurnLeavesNothing(t *testing.T, primary string) {
 	if n := nonZeroArrayEntries(t, filepath.Join(e.bpffs, "maps", "ep_configs")); n != 0 {
 		t.Errorf("ep_configs configures %d endpoints after churn", n)
 	}
+	if n := nonZeroArrayEntries(t, filepath.Join(e.bpffs, "maps", "endpoint_addrs")); n != 0 {
+		t.Errorf("endpoint_addrs holds the source addresses of %d endpoints after churn", n)
+	}
 }
 
 func countVeths(t *testing.T) int {
