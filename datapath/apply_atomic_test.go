@@ -219,6 +219,15 @@ func newProber(t testing.TB, d *Datapath, u *atomicUniverse) *prober {
 func (pr *prober) passes(p probe) bool {
 	pr.t.Helper()
 	if p.ep != pr.bound {
+		// As Attach would: the endpoint may send from its own address
+		// (source validation drops anything else it sends).
+		v, err := encodeAddrs(Endpoint{ID: p.ep, MAC: testPodMAC, Addrs: []netip.Addr{pr.u.epAddr[p.ep]}})
+		if err != nil {
+			pr.t.Fatal(err)
+		}
+		if err := pr.d.setAddrs(p.ep, v); err != nil {
+			pr.t.Fatal(err)
+		}
 		if err := pr.d.setEndpoint(testIfindex, p.ep); err != nil {
 			pr.t.Fatal(err)
 		}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
@@ -244,22 +246,27 @@ func testChurnLeavesNothing(t *testing.T, primary string) {
 	e := newEnv(t, primary)
 	e.writeStore("ns.yaml", openStore)
 	e.startAgent()
-	vethsBefore := countVeths(t)
+	// The host-side veths this test's pods got; other packages' tests run
+	// in parallel and make veths of their own, so a host-wide count would
+	// not be this test's.
+	var hostVeths []string
 	const total, wave = 200, 20
 	for done := 0; done < total; done += wave {
 		pods := make([]*cnichain.Pod, wave)
 		var wg sync.WaitGroup
 		errs := make([]error, wave)
+		results := make([]types.Result, wave)
 		for i := range pods {
 			pods[i] = e.chain.NewPod(t)
 			pods[i].Namespace, pods[i].Name = "shop", fmt.Sprintf("churn-%03d", done+i)
-			wg.Go(func() { _, errs[i] = e.chain.Add(context.Background(), pods[i]) })
+			wg.Go(func() { results[i], errs[i] = e.chain.Add(context.Background(), pods[i]) })
 		}
 		wg.Wait()
 		for i, err := range errs {
 			if err != nil {
 				t.Fatalf("ADD %d: %v", done+i, err)
 			}
+			hostVeths = append(hostVeths, hostVethNames(t, results[i])...)
 		}
 		for _, p := range pods {
 			if err := e.chain.Remove(context.Background(), p); err != nil {
@@ -270,8 +277,13 @@ func testChurnLeavesNothing(t *testing.T, primary string) {
 	if got := e.endpoints(t); len(got) != 0 {
 		t.Fatalf("%d endpoints left: %v", len(got), got)
 	}
-	if n := countVeths(t); n != vethsBefore {
-		t.Errorf("veths: %d before, %d after", vethsBefore, n)
+	if len(hostVeths) != total {
+		t.Errorf("ADD results named %d host veths for %d pods", len(hostVeths), total)
+	}
+	for _, name := range hostVeths {
+		if _, err := netlink.LinkByName(name); err == nil {
+			t.Errorf("host veth %s is left after its pod was deleted", name)
+		}
 	}
 	links, _ := filepath.Glob(filepath.Join(e.bpffs, "links", "*"))
 	if len(links) != 0 {
@@ -297,18 +309,24 @@ func testChurnLeavesNothing(t *testing.T, primary string) {
 	}
 }
 
-func countVeths(t *testing.T) int {
-	links, err := netlink.LinkList()
+// hostVethNames lists the host-side veths of an ADD result (a bridge
+// primary also names its bridge, which outlives the pods).
+func hostVethNames(t *testing.T, r types.Result) []string {
+	t.Helper()
+	res, err := current.NewResultFromResult(r)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("ADD result: %v", err)
 	}
-	n := 0
-	for _, l := range links {
-		if l.Type() == "veth" {
-			n++
+	var out []string
+	for _, ifc := range res.Interfaces {
+		if ifc.Sandbox != "" {
+			continue
+		}
+		if l, err := netlink.LinkByName(ifc.Name); err == nil && l.Type() == "veth" {
+			out = append(out, ifc.Name)
 		}
 	}
-	return n
+	return out
 }
 
 func mapEntries(t *testing.T, pin string) int {
