@@ -232,8 +232,8 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 			}
 		}
 		seen[k] = true
-		_, _, key := c.identKey(&p)
-		ps = append(ps, keyed{p, key})
+		_, keys := c.identKeys(&p)
+		ps = append(ps, keyed{p, keys[0].key})
 	}
 	slices.SortFunc(ps, func(a, b keyed) int {
 		if a.key != b.key {
@@ -320,46 +320,57 @@ func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
 	delete(c.peerCache, p.key)
 }
 
-// attachPod registers a pod under its identity and in the ipcache.
+// attachPod registers a pod under its identities and in the ipcache.
 func (c *Compiler) attachPod(p Pod, w *work) error {
 	p.Namespace = namespaceOf(p.Namespace)
 	k := podKey{p.Namespace, p.Name}
-	l, regions, key := c.identKey(&p)
-	id := c.idents[key]
-	if id == nil {
-		nid, err := c.workloads.Acquire(key)
+	l, keys := c.identKeys(&p)
+	ps := &podState{key: k, pod: p, addrIdents: make([]*ident, 0, len(keys))}
+	for _, ak := range keys {
+		id := c.idents[ak.key]
+		if id != nil && slices.Contains(ps.idents, id) {
+			ps.addrIdents = append(ps.addrIdents, id)
+			continue
+		}
+		// One reference per pod and identity: detachPod releases each.
+		nid, err := c.workloads.Acquire(ak.key)
 		if err != nil {
+			for _, held := range ps.idents {
+				c.releaseIdent(held, ps, w)
+			}
 			return fmt.Errorf("pod %s: %w", k, err)
 		}
-		id = c.newIdent(l, regions, key)
-		id.id = nid
-		c.idents[key] = id
-		c.identsByID[nid] = id
-		if c.identsByNS[p.Namespace] == nil {
-			c.identsByNS[p.Namespace] = map[*ident]struct{}{}
+		if id == nil {
+			id = c.newIdent(l, ak.regions, ak.key)
+			id.id = nid
+			c.idents[ak.key] = id
+			c.identsByID[nid] = id
+			if c.identsByNS[p.Namespace] == nil {
+				c.identsByNS[p.Namespace] = map[*ident]struct{}{}
+			}
+			c.identsByNS[p.Namespace][id] = struct{}{}
+			if len(ak.regions) > 0 {
+				c.withRegion[id] = struct{}{}
+			}
+			w.idents = append(w.idents, id)
 		}
-		c.identsByNS[p.Namespace][id] = struct{}{}
-		if len(regions) > 0 {
-			c.withRegion[id] = struct{}{}
+		id.pods[k] = ps
+		if id.recomputePorts() {
+			w.idents = append(w.idents, id)
+			c.namedIdx = nil
 		}
-		w.idents = append(w.idents, id)
-	} else if _, err := c.workloads.Acquire(key); err != nil {
-		return fmt.Errorf("pod %s: %w", k, err)
+		ps.idents = append(ps.idents, id)
+		ps.addrIdents = append(ps.addrIdents, id)
 	}
-	ps := &podState{key: k, pod: p, ident: id}
-	id.pods[k] = ps
-	if id.recomputePorts() {
-		w.idents = append(w.idents, id)
-		c.namedIdx = nil
-	}
+	ps.ident = ps.addrIdents[0]
 	c.pods[k] = ps
 	if c.podsByNS[k.ns] == nil {
 		c.podsByNS[k.ns] = map[podKey]*podState{}
 	}
 	c.podsByNS[k.ns][k] = ps
-	for _, a := range p.IPs {
+	for i, a := range p.IPs {
 		h := identity.Host(a)
-		c.ipcache[h] = id.id
+		c.ipcache[h] = ps.addrIdents[i].id
 		w.ip[h] = struct{}{}
 	}
 	if p.Endpoint != 0 {
@@ -369,12 +380,10 @@ func (c *Compiler) attachPod(p Pod, w *work) error {
 	return nil
 }
 
-// detachPod undoes attachPod.
-func (c *Compiler) detachPod(ps *podState, w *work) {
-	id := ps.ident
+// releaseIdent drops the pod's reference to one of its identities, and the
+// identity when it was the last.
+func (c *Compiler) releaseIdent(id *ident, ps *podState, w *work) {
 	delete(id.pods, ps.key)
-	delete(c.pods, ps.key)
-	delete(c.podsByNS[ps.key.ns], ps.key)
 	c.workloads.Release(id.key)
 	if len(id.pods) == 0 {
 		delete(c.idents, id.key)
@@ -386,6 +395,15 @@ func (c *Compiler) detachPod(ps *podState, w *work) {
 	} else if id.recomputePorts() {
 		c.namedIdx = nil
 		w.idents = append(w.idents, id)
+	}
+}
+
+// detachPod undoes attachPod.
+func (c *Compiler) detachPod(ps *podState, w *work) {
+	delete(c.pods, ps.key)
+	delete(c.podsByNS[ps.key.ns], ps.key)
+	for _, id := range ps.idents {
+		c.releaseIdent(id, ps, w)
 	}
 	for _, a := range ps.pod.IPs {
 		h := identity.Host(a)

@@ -103,8 +103,12 @@ func (c *Compiler) reidentifyInto(match func(*podState) bool, w *work) error {
 		if !match(ps) {
 			continue
 		}
-		if _, _, key := c.identKey(&ps.pod); key != ps.ident.key {
-			moved = append(moved, ps.pod)
+		_, keys := c.identKeys(&ps.pod)
+		for i, ak := range keys {
+			if ak.key != ps.addrIdents[i].key {
+				moved = append(moved, ps.pod)
+				break
+			}
 		}
 	}
 	slices.SortFunc(moved, func(a, b Pod) int {
