@@ -69,6 +69,25 @@ func TestDualStackIPBlockFollowsAddress(t *testing.T) {
 			t.Fatal(err)
 		}
 		check(t, ms)
+		// explain given whole address lists judges by the family of the
+		// source's first address, on both ends, whatever order the
+		// destination lists its addresses in.
+		a, b := s.Pods[0], s.Pods[1]
+		for _, tc := range []struct {
+			src, dst []netip.Addr
+			want     bool
+		}{
+			{a.IPs, []netip.Addr{b.IPs[1], b.IPs[0]}, true},
+			{[]netip.Addr{a.IPs[1], a.IPs[0]}, b.IPs, false},
+		} {
+			src := explain.PeerOfEndpoint(ms, "x/a", a.Endpoint, tc.src)
+			dst := explain.PeerOfEndpoint(ms, "x/b", b.Endpoint, tc.dst)
+			r := explain.Verdict(ms, src, dst, policy.ProtoTCP, 80)
+			if r.Passes() != tc.want || r.FromIdentity != ms.ResolveIP(tc.src[0]) {
+				t.Errorf("explain %v -> %v: passes %v, want %v; from identity %d, want %s's %d",
+					tc.src, tc.dst, r.Passes(), tc.want, r.FromIdentity, tc.src[0], ms.ResolveIP(tc.src[0]))
+			}
+		}
 	})
 	t.Run("incremental", func(t *testing.T) {
 		// Pods first, then the policies: the ipBlock's prefixes appear after
