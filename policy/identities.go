@@ -17,8 +17,8 @@ type podKey struct{ ns, name string }
 func (k podKey) String() string { return k.ns + "/" + k.name }
 
 type podState struct {
-	key  podKey
-	pod  Pod
+	key podKey
+	pod Pod
 	// ident is the identity of the pod's first address (of the pod when it
 	// has none): the endpoint's own identity. Labels, SPIFFE ID and ports are
 	// the same in all of a pod's identities, so policy selection uses it.
