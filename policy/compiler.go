@@ -58,6 +58,19 @@ type Compiler struct {
 	policyEPs  map[policyKey]map[EndpointID]struct{}
 
 	ms *MapState
+
+	// budget limits what policies cost in the datapath's trie (see Budget).
+	budget Budget
+	// polCost is each policy's trie cost, alone, on each local endpoint it
+	// selects; withheld the policies over budget whose rules are withheld;
+	// kept the policies whose newest version was rejected for its budget
+	// while the previous version stays.
+	polCost  map[policyKey]map[EndpointID]int
+	withheld map[policyKey]withholding
+	kept     map[policyKey]withholding
+	// precompiled holds endpoints settleBudget compiled to measure them,
+	// for finish to use.
+	precompiled map[EndpointID]compiledEP
 }
 
 type cidrIdent struct {
@@ -83,6 +96,8 @@ type identPort struct {
 // Config configures a Compiler.
 type Config struct {
 	Logger *slog.Logger
+	// Budget limits what policies may cost in the datapath's policy trie.
+	Budget Budget
 }
 
 // NewCompiler returns an empty compiler; Reset loads a snapshot into it.
@@ -91,7 +106,7 @@ func NewCompiler(cfg Config) *Compiler {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Compiler{log: log}
+	c := &Compiler{log: log, budget: cfg.Budget}
 	c.clear(&Snapshot{})
 	return c
 }
@@ -123,6 +138,9 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.endpoints = map[EndpointID]podKey{}
 	c.epPolicies = map[EndpointID][]policyKey{}
 	c.policyEPs = map[policyKey]map[EndpointID]struct{}{}
+	c.polCost = map[policyKey]map[EndpointID]int{}
+	c.withheld = map[policyKey]withholding{}
+	c.kept = map[policyKey]withholding{}
 	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{}}
 }
 
@@ -257,6 +275,9 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 		w.dirty[ep] = struct{}{}
 	}
 	d := c.finish(w, true)
+	for _, st := range c.BudgetStatus() {
+		errs = append(errs, overBudgetError(st.Message))
+	}
 	return c.ms, d, errors.Join(errs...)
 }
 

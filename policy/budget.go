@@ -1,0 +1,242 @@
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+)
+
+// ErrOverBudget is returned (wrapped) for a policy whose entries would take
+// more of the datapath's policy trie than its Budget allows.
+var ErrOverBudget = errors.New("policy over its trie budget")
+
+// Budget limits what policies may cost in the datapath's policy trie, in
+// keys of one slot as EndpointPolicy.TrieSize counts them. The trie is
+// shared by every endpoint of the node: without a budget, one policy with
+// a few unaligned port ranges over many peers fills it, and from then on
+// every apply on the node fails. Zero fields are no limit.
+//
+// A policy over budget is rejected alone, and fails closed: if it replaced
+// an accepted version, that version stays in force (when it still fits);
+// otherwise its rules are withheld but its isolation stays: the directions
+// it selects its pods in stay default-deny, and a direction where it has
+// an enforcing Deny rule is closed whole (nothing passes there), since
+// without its deny entries another policy's allow could pass what it
+// denies. Other policies, and pods coming and going, keep applying.
+type Budget struct {
+	// Endpoint is the most keys one endpoint's compiled policy may take.
+	// When an endpoint goes over, the policies that select it are withheld,
+	// largest first on that endpoint, until it fits.
+	Endpoint int
+	// Policy is the most keys one policy may take, counted alone on each
+	// local endpoint it selects and summed over them.
+	Policy int
+}
+
+// Budget reasons, in PolicyStatus.Reason.
+const (
+	BudgetReasonPolicy   = "policy"
+	BudgetReasonEndpoint = "endpoint"
+)
+
+// PolicyStatus is a policy that is not enforced as written because of its
+// budget.
+type PolicyStatus struct {
+	Kind, Namespace, Name string
+	// Reason is BudgetReasonPolicy (its own total is over Budget.Policy) or
+	// BudgetReasonEndpoint (an endpoint it selects is over Budget.Endpoint).
+	Reason string
+	// Cost is the policy's keys summed over the local endpoints it selects
+	// (per slot), and Limit the budget it went over.
+	Cost, Limit int
+	// Kept: the newest version was rejected and the previous one stays in
+	// force. Otherwise the policy's rules are withheld and only its
+	// isolation applies.
+	Kept bool
+	// Message says it in words, for logs and status.
+	Message string
+}
+
+// overBudgetError is a PolicyStatus message that is an ErrOverBudget.
+type overBudgetError string
+
+func (e overBudgetError) Error() string { return string(e) }
+func (e overBudgetError) Unwrap() error { return ErrOverBudget }
+
+type withholding struct {
+	reason      string
+	cost, limit int
+}
+
+type compiledEP struct {
+	pol  *EndpointPolicy
+	keys []policyKey
+}
+
+// BudgetStatus lists the policies that are over budget, by key.
+func (c *Compiler) BudgetStatus() []PolicyStatus {
+	var out []PolicyStatus
+	for _, k := range slices.SortedFunc(maps.Keys(c.withheld), compareKeys) {
+		h := c.withheld[k]
+		out = append(out, PolicyStatus{Kind: k.Kind, Namespace: k.Namespace, Name: k.Name, Reason: h.reason,
+			Cost: h.cost, Limit: h.limit,
+			Message: fmt.Sprintf("%s: %v: %s; its rules are withheld, its pods stay isolated", k, ErrOverBudget, h.describe())})
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(c.kept), compareKeys) {
+		if _, ok := c.withheld[k]; ok {
+			continue // the kept version is over budget too: reported above
+		}
+		h := c.kept[k]
+		out = append(out, PolicyStatus{Kind: k.Kind, Namespace: k.Namespace, Name: k.Name, Reason: h.reason,
+			Cost: h.cost, Limit: h.limit, Kept: true,
+			Message: fmt.Sprintf("%s: %v: new version %s; the previous version stays in force", k, ErrOverBudget, h.describe())})
+	}
+	return out
+}
+
+func (h withholding) describe() string {
+	if h.reason == BudgetReasonEndpoint {
+		return fmt.Sprintf("an endpoint it selects would need more than its budget of %d trie keys", h.limit)
+	}
+	return fmt.Sprintf("it needs %d trie keys, its budget is %d", h.cost, h.limit)
+}
+
+// costOf is a policy's standalone cost summed over its endpoints.
+func (c *Compiler) costOf(pk policyKey) int {
+	n := 0
+	for _, v := range c.polCost[pk] {
+		n += v
+	}
+	return n
+}
+
+// markPolicy marks every local endpoint a policy selects dirty.
+func (c *Compiler) markPolicy(pk policyKey, w *work) {
+	for ep := range c.polCost[pk] {
+		w.dirty[ep] = struct{}{}
+	}
+	for ep := range c.policyEPs[pk] {
+		w.dirty[ep] = struct{}{}
+	}
+}
+
+// settleBudget decides, before finish compiles the dirty endpoints, which
+// policies are withheld, and precompiles the endpoints it had to measure.
+// Decisions depend on the state only (not on the order of updates): a
+// policy's own total decides Budget.Policy; an endpoint over
+// Budget.Endpoint withholds its largest policies (by their cost on it, then
+// by key) until it fits.
+func (c *Compiler) settleBudget(w *work) {
+	c.precompiled = nil
+	if c.budget == (Budget{}) {
+		return
+	}
+	touched := map[policyKey]struct{}{}
+	for ep := range w.dirty {
+		for _, pk := range c.epPolicies[ep] {
+			if m := c.polCost[pk]; m != nil {
+				delete(m, ep)
+				touched[pk] = struct{}{}
+			}
+		}
+		k, ok := c.endpoints[ep]
+		if !ok {
+			continue
+		}
+		ps := c.pods[k]
+		sel, enforce, _ := c.selecting(ps)
+		for _, p := range sel {
+			n := (&EndpointPolicy{Entries: SortEntries(c.policyEntries(nil, p, ps, enforce))}).TrieSize()
+			if c.polCost[p.key] == nil {
+				c.polCost[p.key] = map[EndpointID]int{}
+			}
+			c.polCost[p.key][ep] = n
+			touched[p.key] = struct{}{}
+		}
+	}
+	for pk := range touched {
+		if c.policies[pk] == nil {
+			delete(c.polCost, pk)
+			delete(c.withheld, pk)
+			continue
+		}
+		if len(c.polCost[pk]) == 0 {
+			delete(c.polCost, pk)
+		}
+		cost := c.costOf(pk)
+		h, was := c.withheld[pk]
+		over := c.budget.Policy > 0 && cost > c.budget.Policy
+		switch {
+		case over:
+			if !was || h.reason != BudgetReasonPolicy {
+				c.markPolicy(pk, w)
+			}
+			c.withheld[pk] = withholding{reason: BudgetReasonPolicy, cost: cost, limit: c.budget.Policy}
+		case was && h.reason == BudgetReasonPolicy:
+			delete(c.withheld, pk)
+			c.markPolicy(pk, w)
+		case was:
+			// Withheld for an endpoint: decided again below.
+			h.cost = cost
+			c.withheld[pk] = h
+		}
+	}
+	if c.budget.Endpoint <= 0 {
+		return
+	}
+	// Policies withheld for an endpoint that is being recompiled get
+	// another chance: the endpoint (or the policy) may fit now.
+	for pk, h := range c.withheld {
+		if h.reason != BudgetReasonEndpoint {
+			continue
+		}
+		for ep := range c.polCost[pk] {
+			if _, ok := w.dirty[ep]; ok {
+				delete(c.withheld, pk)
+				c.markPolicy(pk, w)
+				break
+			}
+		}
+	}
+	c.precompiled = map[EndpointID]compiledEP{}
+	queue := slices.Sorted(maps.Keys(w.dirty))
+	for len(queue) > 0 {
+		ep := queue[0]
+		queue = queue[1:]
+		k, ok := c.endpoints[ep]
+		if !ok {
+			continue
+		}
+		pol, keys := c.compileEndpoint(c.pods[k])
+		if pol.TrieSize() <= c.budget.Endpoint {
+			c.precompiled[ep] = compiledEP{pol, keys}
+			continue
+		}
+		var victim *policyKey
+		for i, pk := range keys {
+			if _, ok := c.withheld[pk]; ok {
+				continue
+			}
+			if victim == nil || c.polCost[pk][ep] > c.polCost[*victim][ep] {
+				victim = &keys[i]
+			}
+		}
+		if victim == nil {
+			// Every policy of the endpoint is withheld, so it has no
+			// entries beyond closed directions: cannot happen, but an
+			// endpoint must never be left uncompiled.
+			c.precompiled[ep] = compiledEP{pol, keys}
+			continue
+		}
+		c.withheld[*victim] = withholding{reason: BudgetReasonEndpoint, cost: c.costOf(*victim), limit: c.budget.Endpoint}
+		for other := range c.polCost[*victim] {
+			w.dirty[other] = struct{}{}
+			if _, done := c.precompiled[other]; done {
+				delete(c.precompiled, other)
+				queue = append(queue, other)
+			}
+		}
+		queue = append(queue, ep)
+	}
+}
