@@ -73,6 +73,8 @@ type Agent struct {
 	// reattach holds restored endpoints whose programs are re-attached
 	// (idempotently) after the first apply.
 	reattach []*endpointRecord
+	// budget reports the policies over their policy-trie budget.
+	budget budgetReport
 }
 
 // view is an immutable snapshot of the agent's state for readers.
@@ -110,7 +112,6 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{
 		cfg: cfg, log: cfg.Logger, started: time.Now(),
 		endpoints:   map[api.EndpointKey]*endpointRecord{},
-		compiler:    policy.NewCompiler(policy.Config{Logger: cfg.Logger.With("component", "compiler")}),
 		storePods:   map[podRef]policy.Pod{},
 		storeNS:     map[string]policy.Namespace{},
 		storePol:    map[string]any{},
@@ -136,6 +137,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
 	a.dp = dp
+	a.compiler = policy.NewCompiler(policy.Config{Logger: cfg.Logger.With("component", "compiler"), Budget: a.trieBudget()})
 	a.attachMode = datapath.ModeTCX
 	if cfg.Datapath.ForceClsact {
 		a.attachMode = datapath.ModeClsact
@@ -356,6 +358,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		}
 	}
 	a.reattach = nil
+	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	a.publish(ms)
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())

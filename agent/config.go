@@ -44,7 +44,13 @@ type Config struct {
 	Version string
 	Logger  *slog.Logger
 	// Datapath tunes the datapath; BPFFS above wins over its BPFFS.
+	// Datapath.MaxPolicyEntries sizes the policy trie (--policy-map-entries).
 	Datapath datapath.Config
+	// PolicyBudgetEndpoint and PolicyBudgetPolicy are the policy trie keys
+	// (per slot) one endpoint and one policy may take; 0 derives them from
+	// the trie's size (see policyBudget).
+	PolicyBudgetEndpoint int
+	PolicyBudgetPolicy   int
 }
 
 // Defaults (DESIGN.md §5).
@@ -88,6 +94,9 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
+	}
+	if err := c.validateBudget(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))

@@ -118,7 +118,7 @@ func TestBudgetRejectsPolicyAlone(t *testing.T) {
 	check(ms)
 	// New pods (CNI ADDs) apply: one the big policy selects is isolated,
 	// one the small policy selects gets its allow.
-	ms, _, err = c.UpsertPod(policy.Pod{Namespace: "x", Name: "server2", Labels: map[string]string{"app": "server"}, Endpoint: 3, IPs: []netip.Addr{netip.MustParseAddr("10.2.0.3")}})
+	_, _, err = c.UpsertPod(policy.Pod{Namespace: "x", Name: "server2", Labels: map[string]string{"app": "server"}, Endpoint: 3, IPs: []netip.Addr{netip.MustParseAddr("10.2.0.3")}})
 	if err != nil {
 		t.Fatalf("ADD of a pod the big policy selects: %v", err)
 	}

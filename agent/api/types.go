@@ -178,6 +178,16 @@ type StoreError struct {
 	Message string `json:"message"`
 }
 
+// PolicyError is one policy that is not enforced as written.
+type PolicyError struct {
+	// Policy is "Kind namespace/name".
+	Policy  string `json:"policy"`
+	Message string `json:"message"`
+	// KeptPreviousVersion: the previous version stays in force; otherwise
+	// the policy's rules are withheld and its pods stay isolated.
+	KeptPreviousVersion bool `json:"keptPreviousVersion,omitempty"`
+}
+
 // StatusResponse is the agent's health and summary. Ready is false until
 // the agent has restored pinned state and can enforce new endpoints.
 type StatusResponse struct {
@@ -192,6 +202,9 @@ type StatusResponse struct {
 	Datapath       string       `json:"datapath,omitempty"`
 	Store          string       `json:"store,omitempty"`
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
+	// PolicyErrors are policies the agent rejected while applying (over
+	// their policy-trie budget); the rest of the store applies.
+	PolicyErrors []PolicyError `json:"policyErrors,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`
 	// LostEventsKernel counts flow events the kernel ring buffer had no

@@ -75,6 +75,9 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, e := range st.StoreErrors {
 			fmt.Fprintf(w, "Store error: %s:%d: %s (the last good state stays enforced)\n", e.File, e.Line, e.Message)
 		}
+		for _, e := range st.PolicyErrors {
+			fmt.Fprintf(w, "Policy rejected: %s\n", e.Message)
+		}
 	}
 	if !st.Ready {
 		return fmt.Errorf("agent not ready: %s", st.Reason)

@@ -31,6 +31,10 @@ type Metrics struct {
 	CompileSeconds prometheus.Histogram
 	ApplySeconds   prometheus.Histogram
 	CNIAddSeconds  prometheus.Histogram
+	// PolicyOverBudget is 1 for each policy rejected for its trie budget,
+	// by kind, namespace, policy, reason ("policy" or "endpoint") and
+	// fallback ("previous-version" or "isolation").
+	PolicyOverBudget *prometheus.GaugeVec
 }
 
 // MapStat is how full one BPF map is.
@@ -76,11 +80,14 @@ func New(mapStats func() []MapStat) *Metrics {
 			Namespace: namespace, Name: "cni_add_seconds", Help: "Time the agent took to serve a CNI ADD, until enforcement was live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12),
 		}),
+		PolicyOverBudget: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "policy_over_budget", Help: "Policies rejected for their policy-trie budget (1 each), by what is enforced instead.",
+		}, []string{"kind", "namespace", "policy", "reason", "fallback"}),
 	}
 	m.LostEvents.WithLabelValues("kernel")
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
-		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds,
+		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyOverBudget,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})
