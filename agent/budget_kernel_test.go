@@ -149,4 +149,13 @@ func TestAgentPolicyOverBudget(t *testing.T) {
 			t.Errorf("y/peer0 -> x/%s TCP %d: %s, want %s (%s)", tc.to, tc.port, r.Verdict, tc.want, r.Reason)
 		}
 	}
+	// A local pod named by its address is that endpoint, enforced.
+	r, err := a.Explain(ctx, api.ExplainRequest{Source: api.Peer{IP: netip.MustParseAddr("10.215.1.1")},
+		Destination: api.Peer{IP: netip.MustParseAddr("10.215.2.1")}, Protocol: "TCP", Port: 1500})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Verdict != "deny" {
+		t.Errorf("10.215.1.1 -> 10.215.2.1 (x/server) TCP 1500: %s, want deny (%s)", r.Verdict, r.Reason)
+	}
 }
