@@ -10,7 +10,8 @@ import (
 
 // TestEncodeCostsTrieSize: what the compiler budgets (TrieSize) is exactly
 // what encodeEndpoint writes into one slot, for random policies with
-// overlapping, unaligned port ranges, wildcards and deny rules.
+// overlapping, unaligned port ranges, wildcards and deny rules: both come
+// from policy.TrieKeys, and no two of its keys collapse into one map key.
 func TestEncodeCostsTrieSize(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for range 2000 {

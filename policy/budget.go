@@ -128,10 +128,11 @@ func (c *Compiler) markPolicy(pk policyKey, w *work) {
 // Budget.Endpoint withholds its largest policies (by their cost on it, then
 // by key) until it fits.
 func (c *Compiler) settleBudget(w *work) {
-	c.precompiled = nil
+	c.precompiled, c.entryCache = nil, nil
 	if c.budget == (Budget{}) {
 		return
 	}
+	c.entryCache = map[EndpointID]map[policyKey][]Entry{}
 	touched := map[policyKey]struct{}{}
 	for ep := range w.dirty {
 		for _, pk := range c.epPolicies[ep] {
@@ -146,8 +147,12 @@ func (c *Compiler) settleBudget(w *work) {
 		}
 		ps := c.pods[k]
 		sel, enforce, _ := c.selecting(ps)
+		cache := make(map[policyKey][]Entry, len(sel))
+		c.entryCache[ep] = cache
 		for _, p := range sel {
-			n := (&EndpointPolicy{Entries: SortEntries(c.policyEntries(nil, p, ps, enforce))}).TrieSize()
+			es := SortEntries(c.policyEntries(nil, p, ps, enforce))
+			cache[p.key] = es
+			n := (&EndpointPolicy{Entries: es}).TrieSize()
 			if c.polCost[p.key] == nil {
 				c.polCost[p.key] = map[EndpointID]int{}
 			}
@@ -209,7 +214,19 @@ func (c *Compiler) settleBudget(w *work) {
 			continue
 		}
 		pol, keys := c.compileEndpoint(c.pods[k])
-		if pol.TrieSize() <= c.budget.Endpoint {
+		size := -1
+		if len(keys) == 1 {
+			// One policy, applied: the endpoint's entries are its entries.
+			if _, withheld := c.withheld[keys[0]]; !withheld {
+				if n, ok := c.polCost[keys[0]][ep]; ok {
+					size = n
+				}
+			}
+		}
+		if size < 0 {
+			size = pol.TrieSize()
+		}
+		if size <= c.budget.Endpoint {
 			c.precompiled[ep] = compiledEP{pol, keys}
 			continue
 		}

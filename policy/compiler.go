@@ -71,6 +71,9 @@ type Compiler struct {
 	// precompiled holds endpoints settleBudget compiled to measure them,
 	// for finish to use.
 	precompiled map[EndpointID]compiledEP
+	// entryCache holds, during one finish, each dirty endpoint's entries
+	// per policy that settleBudget computed, for compileEndpoint.
+	entryCache map[EndpointID]map[policyKey][]Entry
 }
 
 type cidrIdent struct {

@@ -139,6 +139,10 @@ func (c *Compiler) compileEndpoint(ps *podState) (*EndpointPolicy, []policyKey) 
 			}
 			continue
 		}
+		if cached, ok := c.entryCache[ps.pod.Endpoint][p.key]; ok {
+			es = append(es, cached...)
+			continue
+		}
 		es = c.policyEntries(es, p, ps, enforce)
 	}
 	// A withheld policy with an enforcing Deny rule in a direction shuts

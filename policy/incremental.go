@@ -378,6 +378,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		next.Revision++
 	}
 	c.ms = next
+	c.precompiled, c.entryCache = nil, nil
 	return d
 }
 

@@ -28,47 +28,53 @@ type TrieKey struct {
 // blocks (an unaligned range costs up to 30 keys). The keys are disjoint,
 // so the longest prefix holds the winner.
 func (p *EndpointPolicy) TrieKeys(yield func(TrieKey, *Entry)) {
-	type group struct {
-		dir  Direction
-		peer identity.NumericID
+	es := p.Entries
+	// In canonical order (the invariant of Entries) a (direction, peer)
+	// group, and a protocol within it, are runs: no maps needed.
+	if !slices.IsSortedFunc(es, CompareEntries) {
+		es = SortEntries(slices.Clone(es))
 	}
-	groups := map[group][]*Entry{}
-	var order []group
-	for i := range p.Entries {
-		e := &p.Entries[i]
-		g := group{e.Direction, e.Peer}
-		if _, ok := groups[g]; !ok {
-			order = append(order, g)
+	var group []*Entry
+	for i := 0; i < len(es); {
+		j := i
+		for j < len(es) && es[j].Direction == es[i].Direction && es[j].Peer == es[i].Peer {
+			j++
 		}
-		groups[g] = append(groups[g], e)
+		group = group[:0]
+		for k := i; k < j; k++ {
+			group = append(group, &es[k])
+		}
+		groupKeys(group, yield)
+		i = j
 	}
-	for _, g := range order {
-		entries := groups[g]
-		var wildBest *Entry
-		byProto := map[uint8][]*Entry{}
-		var protos []uint8
-		for _, e := range entries {
-			if e.Proto == 0 {
-				if wildBest == nil || e.Beats(wildBest) {
-					wildBest = e
-				}
-				continue
-			}
-			if _, ok := byProto[e.Proto]; !ok {
-				protos = append(protos, e.Proto)
-			}
-			byProto[e.Proto] = append(byProto[e.Proto], e)
+}
+
+// groupKeys yields the keys of one (direction, peer) group in canonical
+// order: the any-protocol entries first, then each protocol's.
+func groupKeys(entries []*Entry, yield func(TrieKey, *Entry)) {
+	dir, peer := entries[0].Direction, entries[0].Peer
+	var wildBest *Entry
+	i := 0
+	for ; i < len(entries) && entries[i].Proto == 0; i++ {
+		if wildBest == nil || entries[i].Beats(wildBest) {
+			wildBest = entries[i]
 		}
-		if wildBest != nil {
-			yield(TrieKey{Direction: g.dir, Peer: g.peer}, wildBest)
+	}
+	if wildBest != nil {
+		yield(TrieKey{Direction: dir, Peer: peer}, wildBest)
+	}
+	for i < len(entries) {
+		j := i
+		for j < len(entries) && entries[j].Proto == entries[i].Proto {
+			j++
 		}
-		for _, proto := range protos {
-			for _, c := range protoCells(byProto[proto], wildBest) {
-				for _, b := range portBlocks(uint32(c.lo), uint32(c.hi)) {
-					yield(TrieKey{Direction: g.dir, Peer: g.peer, Proto: proto, Port: b.base, PortBits: b.bits}, c.best)
-				}
+		proto := entries[i].Proto
+		for _, c := range protoCells(entries[i:j], wildBest) {
+			for _, b := range portBlocks(uint32(c.lo), uint32(c.hi)) {
+				yield(TrieKey{Direction: dir, Peer: peer, Proto: proto, Port: b.base, PortBits: b.bits}, c.best)
 			}
 		}
+		i = j
 	}
 }
 
