@@ -297,7 +297,12 @@ func oraclePolicies(nps []*networkingv1.NetworkPolicy) []*networkingv1.NetworkPo
 
 // checkCluster compares every (src, dst, port) of one cluster and returns
 // the number of cases compared.
-func checkCluster(t testing.TB, c *diffCluster) (n, denied int) {
+// diffStats counts the cases of a run: all, denied by the oracle, over
+// IPv6, with a dual-stack pod at either end, and of those, with a pod whose
+// two addresses have different identities (an ipBlock split it).
+type diffStats struct{ n, denied, v6, dual, split int }
+
+func checkCluster(t testing.TB, c *diffCluster) (st diffStats) {
 	t.Helper()
 	snap := &policy.Snapshot{Pods: c.pods, NetworkPolicies: c.policies}
 	for _, ns := range diffNamespaces {
@@ -357,20 +362,35 @@ func checkCluster(t testing.TB, c *diffCluster) (n, denied int) {
 				}
 				want := oracle.IsTrafficAllowed(&matcher.Traffic{Source: src.tp, Destination: dst.tp, ResolvedPort: int(pp.port), ResolvedPortName: name, Protocol: pp.proto})
 				got := explain.Verdict(ms, src.peer, dst.peer, protoNum(pp.proto), pp.port)
-				n++
+				st.n++
 				if !want.IsAllowed() {
-					denied++
+					st.denied++
+				}
+				if src.addr.Is6() {
+					st.v6++
+				}
+				if isDual(src.pod) || isDual(dst.pod) {
+					st.dual++
+					if isSplit(ms, src.pod) || isSplit(ms, dst.pod) {
+						st.split++
+					}
 				}
 				if got.IngressPasses() != want.Ingress.IsAllowed() || got.EgressPasses() != want.Egress.IsAllowed() {
 					t.Errorf("%s -> %s %d/%s (named %q): ingress got %v want %v, egress got %v want %v\npods: %s\npolicies:\n%s",
 						src.peer.Name, dst.peer.Name, pp.port, pp.proto, name, got.IngressPasses(), want.Ingress.IsAllowed(),
 						got.EgressPasses(), want.Egress.IsAllowed(), dumpPods(c), dumpPolicies(c.policies))
-					return n, denied
+					return st
 				}
 			}
 		}
 	}
-	return n, denied
+	return st
+}
+
+func isDual(p *policy.Pod) bool { return p != nil && len(p.IPs) == 2 }
+
+func isSplit(ms *policy.MapState, p *policy.Pod) bool {
+	return isDual(p) && ms.ResolveIP(p.IPs[0]) != ms.ResolveIP(p.IPs[1])
 }
 
 func dumpPods(c *diffCluster) string {
@@ -397,20 +417,25 @@ func TestDifferentialCyclonus(t *testing.T) {
 	if testing.Short() {
 		clusters = 200
 	}
-	total, denied := 0, 0
+	var sum diffStats
 	for seed := range clusters {
 		r := rand.New(rand.NewPCG(uint64(seed), 0x5eed))
-		n, d := checkCluster(t, genCluster(r))
-		total, denied = total+n, denied+d
+		st := checkCluster(t, genCluster(r))
+		sum = diffStats{sum.n + st.n, sum.denied + st.denied, sum.v6 + st.v6, sum.dual + st.dual, sum.split + st.split}
 		if t.Failed() {
 			t.Fatalf("seed %d", seed)
 		}
 	}
-	// A generator that never denies would test nothing.
-	if denied < total/10 || denied > total*9/10 {
-		t.Errorf("only %d of %d cases denied: the generator is lopsided", denied, total)
+	// A generator that never denies would test nothing; nor one that never
+	// splits a dual-stack pod.
+	if sum.denied < sum.n/10 || sum.denied > sum.n*9/10 {
+		t.Errorf("only %d of %d cases denied: the generator is lopsided", sum.denied, sum.n)
 	}
-	t.Logf("%d clusters, %d cases agree (%d denied)", clusters, total, denied)
+	if sum.split < sum.n/100 {
+		t.Errorf("only %d of %d cases have a dual-stack pod that an ipBlock splits", sum.split, sum.n)
+	}
+	t.Logf("%d clusters, %d cases agree (%d denied, %d over IPv6, %d with a dual-stack pod, %d of them split by an ipBlock)",
+		clusters, sum.n, sum.denied, sum.v6, sum.dual, sum.split)
 }
 
 func FuzzDifferentialCyclonus(f *testing.F) {
