@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 	corev1 "k8s.io/api/core/v1"
@@ -145,4 +146,23 @@ func TestProgPolicyBudget(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestPolicyMapEntriesSizesTrieAndExactTable: Config.MaxPolicyEntries
+// (--policy-map-entries) sizes the policy trie and the exact-match table in
+// front of it, whose mask BPF reads.
+func TestPolicyMapEntriesSizesTrieAndExactTable(t *testing.T) {
+	for _, n := range []uint32{4096, 65536, 300000} {
+		spec, err := loadSpec(Config{MaxPolicyEntries: n}, time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := spec.Maps["policy"].MaxEntries; got != n {
+			t.Errorf("%d: policy trie holds %d", n, got)
+		}
+		buckets := spec.Maps["policy_exact"].MaxEntries
+		if buckets&(buckets-1) != 0 || buckets*exactWays < n || buckets*exactWays >= 2*n {
+			t.Errorf("%d: exact table has %d buckets of %d", n, buckets, exactWays)
+		}
+	}
 }
