@@ -23,7 +23,8 @@ const (
 )
 
 // policyBudget is the compiler's budget for a policy trie of the given
-// size: the flags' values, or the defaults derived from the size.
+// size: the flags' values, or the defaults derived from the size. The node
+// as a whole gets half the trie.
 func (c *Config) policyBudget(trieEntries int) policy.Budget {
 	b := policy.Budget{Endpoint: c.PolicyBudgetEndpoint, Policy: c.PolicyBudgetPolicy}
 	if b.Endpoint == 0 {
@@ -32,6 +33,8 @@ func (c *Config) policyBudget(trieEntries int) policy.Budget {
 	if b.Policy == 0 {
 		b.Policy = trieEntries / defaultPolicyBudgetDiv
 	}
+	// Every endpoint may hold its policy in both slots at once.
+	b.Node = trieEntries / 2
 	return b
 }
 

@@ -8,11 +8,11 @@ import (
 
 func TestPolicyBudgetFlags(t *testing.T) {
 	var c Config
-	if got := c.policyBudget(262144); got != (policy.Budget{Endpoint: 16384, Policy: 32768}) {
+	if got := c.policyBudget(262144); got != (policy.Budget{Endpoint: 16384, Policy: 32768, Node: 131072}) {
 		t.Errorf("defaults for the default trie: %+v", got)
 	}
 	c.PolicyBudgetEndpoint, c.PolicyBudgetPolicy = 100, 200
-	if got := c.policyBudget(262144); got != (policy.Budget{Endpoint: 100, Policy: 200}) {
+	if got := c.policyBudget(262144); got != (policy.Budget{Endpoint: 100, Policy: 200, Node: 131072}) {
 		t.Errorf("flags: %+v", got)
 	}
 	for _, bad := range []Config{

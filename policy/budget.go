@@ -32,20 +32,26 @@ type Budget struct {
 	// Policy is the most keys one policy may take, counted alone on each
 	// local endpoint it selects and summed over them.
 	Policy int
+	// Node is the most keys all endpoints together may take (one slot
+	// each). When the node goes over, the policies that cost most are
+	// withheld until it fits.
+	Node int
 }
 
 // Budget reasons, in PolicyStatus.Reason.
 const (
 	BudgetReasonPolicy   = "policy"
 	BudgetReasonEndpoint = "endpoint"
+	BudgetReasonNode     = "node"
 )
 
 // PolicyStatus is a policy that is not enforced as written because of its
 // budget.
 type PolicyStatus struct {
 	Kind, Namespace, Name string
-	// Reason is BudgetReasonPolicy (its own total is over Budget.Policy) or
-	// BudgetReasonEndpoint (an endpoint it selects is over Budget.Endpoint).
+	// Reason is BudgetReasonPolicy (its own total is over Budget.Policy),
+	// BudgetReasonEndpoint (an endpoint it selects is over Budget.Endpoint)
+	// or BudgetReasonNode (all endpoints together are over Budget.Node).
 	Reason string
 	// Cost is the policy's keys summed over the local endpoints it selects
 	// (per slot), and Limit the budget it went over.
@@ -96,8 +102,11 @@ func (c *Compiler) BudgetStatus() []PolicyStatus {
 }
 
 func (h withholding) describe() string {
-	if h.reason == BudgetReasonEndpoint {
+	switch h.reason {
+	case BudgetReasonEndpoint:
 		return fmt.Sprintf("an endpoint it selects would need more than its budget of %d trie keys", h.limit)
+	case BudgetReasonNode:
+		return fmt.Sprintf("it needs %d trie keys, the largest share of a node over its budget of %d", h.cost, h.limit)
 	}
 	return fmt.Sprintf("it needs %d trie keys, its budget is %d", h.cost, h.limit)
 }
@@ -187,25 +196,82 @@ func (c *Compiler) settleBudget(w *work) {
 			c.withheld[pk] = h
 		}
 	}
-	if c.budget.Endpoint <= 0 {
+	if c.budget.Endpoint <= 0 && c.budget.Node <= 0 {
 		return
 	}
 	// Policies withheld for an endpoint that is being recompiled get
-	// another chance: the endpoint (or the policy) may fit now.
+	// another chance: the endpoint (or the policy) may fit now. Policies
+	// withheld for the node are all decided again, from scratch, so the
+	// outcome does not depend on the order of updates.
 	for pk, h := range c.withheld {
-		if h.reason != BudgetReasonEndpoint {
-			continue
-		}
-		for ep := range c.polCost[pk] {
-			if _, ok := w.dirty[ep]; ok {
-				delete(c.withheld, pk)
-				c.markPolicy(pk, w)
-				break
+		switch h.reason {
+		case BudgetReasonNode:
+			delete(c.withheld, pk)
+			c.markPolicy(pk, w)
+		case BudgetReasonEndpoint:
+			for ep := range c.polCost[pk] {
+				if _, ok := w.dirty[ep]; ok {
+					delete(c.withheld, pk)
+					c.markPolicy(pk, w)
+					break
+				}
 			}
 		}
 	}
 	c.precompiled = map[EndpointID]compiledEP{}
+	sizes := map[EndpointID]int{}
 	queue := slices.Sorted(maps.Keys(w.dirty))
+	for {
+		c.measureEndpoints(queue, sizes, w)
+		if c.budget.Node <= 0 {
+			break
+		}
+		total := 0
+		for ep, n := range c.epSize {
+			if _, dirty := w.dirty[ep]; !dirty {
+				total += n
+			}
+		}
+		for _, n := range sizes {
+			total += n
+		}
+		if total <= c.budget.Node {
+			break
+		}
+		// The node is over: withhold the policy that costs most.
+		var victim policyKey
+		best := 0
+		for _, pk := range slices.SortedFunc(maps.Keys(c.polCost), compareKeys) {
+			if _, ok := c.withheld[pk]; ok {
+				continue
+			}
+			if n := c.costOf(pk); n > best {
+				victim, best = pk, n
+			}
+		}
+		if best == 0 {
+			break // nothing left to withhold that costs anything
+		}
+		c.withheld[victim] = withholding{reason: BudgetReasonNode, cost: best, limit: c.budget.Node}
+		queue = slices.Sorted(maps.Keys(c.polCost[victim]))
+		for _, ep := range queue {
+			w.dirty[ep] = struct{}{}
+			delete(c.precompiled, ep)
+		}
+	}
+	for ep := range w.dirty {
+		if n, ok := sizes[ep]; ok {
+			c.epSize[ep] = n
+		} else {
+			delete(c.epSize, ep)
+		}
+	}
+}
+
+// measureEndpoints compiles the endpoints of queue (and those a withheld
+// policy sends back into it) into precompiled, with their sizes, withholding
+// policies of an endpoint over Budget.Endpoint, largest on it first.
+func (c *Compiler) measureEndpoints(queue []EndpointID, sizes map[EndpointID]int, w *work) {
 	for len(queue) > 0 {
 		ep := queue[0]
 		queue = queue[1:]
@@ -226,8 +292,9 @@ func (c *Compiler) settleBudget(w *work) {
 		if size < 0 {
 			size = pol.TrieSize()
 		}
-		if size <= c.budget.Endpoint {
+		if c.budget.Endpoint <= 0 || size <= c.budget.Endpoint {
 			c.precompiled[ep] = compiledEP{pol, keys}
+			sizes[ep] = size
 			continue
 		}
 		var victim *policyKey
@@ -244,13 +311,17 @@ func (c *Compiler) settleBudget(w *work) {
 			// entries beyond closed directions: cannot happen, but an
 			// endpoint must never be left uncompiled.
 			c.precompiled[ep] = compiledEP{pol, keys}
+			sizes[ep] = size
 			continue
 		}
 		c.withheld[*victim] = withholding{reason: BudgetReasonEndpoint, cost: c.costOf(*victim), limit: c.budget.Endpoint}
-		for other := range c.polCost[*victim] {
+		// Every endpoint of the victim is measured again: without its
+		// entries, cells can split and an endpoint can even grow.
+		for _, other := range slices.Sorted(maps.Keys(c.polCost[*victim])) {
 			w.dirty[other] = struct{}{}
-			if _, done := c.precompiled[other]; done {
-				delete(c.precompiled, other)
+			delete(c.precompiled, other)
+			delete(sizes, other)
+			if other != ep {
 				queue = append(queue, other)
 			}
 		}

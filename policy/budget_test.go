@@ -273,3 +273,38 @@ spec:
 		t.Error("the closed direction still passes something")
 	}
 }
+
+// TestBudgetNodeLimit: policies that each fit their own budgets but not
+// the node together: the one that costs most is withheld, the other
+// applies, and the node fits.
+func TestBudgetNodeLimit(t *testing.T) {
+	c := policy.NewCompiler(policy.Config{Budget: policy.Budget{Endpoint: 5000, Policy: 5000, Node: 2500}})
+	pods := append(budgetPeers(),
+		policy.Pod{Namespace: "x", Name: "server", Labels: map[string]string{"app": "server"}, Endpoint: 1, IPs: []netip.Addr{netip.MustParseAddr("10.2.0.1")}},
+		policy.Pod{Namespace: "x", Name: "api", Labels: map[string]string{"app": "api"}, Endpoint: 2, IPs: []netip.Addr{netip.MustParseAddr("10.2.0.2")}})
+	peer0 := pods[0].IPs[0]
+	ms, err := c.Reset(&policy.Snapshot{Pods: pods, NetworkPolicies: []*networkingv1.NetworkPolicy{
+		bigPolicy("a", 1, map[string]string{"app": "server"}), bigPolicy("b", 2, map[string]string{"app": "api"})}})
+	if !errors.Is(err, policy.ErrOverBudget) {
+		t.Fatalf("compile: %v, want ErrOverBudget", err)
+	}
+	st := c.BudgetStatus()
+	if len(st) != 1 || st[0].Name != "b" || st[0].Reason != policy.BudgetReasonNode {
+		t.Fatalf("status %+v, want b withheld for the node", st)
+	}
+	if !ingressPasses(t, ms, 1, peer0, 1500) || ingressPasses(t, ms, 2, peer0, 1500) {
+		t.Error("a does not apply, or b is not withheld")
+	}
+	total := 0
+	for _, p := range ms.Endpoints {
+		total += p.TrieSize()
+	}
+	if total > 2500 {
+		t.Errorf("the node takes %d keys, over 2500", total)
+	}
+	// Once the server goes, b fits again.
+	ms, _ = c.DeletePod("x", "server")
+	if st := c.BudgetStatus(); len(st) != 0 || !ingressPasses(t, ms, 2, peer0, 1500) {
+		t.Errorf("b does not apply once the node has room: %+v", st)
+	}
+}

@@ -74,6 +74,8 @@ type Compiler struct {
 	// entryCache holds, during one finish, each dirty endpoint's entries
 	// per policy that settleBudget computed, for compileEndpoint.
 	entryCache map[EndpointID]map[policyKey][]Entry
+	// epSize is each endpoint's trie keys, kept for Budget.Node.
+	epSize map[EndpointID]int
 }
 
 type cidrIdent struct {
@@ -144,6 +146,7 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.polCost = map[policyKey]map[EndpointID]int{}
 	c.withheld = map[policyKey]withholding{}
 	c.kept = map[policyKey]withholding{}
+	c.epSize = map[EndpointID]int{}
 	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{}}
 }
 

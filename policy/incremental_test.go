@@ -103,7 +103,7 @@ func sameState(a, b *policy.MapState) bool {
 func TestIncrementalMatchesFull(t *testing.T) {
 	// With no budget, and with one so small that policies are withheld or
 	// kept at their last version all the time.
-	for _, budget := range []policy.Budget{{}, {Endpoint: 24, Policy: 40}} {
+	for _, budget := range []policy.Budget{{}, {Endpoint: 24, Policy: 40}, {Endpoint: 30, Policy: 60, Node: 40}} {
 		t.Run(fmt.Sprintf("budget %+v", budget), func(t *testing.T) { testIncrementalMatchesFull(t, budget) })
 	}
 }
