@@ -22,6 +22,15 @@ import (
 // is ready.
 func runAgent(t *testing.T) *Agent {
 	t.Helper()
+	a, _ := newTestAgent(t)
+	startTestAgent(t, a)
+	return a
+}
+
+// newTestAgent makes the agent runAgent runs, and returns it with its store
+// directory.
+func newTestAgent(t *testing.T) (*Agent, string) {
+	t.Helper()
 	privileged.Require(t)
 	dir := t.TempDir()
 	store := filepath.Join(dir, "store")
@@ -44,6 +53,12 @@ func runAgent(t *testing.T) *Agent {
 		}
 		t.Fatalf("new agent: %v", err)
 	}
+	return a, store
+}
+
+// startTestAgent runs a until the test ends and waits until it is ready.
+func startTestAgent(t *testing.T, a *Agent) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
@@ -57,7 +72,7 @@ func runAgent(t *testing.T) *Agent {
 	for {
 		st, err := a.Status(ctx)
 		if err == nil && st.Ready {
-			return a
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("agent not ready after 10s: %+v", st)

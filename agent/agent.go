@@ -73,6 +73,10 @@ type Agent struct {
 	// reattach holds restored endpoints whose programs are re-attached
 	// (idempotently) after the first apply.
 	reattach []*endpointRecord
+	// applyPolicy is dp.Apply (tests put failures in front of it), and
+	// applyRetry retries it when it fails.
+	applyPolicy func(*policy.MapState) (datapath.ApplyStats, error)
+	applyRetry  *applyRetry
 	// budget reports the policies over their policy-trie budget.
 	budget budgetReport
 }
@@ -168,6 +172,8 @@ func New(cfg Config) (*Agent, error) {
 		dp.Close()
 		return nil, err
 	}
+	a.applyPolicy = dp.Apply
+	a.applyRetry = newApplyRetry(a.log, a.metrics.PolicyApplyFailures, a.metrics.PolicyApplyLagging)
 	a.batch = batch.New(a.applyBatch)
 	return a, nil
 }
@@ -243,6 +249,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	})
 	wg.Go(func() { a.watchHostAddrs(ctx) })
+	wg.Go(func() {
+		a.applyRetry.run(ctx, func(ctx context.Context) error { return a.batch.Submit(ctx, &change{refresh: true}) })
+	})
 	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
 
 	select {
@@ -341,9 +350,9 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
-	st, err := a.dp.Apply(ms)
+	st, err := a.applyPolicy(ms)
 	if err != nil {
-		a.log.Error("policy apply failed", "revision", ms.Revision, "error", err)
+		a.applyRetry.failed(fmt.Errorf("apply policy revision %d: %w", ms.Revision, err))
 		for i := range errs {
 			if errs[i] == nil {
 				errs[i] = fmt.Errorf("apply policy: %w", err)
@@ -352,6 +361,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		return errs
 	}
 	applied := time.Now()
+	a.applyRetry.succeeded()
 	for _, rec := range a.reattach {
 		if _, err := a.dp.Attach(rec.dpEndpoint()); err != nil {
 			a.log.Error("re-attach restored endpoint", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "error", err)

@@ -227,7 +227,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		StartedAt: a.started, Endpoints: len(a.endpoints), Identities: len(v.identities),
 		PolicyRevision: v.ms.Revision, Datapath: a.datapathMode(), Store: a.source.String(),
 		StoreErrors: slices.Clone(a.storeErrs), PolicyErrors: a.budget.errors(), Features: a.features,
-		LostEventsUserspace: a.hub.LostUserspace(),
+		LostEventsUserspace: a.hub.LostUserspace(), PolicyApply: a.applyRetry.status(),
 	}
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost

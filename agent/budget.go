@@ -11,12 +11,12 @@ import (
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
-// Default budgets, as fractions of the policy trie's entries. Each endpoint
-// holds its policy in one of two slots and writes the next one into the
-// other, so an endpoint can take twice its budget while its policy
-// changes: one endpoint gets at most 1/8 of the trie that way, one policy
-// at most 1/4. A policy the size the issue measured (about 25,000 keys on
-// one endpoint) is rejected on a default-sized trie.
+// Default budgets, as fractions of the policy trie's entries. The trie
+// holds two generations of the node's policy (the live one and the next),
+// so every key counts twice: one endpoint gets at most 1/8 of the trie,
+// one policy at most 1/4, the node half of it per generation. A policy the
+// size the issue measured (about 25,000 keys on one endpoint) is rejected
+// on a default-sized trie.
 const (
 	defaultEndpointBudgetDiv = 16
 	defaultPolicyBudgetDiv   = 8
@@ -33,7 +33,7 @@ func (c *Config) policyBudget(trieEntries int) policy.Budget {
 	if b.Policy == 0 {
 		b.Policy = trieEntries / defaultPolicyBudgetDiv
 	}
-	// Every endpoint may hold its policy in both slots at once.
+	// Two generations share the trie.
 	b.Node = trieEntries / 2
 	return b
 }

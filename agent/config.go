@@ -47,7 +47,7 @@ type Config struct {
 	// Datapath.MaxPolicyEntries sizes the policy trie (--policy-map-entries).
 	Datapath datapath.Config
 	// PolicyBudgetEndpoint and PolicyBudgetPolicy are the policy trie keys
-	// (per slot) one endpoint and one policy may take; 0 derives them from
+	// (per policy generation) one endpoint and one policy may take; 0 derives them from
 	// the trie's size (see policyBudget).
 	PolicyBudgetEndpoint int
 	PolicyBudgetPolicy   int

@@ -93,13 +93,15 @@ static __always_inline void count_drop(__u8 reason, __u32 len)
 const volatile __u32 ipcache_host_mask = 16383;
 const volatile __u32 policy_exact_mask = 65535;
 
-/* ipcache_lookup resolves an address to its identity: a host entry from
- * ipcache_hosts, else the longest prefix from the trie, else world. */
-static __always_inline __u32 ipcache_lookup(const __u32 *addr, __u32 seed)
+/* ipcache_lookup resolves an address to its identity in generation gen: a
+ * host entry from ipcache_hosts, else the longest prefix from the trie, else
+ * world. */
+static __always_inline __u32 ipcache_lookup(const __u32 *addr, __u32 gen, __u32 seed)
 {
-	__u32 idx = ct_hash(addr, 4, seed) & ipcache_host_mask;
+	const __u32 w[5] = { gen, addr[0], addr[1], addr[2], addr[3] };
+	__u32 idx = ct_hash(w, 5, seed) & ipcache_host_mask;
 	struct ipcache_host_bucket *b = bpf_map_lookup_elem(&ipcache_hosts, &idx);
-	struct ipcache_key k = { .prefixlen = 128 };
+	struct ipcache_key k = { .prefixlen = IPCACHE_GEN_BITS + 128, .gen = gen };
 	struct ipcache_value *v;
 
 	if (b) {
@@ -108,7 +110,7 @@ static __always_inline __u32 ipcache_lookup(const __u32 *addr, __u32 seed)
 			struct ipcache_host_slot *sl = &b->way[i];
 			__u32 s = CT_READ_ONCE(sl->seq), id;
 
-			if ((s & 1) || ((sl->addr[0] ^ addr[0]) | (sl->addr[1] ^ addr[1]) |
+			if ((s & 1) || ((sl->gen ^ gen) | (sl->addr[0] ^ addr[0]) | (sl->addr[1] ^ addr[1]) |
 					(sl->addr[2] ^ addr[2]) | (sl->addr[3] ^ addr[3])))
 				continue;
 			id = sl->identity;
@@ -122,18 +124,38 @@ static __always_inline __u32 ipcache_lookup(const __u32 *addr, __u32 seed)
 	return v ? v->identity : ID_WORLD;
 }
 
-/* ep_config_of copies endpoint ep_id's configuration with one load (Go
- * writes it with one store) and returns 0 for an unmanaged endpoint. */
-static __always_inline int ep_config_of(__u32 ep_id, struct ep_config *out)
+/* ep_config_at copies endpoint ep_id's configuration in generation gen with
+ * one load (Go writes it with one store) and returns 0 for an unmanaged
+ * endpoint. */
+static __always_inline int ep_config_at(__u32 gen, __u32 ep_id, struct ep_config *out)
 {
-	__u64 *raw = bpf_map_lookup_elem(&ep_configs, &ep_id);
-	__u64 v;
+	__u32 idx = gen * MAX_ENDPOINTS + ep_id;
+	__u64 *raw, v;
 
+	if (ep_id >= MAX_ENDPOINTS)
+		return 0;
+	raw = bpf_map_lookup_elem(&ep_configs, &idx);
 	if (!raw)
 		return 0;
 	v = *(volatile __u64 *)raw;
 	__builtin_memcpy(out, &v, sizeof(v));
 	return out->identity != 0;
+}
+
+/* live_revision reads the live word once: the revision, whose low bit is
+ * the live generation (see global_config). */
+static __always_inline __u64 live_revision(const struct global_config *g)
+{
+	return g ? CT_READ_ONCE(g->revision) : 0;
+}
+
+/* ep_config_of is ep_config_at in the live generation, for callers that
+ * judge nothing else. */
+static __always_inline int ep_config_of(__u32 ep_id, struct ep_config *out)
+{
+	__u32 zero = 0;
+
+	return ep_config_at(live_revision(bpf_map_lookup_elem(&globals, &zero)) & 1, ep_id, out);
 }
 
 _Static_assert(sizeof(struct ep_config) == 8, "ep_config is read and written as one word");
@@ -185,7 +207,7 @@ static __always_inline int rank(const struct policy_value *v)
 }
 
 /* policy_decide is the BPF twin of policy.MapState.Lookup. */
-static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *cfg,
+static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *cfg, __u8 gen,
 					  __u32 gflags, __u32 seed, __u8 dir, __u32 peer,
 					  __u8 proto, __u16 port, struct decision *d)
 {
@@ -193,7 +215,7 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		.prefixlen = POLICY_FULL_BITS,
 		.ep_id = ep_id,
 		.peer = peer,
-		.slot = cfg->slot,
+		.slot = gen,
 		.dir = dir,
 		.proto = proto,
 		.dport = bpf_htons(port),
@@ -468,17 +490,18 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	struct ct4_bucket *b4 = NULL;
 	struct ct6_bucket *b6 = NULL;
 	struct ct_ref r;
-	__u64 now, rev = 0;
-	__u32 gflags = 0, seed = 0, peer_id;
+	__u64 now, rev;
+	__u32 gflags = 0, seed = 0, peer_id, gen;
 	int pkt_is_a, found, hint = -1;
 
-	/* The revision is read before the endpoint's slot: Apply flips slots
-	 * before it bumps the revision, so a packet that sees the new revision
-	 * also sees the new slot. */
+	/* One read of the live word selects the generation of everything this
+	 * packet consults: its endpoint's configuration and policy, the
+	 * ipcache, the flags. */
 	g = bpf_map_lookup_elem(&globals, &zero);
+	rev = live_revision(g);
+	gen = rev & 1;
 	if (g) {
-		rev = g->revision;
-		gflags = g->flags;
+		gflags = g->flags[gen];
 		seed = g->ct_seed;
 	}
 
@@ -504,7 +527,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		if (r.e.revision != rev) {
 			const __u32 *peer_addr;
 
-			if (!ep_config_of(ep_id, cfg)) {
+			if (!ep_config_at(gen, ep_id, cfg)) {
 				/* No longer managed: everything passes, untracked. */
 				ct_remove(&r);
 				count_verdict(VERDICT_PASS, p->len);
@@ -517,8 +540,9 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 				peer_addr = p->daddr;
 			else
 				peer_addr = p->saddr;
-			peer_id = ipcache_lookup(peer_addr, seed);
-			policy_decide(ep_id, cfg, gflags, seed, r.e.dir, peer_id, p->proto, r.e.dport, &d);
+			peer_id = ipcache_lookup(peer_addr, gen, seed);
+			policy_decide(ep_id, cfg, gen, gflags, seed, r.e.dir, peer_id, p->proto, r.e.dport,
+				      &d);
 			r.e.revision = rev;
 			r.e.rule_id = d.rule;
 			r.e.flags = d.flags;
@@ -546,7 +570,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		if (dirty)
 			ct_commit(&r);
 		if (closed) {
-			if (!ep_config_of(ep_id, cfg))
+			if (!ep_config_at(gen, ep_id, cfg))
 				cfg->identity = 0;
 			emit(p, now, EVENT_FLOW_END, r.e.verdict, DROP_NONE, r.e.rule_id, r.e.dir,
 			     from_pod, ep_id, ifindex, cfg->identity, r.e.peer_id,
@@ -557,12 +581,12 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	}
 
 	/* A new flow. */
-	if (!ep_config_of(ep_id, cfg)) {
+	if (!ep_config_at(gen, ep_id, cfg)) {
 		count_verdict(VERDICT_PASS, p->len);
 		return BH_PASS;
 	}
-	peer_id = ipcache_lookup(from_pod ? p->daddr : p->saddr, seed);
-	policy_decide(ep_id, cfg, gflags, seed, dir, peer_id, p->proto, p->policy_port, &d);
+	peer_id = ipcache_lookup(from_pod ? p->daddr : p->saddr, gen, seed);
+	policy_decide(ep_id, cfg, gen, gflags, seed, dir, peer_id, p->proto, p->policy_port, &d);
 	if (d.verdict == VERDICT_DENY) {
 		count_drop(DROP_POLICY, p->len);
 		/* drop_events is keyed by the family-independent key. */

@@ -13,15 +13,22 @@ import (
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
-// liveSlots dumps the policy map per (endpoint, slot), keys with Slot 0.
-func liveSlots(t *testing.T, d *Datapath) map[slotRef]map[PolicyKey]PolicyValue {
+// genRef names an endpoint's entries in one generation.
+type genRef struct {
+	ep  policy.EndpointID
+	gen uint8
+}
+
+// liveSlots dumps the policy map per (endpoint, generation), keys with
+// Slot 0.
+func liveSlots(t *testing.T, d *Datapath) map[genRef]map[PolicyKey]PolicyValue {
 	t.Helper()
-	out := map[slotRef]map[PolicyKey]PolicyValue{}
+	out := map[genRef]map[PolicyKey]PolicyValue{}
 	var k PolicyKey
 	var v PolicyValue
 	it := d.objs.Policy.Iterate()
 	for it.Next(&k, &v) {
-		ref := slotRef{policy.EndpointID(k.EpId), k.Slot}
+		ref := genRef{policy.EndpointID(k.EpId), k.Slot}
 		k.Slot = 0
 		if out[ref] == nil {
 			out[ref] = map[PolicyKey]PolicyValue{}
@@ -42,6 +49,10 @@ func fillers(base identity.NumericID, n int) []policy.Entry {
 	return es
 }
 
+// TestApplyWritesOnlyDifferences: Apply writes into the inactive
+// generation only what differs from what that generation holds, the state
+// from two applies ago, and publishes nothing when the state is live
+// already.
 func TestApplyWritesOnlyDifferences(t *testing.T) {
 	d := newTestDatapath(t, Config{})
 	a := baseState(fillers(600, 20)...)
@@ -53,43 +64,57 @@ func TestApplyWritesOnlyDifferences(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.PolicyWrites != full(a) || st.Flipped != 1 {
+	if st.PolicyWrites != full(a) || st.Flipped != 1 || !st.Published {
 		t.Fatalf("first apply %+v, want %d writes", st, full(a))
 	}
-	// The other slot is empty: B is written whole.
-	if st, err = d.Apply(b); err != nil || st.PolicyWrites != full(b) {
+	// The other generation is empty: B is written whole.
+	if st, err = d.Apply(b); err != nil || st.PolicyWrites != full(b) || !st.Published {
 		t.Fatalf("second apply %+v %v, want %d writes", st, err, full(b))
 	}
-	// The first slot still holds A: only A -> C is written.
+	// The first generation still holds A: only A -> C is written.
 	if st, err = d.Apply(c); err != nil || st.PolicyWrites != full(c)-full(a) || st.PolicyDeletes != 0 {
 		t.Fatalf("third apply %+v %v, want %d writes", st, err, full(c)-full(a))
 	}
-	// Back to A: the second slot holds B, so one delete.
+	// Back to A: the second generation holds B, so one delete.
 	if st, err = d.Apply(a); err != nil || st.PolicyWrites != 0 || st.PolicyDeletes != full(b)-full(a) {
 		t.Fatalf("fourth apply %+v %v", st, err)
 	}
-	// What the map holds is what the mirror says, and the active slot is A.
+	// What the map holds is what the mirrors say, and the live generation
+	// holds A.
 	live := liveSlots(t, d)
-	for ref, want := range d.slots {
-		if len(want) == 0 && len(live[ref]) == 0 {
-			continue
-		}
-		if !maps.Equal(live[ref], want) {
-			t.Fatalf("slot %+v: map and mirror differ", ref)
+	for g := range uint8(2) {
+		for id, want := range d.gens[g].slots {
+			if len(want) == 0 && len(live[genRef{id, g}]) == 0 {
+				continue
+			}
+			if !maps.Equal(live[genRef{id, g}], want) {
+				t.Fatalf("endpoint %d generation %d: map and mirror differ", id, g)
+			}
 		}
 	}
-	active := d.epConfigs[testEP].Slot
-	if !maps.Equal(live[slotRef{testEP, active}], encodeEndpoint(testEP, a.Endpoints[testEP])) {
-		t.Fatal("active slot is not A")
+	if !maps.Equal(live[genRef{testEP, d.liveGen()}], encodeEndpoint(testEP, a.Endpoints[testEP])) {
+		t.Fatal("the live generation does not hold A")
 	}
-	// Removing the endpoint removes every entry of both slots.
+	// The same state again, even as a new *EndpointPolicy: nothing to
+	// write, nothing published, so conntrack re-judges nothing.
+	rev := d.Revision()
+	again := baseState(fillers(600, 20)...)
+	if st, err = d.Apply(again); err != nil || st.Published || st.PolicyWrites+st.PolicyDeletes+st.IPCacheWrites != 0 || d.Revision() != rev {
+		t.Fatalf("unchanged apply %+v %v", st, err)
+	}
+	// Removing the endpoint removes every entry of both generations.
 	empty := baseState()
 	delete(empty.Endpoints, testEP)
-	if _, err := d.Apply(empty); err != nil {
-		t.Fatal(err)
+	if st, err = d.Apply(empty); err != nil || st.Removed != 1 {
+		t.Fatalf("removing apply %+v %v", st, err)
 	}
 	if n := len(liveSlots(t, d)); n != 0 {
-		t.Fatalf("%d slots left after removing the endpoint", n)
+		t.Fatalf("%d endpoint generations left after removing the endpoint", n)
+	}
+	for g := range uint8(2) {
+		if _, ok := d.epcfg.load(g, testEP); ok {
+			t.Fatalf("generation %d still configures the endpoint", g)
+		}
 	}
 }
 

@@ -115,8 +115,8 @@ func TestProgPolicyBudget(t *testing.T) {
 		if _, err := d.Apply(ms); err != nil {
 			t.Fatalf("apply of the next ADD: %v", err)
 		}
-		// And a change to the fill policy (every fill endpoint flips to its
-		// other slot) still applies.
+		// And a change to the fill policy (written into the next generation
+		// beside the live one) still applies.
 		fill2 := fill.DeepCopy()
 		fill2.Spec.Ingress[0].Ports[0].EndPort = new(int32(1998))
 		if ms, _, err = c.UpsertNetworkPolicy(fill2); err != nil {

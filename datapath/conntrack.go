@@ -324,7 +324,7 @@ func (d *Datapath) GC() (deleted int, ended []FlowEvent, err error) {
 	}
 	ids := map[policy.EndpointID]identity.NumericID{}
 	d.mu.Lock()
-	for ep, c := range d.epConfigs {
+	for ep, c := range d.gens[d.liveGen()].epConfigs {
 		ids[ep] = identity.NumericID(c.Identity)
 	}
 	d.mu.Unlock()

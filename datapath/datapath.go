@@ -41,6 +41,7 @@ type Config struct {
 	DropEventInterval time.Duration
 	// Map sizes. MaxConntrack is the flows each address family's
 	// conntrack table holds: a power of two, at least 4 (default 65536).
+	// MaxIPCache is per generation: the trie holds two (see Apply).
 	MaxPolicyEntries uint32
 	MaxIPCache       uint32
 	MaxConntrack     uint32
@@ -86,18 +87,17 @@ type Datapath struct {
 	objs segmentObjects
 
 	mu sync.Mutex
-	// Mirrors of what is live, read from the maps when opened, so Apply can
-	// write differences without dumping maps every time. Policy keys in
-	// slots have Slot zero; the slot is the map key.
-	epConfigs map[policy.EndpointID]EPConfig
-	slots     map[slotRef]map[PolicyKey]PolicyValue
-	ipcache   map[IPCacheKey]IPCacheValue
-	global    GlobalConfig
-	// lastFlip is when each endpoint's slot last flipped (see Apply).
-	lastFlip map[policy.EndpointID]time.Time
-	// applied is the policy each endpoint last got from Apply. A policy
-	// in a MapState is never modified, so the same pointer means no change.
-	applied map[policy.EndpointID]*policy.EndpointPolicy
+	// Mirrors of both generations of the policy state, read from the maps
+	// when opened, so Apply can write differences without dumping maps
+	// every time.
+	gens [2]generation
+	// global mirrors globals; global.Revision&1 is the live generation.
+	global GlobalConfig
+	// lastPublish is when the live generation last changed (see Apply).
+	lastPublish time.Time
+	// beforeWrite, when set (tests), is called before every write Apply
+	// makes to a map BPF reads; an error it returns fails that write.
+	beforeWrite func(op string) error
 
 	// The conntrack tables, ep_configs and the exact-match tables, mapped
 	// into this process. Code that reads them without holding mu holds
@@ -105,13 +105,9 @@ type Datapath struct {
 	unmapMu  sync.RWMutex
 	ct4, ct6 *ctTable
 	epcfg    *epConfigTable
+	globals  *globalsTable
 	// The exact-match tables in front of ipcache and policy.
 	hosts, policyExact *exactTable
-}
-
-type slotRef struct {
-	ep   policy.EndpointID
-	slot uint8
 }
 
 // Typed views of the maps' keys and values, generated from bpf/include.
@@ -206,10 +202,11 @@ func New(cfg Config) (*Datapath, error) {
 	d.ct4, err4 = mapCTTable(d.objs.Conntrack4, false)
 	d.ct6, err6 = mapCTTable(d.objs.Conntrack6, true)
 	d.epcfg, errEP = mapEPConfigs(d.objs.EpConfigs)
-	d.hosts, errHosts = mapExactTable(d.objs.IpcacheHosts, "ipcache_hosts", 4, 1)
-	var errPol error
+	d.hosts, errHosts = mapExactTable(d.objs.IpcacheHosts, "ipcache_hosts", 5, 1)
+	var errPol, errGlob error
 	d.policyExact, errPol = mapExactTable(d.objs.PolicyExact, "policy_exact", 4, 2)
-	if err := errors.Join(err4, err6, errEP, errHosts, errPol); err != nil {
+	d.globals, errGlob = mapGlobals(d.objs.Globals)
+	if err := errors.Join(err4, err6, errEP, errHosts, errPol, errGlob); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -260,7 +257,8 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 		spec.Maps["conntrack4"].MaxEntries = n / ctWays
 		spec.Maps["conntrack6"].MaxEntries = n / ctWays
 	}
-	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": cfg.MaxIPCache,
+	// The ipcache trie holds both generations.
+	for name, n := range map[string]uint32{"policy": cfg.MaxPolicyEntries, "ipcache": 2 * cfg.MaxIPCache,
 		"events": cfg.EventRingBytes} {
 		if n != 0 {
 			spec.Maps[name].MaxEntries = n
@@ -391,29 +389,33 @@ func (d *Datapath) openPinned() error {
 	return nil
 }
 
-// readMirrors fills the in-memory copies of the live maps.
+// readMirrors fills the in-memory copies of both generations from the
+// maps. A process that died mid-Apply left the inactive generation half
+// written; the mirrors say what it holds, so the next Apply finishes it.
 func (d *Datapath) readMirrors() error {
-	d.epConfigs = map[policy.EndpointID]EPConfig{}
-	d.slots = map[slotRef]map[PolicyKey]PolicyValue{}
-	d.ipcache = map[IPCacheKey]IPCacheValue{}
-	d.lastFlip = map[policy.EndpointID]time.Time{}
-	d.applied = map[policy.EndpointID]*policy.EndpointPolicy{}
-
-	for id := policy.EndpointID(1); uint32(id) < d.epcfg.n; id++ {
-		if cfg, ok := d.epcfg.load(id); ok {
-			d.epConfigs[id] = cfg
+	d.gens = [2]generation{newGeneration(), newGeneration()}
+	d.global = d.globals.load()
+	for g := range uint8(2) {
+		d.gens[g].flags = d.global.Flags[g]
+		for id := policy.EndpointID(1); uint32(id) < d.epcfg.n; id++ {
+			if cfg, ok := d.epcfg.load(g, id); ok {
+				d.gens[g].epConfigs[id] = cfg
+			}
 		}
 	}
 	var pk PolicyKey
 	var pv PolicyValue
 	it := d.objs.Policy.Iterate()
 	for it.Next(&pk, &pv) {
-		ref := slotRef{policy.EndpointID(pk.EpId), pk.Slot}
-		pk.Slot = 0
-		if d.slots[ref] == nil {
-			d.slots[ref] = map[PolicyKey]PolicyValue{}
+		if pk.Slot > 1 {
+			return fmt.Errorf("read policy: entry of generation %d (pinned by another version?)", pk.Slot)
 		}
-		d.slots[ref][pk] = pv
+		gen, ep := &d.gens[pk.Slot], policy.EndpointID(pk.EpId)
+		pk.Slot = 0
+		if gen.slots[ep] == nil {
+			gen.slots[ep] = map[PolicyKey]PolicyValue{}
+		}
+		gen.slots[ep][pk] = pv
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read policy: %w", err)
@@ -422,14 +424,19 @@ func (d *Datapath) readMirrors() error {
 	var iv IPCacheValue
 	it = d.objs.Ipcache.Iterate()
 	for it.Next(&ik, &iv) {
-		d.ipcache[ik] = iv
+		if ik.Gen > 1 {
+			return fmt.Errorf("read ipcache: entry of generation %d (pinned by another version?)", ik.Gen)
+		}
+		gen := &d.gens[ik.Gen]
+		ik.Gen = 0
+		gen.ipcache[ik] = iv
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read ipcache: %w", err)
 	}
-	if err := d.objs.Globals.Lookup(uint32(0), &d.global); err != nil {
-		return fmt.Errorf("read globals: %w", err)
-	}
+	// A packet may still judge by the generation that was live before the
+	// last publish, which may have been an instant ago.
+	d.lastPublish = time.Now()
 	return nil
 }
 
@@ -445,8 +452,9 @@ func (d *Datapath) Revision() uint64 {
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	d.unmapMu.Lock()
-	err := errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(), d.policyExact.close())
-	d.ct4, d.ct6, d.epcfg, d.hosts, d.policyExact = nil, nil, nil, nil, nil
+	err := errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(), d.policyExact.close(),
+		d.globals.close())
+	d.ct4, d.ct6, d.epcfg, d.hosts, d.policyExact, d.globals = nil, nil, nil, nil, nil, nil
 	d.unmapMu.Unlock()
 	d.mu.Unlock()
 	return errors.Join(err, d.objs.Close())

@@ -10,23 +10,23 @@
 // One loaded copy of the programs and maps serves every endpoint. The maps
 // "endpoints_array" (ifindex < 65536, an array whose lookup the verifier
 // inlines) and "endpoints" (larger ifindexes, a hash) map a host veth's
-// ifindex to its endpoint ID (written by Attach); "ep_configs" maps an
-// endpoint ID to its identity, defaults, audit flag and live policy slot
+// ifindex to its endpoint ID (written by Attach); "ep_configs" maps a
+// generation and an endpoint ID to its identity, defaults and audit flag
 // (written by Apply). Keeping the two apart lets Apply work without knowing
 // interfaces, and lets a restarted agent read all live state back from the
 // pinned maps. Attaching a pod is one map
 // write plus two TCX attaches of programs that are already loaded.
-// ep_configs is an array indexed by endpoint ID (1 to 4095) of 8-byte
-// entries, which Go writes through a mapping with one atomic store and BPF
-// reads with one load, so a packet never sees half an update. An endpoint
+// ep_configs is an array indexed by generation and endpoint ID (1 to 4095)
+// of 8-byte entries, which Go writes through a mapping with one atomic
+// store and BPF reads with one load, so a packet never sees half an update. An endpoint
 // whose entry has identity 0 is unmanaged: everything passes, as
 // policy.MapState.Lookup says for an unknown endpoint.
 //
 // # Policy map encoding
 //
 // The policy map is one LPM trie. Its key is {ep_id, peer, slot, dir, proto,
-// dport}: the first 88 bits (endpoint, peer identity, slot, direction) always
-// match exactly; the protocol and the big-endian destination port follow and
+// dport}: the first 88 bits (endpoint, peer identity, slot, which is the
+// generation, and direction) always match exactly; the protocol and the big-endian destination port follow and
 // may be cut by the prefix length (88: any protocol; 96: this protocol, any
 // port; 96+n: a port prefix of n bits). A new flow costs up to two lookups,
 // one with the packet's peer identity and one with peer 0 (the wildcard);
@@ -34,8 +34,8 @@
 // exact peer over the wildcard. ep_configs flags tell, per direction,
 // whether the endpoint has entries with a specific peer and with the
 // wildcard peer at all, and BPF skips a lookup that cannot match: a trie
-// lookup costs as much as the rest of the judgement. The flags are written
-// with the slot flip, so they always describe the live slot.
+// lookup costs as much as the rest of the judgement. The flags belong to
+// the generation, as the entries do, so they always describe them.
 //
 // An LPM trie returns only the longest match, so Go resolves the rest of
 // Lookup's order before writing: for each (endpoint, direction, peer) it
@@ -46,41 +46,80 @@
 // A port range never becomes one entry per port. The fuzz test
 // FuzzDatapathVerdict checks the program against MapState.Lookup.
 //
-// # Make-before-break: slots and the revision
+// # One switch for a policy change: generations and the revision
 //
-// Every endpoint has two slots in the policy map. Apply writes an endpoint's
-// new entries into its inactive slot, which still holds the policy from two
-// applies ago, so only the difference between that and the new policy is
-// written. It then flips the endpoint's slot with one store to its
-// ep_configs entry. A packet reads the slot once, so it is judged by the
-// whole old or the whole new policy, never by a mix or an empty one. Apply
-// deletes nothing from a live slot. ipcache changes are global and are
-// written as additions before the flips and deletions after them.
+// The whole policy state exists twice, as generations 0 and 1: the ipcache
+// (a generation word in front of the address in every key, in the trie and
+// in ipcache_hosts), every endpoint's policy entries (the slot byte of the
+// policy key is the generation), every endpoint's ep_configs entry (at
+// gen*4096 + endpoint ID) and the global flags (allow host ingress). One
+// 64-bit word selects the live generation: the revision in "globals",
+// whose low bit is the generation. BPF reads it once per packet, with one
+// load, and judges the packet by that generation alone, so a packet sees
+// the whole old state or the whole new one: never a new identity judged by
+// an endpoint's old policy (the relabel example in TestApplyIntermediateStates,
+// where both states deny and the mix allows), never a rule that moved from
+// one endpoint's egress to another's ingress open in both.
 //
-// After all flips Apply bumps the revision in the "globals" map. Conntrack
-// entries record the revision at which their flow was judged. A packet of an
-// established flow whose entry has another revision is judged again, as its
-// first packet was (original direction, peer, protocol and port): still
-// allowed, the entry takes the new revision and rule; now denied, the packet
-// is dropped (DROP_POLICY_REVISED) and the entry becomes a tombstone that
-// drops the flow's packets in both directions until it expires (closing
-// timeout), a new SYN starts the flow afresh, or a later revision allows it
-// again. Deleting the entry instead would let the peer's next packet (a
+// Apply writes the complete new state into the generation that is not
+// live. That generation holds the state from two applies ago, so only the
+// difference between that and the new state is written (and an apply that
+// flips back and forth writes nothing but the switch). It then publishes
+// it by storing revision+1 through a mapping of "globals", one atomic
+// 8-byte store. The old generation becomes the next Apply's target. An
+// Apply whose state is already live (compared with the live generation's
+// mirror, by *EndpointPolicy pointer or by content) writes nothing and
+// does not publish, so conntrack is not made to re-judge every flow. When
+// an Apply removes endpoints, it clears their entries from the old
+// generation too, once no packet can still be judged by it, so that a
+// removed endpoint leaves nothing in the maps.
+//
+// Failure is therefore harmless to enforcement: an error from any write
+// (a full trie, ENOMEM), or a crash of the agent mid-Apply, leaves only the
+// inactive generation half written, which no packet reads; the old state
+// stays live, whole. Go's mirrors record what each generation really holds
+// (a write is recorded once it succeeded), so the next Apply finishes the
+// job; New rebuilds the mirrors of both generations from the pinned maps
+// and reads the live one from the revision. The agent retries a failed
+// Apply with backoff and reports it (status, metrics).
+// TestApplyFailureLeavesOldState fails every write of many applies in turn.
+//
+// Within a generation the exact-match tables never hold a value their trie
+// does not: an entry is removed from its table before its trie entry is
+// rewritten and put back after, so whichever write fails, a lookup that
+// misses the table finds the trie's answer.
+//
+// Conntrack entries record the revision at which their flow was judged. A
+// packet of an established flow whose entry has another revision is judged
+// again, as its first packet was (original direction, peer, protocol and
+// port), by the generation its revision selects: still allowed, the entry
+// takes the new revision and rule; now denied, the packet is dropped
+// (DROP_POLICY_REVISED) and the entry becomes a tombstone that drops the
+// flow's packets in both directions until it expires (closing timeout), a
+// new SYN starts the flow afresh, or a later revision allows it again.
+// Deleting the entry instead would let the peer's next packet (a
 // retransmission, a keepalive) start a "new" flow in the reverse direction,
 // which that side's policy may allow, and so revive the connection: the
-// integration test caught exactly that. BPF reads the
-// revision before the slot, and Apply flips before it bumps, so a packet that
-// sees the new revision also sees the new slot. A packet that saw the old
-// revision but the new slot is merely judged once more on its next packet.
-// The revision compares by inequality, so a restarted agent whose MapState
-// revision started again from 1 still triggers re-checks.
+// integration test caught exactly that. The revision compares by
+// inequality, so a restarted agent whose MapState revision started again
+// from 1 still triggers re-checks.
 //
-// One window remains: a packet that read the old slot number and is still
-// inside its lookups when the next Apply starts rewriting that slot. A
-// program run takes a microsecond or less, so Apply leaves a slot alone for
-// 2 ms after it went inactive (it sleeps only when applies come faster than
-// that) instead of waiting for a real RCU grace period, which userspace
-// cannot ask for.
+// One window remains: a packet that read the old revision and is still
+// inside its lookups when the next Apply starts rewriting that generation.
+// A program run takes a microsecond or less, so Apply leaves a generation
+// alone for 2 ms after it went inactive (it sleeps only when applies come
+// faster than that) instead of waiting for a real RCU grace period, which
+// userspace cannot ask for. On weakly ordered CPUs the packet's reads of
+// the generation's entries depend on the revision it loaded (they are
+// keyed or indexed by it), so they cannot see the inactive generation's
+// older contents after it was published.
+//
+// The cost per packet is the one revision load the program made before
+// (now also the generation for the lookups), one more word hashed and
+// compared in ipcache_hosts, and a 32-bit generation prefix in the ipcache
+// trie. The maps hold both generations: the ipcache trie is twice
+// Config.MaxIPCache, ep_configs 8192 entries; the policy trie held two
+// slots per endpoint before and still does.
 //
 // # Conntrack
 //
@@ -128,9 +167,9 @@
 // match for its key, and every entry stays in its trie, so the tables
 // change how fast a lookup is, never its answer: a key that finds no free
 // slot is simply found in the trie. Go is their only writer (under d.mu,
-// with a per-slot sequence word, as for conntrack), writes a table entry
-// after its trie entry and deletes it before, and re-synchronises both
-// tables with the tries when it re-opens pins.
+// with a per-slot sequence word, as for conntrack), removes a table entry
+// before its trie entry changes and writes it after, and re-synchronises
+// both tables with the tries when it re-opens pins.
 //
 // # Packets policy does not see
 //

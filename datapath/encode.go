@@ -76,11 +76,15 @@ const (
 	epWildPeer  = 1 << 3 // EP_WILD_PEER, shifted by the direction
 )
 
-// ipcacheKeyOf stores IPv4 prefixes v4-mapped.
+// ipcacheGenBits is IPCACHE_GEN_BITS: the generation word in front of the
+// address, always matched.
+const ipcacheGenBits = 32
+
+// ipcacheKeyOf stores IPv4 prefixes v4-mapped, in generation 0.
 func ipcacheKeyOf(p netip.Prefix) IPCacheKey {
 	p = p.Masked()
 	a := p.Addr()
-	bits := p.Bits()
+	bits := ipcacheGenBits + p.Bits()
 	if a.Is4() {
 		bits += 96
 	}

@@ -112,7 +112,7 @@ func clsactLive(l netlink.Link, h hook) (bool, error) {
 	return false, nil
 }
 
-// EndpointIdentity reads the identity the live maps give endpoint id.
+// EndpointIdentity reads the identity the live generation gives endpoint id.
 func (d *Datapath) EndpointIdentity(id policy.EndpointID) (identity.NumericID, error) {
 	d.unmapMu.RLock()
 	defer d.unmapMu.RUnlock()
@@ -122,7 +122,7 @@ func (d *Datapath) EndpointIdentity(id policy.EndpointID) (identity.NumericID, e
 	if err := d.epcfg.check(id); err != nil {
 		return 0, err
 	}
-	cfg, ok := d.epcfg.load(id)
+	cfg, ok := d.epcfg.load(d.liveGenUnlocked(), id)
 	if !ok {
 		return 0, fmt.Errorf("read endpoint %d config: %w", id, ebpf.ErrKeyNotExist)
 	}

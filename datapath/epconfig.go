@@ -10,13 +10,14 @@ import (
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
-// epConfigTable is the ep_configs array mapped into this process. BPF reads
-// an endpoint's configuration with one 8-byte load, so it is written with
-// one 8-byte store: a packet sees the old configuration or the new one,
-// never half of each (a map update is a memcpy, which promises neither).
+// epConfigTable is the ep_configs array mapped into this process: one
+// configuration per generation and endpoint, at gen*n + endpoint ID. BPF
+// reads an endpoint's configuration with one 8-byte load, so it is written
+// with one 8-byte store (a map update is a memcpy, which promises neither
+// a whole old nor a whole new value).
 type epConfigTable struct {
 	mem []byte
-	n   uint32
+	n   uint32 // endpoints per generation: MAX_ENDPOINTS
 }
 
 func init() {
@@ -33,7 +34,10 @@ func mapEPConfigs(m *ebpf.Map) (*epConfigTable, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &epConfigTable{mem: mem, n: m.MaxEntries()}, nil
+	if m.MaxEntries() != 2*maxEndpoints {
+		return nil, fmt.Errorf("ep_configs: %d entries, want %d (pinned by another version?)", m.MaxEntries(), 2*maxEndpoints)
+	}
+	return &epConfigTable{mem: mem, n: maxEndpoints}, nil
 }
 
 func (t *epConfigTable) close() error {
@@ -43,8 +47,11 @@ func (t *epConfigTable) close() error {
 	return unmapArray(&t.mem)
 }
 
-func (t *epConfigTable) word(id policy.EndpointID) *uint64 {
-	return (*uint64)(unsafe.Pointer(&t.mem[uintptr(id)*8]))
+// maxEndpoints is MAX_ENDPOINTS.
+const maxEndpoints = 4096
+
+func (t *epConfigTable) word(gen uint8, id policy.EndpointID) *uint64 {
+	return (*uint64)(unsafe.Pointer(&t.mem[(uintptr(gen&1)*uintptr(t.n)+uintptr(id))*8]))
 }
 
 // check reports an endpoint ID the table has no room for.
@@ -58,19 +65,20 @@ func (t *epConfigTable) check(id policy.EndpointID) error {
 	return nil
 }
 
-func (t *epConfigTable) store(id policy.EndpointID, cfg EPConfig) error {
+func (t *epConfigTable) store(gen uint8, id policy.EndpointID, cfg EPConfig) error {
 	if err := t.check(id); err != nil {
 		return err
 	}
-	atomic.StoreUint64(t.word(id), *(*uint64)(unsafe.Pointer(&cfg)))
+	atomic.StoreUint64(t.word(gen, id), *(*uint64)(unsafe.Pointer(&cfg)))
 	return nil
 }
 
-// load returns endpoint id's configuration; ok is false when it is unmanaged.
-func (t *epConfigTable) load(id policy.EndpointID) (cfg EPConfig, ok bool) {
+// load returns endpoint id's configuration in generation gen; ok is false
+// when it is unmanaged there.
+func (t *epConfigTable) load(gen uint8, id policy.EndpointID) (cfg EPConfig, ok bool) {
 	if t.check(id) != nil {
 		return cfg, false
 	}
-	*(*uint64)(unsafe.Pointer(&cfg)) = atomic.LoadUint64(t.word(id))
+	*(*uint64)(unsafe.Pointer(&cfg)) = atomic.LoadUint64(t.word(gen, id))
 	return cfg, cfg.Identity != 0
 }

@@ -169,15 +169,26 @@ func (d *Datapath) delPolicy(mk PolicyKey) {
 	}
 }
 
+// ipcacheFullBits is a host entry's prefix length: the generation and a
+// whole IPv6 (or v4-mapped) address.
+const ipcacheFullBits = ipcacheGenBits + 128
+
+// hostKey is an ipcache_hosts key: the generation, then the address.
+func hostKey(k IPCacheKey) []uint32 {
+	return []uint32{k.Gen, k.Addr[0], k.Addr[1], k.Addr[2], k.Addr[3]}
+}
+
+// putHost and delHost keep ipcache_hosts in step with the trie; k is the
+// key as written to the trie (with its generation).
 func (d *Datapath) putHost(k IPCacheKey, v IPCacheValue) {
-	if k.Prefixlen == 128 {
-		d.hosts.put(k.Addr[:], []uint32{v.Identity}, d.global.CtSeed)
+	if k.Prefixlen == ipcacheFullBits {
+		d.hosts.put(hostKey(k), []uint32{v.Identity}, d.global.CtSeed)
 	}
 }
 
 func (d *Datapath) delHost(k IPCacheKey) {
-	if k.Prefixlen == 128 {
-		d.hosts.del(k.Addr[:], d.global.CtSeed)
+	if k.Prefixlen == ipcacheFullBits {
+		d.hosts.del(hostKey(k), d.global.CtSeed)
 	}
 }
 
@@ -185,12 +196,18 @@ func (d *Datapath) delHost(k IPCacheKey) {
 func (d *Datapath) syncExact() {
 	seed := d.global.CtSeed
 	d.hosts.sync(seed, func(key []uint32) ([]uint32, bool) {
-		v, ok := d.ipcache[IPCacheKey{Prefixlen: 128, Addr: [4]uint32(key)}]
+		if key[0] > 1 {
+			return nil, false
+		}
+		v, ok := d.gens[key[0]].ipcache[IPCacheKey{Prefixlen: ipcacheFullBits, Addr: [4]uint32(key[1:])}]
 		return []uint32{v.Identity}, ok
 	}, func(put func(key, val []uint32)) {
-		for k, v := range d.ipcache {
-			if k.Prefixlen == 128 {
-				put(k.Addr[:], []uint32{v.Identity})
+		for g := range d.gens {
+			for k, v := range d.gens[g].ipcache {
+				if k.Prefixlen == ipcacheFullBits {
+					k.Gen = uint32(g)
+					put(hostKey(k), []uint32{v.Identity})
+				}
 			}
 		}
 	})
@@ -200,16 +217,21 @@ func (d *Datapath) syncExact() {
 		w[0] = policyFullBits
 		copy(w[1:], key)
 		slot := mk.Slot
+		if slot > 1 {
+			return nil, false
+		}
 		mk.Slot = 0
-		v, ok := d.slots[slotRef{policy.EndpointID(mk.EpId), slot}][mk]
+		v, ok := d.gens[slot].slots[policy.EndpointID(mk.EpId)][mk]
 		return policyExactValue(v), ok
 	}, func(put func(key, val []uint32)) {
-		for ref, entries := range d.slots {
-			for k, v := range entries {
-				if k.Prefixlen == policyFullBits {
-					mk := k
-					mk.Slot = ref.slot
-					put(policyExactKey(&mk), policyExactValue(v))
+		for g := range d.gens {
+			for _, entries := range d.gens[g].slots {
+				for k, v := range entries {
+					if k.Prefixlen == policyFullBits {
+						mk := k
+						mk.Slot = uint8(g)
+						put(policyExactKey(&mk), policyExactValue(v))
+					}
 				}
 			}
 		}

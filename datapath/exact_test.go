@@ -28,44 +28,46 @@ func TestExactTablesResyncOnOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	seed := d.ctSeed()
-	client := ipcacheKeyOf(netip.PrefixFrom(clientIP, 32))
+	live := d.liveGen()
+	clientKey := ipcacheKeyOf(netip.PrefixFrom(clientIP, 32))
+	clientKey.Gen = uint32(live)
+	client := hostKey(clientKey)
 	var pk PolicyKey
 	var pv PolicyValue
-	for ref, entries := range d.slots {
-		for k, v := range entries {
-			if k.Prefixlen == policyFullBits && ref.slot == d.epConfigs[testEP].Slot {
-				pk, pv = k, v
-				pk.Slot = ref.slot
-			}
+	for k, v := range d.gens[live].slots[testEP] {
+		if k.Prefixlen == policyFullBits {
+			pk, pv = k, v
+			pk.Slot = live
 		}
 	}
 	if pk.Prefixlen == 0 {
 		t.Fatal("no full-length policy entry to test with")
 	}
-	if got, ok := d.hosts.get(client.Addr[:], seed); !ok || got[0] != uint32(clientID) {
+	if got, ok := d.hosts.get(client, seed); !ok || got[0] != uint32(clientID) {
 		t.Fatalf("host table: %v %v, want the client's identity", got, ok)
 	}
 	// Out of step: a wrong identity, a wrong rule, an address nobody has.
-	ghost := ipcacheKeyOf(netip.PrefixFrom(otherIP, 32))
-	ghost.Addr[3] ^= 0xff000000
-	d.hosts.put(client.Addr[:], []uint32{9999}, seed)
+	ghostKey := ipcacheKeyOf(netip.PrefixFrom(otherIP, 32))
+	ghostKey.Addr[3] ^= 0xff000000
+	ghost := hostKey(ghostKey)
+	d.hosts.put(client, []uint32{9999}, seed)
 	bad := pv
 	bad.RuleId = 4242
 	d.policyExact.put(policyExactKey(&pk), policyExactValue(bad), seed)
-	d.hosts.put(ghost.Addr[:], []uint32{77}, seed)
+	d.hosts.put(ghost, []uint32{77}, seed)
 
 	d2, err := New(d.cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d2.Close()
-	if got, ok := d2.hosts.get(client.Addr[:], seed); !ok || got[0] != uint32(clientID) {
+	if got, ok := d2.hosts.get(client, seed); !ok || got[0] != uint32(clientID) {
 		t.Errorf("after re-open, host table says %v %v for the client, want %d", got, ok, clientID)
 	}
 	if got, ok := d2.policyExact.get(policyExactKey(&pk), seed); !ok || got[0] != pv.RuleId {
 		t.Errorf("after re-open, policy_exact says %v %v, want rule %d", got, ok, pv.RuleId)
 	}
-	if got, ok := d2.hosts.get(ghost.Addr[:], seed); ok {
+	if got, ok := d2.hosts.get(ghost, seed); ok {
 		t.Errorf("after re-open, an address the ipcache does not hold is still there: %v", got)
 	}
 }

@@ -69,14 +69,19 @@ type MapStat struct {
 // packet.
 func (d *Datapath) MapStats() []MapStat {
 	d.mu.Lock()
-	policyEntries := 0
-	for _, s := range d.slots {
-		policyEntries += len(s)
+	// Both generations count: they share the maps.
+	policyEntries, ipcacheEntries, epConfigs := 0, 0, 0
+	for g := range d.gens {
+		for _, s := range d.gens[g].slots {
+			policyEntries += len(s)
+		}
+		ipcacheEntries += len(d.gens[g].ipcache)
+		epConfigs += len(d.gens[g].epConfigs)
 	}
 	out := []MapStat{
 		{Name: "policy", Entries: policyEntries, MaxEntries: int(d.objs.Policy.MaxEntries())},
-		{Name: "ipcache", Entries: len(d.ipcache), MaxEntries: int(d.objs.Ipcache.MaxEntries())},
-		{Name: "ep_configs", Entries: len(d.epConfigs), MaxEntries: int(d.objs.EpConfigs.MaxEntries())},
+		{Name: "ipcache", Entries: ipcacheEntries, MaxEntries: int(d.objs.Ipcache.MaxEntries())},
+		{Name: "ep_configs", Entries: epConfigs, MaxEntries: int(d.objs.EpConfigs.MaxEntries())},
 	}
 	d.mu.Unlock()
 	// Both families' maps count as one "conntrack", as users know it.

@@ -244,7 +244,7 @@ func TestProgPortRange(t *testing.T) {
 		}
 	}
 	// The ranges must not have exploded into one entry per port.
-	n := len(f.d.slots[slotRef{testEP, f.d.epConfigs[testEP].Slot}])
+	n := len(f.d.gens[f.d.liveGen()].slots[testEP])
 	if n > 60 {
 		t.Fatalf("%d policy entries for two ranges", n)
 	}

@@ -84,7 +84,7 @@ type segmentCtKey struct {
 type segmentEpConfig struct {
 	_          structs.HostLayout
 	Identity   uint32
-	Slot       uint8
+	Pad        uint8
 	Flags      uint8
 	DefIngress uint8
 	DefEgress  uint8
@@ -130,8 +130,9 @@ type segmentFragValue struct {
 type segmentGlobalConfig struct {
 	_        structs.HostLayout
 	Revision uint64
-	Flags    uint32
+	Flags    [2]uint32
 	CtSeed   uint32
+	Pad      uint32
 }
 
 type segmentIpcacheHostBucket struct {
@@ -142,6 +143,7 @@ type segmentIpcacheHostBucket struct {
 type segmentIpcacheHostSlot struct {
 	_        structs.HostLayout
 	Seq      uint32
+	Gen      uint32
 	Addr     [4]uint32
 	Identity uint32
 }
@@ -149,6 +151,7 @@ type segmentIpcacheHostSlot struct {
 type segmentIpcacheKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
+	Gen       uint32
 	Addr      [4]uint32
 }
 

@@ -12,7 +12,7 @@ import (
 var ErrOverBudget = errors.New("policy over its trie budget")
 
 // Budget limits what policies may cost in the datapath's policy trie, in
-// keys of one slot as EndpointPolicy.TrieSize counts them. The trie is
+// keys of one policy generation as EndpointPolicy.TrieSize counts them. The trie is
 // shared by every endpoint of the node: without a budget, one policy with
 // a few unaligned port ranges over many peers fills it, and from then on
 // every apply on the node fails. Zero fields are no limit.
@@ -32,7 +32,7 @@ type Budget struct {
 	// Policy is the most keys one policy may take, counted alone on each
 	// local endpoint it selects and summed over them.
 	Policy int
-	// Node is the most keys all endpoints together may take (one slot
+	// Node is the most keys all endpoints together may take (one generation
 	// each). When the node goes over, the policies that cost most are
 	// withheld until it fits.
 	Node int
@@ -54,7 +54,7 @@ type PolicyStatus struct {
 	// or BudgetReasonNode (all endpoints together are over Budget.Node).
 	Reason string
 	// Cost is the policy's keys summed over the local endpoints it selects
-	// (per slot), and Limit the budget it went over.
+	// (per generation), and Limit the budget it went over.
 	Cost, Limit int
 	// Kept: the newest version was rejected and the previous one stays in
 	// force. Otherwise the policy's rules are withheld and only its

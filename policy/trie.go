@@ -7,7 +7,7 @@ import (
 )
 
 // TrieKey is one key of an endpoint's policy in the datapath's LPM trie (in
-// one of its slots). The datapath encodes exactly the keys TrieKeys yields,
+// one policy generation). The datapath encodes exactly the keys TrieKeys yields,
 // so the compiler can budget trie space without knowing the map layout.
 type TrieKey struct {
 	Direction Direction
@@ -79,7 +79,7 @@ func groupKeys(entries []*Entry, yield func(TrieKey, *Entry)) {
 }
 
 // TrieSize is the number of keys TrieKeys yields: what the endpoint's
-// policy costs in one slot of the datapath's policy trie.
+// policy costs in one generation of the datapath's policy trie.
 func (p *EndpointPolicy) TrieSize() int {
 	n := 0
 	p.TrieKeys(func(TrieKey, *Entry) { n++ })

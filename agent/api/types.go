@@ -212,6 +212,20 @@ type StatusResponse struct {
 	// consumers.
 	LostEventsKernel    uint64 `json:"lostEventsKernel"`
 	LostEventsUserspace uint64 `json:"lostEventsUserspace"`
+	// PolicyApply is set while the datapath enforces an older policy than
+	// the agent compiled, because applying the newer one failed.
+	PolicyApply *ApplyStatus `json:"policyApply,omitempty"`
+}
+
+// ApplyStatus describes a policy apply that keeps failing. The datapath
+// publishes a policy in one step, so a failed apply leaves the previous
+// policy enforced, whole; the agent retries with backoff.
+type ApplyStatus struct {
+	LastError    string    `json:"lastError"`
+	FailingSince time.Time `json:"failingSince"`
+	// Retries counts the retries made since FailingSince.
+	Retries   int       `json:"retries"`
+	NextRetry time.Time `json:"nextRetry,omitzero"`
 }
 
 // Feature is one probed kernel feature: State is "yes", "no" or an error.

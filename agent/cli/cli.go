@@ -66,6 +66,14 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		fmt.Fprintf(tw, "Identities:\t%d\n", st.Identities)
 		fmt.Fprintf(tw, "Policy revision:\t%d\n", st.PolicyRevision)
 		fmt.Fprintf(tw, "Lost flow events:\t%d in the kernel ring, %d in the agent\n", st.LostEventsKernel, st.LostEventsUserspace)
+		if p := st.PolicyApply; p != nil {
+			fmt.Fprintf(tw, "Policy apply:\tFAILING since %s (%s ago), %d retries, next in %s; the previous policy stays enforced\n",
+				p.FailingSince.Format(time.RFC3339), time.Since(p.FailingSince).Round(time.Second), p.Retries,
+				max(time.Until(p.NextRetry), 0).Round(time.Millisecond))
+			fmt.Fprintf(tw, "Last apply error:\t%s\n", p.LastError)
+		} else {
+			fmt.Fprintf(tw, "Policy apply:\tok\n")
+		}
 		if len(st.StoreErrors) == 0 {
 			fmt.Fprintf(tw, "Last store error:\tnone\n")
 		}

@@ -31,6 +31,10 @@ type Metrics struct {
 	CompileSeconds prometheus.Histogram
 	ApplySeconds   prometheus.Histogram
 	CNIAddSeconds  prometheus.Histogram
+	// PolicyApplyFailures counts failed datapath applies; PolicyApplyLagging
+	// is 1 while the live policy is older than the compiled one.
+	PolicyApplyFailures prometheus.Counter
+	PolicyApplyLagging  prometheus.Gauge
 	// PolicyOverBudget is 1 for each policy rejected for its trie budget,
 	// by kind, namespace, policy, reason ("policy" or "endpoint") and
 	// fallback ("previous-version" or "isolation").
@@ -80,6 +84,14 @@ func New(mapStats func() []MapStat) *Metrics {
 			Namespace: namespace, Name: "cni_add_seconds", Help: "Time the agent took to serve a CNI ADD, until enforcement was live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12),
 		}),
+		PolicyApplyFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Name: "policy_apply_failures_total",
+			Help: "Policy applies to the datapath that failed; the previous policy stayed enforced.",
+		}),
+		PolicyApplyLagging: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "policy_apply_lagging",
+			Help: "1 while the datapath enforces an older policy than the compiled one, because applying failed.",
+		}),
 		PolicyOverBudget: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "policy_over_budget", Help: "Policies rejected for their policy-trie budget (1 each), by what is enforced instead.",
 		}, []string{"kind", "namespace", "policy", "reason", "fallback"}),
@@ -87,7 +99,7 @@ func New(mapStats func() []MapStat) *Metrics {
 	m.LostEvents.WithLabelValues("kernel")
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
-		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyOverBudget,
+		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyApplyFailures, m.PolicyApplyLagging, m.PolicyOverBudget,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})

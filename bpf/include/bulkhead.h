@@ -103,7 +103,8 @@ enum bh_event_type {
 /* Policy LPM key. Bytes after prefixlen, in order: ep_id, peer, slot, dir,
  * pad (all always fully matched: 88 bits), then proto (8 bits) and dport
  * (16 bits, big endian) which may be cut by the prefix. prefixlen 88 is "any
- * protocol", 96 "this protocol, any port", 96+n a port prefix of n bits. */
+ * protocol", 96 "this protocol, any port", 96+n a port prefix of n bits.
+ * slot is the generation (see global_config) the entry belongs to. */
 struct policy_key {
 	__u32 prefixlen;
 	__u32 ep_id;
@@ -126,11 +127,16 @@ struct policy_value {
 	__u16 pad;
 };
 
-/* ipcache key: IPv4 is stored v4-mapped (::ffff:a.b.c.d, prefixlen 96+n). */
+/* ipcache key: the generation (see global_config), always matched, then
+ * the address; IPv4 is stored v4-mapped (::ffff:a.b.c.d). prefixlen is
+ * IPCACHE_GEN_BITS plus the address prefix (plus 96 for IPv4). */
 struct ipcache_key {
 	__u32 prefixlen;
+	__u32 gen;
 	__u32 addr[4];
 };
+
+#define IPCACHE_GEN_BITS 32
 
 struct ipcache_value {
 	__u32 identity;
@@ -151,6 +157,7 @@ struct ipcache_value {
 
 struct ipcache_host_slot {
 	__u32 seq;
+	__u32 gen; /* with addr, the key */
 	__u32 addr[4];
 	__u32 identity;
 };
@@ -171,24 +178,33 @@ struct policy_exact_bucket {
 	struct policy_exact_slot way[EXACT_WAYS];
 };
 
-/* Per-endpoint policy configuration, keyed by endpoint ID. Written by Apply;
- * flipping slot is the one update that makes a new policy live. Exactly 8
- * bytes: it is written and read whole, atomically. Identity 0: unmanaged. */
+/* Per-endpoint policy configuration, one per generation (see
+ * global_config), at gen * MAX_ENDPOINTS + endpoint ID. Written by Apply
+ * into the generation that is not live. Exactly 8 bytes: it is written and
+ * read whole, atomically. Identity 0: unmanaged. */
 struct ep_config {
 	__u32 identity;
-	__u8 slot;
+	__u8 pad;
 	__u8 flags;
 	__u8 def_ingress; /* policy.DefaultVerdict */
 	__u8 def_egress;
 };
 
+/* The policy state exists twice, as generations 0 and 1: the ipcache
+ * (gen in its keys), every endpoint's ep_config and policy entries (slot in
+ * their keys) and the global flags. revision is the one word that selects
+ * the live generation, revision & 1: Apply writes the whole new state into
+ * the other generation, then publishes it by storing revision + 1 with one
+ * atomic store (globals is mmapped). A packet reads revision once and
+ * judges with that generation only, so it sees the old state or the new
+ * one, never a mix. Conntrack entries checked at another revision are
+ * re-evaluated. */
 struct global_config {
-	/* Bumped after every Apply that changed something; conntrack entries
-	 * checked at another revision are re-evaluated. */
 	__u64 revision;
-	__u32 flags;
+	__u32 flags[2]; /* GLOBAL_*, per generation */
 	/* Seeds the conntrack hash; random, chosen when the maps are created. */
 	__u32 ct_seed;
+	__u32 pad;
 };
 
 /* Conntrack key: both directions of a flow normalise to the same key, the

@@ -26,19 +26,19 @@ struct {
 	__uint(max_entries, 4096);
 } endpoints SEC(".maps");
 
-/* Endpoint ID -> configuration with the live policy slot. Written by Apply,
- * through a mapping of the array, with one 8-byte store; read with one 8-byte
- * load (ep_config_of), so a packet sees a whole configuration, old or new.
- * Identity 0: the endpoint is unmanaged and everything passes. An array, not
- * a hash: its lookup is inlined, where a hash lookup was a call that cost an
- * eighth of a new flow. */
+/* (generation, endpoint ID) -> configuration, at gen * MAX_ENDPOINTS + ID.
+ * Written by Apply, through a mapping of the array, with one 8-byte store;
+ * read with one 8-byte load (ep_config_at), so a packet sees a whole
+ * configuration. Identity 0: the endpoint is unmanaged and everything
+ * passes. An array, not a hash: its lookup is inlined, where a hash lookup
+ * was a call that cost an eighth of a new flow. */
 #define MAX_ENDPOINTS 4096
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct ep_config);
 	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(max_entries, 2 * MAX_ENDPOINTS);
 } ep_configs SEC(".maps");
 
 struct {
@@ -54,7 +54,7 @@ struct {
 	__type(key, struct ipcache_key);
 	__type(value, struct ipcache_value);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 2 * 65536); /* both generations */
 } ipcache SEC(".maps");
 
 /* The full-length entries of ipcache and policy, again, for lookups
@@ -80,6 +80,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct global_config);
+	__uint(map_flags, BPF_F_MMAPABLE); /* Go publishes revision with one store */
 	__uint(max_entries, 1);
 } globals SEC(".maps");
 
