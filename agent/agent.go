@@ -85,6 +85,8 @@ type Agent struct {
 	numbers  *numbering
 	fc       failClosed
 	ipOwners *ipOwners
+	// budget reports the policies over their policy-trie budget.
+	budget budgetReport
 }
 
 // view is an immutable snapshot of the agent's state for readers.
@@ -126,7 +128,6 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{
 		cfg: cfg, log: cfg.Logger, started: time.Now(),
 		endpoints:   map[api.EndpointKey]*endpointRecord{},
-		compiler:    policy.NewCompiler(policy.Config{Logger: cfg.Logger.With("component", "compiler")}),
 		storePods:   map[podRef]policy.Pod{},
 		storeNS:     map[string]policy.Namespace{},
 		storePol:    map[string]any{},
@@ -153,6 +154,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
 	a.dp = dp
+	a.compiler = policy.NewCompiler(policy.Config{Logger: cfg.Logger.With("component", "compiler"), Budget: a.trieBudget()})
 	a.attachMode = datapath.ModeTCX
 	if cfg.Datapath.ForceClsact {
 		a.attachMode = datapath.ModeClsact
@@ -411,6 +413,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		}
 	}
 	a.reattach = nil
+	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	a.publish(ms)
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())

@@ -256,7 +256,8 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		Ready: a.ready, Reason: a.notReady, AgentVersion: a.cfg.Version, NodeName: a.cfg.NodeName,
 		StartedAt: a.started, Endpoints: len(a.endpoints), Identities: len(v.identities),
 		PolicyRevision: v.ms.Revision, Datapath: a.datapathMode(), Store: a.source.String(),
-		StoreErrors: slices.Clone(a.storeErrs), StoreHeld: storeHold(a.guard), Features: a.features,
+		StoreErrors: slices.Clone(a.storeErrs), StoreHeld: storeHold(a.guard), PolicyErrors: a.budget.errors(),
+		Features:            a.features,
 		LostEventsUserspace: a.hub.LostUserspace(), PolicyApply: a.applyRetry.status(),
 	}
 	resp.EndpointWarnings = a.endpointWarningsLocked()
@@ -333,7 +334,7 @@ func (a *Agent) Explain(_ context.Context, req api.ExplainRequest) (api.ExplainR
 	}
 	r := explain.Verdict(v.ms, src, dst, proto, req.Port)
 	resp := api.ExplainResponse{
-		Verdict: r.Combined, SourceIdentity: uint32(src.Identity), DestinationIdentity: uint32(dst.Identity),
+		Verdict: r.Combined, SourceIdentity: uint32(r.FromIdentity), DestinationIdentity: uint32(r.ToIdentity),
 		PolicyRevision: v.ms.Revision, Reason: explain.Text(r),
 	}
 	if detail, err := json.Marshal(r); err == nil {
@@ -366,12 +367,20 @@ func (a *Agent) explainPeer(v *view, p api.Peer) (explain.Peer, error) {
 		}
 		if sp, ok := a.storePodIPs(ref); ok && len(sp) > 0 {
 			pe := explain.PeerOfAddr(v.ms, sp[0])
-			pe.Name = ref.String()
+			pe.Name, pe.Addrs = ref.String(), sp
 			return pe, nil
 		}
 		return explain.Peer{}, api.Errorf(api.CodeInvalidRequest, "pod %s is neither on this node nor a known remote pod with an address", ref)
 	}
-	return explain.PeerOfAddr(v.ms, p.IP), nil
+	// An address of a local endpoint is that endpoint, judged by that
+	// address (a dual-stack pod's two addresses can differ in identity).
+	ip := p.IP.Unmap()
+	for id, rec := range v.endpoints {
+		if slices.Contains(rec.addrs(), ip) {
+			return explain.PeerOfEndpoint(v.ms, v.pods[id].String()+"@"+ip.String(), id, []netip.Addr{ip}), nil
+		}
+	}
+	return explain.PeerOfAddr(v.ms, ip), nil
 }
 
 // storePodIPs returns the addresses the store gives a remote pod. It reads

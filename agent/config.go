@@ -48,6 +48,7 @@ type Config struct {
 	Version string
 	Logger  *slog.Logger
 	// Datapath tunes the datapath; BPFFS above wins over its BPFFS.
+	// Datapath.MaxPolicyEntries sizes the policy trie (--policy-map-entries).
 	Datapath datapath.Config
 	// IdentityGrace is how long an identity number or endpoint ID that
 	// nothing uses stays reserved (default DefaultIdentityGrace).
@@ -55,6 +56,11 @@ type Config struct {
 	// ReconcileInterval is how often endpoints whose veth vanished are
 	// looked for, besides on every link deletion (default 5 s).
 	ReconcileInterval time.Duration
+	// PolicyBudgetEndpoint and PolicyBudgetPolicy are the policy trie keys
+	// (per policy generation) one endpoint and one policy may take; 0 derives them from
+	// the trie's size (see policyBudget).
+	PolicyBudgetEndpoint int
+	PolicyBudgetPolicy   int
 }
 
 // Defaults (DESIGN.md §5).
@@ -116,6 +122,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.IdentityGrace < 0 {
 		errs = append(errs, fmt.Errorf("--identity-grace %v must not be negative", c.IdentityGrace))
+	}
+	if err := c.validateBudget(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.FlowLogMaxSize < 0 || c.FlowLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--flow-log-max-size and --flow-log-max-files must not be negative"))

@@ -28,119 +28,23 @@ func valueOf(e *policy.Entry) PolicyValue {
 	return PolicyValue{RuleId: uint32(e.Rule), Action: uint8(e.Action), Flags: uint8(e.Flags)}
 }
 
-// portPrefix is a port block: the ports whose first bits bits equal base's.
-type portPrefix struct {
-	base uint16
-	bits int
-}
-
-// rangePrefixes covers [lo, hi] with the fewest aligned blocks (at most 30).
-func rangePrefixes(lo, hi uint32) []portPrefix {
-	var out []portPrefix
-	for lo <= hi {
-		n := 0 // host bits of the block
-		for n < 16 && lo&(1<<(n+1)-1) == 0 && lo+(1<<(n+1))-1 <= hi {
-			n++
-		}
-		out = append(out, portPrefix{uint16(lo), 16 - n})
-		lo += 1 << n
-	}
-	return out
-}
-
 // encodeEndpoint turns one endpoint's entries into policy map entries (with
-// Slot 0), resolved per (direction, peer) into disjoint cells so that the
-// longest prefix holds the winner by Lookup's order.
+// Slot 0): exactly the keys policy.EndpointPolicy.TrieKeys yields, which is
+// also what the compiler budgets.
 func encodeEndpoint(id policy.EndpointID, p *policy.EndpointPolicy) map[PolicyKey]PolicyValue {
-	type group struct {
-		dir  policy.Direction
-		peer identity.NumericID
-	}
-	groups := map[group][]*policy.Entry{}
-	for i := range p.Entries {
-		e := &p.Entries[i]
-		g := group{e.Direction, e.Peer}
-		groups[g] = append(groups[g], e)
-	}
 	out := map[PolicyKey]PolicyValue{}
-	for g, entries := range groups {
-		base := PolicyKey{EpId: uint32(id), Peer: uint32(g.peer), Dir: uint8(g.dir)}
-		var wild []*policy.Entry
-		byProto := map[uint8][]*policy.Entry{}
-		for _, e := range entries {
-			if e.Proto == 0 {
-				wild = append(wild, e)
-			} else {
-				byProto[e.Proto] = append(byProto[e.Proto], e)
-			}
-		}
-		var wildBest *policy.Entry
-		for _, e := range wild {
-			if wildBest == nil || e.Beats(wildBest) {
-				wildBest = e
-			}
-		}
-		if wildBest != nil {
-			k := base
+	p.TrieKeys(func(tk policy.TrieKey, e *policy.Entry) {
+		k := PolicyKey{EpId: uint32(id), Peer: uint32(tk.Peer), Dir: uint8(tk.Direction)}
+		if tk.Proto == 0 {
 			k.Prefixlen = policyFixedBits
-			out[k] = valueOf(wildBest)
+		} else {
+			k.Proto = tk.Proto
+			k.Prefixlen = uint32(policyProtoBits + tk.PortBits)
+			k.Dport = htons(tk.Port)
 		}
-		for proto, es := range byProto {
-			for _, c := range protoCells(es, wildBest) {
-				for _, pp := range rangePrefixes(uint32(c.lo), uint32(c.hi)) {
-					k := base
-					k.Proto = proto
-					k.Prefixlen = uint32(policyProtoBits + pp.bits)
-					k.Dport = htons(pp.base)
-					out[k] = c.val
-				}
-			}
-		}
-	}
+		out[k] = valueOf(e)
+	})
 	return out
-}
-
-type cell struct {
-	lo, hi uint16
-	val    PolicyValue
-}
-
-// protoCells splits the port space of one protocol's entries into disjoint
-// cells with their winner, merging neighbours with the same outcome. Ports
-// no entry of the protocol covers are left to the any-protocol prefix.
-func protoCells(es []*policy.Entry, wildBest *policy.Entry) []cell {
-	points := make([]uint32, 0, 2*len(es))
-	for _, e := range es {
-		points = append(points, uint32(e.PortLo), uint32(e.PortHi)+1)
-	}
-	slices.Sort(points)
-	points = slices.Compact(points)
-	var cells []cell
-	for i := 0; i+1 < len(points); i++ {
-		lo, hi := points[i], points[i+1]-1
-		var best *policy.Entry
-		for _, e := range es {
-			if uint32(e.PortLo) <= lo && hi <= uint32(e.PortHi) && (best == nil || e.Beats(best)) {
-				best = e
-			}
-		}
-		if best == nil {
-			continue
-		}
-		// Any-protocol entries cover every port; the best of them is the
-		// only one that can beat this cell's best. Entry.Beats is Lookup's
-		// own order.
-		if wildBest != nil && wildBest.Beats(best) {
-			best = wildBest
-		}
-		v := valueOf(best)
-		if n := len(cells); n > 0 && cells[n-1].val == v && uint32(cells[n-1].hi)+1 == lo {
-			cells[n-1].hi = uint16(hi)
-			continue
-		}
-		cells = append(cells, cell{uint16(lo), uint16(hi), v})
-	}
-	return cells
 }
 
 // epConfigOf is the endpoint's ep_configs value, without the slot.

@@ -3,40 +3,38 @@ package datapath
 import (
 	"math/rand/v2"
 	"testing"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
 )
 
-// TestRangePrefixes checks the port range decomposition without a kernel:
-// the blocks cover exactly [lo, hi], are aligned, and never exceed 30.
-func TestRangePrefixes(t *testing.T) {
-	rng := rand.New(rand.NewPCG(1, 2))
-	check := func(lo, hi uint32) {
-		ps := rangePrefixes(lo, hi)
-		if len(ps) > 30 {
-			t.Fatalf("[%d,%d]: %d prefixes", lo, hi, len(ps))
-		}
-		next := lo
-		for _, p := range ps {
-			size := uint32(1) << (16 - p.bits)
-			if uint32(p.base) != next || uint32(p.base)%size != 0 {
-				t.Fatalf("[%d,%d]: block %+v not aligned or not contiguous at %d", lo, hi, p, next)
+// TestEncodeCostsTrieSize: what the compiler budgets (TrieSize) is exactly
+// what encodeEndpoint writes into one slot, for random policies with
+// overlapping, unaligned port ranges, wildcards and deny rules: both come
+// from policy.TrieKeys, and no two of its keys collapse into one map key.
+func TestEncodeCostsTrieSize(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 2000 {
+		var es []policy.Entry
+		for range 1 + rng.IntN(30) {
+			e := policy.Entry{Direction: policy.Direction(rng.IntN(2)), Peer: identity.NumericID(256 + rng.IntN(4)),
+				Action: policy.ActionAllow, Rule: policy.RuleID(1 + rng.IntN(5)), PortLo: 0, PortHi: 65535}
+			if rng.IntN(5) == 0 {
+				e.Peer = identity.IDNone
 			}
-			next += size
+			if rng.IntN(4) == 0 {
+				e.Action = policy.ActionDeny
+			}
+			if rng.IntN(5) > 0 {
+				e.Proto = []uint8{6, 17, 132}[rng.IntN(3)]
+				lo := uint16(rng.IntN(65536))
+				e.PortLo, e.PortHi = lo, lo+uint16(rng.IntN(int(65535-lo)+1))
+			}
+			es = append(es, e)
 		}
-		if next != hi+1 {
-			t.Fatalf("[%d,%d]: blocks end at %d", lo, hi, next-1)
+		p := &policy.EndpointPolicy{Entries: policy.SortEntries(es)}
+		if got, want := p.TrieSize(), len(encodeEndpoint(7, p)); got != want {
+			t.Fatalf("TrieSize %d, encodeEndpoint writes %d keys: %+v", got, want, es)
 		}
-	}
-	check(0, 65535)
-	check(1, 65534)
-	check(80, 80)
-	for range 20000 {
-		a, b := rng.Uint32N(65536), rng.Uint32N(65536)
-		if a > b {
-			a, b = b, a
-		}
-		check(a, b)
-	}
-	if n := len(rangePrefixes(1, 65534)); n != 30 {
-		t.Fatalf("[1,65534] takes %d prefixes, want the worst case 30", n)
 	}
 }

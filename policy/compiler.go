@@ -65,6 +65,24 @@ type Compiler struct {
 	policyEPs  map[policyKey]map[EndpointID]struct{}
 
 	ms *MapState
+
+	// budget limits what policies cost in the datapath's trie (see Budget).
+	budget Budget
+	// polCost is each policy's trie cost, alone, on each local endpoint it
+	// selects; withheld the policies over budget whose rules are withheld;
+	// kept the policies whose newest version was rejected for its budget
+	// while the previous version stays.
+	polCost  map[policyKey]map[EndpointID]int
+	withheld map[policyKey]withholding
+	kept     map[policyKey]withholding
+	// precompiled holds endpoints settleBudget compiled to measure them,
+	// for finish to use.
+	precompiled map[EndpointID]compiledEP
+	// entryCache holds, during one finish, each dirty endpoint's entries
+	// per policy that settleBudget computed, for compileEndpoint.
+	entryCache map[EndpointID]map[policyKey][]Entry
+	// epSize is each endpoint's trie keys, kept for Budget.Node.
+	epSize map[EndpointID]int
 }
 
 type cidrIdent struct {
@@ -93,6 +111,8 @@ type Config struct {
 	// Now stamps identities when their last pod goes (see
 	// ExpireIdentities); time.Now when nil.
 	Now func() time.Time
+	// Budget limits what policies may cost in the datapath's policy trie.
+	Budget Budget
 }
 
 // NewCompiler returns an empty compiler; Reset loads a snapshot into it.
@@ -106,7 +126,7 @@ func NewCompiler(cfg Config) *Compiler {
 		now = time.Now
 	}
 	c := &Compiler{log: log, workloads: identity.NewWorkloadAllocator(), cidrAlloc: identity.NewCIDRAllocator(),
-		ruleIDs: map[ruleKey]RuleID{}, nextRule: 1}
+		ruleIDs: map[ruleKey]RuleID{}, nextRule: 1, budget: cfg.Budget}
 	// Numbers outlive the objects that had them until ExpireIdentities:
 	// see Allocation.
 	c.workloads.Retain(now)
@@ -143,6 +163,10 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.endpoints = map[EndpointID]podKey{}
 	c.epPolicies = map[EndpointID][]policyKey{}
 	c.policyEPs = map[policyKey]map[EndpointID]struct{}{}
+	c.polCost = map[policyKey]map[EndpointID]int{}
+	c.withheld = map[policyKey]withholding{}
+	c.kept = map[policyKey]withholding{}
+	c.epSize = map[EndpointID]int{}
 	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{}}
 }
 
@@ -252,8 +276,8 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 			}
 		}
 		seen[k] = true
-		_, _, key := c.identKey(&p)
-		ps = append(ps, keyed{p, key})
+		_, keys := c.identKeys(&p)
+		ps = append(ps, keyed{p, keys[0].key})
 	}
 	slices.SortFunc(ps, func(a, b keyed) int {
 		if a.key != b.key {
@@ -278,6 +302,9 @@ func (c *Compiler) Replace(s *Snapshot) (*MapState, Diff, error) {
 	}
 	c.pruneRuleIDs()
 	d := c.finish(w, true)
+	for _, st := range c.BudgetStatus() {
+		errs = append(errs, overBudgetError(st.Message))
+	}
 	return c.ms, d, errors.Join(errs...)
 }
 
@@ -343,46 +370,57 @@ func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
 	delete(c.peerCache, p.key)
 }
 
-// attachPod registers a pod under its identity and in the ipcache.
+// attachPod registers a pod under its identities and in the ipcache.
 func (c *Compiler) attachPod(p Pod, w *work) error {
 	p.Namespace = namespaceOf(p.Namespace)
 	k := podKey{p.Namespace, p.Name}
-	l, regions, key := c.identKey(&p)
-	id := c.idents[key]
-	if id == nil {
-		nid, err := c.workloads.Acquire(key)
+	l, keys := c.identKeys(&p)
+	ps := &podState{key: k, pod: p, addrIdents: make([]*ident, 0, len(keys))}
+	for _, ak := range keys {
+		id := c.idents[ak.key]
+		if id != nil && slices.Contains(ps.idents, id) {
+			ps.addrIdents = append(ps.addrIdents, id)
+			continue
+		}
+		// One reference per pod and identity: detachPod releases each.
+		nid, err := c.workloads.Acquire(ak.key)
 		if err != nil {
+			for _, held := range ps.idents {
+				c.releaseIdent(held, ps, w)
+			}
 			return fmt.Errorf("pod %s: %w", k, err)
 		}
-		id = c.newIdent(l, regions, key)
-		id.id = nid
-		c.idents[key] = id
-		c.identsByID[nid] = id
-		if c.identsByNS[p.Namespace] == nil {
-			c.identsByNS[p.Namespace] = map[*ident]struct{}{}
+		if id == nil {
+			id = c.newIdent(l, ak.regions, ak.key)
+			id.id = nid
+			c.idents[ak.key] = id
+			c.identsByID[nid] = id
+			if c.identsByNS[p.Namespace] == nil {
+				c.identsByNS[p.Namespace] = map[*ident]struct{}{}
+			}
+			c.identsByNS[p.Namespace][id] = struct{}{}
+			if len(ak.regions) > 0 {
+				c.withRegion[id] = struct{}{}
+			}
+			w.idents = append(w.idents, id)
 		}
-		c.identsByNS[p.Namespace][id] = struct{}{}
-		if len(regions) > 0 {
-			c.withRegion[id] = struct{}{}
+		id.pods[k] = ps
+		if id.recomputePorts() {
+			w.idents = append(w.idents, id)
+			c.namedIdx = nil
 		}
-		w.idents = append(w.idents, id)
-	} else if _, err := c.workloads.Acquire(key); err != nil {
-		return fmt.Errorf("pod %s: %w", k, err)
+		ps.idents = append(ps.idents, id)
+		ps.addrIdents = append(ps.addrIdents, id)
 	}
-	ps := &podState{key: k, pod: p, ident: id}
-	id.pods[k] = ps
-	if id.recomputePorts() {
-		w.idents = append(w.idents, id)
-		c.namedIdx = nil
-	}
+	ps.ident = ps.addrIdents[0]
 	c.pods[k] = ps
 	if c.podsByNS[k.ns] == nil {
 		c.podsByNS[k.ns] = map[podKey]*podState{}
 	}
 	c.podsByNS[k.ns][k] = ps
-	for _, a := range p.IPs {
+	for i, a := range p.IPs {
 		h := identity.Host(a)
-		c.ipcache[h] = id.id
+		c.ipcache[h] = ps.addrIdents[i].id
 		c.ipOwner[h] = k
 		w.ip[h] = struct{}{}
 	}
@@ -393,12 +431,10 @@ func (c *Compiler) attachPod(p Pod, w *work) error {
 	return nil
 }
 
-// detachPod undoes attachPod.
-func (c *Compiler) detachPod(ps *podState, w *work) {
-	id := ps.ident
+// releaseIdent drops the pod's reference to one of its identities, and the
+// identity when it was the last.
+func (c *Compiler) releaseIdent(id *ident, ps *podState, w *work) {
 	delete(id.pods, ps.key)
-	delete(c.pods, ps.key)
-	delete(c.podsByNS[ps.key.ns], ps.key)
 	c.workloads.Release(id.key)
 	if len(id.pods) == 0 {
 		delete(c.idents, id.key)
@@ -410,6 +446,15 @@ func (c *Compiler) detachPod(ps *podState, w *work) {
 	} else if id.recomputePorts() {
 		c.namedIdx = nil
 		w.idents = append(w.idents, id)
+	}
+}
+
+// detachPod undoes attachPod.
+func (c *Compiler) detachPod(ps *podState, w *work) {
+	delete(c.pods, ps.key)
+	delete(c.podsByNS[ps.key.ns], ps.key)
+	for _, id := range ps.idents {
+		c.releaseIdent(id, ps, w)
 	}
 	for _, a := range ps.pod.IPs {
 		h := identity.Host(a)

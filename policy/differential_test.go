@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -92,20 +93,80 @@ func genCluster(r *rand.Rand) *diffCluster {
 					p.Ports = append(p.Ports, policy.NamedPort{Name: name, Port: pp.port, Proto: protoNum(pp.proto)})
 				}
 			}
-			// Addresses in a few subnets the ipBlocks carve up.
-			p.IPs = []netip.Addr{netip.MustParseAddr(fmt.Sprintf("10.0.%d.%d", pick(r, []int{0, 1, 2, i}), 1+r.IntN(3)*100+n))}
-			if r.IntN(6) == 0 {
-				p.IPs = []netip.Addr{netip.MustParseAddr(fmt.Sprintf("fd00::%x:%x", r.IntN(2), 1+n))}
+			// Addresses in a few subnets the ipBlocks carve up: IPv4 only,
+			// IPv6 only, or dual-stack (either family first, as podIPs may
+			// list them).
+			v4 := netip.MustParseAddr(fmt.Sprintf("10.0.%d.%d", pick(r, []int{0, 1, 2, i}), 1+r.IntN(3)*100+n))
+			v6 := netip.MustParseAddr(fmt.Sprintf("fd00::%x:%x", r.IntN(2), 1+n))
+			switch r.IntN(6) {
+			case 0:
+				p.IPs = []netip.Addr{v6}
+			case 1:
+				p.IPs = []netip.Addr{v4, v6}
+			case 2:
+				p.IPs = []netip.Addr{v6, v4}
+			default:
+				p.IPs = []netip.Addr{v4}
 			}
 			n++
 			p.Endpoint = policy.EndpointID(n)
 			c.pods = append(c.pods, p)
 		}
 	}
+	pool := c.addrs()
 	for i := range 1 + r.IntN(4) {
-		c.policies = append(c.policies, genPolicy(r, i))
+		c.policies = append(c.policies, genPolicy(r, i, pool))
 	}
 	return c
+}
+
+// addrs is the pool random ipBlocks are cut around: every pod address and
+// every external one.
+func (c *diffCluster) addrs() []netip.Addr {
+	var out []netip.Addr
+	for _, p := range c.pods {
+		out = append(out, p.IPs...)
+	}
+	for _, e := range diffExternal {
+		out = append(out, netip.MustParseAddr(e))
+	}
+	return out
+}
+
+// genIPBlock cuts a random ipBlock around an address of the pool, of either
+// family, with up to two excepts around the pool's addresses inside it. The
+// prefix lengths favour the bits where the pool's addresses differ.
+func genIPBlock(r *rand.Rand, pool []netip.Addr) *networkingv1.IPBlock {
+	base := pick(r, pool)
+	lens := []int{0, 8, 16, 22, 23, 24, 25, 26, 30, 31, 32}
+	if base.Is6() {
+		lens = []int{0, 16, 64, 96, 108, 111, 112, 113, 120, 126, 127, 128}
+	}
+	bits := pick(r, lens)
+	cidr, _ := base.Prefix(bits)
+	b := &networkingv1.IPBlock{CIDR: cidr.String()}
+	var inside []netip.Addr
+	for _, a := range pool {
+		if cidr.Contains(a) {
+			inside = append(inside, a)
+		}
+	}
+	for range r.IntN(3) {
+		var longer []int
+		for _, l := range lens {
+			if l > bits {
+				longer = append(longer, l)
+			}
+		}
+		if len(longer) == 0 {
+			break
+		}
+		x, _ := pick(r, inside).Prefix(pick(r, longer))
+		if !slices.Contains(b.Except, x.String()) {
+			b.Except = append(b.Except, x.String())
+		}
+	}
+	return b
 }
 
 func protoNum(p corev1.Protocol) uint8 {
@@ -145,11 +206,11 @@ func genSelector(r *rand.Rand, pod bool) *metav1.LabelSelector {
 	return s
 }
 
-func genPeers(r *rand.Rand) []networkingv1.NetworkPolicyPeer {
+func genPeers(r *rand.Rand, pool []netip.Addr) []networkingv1.NetworkPolicyPeer {
 	var out []networkingv1.NetworkPolicyPeer
 	for range r.IntN(3) {
 		var p networkingv1.NetworkPolicyPeer
-		switch r.IntN(4) {
+		switch r.IntN(5) {
 		case 0:
 			p.PodSelector = genSelector(r, true)
 		case 1:
@@ -160,6 +221,8 @@ func genPeers(r *rand.Rand) []networkingv1.NetworkPolicyPeer {
 		case 3:
 			b := pick(r, diffCIDRs)
 			p.IPBlock = &networkingv1.IPBlock{CIDR: b.cidr, Except: b.except}
+		case 4:
+			p.IPBlock = genIPBlock(r, pool)
 		}
 		out = append(out, p)
 	}
@@ -194,14 +257,14 @@ func genPorts(r *rand.Rand) []networkingv1.NetworkPolicyPort {
 	return out
 }
 
-func genPolicy(r *rand.Rand, i int) *networkingv1.NetworkPolicy {
+func genPolicy(r *rand.Rand, i int, pool []netip.Addr) *networkingv1.NetworkPolicy {
 	np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("np%d", i), Namespace: pick(r, diffNamespaces)}}
 	np.Spec.PodSelector = *genSelector(r, true)
 	for range r.IntN(3) {
-		np.Spec.Ingress = append(np.Spec.Ingress, networkingv1.NetworkPolicyIngressRule{From: genPeers(r), Ports: genPorts(r)})
+		np.Spec.Ingress = append(np.Spec.Ingress, networkingv1.NetworkPolicyIngressRule{From: genPeers(r, pool), Ports: genPorts(r)})
 	}
 	for range r.IntN(3) {
-		np.Spec.Egress = append(np.Spec.Egress, networkingv1.NetworkPolicyEgressRule{To: genPeers(r), Ports: genPorts(r)})
+		np.Spec.Egress = append(np.Spec.Egress, networkingv1.NetworkPolicyEgressRule{To: genPeers(r, pool), Ports: genPorts(r)})
 	}
 	switch r.IntN(4) {
 	case 0: // defaulted
@@ -234,7 +297,12 @@ func oraclePolicies(nps []*networkingv1.NetworkPolicy) []*networkingv1.NetworkPo
 
 // checkCluster compares every (src, dst, port) of one cluster and returns
 // the number of cases compared.
-func checkCluster(t testing.TB, c *diffCluster) (n, denied int) {
+// diffStats counts the cases of a run: all, denied by the oracle, over
+// IPv6, with a dual-stack pod at either end, and of those, with a pod whose
+// two addresses have different identities (an ipBlock split it).
+type diffStats struct{ n, denied, v6, dual, split int }
+
+func checkCluster(t testing.TB, c *diffCluster) (st diffStats) {
 	t.Helper()
 	snap := &policy.Snapshot{Pods: c.pods, NetworkPolicies: c.policies}
 	for _, ns := range diffNamespaces {
@@ -253,26 +321,36 @@ func checkCluster(t testing.TB, c *diffCluster) (n, denied int) {
 		peer explain.Peer
 		tp   *matcher.TrafficPeer
 		pod  *policy.Pod
+		addr netip.Addr
 	}
 	var ends []end
+	// One end per address: a dual-stack pod talks IPv4 from its IPv4
+	// address and IPv6 from its IPv6 one, and each is judged by its own
+	// address, as the ipcache resolves it.
 	for i := range c.pods {
 		p := &c.pods[i]
 		nsl := map[string]string{policy.NamespaceNameLabel: p.Namespace}
 		for k, v := range c.nsLabels[p.Namespace] {
 			nsl[k] = v
 		}
-		ends = append(ends, end{
-			peer: explain.PeerOfEndpoint(ms, p.Namespace+"/"+p.Name, p.Endpoint, p.IPs),
-			tp:   &matcher.TrafficPeer{IP: p.IPs[0].String(), Internal: &matcher.InternalPeer{PodLabels: p.Labels, NamespaceLabels: nsl, Namespace: p.Namespace}},
-			pod:  p,
-		})
+		for _, a := range p.IPs {
+			ends = append(ends, end{
+				peer: explain.PeerOfEndpoint(ms, p.Namespace+"/"+p.Name+"@"+a.String(), p.Endpoint, []netip.Addr{a}),
+				tp:   &matcher.TrafficPeer{IP: a.String(), Internal: &matcher.InternalPeer{PodLabels: p.Labels, NamespaceLabels: nsl, Namespace: p.Namespace}},
+				pod:  p,
+				addr: a,
+			})
+		}
 	}
 	for _, ip := range diffExternal {
 		a := netip.MustParseAddr(ip)
-		ends = append(ends, end{peer: explain.PeerOfAddr(ms, a), tp: &matcher.TrafficPeer{IP: ip}})
+		ends = append(ends, end{peer: explain.PeerOfAddr(ms, a), tp: &matcher.TrafficPeer{IP: ip}, addr: a})
 	}
 	for _, src := range ends {
 		for _, dst := range ends {
+			if src.addr.Is4() != dst.addr.Is4() {
+				continue // no packet goes from one family to the other
+			}
 			for _, pp := range diffPorts {
 				name := ""
 				if dst.pod != nil {
@@ -284,20 +362,35 @@ func checkCluster(t testing.TB, c *diffCluster) (n, denied int) {
 				}
 				want := oracle.IsTrafficAllowed(&matcher.Traffic{Source: src.tp, Destination: dst.tp, ResolvedPort: int(pp.port), ResolvedPortName: name, Protocol: pp.proto})
 				got := explain.Verdict(ms, src.peer, dst.peer, protoNum(pp.proto), pp.port)
-				n++
+				st.n++
 				if !want.IsAllowed() {
-					denied++
+					st.denied++
+				}
+				if src.addr.Is6() {
+					st.v6++
+				}
+				if isDual(src.pod) || isDual(dst.pod) {
+					st.dual++
+					if isSplit(ms, src.pod) || isSplit(ms, dst.pod) {
+						st.split++
+					}
 				}
 				if got.IngressPasses() != want.Ingress.IsAllowed() || got.EgressPasses() != want.Egress.IsAllowed() {
 					t.Errorf("%s -> %s %d/%s (named %q): ingress got %v want %v, egress got %v want %v\npods: %s\npolicies:\n%s",
 						src.peer.Name, dst.peer.Name, pp.port, pp.proto, name, got.IngressPasses(), want.Ingress.IsAllowed(),
 						got.EgressPasses(), want.Egress.IsAllowed(), dumpPods(c), dumpPolicies(c.policies))
-					return n, denied
+					return st
 				}
 			}
 		}
 	}
-	return n, denied
+	return st
+}
+
+func isDual(p *policy.Pod) bool { return p != nil && len(p.IPs) == 2 }
+
+func isSplit(ms *policy.MapState, p *policy.Pod) bool {
+	return isDual(p) && ms.ResolveIP(p.IPs[0]) != ms.ResolveIP(p.IPs[1])
 }
 
 func dumpPods(c *diffCluster) string {
@@ -324,20 +417,25 @@ func TestDifferentialCyclonus(t *testing.T) {
 	if testing.Short() {
 		clusters = 200
 	}
-	total, denied := 0, 0
+	var sum diffStats
 	for seed := range clusters {
 		r := rand.New(rand.NewPCG(uint64(seed), 0x5eed))
-		n, d := checkCluster(t, genCluster(r))
-		total, denied = total+n, denied+d
+		st := checkCluster(t, genCluster(r))
+		sum = diffStats{sum.n + st.n, sum.denied + st.denied, sum.v6 + st.v6, sum.dual + st.dual, sum.split + st.split}
 		if t.Failed() {
 			t.Fatalf("seed %d", seed)
 		}
 	}
-	// A generator that never denies would test nothing.
-	if denied < total/10 || denied > total*9/10 {
-		t.Errorf("only %d of %d cases denied: the generator is lopsided", denied, total)
+	// A generator that never denies would test nothing; nor one that never
+	// splits a dual-stack pod.
+	if sum.denied < sum.n/10 || sum.denied > sum.n*9/10 {
+		t.Errorf("only %d of %d cases denied: the generator is lopsided", sum.denied, sum.n)
 	}
-	t.Logf("%d clusters, %d cases agree (%d denied)", clusters, total, denied)
+	if sum.split < sum.n/100 {
+		t.Errorf("only %d of %d cases have a dual-stack pod that an ipBlock splits", sum.split, sum.n)
+	}
+	t.Logf("%d clusters, %d cases agree (%d denied, %d over IPv6, %d with a dual-stack pod, %d of them split by an ipBlock)",
+		clusters, sum.n, sum.denied, sum.v6, sum.dual, sum.split)
 }
 
 func FuzzDifferentialCyclonus(f *testing.F) {

@@ -115,23 +115,13 @@ func (c *Compiler) named(name string, proto uint8) []identPort {
 }
 
 // compileEndpoint computes the policy of one local pod, and the policies
-// that select it.
+// that select it. Policies whose rules are withheld (over their trie
+// budget, see Budget) still isolate: see withheldDirs.
 func (c *Compiler) compileEndpoint(ps *podState) (*EndpointPolicy, []policyKey) {
 	ep := &EndpointPolicy{Identity: ps.ident.id}
-	var sel []*cpolicy
-	var enforce, audit [2]bool
-	for _, p := range c.policiesByNS[ps.key.ns] {
-		if !c.selects(p, ps) {
-			continue
-		}
-		sel = append(sel, p)
-		for d := range 2 {
-			enforce[d] = enforce[d] || p.enforce[d]
-			audit[d] = audit[d] || p.audit[d]
-		}
-	}
-	slices.SortFunc(sel, func(a, b *cpolicy) int { return compareKeys(a.key, b.key) })
+	sel, enforce, audit := c.selecting(ps)
 	keys := make([]policyKey, len(sel))
+	var closed [2]bool
 	for d := range 2 {
 		switch {
 		case enforce[d]:
@@ -143,40 +133,95 @@ func (c *Compiler) compileEndpoint(ps *podState) (*EndpointPolicy, []policyKey) 
 	var es []Entry
 	for pi, p := range sel {
 		keys[pi] = p.key
-		for ri := range p.rules {
-			r := &p.rules[ri]
-			// An audit-mode Allow must not open what an enforcing policy
-			// closes: it only says what would pass once enforced.
-			if r.action == ActionAllow && r.audit && enforce[r.dir] {
-				continue
+		if _, ok := c.withheld[p.key]; ok {
+			for d, shut := range withheldDirs(p) {
+				closed[d] = closed[d] || shut
 			}
-			tmpl := Entry{Direction: r.dir, Action: r.action, Rule: c.ruleIDs[ruleKey{p.key, r.dir, r.index}]}
-			if r.audit && r.action == ActionDeny {
-				// Known gap of Lookup's order (reported): an audit Deny with a
-				// more specific peer/protocol/port outranks an enforcing Deny
-				// and turns its drop into AUDIT.
-				tmpl.Flags |= FlagAudit
-			}
-			if r.mtls {
-				tmpl.Flags |= FlagMTLSRequired
-			}
-			var peers []identity.NumericID
-			if r.allPeers {
-				peers = []identity.NumericID{identity.IDNone}
-			} else {
-				for pj := range r.peers {
-					peers = append(peers, c.resolvePeer(p.key, peerRef{ri, pj}, &r.peers[pj])...)
-				}
-				if len(r.peers) > 1 {
-					slices.Sort(peers)
-					peers = slices.Compact(peers)
-				}
-			}
-			es = c.emit(es, tmpl, r, peers, ps)
+			continue
+		}
+		if cached, ok := c.entryCache[ps.pod.Endpoint][p.key]; ok {
+			es = append(es, cached...)
+			continue
+		}
+		es = c.policyEntries(es, p, ps, enforce)
+	}
+	// A withheld policy with an enforcing Deny rule in a direction shuts
+	// that direction whole: without its deny entries, another policy's
+	// allow could pass what it denies, so nothing passes instead.
+	for d := range 2 {
+		if closed[d] {
+			ep.Default[d] = DefaultDeny
+			es = slices.DeleteFunc(es, func(e Entry) bool { return e.Direction == Direction(d) })
 		}
 	}
 	ep.Entries = SortEntries(es)
 	return ep, keys
+}
+
+// withheldDirs reports the directions in which a policy has an enforcing
+// Deny rule.
+func withheldDirs(p *cpolicy) [2]bool {
+	var out [2]bool
+	for _, r := range p.rules {
+		if r.action == ActionDeny && !r.audit {
+			out[r.dir] = true
+		}
+	}
+	return out
+}
+
+// selecting returns the policies that select a pod, in key order, and the
+// directions they enforce or audit.
+func (c *Compiler) selecting(ps *podState) (sel []*cpolicy, enforce, audit [2]bool) {
+	for _, p := range c.policiesByNS[ps.key.ns] {
+		if !c.selects(p, ps) {
+			continue
+		}
+		sel = append(sel, p)
+		for d := range 2 {
+			enforce[d] = enforce[d] || p.enforce[d]
+			audit[d] = audit[d] || p.audit[d]
+		}
+	}
+	slices.SortFunc(sel, func(a, b *cpolicy) int { return compareKeys(a.key, b.key) })
+	return sel, enforce, audit
+}
+
+// policyEntries appends the entries of one policy's rules for a pod.
+// enforce is what all the policies selecting the pod enforce.
+func (c *Compiler) policyEntries(es []Entry, p *cpolicy, ps *podState, enforce [2]bool) []Entry {
+	for ri := range p.rules {
+		r := &p.rules[ri]
+		// An audit-mode Allow must not open what an enforcing policy
+		// closes: it only says what would pass once enforced.
+		if r.action == ActionAllow && r.audit && enforce[r.dir] {
+			continue
+		}
+		tmpl := Entry{Direction: r.dir, Action: r.action, Rule: c.ruleIDs[ruleKey{p.key, r.dir, r.index}]}
+		if r.audit && r.action == ActionDeny {
+			// Known gap of Lookup's order (reported): an audit Deny with a
+			// more specific peer/protocol/port outranks an enforcing Deny
+			// and turns its drop into AUDIT.
+			tmpl.Flags |= FlagAudit
+		}
+		if r.mtls {
+			tmpl.Flags |= FlagMTLSRequired
+		}
+		var peers []identity.NumericID
+		if r.allPeers {
+			peers = []identity.NumericID{identity.IDNone}
+		} else {
+			for pj := range r.peers {
+				peers = append(peers, c.resolvePeer(p.key, peerRef{ri, pj}, &r.peers[pj])...)
+			}
+			if len(r.peers) > 1 {
+				slices.Sort(peers)
+				peers = slices.Compact(peers)
+			}
+		}
+		es = c.emit(es, tmpl, r, peers, ps)
+	}
+	return es
 }
 
 // emit appends the entries of one rule for the given peers.

@@ -17,32 +17,44 @@ type podKey struct{ ns, name string }
 func (k podKey) String() string { return k.ns + "/" + k.name }
 
 type podState struct {
-	key   podKey
-	pod   Pod
+	key podKey
+	pod Pod
+	// ident is the identity of the pod's first address (of the pod when it
+	// has none): the endpoint's own identity. Labels, SPIFFE ID and ports are
+	// the same in all of a pod's identities, so policy selection uses it.
 	ident *ident
+	// idents are the pod's distinct identities, addrIdents the identity of
+	// each of pod.IPs.
+	idents     []*ident
+	addrIdents []*ident
 }
 
-// ident is one workload identity and the pods that have it.
+// ident is one workload identity and the pods (addresses) that have it.
 //
-// Its key is the label set plus the "regions" of its pods' IPs: the most
-// specific ipBlock prefix (cidr or except of any policy) that contains each
-// IP. The datapath resolves one identity per IP, so two pods with equal
-// labels whose IPs an ipBlock treats differently (one inside 10.0.0.0/8, one
+// Its key is the label set plus the "region" of the address: the most
+// specific ipBlock prefix (cidr or except of any policy) that contains it.
+// The datapath resolves one identity per IP, so two addresses with equal
+// labels that an ipBlock treats differently (one inside 10.0.0.0/8, one
 // outside) must not share an identity, or a rule for one would open the
-// other. Pods outside every ipBlock (the usual case) have no region, and then
-// equal label sets do share one ID.
+// other. That holds for the two addresses of one dual-stack pod too: an
+// ipBlock that covers its IPv4 address only must not admit its IPv6 one,
+// so such a pod has one identity per region. Addresses outside every
+// ipBlock (the usual case) have no region, and then equal label sets do
+// share one ID, and a pod has one identity.
 //
 // For the same reason the key includes the pod's named container ports: an
 // egress rule to port "dns" resolves per destination pod, and the datapath
 // only sees the destination's identity. Pods of one workload have the same
 // ports, so in practice this splits nothing.
 type ident struct {
-	id      identity.NumericID
-	key     string
-	labels  identity.Labels
-	nsSet   labels.Set
-	podSet  labels.Set
-	spiffe  spiffeid.ID
+	id     identity.NumericID
+	key    string
+	labels identity.Labels
+	nsSet  labels.Set
+	podSet labels.Set
+	spiffe spiffeid.ID
+	// regions holds the region of the identity's addresses, if they have one
+	// (at most one prefix).
 	regions []netip.Prefix
 	pods    map[podKey]*podState
 	// ports is the union of the named container ports of the pods, by name.
@@ -65,38 +77,56 @@ func (c *Compiler) nsLabels(ns string) map[string]string {
 	return map[string]string{NamespaceNameLabel: ns}
 }
 
-// identKey computes the identity key of a pod under the current CIDR set.
-func (c *Compiler) identKey(p *Pod) (identity.Labels, []netip.Prefix, string) {
+// addrKey is the identity key of one address of a pod.
+type addrKey struct {
+	key     string
+	regions []netip.Prefix
+}
+
+// identKeys computes the identity keys of a pod's addresses under the
+// current CIDR set, one per address in the order of p.IPs (one for the pod
+// when it has no address).
+func (c *Compiler) identKeys(p *Pod) (identity.Labels, []addrKey) {
 	l := identity.Labels{
 		Namespace:       p.Namespace,
 		NamespaceLabels: c.nsLabels(p.Namespace),
 		PodLabels:       p.Labels,
 		ServiceAccount:  p.ServiceAccount,
 	}
-	var regions []netip.Prefix
-	for _, a := range p.IPs {
-		if r, ok := c.region(a); ok {
-			regions = append(regions, r)
+	base := l.Key()
+	var ports strings.Builder
+	if len(p.Ports) > 0 {
+		ps := slices.Clone(p.Ports)
+		slices.SortFunc(ps, compareNamedPort)
+		for _, np := range slices.Compact(ps) {
+			fmt.Fprintf(&ports, "|%d:%s=%d/%d", len(np.Name), np.Name, np.Port, np.Proto)
 		}
 	}
-	slices.SortFunc(regions, comparePrefix)
-	regions = slices.Compact(regions)
-	key := l.Key()
-	if len(regions) > 0 || len(p.Ports) > 0 {
+	key := func(regions []netip.Prefix) addrKey {
+		if len(regions) == 0 && ports.Len() == 0 {
+			return addrKey{key: base}
+		}
 		var b strings.Builder
-		b.WriteString(key)
+		b.WriteString(base)
 		for _, r := range regions {
 			b.WriteString("|")
 			b.WriteString(r.String())
 		}
-		ports := slices.Clone(p.Ports)
-		slices.SortFunc(ports, compareNamedPort)
-		for _, np := range slices.Compact(ports) {
-			fmt.Fprintf(&b, "|%d:%s=%d/%d", len(np.Name), np.Name, np.Port, np.Proto)
-		}
-		key = b.String()
+		b.WriteString(ports.String())
+		return addrKey{key: b.String(), regions: regions}
 	}
-	return l, regions, key
+	if len(p.IPs) == 0 {
+		return l, []addrKey{key(nil)}
+	}
+	out := make([]addrKey, len(p.IPs))
+	for i, a := range p.IPs {
+		var regions []netip.Prefix
+		if r, ok := c.region(a); ok {
+			regions = []netip.Prefix{r}
+		}
+		out[i] = key(regions)
+	}
+	return l, out
 }
 
 // region is the most specific ipBlock prefix containing a.

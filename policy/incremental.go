@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"maps"
 	"net/netip"
 	"slices"
@@ -103,8 +104,12 @@ func (c *Compiler) reidentifyInto(match func(*podState) bool, w *work) error {
 		if !match(ps) {
 			continue
 		}
-		if _, _, key := c.identKey(&ps.pod); key != ps.ident.key {
-			moved = append(moved, ps.pod)
+		_, keys := c.identKeys(&ps.pod)
+		for i, ak := range keys {
+			if ak.key != ps.addrIdents[i].key {
+				moved = append(moved, ps.pod)
+				break
+			}
 		}
 	}
 	slices.SortFunc(moved, func(a, b Pod) int {
@@ -155,6 +160,7 @@ func (c *Compiler) DeletePolicy(kind, namespace, name string) (*MapState, Diff, 
 	}
 	w.rules = true
 	c.removePolicy(old, nil)
+	delete(c.kept, k)
 	if err := c.changeCIDRs(old.cidrs, nil, w); err != nil {
 		return c.ms, Diff{}, err
 	}
@@ -162,6 +168,38 @@ func (c *Compiler) DeletePolicy(kind, namespace, name string) (*MapState, Diff, 
 }
 
 func (c *Compiler) upsertPolicy(p *cpolicy) (*MapState, Diff, error) {
+	old := c.policies[p.key]
+	_, oldWithheld := c.withheld[p.key]
+	prev := c.ms
+	ms, d, err := c.replacePolicy(p)
+	if err != nil {
+		return ms, d, err
+	}
+	h, over := c.withheld[p.key]
+	if !over {
+		delete(c.kept, p.key)
+		return ms, d, nil
+	}
+	if old == nil || oldWithheld {
+		return ms, d, fmt.Errorf("%s: %w: %s; its rules are withheld, its pods stay isolated", p.key, ErrOverBudget, h.describe())
+	}
+	// Fail closed to the last accepted version: it was in force and fit.
+	ms, d2, err := c.replacePolicy(old)
+	if err != nil {
+		return ms, d, err
+	}
+	c.kept[p.key] = h
+	d = composeDiff(prev, ms, d, d2)
+	// One update, one revision step (none when nothing changed in the end).
+	ms.Revision = prev.Revision
+	if !d.Empty() || ms.Revision == 0 {
+		ms.Revision++
+	}
+	return ms, d, fmt.Errorf("%s: %w: new version %s; the previous version stays in force", p.key, ErrOverBudget, h.describe())
+}
+
+// replacePolicy puts p in force in place of the policy of its key.
+func (c *Compiler) replacePolicy(p *cpolicy) (*MapState, Diff, error) {
 	w := newWork()
 	w.rules = true
 	var oldCIDRs []netip.Prefix
@@ -242,6 +280,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 	if !full {
 		c.propagate(w)
 	}
+	c.settleBudget(w)
 	prev := c.ms
 	next := &MapState{
 		Revision:         prev.Revision,
@@ -281,7 +320,11 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 			}
 			continue
 		}
-		pol, keys := c.compileEndpoint(c.pods[k])
+		pre, ok := c.precompiled[ep]
+		if !ok {
+			pre.pol, pre.keys = c.compileEndpoint(c.pods[k])
+		}
+		pol, keys := pre.pol, pre.keys
 		c.epPolicies[ep] = keys
 		for _, pk := range keys {
 			if c.policyEPs[pk] == nil {
@@ -335,6 +378,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		next.Revision++
 	}
 	c.ms = next
+	c.precompiled, c.entryCache = nil, nil
 	return d
 }
 
@@ -433,4 +477,60 @@ func hostPrefixes(ips []netip.Addr) map[netip.Prefix]struct{} {
 		}
 	}
 	return out
+}
+
+// composeDiff is the difference from prev to next of two updates in a row,
+// whose diffs are d1 and d2.
+func composeDiff(prev, next *MapState, d1, d2 Diff) Diff {
+	var d Diff
+	eps := map[EndpointID]struct{}{}
+	for _, l := range [][]EndpointID{d1.Endpoints, d1.RemovedEndpoints, d2.Endpoints, d2.RemovedEndpoints} {
+		for _, ep := range l {
+			eps[ep] = struct{}{}
+		}
+	}
+	for _, ep := range slices.Sorted(maps.Keys(eps)) {
+		o, n := prev.Endpoints[ep], next.Endpoints[ep]
+		switch {
+		case n != nil && (o == nil || !equalEndpoint(o, n)):
+			d.Endpoints = append(d.Endpoints, ep)
+		case n == nil && o != nil:
+			d.RemovedEndpoints = append(d.RemovedEndpoints, ep)
+		}
+	}
+	ips := map[netip.Prefix]struct{}{}
+	for _, dd := range []Diff{d1, d2} {
+		for p := range dd.IPCacheUpserts {
+			ips[p] = struct{}{}
+		}
+		for _, p := range dd.IPCacheDeletes {
+			ips[p] = struct{}{}
+		}
+	}
+	for _, p := range slices.SortedFunc(maps.Keys(ips), comparePrefix) {
+		nid, now := next.IPCache[p]
+		oid, was := prev.IPCache[p]
+		switch {
+		case now && (!was || oid != nid):
+			if d.IPCacheUpserts == nil {
+				d.IPCacheUpserts = map[netip.Prefix]identity.NumericID{}
+			}
+			d.IPCacheUpserts[p] = nid
+		case !now && was:
+			d.IPCacheDeletes = append(d.IPCacheDeletes, p)
+		}
+	}
+	for id, ri := range next.Rules {
+		if o, ok := prev.Rules[id]; !ok || o != ri {
+			d.RulesUpserted = append(d.RulesUpserted, id)
+		}
+	}
+	for id := range prev.Rules {
+		if _, ok := next.Rules[id]; !ok {
+			d.RulesRemoved = append(d.RulesRemoved, id)
+		}
+	}
+	slices.Sort(d.RulesUpserted)
+	slices.Sort(d.RulesRemoved)
+	return d
 }

@@ -1,6 +1,7 @@
 package policy_test
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -41,8 +42,10 @@ func canonical(t *testing.T, c *policy.Compiler, ms *policy.MapState, pods []pol
 		if len(n) == 0 {
 			t.Fatalf("identity %d is used but belongs to nothing", id)
 		}
-		slices.Sort(n)
-		return strings.Join(slices.Compact(n), ",")
+		// On a copy: Compact clears the tail it drops, and the names of an
+		// identity with several addresses of one pod are asked for again.
+		n = slices.Compact(slices.Sorted(slices.Values(n)))
+		return strings.Join(n, ",")
 	}
 	out := map[string]bool{}
 	for p, id := range ms.IPCache {
@@ -98,6 +101,15 @@ func sameState(a, b *policy.MapState) bool {
 // the numeric IDs, and (2) the returned Diff turns the previous MapState into
 // the new one exactly.
 func TestIncrementalMatchesFull(t *testing.T) {
+	// With no budget, and with one so small that policies are withheld or
+	// kept at their last version all the time.
+	for _, budget := range []policy.Budget{{}, {Endpoint: 24, Policy: 40}, {Endpoint: 30, Policy: 60, Node: 40}} {
+		t.Run(fmt.Sprintf("budget %+v", budget), func(t *testing.T) { testIncrementalMatchesFull(t, budget) })
+	}
+}
+
+func testIncrementalMatchesFull(t *testing.T, budget policy.Budget) {
+	withheld, reasons := 0, map[string]int{}
 	for seed := range uint64(60) {
 		r := rand.New(rand.NewPCG(seed, 42))
 		cl := genCluster(r)
@@ -108,9 +120,9 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			}
 			return s
 		}
-		inc := policy.NewCompiler(policy.Config{})
+		inc := policy.NewCompiler(policy.Config{Budget: budget})
 		prev, err := inc.Reset(snap())
-		if err != nil {
+		if err != nil && !errors.Is(err, policy.ErrOverBudget) {
 			t.Fatal(err)
 		}
 		for step := range 40 {
@@ -134,13 +146,15 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			case 1: // move a pod to another subnet
 				i := r.IntN(len(cl.pods))
 				p := cl.pods[i]
+				// The first address moves; a dual-stack pod keeps its other.
 				a := p.IPs[0].As16()
+				p.IPs = slices.Clone(p.IPs)
 				if p.IPs[0].Is4() {
 					a[14] = byte(r.IntN(3))
-					p.IPs = []netip.Addr{netip.AddrFrom16(a).Unmap()}
+					p.IPs[0] = netip.AddrFrom16(a).Unmap()
 				} else {
 					a[13] = byte(r.IntN(2))
-					p.IPs = []netip.Addr{netip.AddrFrom16(a)}
+					p.IPs[0] = netip.AddrFrom16(a)
 				}
 				cl.pods[i] = p
 				what = "move " + p.Name
@@ -160,13 +174,17 @@ func TestIncrementalMatchesFull(t *testing.T) {
 				what = "relabel ns " + ns
 				ms, d, err = inc.UpsertNamespace(policy.Namespace{Name: ns, Labels: cl.nsLabels[ns]})
 			case 4: // replace or add a policy
-				np := genPolicy(r, r.IntN(6))
+				np := genPolicy(r, r.IntN(6), cl.addrs())
 				what = "upsert " + np.Namespace + "/" + np.Name
+				before := slices.Clone(cl.policies)
 				cl.policies = slices.DeleteFunc(cl.policies, func(o *networkingv1.NetworkPolicy) bool {
 					return o.Namespace == np.Namespace && o.Name == np.Name
 				})
 				cl.policies = append(cl.policies, np)
 				ms, d, err = inc.UpsertNetworkPolicy(np)
+				if keptOld(inc, err, policy.KindNetworkPolicy, np.Namespace, np.Name) {
+					cl.policies, err = before, nil
+				}
 			case 5: // delete a policy
 				if len(cl.policies) == 0 {
 					continue
@@ -179,11 +197,15 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			case 6: // add or replace a BulkheadPolicy
 				bp := genBulkheadPolicy(r)
 				what = "upsert bhp " + bp.Namespace + "/" + bp.Name
+				before := slices.Clone(cl.bhps)
 				cl.bhps = slices.DeleteFunc(cl.bhps, func(o *v1alpha1.BulkheadPolicy) bool {
 					return o.Namespace == bp.Namespace && o.Name == bp.Name
 				})
 				cl.bhps = append(cl.bhps, bp)
 				ms, d, err = inc.UpsertBulkheadPolicy(bp)
+				if keptOld(inc, err, policy.KindBulkheadPolicy, bp.Namespace, bp.Name) {
+					cl.bhps, err = before, nil
+				}
 			case 7: // delete a BulkheadPolicy
 				if len(cl.bhps) == 0 {
 					continue
@@ -194,15 +216,27 @@ func TestIncrementalMatchesFull(t *testing.T) {
 				what = "delete bhp " + bp.Namespace + "/" + bp.Name
 				ms, d, err = inc.DeletePolicy(policy.KindBulkheadPolicy, bp.Namespace, bp.Name)
 			}
+			if errors.Is(err, policy.ErrOverBudget) {
+				err = nil // withheld: the full compile withholds it too
+			}
 			if err != nil {
 				t.Fatalf("seed %d step %d %s: %v", seed, step, what, err)
+			}
+			for _, st := range inc.BudgetStatus() {
+				withheld++
+				reasons[st.Reason+map[bool]string{true: " kept", false: ""}[st.Kept]]++
+			}
+			for ep, e := range ms.Endpoints {
+				if n := e.TrieSize(); budget.Endpoint > 0 && n > budget.Endpoint {
+					t.Fatalf("seed %d step %d %s: endpoint %d costs %d trie keys, over %d", seed, step, what, ep, n, budget.Endpoint)
+				}
 			}
 			if err := ms.Validate(); err != nil {
 				t.Fatalf("seed %d step %d %s: %v", seed, step, what, err)
 			}
-			full := policy.NewCompiler(policy.Config{})
+			full := policy.NewCompiler(policy.Config{Budget: budget})
 			want, err := full.Reset(snap())
-			if err != nil {
+			if err != nil && !errors.Is(err, policy.ErrOverBudget) {
 				t.Fatal(err)
 			}
 			got, exp := canonical(t, inc, ms, cl.pods), canonical(t, full, want, cl.pods)
@@ -232,6 +266,24 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			prev = ms
 		}
 	}
+	if budget != (policy.Budget{}) && withheld == 0 {
+		t.Error("the budget never withheld a policy: the test tests nothing")
+	}
+	t.Logf("policies over budget, summed over steps: %d %v", withheld, reasons)
+}
+
+// keptOld reports whether an upsert was refused for its budget with the
+// previous version kept: the effective store is then the old one.
+func keptOld(c *policy.Compiler, err error, kind, ns, name string) bool {
+	if !errors.Is(err, policy.ErrOverBudget) {
+		return false
+	}
+	for _, st := range c.BudgetStatus() {
+		if st.Kind == kind && st.Namespace == ns && st.Name == name && st.Kept {
+			return true
+		}
+	}
+	return false
 }
 
 func genBulkheadPolicy(r *rand.Rand) *v1alpha1.BulkheadPolicy {

@@ -203,6 +203,16 @@ type StoreHold struct {
 	HeldPolicies    int       `json:"heldPolicies"`
 }
 
+// PolicyError is one policy that is not enforced as written.
+type PolicyError struct {
+	// Policy is "Kind namespace/name".
+	Policy  string `json:"policy"`
+	Message string `json:"message"`
+	// KeptPreviousVersion: the previous version stays in force; otherwise
+	// the policy's rules are withheld and its pods stay isolated.
+	KeptPreviousVersion bool `json:"keptPreviousVersion,omitempty"`
+}
+
 // StatusResponse is the agent's health and summary. Ready is false until
 // the agent has restored pinned state and can enforce new endpoints.
 type StatusResponse struct {
@@ -219,6 +229,9 @@ type StatusResponse struct {
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
 	// StoreHeld is set while a store state is held back (StoreHold).
 	StoreHeld *StoreHold `json:"storeHeld,omitempty"`
+	// PolicyErrors are policies the agent rejected while applying (over
+	// their policy-trie budget); the rest of the store applies.
+	PolicyErrors []PolicyError `json:"policyErrors,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`
 	// LostEventsKernel counts flow events the kernel ring buffer had no

@@ -91,6 +91,9 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, m := range st.EndpointWarnings {
 			fmt.Fprintf(w, "Endpoint warning: %s\n", m)
 		}
+		for _, e := range st.PolicyErrors {
+			fmt.Fprintf(w, "Policy rejected: %s\n", e.Message)
+		}
 	}
 	if !st.Ready {
 		return fmt.Errorf("agent not ready: %s", st.Reason)

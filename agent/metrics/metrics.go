@@ -39,6 +39,10 @@ type Metrics struct {
 	// held back; StoreHolds counts such holds.
 	StoreHeld  prometheus.Gauge
 	StoreHolds prometheus.Counter
+	// PolicyOverBudget is 1 for each policy rejected for its trie budget,
+	// by kind, namespace, policy, reason ("policy" or "endpoint") and
+	// fallback ("previous-version" or "isolation").
+	PolicyOverBudget *prometheus.GaugeVec
 }
 
 // MapStat is how full one BPF map is.
@@ -98,12 +102,15 @@ func New(mapStats func() []MapStat) *Metrics {
 		StoreHolds: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: namespace, Name: "store_holds_total", Help: "Store states held back because they removed every policy or most objects at once.",
 		}),
+		PolicyOverBudget: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "policy_over_budget", Help: "Policies rejected for their policy-trie budget (1 each), by what is enforced instead.",
+		}, []string{"kind", "namespace", "policy", "reason", "fallback"}),
 	}
 	m.LostEvents.WithLabelValues("kernel")
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
 		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyApplyFailures, m.PolicyApplyLagging,
-		m.StoreHeld, m.StoreHolds,
+		m.StoreHeld, m.StoreHolds, m.PolicyOverBudget,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})

@@ -34,6 +34,9 @@ func main() {
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
 	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
 	ringKiB := fs.Uint("flow-event-ring-kib", 1024, "size of the kernel's flow event ring buffer in KiB (a power of two); a larger ring loses fewer events in bursts")
+	policyEntries := fs.Uint("policy-map-entries", 262144, "keys the policy trie holds, shared by all endpoints and by the live and the next policy generation; sizes the exact-match table in front of it too")
+	fs.IntVar(&cfg.PolicyBudgetEndpoint, "policy-budget-endpoint", 0, "policy trie keys one endpoint's policy may take; policies are rejected, largest first, until it fits (0: 1/16 of --policy-map-entries)")
+	fs.IntVar(&cfg.PolicyBudgetPolicy, "policy-budget-policy", 0, "policy trie keys one policy may take, summed over the local pods it selects; a policy over it is rejected alone (0: 1/8 of --policy-map-entries)")
 	fs.IntVar(&cfg.FlowRing, "flow-ring", 4096, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
@@ -85,6 +88,11 @@ func main() {
 		os.Exit(2)
 	}
 	cfg.Datapath.EventRingBytes = uint32(*ringKiB) << 10
+	if *policyEntries > 1<<24 {
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: --policy-map-entries %d: want 1024 to %d\n", *policyEntries, 1<<24)
+		os.Exit(2)
+	}
+	cfg.Datapath.MaxPolicyEntries = uint32(*policyEntries)
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --log-level: %v\n", err)

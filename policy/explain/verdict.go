@@ -19,12 +19,17 @@ type Peer struct {
 	// Identity is what the other side's datapath sees (the ipcache's answer
 	// for the peer's address).
 	Identity identity.NumericID
+	// Addrs are the peer's addresses, first preferred. The two addresses of
+	// a dual-stack pod may have different identities (an ipBlock can cover
+	// one and not the other), so Verdict judges a pair of peers by the
+	// addresses of one family they share.
+	Addrs []netip.Addr
 }
 
 // PeerOfEndpoint describes a local endpoint. Its identity is what the
 // ipcache gives its first address, or its endpoint identity when it has none.
 func PeerOfEndpoint(ms *policy.MapState, name string, ep policy.EndpointID, addrs []netip.Addr) Peer {
-	p := Peer{Name: name, Endpoint: ep, Identity: identity.IDWorld}
+	p := Peer{Name: name, Endpoint: ep, Identity: identity.IDWorld, Addrs: addrs}
 	if e := ms.Endpoints[ep]; e != nil {
 		p.Identity = e.Identity
 	}
@@ -36,7 +41,22 @@ func PeerOfEndpoint(ms *policy.MapState, name string, ep policy.EndpointID, addr
 
 // PeerOfAddr describes an address that is not a local endpoint.
 func PeerOfAddr(ms *policy.MapState, addr netip.Addr) Peer {
-	return Peer{Name: addr.String(), Identity: ms.ResolveIP(addr)}
+	return Peer{Name: addr.String(), Identity: ms.ResolveIP(addr), Addrs: []netip.Addr{addr}}
+}
+
+// sameFamily re-resolves src and dst by their first addresses of the first
+// family of src's that dst has too: no packet crosses families. Peers
+// without addresses, or without a family in common, keep their identities.
+func sameFamily(ms *policy.MapState, src, dst Peer) (Peer, Peer) {
+	for _, s := range src.Addrs {
+		for _, d := range dst.Addrs {
+			if s.Unmap().Is4() == d.Unmap().Is4() {
+				src.Identity, dst.Identity = ms.ResolveIP(s), ms.ResolveIP(d)
+				return src, dst
+			}
+		}
+	}
+	return src, dst
 }
 
 // Rule names a policy rule.
@@ -92,9 +112,11 @@ func (r *Result) EgressPasses() bool  { return r.verdicts[policy.Egress].Passes(
 
 // Verdict decides a connection from src to dst on (proto, port): egress at
 // src's endpoint with dst's identity as the peer, ingress at dst's endpoint
-// with src's identity. A side that is not a local endpoint is not enforced
+// with src's identity, both resolved from addresses of one family (src's
+// first that dst has). A side that is not a local endpoint is not enforced
 // here and passes.
 func Verdict(ms *policy.MapState, src, dst Peer, proto uint8, port uint16) Result {
+	src, dst = sameFamily(ms, src, dst)
 	r := Result{From: src.Name, To: dst.Name, FromIdentity: src.Identity, ToIdentity: dst.Identity, Protocol: ProtoName(proto), Port: port, AllowedBy: []Rule{}, DeniedBy: []Rule{}}
 	r.Egress, r.verdicts[policy.Egress] = side(ms, src.Endpoint, policy.Egress, dst.Identity, proto, port, &r)
 	r.Ingress, r.verdicts[policy.Ingress] = side(ms, dst.Endpoint, policy.Ingress, src.Identity, proto, port, &r)
