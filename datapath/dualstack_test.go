@@ -52,9 +52,22 @@ func TestProgDualStackIPBlock(t *testing.T) {
 	} {
 		syn := tcpSyn(tc.src, tc.dst, 40000, 80)
 		bindTestEndpoint(t, d, uint32(epA))
+		// a may send from its own addresses, as Attach registers them:
+		// a drop here must be the policy's, not source validation's.
+		addrs, err := encodeAddrs(Endpoint{ID: epA, MAC: testPodMAC, Addrs: []netip.Addr{a4, a6}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.setAddrs(epA, addrs); err != nil {
+			t.Fatal(err)
+		}
+		before := dropCount(t, d, DropPolicy)
 		if got := run(t, d.objs.BulkheadFromPod, syn.build()); got != tc.want {
 			t.Errorf("egress at a, %s -> %s: got %#x, want %#x (a's policy sees %s as identity %d)",
 				tc.src, tc.dst, got, tc.want, tc.dst, ms.ResolveIP(tc.dst))
+		}
+		if n := dropCount(t, d, DropPolicy) - before; tc.want == retShot && n != 1 {
+			t.Errorf("egress at a, %s -> %s: %d policy drops counted, want 1", tc.src, tc.dst, n)
 		}
 		bindTestEndpoint(t, d, uint32(epB))
 		if got := run(t, d.objs.BulkheadToPod, syn.build()); got != tc.want {
@@ -62,4 +75,14 @@ func TestProgDualStackIPBlock(t *testing.T) {
 				tc.src, tc.dst, got, tc.want, tc.src, ms.ResolveIP(tc.src))
 		}
 	}
+}
+
+// dropCount is the datapath's packet count for drop reason r.
+func dropCount(t *testing.T, d *Datapath, r DropReason) uint64 {
+	t.Helper()
+	c, err := d.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.ByDrop[r].Packets
 }
