@@ -26,7 +26,10 @@
  *    it no IPv6 works under default deny; so does multicast listener
  *    discovery (MLD, ICMPv6 130-132 and 143), which every IPv6 interface
  *    sends from :: or its link-local address as it comes up, and which is
- *    link-local control traffic, not a flow between workloads;
+ *    link-local control traffic, not a flow between workloads. Both pass
+ *    only while they stay on the link (nd_link_scoped: a link-scope
+ *    destination and the hop limit their RFCs require); sent anywhere else
+ *    they are judged like other ICMPv6;
  *  - an ICMP error (destination unreachable, including fragmentation
  *    needed, time exceeded, parameter problem; ICMPv6 1-4) about a tracked,
  *    allowed flow passes as part of that flow, as netfilter's RELATED does:
@@ -729,6 +732,23 @@ static __attribute__((noinline)) int drop_from_pod(struct __sk_buff *skb, struct
 	return TC_ACT_SHOT;
 }
 
+/* nd_link_scoped reports whether neighbour discovery or MLD packet p stays
+ * on the link: a link-scope destination (fe80::/10, ff02::/16) and the hop
+ * limit its RFC requires, 255 for ND (RFC 4861: never forwarded at that
+ * value) and 1 for MLD (RFC 3810). Only such packets pass without policy;
+ * one of these types sent to a routable address is judged like any other
+ * ICMPv6, or it would carry data past egress policy. */
+static __always_inline int nd_link_scoped(const struct pkt *p)
+{
+	__u32 d0 = bpf_ntohl(p->daddr[0]);
+
+	if ((d0 & 0xffc00000) != 0xfe800000 && (d0 >> 16) != 0xff02)
+		return 0;
+	if (p->icmp_type >= 133 && p->icmp_type <= 137)
+		return p->hop_limit == 255;
+	return p->hop_limit == 1;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct pkt p = {};
@@ -761,9 +781,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 	if (p.frag != FRAG_NONE)
 		resolve_fragment(&p);
-	if (p.proto == IPPROTO_ICMPV6_ && p.frag != FRAG_LATER &&
-	    ((p.icmp_type >= 133 && p.icmp_type <= 137) || (p.icmp_type >= 130 && p.icmp_type <= 132) ||
-	     p.icmp_type == 143)) {
+	if (p.proto == IPPROTO_ICMPV6_ && p.frag == FRAG_NONE && icmp6_nd_or_mld(p.icmp_type) &&
+	    nd_link_scoped(&p)) {
 		count_verdict(VERDICT_PASS, p.len);
 		return BH_PASS;
 	}

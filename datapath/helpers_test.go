@@ -92,6 +92,7 @@ type pktSpec struct {
 	vlan         bool
 	ipv4Options  int // words of IPv4 options
 	ipv6HopByHop bool
+	hopLimit     uint8 // IPv6 hop limit; 0 means 64
 	// icmpQuote, for an ICMP error, is the packet the error is about: its
 	// IP header and first L4 bytes follow the ICMP header.
 	icmpQuote *pktSpec
@@ -196,6 +197,9 @@ func (s pktSpec) build() []byte {
 		binary.BigEndian.PutUint16(l3[4:], uint16(len(ext)+len(l4)))
 		l3[6] = nh
 		l3[7] = 64
+		if s.hopLimit != 0 {
+			l3[7] = s.hopLimit
+		}
 		src, dst := s.src.As16(), s.dst.As16()
 		copy(l3[8:], src[:])
 		copy(l3[24:], dst[:])

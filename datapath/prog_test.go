@@ -288,17 +288,35 @@ func TestProgIPv6(t *testing.T) {
 	if got := f.toPod(t, tcpSyn(client6, podIP6, 40000, 444)); got != retShot {
 		t.Fatalf("v6 444: got %#x, want drop", got)
 	}
-	// Neighbour discovery passes under default deny.
-	ns := pktSpec{src: client6, dst: podIP6, proto: 58, icmpType: 135}
+	// Neighbour discovery passes under default deny while it stays on the
+	// link: a link-scope destination and hop limit 255.
+	solicited := netip.MustParseAddr("ff02::1:ff00:2")
+	ns := pktSpec{src: client6, dst: solicited, proto: 58, icmpType: 135, hopLimit: 255}
 	if got := f.toPod(t, ns); got != retPass {
 		t.Fatalf("neighbour solicitation: got %#x, want pass", got)
 	}
-	// So do MLD reports, sent from :: while an interface comes up; an
-	// echo request from the same (unknown) source is judged and dropped.
+	// The same message to a routable address, or with a hop limit a
+	// router would have lowered, is judged like any ICMPv6: it could
+	// carry data past policy.
+	for _, c := range []pktSpec{
+		{src: client6, dst: podIP6, proto: 58, icmpType: 135, hopLimit: 255},
+		{src: client6, dst: solicited, proto: 58, icmpType: 136, hopLimit: 64},
+	} {
+		if got := f.toPod(t, c); got != retShot {
+			t.Fatalf("ND to %s, hop limit %d: got %#x, want drop (judged by policy)", c.dst, c.hopLimit, got)
+		}
+	}
+	// So do MLD messages, sent from :: while an interface comes up, with
+	// hop limit 1; an echo request from the same (unknown) source is
+	// judged and dropped.
 	for _, typ := range []uint8{130, 131, 132, 143} {
-		mld := pktSpec{src: netip.IPv6Unspecified(), dst: netip.MustParseAddr("ff02::16"), proto: 58, icmpType: typ}
+		mld := pktSpec{src: netip.IPv6Unspecified(), dst: netip.MustParseAddr("ff02::16"), proto: 58, icmpType: typ, hopLimit: 1}
 		if got := f.toPod(t, mld); got != retPass {
 			t.Fatalf("MLD type %d: got %#x, want pass", typ, got)
+		}
+		mld.hopLimit = 64
+		if got := f.toPod(t, mld); got != retShot {
+			t.Fatalf("MLD type %d with hop limit 64: got %#x, want drop", typ, got)
 		}
 	}
 	echo := pktSpec{src: netip.IPv6Unspecified(), dst: podIP6, proto: 58, icmpType: 128}

@@ -183,6 +183,8 @@ func TestSourceValidation(t *testing.T) {
 		{"mld hop limit 255", mldReport(linkLocal, mldv2, 255), DropForbiddenICMPv6, linkLocal},
 		{"mld to unicast", mldReport(linkLocal, linkLocal, 1), DropForbiddenICMPv6, linkLocal},
 		{"mld other pod source", mldReport(client6, mldv2, 1), DropInvalidSource, client6},
+		{"mld query", icmp6Frame(testPodMAC, linkLocal, allNodes, 1, 130, make([]byte, 20), true), DropForbiddenICMPv6, linkLocal},
+		{"dad ns for another pod's address", icmp6Frame(testPodMAC, zero6, solicitedPod, 255, 135, ndBody(client6, nonceOpt), false), DropInvalidSource, zero6},
 
 		{"arp own", arpFrame(testPodMAC, testPodMAC, 1, podIP, hostIP), DropNone, podIP},
 		{"arp probe", arpFrame(testPodMAC, testPodMAC, 1, zero4, podIP), DropNone, zero4},
@@ -356,6 +358,33 @@ func forgetDropEvents(t *testing.T, d *Datapath) {
 	for _, k := range keys {
 		if err := d.objs.DropEvents.Delete(k); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// TestNDJudgedOffLink: neighbour discovery that source validation accepts
+// passes policy only while it stays on the link. An NS from the pod's own
+// address to a routable one (a reachability probe, or a way to carry data)
+// is judged by the pod's egress policy like any ICMPv6.
+func TestNDJudgedOffLink(t *testing.T) {
+	f := newProgFixture(t, baseState()) // default deny both ways
+	cases := []struct {
+		name string
+		pkt  []byte
+		want uint32
+	}{
+		{"ns to a routable address", icmp6Frame(testPodMAC, podIP6, client6, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), retShot},
+		{"na to a routable address", icmp6Frame(testPodMAC, podIP6, client6, 255, 136, ndBody(podIP6, llOpt(2, testPodMAC)), false), retShot},
+		{"ns to the solicited-node group", icmp6Frame(testPodMAC, podIP6, solicitedPod, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), retPass},
+		{"ns link-local to link-local", icmp6Frame(testPodMAC, linkLocal, linkLocal, 255, 135, ndBody(linkLocal, llOpt(1, testPodMAC)), false), retPass},
+	}
+	for _, c := range cases {
+		before := dropCount(t, f.d, DropPolicy)
+		if got := run(t, f.d.objs.BulkheadFromPod, c.pkt); got != c.want {
+			t.Errorf("%s: got %#x, want %#x", c.name, got, c.want)
+		}
+		if n := dropCount(t, f.d, DropPolicy) - before; (c.want == retShot) != (n == 1) {
+			t.Errorf("%s: %d policy drops counted", c.name, n)
 		}
 	}
 }

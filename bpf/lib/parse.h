@@ -53,6 +53,10 @@ struct pkt {
 	 * IPv6 hop limit there. */
 	__u16 eth_proto;
 	__u16 l3_off;
+	/* IPv6 hop limit (IPv4 TTL is not needed): neighbour discovery and
+	 * MLD pass policy only at the values that keep them on the link. */
+	__u8 hop_limit;
+	__u8 pad2[3];
 };
 
 static __always_inline void v4_mapped(__u32 *dst, __u32 addr)
@@ -202,6 +206,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, __u3
 	if (ip6->version != 6)
 		return PARSE_BAD;
 	p->ipv6 = 1;
+	p->hop_limit = ip6->hop_limit;
 	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 	nh = ip6->nexthdr;

@@ -135,7 +135,10 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 
 	if (p->frag != FRAG_NONE)
 		return DROP_FORBIDDEN_ICMP6;
-	if (t == 134 || t == 137)
+	/* A pod never routes for others (RA, redirect) and never queries
+	 * multicast listeners (130): a query would let it win the querier
+	 * election on a bridge and steer multicast snooping. */
+	if (t == 134 || t == 137 || t == 130)
 		return DROP_FORBIDDEN_ICMP6;
 	ip6 = hdr(skb, p->l3_off, sizeof(*ip6));
 	if (!ip6)
@@ -168,7 +171,10 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 
 		if (!tgt)
 			return DROP_MALFORMED;
-		if (t == 136 && !own_v6(a, tgt) && !v6_link_local(tgt))
+		/* An NA claims its target; a DAD probe (NS from ::) claims it
+		 * too, and one for another pod's tentative address would make
+		 * that pod give the address up. */
+		if ((t == 136 || (t == 135 && unspec)) && !own_v6(a, tgt) && !v6_link_local(tgt))
 			return DROP_INVALID_SOURCE;
 		off += 16;
 	}
