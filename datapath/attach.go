@@ -113,12 +113,19 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		return "", fmt.Errorf("attach: %w", err)
 	}
 	var mode AttachMode
+	// enforced: the device already belonged to this endpoint (a re-attach
+	// after a restart, a repeated ADD). A failure then must not detach what
+	// already enforces: that would leave the pod passing everything.
+	enforced := false
 	err = inNetns(ep.Netns, func() error {
 		l, err := resolveLink(ep)
 		if err != nil {
 			return err
 		}
 		ifindex := l.Attrs().Index
+		if cur, err := d.endpointOf(ifindex); err == nil && cur == ep.ID {
+			enforced = true
+		}
 		nsID, err := netnsID()
 		if err != nil {
 			return err
@@ -156,6 +163,9 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		return nil
 	})
 	if err != nil {
+		if enforced {
+			return "", fmt.Errorf("attach endpoint %d (its earlier attachment stays): %w", ep.ID, err)
+		}
 		// Leave nothing half-attached behind.
 		if derr := d.Detach(ep); derr != nil {
 			d.log.Warn("cleanup after failed attach", "endpoint", ep.ID, "error", derr)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
@@ -599,5 +600,49 @@ func TestAttachNeedsSourceAddrs(t *testing.T) {
 		if ok, err := d.Attached(tp.endpoint(tp.pods[0])); err != nil || ok {
 			t.Fatalf("%s: attached %v %v after a refused attach", name, ok, err)
 		}
+	}
+}
+
+// TestFailedReattachKeepsEnforcement: a re-attach of an endpoint that is
+// already enforced (an agent restart, a repeated ADD) that fails part-way
+// leaves the earlier attachment in place. Cleaning up "what this call
+// attached" by detaching the whole endpoint would leave its pod passing
+// everything.
+func TestFailedReattachKeepsEnforcement(t *testing.T) {
+	tp := newTopo(t, 1)
+	d := newTestDatapath(t, Config{})
+	pod := tp.pods[0]
+	ep := tp.endpoint(pod)
+	if _, err := d.Attach(ep); err != nil {
+		t.Fatal(err)
+	}
+	pins, err := os.ReadDir(d.linkDir())
+	if err != nil || len(pins) != 2 {
+		t.Fatalf("link pins after attach: %v %v", pins, err)
+	}
+	// Block one hook's pin with another object: the re-attach makes a new
+	// link for that hook and cannot pin it.
+	blocked := d.linkDir() + "/" + pins[0].Name()
+	kept := d.linkDir() + "/" + pins[1].Name()
+	if err := os.Remove(blocked); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(blocked); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(blocked) })
+	if _, err := d.Attach(ep); err == nil {
+		t.Fatal("re-attach succeeded with a blocked link pin")
+	}
+	if id, err := d.endpointOf(pod.ifindex); err != nil || id != ep.ID {
+		t.Fatalf("after a failed re-attach the veth belongs to endpoint %d (%v), want %d", id, err, ep.ID)
+	}
+	if live, err := tcxLive(kept, pod.ifindex); err != nil || !live {
+		t.Fatalf("after a failed re-attach the other hook's link is live=%v (%v)", live, err)
 	}
 }
