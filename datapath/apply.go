@@ -201,6 +201,24 @@ const globalAllowHostIngress = 1 // GLOBAL_ALLOW_HOST_INGRESS
 // from what g holds. g must not be live.
 func (d *Datapath) writeGen(g uint8, w *genWrite, st *ApplyStats) error {
 	gen := &d.gens[g]
+	// The target is not live, so the order of its writes is free: deletes
+	// go first, so that it never holds the old and the new state at once,
+	// which a nearly full trie could not take.
+	for k := range gen.ipcache {
+		if _, ok := w.ipcache[k]; ok {
+			continue
+		}
+		mk := k
+		mk.Gen = uint32(g)
+		if err := d.step("host del", func() error { d.delHost(mk); return nil }); err != nil {
+			return err
+		}
+		if err := d.step("ipcache delete", func() error { return d.objs.Ipcache.Delete(mk) }); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete ipcache: %w", err)
+		}
+		delete(gen.ipcache, k)
+		st.IPCacheDeletes++
+	}
 	for k, v := range w.ipcache {
 		if cur, ok := gen.ipcache[k]; ok && cur == v {
 			continue
@@ -222,34 +240,7 @@ func (d *Datapath) writeGen(g uint8, w *genWrite, st *ApplyStats) error {
 		}
 		st.IPCacheWrites++
 	}
-	for k := range gen.ipcache {
-		if _, ok := w.ipcache[k]; ok {
-			continue
-		}
-		mk := k
-		mk.Gen = uint32(g)
-		if err := d.step("host del", func() error { d.delHost(mk); return nil }); err != nil {
-			return err
-		}
-		if err := d.step("ipcache delete", func() error { return d.objs.Ipcache.Delete(mk) }); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete ipcache: %w", err)
-		}
-		delete(gen.ipcache, k)
-		st.IPCacheDeletes++
-	}
 
-	for id, p := range w.ms.Endpoints {
-		// The compiler hands unchanged endpoints over as the same
-		// *EndpointPolicy; re-encoding them on every apply would make each
-		// CNI ADD cost as much as the node's whole policy.
-		if gen.applied[id] == p {
-			continue
-		}
-		if err := d.writeEndpoint(g, id, w.endpoint(id), epConfigOf(p), st); err != nil {
-			return fmt.Errorf("apply endpoint %d: %w", id, err)
-		}
-		gen.applied[id] = p
-	}
 	for id := range gen.epConfigs {
 		if _, ok := w.ms.Endpoints[id]; ok {
 			continue
@@ -269,6 +260,19 @@ func (d *Datapath) writeGen(g uint8, w *genWrite, st *ApplyStats) error {
 		}
 		delete(gen.slots, id)
 		delete(gen.applied, id)
+	}
+
+	for id, p := range w.ms.Endpoints {
+		// The compiler hands unchanged endpoints over as the same
+		// *EndpointPolicy; re-encoding them on every apply would make each
+		// CNI ADD cost as much as the node's whole policy.
+		if gen.applied[id] == p {
+			continue
+		}
+		if err := d.writeEndpoint(g, id, w.endpoint(id), epConfigOf(p), st); err != nil {
+			return fmt.Errorf("apply endpoint %d: %w", id, err)
+		}
+		gen.applied[id] = p
 	}
 
 	if gen.flags != w.flags {
@@ -293,6 +297,21 @@ func (d *Datapath) writeEndpoint(g uint8, id policy.EndpointID, desired map[Poli
 	if cur == cfg && maps.Equal(live, desired) {
 		return nil // unchanged
 	}
+	for k := range live {
+		if _, ok := desired[k]; ok {
+			continue
+		}
+		mk := k
+		mk.Slot = g
+		if err := d.step("exact del", func() error { d.delPolicy(mk); return nil }); err != nil {
+			return err
+		}
+		if err := d.step("policy delete", func() error { return d.objs.Policy.Delete(mk) }); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete policy: %w", err)
+		}
+		delete(live, k)
+		st.PolicyDeletes++
+	}
 	for _, k := range sortedKeys(desired) {
 		v := desired[k]
 		if cur, ok := live[k]; ok && cur == v {
@@ -313,21 +332,6 @@ func (d *Datapath) writeEndpoint(g uint8, id policy.EndpointID, desired map[Poli
 			return err
 		}
 		st.PolicyWrites++
-	}
-	for k := range live {
-		if _, ok := desired[k]; ok {
-			continue
-		}
-		mk := k
-		mk.Slot = g
-		if err := d.step("exact del", func() error { d.delPolicy(mk); return nil }); err != nil {
-			return err
-		}
-		if err := d.step("policy delete", func() error { return d.objs.Policy.Delete(mk) }); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete policy: %w", err)
-		}
-		delete(live, k)
-		st.PolicyDeletes++
 	}
 	if cur != cfg {
 		if err := d.step("ep config", func() error { return d.epcfg.store(g, id, cfg) }); err != nil {

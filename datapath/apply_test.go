@@ -198,3 +198,24 @@ func TestApplyRejectsInvalidEntries(t *testing.T) {
 		}
 	}
 }
+
+// TestApplyNearFullTrie: the generation Apply writes is not live, so it is
+// emptied of what goes before it gets what comes. Three policies of 400
+// keys each, applied in turn on a 1,024-key trie: with writes first the
+// target would hold the old and the new policy (800) beside the live one
+// (400), and the apply would fail with ENOSPC, every retry again.
+func TestApplyNearFullTrie(t *testing.T) {
+	d := newTestDatapath(t, Config{MaxPolicyEntries: 1024})
+	state := func(base uint16) *policy.MapState {
+		var es []policy.Entry
+		for i := range uint16(400) {
+			es = append(es, allowIn(clientID, 6, base+i, base+i, policy.RuleID(1+i)))
+		}
+		return baseState(es...)
+	}
+	for round, base := range []uint16{1000, 2000, 3000, 4000} {
+		if _, err := d.Apply(state(base)); err != nil {
+			t.Fatalf("apply %d (ports %d-%d): %v", round, base, base+399, err)
+		}
+	}
+}
