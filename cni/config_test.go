@@ -196,6 +196,17 @@ func TestEndpointIPs(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("eth0 IPs = %v, want %v", got, want)
 	}
+	// An IP the result gives to another interface (here a host-side one)
+	// never becomes the pod's, even when none is given to eth0.
+	hostSide, err := current.NewResult([]byte(`{"cniVersion":"1.0.0",
+		"interfaces":[{"name":"veth1"},{"name":"eth1","sandbox":"/x"}],
+		"ips":[{"address":"10.213.1.1/24","interface":0},{"address":"10.213.1.2/24"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := endpointIPs(hostSide.(*current.Result), "eth0"); !slices.Equal(got, []netip.Prefix{netip.MustParsePrefix("10.213.1.2/24")}) {
+		t.Errorf("IPs with one on a host-side interface = %v, want only the unattributed 10.213.1.2/24", got)
+	}
 	// Without interface references, every IP belongs to the endpoint.
 	for _, ip := range r.IPs {
 		ip.Interface = nil

@@ -360,10 +360,12 @@ func endpointMAC(res *current.Result, ifName string, link net.HardwareAddr) (str
 }
 
 // endpointIPs returns the addresses prevResult assigned to ifName inside the
-// sandbox. Results that do not say which interface an IP belongs to (or
-// name none in the sandbox) contribute all their IPs.
+// sandbox. When none is attributed to it, the IPs that the result attributes
+// to no interface are taken; never those it gives to another interface (a
+// host-side veth, a bridge): the pod would be allowed to send from them and
+// the ipcache would name it as their owner.
 func endpointIPs(res *current.Result, ifName string) []netip.Prefix {
-	var own, all []netip.Prefix
+	var own, unattributed []netip.Prefix
 	for _, ipc := range res.IPs {
 		addr, ok := netip.AddrFromSlice(ipc.Address.IP)
 		if !ok {
@@ -377,16 +379,16 @@ func endpointIPs(res *current.Result, ifName string) []netip.Prefix {
 		if !pfx.IsValid() {
 			continue
 		}
-		all = append(all, pfx)
-		if ipc.Interface != nil && *ipc.Interface >= 0 && *ipc.Interface < len(res.Interfaces) {
-			iface := res.Interfaces[*ipc.Interface]
-			if iface.Name == ifName && iface.Sandbox != "" {
-				own = append(own, pfx)
-			}
+		if ipc.Interface == nil || *ipc.Interface < 0 || *ipc.Interface >= len(res.Interfaces) {
+			unattributed = append(unattributed, pfx)
+			continue
+		}
+		if iface := res.Interfaces[*ipc.Interface]; iface.Name == ifName && iface.Sandbox != "" {
+			own = append(own, pfx)
 		}
 	}
 	if len(own) > 0 {
 		return own
 	}
-	return all
+	return unattributed
 }
