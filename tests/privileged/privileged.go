@@ -24,7 +24,6 @@ func Require(t testing.TB) {
 	t.Helper()
 	if !Required() {
 		t.Skipf("kernel test: runs only with %s=1 (as root), e.g. under make test", EnvVar)
-		return
 	}
 	if os.Geteuid() != 0 {
 		t.Fatalf("%s=1 but not running as root", EnvVar)
