@@ -39,8 +39,9 @@ func (c *Config) policyBudget(trieEntries int) policy.Budget {
 }
 
 func (c *Config) validateBudget() error {
-	if n := c.Datapath.MaxPolicyEntries; n != 0 && (n < 1024 || n > 1<<24) {
-		return fmt.Errorf("--policy-map-entries %d: want 1024 to %d", n, 1<<24)
+	// Zero is the datapath's default, unless it came from the flag.
+	if n := c.Datapath.MaxPolicyEntries; (n != 0 || c.FromFlags) && (n < MinPolicyMapEntries || n > MaxPolicyMapEntries) {
+		return fmt.Errorf("--policy-map-entries %d: want %d to %d", n, MinPolicyMapEntries, MaxPolicyMapEntries)
 	}
 	if c.PolicyBudgetEndpoint < 0 || c.PolicyBudgetPolicy < 0 {
 		return fmt.Errorf("--policy-budget-endpoint and --policy-budget-policy must not be negative")
