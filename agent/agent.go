@@ -395,6 +395,9 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
+	// The rejections of what was just compiled, whether or not its apply
+	// succeeds: status says separately when the apply is failing.
+	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	live, err := a.prepareApply(ms)
 	var st datapath.ApplyStats
 	if err == nil {
@@ -419,7 +422,6 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		}
 	}
 	a.reattach = nil
-	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	a.publish(ms)
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())

@@ -56,7 +56,8 @@ type budgetReport struct {
 	last []policy.PolicyStatus
 }
 
-// update records the compiler's budget status after an apply: each policy
+// update records the compiler's budget status after a compile, before its
+// apply (so a failed apply does not leave the last one's list): each policy
 // that went over is logged once (as an error), and one that is back within
 // budget is logged too. The gauge bulkhead_policy_over_budget has one
 // series per policy over budget.

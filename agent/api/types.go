@@ -229,8 +229,9 @@ type StatusResponse struct {
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
 	// StoreHeld is set while a store state is held back (StoreHold).
 	StoreHeld *StoreHold `json:"storeHeld,omitempty"`
-	// PolicyErrors are policies the agent rejected while applying (over
-	// their policy-trie budget); the rest of the store applies.
+	// PolicyErrors are the policies the last compile rejected (over their
+	// policy-trie budget); the rest of the store applies. They describe
+	// the compiled state even while its apply fails (see PolicyApply).
 	PolicyErrors []PolicyError `json:"policyErrors,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`
