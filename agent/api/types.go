@@ -190,9 +190,11 @@ type StoreError struct {
 	Message string `json:"message"`
 }
 
-// StoreHold is a store state that removes every policy or most objects at
-// once. The agent keeps enforcing the last applied state, and applies the
-// held one at Until if the store stays the same until then.
+// StoreHold is a store state that removes every policy, or most policies or
+// objects, at once. The agent keeps enforcing the last applied state, and
+// applies the held one at Until if the store stays the same until then.
+// AppliedObjects and AppliedPolicies are 0 when the agent has no record of
+// the state the datapath enforces (Reason says so).
 type StoreHold struct {
 	Reason          string    `json:"reason"`
 	Since           time.Time `json:"since"`
