@@ -176,7 +176,7 @@ func New(cfg Config) (*Agent, error) {
 		}
 		return out
 	})
-	if a.guard, err = newStoreGuard(cfg, a.metrics, dp.Revision() > 0, a.storeUpdated); err != nil {
+	if a.guard, err = newStoreGuard(cfg, a.metrics, dp.Restricts(), a.storeUpdated); err != nil {
 		dp.Close()
 		return nil, err
 	}

@@ -77,7 +77,8 @@ func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail fu
 
 // newStoreGuard holds store states back (agent/storeguard) before they
 // reach apply, and reports holds in metrics. enforcing says the datapath
-// was re-opened with a policy an earlier agent applied.
+// was re-opened with a policy an earlier agent applied that restricts some
+// pod (datapath.Restricts).
 func newStoreGuard(cfg Config, m *metrics.Metrics, enforcing bool, apply storeguard.ApplyFunc) (*storeguard.Guard, error) {
 	return storeguard.New(storeguard.Config{
 		Grace:     cfg.StoreShrinkGrace,

@@ -58,14 +58,16 @@ func TestBudgetStatusFollowsTheCompileWhenTheApplyFails(t *testing.T) {
 
 	failing.Store(true)
 	write(budgetPolicy(80))
-	st := waitStatus(t, a, "the apply of the fixed policy failing", func(st api.StatusResponse) bool {
-		return st.PolicyApply != nil
+	// A refresh (the new veth's addresses) may fail before the store is
+	// reloaded; status then rightly lists the rejection of what it
+	// compiled. Once the fixed store is compiled, its apply failing, the
+	// rejection must be gone (with the list updated only after a
+	// successful apply it stays until the timeout).
+	waitStatus(t, a, "the fixed policy compiled, its apply failing, and no rejection listed", func(st api.StatusResponse) bool {
+		return st.PolicyApply != nil && len(st.PolicyErrors) == 0
 	})
-	if len(st.PolicyErrors) != 0 {
-		t.Errorf("status lists %+v as rejected, though the compiled (and retried) store fits its budget", st.PolicyErrors)
-	}
 	failing.Store(false)
-	st = waitStatus(t, a, "the retry succeeding", func(st api.StatusResponse) bool { return st.PolicyApply == nil })
+	st := waitStatus(t, a, "the retry succeeding", func(st api.StatusResponse) bool { return st.PolicyApply == nil })
 	if len(st.PolicyErrors) != 0 {
 		t.Errorf("after the retry: %+v", st.PolicyErrors)
 	}
@@ -73,8 +75,8 @@ func TestBudgetStatusFollowsTheCompileWhenTheApplyFails(t *testing.T) {
 
 // A --state-dir on tmpfs while bpffs survived: the restarted agent has no
 // record of the store state it applied, but the datapath it re-opens still
-// enforces it. An emptied store is held back, not applied at once (which
-// would open every pod).
+// isolates a pod by it. An emptied store is held back, not applied at once
+// (which would open every pod).
 func TestRestartWithoutStoreRecordHoldsAnEmptiedStore(t *testing.T) {
 	a, store := newTestAgentWith(t, func(c *Config) { c.StoreShrinkGrace = time.Hour })
 	if err := os.WriteFile(filepath.Join(store, "policy.yaml"), []byte(budgetPolicy(80)), 0o644); err != nil {
@@ -84,8 +86,15 @@ func TestRestartWithoutStoreRecordHoldsAnEmptiedStore(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
 	waitStatus(t, a, "first agent applied the store", func(st api.StatusResponse) bool { return st.Ready })
-	if a.dp.Revision() == 0 {
-		t.Fatal("no policy revision after the first apply")
+	if a.dp.Restricts() {
+		t.Fatal("the datapath restricts something with no pod on the node")
+	}
+	// A pod the policy isolates: the datapath restricts it.
+	if _, err := a.AddEndpoint(ctx, podVeth(t, "c0ffee72", "web", "10.213.7.2/32")); err != nil {
+		t.Fatal(err)
+	}
+	if !a.dp.Restricts() {
+		t.Fatal("the datapath does not restrict the isolated pod")
 	}
 	cancel()
 	if err := <-done; err != nil {
@@ -107,8 +116,8 @@ func TestRestartWithoutStoreRecordHoldsAnEmptiedStore(t *testing.T) {
 	if st.Ready || !strings.Contains(st.StoreHeld.Reason, "no record") {
 		t.Fatalf("status %+v, hold %+v; want the empty store held and the agent not ready", st, st.StoreHeld)
 	}
-	if a2.dp.Revision() != a.dp.Revision() {
-		t.Error("the held store was applied")
+	if !a2.dp.Restricts() {
+		t.Error("the held store was applied: the pod is no longer isolated")
 	}
 	// The policy comes back: applied at once.
 	if err := os.WriteFile(filepath.Join(store, "policy.yaml"), []byte(budgetPolicy(80)), 0o644); err != nil {

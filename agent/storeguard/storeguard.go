@@ -48,7 +48,8 @@ type Config struct {
 	// enforcing the last state.
 	StateDir string
 	// Enforcing says the datapath already enforces a policy state that an
-	// earlier agent applied (re-opened pins with a policy revision). When
+	// earlier agent applied and that restricts some pod (re-opened pins with
+	// a direction at default deny or a policy entry). When
 	// there is no readable record of that state (a --state-dir on tmpfs
 	// while bpffs survived, a corrupt record), it is taken to have had
 	// policies: a first state without any policy is held back, since
