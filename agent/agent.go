@@ -176,9 +176,12 @@ func New(cfg Config) (*Agent, error) {
 		}
 		return out
 	})
-	if a.guard, err = newStoreGuard(cfg, a.metrics, a.storeUpdated); err != nil {
+	if a.guard, err = newStoreGuard(cfg, a.metrics, dp.Restricts(), a.storeUpdated); err != nil {
 		dp.Close()
 		return nil, err
+	}
+	if w := a.guard.Warning(); w != "" {
+		a.fc.warnings = append(a.fc.warnings, w)
 	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
@@ -330,14 +333,17 @@ func (a *Agent) storeFailed(serrs []api.StoreError) {
 	}
 }
 
-// storeUpdated applies a new good store state.
-func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) {
+// storeUpdated applies a new good store state. It returns nil only when
+// the state compiled without rejected objects and the datapath enforces it.
+func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) error {
 	a.mu.Lock()
 	a.storeErrs = nil
 	a.mu.Unlock()
-	if err := a.batch.Submit(ctx, &change{store: res}); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
+	err := a.batch.Submit(ctx, &change{store: res})
+	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
 		a.log.Error("apply store", "error", err)
 	}
+	return err
 }
 
 // applyBatch runs on the batcher's goroutine: it folds every change into
@@ -389,6 +395,9 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
+	// The rejections of what was just compiled, whether or not its apply
+	// succeeds: status says separately when the apply is failing.
+	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	live, err := a.prepareApply(ms)
 	var st datapath.ApplyStats
 	if err == nil {
@@ -413,7 +422,6 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		}
 	}
 	a.reattach = nil
-	a.budget.update(a.compiler.BudgetStatus(), a.log, a.metrics)
 	a.publish(ms)
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())
@@ -617,7 +625,7 @@ func (a *Agent) foldStore(res *store.Result) error {
 		if err != nil {
 			a.log.Warn("store compiled with rejected objects", "error", err)
 		}
-		return nil
+		return err
 	}
 
 	var errs []error

@@ -41,8 +41,9 @@ type Config struct {
 	// StoreDebounce is how long the store must be quiet before a reload.
 	StoreDebounce time.Duration
 	// StoreShrinkGrace is how long a store state that removes every policy
-	// or most objects at once must stay the same before it is applied
-	// (agent/storeguard). Zero means DefaultStoreShrinkGrace.
+	// or most objects or policies at once must stay the same before it is
+	// applied (agent/storeguard). It must be positive; zero is unset (see
+	// FromFlags) and means DefaultStoreShrinkGrace.
 	StoreShrinkGrace time.Duration
 	// Version is reported in status.
 	Version string
@@ -51,7 +52,8 @@ type Config struct {
 	// Datapath.MaxPolicyEntries sizes the policy trie (--policy-map-entries).
 	Datapath datapath.Config
 	// IdentityGrace is how long an identity number or endpoint ID that
-	// nothing uses stays reserved (default DefaultIdentityGrace).
+	// nothing uses stays reserved. It must be positive; zero is unset (see
+	// FromFlags) and means DefaultIdentityGrace.
 	IdentityGrace time.Duration
 	// ReconcileInterval is how often endpoints whose veth vanished are
 	// looked for, besides on every link deletion (default 5 s).
@@ -61,6 +63,13 @@ type Config struct {
 	// the trie's size (see policyBudget).
 	PolicyBudgetEndpoint int
 	PolicyBudgetPolicy   int
+	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
+	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
+	// not allowed (--store-shrink-grace, --identity-grace,
+	// --policy-map-entries, --flow-ring) is an error naming the flag, never
+	// silently replaced by the default. Without it (Go callers, tests) a
+	// zero field means its default.
+	FromFlags bool
 }
 
 // Defaults (DESIGN.md §5).
@@ -71,6 +80,12 @@ const (
 	// DefaultStoreShrinkGrace is long enough for a copy of a store to
 	// finish, short enough that an intended change does not wait long.
 	DefaultStoreShrinkGrace = 30 * time.Second
+	DefaultFlowRing         = 4096
+	// DefaultPolicyMapEntries, MinPolicyMapEntries and MaxPolicyMapEntries
+	// bound --policy-map-entries.
+	DefaultPolicyMapEntries = 262144
+	MinPolicyMapEntries     = 1024
+	MaxPolicyMapEntries     = 1 << 24
 )
 
 func (c *Config) setDefaults() error {
@@ -89,8 +104,8 @@ func (c *Config) setDefaults() error {
 	if c.FlowFormat == "" {
 		c.FlowFormat = "json"
 	}
-	if c.FlowRing <= 0 {
-		c.FlowRing = 4096
+	if c.FlowRing == 0 && !c.FromFlags {
+		c.FlowRing = DefaultFlowRing
 	}
 	if c.TrustDomain == "" {
 		c.TrustDomain = identity.DefaultTrustDomain
@@ -98,10 +113,10 @@ func (c *Config) setDefaults() error {
 	if c.StoreDebounce <= 0 {
 		c.StoreDebounce = 200 * time.Millisecond
 	}
-	if c.StoreShrinkGrace == 0 {
+	if c.StoreShrinkGrace == 0 && !c.FromFlags {
 		c.StoreShrinkGrace = DefaultStoreShrinkGrace
 	}
-	if c.IdentityGrace == 0 {
+	if c.IdentityGrace == 0 && !c.FromFlags {
 		c.IdentityGrace = DefaultIdentityGrace
 	}
 	if c.ReconcileInterval <= 0 {
@@ -117,11 +132,16 @@ func (c *Config) setDefaults() error {
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
 	}
-	if c.StoreShrinkGrace < 0 {
+	if c.FlowRing <= 0 {
+		errs = append(errs, fmt.Errorf("--flow-ring %d: must be positive", c.FlowRing))
+	}
+	if c.StoreShrinkGrace <= 0 {
+		// Without a grace period an emptied store would be applied at
+		// once: the hold-back exists to prevent exactly that.
 		errs = append(errs, fmt.Errorf("--store-shrink-grace %v: must be positive", c.StoreShrinkGrace))
 	}
-	if c.IdentityGrace < 0 {
-		errs = append(errs, fmt.Errorf("--identity-grace %v must not be negative", c.IdentityGrace))
+	if c.IdentityGrace <= 0 {
+		errs = append(errs, fmt.Errorf("--identity-grace %v: must be positive (a number nothing uses stays reserved this long, so a label set that comes back keeps it)", c.IdentityGrace))
 	}
 	if err := c.validateBudget(); err != nil {
 		errs = append(errs, err)
@@ -134,5 +154,11 @@ func (c *Config) setDefaults() error {
 			errs = append(errs, fmt.Errorf("%s %q: must be an absolute path", name, p))
 		}
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	return nil
 }
+
+// ErrConfig marks an invalid configuration: each problem names its flag.
+var ErrConfig = errors.New("invalid configuration")

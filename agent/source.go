@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -77,11 +76,14 @@ func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail fu
 }
 
 // newStoreGuard holds store states back (agent/storeguard) before they
-// reach apply, and reports holds in metrics.
-func newStoreGuard(cfg Config, m *metrics.Metrics, apply func(context.Context, *store.Result)) (*storeguard.Guard, error) {
+// reach apply, and reports holds in metrics. enforcing says the datapath
+// was re-opened with a policy an earlier agent applied that restricts some
+// pod (datapath.Restricts).
+func newStoreGuard(cfg Config, m *metrics.Metrics, enforcing bool, apply storeguard.ApplyFunc) (*storeguard.Guard, error) {
 	return storeguard.New(storeguard.Config{
 		Grace:     cfg.StoreShrinkGrace,
-		StatePath: filepath.Join(cfg.StateDir, "store-applied.json"),
+		StateDir:  cfg.StateDir,
+		Enforcing: enforcing,
 		Logger:    cfg.Logger.With("component", "store"),
 		OnHold: func(h *storeguard.Hold) {
 			if h == nil {

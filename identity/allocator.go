@@ -56,6 +56,14 @@ func NewCIDRAllocator() *Allocator { return NewAllocator(MinCIDRID, ^NumericID(0
 // release.
 func (a *Allocator) Retain(now func() time.Time) { a.now = now }
 
+// Empty returns an allocator with a's range and clock that has handed out
+// nothing: a place to Restore into before committing to the result.
+func (a *Allocator) Empty() *Allocator {
+	e := NewAllocator(a.min, a.max)
+	e.now = a.now
+	return e
+}
+
 // Acquire returns the ID of key, allocating one on first use, and adds a
 // reference.
 func (a *Allocator) Acquire(key string) (NumericID, error) {

@@ -52,7 +52,9 @@ func (c *Compiler) AllocationVersion() uint64 {
 }
 
 // RestoreAllocation loads a numbering saved from an earlier compiler. It is
-// refused once anything was compiled.
+// refused once anything was compiled. It loads all of it or nothing: a
+// caller that numbers afresh after an error gets a fresh numbering, not the
+// workload numbers of a record whose CIDR part was bad.
 func (c *Compiler) RestoreAllocation(a Allocation) error {
 	if len(c.pods) != 0 || len(c.policies) != 0 || len(c.ruleIDs) != 0 {
 		return errors.New("restore allocation: the compiler is in use")
@@ -70,12 +72,17 @@ func (c *Compiler) RestoreAllocation(a Allocation) error {
 	if a.NextRule == 0 {
 		a.NextRule = 1
 	}
-	if err := c.workloads.Restore(a.Workloads); err != nil {
+	workloads, cidrs := c.workloads.Empty(), c.cidrAlloc.Empty()
+	if err := workloads.Restore(a.Workloads); err != nil {
 		return fmt.Errorf("workload identities: %w", err)
 	}
-	if err := c.cidrAlloc.Restore(a.CIDRs); err != nil {
+	if err := cidrs.Restore(a.CIDRs); err != nil {
 		return fmt.Errorf("CIDR identities: %w", err)
 	}
+	if len(c.workloads.State().Keys) != 0 || len(c.cidrAlloc.State().Keys) != 0 {
+		return errors.New("restore allocation: the compiler has numbered identities")
+	}
+	c.workloads, c.cidrAlloc = workloads, cidrs
 	c.ruleIDs, c.nextRule = rules, a.NextRule
 	c.rulesVersion++
 	return nil

@@ -135,3 +135,31 @@ func TestIdentityGrace(t *testing.T) {
 		t.Fatalf("after expiry identity %d reuses an old number (%d, %d)", got, orig, other)
 	}
 }
+
+// A record whose CIDR part is bad is refused whole: the caller numbers
+// afresh, and the workload numbers of the bad record must not stay behind
+// (they would mix with fresh CIDR numbers and rule IDs).
+func TestRestoreAllocationAllOrNothing(t *testing.T) {
+	src := policy.NewCompiler(policy.Config{})
+	if _, err := src.Reset(benchSnapshot(2, 3, 1)); err != nil {
+		t.Fatal(err)
+	}
+	alloc := src.Allocation()
+	if len(alloc.Workloads.Keys) == 0 {
+		t.Fatal("the source compiler numbered no workload identity")
+	}
+	alloc.CIDRs.Next = 1 // outside the CIDR range
+	c := policy.NewCompiler(policy.Config{})
+	if err := c.RestoreAllocation(alloc); err == nil {
+		t.Fatal("a record with a bad CIDR part was restored")
+	}
+	if got := c.Allocation(); len(got.Workloads.Keys) != 0 || len(got.CIDRs.Keys) != 0 || len(got.Rules) != 0 {
+		t.Fatalf("after a refused restore the compiler keeps %d workload numbers, %d CIDR numbers, %d rule IDs; want none",
+			len(got.Workloads.Keys), len(got.CIDRs.Keys), len(got.Rules))
+	}
+	// And the same compiler still takes a good record.
+	alloc.CIDRs = src.Allocation().CIDRs
+	if err := c.RestoreAllocation(alloc); err != nil {
+		t.Fatalf("a good record after a refused one: %v", err)
+	}
+}

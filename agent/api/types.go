@@ -190,9 +190,11 @@ type StoreError struct {
 	Message string `json:"message"`
 }
 
-// StoreHold is a store state that removes every policy or most objects at
-// once. The agent keeps enforcing the last applied state, and applies the
-// held one at Until if the store stays the same until then.
+// StoreHold is a store state that removes every policy, or most policies or
+// objects, at once. The agent keeps enforcing the last applied state, and
+// applies the held one at Until if the store stays the same until then.
+// AppliedObjects and AppliedPolicies are 0 when the agent has no record of
+// the state the datapath enforces (Reason says so).
 type StoreHold struct {
 	Reason          string    `json:"reason"`
 	Since           time.Time `json:"since"`
@@ -229,8 +231,9 @@ type StatusResponse struct {
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
 	// StoreHeld is set while a store state is held back (StoreHold).
 	StoreHeld *StoreHold `json:"storeHeld,omitempty"`
-	// PolicyErrors are policies the agent rejected while applying (over
-	// their policy-trie budget); the rest of the store applies.
+	// PolicyErrors are the policies the last compile rejected (over their
+	// policy-trie budget); the rest of the store applies. They describe
+	// the compiled state even while its apply fails (see PolicyApply).
 	PolicyErrors []PolicyError `json:"policyErrors,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`

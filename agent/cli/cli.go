@@ -84,8 +84,13 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 			fmt.Fprintf(w, "Store error: %s:%d: %s (the last good state stays enforced)\n", e.File, e.Line, e.Message)
 		}
 		if h := st.StoreHeld; h != nil {
-			fmt.Fprintf(w, "Store held: %s; the last applied state (%d objects, %d policies) stays enforced, and the held one (%d objects, %d policies) is applied at %s (in %s) if the store stays as it is\n",
-				h.Reason, h.AppliedObjects, h.AppliedPolicies, h.HeldObjects, h.HeldPolicies,
+			applied := fmt.Sprintf("the last applied state (%d objects, %d policies)", h.AppliedObjects, h.AppliedPolicies)
+			if h.AppliedObjects == 0 {
+				// Only a baseline the agent has no record of is empty.
+				applied = "the state the datapath enforces (not recorded)"
+			}
+			fmt.Fprintf(w, "Store held: %s; %s stays enforced, and the held one (%d objects, %d policies) is applied at %s (in %s) if the store stays as it is\n",
+				h.Reason, applied, h.HeldObjects, h.HeldPolicies,
 				h.Until.Local().Format(time.RFC3339), time.Until(h.Until).Round(time.Second))
 		}
 		for _, m := range st.EndpointWarnings {

@@ -9,17 +9,17 @@ package storeguard
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/state"
+	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/store"
 )
 
@@ -31,7 +31,8 @@ type Hold struct {
 	// applied if it stays the same.
 	Since, Until time.Time
 	// Applied and Held count the objects and the policies of the last
-	// applied and of the held state.
+	// applied and of the held state. Both Applied counts are 0 when the
+	// guard has no record of the state the datapath enforces (Config.Enforcing).
 	AppliedObjects, AppliedPolicies int
 	HeldObjects, HeldPolicies       int
 }
@@ -41,28 +42,51 @@ type Config struct {
 	// Grace is how long a shrunken state must stay the same before it is
 	// applied. It must be positive.
 	Grace time.Duration
-	// StatePath, if set, is a file where the guard keeps what the last
-	// applied state held, so that an agent restarted on an emptied store
-	// holds it back too, while the pinned maps keep enforcing the last
-	// state.
-	StatePath string
+	// StateDir, if set, is where the guard keeps what the last applied
+	// state held (store-applied.json), so that an agent restarted on an
+	// emptied store holds it back too, while the pinned maps keep
+	// enforcing the last state.
+	StateDir string
+	// Enforcing says the datapath already enforces a policy state that an
+	// earlier agent applied and that restricts some pod (re-opened pins with
+	// a direction at default deny or a policy entry). When
+	// there is no readable record of that state (a --state-dir on tmpfs
+	// while bpffs survived, a corrupt record), it is taken to have had
+	// policies: a first state without any policy is held back, since
+	// applying it may open every pod.
+	Enforcing bool
 	Logger    *slog.Logger
 	// OnHold, if set, is called when a hold begins (with it) and ends
 	// (with nil), for metrics.
 	OnHold func(*Hold)
 }
 
+// ApplyFunc applies a store state. It returns nil only when the state is
+// enforced in full: compiled without rejected objects and applied to the
+// datapath.
+type ApplyFunc func(context.Context, *store.Result) error
+
+// recordKey names the guard's record in Config.StateDir.
+const recordKey = "store-applied"
+
 // Guard passes store states on to apply, holding back those that Shrinks.
 type Guard struct {
-	cfg   Config
-	apply func(context.Context, *store.Result)
+	cfg     Config
+	apply   ApplyFunc
+	records *state.Dir[Summary]
+	// warning is a lasting problem for status (a quarantined record).
+	warning string
 
 	// mu serialises decisions and applies, so that states are applied in
 	// the order they were offered.
-	mu      sync.Mutex
-	applied *Summary
-	held    *store.Result
-	timer   *time.Timer
+	mu sync.Mutex
+	// applied is the baseline: the last state applied in full (or the
+	// unknown one the datapath enforces). tried is a later state whose
+	// apply failed or was partial: the agent may still come to enforce it
+	// (it retries a failed apply), so a state is compared with both.
+	applied, tried *Summary
+	held           *store.Result
+	timer          *time.Timer
 	// gen counts holds, so that a timer of an ended hold does nothing.
 	gen     uint64
 	stopped bool
@@ -71,9 +95,11 @@ type Guard struct {
 	hold atomic.Pointer[Hold]
 }
 
-// New returns a Guard that passes states to apply. With cfg.StatePath, the
-// last applied state of an earlier run is the baseline for the first one.
-func New(cfg Config, apply func(context.Context, *store.Result)) (*Guard, error) {
+// New returns a Guard that passes states to apply. With cfg.StateDir, the
+// last applied state of an earlier run is the baseline for the first one. A
+// record that cannot be read is quarantined (renamed, never deleted) and
+// reported by Warning.
+func New(cfg Config, apply ApplyFunc) (*Guard, error) {
 	if cfg.Grace <= 0 {
 		return nil, fmt.Errorf("store shrink grace %v: must be positive", cfg.Grace)
 	}
@@ -81,23 +107,44 @@ func New(cfg Config, apply func(context.Context, *store.Result)) (*Guard, error)
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	g := &Guard{cfg: cfg, apply: apply}
-	if cfg.StatePath != "" {
-		s, err := loadSummary(cfg.StatePath)
+	if cfg.StateDir != "" {
+		dir, err := state.Open[Summary](cfg.StateDir)
 		if err != nil {
-			// Without it the first state is applied as it is, as on a
-			// fresh node.
-			cfg.Logger.Warn("last applied store state unreadable; the first store state is not compared with it", "error", err)
+			return nil, fmt.Errorf("store guard: %w", err)
 		}
-		g.applied = s
+		g.records = dir
+		s, err := dir.Get(recordKey)
+		switch {
+		case err == nil:
+			g.applied = &s
+		case errors.Is(err, state.ErrNotFound):
+		default:
+			moved, qerr := dir.Quarantine(recordKey)
+			if qerr != nil {
+				return nil, fmt.Errorf("quarantine unreadable record of the applied store state: %w (after %w)", qerr, err)
+			}
+			g.warning = fmt.Sprintf("record of the applied store state unreadable (%v), kept as %s", err, moved)
+			cfg.Logger.Error("record of the applied store state unreadable; moved aside", "error", err, "file", moved)
+		}
+	}
+	if g.applied == nil && cfg.Enforcing {
+		g.applied = &Summary{Unknown: true}
+		cfg.Logger.Warn("the datapath enforces a policy state with no record of what it held; a first store state without policies is held back")
 	}
 	return g, nil
 }
+
+// Warning is a lasting problem to report in status, or "".
+func (g *Guard) Warning() string { return g.warning }
 
 // Summary is what Shrinks compares: the objects of a state, by kind,
 // namespace and name, and how many of them are policies.
 type Summary struct {
 	Refs     []string `json:"refs"`
 	Policies int      `json:"policies"`
+	// Unknown marks the baseline of a datapath that enforces a state the
+	// guard has no record of; it is taken to have had policies.
+	Unknown bool `json:"-"`
 }
 
 // Summarize summarises a store state.
@@ -109,13 +156,32 @@ func Summarize(r *store.Result) *Summary {
 	return s
 }
 
+// isPolicy says whether a ref (Object.Ref) names a policy.
+func isPolicy(ref string) bool {
+	return strings.HasPrefix(ref, policy.KindNetworkPolicy+" ") || strings.HasPrefix(ref, policy.KindBulkheadPolicy+" ")
+}
+
 // Shrinks says why next removes too much of prev to apply at once, or ""
-// when it does not: when prev has policies and next has none, or when more
-// than half of prev's objects (by kind, namespace and name) are not in
-// next. Exactly half is not "most". Without a prev (a fresh node) nothing
-// shrinks.
+// when it does not. It does when prev has policies and next has none, when
+// more than half of prev's policies are not in next, or when more than half
+// of prev's objects are not in next (policies and objects by kind,
+// namespace and name). Exactly half is not "most". Without a prev (a fresh
+// node) nothing shrinks; with an Unknown prev, only a next without policies
+// does.
+//
+// Policies get their own count because they are what isolates pods: a
+// store of many pods and namespaces could otherwise lose most of its
+// policies in one step and stay under half of its objects. What this does
+// not catch is a store taken apart in steps that each stay within these
+// bounds: that is indistinguishable from intent.
 func Shrinks(prev, next *Summary) string {
 	if prev == nil {
+		return ""
+	}
+	if prev.Unknown {
+		if next.Policies == 0 {
+			return "no policy in the store, and no record of the state the datapath enforces (an earlier agent applied it)"
+		}
 		return ""
 	}
 	if prev.Policies > 0 && next.Policies == 0 {
@@ -125,11 +191,21 @@ func Shrinks(prev, next *Summary) string {
 	for _, r := range next.Refs {
 		have[r] = true
 	}
-	lost := 0
+	lost, lostPol, pols := 0, 0, 0
 	for _, r := range prev.Refs {
+		pol := isPolicy(r)
+		if pol {
+			pols++
+		}
 		if !have[r] {
 			lost++
+			if pol {
+				lostPol++
+			}
 		}
+	}
+	if 2*lostPol > pols {
+		return fmt.Sprintf("%d of its %d policies are gone", lostPol, pols)
 	}
 	if 2*lost > len(prev.Refs) {
 		return fmt.Sprintf("%d of its %d objects are gone", lost, len(prev.Refs))
@@ -141,6 +217,19 @@ func policies(r *store.Result) int {
 	return len(r.Snapshot.NetworkPolicies) + len(r.Snapshot.BulkheadPolicies)
 }
 
+// shrinks compares next with the baseline and with a state whose apply
+// failed; it returns the reason and the state it shrinks. Called with g.mu
+// held.
+func (g *Guard) shrinks(next *Summary) (string, *Summary) {
+	if r := Shrinks(g.applied, next); r != "" {
+		return r, g.applied
+	}
+	if r := Shrinks(g.tried, next); r != "" {
+		return r + " (from a state whose apply failed, which the agent may still be enforcing)", g.tried
+	}
+	return "", nil
+}
+
 // Offer is called with every valid store state. It applies the state now,
 // or holds it back if it shrinks the last applied state too much.
 func (g *Guard) Offer(ctx context.Context, next *store.Result) {
@@ -150,7 +239,7 @@ func (g *Guard) Offer(ctx context.Context, next *store.Result) {
 		return
 	}
 	sum := Summarize(next)
-	reason := Shrinks(g.applied, sum)
+	reason, base := g.shrinks(sum)
 	if reason == "" {
 		if g.held != nil {
 			g.cfg.Logger.Info("store no longer removes too much at once; hold ended", "objects", len(next.Objects), "policies", policies(next))
@@ -166,7 +255,7 @@ func (g *Guard) Offer(ctx context.Context, next *store.Result) {
 	now := time.Now()
 	h := &Hold{
 		Reason: reason, Since: now, Until: now.Add(g.cfg.Grace),
-		AppliedObjects: len(g.applied.Refs), AppliedPolicies: g.applied.Policies,
+		AppliedObjects: len(base.Refs), AppliedPolicies: base.Policies,
 		HeldObjects: len(next.Objects), HeldPolicies: policies(next),
 	}
 	g.held = next
@@ -206,13 +295,21 @@ func (g *Guard) expire(ctx context.Context, gen uint64) {
 	g.pass(ctx, next, Summarize(next))
 }
 
-// pass applies a state and records it as the baseline. Called with g.mu
-// held.
+// pass applies a state. Only a state applied in full becomes the baseline
+// (and is recorded): after a failed or partial apply the datapath may
+// still enforce the old one, and comparing the next state with one that
+// never took effect would let it shrink the enforced one unchecked. Called
+// with g.mu held.
 func (g *Guard) pass(ctx context.Context, next *store.Result, sum *Summary) {
-	g.applied = sum
-	g.apply(ctx, next)
-	if g.cfg.StatePath != "" {
-		if err := saveSummary(g.cfg.StatePath, sum); err != nil {
+	if err := g.apply(ctx, next); err != nil {
+		g.tried = sum
+		g.cfg.Logger.Warn("store state not applied in full; later states are still compared with the last one that was",
+			"error", err, "objects", len(next.Objects), "policies", policies(next))
+		return
+	}
+	g.applied, g.tried = sum, nil
+	if g.records != nil {
+		if err := g.records.Put(recordKey, *sum); err != nil {
 			g.cfg.Logger.Warn("record the applied store state", "error", err)
 		}
 	}
@@ -249,38 +346,4 @@ func (g *Guard) Stop() {
 	defer g.mu.Unlock()
 	g.endHold()
 	g.stopped = true
-}
-
-func loadSummary(path string) (*Summary, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	var s Summary
-	if err := json.Unmarshal(data, &s); err != nil {
-		return nil, fmt.Errorf("decode %s: %w", path, err)
-	}
-	return &s, nil
-}
-
-// saveSummary writes the file whole or not at all (write, then rename).
-func saveSummary(path string, s *Summary) error {
-	data, err := json.Marshal(s)
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }

@@ -5,11 +5,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -34,19 +36,20 @@ func main() {
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
 	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
 	ringKiB := fs.Uint("flow-event-ring-kib", 1024, "size of the kernel's flow event ring buffer in KiB (a power of two); a larger ring loses fewer events in bursts")
-	policyEntries := fs.Uint("policy-map-entries", 262144, "keys the policy trie holds, shared by all endpoints and by the live and the next policy generation; sizes the exact-match table in front of it too")
+	cfg.Datapath.MaxPolicyEntries = agent.DefaultPolicyMapEntries
+	fs.Var(uint32Value{&cfg.Datapath.MaxPolicyEntries}, "policy-map-entries", "keys the policy trie holds, shared by all endpoints and by the live and the next policy generation; sizes the exact-match table in front of it too")
 	fs.IntVar(&cfg.PolicyBudgetEndpoint, "policy-budget-endpoint", 0, "policy trie keys one endpoint's policy may take; policies are rejected, largest first, until it fits (0: 1/16 of --policy-map-entries)")
 	fs.IntVar(&cfg.PolicyBudgetPolicy, "policy-budget-policy", 0, "policy trie keys one policy may take, summed over the local pods it selects; a policy over it is rejected alone (0: 1/8 of --policy-map-entries)")
-	fs.IntVar(&cfg.FlowRing, "flow-ring", 4096, "how many recent flows to keep in memory for bulkhead observe")
+	fs.IntVar(&cfg.FlowRing, "flow-ring", agent.DefaultFlowRing, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
-	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy or more than half of the objects at once until it has stayed the same this long")
+	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy, or more than half of the policies or of the objects, at once until it has stayed the same this long (must be positive)")
 	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
 	logAllow := fs.String("flow-log-allow", "", `JSON list of flow filters; the flow log keeps only records that match one, e.g. [{"verdicts":["DROPPED"]},{"namespaces":["shop"]}]`)
 	logDeny := fs.String("flow-log-deny", "", `JSON list of flow filters; the flow log drops records that match one, e.g. [{"spiffe_ids":["spiffe://cluster.local/ns/kube-system/sa/*"]}]`)
 	attachMode := fs.String("attach-mode", "tcx", "tcx (falls back to clsact where the kernel lacks TCX) or clsact; TCX attach waits for RCU grace periods, clsact does not (see README)")
-	fs.DurationVar(&cfg.IdentityGrace, "identity-grace", agent.DefaultIdentityGrace, "how long an identity number or endpoint ID that nothing uses stays reserved")
+	fs.DurationVar(&cfg.IdentityGrace, "identity-grace", agent.DefaultIdentityGrace, "how long an identity number or endpoint ID that nothing uses stays reserved (must be positive)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	_ = fs.Parse(os.Args[1:])
@@ -79,20 +82,11 @@ func main() {
 			cfg.FlowLogFilter.Deny = fl
 		}
 	}
-	if cfg.StoreShrinkGrace <= 0 {
-		fmt.Fprintf(os.Stderr, "bulkhead-agent: --store-shrink-grace %v: must be positive\n", cfg.StoreShrinkGrace)
-		os.Exit(2)
-	}
 	if *ringKiB == 0 || *ringKiB > 1<<20 {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --flow-event-ring-kib %d: want 1 to %d\n", *ringKiB, 1<<20)
 		os.Exit(2)
 	}
 	cfg.Datapath.EventRingBytes = uint32(*ringKiB) << 10
-	if *policyEntries > 1<<24 {
-		fmt.Fprintf(os.Stderr, "bulkhead-agent: --policy-map-entries %d: want 1024 to %d\n", *policyEntries, 1<<24)
-		os.Exit(2)
-	}
-	cfg.Datapath.MaxPolicyEntries = uint32(*policyEntries)
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --log-level: %v\n", err)
@@ -100,10 +94,15 @@ func main() {
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Version = version
+	cfg.FromFlags = true
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	a, err := agent.New(cfg)
+	if errors.Is(err, agent.ErrConfig) {
+		fmt.Fprintf(os.Stderr, "bulkhead-agent: %v\n", err)
+		os.Exit(2)
+	}
 	if err != nil {
 		cfg.Logger.Error("agent failed to start", "error", err)
 		os.Exit(1)
@@ -112,6 +111,25 @@ func main() {
 		cfg.Logger.Error("agent failed", "error", err)
 		os.Exit(1)
 	}
+}
+
+// uint32Value is a flag of a uint32 field; agent.New checks its range.
+type uint32Value struct{ p *uint32 }
+
+func (v uint32Value) String() string {
+	if v.p == nil {
+		return "0"
+	}
+	return strconv.FormatUint(uint64(*v.p), 10)
+}
+
+func (v uint32Value) Set(s string) error {
+	n, err := strconv.ParseUint(s, 0, 32)
+	if err != nil {
+		return err
+	}
+	*v.p = uint32(n)
+	return nil
 }
 
 func hostname() string {

@@ -1,0 +1,73 @@
+package agent
+
+import (
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A zero field is "unset" (its default) for Go callers, and what the user
+// gave when it came from a flag: a flag of 0 that is not allowed is an
+// error naming the flag, never silently replaced by the default.
+func TestConfigFlagBounds(t *testing.T) {
+	dir := t.TempDir()
+	valid := func() Config {
+		return Config{FromFlags: true, StateDir: filepath.Join(dir, "state"), Socket: filepath.Join(dir, "s"),
+			BPFFS: filepath.Join(dir, "bpf"), FlowRing: DefaultFlowRing, StoreShrinkGrace: DefaultStoreShrinkGrace,
+			IdentityGrace: DefaultIdentityGrace}
+	}
+	c := valid()
+	c.Datapath.MaxPolicyEntries = DefaultPolicyMapEntries
+	if err := c.setDefaults(); err != nil {
+		t.Fatalf("the flags' defaults: %v", err)
+	}
+	tests := []struct {
+		name, flag string
+		set        func(*Config)
+		ok         bool
+	}{
+		{"identity grace 0", "--identity-grace", func(c *Config) { c.IdentityGrace = 0 }, false},
+		{"identity grace negative", "--identity-grace", func(c *Config) { c.IdentityGrace = -time.Second }, false},
+		{"identity grace 1ns", "", func(c *Config) { c.IdentityGrace = time.Nanosecond }, true},
+		{"store shrink grace 0", "--store-shrink-grace", func(c *Config) { c.StoreShrinkGrace = 0 }, false},
+		{"store shrink grace negative", "--store-shrink-grace", func(c *Config) { c.StoreShrinkGrace = -1 }, false},
+		{"store shrink grace 1ns", "", func(c *Config) { c.StoreShrinkGrace = 1 }, true},
+		{"flow ring 0", "--flow-ring", func(c *Config) { c.FlowRing = 0 }, false},
+		{"policy map entries 0", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = 0 }, false},
+		{"policy map entries 1023", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = MinPolicyMapEntries - 1 }, false},
+		{"policy map entries 1024", "", func(c *Config) { c.Datapath.MaxPolicyEntries = MinPolicyMapEntries }, true},
+		{"policy map entries 2^24", "", func(c *Config) { c.Datapath.MaxPolicyEntries = MaxPolicyMapEntries }, true},
+		{"policy map entries 2^24+1", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = MaxPolicyMapEntries + 1 }, false},
+		{"policy budget negative", "--policy-budget-endpoint", func(c *Config) { c.PolicyBudgetEndpoint = -1 }, false},
+	}
+	for _, tt := range tests {
+		c := valid()
+		c.Datapath.MaxPolicyEntries = DefaultPolicyMapEntries
+		tt.set(&c)
+		before := c
+		err := c.setDefaults()
+		switch {
+		case tt.ok && err != nil:
+			t.Errorf("%s: %v", tt.name, err)
+		case !tt.ok && err == nil:
+			t.Errorf("%s: accepted (now %v identity grace, %v store grace, %d flow ring, %d policy entries)", tt.name,
+				c.IdentityGrace, c.StoreShrinkGrace, c.FlowRing, c.Datapath.MaxPolicyEntries)
+		case !tt.ok && (!errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), tt.flag)):
+			t.Errorf("%s: error %q does not name %s", tt.name, err, tt.flag)
+		}
+		if tt.ok && (c.IdentityGrace != before.IdentityGrace || c.StoreShrinkGrace != before.StoreShrinkGrace) {
+			t.Errorf("%s: a given value was replaced: %+v", tt.name, c)
+		}
+	}
+
+	// Go callers: zero is unset, and means the default.
+	var z Config
+	if err := z.setDefaults(); err != nil {
+		t.Fatalf("zero Config: %v", err)
+	}
+	if z.IdentityGrace != DefaultIdentityGrace || z.StoreShrinkGrace != DefaultStoreShrinkGrace || z.FlowRing != DefaultFlowRing {
+		t.Errorf("zero Config: %v identity grace, %v store grace, %d flow ring; want the defaults", z.IdentityGrace, z.StoreShrinkGrace, z.FlowRing)
+	}
+}

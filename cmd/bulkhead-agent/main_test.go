@@ -1,0 +1,40 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// The agent's flags are checked once, by agent.New, and main reports the
+// problem (naming the flag) and exits 2 before touching anything. This
+// re-runs the test binary as the agent with the flags under test.
+func TestBadFlagsAreReported(t *testing.T) {
+	if args := os.Getenv("BULKHEAD_AGENT_TEST_ARGS"); args != "" {
+		os.Args = append([]string{"bulkhead-agent"}, strings.Fields(args)...)
+		main()
+		os.Exit(0)
+	}
+	dir := t.TempDir()
+	base := "--state-dir " + filepath.Join(dir, "state") + " --socket " + filepath.Join(dir, "sock") +
+		" --bpffs " + filepath.Join(dir, "bpf") + " --store dir:" + dir + " --metrics-addr="
+	for _, tt := range []struct{ args, want string }{
+		{"--identity-grace 0", "--identity-grace 0s: must be positive"},
+		{"--store-shrink-grace 0", "--store-shrink-grace 0s: must be positive"},
+		{"--policy-map-entries 1023", "--policy-map-entries 1023: want 1024 to 16777216"},
+		{"--policy-map-entries 0", "--policy-map-entries 0: want 1024 to 16777216"},
+		{"--policy-map-entries 99999999999", "invalid value \"99999999999\" for flag -policy-map-entries"},
+		{"--flow-ring 0", "--flow-ring 0: must be positive"},
+	} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestBadFlagsAreReported$")
+		cmd.Env = append(os.Environ(), "BULKHEAD_AGENT_TEST_ARGS="+base+" "+tt.args)
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), tt.want) {
+			t.Errorf("%s: exit %v, output %q; want exit 2 and %q", tt.args, err, out, tt.want)
+		}
+	}
+}
