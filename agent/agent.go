@@ -87,6 +87,10 @@ type Agent struct {
 	ipOwners *ipOwners
 	// budget reports the policies over their policy-trie budget.
 	budget budgetReport
+
+	// attach is dp.Attach for ADDs (tests fail it, as late as an ADD can
+	// fail).
+	attach func(datapath.Endpoint) (datapath.AttachMode, error)
 }
 
 // view is an immutable snapshot of the agent's state for readers.
@@ -201,6 +205,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.applyPolicy = dp.Apply
+	a.attach = dp.Attach
 	a.applyRetry = newApplyRetry(a.log, a.metrics.PolicyApplyFailures, a.metrics.PolicyApplyLagging)
 	if err := a.findOrphans(); err != nil {
 		dp.Close()
@@ -415,7 +420,6 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	applied := time.Now()
 	a.applyRetry.succeeded()
 	a.publishConflicts()
-	a.fc.noteApply(st)
 	for _, rec := range a.reattach {
 		if _, err := a.dp.Attach(rec.dpEndpoint()); err != nil {
 			a.log.Error("re-attach restored endpoint", "container", rec.Key.ContainerID, "veth", rec.HostVeth, "error", err)
@@ -732,10 +736,16 @@ func (a *Agent) publish(ms *policy.MapState) {
 }
 
 // vethPresent reports whether the record's host veth still exists with the
-// same index and name.
+// same index and name. One RTM_GETLINK by index, not a dump of every link.
+// Only a definite answer makes it gone: an error other than "no such
+// device" keeps the endpoint (and its enforcement) for the next look.
 func vethPresent(rec endpointRecord) bool {
-	ifi, err := net.InterfaceByIndex(rec.HostIfIndex)
-	return err == nil && ifi.Name == rec.HostVeth
+	l, err := netlink.LinkByIndex(rec.HostIfIndex)
+	var notFound netlink.LinkNotFoundError
+	if errors.As(err, &notFound) {
+		return false
+	}
+	return err != nil || l.Attrs().Name == rec.HostVeth
 }
 
 // datapathMode says how endpoints are attached, and how many are attached

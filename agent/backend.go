@@ -35,6 +35,11 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest,
 			"endpoint %s/%s: the pod's namespace and name are required (K8S_POD_NAMESPACE, K8S_POD_NAME)", req.ContainerID, req.IfName)
 	}
+	// A bad MAC would fail only at Attach, after a full apply and its
+	// rollback; refuse it before any state changes.
+	if err := api.CheckMAC(req.MAC); err != nil {
+		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s/%s: %w", req.ContainerID, req.IfName, err)
+	}
 	unlock := a.fc.lockKey(req.EndpointKey)
 	defer unlock()
 	prior := a.priorEndpoint(req.EndpointKey)
@@ -50,7 +55,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	if err := a.submit(ctx, c); err != nil {
 		// Registered but not applied (a failed apply), or not yet
 		// processed (ctx ended): undo it either way, after it.
-		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
+		if derr := a.rollbackAdd(ctx, rec, prior, false); derr != nil {
 			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
 		}
 		return api.EndpointAddResponse{}, err
@@ -73,7 +78,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		persistTook = time.Since(submitted)
 		persistErr <- err
 	}()
-	mode, err := a.dp.Attach(rec.dpEndpoint())
+	mode, err := a.attach(rec.dpEndpoint())
 	attachTook := time.Since(submitted)
 	if perr := <-persistErr; err == nil {
 		err = perr
@@ -84,9 +89,6 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		cp.Mode = mode
 		err = a.records.Put(recordKey(rec.Key), cp)
 	}
-	if err == nil && a.fc.addFault != nil {
-		err = a.fc.addFault(req.EndpointKey)
-	}
 	if err == nil {
 		a.mu.Lock()
 		rec.Mode = mode
@@ -94,7 +96,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	}
 	if err != nil {
 		a.log.Error("endpoint attach failed; rolling back", "container", req.ContainerID, "veth", req.HostVeth, "error", err)
-		if derr := a.rollbackAdd(context.WithoutCancel(ctx), rec, prior); derr != nil {
+		if derr := a.rollbackAdd(ctx, rec, prior, true); derr != nil {
 			a.log.Error("roll back endpoint", "container", req.ContainerID, "error", derr)
 		}
 		return api.EndpointAddResponse{}, fmt.Errorf("attach to %s: %w", req.HostVeth, err)
@@ -134,25 +136,13 @@ func (a *Agent) DeleteEndpoint(ctx context.Context, req api.EndpointDelRequest) 
 var errUnknownEndpoint = errors.New("unknown endpoint")
 
 // deleteEndpoint removes the endpoint's policy (one apply), then detaches
-// its programs and deletes its record.
+// its programs, deletes its record and retires its ID (removeIf).
 func (a *Agent) deleteEndpoint(ctx context.Context, k api.EndpointKey) error {
-	c := &change{del: &k}
-	if err := a.submit(ctx, c); err != nil {
-		return err
+	rec, err := a.removeIf(ctx, k, nil)
+	if rec != nil {
+		a.log.Info("endpoint deleted", "container", k.ContainerID, "ifname", k.IfName, "pod", podRefOf(rec).String(), "endpoint", rec.ID, "error", err)
 	}
-	rec := c.removed
-	if rec == nil {
-		return errUnknownEndpoint
-	}
-	var errs []error
-	if err := a.dp.Forget(rec.dpEndpoint()); err != nil {
-		errs = append(errs, err)
-	}
-	if err := a.records.Delete(recordKey(rec.Key)); err != nil {
-		errs = append(errs, err)
-	}
-	a.log.Info("endpoint deleted", "container", k.ContainerID, "ifname", k.IfName, "pod", podRefOf(rec).String(), "endpoint", rec.ID)
-	return errors.Join(errs...)
+	return err
 }
 
 // submit hands a change to the batcher.

@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -42,12 +40,6 @@ type failClosed struct {
 	// then never undoes a later ADD of the same key.
 	keyMu    sync.Mutex
 	keyLocks map[api.EndpointKey]*keyLock
-	// firstApply is what the first apply of this process wrote: nothing,
-	// for an unchanged store after a restart.
-	firstApply atomic.Pointer[datapath.ApplyStats]
-	// addFault, set by tests only, fails an ADD after its attach and
-	// record, as late as an ADD can fail.
-	addFault func(api.EndpointKey) error
 }
 
 type orphan struct {
@@ -120,13 +112,16 @@ func (a *Agent) findOrphans() error {
 		known[e.ID] = true
 	}
 	configured := map[policy.EndpointID]identity.NumericID{}
-	for id := policy.EndpointID(1); ; id++ {
+	// Every ID the datapath holds: an error is no end of the range. A
+	// configured endpoint skipped here would have its config removed by
+	// the first apply while its programs stay attached, passing everything.
+	for id := policy.EndpointID(1); id <= datapath.MaxEndpointID; id++ {
 		ident, err := a.dp.EndpointIdentity(id)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue // unmanaged
 		}
 		if err != nil {
-			break // past the last ID the datapath holds
+			return fmt.Errorf("read the config of endpoint %d to find unrecorded endpoints: %w", id, err)
 		}
 		if !known[id] {
 			configured[id] = ident
@@ -239,41 +234,59 @@ func (a *Agent) reconcileVeths(ctx context.Context, interval time.Duration) {
 }
 
 func (a *Agent) reconcileOnce(ctx context.Context) {
+	// One link dump, before a.mu is taken: CHECK, status and ADD must not
+	// wait behind a dump per endpoint.
+	links, err := netlink.LinkList()
+	if err != nil {
+		a.log.Warn("list links to find vanished veths", "error", err)
+		return
+	}
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	present := func(ifindex int, name string) bool { return names[ifindex] == name }
 	a.mu.Lock()
 	var gone []endpointRecord
+	// The veths that known, attached endpoints enforce on.
+	enforced := map[int]string{}
 	for _, e := range a.endpoints {
-		if e.Mode != "" && !vethPresent(*e) {
+		if e.Mode == "" {
+			continue
+		}
+		enforced[e.HostIfIndex] = e.HostVeth
+		if !present(e.HostIfIndex, e.HostVeth) {
 			gone = append(gone, *e)
 		}
 	}
-	var goneOrphans, replaced []*orphan
+	var goneOrphans []*orphan
+	dropped := 0
 	for _, o := range a.fc.orphans {
-		if ifi, err := net.InterfaceByIndex(o.ifindex); err != nil || ifi.Name != o.hostVeth {
+		switch {
+		case !present(o.ifindex, o.hostVeth):
 			goneOrphans = append(goneOrphans, o)
-		} else {
-			replaced = append(replaced, o)
+		case enforced[o.ifindex] == o.hostVeth:
+			// An orphan's veth that an ADD has since taken over (a
+			// retried ADD after the state was lost) is enforced by that
+			// endpoint now: the orphan is dropped, but its veth's
+			// programs stay. Programs that are merely not attached
+			// (a failed ADD's rollback, a transient error) are no
+			// take-over: the orphan stays held.
+			delete(a.fc.orphans, o.id)
+			a.retireIDLocked(o.id)
+			dropped++
+			a.log.Info("unrecorded endpoint's veth is enforced by a new endpoint; its deny policy is removed", "endpoint", o.id, "veth", o.hostVeth)
 		}
 	}
 	a.mu.Unlock()
-	// An orphan's veth that an ADD has since taken over (a retried ADD
-	// after the state was lost) is enforced by that endpoint now: the
-	// orphan is dropped, but its veth's programs stay.
-	dropped := 0
-	for _, o := range replaced {
-		ep := datapath.Endpoint{ID: o.id, Ifname: o.hostVeth, Ifindex: o.ifindex}
-		if ok, err := a.dp.Attached(ep); err != nil || ok {
+	for _, rec := range gone {
+		// The dump is older than the endpoint table: a veth made, and
+		// ADDed, since then is confirmed by one lookup before removal.
+		if vethPresent(rec) {
 			continue
 		}
-		dropped++
-		a.mu.Lock()
-		delete(a.fc.orphans, o.id)
-		a.retireIDLocked(o.id)
-		a.mu.Unlock()
-		a.log.Info("unrecorded endpoint's veth is enforced by a new endpoint; its deny policy is removed", "endpoint", o.id, "veth", o.hostVeth)
-	}
-	for _, rec := range gone {
 		unlock := a.fc.lockKey(rec.Key)
-		err := a.removeIf(ctx, rec.Key, func(cur *endpointRecord) bool {
+		_, err := a.removeIf(ctx, rec.Key, func(cur *endpointRecord) bool {
 			return cur.HostIfIndex == rec.HostIfIndex && cur.HostVeth == rec.HostVeth
 		})
 		unlock()
@@ -321,13 +334,6 @@ func (a *Agent) endpointWarningsLocked() []string {
 		out = append(out, fmt.Sprintf("endpoint %d on %s is enforced without a record: held at default deny until its veth goes", id, o.hostVeth))
 	}
 	return append(out, a.fc.conflicts...)
-}
-
-// noteApply keeps the first apply's statistics: that the
-// first apply after a restart writes nothing is what persisting the
-// numbering is for.
-func (f *failClosed) noteApply(st datapath.ApplyStats) {
-	f.firstApply.CompareAndSwap(nil, &st)
 }
 
 // unknownEndpointProblems explains a CHECK of an endpoint the agent has no

@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/tests/netns"
 )
 
@@ -68,6 +69,17 @@ func assertEnforced(t *testing.T, a *Agent, req api.EndpointAddRequest) {
 	}
 }
 
+// failAfterAttach fails an ADD as late as an ADD can fail: after its
+// attach (and, alongside it, its record) succeeded.
+func failAfterAttach(attach func(datapath.Endpoint) (datapath.AttachMode, error)) func(datapath.Endpoint) (datapath.AttachMode, error) {
+	return func(ep datapath.Endpoint) (datapath.AttachMode, error) {
+		if _, err := attach(ep); err != nil {
+			return "", err
+		}
+		return "", errors.New("injected late failure")
+	}
+}
+
 // Two ADDs of one key, the first failing as late as an ADD can (after its
 // attach and record): the second, which the runtime sent as a retry, is
 // enforced at the end, whichever order they run in. Before the fix the
@@ -78,9 +90,11 @@ func TestAddRollbackKeepsConcurrentRetry(t *testing.T) {
 	req := podVeth(t, "c0ffee01", "web", "10.213.0.9/32")
 	retryDone := make(chan error, 1)
 	first := true
-	a.fc.addFault = func(api.EndpointKey) error {
-		if !first {
-			return nil
+	attach := a.attach
+	a.attach = func(ep datapath.Endpoint) (datapath.AttachMode, error) {
+		mode, err := attach(ep)
+		if !first || err != nil {
+			return mode, err
 		}
 		first = false
 		go func() {
@@ -93,7 +107,7 @@ func TestAddRollbackKeepsConcurrentRetry(t *testing.T) {
 			retryDone <- err
 		case <-time.After(time.Second):
 		}
-		return errors.New("injected late failure")
+		return "", errors.New("injected late failure")
 	}
 	if _, err := a.AddEndpoint(context.Background(), req); err == nil {
 		t.Fatal("the faulted ADD succeeded")
@@ -105,11 +119,11 @@ func TestAddRollbackKeepsConcurrentRetry(t *testing.T) {
 
 	// And an ADD that fails after an earlier one answered restores that
 	// one, rather than removing the key.
-	a.fc.addFault = func(api.EndpointKey) error { return errors.New("injected late failure") }
+	a.attach = failAfterAttach(attach)
 	if _, err := a.AddEndpoint(context.Background(), req); err == nil {
 		t.Fatal("the faulted ADD succeeded")
 	}
-	a.fc.addFault = nil
+	a.attach = attach
 	assertEnforced(t, a, req)
 }
 
@@ -234,6 +248,7 @@ func TestAddRejectsBadRequests(t *testing.T) {
 		"::/0":     func(r *api.EndpointAddRequest) { r.IPs = append(r.IPs, netip.MustParsePrefix("::/0")) },
 		"no pod":   func(r *api.EndpointAddRequest) { r.Pod = api.PodRef{} },
 		"half pod": func(r *api.EndpointAddRequest) { r.Pod.Name = "" },
+		"bad MAC":  func(r *api.EndpointAddRequest) { r.MAC = "ff:ff:ff:ff:ff:ff" },
 	} {
 		req := base
 		mutate(&req)

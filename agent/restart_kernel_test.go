@@ -9,10 +9,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 )
 
@@ -20,10 +23,20 @@ import (
 // is called (or the test ends).
 func agentAt(t *testing.T, dir, bpffs string) (a *Agent, stop func()) {
 	t.Helper()
+	return agentAtWith(t, dir, bpffs, nil)
+}
+
+// agentAtWith is agentAt with before (if not nil) called between New and
+// Run, to put test seams in place.
+func agentAtWith(t *testing.T, dir, bpffs string, before func(*Agent)) (a *Agent, stop func()) {
+	t.Helper()
 	a, err := New(Config{Store: "dir:" + filepath.Join(dir, "store"), Socket: filepath.Join(dir, "agent.sock"),
 		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test", StoreDebounce: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatalf("new agent: %v", err)
+	}
+	if before != nil {
+		before(a)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -137,8 +150,20 @@ spec:
 	}
 	stop()
 
-	b2, _ := agentAt(t, dir, bpffs)
-	st := b2.fc.firstApply.Load()
+	// What the first apply of the restarted agent wrote: nothing, for an
+	// unchanged store.
+	var first atomic.Pointer[datapath.ApplyStats]
+	agentAtWith(t, dir, bpffs, func(b *Agent) {
+		apply := b.applyPolicy
+		b.applyPolicy = func(ms *policy.MapState) (datapath.ApplyStats, error) {
+			st, err := apply(ms)
+			if err == nil {
+				first.CompareAndSwap(nil, &st)
+			}
+			return st, err
+		}
+	})
+	st := first.Load()
 	if st == nil {
 		t.Fatal("the restarted agent applied nothing")
 	}

@@ -50,6 +50,9 @@ func (t *epConfigTable) close() error {
 // maxEndpoints is MAX_ENDPOINTS.
 const maxEndpoints = 4096
 
+// MaxEndpointID is the highest endpoint ID the datapath holds.
+const MaxEndpointID policy.EndpointID = maxEndpoints - 1
+
 func (t *epConfigTable) word(gen uint8, id policy.EndpointID) *uint64 {
 	return (*uint64)(unsafe.Pointer(&t.mem[(uintptr(gen&1)*uintptr(t.n)+uintptr(id))*8]))
 }

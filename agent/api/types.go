@@ -95,11 +95,19 @@ func (r EndpointAddRequest) Validate() error {
 			return fmt.Errorf("invalid ip prefix %v", p)
 		}
 	}
-	if r.MAC != "" {
-		mac, err := net.ParseMAC(r.MAC)
-		if err != nil || len(mac) != 6 || mac[0]&1 != 0 || bytes.Equal(mac, make(net.HardwareAddr, 6)) {
-			return fmt.Errorf("mac %q: want a unicast Ethernet address", r.MAC)
-		}
+	return CheckMAC(r.MAC)
+}
+
+// CheckMAC accepts an empty MAC (the agent reads it from the pod's netns)
+// or a unicast, non-zero Ethernet address: the only source the pod may send
+// from.
+func CheckMAC(s string) error {
+	if s == "" {
+		return nil
+	}
+	mac, err := net.ParseMAC(s)
+	if err != nil || len(mac) != 6 || mac[0]&1 != 0 || bytes.Equal(mac, make(net.HardwareAddr, 6)) {
+		return fmt.Errorf("mac %q: want a unicast Ethernet address", s)
 	}
 	return nil
 }
