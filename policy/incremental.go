@@ -347,31 +347,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		}
 	}
 	slices.SortFunc(ipKeys, comparePrefix)
-	for _, p := range slices.Compact(ipKeys) {
-		nid, now := next.IPCache[p]
-		oid, was := prev.IPCache[p]
-		switch {
-		case now && (!was || oid != nid):
-			if d.IPCacheUpserts == nil {
-				d.IPCacheUpserts = map[netip.Prefix]identity.NumericID{}
-			}
-			d.IPCacheUpserts[p] = nid
-		case !now && was:
-			d.IPCacheDeletes = append(d.IPCacheDeletes, p)
-		}
-	}
-	for id, ri := range next.Rules {
-		if o, ok := prev.Rules[id]; !ok || o != ri {
-			d.RulesUpserted = append(d.RulesUpserted, id)
-		}
-	}
-	for id := range prev.Rules {
-		if _, ok := next.Rules[id]; !ok {
-			d.RulesRemoved = append(d.RulesRemoved, id)
-		}
-	}
-	slices.Sort(d.RulesUpserted)
-	slices.Sort(d.RulesRemoved)
+	diffIPCacheAndRules(&d, prev, next, slices.Compact(ipKeys))
 	// The first result is revision 1; later ones move only when something
 	// changed, so the datapath never re-checks conntrack for nothing.
 	if !d.Empty() || next.Revision == 0 {
@@ -507,7 +483,14 @@ func composeDiff(prev, next *MapState, d1, d2 Diff) Diff {
 			ips[p] = struct{}{}
 		}
 	}
-	for _, p := range slices.SortedFunc(maps.Keys(ips), comparePrefix) {
+	diffIPCacheAndRules(&d, prev, next, slices.SortedFunc(maps.Keys(ips), comparePrefix))
+	return d
+}
+
+// diffIPCacheAndRules adds to d how next differs from prev in the ipcache
+// entries ips (sorted, each once) and in the rules.
+func diffIPCacheAndRules(d *Diff, prev, next *MapState, ips []netip.Prefix) {
+	for _, p := range ips {
 		nid, now := next.IPCache[p]
 		oid, was := prev.IPCache[p]
 		switch {
@@ -532,5 +515,4 @@ func composeDiff(prev, next *MapState, d1, d2 Diff) Diff {
 	}
 	slices.Sort(d.RulesUpserted)
 	slices.Sort(d.RulesRemoved)
-	return d
 }
