@@ -236,12 +236,14 @@ func (a *Agent) restoreEndpoints() error {
 		r := rec
 		// Records from before the MAC was kept: without it the re-attach
 		// would fail, and the programs already attached keep enforcing
-		// the old way (no source validation) until it succeeds.
-		if filled, err := r.ensureMAC(); err != nil {
-			a.log.Warn("read MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+		// the old way (no source validation) until it succeeds. Records
+		// from before the link-local addresses were kept: without them
+		// the pod's neighbour discovery may claim any link-local address.
+		if filled, err := r.ensureLink(); err != nil {
+			a.log.Warn("read MAC and link-local addresses of restored endpoint", "container", rec.Key.ContainerID, "error", err)
 		} else if filled {
 			if err := a.records.Put(k, r); err != nil {
-				a.log.Warn("persist MAC of restored endpoint", "container", rec.Key.ContainerID, "error", err)
+				a.log.Warn("persist MAC and link-local addresses of restored endpoint", "container", rec.Key.ContainerID, "error", err)
 			}
 		}
 		a.endpoints[rec.Key] = &r

@@ -47,8 +47,9 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start, MAC: req.MAC,
 	}
-	// A plugin that sends no MAC: read it now, before any state changes.
-	if _, err := rec.ensureMAC(); err != nil {
+	// The pod's link-local addresses (and the MAC, from a plugin that
+	// sends none): read them now, before any state changes.
+	if _, err := rec.ensureLink(); err != nil {
 		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s: %v", req.ContainerID, err)
 	}
 	c := &change{add: rec, restore: prior}

@@ -27,6 +27,11 @@ type endpointRecord struct {
 	// Records written before it was kept have none: the agent reads it
 	// from the pod's netns when it restores them.
 	MAC string `json:"mac,omitempty"`
+	// LinkLocal are the pod interface's IPv6 link-local addresses, the
+	// only ones its neighbour discovery may claim. Empty: the pod had
+	// none (IPv6 off). Absent (nil, records written before they were
+	// kept): the agent reads them when it restores the record.
+	LinkLocal []netip.Addr `json:"linkLocal"`
 }
 
 // recordKey names the record's file. Runtimes use hex container IDs, so the
@@ -61,7 +66,8 @@ func shortID(id string) string {
 func (rec *endpointRecord) dpEndpoint() datapath.Endpoint {
 	// A MAC that does not parse leaves MAC nil, which Attach refuses.
 	mac, _ := net.ParseMAC(rec.MAC)
-	return datapath.Endpoint{ID: rec.ID, Ifname: rec.HostVeth, Ifindex: rec.HostIfIndex, MAC: mac, Addrs: rec.addrs()}
+	return datapath.Endpoint{ID: rec.ID, Ifname: rec.HostVeth, Ifindex: rec.HostIfIndex, MAC: mac, Addrs: rec.addrs(),
+		LinkLocal: rec.LinkLocal}
 }
 
 func (rec *endpointRecord) addrs() []netip.Addr {

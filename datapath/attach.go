@@ -34,6 +34,11 @@ type Endpoint struct {
 	// Attach requires both; Detach and Forget do not read them.
 	MAC   net.HardwareAddr
 	Addrs []netip.Addr
+	// LinkLocal are the pod interface's IPv6 link-local addresses: the
+	// only link-local sources (and NA targets) its neighbour discovery
+	// may use. They are not valid for other traffic. None (IPv6 off in
+	// the pod, or unknown) lets it use any.
+	LinkLocal []netip.Addr
 }
 
 // AttachMode tells how the programs were attached.

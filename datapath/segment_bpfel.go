@@ -88,6 +88,8 @@ type segmentEpAddrs struct {
 	N6  uint8
 	V4  [4]uint32
 	V6  [4][4]uint32
+	Nll uint32
+	Ll  [2][4]uint32
 }
 
 type segmentEpConfig struct {

@@ -20,6 +20,7 @@ type EPAddrs = segmentEpAddrs
 const (
 	maxEndpointV4 = len(EPAddrs{}.V4)
 	maxEndpointV6 = len(EPAddrs{}.V6)
+	maxEndpointLL = len(EPAddrs{}.Ll)
 )
 
 // ErrNoSourceAddrs is returned by Attach for an endpoint without a MAC or
@@ -63,6 +64,25 @@ func encodeAddrs(ep Endpoint) (EPAddrs, error) {
 			}
 			v.N6++
 		}
+		seen[a] = true
+	}
+	for _, a := range ep.LinkLocal {
+		if !a.Is6() || a.Is4In6() || !a.IsLinkLocalUnicast() {
+			return v, fmt.Errorf("endpoint %d: %v is not an IPv6 link-local address", ep.ID, a)
+		}
+		// The zone names the pod's interface, which the slot is for.
+		a = a.WithZone("")
+		if seen[a] {
+			continue
+		}
+		if int(v.Nll) == maxEndpointLL {
+			return v, fmt.Errorf("endpoint %d: more than %d IPv6 link-local addresses", ep.ID, maxEndpointLL)
+		}
+		b := a.As16()
+		for i := range 4 {
+			v.Ll[v.Nll][i] = binary.NativeEndian.Uint32(b[4*i:])
+		}
+		v.Nll++
 		seen[a] = true
 	}
 	return v, nil

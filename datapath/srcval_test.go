@@ -388,3 +388,100 @@ func TestNDJudgedOffLink(t *testing.T) {
 		}
 	}
 }
+
+// TestNDLinkLocalBound: once the agent has registered the pod's link-local
+// address, neighbour discovery and MLD from another link-local source, and
+// an NA or DAD probe for another link-local target, are forged: a pod would
+// otherwise advertise the bridge's or another pod's fe80:: address with its
+// own MAC and poison neighbour caches. The link-local address stays invalid
+// for ordinary traffic.
+func TestNDLinkLocalBound(t *testing.T) {
+	// As in TestSourceValidation, every refusal is source validation's.
+	ms := baseState()
+	ms.Endpoints[testEP].Default = [2]policy.DefaultVerdict{policy.DefaultDeny, policy.DefaultAllow}
+	f := newProgFixture(t, ms)
+	own := linkLocal
+	other := netip.MustParseAddr("fe80::99")
+	v, err := encodeAddrs(Endpoint{ID: testEP, MAC: testPodMAC, Addrs: testPodAddrs, LinkLocal: []netip.Addr{own.WithZone("eth0")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.d.setAddrs(testEP, v); err != nil {
+		t.Fatal(err)
+	}
+	zero6 := netip.IPv6Unspecified()
+	// The solicited-node group of fe80::99 and of fe80::2.
+	solOther, solOwn := netip.MustParseAddr("ff02::1:ff00:99"), netip.MustParseAddr("ff02::1:ff00:2")
+	cases := []struct {
+		name   string
+		pkt    []byte
+		reason DropReason
+	}{
+		{"na own link-local target", icmp6Frame(testPodMAC, own, allNodes, 255, 136, ndBody(own, llOpt(2, testPodMAC)), false), DropNone},
+		{"na own global target", icmp6Frame(testPodMAC, own, allNodes, 255, 136, ndBody(podIP6, llOpt(2, testPodMAC)), false), DropNone},
+		{"ns from own link-local", icmp6Frame(testPodMAC, own, solOther, 255, 135, ndBody(other, llOpt(1, testPodMAC)), false), DropNone},
+		{"dad ns for own link-local", icmp6Frame(testPodMAC, zero6, solOwn, 255, 135, ndBody(own, nonceOpt), false), DropNone},
+		{"rs from own link-local", icmp6Frame(testPodMAC, own, allRouter, 255, 133, llOpt(1, testPodMAC), false), DropNone},
+		{"mld from own link-local", mldReport(own, mldv2, 1), DropNone},
+		{"ns nud own global", icmp6Frame(testPodMAC, podIP6, client6, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), DropNone},
+
+		{"na other link-local target", icmp6Frame(testPodMAC, own, allNodes, 255, 136, ndBody(other, llOpt(2, testPodMAC)), false), DropInvalidSource},
+		{"na other link-local target from global", icmp6Frame(testPodMAC, podIP6, allNodes, 255, 136, ndBody(other, llOpt(2, testPodMAC)), false), DropInvalidSource},
+		{"na from other link-local", icmp6Frame(testPodMAC, other, allNodes, 255, 136, ndBody(podIP6, llOpt(2, testPodMAC)), false), DropInvalidSource},
+		{"ns from other link-local", icmp6Frame(testPodMAC, other, solOwn, 255, 135, ndBody(own, llOpt(1, testPodMAC)), false), DropInvalidSource},
+		{"dad ns for other link-local", icmp6Frame(testPodMAC, zero6, solOther, 255, 135, ndBody(other, nonceOpt), false), DropInvalidSource},
+		{"rs from other link-local", icmp6Frame(testPodMAC, other, allRouter, 255, 133, llOpt(1, testPodMAC), false), DropInvalidSource},
+		{"mld from other link-local", mldReport(other, mldv2, 1), DropInvalidSource},
+		{"udp from own link-local", pktSpec{src: own, dst: client6, proto: 17, sport: 5000, dport: 82}.build(), DropInvalidSource},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before, err := f.d.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := run(t, f.d.objs.BulkheadFromPod, c.pkt)
+			after, err := f.d.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.reason == DropNone {
+				if got != retPass {
+					t.Fatalf("verdict %#x, want pass; counters %+v", got, after.ByDrop)
+				}
+				return
+			}
+			if got != retShot {
+				t.Fatalf("verdict %#x, want drop (%s)", got, c.reason)
+			}
+			if d := after.ByDrop[c.reason].Packets - before.ByDrop[c.reason].Packets; d != 1 {
+				t.Fatalf("%s counter went up by %d, want 1", c.reason, d)
+			}
+		})
+	}
+}
+
+// TestEncodeLinkLocal: link-local addresses go to their own slots, never
+// among the addresses ordinary traffic may come from.
+func TestEncodeLinkLocal(t *testing.T) {
+	mac := net.HardwareAddr{2, 1, 2, 3, 4, 5}
+	a6 := netip.MustParseAddr("fd00::5")
+	ll := netip.MustParseAddr("fe80::1")
+	v, err := encodeAddrs(Endpoint{ID: 1, MAC: mac, Addrs: []netip.Addr{a6}, LinkLocal: []netip.Addr{ll, ll.WithZone("eth0")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.N6 != 1 || v.Nll != 1 {
+		t.Fatalf("encoded %+v, want one global and one link-local address", v)
+	}
+	for name, lls := range map[string][]netip.Addr{
+		"global":   {a6},
+		"ipv4":     {netip.MustParseAddr("169.254.0.1")},
+		"mapped":   {netip.MustParseAddr("::ffff:169.254.0.1")},
+		"too many": {ll, netip.MustParseAddr("fe80::2"), netip.MustParseAddr("fe80::3")},
+	} {
+		if _, err := encodeAddrs(Endpoint{ID: 1, MAC: mac, Addrs: []netip.Addr{a6}, LinkLocal: lls}); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+}

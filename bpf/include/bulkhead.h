@@ -200,9 +200,15 @@ struct ep_config {
  * it when the endpoint is detached. A slot with no address (n4 == n6 == 0)
  * is an endpoint whose addresses are unknown: everything it sends is
  * dropped, never passed. Addresses are in network byte order; only the
- * first n4 / n6 are valid. */
+ * first n4 / n6 are valid. ll holds the first nll of the pod interface's
+ * IPv6 link-local addresses: they are valid only as the source of
+ * neighbour discovery and MLD and as an NA's or DAD probe's target
+ * (srcval_nd), never for ordinary traffic, so they are kept apart from v6.
+ * nll == 0 means they are unknown (IPv6 off in the pod): any link-local
+ * address is accepted there. */
 #define EP_MAX_V4 4
 #define EP_MAX_V6 4
+#define EP_MAX_LL 2
 
 struct ep_addrs {
 	__u8 mac[6];
@@ -210,6 +216,8 @@ struct ep_addrs {
 	__u8 n6;
 	__u32 v4[EP_MAX_V4];
 	__u32 v6[EP_MAX_V6][4];
+	__u32 nll;
+	__u32 ll[EP_MAX_LL][4];
 };
 
 /* The policy state exists twice, as generations 0 and 1: the ipcache

@@ -71,6 +71,25 @@ static __always_inline int own_v6(const struct ep_addrs *a, const __u32 *addr)
 	return 0;
 }
 
+/* own_ll: addr, a link-local address, is one of the pod's; with none
+ * registered (IPv6 off in the pod when it was added) every one is. */
+static __always_inline int own_ll(const struct ep_addrs *a, const __u32 *addr)
+{
+	__u32 n = a->nll;
+
+	if (!n)
+		return 1;
+#pragma unroll
+	for (int i = 0; i < EP_MAX_LL; i++) {
+		if (i >= n)
+			return 0;
+		if (!((a->ll[i][0] ^ addr[0]) | (a->ll[i][1] ^ addr[1]) | (a->ll[i][2] ^ addr[2]) |
+		      (a->ll[i][3] ^ addr[3])))
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int v6_link_local(const __u32 *addr)
 {
 	return (bpf_ntohl(addr[0]) & 0xffc00000) == 0xfe800000;
@@ -115,12 +134,13 @@ static __always_inline int icmp6_nd_or_mld(__u8 t)
  *    answers between global addresses), or from a link-local address to a
  *    link-local or multicast destination, or from :: as an NS to a
  *    solicited-node group (DAD) or an RS to a multicast group. An NA from
- *    :: is invalid. A link-local source is not checked against the pod's
- *    own link-local address, which the agent does not know: a pod can
- *    claim another's link-local address, which no policy names;
- *  - an NA's target is one of the pod's addresses or link-local: an NA
- *    for another pod's or the gateway's address would redirect its
- *    traffic;
+ *    :: is invalid;
+ *  - a link-local source (ND and MLD) is one of the pod's link-local
+ *    addresses, when the agent registered them: another pod's or the
+ *    bridge's would let the pod poison neighbour caches with its MAC;
+ *  - an NA's target is one of the pod's addresses or its link-local
+ *    address (any link-local one when none is registered): an NA for
+ *    another pod's or the gateway's address would redirect its traffic;
  *  - a source or target link-layer address option carries the pod's MAC;
  *  - an ND or MLD message that is fragmented is dropped (RFC 6980).
  * p has been parsed as ICMPv6 of one of these types. */
@@ -149,6 +169,8 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 		/* MLD */
 		if (!ll && !(unspec && t != 130))
 			return own ? DROP_FORBIDDEN_ICMP6 : DROP_INVALID_SOURCE;
+		if (ll && !own_ll(a, p->saddr))
+			return DROP_INVALID_SOURCE;
 		if (hl != 1 || !mc)
 			return DROP_FORBIDDEN_ICMP6;
 		return 0;
@@ -159,7 +181,7 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 		if (!(t == 135 && v6_solicited_node(p->daddr)) && !(t == 133 && mc))
 			return DROP_FORBIDDEN_ICMP6;
 	} else if (!own) {
-		if (!ll)
+		if (!ll || !own_ll(a, p->saddr))
 			return DROP_INVALID_SOURCE;
 		if (!mc && !v6_link_local(p->daddr))
 			return DROP_FORBIDDEN_ICMP6;
@@ -174,7 +196,8 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 		/* An NA claims its target; a DAD probe (NS from ::) claims it
 		 * too, and one for another pod's tentative address would make
 		 * that pod give the address up. */
-		if ((t == 136 || (t == 135 && unspec)) && !own_v6(a, tgt) && !v6_link_local(tgt))
+		if ((t == 136 || (t == 135 && unspec)) && !own_v6(a, tgt) &&
+		    !(v6_link_local(tgt) && own_ll(a, tgt)))
 			return DROP_INVALID_SOURCE;
 		off += 16;
 	}

@@ -153,6 +153,9 @@ func TestForgedSourcesGainNothing(t *testing.T) {
 		if len(e.flowLines(`"drop_reason_desc":"INVALID_SOURCE_IP"`, `"destination":"ff02::1"`, `"pod_name":"c"`)) == 0 {
 			t.Errorf("no flow record for c's neighbour advertisement for %v", a.IPv6)
 		}
+		if primary == "bridge" {
+			naForLinkLocal(t, metricsAddr, a, b, c, cMAC)
+		}
 		tok = token()
 		sendUDP(t, b, a.IPv4, 82, tok)
 		if !inA.got(tok, time.Second) {
@@ -384,6 +387,71 @@ func unsolicitedNA(t *testing.T, p *pod, mac net.HardwareAddr, target netip.Addr
 	}
 }
 
+// naForLinkLocal: on a bridge the pods share a link, and c claims a's
+// link-local address with its own MAC in an unsolicited, overriding NA
+// (sent from c's own link-local address). b, which has just resolved a's
+// link-local address, keeps a's MAC, and the drop is counted.
+func naForLinkLocal(t *testing.T, metricsAddr string, a, b, c *pod, cMAC net.HardwareAddr) {
+	t.Helper()
+	aLL, aMAC := podLinkLocal(t, a), podLinkMAC(t, a)
+	// b resolves aLL: its datagram is dropped (ordinary traffic from a
+	// link-local source), but the NS and a's NA before it pass.
+	err := ns.WithNetNSPath(b.NS.Path(), func(ns.NetNS) error {
+		conn, err := net.DialUDP("udp6", nil, &net.UDPAddr{IP: aLL.AsSlice(), Zone: b.IfName, Port: 82})
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		_, err = conn.Write([]byte(token()))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("send from b to %v: %v", aLL, err)
+	}
+	if !eventually(3*time.Second, func() bool { return neighbourWith(t, []*pod{b}, aLL, aMAC) != "" }) {
+		t.Fatalf("b did not resolve a's link-local address %v: the test cannot tell a drop from a missing entry", aLL)
+	}
+	before := scrapeCounter(t, metricsAddr, `bulkhead_drops_total{reason="INVALID_SOURCE_IP"}`)
+	time.Sleep(1100 * time.Millisecond)
+	unsolicitedNA(t, c, cMAC, aLL)
+	time.Sleep(300 * time.Millisecond)
+	if where := neighbourWith(t, []*pod{a, b}, aLL, cMAC); where != "" {
+		t.Errorf("neighbour advertisement from c poisoned %s: a's link-local %v is at c's MAC %s", where, aLL, cMAC)
+	}
+	if !eventually(3*time.Second, func() bool {
+		return scrapeCounter(t, metricsAddr, `bulkhead_drops_total{reason="INVALID_SOURCE_IP"}`) > before
+	}) {
+		t.Errorf("c's neighbour advertisement for a's link-local %v is not counted as INVALID_SOURCE_IP", aLL)
+	}
+}
+
+// podLinkLocal is the (first) IPv6 link-local address of p's interface.
+func podLinkLocal(t *testing.T, p *pod) netip.Addr {
+	t.Helper()
+	var ll netip.Addr
+	err := ns.WithNetNSPath(p.NS.Path(), func(ns.NetNS) error {
+		l, err := netlink.LinkByName(p.IfName)
+		if err != nil {
+			return err
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V6)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.IsLinkLocalUnicast() {
+				ll = ip
+				return nil
+			}
+		}
+		return fmt.Errorf("%s has no IPv6 link-local address", p.IfName)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ll
+}
+
 func podLinkMAC(t *testing.T, p *pod) net.HardwareAddr {
 	t.Helper()
 	var mac net.HardwareAddr
@@ -502,6 +570,7 @@ func TestRestoredRecordWithoutMAC(t *testing.T) {
 	if err != nil || len(records) != 3 {
 		t.Fatalf("endpoint records: %v %v", records, err)
 	}
+	var ids []uint32
 	for _, path := range records {
 		raw, err := os.ReadFile(path)
 		if err != nil {
@@ -514,7 +583,13 @@ func TestRestoredRecordWithoutMAC(t *testing.T) {
 		if rec["mac"] == nil {
 			t.Fatalf("record %s has no MAC: %s", path, raw)
 		}
+		if ll, _ := rec["linkLocal"].([]any); len(ll) == 0 {
+			t.Fatalf("record %s has no link-local address: %s", path, raw)
+		}
+		id, _ := rec["id"].(float64)
+		ids = append(ids, uint32(id))
 		delete(rec, "mac")
+		delete(rec, "linkLocal")
 		if raw, err = json.Marshal(rec); err != nil {
 			t.Fatal(err)
 		}
@@ -560,6 +635,25 @@ func TestRestoredRecordWithoutMAC(t *testing.T) {
 		}
 		if !bytes.Contains(raw, []byte(`"mac":"`)) {
 			t.Errorf("record %s was not completed with the MAC: %s", path, raw)
+		}
+		if !bytes.Contains(raw, []byte(`"linkLocal":["fe80:`)) {
+			t.Errorf("record %s was not completed with the link-local address: %s", path, raw)
+		}
+	}
+	// And the re-attach registered them: nll (after mac, n4, n6, v4[4],
+	// v6[4][4]) is set in every pod's slot.
+	m, err = ebpf.LoadPinnedMap(filepath.Join(e.bpffs, "maps", "endpoint_addrs"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, id := range ids {
+		v, err := m.LookupBytes(id)
+		if err != nil || len(v) < 92 {
+			t.Fatalf("slot of endpoint %d: %v", id, err)
+		}
+		if binary.NativeEndian.Uint32(v[88:92]) == 0 {
+			t.Errorf("slot of endpoint %d holds no link-local address after the restart", id)
 		}
 	}
 }
