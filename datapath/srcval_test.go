@@ -167,7 +167,7 @@ func TestSourceValidation(t *testing.T) {
 		{"ns hop limit 64", icmp6Frame(testPodMAC, linkLocal, solicitedPod, 64, 135, ndBody(client6, llOpt(1, testPodMAC)), false), DropForbiddenICMPv6, linkLocal},
 		{"ns other MAC option", icmp6Frame(testPodMAC, linkLocal, solicitedPod, 255, 135, ndBody(client6, llOpt(1, otherMAC)), false), DropInvalidSourceMAC, linkLocal},
 		{"ns other pod source", icmp6Frame(testPodMAC, client6, solicitedPod, 255, 135, ndBody(gateway6, llOpt(1, testPodMAC)), false), DropInvalidSource, client6},
-		{"ns link-local to global", icmp6Frame(testPodMAC, linkLocal, client6, 255, 135, ndBody(client6), false), DropForbiddenICMPv6, linkLocal},
+		{"ns link-local to global (a reachability probe)", icmp6Frame(testPodMAC, linkLocal, client6, 255, 135, ndBody(client6), false), DropNone, linkLocal},
 		{"ns :: to unicast", icmp6Frame(testPodMAC, zero6, client6, 255, 135, ndBody(podIP6), false), DropForbiddenICMPv6, zero6},
 		{"na own target", icmp6Frame(testPodMAC, linkLocal, allNodes, 255, 136, ndBody(podIP6, llOpt(2, testPodMAC)), false), DropNone, linkLocal},
 		{"na link-local target", icmp6Frame(testPodMAC, linkLocal, linkLocal, 255, 136, ndBody(linkLocal, llOpt(2, testPodMAC)), false), DropNone, linkLocal},
@@ -374,6 +374,7 @@ func TestNDJudgedOffLink(t *testing.T) {
 		want uint32
 	}{
 		{"ns to a routable address", icmp6Frame(testPodMAC, podIP6, client6, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), retShot},
+		{"ns from link-local to a routable address", icmp6Frame(testPodMAC, linkLocal, client6, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), retShot},
 		{"na to a routable address", icmp6Frame(testPodMAC, podIP6, client6, 255, 136, ndBody(podIP6, llOpt(2, testPodMAC)), false), retShot},
 		{"ns to the solicited-node group", icmp6Frame(testPodMAC, podIP6, solicitedPod, 255, 135, ndBody(client6, llOpt(1, testPodMAC)), false), retPass},
 		{"ns link-local to link-local", icmp6Frame(testPodMAC, linkLocal, linkLocal, 255, 135, ndBody(linkLocal, llOpt(1, testPodMAC)), false), retPass},

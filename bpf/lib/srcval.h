@@ -129,12 +129,13 @@ static __always_inline int icmp6_nd_or_mld(__u8 t)
  *    link-local source, or :: for a report sent during DAD (RFC 3590). MLD
  *    with another source is ignored by receivers anyway (RFC 3810 5.1.14);
  *  - RS, NS and NA (133, 135, 136) need hop limit 255 (so they were not
- *    routed, RFC 4861), and come either from one of the pod's own
- *    addresses to anywhere (neighbour unreachability detection probes and
- *    answers between global addresses), or from a link-local address to a
- *    link-local or multicast destination, or from :: as an NS to a
- *    solicited-node group (DAD) or an RS to a multicast group. An NA from
- *    :: is invalid;
+ *    routed, RFC 4861), and come from one of the pod's own addresses or
+ *    its link-local address, to anywhere (Linux sends unicast
+ *    reachability probes to a neighbour's global address from its
+ *    link-local one), or from :: as an NS to a solicited-node group (DAD)
+ *    or an RS to a multicast group. An NA from :: is invalid. Sent to a
+ *    routable address, they are judged by policy (nd_link_scoped in
+ *    segment.c), so this check is about what they claim, not where they go;
  *  - a link-local source (ND and MLD) is one of the pod's link-local
  *    addresses, when the agent registered them: another pod's or the
  *    bridge's would let the pod poison neighbour caches with its MAC;
@@ -183,8 +184,6 @@ static __always_inline __u8 srcval_nd(struct __sk_buff *skb, const struct pkt *p
 	} else if (!own) {
 		if (!ll || !own_ll(a, p->saddr))
 			return DROP_INVALID_SOURCE;
-		if (!mc && !v6_link_local(p->daddr))
-			return DROP_FORBIDDEN_ICMP6;
 	}
 	off = p->l4_off + 8;
 	if (t != 133) {
