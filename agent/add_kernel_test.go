@@ -53,10 +53,7 @@ func newTestAgentWith(t *testing.T, tune func(*Config)) (*Agent, string) {
 	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), []byte(ns), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
 	cfg := Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
 		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test"}
 	if tune != nil {
@@ -70,6 +67,17 @@ func newTestAgentWith(t *testing.T, tune func(*Config)) (*Agent, string) {
 		t.Fatalf("new agent: %v", err)
 	}
 	return a, store
+}
+
+// testBPFFS names a private bpffs folder for one test's datapath, removed
+// when the test ends.
+func testBPFFS(t testing.TB) string {
+	t.Helper()
+	b := make([]byte, 6)
+	rand.Read(b)
+	dir := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // startTestAgent runs a until the test ends and waits until it is ready.

@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -180,10 +178,7 @@ func TestRefusedADDKeepsHeldEndpoint(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), good, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
 	a, stop := agentAt(t, dir, bpffs)
 	req := podVeth(t, "c0ffee44", "web", "10.213.4.5/32")
 	if _, err := a.AddEndpoint(context.Background(), req); err != nil {

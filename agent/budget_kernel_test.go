@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -11,7 +9,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	dto "github.com/prometheus/client_model/go"
@@ -56,11 +53,8 @@ func TestAgentPolicyOverBudget(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(store, "cluster.yaml"), []byte(budgetStore()), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	suffix := hex.EncodeToString(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+suffix)
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
+	suffix := strings.TrimPrefix(filepath.Base(bpffs), "bulkhead-agent-test-")
 	a, err := New(Config{Store: "dir:" + store, Socket: filepath.Join(dir, "agent.sock"),
 		StateDir: filepath.Join(dir, "state"), BPFFS: bpffs, NodeName: "test",
 		Datapath: datapath.Config{MaxPolicyEntries: 65536}})
@@ -70,26 +64,8 @@ func TestAgentPolicyOverBudget(t *testing.T) {
 		}
 		t.Fatalf("new agent: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent run: %v", err)
-		}
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st, err := a.Status(ctx)
-		if err == nil && st.Ready {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent not ready after 10s: %+v", st)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	startTestAgent(t, a)
+	ctx := context.Background()
 
 	// Two pods, each on a veth whose host end is in this namespace and
 	// whose pod end is in a namespace of the test.

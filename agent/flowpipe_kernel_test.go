@@ -1,12 +1,9 @@
 package agent
 
 import (
-	"crypto/rand"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -42,10 +39,7 @@ const loopbackIfindex = 1
 func newKernelFixture(t testing.TB) *kernelFixture {
 	t.Helper()
 	privileged.Require(t)
-	b := make([]byte, 6)
-	rand.Read(b)
-	dir := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testBPFFS(t)
 	// Drop events are rate-limited per flow; the generator reuses source
 	// ports on long runs, and a reused flow must make an event again.
 	dp, err := datapath.New(datapath.Config{BPFFS: dir, DropEventInterval: time.Nanosecond})

@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"os"
@@ -79,10 +77,7 @@ func TestRestartFirstApplyWritesNothing(t *testing.T) {
 	if err := os.MkdirAll(store, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
 	write := func(step int, docs ...string) {
 		t.Helper()
 		docs = append(docs, fmt.Sprintf("apiVersion: v1\nkind: Pod\nmetadata: {name: marker, namespace: shop, labels: {step: %q}}\nstatus: {podIPs: [{ip: 10.88.1.%d}]}\n", fmt.Sprint(step), step))
@@ -185,10 +180,7 @@ func TestUnrecordedEndpointTakenOverByNewADD(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "store", "ns.yaml"), []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
 	a, stop := agentAt(t, dir, bpffs)
 	req := podVeth(t, "c0ffee21", "web", "10.213.2.1/32")
 	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
@@ -242,10 +234,7 @@ func TestRefusedADDKeepsRestoredEndpoint(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(store, "ns.yaml"), good, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 6)
-	rand.Read(b)
-	bpffs := filepath.Join("/sys/fs/bpf", "bulkhead-agent-test-"+hex.EncodeToString(b))
-	t.Cleanup(func() { os.RemoveAll(bpffs) })
+	bpffs := testBPFFS(t)
 	a, stop := agentAt(t, dir, bpffs)
 	req := podVeth(t, "c0ffee31", "web", "10.213.3.1/32")
 	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
