@@ -20,6 +20,11 @@ type Labels struct {
 	PodLabels       map[string]string
 	// ServiceAccount is empty for "default"; use SA to read it.
 	ServiceAccount string
+	// Issued is the SPIFFE ID an SVID source issued to the workload
+	// (SPIRE's is authoritative), empty when none did: the workload's ID is
+	// then the derived spiffe://<td>/ns/<ns>/sa/<sa>. Policies select by
+	// SPIFFE ID, so it is part of the label set.
+	Issued string
 }
 
 // SA returns the service account, defaulted the way Kubernetes defaults it.
@@ -39,6 +44,12 @@ func (l Labels) Key() string {
 	writeLP(&b, l.SA())
 	writeMap(&b, l.NamespaceLabels)
 	writeMap(&b, l.PodLabels)
+	if l.Issued != "" {
+		// Only when set, so that the keys of workloads without one stay
+		// what persisted identity numberings hold.
+		b.WriteString("issued=")
+		writeLP(&b, l.Issued)
+	}
 	return b.String()
 }
 

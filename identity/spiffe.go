@@ -11,9 +11,23 @@ import (
 // DefaultTrustDomain is the trust domain when none is configured.
 const DefaultTrustDomain = "cluster.local"
 
-// SPIFFEID returns spiffe://<td>/ns/<namespace>/sa/<serviceAccount> for the
-// workload, with the "default" service account when none is set.
+// SPIFFEID returns the workload's SPIFFE ID: the issued one when an SVID
+// source issued one, else spiffe://<td>/ns/<namespace>/sa/<serviceAccount>,
+// with the "default" service account when none is set.
 func (l Labels) SPIFFEID(trustDomain string) (spiffeid.ID, error) {
+	if l.Issued != "" {
+		id, err := spiffeid.FromString(l.Issued)
+		if err != nil {
+			return spiffeid.ID{}, fmt.Errorf("issued spiffe id %q: %w", l.Issued, err)
+		}
+		return id, nil
+	}
+	return l.Derived(trustDomain)
+}
+
+// Derived returns spiffe://<td>/ns/<namespace>/sa/<serviceAccount>, the ID
+// Bulkhead derives for a workload that no SVID source named otherwise.
+func (l Labels) Derived(trustDomain string) (spiffeid.ID, error) {
 	td, err := spiffeid.TrustDomainFromString(trustDomain)
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("trust domain %q: %w", trustDomain, err)

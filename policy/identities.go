@@ -92,6 +92,7 @@ func (c *Compiler) identKeys(p *Pod) (identity.Labels, []addrKey) {
 		NamespaceLabels: c.nsLabels(p.Namespace),
 		PodLabels:       p.Labels,
 		ServiceAccount:  p.ServiceAccount,
+		Issued:          p.SPIFFEID,
 	}
 	base := l.Key()
 	var ports strings.Builder

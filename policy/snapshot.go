@@ -49,6 +49,10 @@ type Pod struct {
 	// Endpoint is the node-local endpoint ID when the pod runs on this node,
 	// zero otherwise.
 	Endpoint EndpointID
+	// SPIFFEID is the pod's SPIFFE ID when an SVID source issued one that
+	// may differ from the derived spiffe://<td>/ns/<ns>/sa/<sa> (empty:
+	// derived). Policy matching, flow records and identities use it.
+	SPIFFEID string
 }
 
 // NamedPort is a named container port.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.yaml.in/yaml/v3"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -234,11 +235,24 @@ func strictUnmarshal(raw []byte, v any) []*decodeError {
 	return out
 }
 
+// SPIFFEIDAnnotation on a Pod names the SPIFFE ID its node's SVID source
+// issued to it, where that differs from the derived
+// spiffe://<td>/ns/<ns>/sa/<sa>. Other nodes match the pod by it; on its own
+// node the agent's SVID source decides, and the annotation is ignored.
+const SPIFFEIDAnnotation = "bulkhead.io/spiffe-id"
+
 func podOf(p *corev1.Pod) (*policy.Pod, error) {
 	if p.Name == "" {
 		return nil, errors.New("metadata.name is required")
 	}
 	out := &policy.Pod{Namespace: namespaceOr(p.Namespace), Name: p.Name, Labels: p.Labels, ServiceAccount: p.Spec.ServiceAccountName}
+	if v, ok := p.Annotations[SPIFFEIDAnnotation]; ok {
+		id, err := spiffeid.FromString(v)
+		if err != nil {
+			return nil, fmt.Errorf("metadata.annotations[%s]: %q: %w", SPIFFEIDAnnotation, v, err)
+		}
+		out.SPIFFEID = id.String()
+	}
 	for ci, c := range p.Spec.Containers {
 		for pi, cp := range c.Ports {
 			if cp.Name == "" {
