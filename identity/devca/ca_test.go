@@ -271,7 +271,9 @@ func TestOpenRefuses(t *testing.T) {
 		{name: "garbage bundle", want: ErrMalformed, msg: BundleFile,
 			breakIt: func(t *testing.T, dir string) { write(t, dir, BundleFile, []byte("hello")) }},
 		{name: "garbage key", want: ErrMalformed, msg: KeyFile,
-			breakIt: func(t *testing.T, dir string) { write(t, dir, KeyFile, []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")) }},
+			breakIt: func(t *testing.T, dir string) {
+				write(t, dir, KeyFile, []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"))
+			}},
 		{name: "truncated bundle", want: ErrMalformed,
 			breakIt: func(t *testing.T, dir string) {
 				data := read(t, dir, BundleFile)
