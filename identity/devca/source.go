@@ -152,8 +152,10 @@ func (s *Source) unsubscribe(sub *subscriber, e *entry) {
 
 // refreshLocked mints e's SVID and arms the timer for the next mint: at
 // half of the new SVID's remaining life, or after a retry delay when
-// minting failed. The caller holds s.mu and posts the update.
-func (s *Source) refreshLocked(e *entry) {
+// minting failed. The caller holds s.mu and posts the update when
+// refreshLocked reports news: a new SVID, or the first of a run of
+// failures (a retry that fails again tells the subscribers nothing new).
+func (s *Source) refreshLocked(e *entry) (news bool) {
 	if e.stopTimer != nil {
 		e.stopTimer()
 	}
@@ -161,7 +163,8 @@ func (s *Source) refreshLocked(e *entry) {
 	svid, err := s.ca.Mint(e.id, s.ttl)
 	var delay time.Duration
 	if err != nil {
-		if e.err == nil {
+		news = e.err == nil
+		if news {
 			s.log.Warn("builtin ca cannot mint svid", "spiffe_id", e.id.String(), "error", err)
 		}
 		e.err = err
@@ -174,9 +177,11 @@ func (s *Source) refreshLocked(e *entry) {
 		e.svid, e.err = svid, nil
 		s.lastErr = ""
 		delay = s.rotateAfter(leaf.NotAfter)
+		news = true
 	}
 	gen := e.gen
 	e.stopTimer = s.clock.AfterFunc(delay, func() { s.rotate(e, gen) })
+	return news
 }
 
 // rotateAfter is how long an SVID that ends at notAfter is used before
@@ -197,7 +202,9 @@ func (s *Source) rotate(e *entry, gen uint64) {
 	if s.closed || s.entries[e.id] != e || e.gen != gen {
 		return // stopped or replaced after the timer fired
 	}
-	s.refreshLocked(e)
+	if !s.refreshLocked(e) {
+		return
+	}
 	for sub, fn := range e.subs {
 		u := s.updateLocked(e, false)
 		sub.post(func() { fn(u) })

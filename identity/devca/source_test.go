@@ -440,6 +440,15 @@ func TestSourceReportsExpiredCA(t *testing.T) {
 	if !errors.Is(u.Err, identity.ErrSourceUnavailable) || !errors.Is(u.Err, ErrExpired) || len(u.SVIDs) != 0 {
 		t.Errorf("update after the ca expired: err %v, %d svids", u.Err, len(u.SVIDs))
 	}
+	// Retries that fail again tell the subscriber nothing new.
+	clock.Advance(10 * time.Minute)
+	time.Sleep(50 * time.Millisecond)
+	if n := len(ch); n != 0 {
+		t.Errorf("%d more updates from failed retries, want none", n)
+	}
+	if n := clock.Pending(); n != 1 {
+		t.Errorf("%d timers after the ca expired, want the retry", n)
+	}
 	h := src.Health()
 	if !h.Connected || !strings.Contains(h.LastError, "expired") {
 		t.Errorf("health %+v, want connected with the expiry as last error", h)
