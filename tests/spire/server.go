@@ -430,6 +430,24 @@ func (a *Agent) Start(t testing.TB) {
 	}
 }
 
+// WaitForSVID waits until the agent's Workload API gives this test process
+// an SVID with id: the agent has synced the process's entry (RegisterDelegate
+// makes one). Agents sync entries every few seconds.
+func (a *Agent) WaitForSVID(t testing.TB, id spiffeid.ID) {
+	t.Helper()
+	deadline := time.Now().Add(startTimeout)
+	var last error
+	for time.Now().Before(deadline) {
+		out, err := run(a.bin, "api", "fetch", "x509", "-socketPath", a.socket, "-timeout", "5s")
+		if err == nil && strings.Contains(string(out), id.String()) {
+			return
+		}
+		last = err
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Fatalf("spire agent %s: no SVID %s for this process after %v (last error: %v)", a.id, id, startTimeout, last)
+}
+
 // Stop stops the agent (SIGTERM): its sockets go away.
 func (a *Agent) Stop(t testing.TB) {
 	t.Helper()
