@@ -467,3 +467,18 @@ func TestFakeBundles(t *testing.T) {
 		t.Fatalf("second set: %d bundles", s.Len())
 	}
 }
+
+func TestFakeWorkloadWithoutNamespace(t *testing.T) {
+	f := newFakeAgent(t)
+	f.svids = func(int, *delegatedidentityv1.SubscribeToX509SVIDsRequest, delegatedidentityv1.DelegatedIdentity_SubscribeToX509SVIDsServer) error {
+		t.Error("asked SPIRE for a workload without namespace")
+		return nil
+	}
+	f.start(t)
+	src := newTestSource(t, f.sock)
+	u := newUpdates()
+	defer src.Subscribe(identity.Workload{Name: "p"}, u.fn)()
+	if up := u.next(t); !noSVID(up) || !strings.Contains(up.Reason, ErrNoNamespace.Error()) {
+		t.Fatalf("got %s", describe([]identity.SVIDUpdate{up}))
+	}
+}

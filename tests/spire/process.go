@@ -1,7 +1,6 @@
 package spiretest
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -141,7 +140,7 @@ func (p *process) waitHealthy(check func() error) error {
 		}
 		select {
 		case <-exited:
-			return fmt.Errorf("%s exited while starting: %w", p.name, errors.Join(err, errors.New("see its log")))
+			return fmt.Errorf("%s exited while starting (last check: %w)", p.name, err)
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
