@@ -11,15 +11,20 @@ CACHE        ?= /var/cache/bulkhead
 CNI_VERSION  := v1.10.0
 CNI_BIN      := $(CACHE)/cni-plugins-$(CNI_VERSION)
 CNI_PLUGINS  := ptp bridge host-local
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps
+# SPIRE for the identity tests, built from the tools module tests/tools/spire
+# (its go.mod pins this version). cgo: its sqlite datastore needs gcc.
+SPIRE_VERSION := v1.13.3
+SPIRE_BIN    := $(CACHE)/spire-$(SPIRE_VERSION)
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc
 BPFFS        := /sys/fs/bpf
 # Fuzz targets run this many iterations each in `make test`.
 FUZZ_ITERS   ?= 3000
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
+export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
 
-.PHONY: all build generate check-generated deps bpffs cni-plugins test test-unit \
+.PHONY: all build generate check-generated deps bpffs cni-plugins spire test test-unit \
         vet staticcheck fuzz bench demo demo-check clean
 
 all: build
@@ -80,6 +85,19 @@ $(CNI_BIN)/.done:
 	  GOBIN=$(CNI_BIN) CGO_ENABLED=0 GOFLAGS=-mod=mod $(GO) install github.com/containernetworking/cni/cnitool
 	@touch $@
 
+## spire: spire-server and spire-agent, built once into $(CACHE). The tools
+## module must pin SPIRE_VERSION, or the cache folder would lie about its
+## content. Running it again over present binaries only relinks (go install
+## is a no-op when nothing changed) and writes the marker.
+spire: $(SPIRE_BIN)/.done
+$(SPIRE_BIN)/.done: | deps
+	@grep -Eq '^[[:space:]]*github.com/spiffe/spire $(SPIRE_VERSION)( |$$)' tests/tools/spire/go.mod || \
+	  { echo "tests/tools/spire/go.mod does not pin github.com/spiffe/spire $(SPIRE_VERSION)"; exit 1; }
+	@mkdir -p $(SPIRE_BIN)
+	cd tests/tools/spire && CGO_ENABLED=1 GOBIN=$(SPIRE_BIN) $(GO) install \
+	  github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+	@touch $@
+
 vet:
 	$(GO) vet ./...
 
@@ -97,7 +115,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check
@@ -115,7 +133,7 @@ demo-check:
 	echo "make demo left nothing behind"
 
 ## bench: every benchmark (BenchmarkDatapath pins its own thread to one CPU).
-bench: deps bpffs cni-plugins build
+bench: deps bpffs cni-plugins spire build
 	BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchmem ./...
 
 ## demo: the embedded-default demo (no Kubernetes, no SPIRE). DEMO_FLAGS=--keep
