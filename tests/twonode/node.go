@@ -242,6 +242,16 @@ func (n *Node) AgentRunning() bool {
 	return n.agent != nil && !n.agent.exited()
 }
 
+// AgentPID is the running agent's process ID, 0 when none runs.
+func (n *Node) AgentPID() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent == nil || n.agent.exited() {
+		return 0
+	}
+	return n.agent.cmd.Process.Pid
+}
+
 // AgentLog is everything the node's agents wrote, every start included.
 func (n *Node) AgentLog() string { return n.logs.String() }
 

@@ -119,44 +119,56 @@ func (p *Pod) remove() error {
 	})
 }
 
-// Serve echoes TCP and UDP on port (both address families) inside the pod,
-// until the test ends.
+// Serve echoes TCP and UDP on port inside the pod, on each of its address
+// families, until the test ends.
 func (p *Pod) Serve(port int) {
 	t := p.Node.t
 	t.Helper()
-	var ln net.Listener
-	var pc net.PacketConn
-	err := p.NS.Do(func(ns.NetNS) error {
-		var err error
-		if ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); err != nil {
-			return err
-		}
-		pc, err = net.ListenPacket("udp", fmt.Sprintf(":%d", port))
-		return err
-	})
-	if err != nil {
-		t.Fatalf("listen in %s/%s: %v", p.Namespace, p.Name, err)
+	// One socket per family: what a wildcard "tcp" listener covers depends
+	// on Go's process-wide probe of the first namespace it ran in.
+	families := []string{"4"}
+	if p.IPv6.IsValid() {
+		families = append(families, "6")
 	}
-	t.Cleanup(func() { ln.Close(); pc.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	for _, f := range families {
+		var ln net.Listener
+		var pc net.PacketConn
+		err := p.NS.Do(func(ns.NetNS) error {
+			var err error
+			if ln, err = net.Listen("tcp"+f, fmt.Sprintf(":%d", port)); err != nil {
+				return err
 			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+			pc, err = net.ListenPacket("udp"+f, fmt.Sprintf(":%d", port))
+			return err
+		})
+		if err != nil {
+			t.Fatalf("listen in %s/%s: %v", p.Namespace, p.Name, err)
 		}
-	}()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = pc.WriteTo(buf[:n], from)
+		t.Cleanup(func() { ln.Close(); pc.Close() })
+		go acceptEcho(ln)
+		go packetEcho(pc)
+	}
+}
+
+func acceptEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
 		}
-	}()
+		go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+	}
+}
+
+func packetEcho(pc net.PacketConn) {
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = pc.WriteTo(buf[:n], from)
+	}
 }
 
 // Dial connects from inside the pod ("tcp" or "udp").
