@@ -1,0 +1,247 @@
+package twonode
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/bulkhead-io/bulkhead/tests/cnichain"
+)
+
+// Pod is a pod on one node, added through the node's CNI chain.
+type Pod struct {
+	Namespace, Name, UID string
+	Labels               map[string]string
+	// ServiceAccount is the pod's spec.serviceAccountName ("" for the
+	// default one).
+	ServiceAccount string
+	Node           *Node
+	// NS is the pod's network namespace.
+	NS ns.NetNS
+	// IPv4 is the pod's IPv4 address; IPv6 its IPv6 address on IPv6
+	// topologies.
+	IPv4, IPv6 netip.Addr
+
+	cni *cnichain.Pod
+}
+
+// IPs are the pod's addresses.
+func (p *Pod) IPs() []netip.Addr {
+	out := []netip.Addr{p.IPv4}
+	if p.IPv6.IsValid() {
+		out = append(out, p.IPv6)
+	}
+	return out
+}
+
+// AddPod declares the pod in the node's store (PodsFile: labels, service
+// account), then runs CNI ADD for it through the node's chain from inside
+// the node's namespace, as the node's container runtime would. The agent
+// must be running (bulkhead-cni fails closed). When the test ends the pod
+// gets a CNI DEL and its namespace is removed.
+func (n *Node) AddPod(namespace, name string, labels map[string]string, serviceAccount string) *Pod {
+	n.t.Helper()
+	cp := n.Chain.NewPod(n.t)
+	cp.Namespace, cp.Name = namespace, name
+	p := &Pod{Namespace: namespace, Name: name, UID: cp.UID, Labels: maps.Clone(labels),
+		ServiceAccount: serviceAccount, Node: n, NS: cp.NS, cni: cp}
+	// Registered after cnichain's own cleanup, so it runs first: the DEL
+	// runs in the node's namespace, and cnichain's then finds it done.
+	n.t.Cleanup(func() {
+		if err := p.remove(); err != nil {
+			n.t.Errorf("%s: remove pod %s/%s: %v", n.Name, namespace, name, err)
+		}
+	})
+	n.mu.Lock()
+	n.pods = append(n.pods, p)
+	n.mu.Unlock()
+	n.writePods()
+
+	var res types.Result
+	err := n.NS.Do(func(ns.NetNS) error {
+		var err error
+		res, err = n.Chain.Add(context.Background(), cp)
+		return err
+	})
+	if err != nil {
+		n.t.Fatalf("%s: CNI ADD %s/%s: %v\nagent log:\n%s", n.Name, namespace, name, err, n.AgentLog())
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		n.t.Fatalf("%s: CNI ADD %s/%s: result: %v", n.Name, namespace, name, err)
+	}
+	for _, ipc := range r.IPs {
+		a, ok := netip.AddrFromSlice(ipc.Address.IP)
+		switch a = a.Unmap(); {
+		case !ok:
+		case a.Is4() && !p.IPv4.IsValid():
+			p.IPv4 = a
+		case a.Is6() && !p.IPv6.IsValid():
+			p.IPv6 = a
+		}
+	}
+	if !p.IPv4.IsValid() || (n.ipv6 && !p.IPv6.IsValid()) {
+		n.t.Fatalf("%s: CNI ADD %s/%s: addresses missing in result %v", n.Name, namespace, name, r)
+	}
+	return p
+}
+
+// Remove deletes the pod now, as a runtime does: CNI DEL from inside the
+// node's namespace, then the namespace goes, and the pod leaves the node's
+// PodsFile. Call SyncPeers afterwards to tell the other node.
+func (p *Pod) Remove() {
+	n := p.Node
+	n.t.Helper()
+	if err := p.remove(); err != nil {
+		n.t.Fatalf("%s: remove pod %s/%s: %v", n.Name, p.Namespace, p.Name, err)
+	}
+	n.mu.Lock()
+	n.pods = slices.DeleteFunc(n.pods, func(q *Pod) bool { return q == p })
+	n.mu.Unlock()
+	n.writePods()
+}
+
+func (p *Pod) remove() error {
+	return p.Node.NS.Do(func(ns.NetNS) error {
+		return p.Node.Chain.Remove(context.Background(), p.cni)
+	})
+}
+
+// Serve echoes TCP and UDP on port inside the pod, on each of its address
+// families, until the test ends.
+func (p *Pod) Serve(port int) {
+	t := p.Node.t
+	t.Helper()
+	// One socket per family: what a wildcard "tcp" listener covers depends
+	// on Go's process-wide probe of the first namespace it ran in.
+	families := []string{"4"}
+	if p.IPv6.IsValid() {
+		families = append(families, "6")
+	}
+	for _, f := range families {
+		var ln net.Listener
+		var pc net.PacketConn
+		err := p.NS.Do(func(ns.NetNS) error {
+			var err error
+			if ln, err = net.Listen("tcp"+f, fmt.Sprintf(":%d", port)); err != nil {
+				return err
+			}
+			pc, err = net.ListenPacket("udp"+f, fmt.Sprintf(":%d", port))
+			return err
+		})
+		if err != nil {
+			t.Fatalf("listen in %s/%s: %v", p.Namespace, p.Name, err)
+		}
+		t.Cleanup(func() { ln.Close(); pc.Close() })
+		go acceptEcho(ln)
+		go packetEcho(pc)
+	}
+}
+
+func acceptEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+	}
+}
+
+func packetEcho(pc net.PacketConn) {
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = pc.WriteTo(buf[:n], from)
+	}
+}
+
+// Dial connects from inside the pod ("tcp" or "udp").
+func (p *Pod) Dial(network string, to netip.Addr, port int, timeout time.Duration) (net.Conn, error) {
+	var c net.Conn
+	err := p.NS.Do(func(ns.NetNS) error {
+		var err error
+		c, err = net.DialTimeout(network, netip.AddrPortFrom(to, uint16(port)).String(), timeout)
+		return err
+	})
+	return c, err
+}
+
+// TCPWorks reports whether a TCP connection from p to to:port carries an
+// echo (Serve) within a second.
+func (p *Pod) TCPWorks(to netip.Addr, port int) bool {
+	c, err := p.Dial("tcp", to, port, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	return echo(c)
+}
+
+// UDPWorks reports whether a datagram from p to to:port comes back.
+func (p *Pod) UDPWorks(to netip.Addr, port int) bool {
+	c, err := p.Dial("udp", to, port, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	return echo(c)
+}
+
+func echo(c net.Conn) bool {
+	_ = c.SetDeadline(time.Now().Add(time.Second))
+	msg := []byte("bulkhead twonode " + time.Now().String())
+	if _, err := c.Write(msg); err != nil {
+		return false
+	}
+	buf := make([]byte, len(msg))
+	_, err := io.ReadFull(c, buf)
+	return err == nil && bytes.Equal(buf, msg)
+}
+
+// podDocs renders pods as store YAML (JSON documents, which YAML reads as
+// they are), with their addresses when withIPs is set: peers' addresses
+// are what a node's ipcache learns them from, while a node learns its own
+// pods' addresses from CNI.
+func podDocs(pods []*Pod, withIPs bool) (string, error) {
+	var docs []string
+	for _, p := range pods {
+		meta := map[string]any{"name": p.Name, "namespace": p.Namespace, "uid": p.UID}
+		if len(p.Labels) > 0 {
+			meta["labels"] = p.Labels
+		}
+		spec := map[string]any{"nodeName": p.Node.Name}
+		if p.ServiceAccount != "" {
+			spec["serviceAccountName"] = p.ServiceAccount
+		}
+		doc := map[string]any{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+		if withIPs {
+			var ips []map[string]string
+			for _, a := range p.IPs() {
+				ips = append(ips, map[string]string{"ip": a.String()})
+			}
+			doc["status"] = map[string]any{"podIP": p.IPv4.String(), "podIPs": ips}
+		}
+		b, err := json.Marshal(doc)
+		if err != nil {
+			return "", fmt.Errorf("pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+		docs = append(docs, string(b))
+	}
+	return "# written by tests/twonode\n" + strings.Join(docs, "\n---\n") + "\n", nil
+}
