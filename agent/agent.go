@@ -22,6 +22,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/agent/state"
 	"github.com/bulkhead-io/bulkhead/agent/storeguard"
+	"github.com/bulkhead-io/bulkhead/agent/svids"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
@@ -49,6 +50,8 @@ type Agent struct {
 	features []api.Feature
 	// guard holds back store states that remove too much at once.
 	guard *storeguard.Guard
+	// svids holds local pods' SVIDs (nil with --identity-source none).
+	svids *svids.Manager
 
 	// view is what readers use: replaced after every apply, never mutated.
 	view atomic.Pointer[view]
@@ -107,6 +110,8 @@ type change struct {
 	add   *endpointRecord
 	del   *api.EndpointKey
 	store *store.Result
+	// resync recompiles these pods: their issued SPIFFE ID changed.
+	resync []podRef
 	// refresh asks for nothing but a recompile: the node's addresses
 	// changed (applyBatch reads them on every batch).
 	refresh bool
@@ -186,6 +191,10 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if w := a.guard.Warning(); w != "" {
 		a.fc.warnings = append(a.fc.warnings, w)
+	}
+	if a.svids, err = openSVIDs(cfg, a.metrics); err != nil {
+		dp.Close()
+		return nil, err
 	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
@@ -301,6 +310,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.applyRetry.run(ctx, func(ctx context.Context) error { return a.batch.Submit(ctx, &change{refresh: true}) })
 	})
 	wg.Go(func() { a.reconcileVeths(ctx, a.cfg.ReconcileInterval) })
+	if a.svids != nil {
+		wg.Go(func() { a.runSVIDs(ctx) })
+	}
 	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
 
 	select {
@@ -320,6 +332,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.batch.Close()
 	pipe.close()
 	wg.Wait()
+	if a.svids != nil {
+		_ = a.svids.Close()
+	}
 	a.dp.Close()
 	a.log.Info("agent stopped; enforcement stays pinned")
 	return err
@@ -380,6 +395,12 @@ func (a *Agent) applyBatch(changes []*change) []error {
 			if c.removed != nil {
 				deleted++
 			}
+		case c.resync != nil:
+			for _, r := range c.resync {
+				if err := a.syncPod(r); err != nil {
+					errs[i] = err
+				}
+			}
 		}
 	}
 	if !a.haveStore {
@@ -429,6 +450,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	a.reattach = nil
 	a.publish(ms)
+	a.syncSVIDs()
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())
 	a.metrics.PolicyRevision.Set(float64(ms.Revision))
@@ -548,6 +570,9 @@ func (a *Agent) desiredPod(ref podRef) (policy.Pod, bool) {
 	}
 	p.IPs = a.ipOwners.claim(ref, ep.addrs(), true, ep.CreatedAt)
 	p.Endpoint = ep.ID
+	// On its own node a pod's SPIFFE ID is what its SVID source issued
+	// (an annotation in the store does not decide it).
+	p.SPIFFEID = a.issuedID(ref, p.ServiceAccount)
 	return p, true
 }
 

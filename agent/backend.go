@@ -255,6 +255,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost
 	}
+	resp.IdentitySource = a.identitySourceStatus()
 	return resp, nil
 }
 
@@ -304,6 +305,7 @@ func (a *Agent) ListIdentities(context.Context) (api.IdentityList, error) {
 		}
 		out.Identities = append(out.Identities, it)
 	}
+	out.Source, out.SVIDs = a.identitySourceStatus(), a.svidInfos()
 	return out, nil
 }
 

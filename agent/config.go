@@ -11,6 +11,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // Config is the agent's configuration; cmd/bulkhead-agent fills it from
@@ -63,6 +64,14 @@ type Config struct {
 	// the trie's size (see policyBudget).
 	PolicyBudgetEndpoint int
 	PolicyBudgetPolicy   int
+	// IdentitySource is where local pods' SVIDs come from: "none",
+	// "builtin" (the development CA under StateDir/ca) or "spire" (the
+	// Delegated Identity API at SPIREAdminSocket). Empty: "spire" when
+	// SPIREAdminSocket is set, else "none".
+	IdentitySource   string
+	SPIREAdminSocket string
+	// SVIDTTL is the lifetime of the built-in CA's SVIDs (default 1 h).
+	SVIDTTL time.Duration
 	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
 	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
 	// not allowed (--store-shrink-grace, --identity-grace,
@@ -119,6 +128,15 @@ func (c *Config) setDefaults() error {
 	if c.IdentityGrace == 0 && !c.FromFlags {
 		c.IdentityGrace = DefaultIdentityGrace
 	}
+	if c.IdentitySource == "" {
+		c.IdentitySource = identity.SourceNone
+		if c.SPIREAdminSocket != "" {
+			c.IdentitySource = identity.SourceSPIRE
+		}
+	}
+	if c.SVIDTTL == 0 && !c.FromFlags {
+		c.SVIDTTL = DefaultSVIDTTL
+	}
 	if c.ReconcileInterval <= 0 {
 		c.ReconcileInterval = 5 * time.Second
 	}
@@ -143,6 +161,7 @@ func (c *Config) setDefaults() error {
 	if c.IdentityGrace <= 0 {
 		errs = append(errs, fmt.Errorf("--identity-grace %v: must be positive (a number nothing uses stays reserved this long, so a label set that comes back keeps it)", c.IdentityGrace))
 	}
+	errs = append(errs, c.validateIdentity()...)
 	if err := c.validateBudget(); err != nil {
 		errs = append(errs, err)
 	}
@@ -158,6 +177,35 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return nil
+}
+
+// DefaultSVIDTTL is the lifetime of the built-in CA's SVIDs; they are
+// renewed at half of it.
+const DefaultSVIDTTL = time.Hour
+
+func (c *Config) validateIdentity() []error {
+	var errs []error
+	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil {
+		errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
+	}
+	switch c.IdentitySource {
+	case identity.SourceNone, identity.SourceBuiltin:
+		if c.SPIREAdminSocket != "" {
+			errs = append(errs, fmt.Errorf("--spire-admin-socket is set but --identity-source is %s: drop one of them", c.IdentitySource))
+		}
+	case identity.SourceSPIRE:
+		if c.SPIREAdminSocket == "" {
+			errs = append(errs, errors.New("--identity-source spire needs --spire-admin-socket (the SPIRE agent's admin_socket_path, not its workload socket)"))
+		} else if !filepath.IsAbs(c.SPIREAdminSocket) {
+			errs = append(errs, fmt.Errorf("--spire-admin-socket %q: must be an absolute path", c.SPIREAdminSocket))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--identity-source %q: want none, builtin or spire", c.IdentitySource))
+	}
+	if c.SVIDTTL < time.Minute || c.SVIDTTL > 30*24*time.Hour {
+		errs = append(errs, fmt.Errorf("--svid-ttl %v: want between 1m and 720h", c.SVIDTTL))
+	}
+	return errs
 }
 
 // ErrConfig marks an invalid configuration: each problem names its flag.

@@ -16,7 +16,7 @@ func TestConfigFlagBounds(t *testing.T) {
 	valid := func() Config {
 		return Config{FromFlags: true, StateDir: filepath.Join(dir, "state"), Socket: filepath.Join(dir, "s"),
 			BPFFS: filepath.Join(dir, "bpf"), FlowRing: DefaultFlowRing, StoreShrinkGrace: DefaultStoreShrinkGrace,
-			IdentityGrace: DefaultIdentityGrace}
+			IdentityGrace: DefaultIdentityGrace, SVIDTTL: DefaultSVIDTTL}
 	}
 	c := valid()
 	c.Datapath.MaxPolicyEntries = DefaultPolicyMapEntries
@@ -34,6 +34,15 @@ func TestConfigFlagBounds(t *testing.T) {
 		{"store shrink grace 0", "--store-shrink-grace", func(c *Config) { c.StoreShrinkGrace = 0 }, false},
 		{"store shrink grace negative", "--store-shrink-grace", func(c *Config) { c.StoreShrinkGrace = -1 }, false},
 		{"store shrink grace 1ns", "", func(c *Config) { c.StoreShrinkGrace = 1 }, true},
+		{"svid ttl 0", "--svid-ttl", func(c *Config) { c.SVIDTTL = 0 }, false},
+		{"svid ttl 59s", "--svid-ttl", func(c *Config) { c.SVIDTTL = 59 * time.Second }, false},
+		{"svid ttl 1m", "", func(c *Config) { c.SVIDTTL = time.Minute }, true},
+		{"identity source bogus", "--identity-source", func(c *Config) { c.IdentitySource = "vault" }, false},
+		{"spire without socket", "--spire-admin-socket", func(c *Config) { c.IdentitySource = "spire" }, false},
+		{"spire socket relative", "--spire-admin-socket", func(c *Config) { c.SPIREAdminSocket = "admin.sock" }, false},
+		{"spire socket with builtin", "--spire-admin-socket", func(c *Config) { c.IdentitySource = "builtin"; c.SPIREAdminSocket = "/run/spire/admin.sock" }, false},
+		{"spire socket implies spire", "", func(c *Config) { c.SPIREAdminSocket = "/run/spire/admin.sock" }, true},
+		{"trust domain bad", "--trust-domain", func(c *Config) { c.TrustDomain = "Bad Domain" }, false},
 		{"flow ring 0", "--flow-ring", func(c *Config) { c.FlowRing = 0 }, false},
 		{"policy map entries 0", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = 0 }, false},
 		{"policy map entries 1023", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = MinPolicyMapEntries - 1 }, false},

@@ -257,6 +257,8 @@ type StatusResponse struct {
 	// quarantined records, endpoints enforced without a record (held at
 	// default deny), addresses claimed by more than one pod.
 	EndpointWarnings []string `json:"endpointWarnings,omitempty"`
+	// IdentitySource is where local pods' SVIDs come from, and its health.
+	IdentitySource *IdentitySourceStatus `json:"identitySource,omitempty"`
 }
 
 // ApplyStatus describes a policy apply that keeps failing. The datapath
@@ -311,6 +313,44 @@ type Identity struct {
 // IdentityList is the response of GET PathIdentities.
 type IdentityList struct {
 	Identities []Identity `json:"identities"`
+	// Source and SVIDs describe the local pods' X.509-SVIDs (none with
+	// --identity-source none).
+	Source *IdentitySourceStatus `json:"source,omitempty"`
+	SVIDs  []SVIDInfo            `json:"svids,omitempty"`
+}
+
+// SVIDInfo is the SVID state of one local pod. Keys never leave the agent.
+type SVIDInfo struct {
+	// Pod is "namespace/name".
+	Pod       string    `json:"pod"`
+	SPIFFEID  string    `json:"spiffeID,omitempty"`
+	Serial    string    `json:"serial,omitempty"`
+	NotBefore time.Time `json:"notBefore,omitzero"`
+	NotAfter  time.Time `json:"notAfter,omitzero"`
+	// NoSVIDReason says why the pod holds none.
+	NoSVIDReason string `json:"noSVIDReason,omitempty"`
+	// LastError is the source's last error while a held SVID stays in use.
+	LastError string `json:"lastError,omitempty"`
+	// CertificatePEM is the SVID's certificate chain (public), leaf first,
+	// so that it can be checked against the trust bundle.
+	CertificatePEM string `json:"certificatePEM,omitempty"`
+}
+
+// IdentitySourceStatus is the health of the SVID source.
+type IdentitySourceStatus struct {
+	// Name is none, builtin or spire.
+	Name      string    `json:"name"`
+	Healthy   bool      `json:"healthy"`
+	LastError string    `json:"lastError,omitempty"`
+	Since     time.Time `json:"since,omitzero"`
+	// SVIDs counts distinct SVIDs held (one per SPIFFE ID).
+	SVIDs          int       `json:"svids"`
+	PodsWithSVID   int       `json:"podsWithSVID"`
+	PodsFollowed   int       `json:"podsFollowed"`
+	EarliestExpiry time.Time `json:"earliestExpiry,omitzero"`
+	Rotations      uint64    `json:"rotations"`
+	// BundlePEM is the local trust domain's X.509 bundle (CA certificates).
+	BundlePEM string `json:"bundlePEM,omitempty"`
 }
 
 // Peer is one side of an explained flow: a pod by name, or an address.

@@ -64,6 +64,9 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		fmt.Fprintf(tw, "Store:\t%s\n", st.Store)
 		fmt.Fprintf(tw, "Endpoints:\t%d\n", st.Endpoints)
 		fmt.Fprintf(tw, "Identities:\t%d\n", st.Identities)
+		if is := st.IdentitySource; is != nil {
+			fmt.Fprintf(tw, "Identity source:\t%s\n", identitySourceLine(is))
+		}
 		fmt.Fprintf(tw, "Policy revision:\t%d\n", st.PolicyRevision)
 		fmt.Fprintf(tw, "Lost flow events:\t%d in the kernel ring, %d in the agent\n", st.LostEventsKernel, st.LostEventsUserspace)
 		if p := st.PolicyApply; p != nil {
@@ -157,7 +160,53 @@ func Identities(ctx context.Context, c *api.Client, w io.Writer, format string) 
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\n", id.ID, orDash(name), orDash(id.Namespace), orDash(strings.Join(labels, ",")), id.Endpoints)
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if l.Source == nil || l.Source.Name == "none" {
+		return nil
+	}
+	fmt.Fprintf(w, "\nSVIDs of this node's pods (source %s):\n", identitySourceLine(l.Source))
+	return SVIDTable(w, l.SVIDs, time.Now())
+}
+
+// SVIDTable prints one line per local pod: its SVID's SPIFFE ID, serial and
+// expiry, or why it holds none.
+func SVIDTable(w io.Writer, svids []api.SVIDInfo, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "POD\tSPIFFE ID\tSERIAL\tEXPIRES")
+	for _, s := range svids {
+		if s.SPIFFEID == "" {
+			fmt.Fprintf(tw, "%s\t-\t-\tno SVID: %s\n", s.Pod, orDash(s.NoSVIDReason))
+			continue
+		}
+		exp := fmt.Sprintf("%s (in %s)", s.NotAfter.UTC().Format(time.RFC3339), s.NotAfter.Sub(now).Round(time.Second))
+		if s.LastError != "" {
+			exp += "; source: " + s.LastError
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Pod, s.SPIFFEID, s.Serial, exp)
+	}
 	return tw.Flush()
+}
+
+func identitySourceLine(is *api.IdentitySourceStatus) string {
+	if is.Name == "none" {
+		return "none (no SVIDs; --identity-source builtin or spire issues them)"
+	}
+	health := "healthy"
+	if !is.Healthy {
+		health = "UNAVAILABLE"
+		if is.LastError != "" {
+			health += ": " + is.LastError
+		}
+		health += "; held SVIDs stay in use until they expire"
+	}
+	line := fmt.Sprintf("%s, %s; %d of %d local pods hold an SVID (%d distinct), %d rotations", is.Name, health,
+		is.PodsWithSVID, is.PodsFollowed, is.SVIDs, is.Rotations)
+	if !is.EarliestExpiry.IsZero() {
+		line += fmt.Sprintf(", earliest expiry in %s", time.Until(is.EarliestExpiry).Round(time.Second))
+	}
+	return line
 }
 
 func orDash(s string) string {

@@ -1,0 +1,191 @@
+package agent
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
+	"github.com/bulkhead-io/bulkhead/agent/svids"
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/identity/devca"
+	"github.com/bulkhead-io/bulkhead/identity/spire"
+)
+
+// caDir is where the built-in CA keeps its key and bundle, under --state-dir.
+const caDir = "ca"
+
+// openSVIDs opens the configured SVID source (nil for "none").
+func openSVIDs(cfg Config, m *metrics.Metrics) (*svids.Manager, error) {
+	var src identity.SVIDSource
+	log := cfg.Logger.With("component", "svids")
+	switch cfg.IdentitySource {
+	case identity.SourceNone:
+		return nil, nil
+	case identity.SourceBuiltin:
+		td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+		if err != nil {
+			return nil, fmt.Errorf("trust domain: %w", err)
+		}
+		ca, err := devca.Open(filepath.Join(cfg.StateDir, caDir), td, devca.Options{Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("built-in CA: %w", err)
+		}
+		if src, err = devca.NewSource(ca, devca.SourceOptions{TTL: cfg.SVIDTTL, Logger: log}); err != nil {
+			return nil, fmt.Errorf("built-in CA: %w", err)
+		}
+	case identity.SourceSPIRE:
+		s, err := spire.New(spire.Config{AdminSocket: cfg.SPIREAdminSocket, Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("spire: %w", err)
+		}
+		src = s
+	default:
+		return nil, fmt.Errorf("identity source %q: want none, builtin or spire", cfg.IdentitySource)
+	}
+	mgr := svids.New(svids.Config{Source: src, Logger: log})
+	m.RegisterSVIDs(func() metrics.SVIDStat {
+		st := mgr.Stats()
+		return metrics.SVIDStat{Source: mgr.SourceName(), Held: st.Held, Pods: st.Pods, Followed: st.Followed,
+			EarliestExpiry: st.EarliestExpiry, Rotations: st.Rotations, Connected: st.Health.Connected}
+	})
+	return mgr, nil
+}
+
+// runSVIDs recompiles the pods whose issued SPIFFE ID changed, and drops
+// SVIDs that expire while the source is unreachable.
+func (a *Agent) runSVIDs(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			a.svids.Expire()
+		case <-a.svids.Changed():
+			keys := a.svids.TakeDirty()
+			if len(keys) == 0 {
+				continue
+			}
+			refs := make([]podRef, 0, len(keys))
+			for _, k := range keys {
+				if r, ok := parsePodKey(k); ok {
+					refs = append(refs, r)
+				}
+			}
+			if err := a.batch.Submit(ctx, &change{resync: refs}); err != nil && ctx.Err() == nil {
+				a.log.Warn("recompile pods after an SVID change", "pods", keys, "error", err)
+			}
+		}
+	}
+}
+
+func parsePodKey(k string) (podRef, bool) {
+	for i := 0; i < len(k); i++ {
+		if k[i] == '/' {
+			return podRef{k[:i], k[i+1:]}, true
+		}
+	}
+	return podRef{}, false
+}
+
+// derivedID is spiffe://<td>/ns/<ns>/sa/<sa>.
+func (a *Agent) derivedID(ns, sa string) spiffeid.ID {
+	id, _ := identity.Labels{Namespace: ns, ServiceAccount: sa}.Derived(a.cfg.TrustDomain)
+	return id
+}
+
+// issuedID is the SPIFFE ID the source issued to a local pod, when it
+// differs from the derived one: policy then matches the pod by it. Only
+// what differs is passed on, so that a source that issues the derived IDs
+// (the built-in CA) changes no identity.
+func (a *Agent) issuedID(ref podRef, sa string) string {
+	if a.svids == nil {
+		return ""
+	}
+	id, ok := a.svids.IssuedID(ref.String())
+	if !ok || id == a.derivedID(ref.ns, sa).String() {
+		return ""
+	}
+	return id
+}
+
+// syncSVIDs follows exactly the local pods: one subscription per pod (the
+// newest endpoint's sandbox UID), none for pods of other nodes. It runs on
+// the batch goroutine after each apply.
+func (a *Agent) syncSVIDs() {
+	if a.svids == nil {
+		return
+	}
+	a.mu.Lock()
+	newest := map[podRef]*endpointRecord{}
+	for _, e := range a.endpoints {
+		r := podRefOf(e)
+		if b := newest[r]; b == nil || e.CreatedAt.After(b.CreatedAt) {
+			newest[r] = e
+		}
+	}
+	a.mu.Unlock()
+	want := make(map[string]identity.Workload, len(newest))
+	for r, e := range newest {
+		sa := a.storePods[r].ServiceAccount
+		want[r.String()] = identity.Workload{Namespace: r.ns, Name: r.name, UID: e.Pod.UID, ServiceAccount: sa,
+			Derived: a.derivedID(r.ns, sa)}
+	}
+	a.svids.Sync(want)
+}
+
+// svidInfos lists the SVID state of the local pods for the API.
+func (a *Agent) svidInfos() []api.SVIDInfo {
+	if a.svids == nil {
+		return nil
+	}
+	var out []api.SVIDInfo
+	for _, p := range a.svids.Pods() {
+		out = append(out, api.SVIDInfo{Pod: p.Key, SPIFFEID: p.SPIFFEID, Serial: p.Serial, NotBefore: p.NotBefore,
+			NotAfter: p.NotAfter, NoSVIDReason: p.Reason, LastError: p.LastError, CertificatePEM: certsPEM(p.Chain)})
+	}
+	return out
+}
+
+// identitySourceStatus is the source's part of `bulkhead status`.
+func (a *Agent) identitySourceStatus() *api.IdentitySourceStatus {
+	if a.svids == nil {
+		return &api.IdentitySourceStatus{Name: identity.SourceNone, Healthy: true}
+	}
+	st := a.svids.Stats()
+	return &api.IdentitySourceStatus{Name: a.svids.SourceName(), Healthy: st.Health.Connected,
+		LastError: st.Health.LastError, Since: st.Health.Since, SVIDs: st.Held, PodsWithSVID: st.Pods,
+		PodsFollowed: st.Followed, EarliestExpiry: st.EarliestExpiry, Rotations: st.Rotations,
+		BundlePEM: a.localBundlePEM()}
+}
+
+// localBundlePEM is the trust bundle of the local trust domain.
+func (a *Agent) localBundlePEM() string {
+	set := a.svids.Bundles()
+	td, err := spiffeid.TrustDomainFromString(a.cfg.TrustDomain)
+	if set == nil || err != nil {
+		return ""
+	}
+	b, ok := set.Get(td)
+	if !ok {
+		return ""
+	}
+	return certsPEM(b.X509Authorities())
+}
+
+func certsPEM(certs []*x509.Certificate) string {
+	var b strings.Builder
+	for _, c := range certs {
+		_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	return b.String()
+}
