@@ -8,6 +8,11 @@ import (
 )
 
 func TestLabelsKey(t *testing.T) {
+	// Keys of label sets without an issued ID are what persisted
+	// numberings hold: they must not change.
+	if got, want := (Labels{Namespace: "a"}).Key(), "1:a7:default0{}0{}"; got != want {
+		t.Errorf("key %q, want %q", got, want)
+	}
 	a := Labels{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}}
 	b := Labels{Namespace: "shop", PodLabels: map[string]string{"tier": "1", "app": "api"}, ServiceAccount: "default"}
 	if a.Key() != b.Key() {
@@ -17,6 +22,7 @@ func TestLabelsKey(t *testing.T) {
 		{Namespace: "shop", PodLabels: map[string]string{"app": "api"}},
 		{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}, ServiceAccount: "api"},
 		{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}, NamespaceLabels: map[string]string{"x": "y"}},
+		{Namespace: "shop", PodLabels: map[string]string{"app": "api", "tier": "1"}, Issued: "spiffe://cluster.local/workload/api"},
 		// A value that looks like an encoded second label must not collide.
 		{Namespace: "shop", PodLabels: map[string]string{"app": "api4:tier1:1"}},
 	} {

@@ -256,3 +256,27 @@ func isZero(v any) bool {
 	}
 	return false
 }
+
+// The bulkhead.io/spiffe-id annotation names a remote pod's issued SPIFFE ID;
+// one that is not a SPIFFE ID is an error at the pod.
+func TestSPIFFEIDAnnotation(t *testing.T) {
+	doc := "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {bulkhead.io/spiffe-id: %q}\n"
+	objs, err := Parse("f.yaml", fmt.Appendf(nil, doc, "spiffe://example.org/workload/p"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := Build(objs, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := res.Snapshot.Pods[0].SPIFFEID; got != "spiffe://example.org/workload/p" {
+		t.Fatalf("SPIFFEID %q", got)
+	}
+	objs, err = Parse("f.yaml", fmt.Appendf(nil, doc, "https://example.org/p"))
+	if err == nil {
+		_, err = Build(objs, Options{})
+	}
+	if err == nil || !strings.Contains(err.Error(), "f.yaml:1: Pod default/p: metadata.annotations[bulkhead.io/spiffe-id]") {
+		t.Fatalf("got %v", err)
+	}
+}
