@@ -578,16 +578,17 @@ func TestIssuedIDOtherThanDerivedLoggedOnce(t *testing.T) {
 		t.Fatalf("logged %d times after the derived ID, want 1", n)
 	}
 	// Another differing ID is news.
-	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(spiffeid.RequireFromString("spiffe://cluster.local/custom/web2"), time.Hour)}})
+	custom2 := spiffeid.RequireFromString("spiffe://cluster.local/custom/web2")
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(custom2, time.Hour)}})
 	if n := f.log.count(msg); n != 2 {
 		t.Fatalf("logged %d times after a second differing ID, want 2", n)
 	}
 	// A new pod under the same key is logged afresh.
 	f.m.Sync(nil)
 	f.m.Sync(map[string]identity.Workload{"shop/web": w})
-	f.src.sub(t, "shop/web").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(custom, time.Hour)}})
+	f.src.sub(t, "shop/web").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(custom2, time.Hour)}})
 	if n := f.log.count(msg); n != 3 {
-		t.Fatalf("logged %d times for a new pod with the first ID, want 3", n)
+		t.Fatalf("logged %d times for a new pod with the last logged ID, want 3", n)
 	}
 }
 
