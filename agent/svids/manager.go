@@ -206,7 +206,14 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 	}
 	p.lastErr = ""
 	s := u.SVIDs[0]
-	if len(s.Certificates) == 0 || !now.Before(s.Certificates[0].NotAfter) {
+	if s == nil || len(s.Certificates) == 0 || s.Certificates[0] == nil {
+		// A source bug must not crash the agent, nor leave an SVID in
+		// use that the source no longer vouches for.
+		m.log.Warn("the svid source sent an svid without a certificate", "pod", key)
+		m.dropLocked(key, p, "the source sent an SVID without a certificate")
+		return
+	}
+	if !now.Before(s.Certificates[0].NotAfter) {
 		m.dropLocked(key, p, "the source sent an expired SVID")
 		return
 	}

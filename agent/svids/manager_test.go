@@ -707,3 +707,20 @@ func TestConcurrentUse(t *testing.T) {
 		t.Fatalf("inconsistent stats %+v with %d pods holding", st, held)
 	}
 }
+
+func TestSVIDWithoutCertificateIsRefused(t *testing.T) {
+	f := newFixture(t)
+	w := workload("shop", "web", "web-sa", "u1")
+	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	sub := f.src.sub(t, "shop/web")
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
+	for _, bad := range []*x509svid.SVID{nil, {ID: w.Derived}} {
+		sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{bad}})
+		if _, ok := f.m.IssuedID("shop/web"); ok {
+			t.Fatalf("IssuedID kept after an SVID without a certificate (%v)", bad)
+		}
+		if p := f.podState("shop/web"); !strings.Contains(p.Reason, "without a certificate") {
+			t.Fatalf("reason = %q", p.Reason)
+		}
+	}
+}
