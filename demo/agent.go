@@ -31,7 +31,10 @@ type agentConfig struct {
 func startAgent(ctx context.Context, cfg agentConfig, client *api.Client) (*agentProc, error) {
 	cmd := exec.Command(cfg.Binary, "--store", "dir:"+cfg.Store, "--socket", cfg.Socket,
 		"--state-dir", cfg.StateDir, "--bpffs", cfg.BPFFS, "--flow-log", cfg.FlowLog,
-		"--metrics-addr", "", "--node-name", "demo-node")
+		"--metrics-addr", "", "--node-name", "demo-node",
+		// The built-in development CA (under --state-dir/ca, removed with
+		// the demo's temp dir) gives every pod an X.509-SVID without SPIRE.
+		"--identity-source", "builtin")
 	cmd.Stdout, cmd.Stderr = cfg.Output, cfg.Output
 	// Its own process group, so a Ctrl-C in the terminal reaches only the
 	// demo, which then stops the agent in order (after the CNI DELs).

@@ -29,6 +29,9 @@ func (r *run) story(ctx context.Context) error {
 	if err := r.showWorkloads(ctx); err != nil {
 		return err
 	}
+	if err := r.showSVIDs(ctx); err != nil {
+		return err
+	}
 
 	r.p.heading("0. No policy: every pod reaches every other pod")
 	r.p.note("  measured with real TCP and UDP traffic between the pods' namespaces")
@@ -128,6 +131,79 @@ func (r *run) showWorkloads(ctx context.Context) error {
 		fmt.Fprintf(tw, "  %s%s\n", p.spec.Ref(), line)
 	}
 	return tw.Flush()
+}
+
+// svidsWithin bounds the wait for every pod's SVID: the built-in CA mints
+// at once, after the apply that follows each pod's ADD.
+const svidsWithin = 10 * time.Second
+
+// showSVIDs waits until every pod holds an X.509-SVID of the built-in CA
+// with its endpoint's SPIFFE ID, and lists them as `bulkhead identities`
+// does, narrowed to 80 columns (a short serial, the time left).
+func (r *run) showSVIDs(ctx context.Context) error {
+	eps, err := r.client.ListEndpoints(ctx)
+	if err != nil {
+		return fmt.Errorf("list endpoints: %w", err)
+	}
+	want := map[string]string{}
+	for _, e := range eps.Endpoints {
+		want[e.Pod.Namespace+"/"+e.Pod.Name] = e.SPIFFEID
+	}
+	deadline := time.Now().Add(svidsWithin)
+	var got map[string]api.SVIDInfo
+	for {
+		l, err := r.client.ListIdentities(ctx)
+		if err != nil {
+			return fmt.Errorf("list identities: %w", err)
+		}
+		got = map[string]api.SVIDInfo{}
+		for _, s := range l.SVIDs {
+			got[s.Pod] = s
+		}
+		missing := r.missingSVIDs(want, got)
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: no SVID with the endpoint's SPIFFE ID after %v: %s", ErrSelfCheck, svidsWithin, strings.Join(missing, "; "))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	r.p.heading("Their X.509-SVIDs, from the built-in CA (bulkhead identities)")
+	tw := tabwriter.NewWriter(r.p.w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  POD\tSPIFFE ID\tSERIAL\tEXPIRES")
+	now := time.Now()
+	for _, p := range r.pods {
+		s := got[p.spec.Ref()]
+		serial := s.Serial
+		if len(serial) > 6 {
+			serial = serial[:6] + "…"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\tin %d min\n", p.spec.Ref(), s.SPIFFEID, serial, int(s.NotAfter.Sub(now).Round(time.Minute).Minutes()))
+	}
+	return tw.Flush()
+}
+
+// missingSVIDs says which pods hold no SVID with their endpoint's ID.
+func (r *run) missingSVIDs(want map[string]string, got map[string]api.SVIDInfo) []string {
+	var out []string
+	for _, p := range r.pods {
+		ref := p.spec.Ref()
+		s, ok := got[ref]
+		switch {
+		case !ok:
+			out = append(out, ref+": not followed")
+		case s.SPIFFEID == "":
+			out = append(out, ref+": "+s.NoSVIDReason)
+		case s.SPIFFEID != want[ref]:
+			out = append(out, fmt.Sprintf("%s: SVID for %s, endpoint is %s", ref, s.SPIFFEID, want[ref]))
+		}
+	}
+	return out
 }
 
 // revision is the agent's current policy revision.

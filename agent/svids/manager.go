@@ -52,6 +52,8 @@ type Manager struct {
 	dirty         map[string]bool
 	notify        chan struct{}
 	cancelBundles func()
+	// closed is set by Close: Sync then subscribes nothing more.
+	closed bool
 }
 
 type pod struct {
@@ -119,9 +121,17 @@ func (m *Manager) markDirtyLocked(key string) {
 // gone pods cancelled, and a pod whose workload changed (another service
 // account, a new UID) is subscribed afresh. It returns at once.
 func (m *Manager) Sync(want map[string]identity.Workload) {
+	type start struct {
+		key string
+		p   *pod
+	}
 	var cancels []func()
-	var starts []string
+	var starts []start
 	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return
+	}
 	for k, p := range m.pods {
 		if w, ok := want[k]; ok && w == p.w {
 			continue
@@ -131,11 +141,16 @@ func (m *Manager) Sync(want map[string]identity.Workload) {
 		}
 		m.dropLocked(k, p, "")
 		delete(m.pods, k)
+		// A pod that comes back under this key is a new pod: an issued
+		// ID that differs is worth logging again, and the map must not
+		// grow with every pod the node ever ran.
+		delete(m.differs, k)
 	}
 	for k, w := range want {
 		if _, ok := m.pods[k]; !ok {
-			m.pods[k] = &pod{w: w, reason: "waiting for the " + m.src.Name() + " source", updated: m.now()}
-			starts = append(starts, k)
+			p := &pod{w: w, reason: "waiting for the " + m.src.Name() + " source", updated: m.now()}
+			m.pods[k] = p
+			starts = append(starts, start{k, p})
 		}
 	}
 	m.mu.Unlock()
@@ -143,13 +158,11 @@ func (m *Manager) Sync(want map[string]identity.Workload) {
 	for _, c := range cancels {
 		c()
 	}
-	for _, k := range starts {
-		m.mu.Lock()
-		p := m.pods[k]
-		m.mu.Unlock()
-		if p == nil {
-			continue
-		}
+	// Subscribe exactly the pods this call created: a concurrent Sync that
+	// replaced one of them subscribes its own, and re-reading m.pods here
+	// would subscribe that one twice and leak a subscription.
+	for _, s := range starts {
+		k, p := s.key, s.p
 		cancel := m.src.Subscribe(p.w, func(u identity.SVIDUpdate) { m.update(k, p, u) })
 		m.mu.Lock()
 		if m.pods[k] == p {
@@ -193,7 +206,14 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 	}
 	p.lastErr = ""
 	s := u.SVIDs[0]
-	if len(s.Certificates) == 0 || !now.Before(s.Certificates[0].NotAfter) {
+	if s == nil || len(s.Certificates) == 0 || s.Certificates[0] == nil {
+		// A source bug must not crash the agent, nor leave an SVID in
+		// use that the source no longer vouches for.
+		m.log.Warn("the svid source sent an svid without a certificate", "pod", key)
+		m.dropLocked(key, p, "the source sent an SVID without a certificate")
+		return
+	}
+	if !now.Before(s.Certificates[0].NotAfter) {
 		m.dropLocked(key, p, "the source sent an expired SVID")
 		return
 	}
@@ -206,11 +226,17 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 		c = &cached{}
 		m.byID[id] = c
 	}
+	replaced := false
 	if c.svid == nil || c.svid.Certificates[0].NotAfter.Before(s.Certificates[0].NotAfter) {
+		replaced = c.svid != nil
 		c.svid = s
 	}
 	if id == p.id {
-		m.rotations++
+		// Count rotations of the shared SVID, not of each pod: a source
+		// that shares one SVID per ID sends the new one to every pod.
+		if replaced {
+			m.rotations++
+		}
 		p.serial = serial
 		m.log.Debug("svid rotated", "pod", key, "spiffeID", id, "serial", serial, "expires", s.Certificates[0].NotAfter)
 		return
@@ -369,13 +395,21 @@ func (m *Manager) Stats() Stats {
 // Close ends every subscription and the source.
 func (m *Manager) Close() error {
 	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
 	var cancels []func()
 	for _, p := range m.pods {
 		if p.cancel != nil {
 			cancels = append(cancels, p.cancel)
 		}
 	}
+	// Nothing is held once the subscriptions end: Stats must not keep
+	// counting SVIDs of pods that are no longer followed.
 	m.pods = map[string]*pod{}
+	m.byID = map[string]*cached{}
 	m.mu.Unlock()
 	for _, c := range cancels {
 		c()

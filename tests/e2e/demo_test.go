@@ -165,6 +165,7 @@ func TestMakeDemo(t *testing.T) {
 				t.Errorf("run %d: output lacks %q:\n%s", run, want, out.String())
 			}
 		}
+		assertDemoSVIDTable(t, run, out.String())
 		// Not a TTY: plain text.
 		if strings.Contains(out.String(), "\x1b[") {
 			t.Errorf("run %d: colour escapes in non-terminal output", run)
@@ -175,6 +176,44 @@ func TestMakeDemo(t *testing.T) {
 			}
 		}
 		assertDemoLeftNothing(t, out.String(), cmd.Process.Pid)
+	}
+}
+
+// demoSVIDHeading starts the demo's table of the pods' SVIDs.
+const demoSVIDHeading = "== Their X.509-SVIDs, from the built-in CA"
+
+// assertDemoSVIDTable checks that the demo printed, after the workloads,
+// one SVID line per demo pod with its derived SPIFFE ID, a serial and the
+// time left.
+func assertDemoSVIDTable(t *testing.T, run int, out string) {
+	t.Helper()
+	_, table, ok := strings.Cut(out, demoSVIDHeading)
+	if !ok {
+		t.Errorf("run %d: no SVID table (%q) in:\n%s", run, demoSVIDHeading, out)
+		return
+	}
+	table, _, _ = strings.Cut(table, "\n\n")
+	pods := map[string]string{
+		"shop/frontend": "spiffe://cluster.local/ns/shop/sa/frontend",
+		"shop/api":      "spiffe://cluster.local/ns/shop/sa/api",
+		"shop/db":       "spiffe://cluster.local/ns/shop/sa/db",
+		"ops/debug":     "spiffe://cluster.local/ns/ops/sa/debug",
+	}
+	lineRE := regexp.MustCompile(`^  (\S+)\s+(spiffe://\S+)\s+([0-9a-f]+…?)\s+in \d+ min$`)
+	seen := map[string]bool{}
+	for _, l := range strings.Split(table, "\n") {
+		m := lineRE.FindStringSubmatch(l)
+		if m == nil {
+			continue
+		}
+		if want, ok := pods[m[1]]; ok && m[2] == want {
+			seen[m[1]] = true
+		}
+	}
+	for pod, id := range pods {
+		if !seen[pod] {
+			t.Errorf("run %d: SVID table lacks %s with %s:\n%s%s", run, pod, id, demoSVIDHeading, table)
+		}
 	}
 }
 
