@@ -67,7 +67,23 @@ type pod struct {
 	// SVIDs stay in use.
 	lastErr string
 	updated time.Time
+	// recovering is set by a source error while the pod holds an SVID, and
+	// cleared by the next update that carries one. withdrawAt is when an
+	// empty update that arrived while recovering takes effect (zero: none
+	// pending), withdrawWhy its reason.
+	recovering  bool
+	withdrawAt  time.Time
+	withdrawWhy string
 }
+
+// ReconnectSettle is how long an empty update that arrives right after the
+// source recovered from an outage waits for an SVID before it withdraws the
+// held one. A restarted SPIRE agent rebuilds its cache and may answer a
+// new subscription with nothing before the SVID it mints a moment later (it
+// syncs every 5 s); dropping the held SVID in between would flap the pod's
+// identity and the policy that matches it. Outside recovery an empty update
+// (a deleted entry) withdraws the SVID at once.
+const ReconnectSettle = 12 * time.Second
 
 type cached struct {
 	svid *x509svid.SVID
@@ -190,6 +206,8 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 		p.lastErr = u.Err.Error()
 		if p.id == "" {
 			p.reason = "source unavailable: " + p.lastErr
+		} else {
+			p.recovering = true
 		}
 		return
 	case len(u.SVIDs) == 0:
@@ -198,12 +216,21 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 		if reason == "" {
 			reason = "the source issued none"
 		}
+		if p.id != "" && p.recovering {
+			if p.withdrawAt.IsZero() {
+				p.withdrawAt, p.withdrawWhy = now.Add(ReconnectSettle), reason
+				m.log.Info("the source answers with no svid right after an outage; the held one stays while it settles",
+					"pod", key, "spiffeID", p.id, "settle", ReconnectSettle)
+			}
+			return
+		}
 		if p.id != "" {
 			m.log.Info("svid withdrawn", "pod", key, "spiffeID", p.id, "reason", reason)
 		}
 		m.dropLocked(key, p, reason)
 		return
 	}
+	p.recovering, p.withdrawAt, p.withdrawWhy = false, time.Time{}, ""
 	p.lastErr = ""
 	s := u.SVIDs[0]
 	if s == nil || len(s.Certificates) == 0 || s.Certificates[0] == nil {
@@ -263,6 +290,7 @@ func (m *Manager) dropLocked(key string, p *pod, reason string) {
 	}
 	m.releaseLocked(p.id)
 	p.id, p.serial = "", ""
+	p.recovering, p.withdrawAt, p.withdrawWhy = false, time.Time{}, ""
 	m.markDirtyLocked(key)
 }
 
@@ -282,6 +310,11 @@ func (m *Manager) Expire() {
 	now := m.now()
 	for k, p := range m.pods {
 		if p.id == "" {
+			continue
+		}
+		if !p.withdrawAt.IsZero() && !now.Before(p.withdrawAt) {
+			m.log.Info("svid withdrawn", "pod", k, "spiffeID", p.id, "reason", p.withdrawWhy)
+			m.dropLocked(k, p, p.withdrawWhy)
 			continue
 		}
 		c := m.byID[p.id]

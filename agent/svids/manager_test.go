@@ -724,3 +724,59 @@ func TestSVIDWithoutCertificateIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// Right after an outage a restarted SPIRE agent may answer with nothing
+// before it mints the SVID again: the held SVID stays while that settles, and
+// an SVID that arrives in time keeps the pod's identity without a flap. An
+// empty answer that is still the answer after the settle period withdraws
+// it; outside recovery one withdraws it at once (TestWithdrawnSVIDIsDropped).
+func TestEmptyAfterOutageSettles(t *testing.T) {
+	f := newFixture(t)
+	w := workload("shop", "web", "web-sa", "u1")
+	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	sub := f.src.sub(t, "shop/web")
+	s := f.mint(w.Derived, time.Hour)
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
+	f.m.TakeDirty()
+
+	// Outage, reconnect with an empty answer, then the SVID again.
+	sub.fn(identity.SVIDUpdate{Err: fmt.Errorf("eof: %w", identity.ErrSourceUnavailable)})
+	sub.fn(identity.SVIDUpdate{Reason: "no registration entry matches"})
+	if _, ok := f.m.IssuedID("shop/web"); !ok {
+		t.Fatal("an empty answer right after an outage dropped the held SVID at once")
+	}
+	f.clk.set(f.clk.Now().Add(ReconnectSettle / 2))
+	f.m.Expire()
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
+	f.clk.set(f.clk.Now().Add(ReconnectSettle))
+	f.m.Expire()
+	if _, ok := f.m.IssuedID("shop/web"); !ok {
+		t.Fatal("the SVID that came back in time was dropped by the pending withdrawal")
+	}
+	if d := f.m.TakeDirty(); len(d) != 0 {
+		t.Fatalf("the pod's identity flapped: dirty %v", d)
+	}
+
+	// Another outage, and this time the entry is really gone.
+	sub.fn(identity.SVIDUpdate{Err: fmt.Errorf("eof: %w", identity.ErrSourceUnavailable)})
+	sub.fn(identity.SVIDUpdate{Reason: "no registration entry matches"})
+	f.clk.set(f.clk.Now().Add(ReconnectSettle - time.Second))
+	f.m.Expire()
+	if _, ok := f.m.IssuedID("shop/web"); !ok {
+		t.Fatal("withdrawn before the settle period ended")
+	}
+	f.clk.set(f.clk.Now().Add(time.Second))
+	f.m.Expire()
+	if _, ok := f.m.IssuedID("shop/web"); ok {
+		t.Fatal("an empty answer that lasted the settle period did not withdraw the SVID")
+	}
+	if p := f.podState("shop/web"); p.Reason != "no registration entry matches" {
+		t.Fatalf("reason %q", p.Reason)
+	}
+	// Recovered: the next empty answer withdraws at once again.
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
+	sub.fn(identity.SVIDUpdate{Reason: "deleted"})
+	if _, ok := f.m.IssuedID("shop/web"); ok {
+		t.Fatal("an empty answer outside recovery did not withdraw at once")
+	}
+}
