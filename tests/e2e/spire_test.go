@@ -1,15 +1,21 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
+	"io"
+	"net"
+	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -31,6 +37,50 @@ const spireTD = "bulkhead.test"
 // svidWait is how long SPIRE may take to hand out an SVID for a new entry:
 // the SPIRE agent syncs entries every 5 s, and the machine is slow.
 const svidWait = 60 * time.Second
+
+// spireMetricsAddr is where each agent serves metrics, on its node's own
+// loopback.
+const spireMetricsAddr = "127.0.0.1:9963"
+
+// metric returns the value of the sample of n's agent whose line starts
+// with prefix (name and labels), and whether there is one.
+func metric(t *testing.T, n *twonode.Node, prefix string) (float64, bool) {
+	t.Helper()
+	var body []byte
+	err := n.NS.Do(func(ns.NetNS) error {
+		// Dialled here, on this thread, inside the node's namespace (an
+		// http.Client would dial from another goroutine, outside it).
+		c, err := net.DialTimeout("tcp", spireMetricsAddr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n"); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, err = io.ReadAll(resp.Body)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("%s: metrics: %v", n.Name, err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, prefix+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err != nil {
+				t.Fatalf("%s: metric %s: %v", n.Name, line, err)
+			}
+			return v, true
+		}
+	}
+	return 0, false
+}
 
 const spireNamespaces = `
 apiVersion: v1
@@ -71,7 +121,9 @@ func newSPIREEnv(t *testing.T) *spireEnv {
 		if node == twonode.NodeB {
 			a = e.agents[1]
 		}
-		return []string{"--spire-admin-socket", a.AdminSocket(), "--trust-domain", spireTD, "--store-shrink-grace", "1s"}
+		return []string{"--spire-admin-socket", a.AdminSocket(), "--trust-domain", spireTD, "--store-shrink-grace", "1s",
+			// Each node has its own loopback: the same port on both.
+			"--metrics-addr", spireMetricsAddr}
 	}})
 	for _, n := range e.topo.Nodes {
 		n.WriteStore("namespaces.yaml", spireNamespaces)
@@ -442,14 +494,19 @@ func TestSPIRERotation(t *testing.T) {
 	if !blocked(a2, b1, 8080) || !reaches(a1, b1, 8080) {
 		t.Fatal("the policy on b1's issued ID is not in force")
 	}
-	// Probe until two probes after a new serial appeared (at most two
-	// lifetimes).
-	deadline := time.Now().Add(40 * time.Second)
-	probes, after := 0, 0
-	var cur api.SVIDInfo
-	for after < 2 {
+	// Probe from now (the serial held now, which may already be a
+	// rotated one) until three probes after a new serial appeared: one
+	// rotation happens during the probes, within about a lifetime.
+	first, _ = svidOf(identities(t, nodeB), "web/b1")
+	if first.Serial == "" {
+		t.Fatalf("b1 holds no SVID: %+v", first)
+	}
+	deadline := time.Now().Add(45 * time.Second)
+	probes, before, after := 0, 0, 0
+	cur := first
+	for after < 3 {
 		if time.Now().After(deadline) {
-			t.Fatalf("no rotation of b1's SVID (serial %s, expiring %v) in 40 s, %d probes", first.Serial, first.NotAfter, probes)
+			t.Fatalf("no rotation of b1's SVID (serial %s, expiring %v) in 45 s, %d probes", first.Serial, first.NotAfter, probes)
 		}
 		if !a1.TCPWorks(b1.IPv4, 8080) {
 			t.Fatalf("probe %d: a1 cannot reach b1 (serial %s)", probes, cur.Serial)
@@ -464,6 +521,8 @@ func TestSPIRERotation(t *testing.T) {
 		}
 		if cur.Serial != first.Serial {
 			after++
+		} else {
+			before++
 		}
 	}
 	if !cur.NotAfter.After(first.NotAfter) {
@@ -475,7 +534,19 @@ func TestSPIRERotation(t *testing.T) {
 	if st := sourceStatus(t, nodeB); st.Rotations == 0 || !st.Healthy {
 		t.Errorf("status after a rotation: %+v", st)
 	}
-	t.Logf("%d probes, serial %s -> %s", probes, first.Serial, cur.Serial)
+	for prefix, want := range map[string]func(float64) bool{
+		`bulkhead_svid_rotations_total{source="spire"}`:         func(v float64) bool { return v >= 1 },
+		`bulkhead_svids_held{source="spire"}`:                   func(v float64) bool { return v == 1 },
+		`bulkhead_svid_pods{source="spire",state="svid"}`:       func(v float64) bool { return v == 1 },
+		`bulkhead_svid_pods{source="spire",state="no-svid"}`:    func(v float64) bool { return v == 1 }, // b2
+		`bulkhead_identity_source_connected{source="spire"}`:    func(v float64) bool { return v == 1 },
+		`bulkhead_svid_earliest_expiry_seconds{source="spire"}`: func(v float64) bool { return v > 0 && v <= 20 },
+	} {
+		if v, ok := metric(t, nodeB, prefix); !ok || !want(v) {
+			t.Errorf("node B metric %s = %v (present %v)", prefix, v, ok)
+		}
+	}
+	t.Logf("%d probes (%d before the rotation), serial %s -> %s", probes, before, first.Serial, cur.Serial)
 }
 
 // b2FromWeb lets only the pod with issuedWeb reach b2.
