@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"slices"
@@ -329,8 +330,10 @@ func TestSPIREEverySVID(t *testing.T) {
 			s, _ := svidOf(l, pod)
 			verifySVID(t, e.td, s, []byte(l.Source.BundlePEM), n.Name+" (agent's bundle)")
 			verifySVID(t, e.td, s, serverBundle, n.Name+" (server's bundle)")
-			if !hasIdentity(l, id.String()) {
-				t.Errorf("%s: no identity with %s: %+v", n.Name, id, l.Identities)
+			// The pod is recompiled with its issued ID just after the
+			// SVID arrives.
+			if !twonode.Eventually(10*time.Second, func() bool { return hasIdentity(identities(t, n), id.String()) }) {
+				t.Errorf("%s: no identity with %s: %+v", n.Name, id, identities(t, n).Identities)
 			}
 		}
 		if l.Source.PodsFollowed != len(local) || l.Source.PodsWithSVID != len(pods) || l.Source.SVIDs != len(pods) ||
@@ -664,10 +667,26 @@ func TestSPIREOutage(t *testing.T) {
 		t.Fatalf("b1 after SPIRE's return: %+v", s)
 	}
 
-	// (b) The SPIRE server stops: the agents keep their SVIDs.
-	before := map[string]string{}
-	for _, s := range identities(t, nodeB).SVIDs {
-		before[s.Pod] = s.Serial
+	// (b) The SPIRE server stops: the agents keep their SVIDs. The
+	// restarted SPIRE agent mints the pods' SVIDs anew (it keeps none on
+	// disk) and delivers them as each stream reconnects: first wait until
+	// the serials are steady for longer than its 5 s sync.
+	serials := func() map[string]string {
+		m := map[string]string{}
+		for _, s := range identities(t, nodeB).SVIDs {
+			m[s.Pod] = s.Serial
+		}
+		return m
+	}
+	before, steady := serials(), 0
+	for settle := time.Now().Add(60 * time.Second); steady < 8; steady++ {
+		if time.Now().After(settle) {
+			t.Fatalf("node B's SVIDs still change 60 s after its SPIRE agent returned: %v", before)
+		}
+		time.Sleep(time.Second)
+		if now := serials(); !maps.Equal(now, before) {
+			before, steady = now, 0
+		}
 	}
 	e.srv.Stop(t)
 	for range 3 {
