@@ -5,11 +5,14 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"io"
 	"maps"
 	"net"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -23,6 +26,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/policy/store"
+	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 	spiretest "github.com/bulkhead-io/bulkhead/tests/spire"
 	"github.com/bulkhead-io/bulkhead/tests/twonode"
@@ -339,6 +343,32 @@ func TestSPIREEverySVID(t *testing.T) {
 		if l.Source.PodsFollowed != len(local) || l.Source.PodsWithSVID != len(pods) || l.Source.SVIDs != len(pods) ||
 			l.Source.EarliestExpiry.IsZero() {
 			t.Errorf("%s: source counts %+v, want %d followed, %d with an SVID", n.Name, l.Source, len(local), len(pods))
+		}
+	}
+	// The CLI shows what the API does.
+	for n, pods := range want {
+		cli := filepath.Join(cnichain.RepoRoot(t), "bin", "bulkhead")
+		out, err := exec.Command(cli, "--socket", n.Socket, "identities", "-o", "json").Output()
+		var l api.IdentityList
+		if err == nil {
+			err = json.Unmarshal(out, &l)
+		}
+		if err != nil || l.Source == nil || l.Source.Name != "spire" {
+			t.Fatalf("%s: bulkhead identities -o json: %v\n%s", n.Name, err, out)
+		}
+		text, err := exec.Command(cli, "--socket", n.Socket, "identities").CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: bulkhead identities: %v\n%s", n.Name, err, text)
+		}
+		for pod, id := range pods {
+			s, ok := svidOf(&l, pod)
+			viaAPI, _ := svidOf(identities(t, n), pod)
+			if !ok || s.SPIFFEID != id.String() || s.Serial != viaAPI.Serial || !s.NotAfter.Equal(viaAPI.NotAfter) {
+				t.Errorf("%s: bulkhead identities -o json lists %s as %+v, the API as %+v", n.Name, pod, s, viaAPI)
+			}
+			if !strings.Contains(string(text), id.String()) {
+				t.Errorf("%s: bulkhead identities does not show %s:\n%s", n.Name, id, text)
+			}
 		}
 	}
 	// a2's issued ID reached node B through no annotation: B derives it.
