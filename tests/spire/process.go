@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -80,14 +81,26 @@ func (p *process) start() error {
 	// A test binary that dies (timeout panic, kill) must not leave SPIRE
 	// daemons behind holding ports and sockets.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	// Pdeathsig fires when the OS thread that forked the child ends, not
+	// the process. Go ends threads that a goroutine left locked (the
+	// netns helpers do so on purpose), and any thread may be next to be
+	// locked: so fork from a thread of our own, locked and alive until the
+	// daemon exits.
+	done := make(chan struct{})
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer close(done)
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		_ = cmd.Wait()
+	}()
+	if err := <-started; err != nil {
 		return fmt.Errorf("start %s: %w", p.name, err)
 	}
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(done)
-	}()
 	p.cmd, p.done = cmd, done
 	return nil
 }

@@ -27,7 +27,11 @@ type Pod struct {
 	// ServiceAccount is the pod's spec.serviceAccountName ("" for the
 	// default one).
 	ServiceAccount string
-	Node           *Node
+	// Annotations are written into the pod's store documents (its node's
+	// PodsFile and, through SyncPeers, the other node's PeersFile). Set
+	// them, then call SyncPeers (and AddPod or Remove rewrite PodsFile).
+	Annotations map[string]string
+	Node        *Node
 	// NS is the pod's network namespace.
 	NS ns.NetNS
 	// IPv4 is the pod's IPv4 address; IPv6 its IPv6 address on IPv6
@@ -224,6 +228,9 @@ func podDocs(pods []*Pod, withIPs bool) (string, error) {
 		meta := map[string]any{"name": p.Name, "namespace": p.Namespace, "uid": p.UID}
 		if len(p.Labels) > 0 {
 			meta["labels"] = p.Labels
+		}
+		if len(p.Annotations) > 0 {
+			meta["annotations"] = p.Annotations
 		}
 		spec := map[string]any{"nodeName": p.Node.Name}
 		if p.ServiceAccount != "" {
