@@ -118,9 +118,9 @@ func (a *Agent) issuedID(ref podRef, sa string) string {
 	return id
 }
 
-// syncSVIDs follows exactly the local pods: one subscription per pod (the
-// newest endpoint's sandbox UID), none for pods of other nodes. It runs on
-// the batch goroutine after each apply.
+// syncSVIDs follows exactly the local pods that the store knows: one
+// subscription per pod (the newest endpoint's sandbox UID), none for pods of
+// other nodes. It runs on the batch goroutine after each apply.
 func (a *Agent) syncSVIDs() {
 	if a.svids == nil {
 		return
@@ -135,12 +135,19 @@ func (a *Agent) syncSVIDs() {
 	}
 	a.mu.Unlock()
 	want := make(map[string]identity.Workload, len(newest))
+	waiting := map[string]string{}
 	for r, e := range newest {
-		sa := a.storePods[r].ServiceAccount
-		want[r.String()] = identity.Workload{Namespace: r.ns, Name: r.name, UID: e.Pod.UID, ServiceAccount: sa,
-			Derived: a.derivedID(r.ns, sa)}
+		sp, known := a.storePods[r]
+		if !known {
+			// Its service account is a selector, and guessing "default"
+			// could get the pod another workload's SVID.
+			waiting[r.String()] = "waiting for the pod in the store: its service account decides what to ask the source for"
+			continue
+		}
+		want[r.String()] = identity.Workload{Namespace: r.ns, Name: r.name, UID: e.Pod.UID, ServiceAccount: sp.ServiceAccount,
+			Derived: a.derivedID(r.ns, sp.ServiceAccount)}
 	}
-	a.svids.Sync(want)
+	a.svids.Sync(want, waiting)
 }
 
 // svidInfos lists the SVID state of the local pods for the API.

@@ -74,6 +74,8 @@ type pod struct {
 	recovering  bool
 	withdrawAt  time.Time
 	withdrawWhy string
+	// waiting pods are not subscribed (see Sync).
+	waiting bool
 }
 
 // ReconnectSettle is how long an empty update that arrives right after the
@@ -135,8 +137,11 @@ func (m *Manager) markDirtyLocked(key string) {
 
 // Sync makes the subscriptions those of want: new pods are subscribed,
 // gone pods cancelled, and a pod whose workload changed (another service
-// account, a new UID) is subscribed afresh. It returns at once.
-func (m *Manager) Sync(want map[string]identity.Workload) {
+// account, a new UID) is subscribed afresh. Pods in waiting are local pods
+// that cannot be asked for yet (their metadata is not known, so their
+// selectors would be a guess): they are listed with the reason, and
+// subscribed once they move to want. It returns at once.
+func (m *Manager) Sync(want map[string]identity.Workload, waiting map[string]string) {
 	type start struct {
 		key string
 		p   *pod
@@ -149,7 +154,11 @@ func (m *Manager) Sync(want map[string]identity.Workload) {
 		return
 	}
 	for k, p := range m.pods {
-		if w, ok := want[k]; ok && w == p.w {
+		if w, ok := want[k]; ok && w == p.w && !p.waiting {
+			continue
+		}
+		if why, ok := waiting[k]; ok && p.waiting {
+			p.reason = why
 			continue
 		}
 		if p.cancel != nil {
@@ -161,6 +170,11 @@ func (m *Manager) Sync(want map[string]identity.Workload) {
 		// ID that differs is worth logging again, and the map must not
 		// grow with every pod the node ever ran.
 		delete(m.differs, k)
+	}
+	for k, why := range waiting {
+		if _, ok := m.pods[k]; !ok {
+			m.pods[k] = &pod{reason: why, waiting: true, updated: m.now()}
+		}
 	}
 	for k, w := range want {
 		if _, ok := m.pods[k]; !ok {

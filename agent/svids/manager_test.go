@@ -218,7 +218,7 @@ func (f *fixture) changed() bool {
 func TestFirstSVIDSetsIssuedIDAndMarksDirty(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	if _, ok := f.m.IssuedID("shop/web"); ok {
 		t.Fatal("IssuedID before any SVID")
 	}
@@ -261,7 +261,7 @@ func TestFirstSVIDSetsIssuedIDAndMarksDirty(t *testing.T) {
 func TestRotationKeepsIDWithoutDirty(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	f.m.TakeDirty()
@@ -292,7 +292,7 @@ func TestRotationKeepsIDWithoutDirty(t *testing.T) {
 func TestWithdrawnSVIDIsDropped(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	f.m.TakeDirty()
@@ -322,7 +322,7 @@ func TestWithdrawnSVIDIsDropped(t *testing.T) {
 func TestErrorKeepsHeldSVID(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	s := f.mint(w.Derived, time.Hour)
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
@@ -348,7 +348,7 @@ func TestErrorKeepsHeldSVID(t *testing.T) {
 
 func TestErrorBeforeAnySVIDIsTheReason(t *testing.T) {
 	f := newFixture(t)
-	f.m.Sync(map[string]identity.Workload{"shop/web": workload("shop", "web", "web-sa", "u1")})
+	f.m.Sync(map[string]identity.Workload{"shop/web": workload("shop", "web", "web-sa", "u1")}, nil)
 	f.src.sub(t, "shop/web").fn(identity.SVIDUpdate{Err: errors.New("connection refused")})
 	if p := f.podState("shop/web"); !strings.Contains(p.Reason, "connection refused") {
 		t.Fatalf("reason = %q", p.Reason)
@@ -358,7 +358,7 @@ func TestErrorBeforeAnySVIDIsTheReason(t *testing.T) {
 func TestExpireDropsExpiredSVID(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	s := f.mint(w.Derived, time.Hour)
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
@@ -391,7 +391,7 @@ func TestExpireDropsExpiredSVID(t *testing.T) {
 func TestExpiredSVIDFromSourceIsRefused(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	s := f.mint(w.Derived, time.Hour)
 	f.clk.set(s.Certificates[0].NotAfter.Add(time.Minute))
 	f.src.sub(t, "shop/web").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
@@ -406,7 +406,7 @@ func TestExpiredSVIDFromSourceIsRefused(t *testing.T) {
 func TestPodsWithOneIDShareOneSVID(t *testing.T) {
 	f := newFixture(t)
 	a, b := workload("shop", "web-1", "web-sa", "u1"), workload("shop", "web-2", "web-sa", "u2")
-	f.m.Sync(map[string]identity.Workload{"shop/web-1": a, "shop/web-2": b})
+	f.m.Sync(map[string]identity.Workload{"shop/web-1": a, "shop/web-2": b}, nil)
 	s := f.mint(a.Derived, time.Hour)
 	f.src.sub(t, "shop/web-1").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
 	f.src.sub(t, "shop/web-2").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
@@ -438,7 +438,7 @@ func TestPodsWithOneIDShareOneSVID(t *testing.T) {
 	}
 
 	// Removing the other releases the SVID.
-	f.m.Sync(map[string]identity.Workload{"shop/web-1": a})
+	f.m.Sync(map[string]identity.Workload{"shop/web-1": a}, nil)
 	if st := f.m.Stats(); st.Held != 0 || st.Pods != 0 || st.Followed != 1 {
 		t.Fatalf("stats after removing web-2 = %+v", st)
 	}
@@ -447,13 +447,13 @@ func TestPodsWithOneIDShareOneSVID(t *testing.T) {
 func TestSyncRemovingPodCancelsAndDrops(t *testing.T) {
 	f := newFixture(t)
 	a, b := workload("shop", "web-1", "web-sa", "u1"), workload("shop", "web-2", "web-sa", "u2")
-	f.m.Sync(map[string]identity.Workload{"shop/web-1": a, "shop/web-2": b})
+	f.m.Sync(map[string]identity.Workload{"shop/web-1": a, "shop/web-2": b}, nil)
 	s := f.mint(a.Derived, time.Hour)
 	f.src.sub(t, "shop/web-1").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
 	subB := f.src.sub(t, "shop/web-2")
 	subB.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
 
-	f.m.Sync(map[string]identity.Workload{"shop/web-1": a})
+	f.m.Sync(map[string]identity.Workload{"shop/web-1": a}, nil)
 	if !subB.isCancelled() {
 		t.Fatal("web-2's subscription was not cancelled")
 	}
@@ -475,7 +475,7 @@ func TestSyncRemovingPodCancelsAndDrops(t *testing.T) {
 		t.Fatalf("stats = %+v", st)
 	}
 	// An unchanged Sync subscribes nothing anew.
-	f.m.Sync(map[string]identity.Workload{"shop/web-1": a})
+	f.m.Sync(map[string]identity.Workload{"shop/web-1": a}, nil)
 	f.src.mu.Lock()
 	n := len(f.src.subs)
 	f.src.mu.Unlock()
@@ -487,14 +487,14 @@ func TestSyncRemovingPodCancelsAndDrops(t *testing.T) {
 func TestSyncChangedWorkloadResubscribes(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	old := f.src.sub(t, "shop/web")
 	old.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	f.m.TakeDirty()
 
 	// The pod was recreated under the same name with another service account.
 	w2 := workload("shop", "web", "other-sa", "u2")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w2})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w2}, nil)
 	if !old.isCancelled() {
 		t.Fatal("the old subscription was not cancelled")
 	}
@@ -531,15 +531,15 @@ func TestSyncChangedWorkloadResubscribes(t *testing.T) {
 func TestStaleUpdateAfterRemovalIgnored(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	old := f.src.sub(t, "shop/web")
-	f.m.Sync(nil)
+	f.m.Sync(nil, nil)
 	old.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	if st := f.m.Stats(); st.Held != 0 || st.Followed != 0 {
 		t.Fatalf("stats after a stale update = %+v", st)
 	}
 	// The pod returns under the same key: a new subscription, which counts.
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	old.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	if _, ok := f.m.IssuedID("shop/web"); ok {
 		t.Fatal("the first subscription's update counted for the returned pod")
@@ -553,7 +553,7 @@ func TestStaleUpdateAfterRemovalIgnored(t *testing.T) {
 func TestIssuedIDOtherThanDerivedLoggedOnce(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	custom := spiffeid.RequireFromString("spiffe://cluster.local/custom/web")
 	const msg = "other than the derived one"
@@ -584,8 +584,8 @@ func TestIssuedIDOtherThanDerivedLoggedOnce(t *testing.T) {
 		t.Fatalf("logged %d times after a second differing ID, want 2", n)
 	}
 	// A new pod under the same key is logged afresh.
-	f.m.Sync(nil)
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(nil, nil)
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	f.src.sub(t, "shop/web").fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(custom2, time.Hour)}})
 	if n := f.log.count(msg); n != 3 {
 		t.Fatalf("logged %d times for a new pod with the last logged ID, want 3", n)
@@ -610,7 +610,7 @@ func TestBundlesAndClose(t *testing.T) {
 	}
 
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	if err := f.m.Close(); err != nil {
@@ -626,7 +626,7 @@ func TestBundlesAndClose(t *testing.T) {
 		t.Fatalf("stats after Close = %+v", st)
 	}
 	// Sync after Close subscribes nothing.
-	f.m.Sync(map[string]identity.Workload{"shop/other": w})
+	f.m.Sync(map[string]identity.Workload{"shop/other": w}, nil)
 	if l := f.src.live("shop/other"); len(l) != 0 {
 		t.Fatal("Sync after Close subscribed")
 	}
@@ -641,7 +641,7 @@ func TestConcurrentUse(t *testing.T) {
 	for i, k := range keys {
 		want[k] = workload("shop", k[len("shop/"):], "sa", fmt.Sprint(i))
 	}
-	f.m.Sync(want)
+	f.m.Sync(want, nil)
 	svids := []*x509svid.SVID{f.mint(want["shop/a"].Derived, time.Hour), f.mint(want["shop/a"].Derived, 2*time.Hour)}
 
 	var wg sync.WaitGroup
@@ -669,9 +669,9 @@ func TestConcurrentUse(t *testing.T) {
 			default:
 			}
 			if i%2 == 0 {
-				f.m.Sync(map[string]identity.Workload{"shop/a": want["shop/a"]})
+				f.m.Sync(map[string]identity.Workload{"shop/a": want["shop/a"]}, nil)
 			} else {
-				f.m.Sync(want)
+				f.m.Sync(want, nil)
 			}
 		}
 	})
@@ -695,7 +695,7 @@ func TestConcurrentUse(t *testing.T) {
 	wg.Wait()
 
 	// Every held SVID is counted by its pods.
-	f.m.Sync(want)
+	f.m.Sync(want, nil)
 	st := f.m.Stats()
 	held := 0
 	for _, p := range f.m.Pods() {
@@ -711,7 +711,7 @@ func TestConcurrentUse(t *testing.T) {
 func TestSVIDWithoutCertificateIsRefused(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
 	for _, bad := range []*x509svid.SVID{nil, {ID: w.Derived}} {
@@ -733,7 +733,7 @@ func TestSVIDWithoutCertificateIsRefused(t *testing.T) {
 func TestEmptyAfterOutageSettles(t *testing.T) {
 	f := newFixture(t)
 	w := workload("shop", "web", "web-sa", "u1")
-	f.m.Sync(map[string]identity.Workload{"shop/web": w})
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
 	sub := f.src.sub(t, "shop/web")
 	s := f.mint(w.Derived, time.Hour)
 	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{s}})
@@ -778,5 +778,24 @@ func TestEmptyAfterOutageSettles(t *testing.T) {
 	sub.fn(identity.SVIDUpdate{Reason: "deleted"})
 	if _, ok := f.m.IssuedID("shop/web"); ok {
 		t.Fatal("an empty answer outside recovery did not withdraw at once")
+	}
+}
+
+// A local pod whose metadata is not known yet is listed with the reason and
+// not asked for; once it is known it is subscribed.
+func TestWaitingPodIsNotSubscribed(t *testing.T) {
+	f := newFixture(t)
+	f.m.Sync(nil, map[string]string{"shop/web": "waiting for the pod in the store"})
+	if l := f.src.live("shop/web"); len(l) != 0 {
+		t.Fatalf("a waiting pod was subscribed %d times", len(l))
+	}
+	if p := f.podState("shop/web"); p.Reason != "waiting for the pod in the store" {
+		t.Fatalf("reason %q", p.Reason)
+	}
+	w := workload("shop", "web", "web-sa", "u1")
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
+	sub := f.src.sub(t, "shop/web")
+	if sub.w != w {
+		t.Fatalf("subscribed %+v, want %+v", sub.w, w)
 	}
 }
