@@ -22,9 +22,9 @@ import (
 	"github.com/bulkhead-io/bulkhead/tests/twonode"
 )
 
-// svidWait is how long a pod may take to get its SVID: the built-in CA
+// builtinSVIDWait is how long a pod may take to get its SVID: the built-in CA
 // mints at once, but the machine is slow and shared.
-const svidWait = 30 * time.Second
+const builtinSVIDWait = 30 * time.Second
 
 var clusterTD = spiffeid.RequireTrustDomainFromString("cluster.local")
 
@@ -89,7 +89,7 @@ func waitSVIDs(t *testing.T, node string, c *api.Client, want map[string]string,
 	t.Helper()
 	var last api.IdentityList
 	var lastErr error
-	ok := twonode.Eventually(svidWait, func() bool {
+	ok := twonode.Eventually(builtinSVIDWait, func() bool {
 		last, lastErr = c.ListIdentities(context.Background())
 		if lastErr != nil {
 			return false
