@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -80,14 +81,28 @@ func (p *process) start() error {
 	// A test binary that dies (timeout panic, kill) must not leave SPIRE
 	// daemons behind holding ports and sockets.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", p.name, err)
-	}
+	// Pdeathsig fires when the OS thread that forked the child exits, not
+	// the process. Go ends a thread whose goroutine exits while locked to
+	// it, as netns helpers do (testutils.NewNS), and that thread may be the
+	// one that forked: the daemon would be killed in the middle of a test.
+	// So the fork happens on a locked thread that lives until the daemon
+	// exits.
+	started := make(chan error)
 	done := make(chan struct{})
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		_ = cmd.Wait()
 		close(done)
 	}()
+	if err := <-started; err != nil {
+		return fmt.Errorf("start %s: %w", p.name, err)
+	}
 	p.cmd, p.done = cmd, done
 	return nil
 }
