@@ -455,3 +455,88 @@ func (a *Agent) Stop(t testing.TB) {
 		t.Fatalf("spire agent: %v", err)
 	}
 }
+
+// CreateEntries creates many registration entries with one CLI call
+// (`entry create -data`), which is much faster than one call per entry,
+// and returns their IDs in order.
+func (s *Server) CreateEntries(t testing.TB, entries []Entry) []string {
+	t.Helper()
+	// The CLI's registration file: SPIFFE IDs as strings, selectors split
+	// into type and value, the TTL in seconds.
+	type selector struct {
+		Type  string `json:"type"`
+		Value string `json:"value"`
+	}
+	type entry struct {
+		ParentID    string     `json:"parent_id"`
+		SPIFFEID    string     `json:"spiffe_id"`
+		Selectors   []selector `json:"selectors"`
+		X509SVIDTTL int        `json:"x509_svid_ttl,omitempty"`
+	}
+	file := struct {
+		Entries []entry `json:"entries"`
+	}{Entries: make([]entry, len(entries))}
+	for i, e := range entries {
+		out := entry{ParentID: e.ParentID.String(), SPIFFEID: e.SPIFFEID.String(), X509SVIDTTL: int(e.X509SVIDTTL / time.Second)}
+		for _, sel := range e.Selectors {
+			typ, val, ok := strings.Cut(sel, ":")
+			if !ok {
+				t.Fatalf("spire entries: selector %q is not type:value", sel)
+			}
+			out.Selectors = append(out.Selectors, selector{typ, val})
+		}
+		file.Entries[i] = out
+	}
+	data, err := json.Marshal(file)
+	if err != nil {
+		t.Fatalf("spire entries: %v", err)
+	}
+	path := filepath.Join(s.dir, "entries-"+strconv.Itoa(os.Getpid())+".json")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatalf("spire entries: %v", err)
+	}
+	defer os.Remove(path)
+	out, err := s.CLI("entry", "create", "-output", "json", "-data", path)
+	if err != nil {
+		t.Fatalf("spire entries: %v", err)
+	}
+	ids, err := entryIDs(out, len(entries))
+	if err != nil {
+		t.Fatalf("spire entries: %v", err)
+	}
+	return ids
+}
+
+// entryIDs reads the CLI's JSON answer to `entry create` (protojson of
+// spire.api.server.entry.v1.BatchCreateEntryResponse): want results, each
+// successful.
+func entryIDs(out []byte, want int) ([]string, error) {
+	var resp struct {
+		Results []struct {
+			Status struct {
+				Code    int    `json:"code"`
+				Message string `json:"message"`
+			} `json:"status"`
+			Entry struct {
+				ID       string `json:"id"`
+				SPIFFEID struct {
+					Path string `json:"path"`
+				} `json:"spiffe_id"`
+			} `json:"entry"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil {
+		return nil, fmt.Errorf("unexpected output %q: %w", out, err)
+	}
+	if len(resp.Results) != want {
+		return nil, fmt.Errorf("%d results for %d entries", len(resp.Results), want)
+	}
+	ids := make([]string, want)
+	for i, r := range resp.Results {
+		if r.Status.Code != 0 || r.Entry.ID == "" {
+			return nil, fmt.Errorf("entry %d (%s): status %d: %s", i, r.Entry.SPIFFEID.Path, r.Status.Code, r.Status.Message)
+		}
+		ids[i] = r.Entry.ID
+	}
+	return ids, nil
+}

@@ -73,3 +73,37 @@ func TestServerAndAgents(t *testing.T) {
 	a1.Stop(t)
 	a1.Start(t)
 }
+
+// CreateEntries creates all entries in one call, in order, and an entry the
+// server refuses fails it.
+func TestCreateEntries(t *testing.T) {
+	privileged.Require(t)
+	s := StartServer(t, ServerConfig{TrustDomain: "batch.test"})
+	parent := spiffeid.RequireFromPath(s.TrustDomain(), "/node")
+	var entries []Entry
+	for _, name := range []string{"a", "b", "c"} {
+		entries = append(entries, Entry{ParentID: parent, SPIFFEID: spiffeid.RequireFromPath(s.TrustDomain(), "/w/"+name),
+			Selectors: []string{"k8s:ns:batch", "k8s:pod-name:" + name}, X509SVIDTTL: 300e9})
+	}
+	ids := s.CreateEntries(t, entries)
+	if len(ids) != 3 {
+		t.Fatalf("ids %v", ids)
+	}
+	for i, name := range []string{"a", "b", "c"} {
+		out, err := s.CLI("entry", "show", "-entryID", ids[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{"spiffe://batch.test/w/" + name, "k8s:pod-name:" + name, "k8s:ns:batch", "X509-SVID TTL    : 300"} {
+			if !strings.Contains(string(out), want) {
+				t.Fatalf("entry %d lacks %q:\n%s", i, want, out)
+			}
+		}
+	}
+	if _, err := entryIDs([]byte(`{"results":[{"status":{"code":6,"message":"similar entry already exists"},"entry":{}}]}`), 1); err == nil {
+		t.Fatal("a refused entry passed")
+	}
+	if _, err := entryIDs([]byte(`{"results":[]}`), 1); err == nil {
+		t.Fatal("a missing result passed")
+	}
+}
