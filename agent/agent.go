@@ -52,6 +52,9 @@ type Agent struct {
 	guard *storeguard.Guard
 	// svids holds local pods' SVIDs (nil with --identity-source none).
 	svids *svids.Manager
+	// issuedRefused remembers, per pod, the issued ID last refused (logged
+	// once); owned by the batch goroutine.
+	issuedRefused map[podRef]string
 
 	// view is what readers use: replaced after every apply, never mutated.
 	view atomic.Pointer[view]
@@ -136,15 +139,16 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg: cfg, log: cfg.Logger, started: time.Now(),
-		endpoints:   map[api.EndpointKey]*endpointRecord{},
-		storePods:   map[podRef]policy.Pod{},
-		storeNS:     map[string]policy.Namespace{},
-		storePol:    map[string]any{},
-		appliedPods: map[podRef]policy.Pod{},
-		hub:         flows.NewHub(cfg.FlowRing, cfg.NodeName),
-		enricher:    flows.NewEnricher(cfg.NodeName),
-		notReady:    "starting",
-		stopping:    make(chan struct{}),
+		endpoints:     map[api.EndpointKey]*endpointRecord{},
+		storePods:     map[podRef]policy.Pod{},
+		storeNS:       map[string]policy.Namespace{},
+		storePol:      map[string]any{},
+		appliedPods:   map[podRef]policy.Pod{},
+		issuedRefused: map[podRef]string{},
+		hub:           flows.NewHub(cfg.FlowRing, cfg.NodeName),
+		enricher:      flows.NewEnricher(cfg.NodeName),
+		notReady:      "starting",
+		stopping:      make(chan struct{}),
 	}
 	a.ipOwners = newIPOwners(a.reportIPConflict)
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
@@ -198,30 +202,38 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
-		dp.Close()
+		a.closeOnFail()
 		return nil, err
 	}
 	var warn string
 	if a.numbers, warn, err = openNumbering(cfg.StateDir, cfg.IdentityGrace, a.compiler); err != nil {
-		dp.Close()
+		a.closeOnFail()
 		return nil, err
 	} else if warn != "" {
 		a.log.Error(warn)
 		a.fc.warnings = append(a.fc.warnings, warn)
 	}
 	if err := a.restoreEndpoints(); err != nil {
-		dp.Close()
+		a.closeOnFail()
 		return nil, err
 	}
 	a.applyPolicy = dp.Apply
 	a.attach = dp.Attach
 	a.applyRetry = newApplyRetry(a.log, a.metrics.PolicyApplyFailures, a.metrics.PolicyApplyLagging)
 	if err := a.findOrphans(); err != nil {
-		dp.Close()
+		a.closeOnFail()
 		return nil, err
 	}
 	a.batch = batch.New(a.applyBatch)
 	return a, nil
+}
+
+// closeOnFail releases what New opened when it fails part-way.
+func (a *Agent) closeOnFail() {
+	if a.svids != nil {
+		_ = a.svids.Close()
+	}
+	a.dp.Close()
 }
 
 // restoreEndpoints reads the persisted records. Endpoints whose host veth
@@ -374,6 +386,9 @@ func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) error {
 // a TCX attach waits for an RCU grace period under the RTNL lock, and a
 // batch must not make every ADD in it wait for every other's attach.
 func (a *Agent) applyBatch(changes []*change) []error {
+	// SVID subscriptions follow the endpoints folded in, whether or not
+	// the apply succeeds: a deleted pod's ends, a new pod's starts.
+	defer a.syncSVIDs()
 	start := time.Now()
 	for _, c := range changes {
 		c.batchStart, c.batchSize = start, len(changes)
@@ -450,7 +465,6 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	}
 	a.reattach = nil
 	a.publish(ms)
-	a.syncSVIDs()
 	a.metrics.CompileSeconds.Observe(compiled.Sub(start).Seconds())
 	a.metrics.ApplySeconds.Observe(applied.Sub(compiled).Seconds())
 	a.metrics.PolicyRevision.Set(float64(ms.Revision))

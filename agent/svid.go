@@ -17,6 +17,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/identity/devca"
 	"github.com/bulkhead-io/bulkhead/identity/spire"
+	"github.com/bulkhead-io/bulkhead/policy"
 )
 
 // caDir is where the built-in CA keeps its key and bundle, under --state-dir.
@@ -115,6 +116,25 @@ func (a *Agent) issuedID(ref podRef, sa string) string {
 	if !ok || id == a.derivedID(ref.ns, sa).String() {
 		return ""
 	}
+	// The compiler refuses an ID outside the trust domain or in another
+	// namespace's ns/ tree; such a pod keeps its derived identity rather
+	// than fail to compile, and the log says why.
+	sid, err := spiffeid.FromString(id)
+	if err == nil && sid.TrustDomain().Name() != a.cfg.TrustDomain {
+		err = fmt.Errorf("it is outside --trust-domain %s", a.cfg.TrustDomain)
+	}
+	if err == nil {
+		err = policy.CheckIssuedID(sid, ref.ns)
+	}
+	if err != nil {
+		if a.issuedRefused[ref] != id {
+			a.issuedRefused[ref] = id
+			a.log.Warn("the SVID source issued a SPIFFE ID that policy cannot use; the pod keeps its derived identity",
+				"pod", ref.String(), "issued", id, "error", err)
+		}
+		return ""
+	}
+	delete(a.issuedRefused, ref)
 	return id
 }
 

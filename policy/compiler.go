@@ -373,6 +373,11 @@ func (c *Compiler) removePolicy(p *cpolicy, keep *cpolicy) {
 // attachPod registers a pod under its identities and in the ipcache.
 func (c *Compiler) attachPod(p Pod, w *work) error {
 	p.Namespace = namespaceOf(p.Namespace)
+	if p.SPIFFEID != "" {
+		if err := c.checkIssued(p); err != nil {
+			return fmt.Errorf("pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+	}
 	k := podKey{p.Namespace, p.Name}
 	l, keys := c.identKeys(&p)
 	ps := &podState{key: k, pod: p, addrIdents: make([]*ident, 0, len(keys))}

@@ -205,3 +205,34 @@ func (c *Compiler) Identities() []IdentityInfo {
 }
 
 func labelsSet(m map[string]string) labels.Set { return labels.Set(m) }
+
+// CheckIssuedID refuses an issued SPIFFE ID in the ns/<ns>/... tree of
+// another namespace than the pod's: a pod must not take on the identity
+// that policies give another namespace's workloads.
+func CheckIssuedID(id spiffeid.ID, namespace string) error {
+	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(segs) >= 2 && segs[0] == "ns" && segs[1] != namespace {
+		return fmt.Errorf("spiffe id %q names namespace %q, but the pod is in %q", id, segs[1], namespace)
+	}
+	return nil
+}
+
+// checkIssued validates a pod's issued SPIFFE ID: a SPIFFE ID of the
+// compiler's trust domain that names no other namespace.
+func (c *Compiler) checkIssued(p Pod) error {
+	id, err := spiffeid.FromString(p.SPIFFEID)
+	if err != nil {
+		return fmt.Errorf("spiffe id %q: %w", p.SPIFFEID, err)
+	}
+	if td := c.trustDomainOrDefault(); id.TrustDomain().Name() != td {
+		return fmt.Errorf("spiffe id %q is outside the trust domain %q", id, td)
+	}
+	return CheckIssuedID(id, p.Namespace)
+}
+
+func (c *Compiler) trustDomainOrDefault() string {
+	if c.trustDomain == "" {
+		return identity.DefaultTrustDomain
+	}
+	return c.trustDomain
+}

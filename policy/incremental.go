@@ -8,7 +8,6 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	networkingv1 "k8s.io/api/networking/v1"
 )
 
@@ -47,11 +46,6 @@ func newWork() *work {
 // UpsertPod adds or replaces a pod.
 func (c *Compiler) UpsertPod(p Pod) (*MapState, Diff, error) {
 	p.Namespace = namespaceOf(p.Namespace)
-	if p.SPIFFEID != "" {
-		if _, err := spiffeid.FromString(p.SPIFFEID); err != nil {
-			return c.ms, Diff{}, fmt.Errorf("pod %s/%s: spiffe id %q: %w", p.Namespace, p.Name, p.SPIFFEID, err)
-		}
-	}
 	w := newWork()
 	if old := c.pods[podKey{p.Namespace, p.Name}]; old != nil {
 		c.detachPod(old, w)

@@ -60,9 +60,11 @@ func TestIssuedSPIFFEIDDrivesMatching(t *testing.T) {
 	if !passes(ms, "10.0.0.3") {
 		t.Error("web is still selected by a policy for an ID it no longer holds")
 	}
-	bad := pods[2]
-	bad.SPIFFEID = "not a spiffe id"
-	if _, _, err := c.UpsertPod(bad); err == nil {
-		t.Error("an invalid issued SPIFFE ID was accepted")
+	for _, id := range []string{"not a spiffe id", "spiffe://other.domain/workload/web", "spiffe://cluster.local/ns/prod/sa/admin"} {
+		bad := pods[2]
+		bad.SPIFFEID = id
+		if _, _, err := c.UpsertPod(bad); err == nil {
+			t.Errorf("issued SPIFFE ID %q accepted for a pod of namespace x", id)
+		}
 	}
 }

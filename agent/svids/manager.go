@@ -268,7 +268,11 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 		m.byID[id] = c
 	}
 	replaced := false
-	if c.svid == nil || c.svid.Certificates[0].NotAfter.Before(s.Certificates[0].NotAfter) {
+	// The newest issued SVID wins, even when it expires sooner than the
+	// cached one (a lowered TTL, a rotated CA): what the source hands out
+	// now is what it vouches for.
+	if cur := c.svid; cur == nil || (cur.Certificates[0].SerialNumber.Cmp(s.Certificates[0].SerialNumber) != 0 &&
+		!s.Certificates[0].NotBefore.Before(cur.Certificates[0].NotBefore)) {
 		replaced = c.svid != nil
 		c.svid = s
 	}

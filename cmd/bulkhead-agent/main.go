@@ -60,6 +60,17 @@ func main() {
 		fmt.Println("bulkhead-agent", version)
 		return
 	}
+	// --svid-ttl is the builtin CA's: SPIRE's entries set their own TTLs.
+	src := cfg.IdentitySource
+	if src == "" && cfg.SPIREAdminSocket != "" {
+		src = "spire"
+	}
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "svid-ttl" && src != "builtin" {
+			fmt.Fprintf(os.Stderr, "bulkhead-agent: --svid-ttl applies to --identity-source builtin only (SPIRE's registration entries set their TTL)\n")
+			os.Exit(2)
+		}
+	})
 	switch *attachMode {
 	case "tcx":
 	case "clsact":

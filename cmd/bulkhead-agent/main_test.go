@@ -28,6 +28,11 @@ func TestBadFlagsAreReported(t *testing.T) {
 		{"--policy-map-entries 0", "--policy-map-entries 0: want 1024 to 16777216"},
 		{"--policy-map-entries 99999999999", "invalid value \"99999999999\" for flag -policy-map-entries"},
 		{"--flow-ring 0", "--flow-ring 0: must be positive"},
+		{"--svid-ttl 2h", "--svid-ttl applies to --identity-source builtin only"},
+		{"--identity-source spire --spire-admin-socket /run/spire/admin.sock --svid-ttl 2h", "--svid-ttl applies to --identity-source builtin only"},
+		{"--identity-source builtin --svid-ttl 10s", "--svid-ttl 10s: want between 1m and 720h"},
+		{"--identity-source vault", `--identity-source "vault": want none, builtin or spire`},
+		{"--identity-source spire", "--identity-source spire needs --spire-admin-socket"},
 	} {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestBadFlagsAreReported$")
 		cmd.Env = append(os.Environ(), "BULKHEAD_AGENT_TEST_ARGS="+base+" "+tt.args)

@@ -251,6 +251,9 @@ func podOf(p *corev1.Pod) (*policy.Pod, error) {
 		if err != nil {
 			return nil, fmt.Errorf("metadata.annotations[%s]: %q: %w", SPIFFEIDAnnotation, v, err)
 		}
+		if err := policy.CheckIssuedID(id, out.Namespace); err != nil {
+			return nil, fmt.Errorf("metadata.annotations[%s]: %w", SPIFFEIDAnnotation, err)
+		}
 		out.SPIFFEID = id.String()
 	}
 	for ci, c := range p.Spec.Containers {

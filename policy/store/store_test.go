@@ -279,4 +279,12 @@ func TestSPIFFEIDAnnotation(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "f.yaml:1: Pod default/p: metadata.annotations[bulkhead.io/spiffe-id]") {
 		t.Fatalf("got %v", err)
 	}
+	// Another namespace's identity is not the pod's to claim.
+	objs, err = Parse("f.yaml", fmt.Appendf(nil, doc, "spiffe://cluster.local/ns/prod/sa/admin"))
+	if err == nil {
+		_, err = Build(objs, Options{})
+	}
+	if err == nil || !strings.Contains(err.Error(), `names namespace "prod", but the pod is in "default"`) {
+		t.Fatalf("got %v", err)
+	}
 }
