@@ -740,3 +740,106 @@ func TestSPIREOutage(t *testing.T) {
 		t.Fatal("enforcement changed after the SPIRE server returned")
 	}
 }
+
+// shortTTL is the lifetime of the SVID in TestSPIREHeldUntilExpiry: short,
+// so that it runs out while its SPIRE agent is down, and long enough
+// (SPIRE renews at half life, syncing every 5 s) that a renewal always
+// lands well before expiry.
+const shortTTL = 20 * time.Second
+
+// TestSPIREHeldUntilExpiry: while its SPIRE agent is down, a pod keeps the
+// SVID it holds exactly until the certificate's NotAfter, then holds none
+// and is told why; the SPIRE agent's return brings a new SVID.
+func TestSPIREHeldUntilExpiry(t *testing.T) {
+	e := newSPIREEnv(t)
+	nodeB := e.topo.B()
+	issued := e.id("/workload/short")
+	e.entry(t, nodeB, "web", "b1", issued, shortTTL)
+	nodeB.AddPod("web", "b1", map[string]string{"app": "b1"}, "b1")
+	e.topo.SyncPeers()
+	waitSVID(t, nodeB, "web/b1", issued)
+	if !twonode.Eventually(10*time.Second, func() bool { return hasIdentity(identities(t, nodeB), issued.String()) }) {
+		t.Fatalf("node B lists no identity %s: %+v", issued, identities(t, nodeB).Identities)
+	}
+
+	// Stop the SPIRE agent just after a renewal, so that the SVID it
+	// leaves behind has most of its life ahead and no renewal races the
+	// stop: wait for the serial to change.
+	first, _ := svidOf(identities(t, nodeB), "web/b1")
+	var held api.SVIDInfo
+	if !twonode.Eventually(2*shortTTL, func() bool {
+		held, _ = svidOf(identities(t, nodeB), "web/b1")
+		return held.Serial != "" && held.Serial != first.Serial
+	}) {
+		t.Fatalf("b1's SVID (serial %s, expiring %v) not renewed in %v: %+v", first.Serial, first.NotAfter, 2*shortTTL, held)
+	}
+	e.agents[1].Stop(t)
+	// A renewal delivered while the agent stopped is the one held.
+	if s, _ := svidOf(identities(t, nodeB), "web/b1"); s.Serial != held.Serial {
+		if s.Serial == "" || !s.NotAfter.After(held.NotAfter) {
+			t.Fatalf("b1's SVID as its SPIRE agent stopped: %+v, was %+v", s, held)
+		}
+		held = s
+	}
+	if !held.NotAfter.After(time.Now()) {
+		t.Fatalf("b1's SVID expired before its SPIRE agent stopped: %+v", held)
+	}
+	t.Logf("SPIRE agent stopped; b1 holds serial %s for %v more", held.Serial, time.Until(held.NotAfter).Round(100*time.Millisecond))
+
+	// Until (nearly) NotAfter: the same SVID, every 500 ms.
+	const margin = 2 * time.Second
+	polls := 0
+	for time.Now().Before(held.NotAfter.Add(-margin)) {
+		s, _ := svidOf(identities(t, nodeB), "web/b1")
+		if s.Serial != held.Serial || s.SPIFFEID != issued.String() || !s.NotAfter.Equal(held.NotAfter) {
+			t.Fatalf("poll %d, %v before expiry: b1 holds %+v, want serial %s until %v",
+				polls, time.Until(held.NotAfter).Round(100*time.Millisecond), s, held.Serial, held.NotAfter)
+		}
+		polls++
+		time.Sleep(500 * time.Millisecond)
+	}
+	if polls == 0 {
+		t.Fatalf("b1's SVID expiring %v left no time to check it is held", held.NotAfter)
+	}
+	if st := sourceStatus(t, nodeB); st.Healthy || st.LastError == "" {
+		t.Errorf("node B's source with its SPIRE agent down: %+v", st)
+	}
+
+	// After NotAfter: no SVID, an expiry reason, and the derived identity
+	// again. The agent checks expiry every second; allow for a slow
+	// machine.
+	const late = 10 * time.Second
+	var s api.SVIDInfo
+	if !twonode.Eventually(time.Until(held.NotAfter.Add(late)), func() bool {
+		s, _ = svidOf(identities(t, nodeB), "web/b1")
+		return s.Serial == "" && s.SPIFFEID == ""
+	}) {
+		t.Fatalf("b1 still holds an SVID %v after its NotAfter %v: %+v", late, held.NotAfter, s)
+	}
+	t.Logf("b1 dropped its SVID %v after NotAfter: %q", time.Since(held.NotAfter).Round(100*time.Millisecond), s.NoSVIDReason)
+	if !strings.Contains(s.NoSVIDReason, "expired") {
+		t.Errorf("b1's reason for no SVID does not mention expiry: %q", s.NoSVIDReason)
+	}
+	if !twonode.Eventually(10*time.Second, func() bool {
+		l := identities(t, nodeB)
+		return !hasIdentity(l, issued.String()) && hasIdentity(l, e.derived("web", "b1").String())
+	}) {
+		t.Errorf("node B still knows b1 as %s after its SVID expired: %+v", issued, identities(t, nodeB).Identities)
+	}
+	if st := sourceStatus(t, nodeB); st.Healthy || st.PodsWithSVID != 0 || st.SVIDs != 0 {
+		t.Errorf("node B's source after b1's SVID expired: %+v", st)
+	}
+
+	// The SPIRE agent returns: a new SVID, a healthy source.
+	e.agents[1].Start(t)
+	again := waitSVID(t, nodeB, "web/b1", issued)
+	if again.Serial == held.Serial {
+		t.Errorf("b1 holds its expired serial %s again", held.Serial)
+	}
+	if !twonode.Eventually(30*time.Second, func() bool { return sourceStatus(t, nodeB).Healthy }) {
+		t.Fatalf("node B's source unhealthy 30 s after its SPIRE agent returned: %+v", sourceStatus(t, nodeB))
+	}
+	l := identities(t, nodeB)
+	cur, _ := svidOf(l, "web/b1")
+	verifySVID(t, e.td, cur, []byte(l.Source.BundlePEM), "after SPIRE's return")
+}
