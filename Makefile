@@ -127,7 +127,7 @@ demo-check:
 	@left=""; \
 	ls -d $(BPFFS)/bulkhead-demo-* >/dev/null 2>&1 && left="$$left pins:$$(ls -d $(BPFFS)/bulkhead-demo-*)"; \
 	ls /run/netns 2>/dev/null | grep -q '^bh-' && left="$$left netns:$$(ls /run/netns | grep '^bh-' | tr '\n' ' ')"; \
-	pgrep -x bulkhead-agent >/dev/null && left="$$left process:bulkhead-agent"; \
+	pgrep -f '[-]-bpffs $(BPFFS)/bulkhead-demo-' >/dev/null && left="$$left process:bulkhead-agent"; \
 	ip -o link show type veth 2>/dev/null | grep -q . && ip -o addr show 2>/dev/null | grep -q '10\.213\.25[0-4]\.' && left="$$left addresses:10.213.250-254"; \
 	if [ -n "$$left" ]; then echo "make demo left behind:$$left"; exit 1; fi; \
 	echo "make demo left nothing behind"
