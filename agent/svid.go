@@ -90,12 +90,8 @@ func (a *Agent) runSVIDs(ctx context.Context) {
 }
 
 func parsePodKey(k string) (podRef, bool) {
-	for i := 0; i < len(k); i++ {
-		if k[i] == '/' {
-			return podRef{k[:i], k[i+1:]}, true
-		}
-	}
-	return podRef{}, false
+	ns, name, ok := strings.Cut(k, "/")
+	return podRef{ns, name}, ok
 }
 
 // derivedID is spiffe://<td>/ns/<ns>/sa/<sa>.
