@@ -185,10 +185,22 @@ func (a *Agent) identitySourceStatus() *api.IdentitySourceStatus {
 		return &api.IdentitySourceStatus{Name: identity.SourceNone, Healthy: true}
 	}
 	st := a.svids.Stats()
-	return &api.IdentitySourceStatus{Name: a.svids.SourceName(), Healthy: st.Health.Connected,
+	out := &api.IdentitySourceStatus{Name: a.svids.SourceName(), Healthy: st.Health.Connected,
 		LastError: st.Health.LastError, Since: st.Health.Since, SVIDs: st.Held, PodsWithSVID: st.Pods,
 		PodsFollowed: st.Followed, EarliestExpiry: st.EarliestExpiry, Rotations: st.Rotations,
 		BundlePEM: a.localBundlePEM()}
+	// A source of another trust domain issues IDs that policy cannot use:
+	// that is a configuration error, not a healthy source.
+	if set := a.svids.Bundles(); set != nil && out.BundlePEM == "" {
+		var tds []string
+		for _, b := range set.Bundles() {
+			tds = append(tds, b.TrustDomain().Name())
+		}
+		out.Healthy = false
+		out.LastError = fmt.Sprintf("the source's trust bundles are for %v, not --trust-domain %s: its SPIFFE IDs are not used",
+			tds, a.cfg.TrustDomain)
+	}
+	return out
 }
 
 // localBundlePEM is the trust bundle of the local trust domain.

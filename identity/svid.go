@@ -78,3 +78,8 @@ type SVIDSource interface {
 
 // ErrSourceUnavailable wraps the errors a source reports in SVIDUpdate.Err.
 var ErrSourceUnavailable = errors.New("svid source unavailable")
+
+// ErrMalformedUpdate marks an SVIDUpdate.Err for an answer the source could
+// not read while its connection stayed up: what is held stays, and it is
+// not an outage (a withdrawal that follows takes effect at once).
+var ErrMalformedUpdate = errors.New("malformed response")

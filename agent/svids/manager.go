@@ -10,6 +10,7 @@ package svids
 import (
 	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"log/slog"
 	"maps"
 	"slices"
@@ -220,7 +221,7 @@ func (m *Manager) update(key string, p *pod, u identity.SVIDUpdate) {
 		p.lastErr = u.Err.Error()
 		if p.id == "" {
 			p.reason = "source unavailable: " + p.lastErr
-		} else {
+		} else if !errors.Is(u.Err, identity.ErrMalformedUpdate) {
 			p.recovering = true
 		}
 		return

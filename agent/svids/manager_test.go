@@ -799,3 +799,22 @@ func TestWaitingPodIsNotSubscribed(t *testing.T) {
 		t.Fatalf("subscribed %+v, want %+v", sub.w, w)
 	}
 }
+
+// An answer the source could not read is no outage: it keeps the held SVID,
+// and a withdrawal that follows it takes effect at once, without the settle
+// period that follows a real outage.
+func TestMalformedUpdateIsNoOutage(t *testing.T) {
+	f := newFixture(t)
+	w := workload("shop", "web", "web-sa", "u1")
+	f.m.Sync(map[string]identity.Workload{"shop/web": w}, nil)
+	sub := f.src.sub(t, "shop/web")
+	sub.fn(identity.SVIDUpdate{SVIDs: []*x509svid.SVID{f.mint(w.Derived, time.Hour)}})
+	sub.fn(identity.SVIDUpdate{Err: fmt.Errorf("%w: %w: svid 0: bad key", identity.ErrSourceUnavailable, identity.ErrMalformedUpdate)})
+	if _, ok := f.m.IssuedID("shop/web"); !ok {
+		t.Fatal("a malformed answer dropped the held SVID")
+	}
+	sub.fn(identity.SVIDUpdate{Reason: "entry deleted"})
+	if _, ok := f.m.IssuedID("shop/web"); ok {
+		t.Fatal("a withdrawal after a malformed answer waited for the reconnect settle period")
+	}
+}

@@ -10,12 +10,14 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
+
+	"github.com/bulkhead-io/bulkhead/identity"
 )
 
 // ErrMalformed marks a response of the SPIRE agent that does not hold valid
 // SVIDs or bundles. It is reported (wrapped with
 // identity.ErrSourceUnavailable) and the previous state stays.
-var ErrMalformed = errors.New("malformed response from the SPIRE agent")
+var ErrMalformed = fmt.Errorf("%w from the SPIRE agent", identity.ErrMalformedUpdate)
 
 // parseSVIDs turns the SVIDs of one response into go-spiffe SVIDs, in
 // SPIRE's order. Every SVID is validated (SPIFFE ID in the leaf, leaf not a
