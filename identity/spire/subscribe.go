@@ -105,18 +105,10 @@ func (s *Source) streamSVIDs(ctx context.Context, log *slog.Logger, req *delegat
 		return err
 	}
 	for {
-		resp, err := stream.Recv()
+		resp, err := receive(ctx, s, stream.Recv, bo, out)
 		if err != nil {
 			return err
 		}
-		// Recv returns what gRPC has buffered even after ctx ended:
-		// cancel must not wait for a backlog to drain.
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		s.markUp()
-		bo.reset()
-		out.ended()
 		if proc != nil && proc.exited() {
 			// SPIRE may have attested another process that took the PID
 			// (or none): this response is not the pod's.
@@ -192,16 +184,10 @@ func (s *Source) streamBundles(ctx context.Context, log *slog.Logger, fn func(*x
 		return err
 	}
 	for {
-		resp, err := stream.Recv()
+		resp, err := receive(ctx, s, stream.Recv, bo, out)
 		if err != nil {
 			return err
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		s.markUp()
-		bo.reset()
-		out.ended()
 		set, err := parseBundles(resp.GetCaCertificates())
 		if err != nil {
 			log.Error("bundle response rejected, keeping the previous bundles", "err", err)
@@ -210,4 +196,24 @@ func (s *Source) streamBundles(ctx context.Context, log *slog.Logger, fn func(*x
 		log.Debug("bundles from spire", "trust_domains", set.Len())
 		fn(set)
 	}
+}
+
+// receive takes one response off a stream and, when there is one, records
+// that the agent answered: the source is up, and the backoff and the outage
+// start over.
+func receive[T any](ctx context.Context, s *Source, recv func() (T, error), bo *backoff, out *outage) (T, error) {
+	resp, err := recv()
+	if err == nil {
+		// Recv returns what gRPC has buffered even after ctx ended:
+		// cancel must not wait for a backlog to drain.
+		err = ctx.Err()
+	}
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	s.markUp()
+	bo.reset()
+	out.ended()
+	return resp, nil
 }
