@@ -150,6 +150,11 @@ func (a *Agent) syncSVIDs() {
 		}
 	}
 	a.mu.Unlock()
+	for r := range a.issuedRefused {
+		if newest[r] == nil {
+			delete(a.issuedRefused, r) // a pod that comes back is logged again
+		}
+	}
 	want := make(map[string]identity.Workload, len(newest))
 	waiting := map[string]string{}
 	for r, e := range newest {

@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -22,10 +21,10 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
+	"github.com/bulkhead-io/bulkhead/tests/netns"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 )
 
@@ -261,53 +260,15 @@ func firstIPv4(t testing.TB, r types.Result) netip.Addr {
 	return netip.Addr{}
 }
 
-// server listens on TCP and UDP port in the pod's netns and echoes.
+// serve echoes TCP and UDP (IPv4) on port in the pod's netns.
 func (p *pod) serve(t testing.TB, port int) {
 	t.Helper()
-	var ln net.Listener
-	var pc net.PacketConn
-	err := ns.WithNetNSPath(p.NS.Path(), func(ns.NetNS) error {
-		var err error
-		if ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); err != nil {
-			return err
-		}
-		pc, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
-		return err
-	})
-	if err != nil {
-		t.Fatalf("listen in %s: %v", p.Name, err)
-	}
-	t.Cleanup(func() { ln.Close(); pc.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = pc.WriteTo(buf[:n], from)
-		}
-	}()
+	netns.ServeEcho(t, p.NS, port, "4")
 }
 
-// dial connects from p to addr:port over TCP from inside p's netns.
+// dial connects from p to addr:port from inside p's netns.
 func (p *pod) dial(network string, to netip.Addr, port int, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := ns.WithNetNSPath(p.NS.Path(), func(ns.NetNS) error {
-		var err error
-		c, err = net.DialTimeout(network, netip.AddrPortFrom(to, uint16(port)).String(), timeout)
-		return err
-	})
-	return c, err
+	return netns.Dial(p.NS, network, to, port, timeout)
 }
 
 // tcpWorks reports whether a TCP connection from p to addr:port carries an
@@ -331,16 +292,7 @@ func (p *pod) udpWorks(to netip.Addr, port int) bool {
 	return echo(c)
 }
 
-func echo(c net.Conn) bool {
-	_ = c.SetDeadline(time.Now().Add(700 * time.Millisecond))
-	msg := []byte("bulkhead " + time.Now().String())
-	if _, err := c.Write(msg); err != nil {
-		return false
-	}
-	buf := make([]byte, len(msg))
-	_, err := io.ReadFull(c, buf)
-	return err == nil && bytes.Equal(buf, msg)
-}
+func echo(c net.Conn) bool { return netns.Echo(c, 700*time.Millisecond) }
 
 // eventually retries cond for up to d.
 func eventually(d time.Duration, cond func() bool) bool {

@@ -1,11 +1,9 @@
 package twonode
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"maps"
 	"net"
 	"net/netip"
@@ -18,6 +16,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
+	"github.com/bulkhead-io/bulkhead/tests/netns"
 )
 
 // Pod is a pod on one node, added through the node's CNI chain.
@@ -126,64 +125,17 @@ func (p *Pod) remove() error {
 // Serve echoes TCP and UDP on port inside the pod, on each of its address
 // families, until the test ends.
 func (p *Pod) Serve(port int) {
-	t := p.Node.t
-	t.Helper()
-	// One socket per family: what a wildcard "tcp" listener covers depends
-	// on Go's process-wide probe of the first namespace it ran in.
+	p.Node.t.Helper()
 	families := []string{"4"}
 	if p.IPv6.IsValid() {
 		families = append(families, "6")
 	}
-	for _, f := range families {
-		var ln net.Listener
-		var pc net.PacketConn
-		err := p.NS.Do(func(ns.NetNS) error {
-			var err error
-			if ln, err = net.Listen("tcp"+f, fmt.Sprintf(":%d", port)); err != nil {
-				return err
-			}
-			pc, err = net.ListenPacket("udp"+f, fmt.Sprintf(":%d", port))
-			return err
-		})
-		if err != nil {
-			t.Fatalf("listen in %s/%s: %v", p.Namespace, p.Name, err)
-		}
-		t.Cleanup(func() { ln.Close(); pc.Close() })
-		go acceptEcho(ln)
-		go packetEcho(pc)
-	}
-}
-
-func acceptEcho(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-	}
-}
-
-func packetEcho(pc net.PacketConn) {
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := pc.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		_, _ = pc.WriteTo(buf[:n], from)
-	}
+	netns.ServeEcho(p.Node.t, p.NS, port, families...)
 }
 
 // Dial connects from inside the pod ("tcp" or "udp").
 func (p *Pod) Dial(network string, to netip.Addr, port int, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := p.NS.Do(func(ns.NetNS) error {
-		var err error
-		c, err = net.DialTimeout(network, netip.AddrPortFrom(to, uint16(port)).String(), timeout)
-		return err
-	})
-	return c, err
+	return netns.Dial(p.NS, network, to, port, timeout)
 }
 
 // TCPWorks reports whether a TCP connection from p to to:port carries an
@@ -207,16 +159,7 @@ func (p *Pod) UDPWorks(to netip.Addr, port int) bool {
 	return echo(c)
 }
 
-func echo(c net.Conn) bool {
-	_ = c.SetDeadline(time.Now().Add(time.Second))
-	msg := []byte("bulkhead twonode " + time.Now().String())
-	if _, err := c.Write(msg); err != nil {
-		return false
-	}
-	buf := make([]byte, len(msg))
-	_, err := io.ReadFull(c, buf)
-	return err == nil && bytes.Equal(buf, msg)
-}
+func echo(c net.Conn) bool { return netns.Echo(c, time.Second) }
 
 // podDocs renders pods as store YAML (JSON documents, which YAML reads as
 // they are), with their addresses when withIPs is set: peers' addresses
