@@ -328,9 +328,18 @@ spec:
   ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], mtls: Required}]`)
 	src, _ := o.Peer("shop/web")
 	dst, _ := o.Peer("shop/api")
-	d := o.MapState.Lookup(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080)
-	if d.Verdict != policy.VerdictAllow || d.Flags&policy.FlagMTLSRequired == 0 {
-		t.Fatalf("got %+v, want allow with FlagMTLSRequired", d)
+	// Through the tunnel the rule allows; in plaintext it is never a
+	// match, and the drop says that mTLS was what was missing.
+	d := o.MapState.LookupFlow(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080, true)
+	if d.Verdict != policy.VerdictAllow || d.Flags&policy.FlagMTLSRequired == 0 || d.AuthRequired {
+		t.Fatalf("tunnelled: got %+v, want allow with FlagMTLSRequired", d)
+	}
+	p := o.MapState.Lookup(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080)
+	if p.Verdict != policy.VerdictDeny || !p.AuthRequired || p.Rule != d.Rule {
+		t.Fatalf("plaintext: got %+v, want deny, AuthRequired, rule %d", p, d.Rule)
+	}
+	if u := o.MapState.LookupFlow(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoUDP, 8080, true); u.Verdict != policy.VerdictDeny || u.AuthRequired {
+		t.Fatalf("UDP: got %+v, want a plain deny", u)
 	}
 }
 
