@@ -39,8 +39,8 @@ func TestEnrolled(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[identity.NumericID]bool{
-		ms.ResolveIP(ip("10.0.0.1")):   true,
-		ms.ResolveIP(ip("10.0.1.1")):   true,
+		ms.ResolveIP(ip("10.0.0.1")):  true,
+		ms.ResolveIP(ip("10.0.1.1")):  true,
 		ms.ResolveIP(ip("fd00::1:1")): true,
 		ms.Endpoints[3].Identity:      true,
 	}
