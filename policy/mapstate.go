@@ -12,7 +12,7 @@ import (
 // datapath's input. It is plain data with value semantics; the datapath turns
 // it into map entries and applies only the difference against what is live.
 //
-// Its meaning is defined by Lookup, which is the one reference model of the
+// Its meaning is defined by LookupFlow, which is the one reference model of the
 // lookup semantics: the BPF program must agree with it on every packet, and
 // the explain engine answers from it.
 type MapState struct {
