@@ -309,6 +309,9 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		maps.Copy(next.Endpoints, prev.Endpoints)
 	}
 	var d Diff
+	// epIdents: a local endpoint came, went, or changed identity or
+	// enrollment, which MapState.Enrolled follows.
+	epIdents := false
 	for _, ep := range slices.Sorted(maps.Keys(w.dirty)) {
 		for _, k := range c.epPolicies[ep] {
 			delete(c.policyEPs[k], ep)
@@ -322,6 +325,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 			delete(next.Endpoints, ep)
 			if _, was := prev.Endpoints[ep]; was {
 				d.RemovedEndpoints = append(d.RemovedEndpoints, ep)
+				epIdents = true
 			}
 			continue
 		}
@@ -341,12 +345,16 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 			next.Endpoints[ep] = old
 			continue
 		}
+		if old := prev.Endpoints[ep]; old == nil || old.Identity != pol.Identity || old.Enrolled != pol.Enrolled {
+			epIdents = true
+		}
 		next.Endpoints[ep] = pol
 		d.Endpoints = append(d.Endpoints, ep)
 	}
 	// Enrollment follows the labels of identities, so only a change of
-	// the identities, of the ipcache or of the local endpoints moves it.
-	if full || len(w.ip) > 0 || len(w.idents) > 0 || len(w.dirty) > 0 || next.Enrolled == nil {
+	// the identities, of the ipcache or of the local endpoints' identities
+	// moves it; a policy change alone does not.
+	if full || len(w.ip) > 0 || len(w.idents) > 0 || epIdents || next.Enrolled == nil {
 		next.Enrolled = c.enrolled(next)
 	}
 	ipKeys := slices.Collect(maps.Keys(w.ip))
