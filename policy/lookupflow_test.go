@@ -168,6 +168,11 @@ func checkAgainstBrute(t *testing.T, ms *MapState, peers []identity.NumericID, p
 								t.Fatalf("endpoint %d %v peer %d proto %d port %d tunnelled %v: LookupFlow %+v, brute force %+v\nentries: %+v",
 									ep, dir, peer, proto, port, tun, got, want, ms.Endpoints[1])
 							}
+							// mtls: Required is never silently ignored: an
+							// mTLS rule never lets plaintext or non-TCP pass.
+							if (!tun || proto != tcp) && got.Verdict == VerdictAllow && got.Flags&FlagMTLSRequired != 0 {
+								t.Fatalf("an mTLS rule allowed a flow it cannot match: tunnelled %v proto %d: %+v", tun, proto, got)
+							}
 							if !tun && got != ms.Lookup(ep, dir, peer, proto, port) {
 								t.Fatalf("Lookup differs from LookupFlow(..., false)")
 							}
