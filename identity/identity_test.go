@@ -157,3 +157,28 @@ func TestAllocatorRetainRestore(t *testing.T) {
 		t.Fatal("restore with a duplicate ID succeeded")
 	}
 }
+
+func TestLabelsEnrolled(t *testing.T) {
+	on := map[string]string{LabelMTLS: MTLSEnabled}
+	for _, tc := range []struct {
+		name string
+		l    Labels
+		want bool
+	}{
+		{"none", Labels{Namespace: "a"}, false},
+		{"pod label", Labels{Namespace: "a", PodLabels: on}, true},
+		{"namespace label", Labels{Namespace: "a", NamespaceLabels: on}, true},
+		{"other value", Labels{Namespace: "a", PodLabels: map[string]string{LabelMTLS: "Enabled"}}, false},
+		{"pod says disabled, namespace enables", Labels{Namespace: "a", PodLabels: map[string]string{LabelMTLS: "disabled"}, NamespaceLabels: on}, true},
+		{"label on another key", Labels{Namespace: "a", PodLabels: map[string]string{"mtls": MTLSEnabled}}, false},
+	} {
+		if got := tc.l.Enrolled(); got != tc.want {
+			t.Errorf("%s: Enrolled() = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	// Enrollment is part of the key, so a relabel moves the workload to
+	// another identity.
+	if (Labels{Namespace: "a"}).Key() == (Labels{Namespace: "a", PodLabels: on}).Key() {
+		t.Fatal("enrolled and not enrolled label sets share a key")
+	}
+}

@@ -7,6 +7,13 @@ import (
 	"strings"
 )
 
+// LabelMTLS enrolls a workload in the mTLS tunnel when it is set to
+// MTLSEnabled on the pod or on its namespace.
+const LabelMTLS = "bulkhead.io/mtls"
+
+// MTLSEnabled is the value of LabelMTLS that enrolls.
+const MTLSEnabled = "enabled"
+
 // DefaultServiceAccount is the service account of a pod that names none, as
 // Kubernetes assigns it.
 const DefaultServiceAccount = "default"
@@ -33,6 +40,14 @@ func (l Labels) SA() string {
 		return DefaultServiceAccount
 	}
 	return l.ServiceAccount
+}
+
+// Enrolled reports whether the workload is enrolled in the mTLS tunnel: the
+// pod or its namespace carries LabelMTLS=MTLSEnabled. Both label sets are
+// part of Key, so enrollment never differs between workloads that share a
+// numeric identity, and a change of it moves the workload to another one.
+func (l Labels) Enrolled() bool {
+	return l.PodLabels[LabelMTLS] == MTLSEnabled || l.NamespaceLabels[LabelMTLS] == MTLSEnabled
 }
 
 // Key is a canonical encoding of the label set: equal sets give equal keys,

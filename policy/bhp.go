@@ -1,8 +1,12 @@
 package policy
 
 import (
+	"slices"
+
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 )
@@ -106,6 +110,14 @@ func bhpRule(ns string, dir Direction, index int, polMode v1alpha1.Mode, peers [
 		*errs = append(*errs, field.NotSupported(rulePath.Child("mtls"), c.MTLS, []string{"Required"}))
 	}
 	r.ports = ports(c.Ports, rulePath.Child("ports"), errs)
+	if r.mtls && len(c.Ports) > 0 && !slices.ContainsFunc(c.Ports, func(p networkingv1.NetworkPolicyPort) bool {
+		return p.Protocol == nil || *p.Protocol == corev1.ProtocolTCP
+	}) {
+		// The tunnel carries TCP only: such a rule would be accepted and
+		// never match anything.
+		*errs = append(*errs, field.Invalid(rulePath.Child("ports"), "",
+			"mtls: Required matches TCP only (the tunnel carries TCP), and no port here is TCP: the rule could never match"))
+	}
 	for j, pr := range peers {
 		pp := peerPath.Index(j)
 		set := 0
@@ -131,6 +143,13 @@ func bhpRule(ns string, dir Direction, index int, polMode v1alpha1.Mode, peers [
 			}
 			r.peers = append(r.peers, cpeer{kind: peerSPIFFE, spiffe: pat})
 		case pr.CIDR != "":
+			if r.mtls {
+				// mTLS authenticates a workload's SVID; an address range
+				// names no SPIFFE ID to verify.
+				*errs = append(*errs, field.Invalid(pp.Child("cidr"), pr.CIDR,
+					"mtls: Required cannot be verified for an address: use spiffeID or podSelector/namespaceSelector peers"))
+				continue
+			}
 			if c, ok := cidrPeer(pr.CIDR, pr.Except, pp, errs); ok {
 				r.peers = append(r.peers, c)
 			}

@@ -167,7 +167,8 @@ func (c *Compiler) clear(s *Snapshot) {
 	c.withheld = map[policyKey]withholding{}
 	c.kept = map[policyKey]withholding{}
 	c.epSize = map[EndpointID]int{}
-	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{}}
+	c.ms = &MapState{IPCache: map[netip.Prefix]identity.NumericID{}, Endpoints: map[EndpointID]*EndpointPolicy{}, Rules: map[RuleID]RuleInfo{},
+		Enrolled: map[identity.NumericID]bool{}}
 }
 
 // Compile compiles a snapshot from scratch. It is deterministic: the same

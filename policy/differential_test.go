@@ -70,6 +70,7 @@ func genCluster(r *rand.Rand) *diffCluster {
 		if r.IntN(2) == 0 {
 			l["env"] = pick(r, []string{"p", "q"})
 		}
+		enrollDiffNamespace(l)
 		c.nsLabels[ns] = l
 	}
 	names := []string{"web", "dns", "metrics"}
@@ -80,6 +81,7 @@ func genCluster(r *rand.Rand) *diffCluster {
 			if r.IntN(2) == 0 {
 				l["tier"] = pick(r, []string{"1", "2"})
 			}
+			enrollDiffPod(l)
 			p := policy.Pod{Namespace: ns, Name: fmt.Sprintf("p%d", j), Labels: l}
 			// Kubernetes warns about two container ports with the same number
 			// and protocol, and cyclonus' traffic carries one resolved name

@@ -15,4 +15,10 @@
 //     is a label set refined by what policy can tell apart below labels: the
 //     ipBlock prefixes its pods' IPs fall in, and its named ports (see
 //     ident). Pods of one workload still share one ID.
+//   - An Allow rule with `mtls: Required` matches only TCP that the mTLS
+//     tunnel delivers (or, on egress, may still carry); plaintext TCP that
+//     only such a rule would allow is denied with AuthRequired (see
+//     MapState.LookupFlow). Its peers must be workloads, never cidr, and
+//     its ports must include TCP. A pod is enrolled by the label
+//     bulkhead.io/mtls=enabled on it or its namespace (MapState.Enrolled).
 package policy

@@ -118,7 +118,7 @@ func (c *Compiler) named(name string, proto uint8) []identPort {
 // that select it. Policies whose rules are withheld (over their trie
 // budget, see Budget) still isolate: see withheldDirs.
 func (c *Compiler) compileEndpoint(ps *podState) (*EndpointPolicy, []policyKey) {
-	ep := &EndpointPolicy{Identity: ps.ident.id}
+	ep := &EndpointPolicy{Identity: ps.ident.id, Enrolled: ps.ident.labels.Enrolled()}
 	sel, enforce, audit := c.selecting(ps)
 	keys := make([]policyKey, len(sel))
 	var closed [2]bool

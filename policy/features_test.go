@@ -328,9 +328,43 @@ spec:
   ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], mtls: Required}]`)
 	src, _ := o.Peer("shop/web")
 	dst, _ := o.Peer("shop/api")
-	d := o.MapState.Lookup(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080)
-	if d.Verdict != policy.VerdictAllow || d.Flags&policy.FlagMTLSRequired == 0 {
-		t.Fatalf("got %+v, want allow with FlagMTLSRequired", d)
+	// Through the tunnel the rule allows; in plaintext it is never a
+	// match, and the drop says that mTLS was what was missing.
+	d := o.MapState.LookupFlow(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080, true)
+	if d.Verdict != policy.VerdictAllow || d.Flags&policy.FlagMTLSRequired == 0 || d.AuthRequired {
+		t.Fatalf("tunnelled: got %+v, want allow with FlagMTLSRequired", d)
+	}
+	p := o.MapState.Lookup(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoTCP, 8080)
+	if p.Verdict != policy.VerdictDeny || !p.AuthRequired || p.Rule != d.Rule {
+		t.Fatalf("plaintext: got %+v, want deny, AuthRequired, rule %d", p, d.Rule)
+	}
+	if u := o.MapState.LookupFlow(dst.Endpoint, policy.Ingress, src.Identity, policy.ProtoUDP, 8080, true); u.Verdict != policy.VerdictDeny || u.AuthRequired {
+		t.Fatalf("UDP: got %+v, want a plain deny", u)
+	}
+}
+
+// TestMTLSRuleAccepted: mtls: Required is valid with workload peers and
+// ports of which at least one can be TCP.
+func TestMTLSRuleAccepted(t *testing.T) {
+	for _, doc := range []string{
+		`ingress: [{from: [{podSelector: {}}], mtls: Required}]`,
+		`ingress: [{mtls: Required, ports: [{port: 53, protocol: UDP}, {port: 5432}]}]`,
+		`egress: [{to: [{spiffeID: "spiffe://cluster.local/ns/shop/sa/db"}], ports: [{protocol: TCP}], mtls: Required}]`,
+		`egress: [{to: [{namespaceSelector: {}}], mtls: Required, mode: Audit}]`,
+	} {
+		objs, err := store.Parse("test.yaml", []byte(featureCluster+`---
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata: {name: ok, namespace: shop}
+spec:
+  selector: {podSelector: {}}
+  `+doc))
+		if err == nil {
+			_, err = store.Build(objs, store.Options{})
+		}
+		if err != nil {
+			t.Errorf("%s: %v", doc, err)
+		}
 	}
 }
 
@@ -400,6 +434,29 @@ metadata: {name: bad, namespace: shop}
 spec:
   selector: {podSelector: {}}
   egress: [{action: Drop, mode: Maybe, mtls: Optional}]`, "spec.egress[0].action"},
+		{"bhp mtls with a cidr peer", `
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  selector: {podSelector: {}}
+  ingress: [{from: [{podSelector: {}}, {cidr: 10.0.0.0/8}], mtls: Required}]`,
+			`BulkheadPolicy shop/bad: spec.ingress[0].from[1].cidr: Invalid value: "10.0.0.0/8": mtls: Required cannot be verified for an address`},
+		{"bhp mtls with only UDP and SCTP ports", `
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  selector: {podSelector: {}}
+  egress: [{to: [{podSelector: {}}], ports: [{port: 53, protocol: UDP}, {protocol: SCTP}], mtls: Required}]`,
+			"BulkheadPolicy shop/bad: spec.egress[0].ports: Invalid value: \"\": mtls: Required matches TCP only"},
+		{"bhp deny with mtls", `
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  selector: {podSelector: {}}
+  ingress: [{action: Deny, mtls: Required}]`, "spec.ingress[0].mtls: Invalid value: \"Required\": only Allow rules can require mTLS"},
 		{"bhp peer with two kinds", `
 apiVersion: bulkhead.io/v1alpha1
 kind: BulkheadPolicy

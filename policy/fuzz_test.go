@@ -54,7 +54,9 @@ func FuzzNetworkPolicyJSON(f *testing.F) {
 // FuzzBulkheadPolicyJSON is FuzzNetworkPolicyJSON for our CRD.
 func FuzzBulkheadPolicyJSON(f *testing.F) {
 	for _, s := range []string{
-		`{"metadata":{"name":"x"},"spec":{"selector":{"spiffeID":"spiffe://cluster.local/ns/default/sa/*"},"ingress":[{"from":[{"spiffeID":"spiffe://cluster.local/ns/*/sa/*"}],"action":"Deny"}],"egress":[{"to":[{"cidr":"10.0.0.0/8","except":["10.1.0.0/16"]}],"ports":[{"port":53,"protocol":"UDP"}],"mtls":"Required"}]}}`,
+		`{"metadata":{"name":"x"},"spec":{"selector":{"spiffeID":"spiffe://cluster.local/ns/default/sa/*"},"ingress":[{"from":[{"spiffeID":"spiffe://cluster.local/ns/*/sa/*"}],"action":"Deny"}],"egress":[{"to":[{"cidr":"10.0.0.0/8","except":["10.1.0.0/16"]}],"ports":[{"port":53,"protocol":"UDP"}]},{"to":[{"spiffeID":"spiffe://cluster.local/ns/*/sa/*"}],"ports":[{"port":5432}],"mtls":"Required"}]}}`,
+		// Invalid since mTLS: a cidr peer and UDP only.
+		`{"metadata":{"name":"x"},"spec":{"selector":{"podSelector":{}},"egress":[{"to":[{"cidr":"10.0.0.0/8"}],"ports":[{"port":53,"protocol":"UDP"}],"mtls":"Required"}]}}`,
 		`{"metadata":{"name":"x"},"spec":{"selector":{"podSelector":{}},"mode":"Audit","ingress":[{"from":[{"podSelector":{},"namespaceSelector":{}}]}]}}`,
 	} {
 		f.Add([]byte(s))

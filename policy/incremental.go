@@ -21,12 +21,16 @@ type Diff struct {
 	IPCacheDeletes   []netip.Prefix
 	RulesUpserted    []RuleID
 	RulesRemoved     []RuleID
+	// EnrolledAdded and EnrolledRemoved are the identities that entered or
+	// left MapState.Enrolled, sorted.
+	EnrolledAdded   []identity.NumericID
+	EnrolledRemoved []identity.NumericID
 }
 
 // Empty reports whether nothing changed.
 func (d *Diff) Empty() bool {
 	return len(d.Endpoints)+len(d.RemovedEndpoints)+len(d.IPCacheUpserts)+len(d.IPCacheDeletes)+
-		len(d.RulesUpserted)+len(d.RulesRemoved) == 0
+		len(d.RulesUpserted)+len(d.RulesRemoved)+len(d.EnrolledAdded)+len(d.EnrolledRemoved) == 0
 }
 
 // work collects what an update touched until finish recomputes it.
@@ -290,6 +294,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		IPCache:   prev.IPCache,
 		Endpoints: make(map[EndpointID]*EndpointPolicy, len(c.endpoints)),
 		Rules:     prev.Rules,
+		Enrolled:  prev.Enrolled,
 	}
 	if full || len(w.ip) > 0 {
 		next.IPCache = maps.Clone(c.ipcache)
@@ -304,6 +309,9 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 		maps.Copy(next.Endpoints, prev.Endpoints)
 	}
 	var d Diff
+	// epIdents: a local endpoint came, went, or changed identity or
+	// enrollment, which MapState.Enrolled follows.
+	epIdents := false
 	for _, ep := range slices.Sorted(maps.Keys(w.dirty)) {
 		for _, k := range c.epPolicies[ep] {
 			delete(c.policyEPs[k], ep)
@@ -317,6 +325,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 			delete(next.Endpoints, ep)
 			if _, was := prev.Endpoints[ep]; was {
 				d.RemovedEndpoints = append(d.RemovedEndpoints, ep)
+				epIdents = true
 			}
 			continue
 		}
@@ -336,8 +345,17 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 			next.Endpoints[ep] = old
 			continue
 		}
+		if old := prev.Endpoints[ep]; old == nil || old.Identity != pol.Identity || old.Enrolled != pol.Enrolled {
+			epIdents = true
+		}
 		next.Endpoints[ep] = pol
 		d.Endpoints = append(d.Endpoints, ep)
+	}
+	// Enrollment follows the labels of identities, so only a change of
+	// the identities, of the ipcache or of the local endpoints' identities
+	// moves it; a policy change alone does not.
+	if full || len(w.ip) > 0 || len(w.idents) > 0 || epIdents || next.Enrolled == nil {
+		next.Enrolled = c.enrolled(next)
 	}
 	ipKeys := slices.Collect(maps.Keys(w.ip))
 	if full {
@@ -348,6 +366,7 @@ func (c *Compiler) finish(w *work, full bool) Diff {
 	}
 	slices.SortFunc(ipKeys, comparePrefix)
 	diffIPCacheAndRules(&d, prev, next, slices.Compact(ipKeys))
+	diffEnrolled(&d, prev, next)
 	// The first result is revision 1; later ones move only when something
 	// changed, so the datapath never re-checks conntrack for nothing.
 	if !d.Empty() || next.Revision == 0 {
@@ -406,7 +425,8 @@ func (c *Compiler) affected(p *cpolicy, w *work) bool {
 }
 
 func equalEndpoint(a, b *EndpointPolicy) bool {
-	return a.Identity == b.Identity && a.Default == b.Default && a.Audit == b.Audit && slices.Equal(a.Entries, b.Entries)
+	return a.Identity == b.Identity && a.Default == b.Default && a.Audit == b.Audit && a.Enrolled == b.Enrolled &&
+		slices.Equal(a.Entries, b.Entries)
 }
 
 // ruleInfos is the rule table of the current policies.
@@ -416,7 +436,7 @@ func (c *Compiler) ruleInfos() map[RuleID]RuleInfo {
 		for _, r := range p.rules {
 			id := c.ruleIDs[ruleKey{p.key, r.dir, r.index}]
 			out[id] = RuleInfo{Kind: p.key.Kind, Namespace: p.key.Namespace, Name: p.key.Name,
-				Direction: r.dir, Index: r.index, Action: r.action, Audit: r.audit}
+				Direction: r.dir, Index: r.index, Action: r.action, Audit: r.audit, MTLS: r.mtls}
 		}
 	}
 	return out
@@ -484,7 +504,45 @@ func composeDiff(prev, next *MapState, d1, d2 Diff) Diff {
 		}
 	}
 	diffIPCacheAndRules(&d, prev, next, slices.SortedFunc(maps.Keys(ips), comparePrefix))
+	diffEnrolled(&d, prev, next)
 	return d
+}
+
+// enrolled computes MapState.Enrolled for next: the enrolled workload
+// identities that next's ipcache maps an address to, or that are a local
+// endpoint's own.
+func (c *Compiler) enrolled(next *MapState) map[identity.NumericID]bool {
+	out := map[identity.NumericID]bool{}
+	for _, id := range next.IPCache {
+		if out[id] || id.IsReserved() {
+			continue
+		}
+		if i := c.identsByID[id]; i != nil && i.labels.Enrolled() {
+			out[id] = true
+		}
+	}
+	for _, ep := range next.Endpoints {
+		if ep.Enrolled {
+			out[ep.Identity] = true
+		}
+	}
+	return out
+}
+
+// diffEnrolled adds to d how next.Enrolled differs from prev.Enrolled.
+func diffEnrolled(d *Diff, prev, next *MapState) {
+	for id := range next.Enrolled {
+		if !prev.Enrolled[id] {
+			d.EnrolledAdded = append(d.EnrolledAdded, id)
+		}
+	}
+	for id := range prev.Enrolled {
+		if !next.Enrolled[id] {
+			d.EnrolledRemoved = append(d.EnrolledRemoved, id)
+		}
+	}
+	slices.Sort(d.EnrolledAdded)
+	slices.Sort(d.EnrolledRemoved)
 }
 
 // diffIPCacheAndRules adds to d how next differs from prev in the ipcache

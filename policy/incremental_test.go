@@ -51,8 +51,11 @@ func canonical(t *testing.T, c *policy.Compiler, ms *policy.MapState, pods []pol
 	for p, id := range ms.IPCache {
 		out[fmt.Sprintf("ipcache %s=%s", p, name(id))] = true
 	}
+	for id := range ms.Enrolled {
+		out["enrolled "+name(id)] = true
+	}
 	for ep, e := range ms.Endpoints {
-		out[fmt.Sprintf("ep %d id=%s default=%v", ep, name(e.Identity), e.Default)] = true
+		out[fmt.Sprintf("ep %d id=%s default=%v enrolled=%v", ep, name(e.Identity), e.Default, e.Enrolled)] = true
 		for _, en := range e.Entries {
 			ri := ms.Rules[en.Rule]
 			out[fmt.Sprintf("ep %d %v peer=%s %d %d-%d %v %d %+v", ep, en.Direction, name(en.Peer), en.Proto, en.PortLo, en.PortHi, en.Action, en.Flags, ri)] = true
@@ -63,7 +66,17 @@ func canonical(t *testing.T, c *policy.Compiler, ms *policy.MapState, pods []pol
 
 // applyDiff plays a Diff onto a copy of prev, as the datapath would.
 func applyDiff(prev, next *policy.MapState, d policy.Diff) *policy.MapState {
-	out := &policy.MapState{IPCache: maps.Clone(prev.IPCache), Endpoints: maps.Clone(prev.Endpoints), Rules: maps.Clone(prev.Rules)}
+	out := &policy.MapState{IPCache: maps.Clone(prev.IPCache), Endpoints: maps.Clone(prev.Endpoints), Rules: maps.Clone(prev.Rules),
+		Enrolled: maps.Clone(prev.Enrolled)}
+	if out.Enrolled == nil {
+		out.Enrolled = map[identity.NumericID]bool{}
+	}
+	for _, id := range d.EnrolledAdded {
+		out.Enrolled[id] = true
+	}
+	for _, id := range d.EnrolledRemoved {
+		delete(out.Enrolled, id)
+	}
 	for _, ep := range d.Endpoints {
 		out.Endpoints[ep] = next.Endpoints[ep]
 	}
@@ -84,12 +97,13 @@ func applyDiff(prev, next *policy.MapState, d policy.Diff) *policy.MapState {
 }
 
 func sameState(a, b *policy.MapState) bool {
-	if !maps.Equal(a.IPCache, b.IPCache) || !maps.Equal(a.Rules, b.Rules) || len(a.Endpoints) != len(b.Endpoints) {
+	if !maps.Equal(a.IPCache, b.IPCache) || !maps.Equal(a.Rules, b.Rules) || !maps.Equal(a.Enrolled, b.Enrolled) ||
+		len(a.Endpoints) != len(b.Endpoints) {
 		return false
 	}
 	for ep, x := range a.Endpoints {
 		y := b.Endpoints[ep]
-		if y == nil || x.Identity != y.Identity || x.Default != y.Default || !slices.Equal(x.Entries, y.Entries) {
+		if y == nil || x.Identity != y.Identity || x.Default != y.Default || x.Enrolled != y.Enrolled || !slices.Equal(x.Entries, y.Entries) {
 			return false
 		}
 	}
@@ -109,7 +123,7 @@ func TestIncrementalMatchesFull(t *testing.T) {
 }
 
 func testIncrementalMatchesFull(t *testing.T, budget policy.Budget) {
-	withheld, reasons := 0, map[string]int{}
+	withheld, reasons, enrollChanges := 0, map[string]int{}, 0
 	for seed := range uint64(60) {
 		r := rand.New(rand.NewPCG(seed, 42))
 		cl := genCluster(r)
@@ -140,6 +154,7 @@ func testIncrementalMatchesFull(t *testing.T, budget policy.Budget) {
 				if r.IntN(2) == 0 {
 					p.Labels["tier"] = pick(r, []string{"1", "2"})
 				}
+				enrollDiffPod(p.Labels)
 				cl.pods[i] = p
 				what = "relabel " + p.Name
 				ms, d, err = inc.UpsertPod(p)
@@ -171,6 +186,7 @@ func testIncrementalMatchesFull(t *testing.T, budget policy.Budget) {
 			case 3: // relabel a namespace
 				ns := pick(r, diffNamespaces)
 				cl.nsLabels[ns] = map[string]string{"ns": pick(r, []string{"a", "b"}), "env": pick(r, []string{"p", "q"})}
+				enrollDiffNamespace(cl.nsLabels[ns])
 				what = "relabel ns " + ns
 				ms, d, err = inc.UpsertNamespace(policy.Namespace{Name: ns, Labels: cl.nsLabels[ns]})
 			case 4: // replace or add a policy
@@ -260,11 +276,17 @@ func testIncrementalMatchesFull(t *testing.T, budget policy.Budget) {
 			if applied := applyDiff(prev, ms, d); !sameState(applied, ms) {
 				t.Fatalf("seed %d step %d %s: the diff does not turn the previous state into the new one: %+v", seed, step, what, d)
 			}
+			if len(d.EnrolledAdded)+len(d.EnrolledRemoved) > 0 {
+				enrollChanges++
+			}
 			if d.Empty() != (ms.Revision == prev.Revision) {
 				t.Fatalf("seed %d step %d %s: revision %d->%d with empty diff %v", seed, step, what, prev.Revision, ms.Revision, d.Empty())
 			}
 			prev = ms
 		}
+	}
+	if enrollChanges == 0 {
+		t.Error("no step changed enrollment: the test tests nothing of it")
 	}
 	if budget != (policy.Budget{}) && withheld == 0 {
 		t.Error("the budget never withheld a policy: the test tests nothing")
@@ -314,6 +336,13 @@ func genBulkheadPolicy(r *rand.Rand) *v1alpha1.BulkheadPolicy {
 		var peers []v1alpha1.Peer
 		for range r.IntN(3) {
 			peers = append(peers, peer())
+		}
+		// mTLS on allow rules with one peer where it is valid: no cidr
+		// peer, and a port that can be TCP. No random draw decides it, so
+		// that the random streams stay what they were.
+		if rc.Action == "" && len(peers) == 1 && !slices.ContainsFunc(peers, func(p v1alpha1.Peer) bool { return p.CIDR != "" }) &&
+			(len(rc.Ports) == 0 || slices.ContainsFunc(rc.Ports, func(p networkingv1.NetworkPolicyPort) bool { return p.Protocol == nil || *p.Protocol == "TCP" })) {
+			rc.MTLS = v1alpha1.MTLSRequired
 		}
 		if r.IntN(2) == 0 {
 			bp.Spec.Ingress = append(bp.Spec.Ingress, v1alpha1.IngressRule{From: peers, RuleCommon: rc})
@@ -398,5 +427,21 @@ func TestReplaceDiffsAgainstPrevious(t *testing.T) {
 	}
 	if applied := applyDiff(same, next, d); !sameState(applied, next) {
 		t.Fatal("the diff does not turn the previous state into the new one")
+	}
+}
+
+// enrollDiffPod and enrollDiffNamespace enroll some of the random
+// workloads in mTLS, by labels the random generators already drew (so the
+// random streams, and the clusters of the differential test, stay what
+// they were).
+func enrollDiffPod(l map[string]string) {
+	if l["app"] == "c" {
+		l[identity.LabelMTLS] = identity.MTLSEnabled
+	}
+}
+
+func enrollDiffNamespace(l map[string]string) {
+	if l["env"] == "q" {
+		l[identity.LabelMTLS] = identity.MTLSEnabled
 	}
 }

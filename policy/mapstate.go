@@ -12,7 +12,7 @@ import (
 // datapath's input. It is plain data with value semantics; the datapath turns
 // it into map entries and applies only the difference against what is live.
 //
-// Its meaning is defined by Lookup, which is the one reference model of the
+// Its meaning is defined by LookupFlow, which is the one reference model of the
 // lookup semantics: the BPF program must agree with it on every packet, and
 // the explain engine answers from it.
 type MapState struct {
@@ -31,6 +31,11 @@ type MapState struct {
 	Endpoints map[EndpointID]*EndpointPolicy
 	// Rules maps every RuleID used in an Entry back to where it came from.
 	Rules map[RuleID]RuleInfo
+	// Enrolled holds every workload identity (of an ipcache entry or of a
+	// local endpoint) whose workload is enrolled in the mTLS tunnel
+	// (identity.Labels.Enrolled); only true values are stored. The
+	// datapath tunnels TCP between enrolled pods.
+	Enrolled map[identity.NumericID]bool
 }
 
 // EndpointID is the node-local number of an endpoint (a pod's interface),
@@ -113,6 +118,8 @@ type EndpointPolicy struct {
 	Default [2]DefaultVerdict
 	// Audit puts the whole endpoint in audit mode: every drop becomes AUDIT.
 	Audit bool
+	// Enrolled: this endpoint's pod is enrolled in the mTLS tunnel.
+	Enrolled bool
 	// Entries is in canonical order (SortEntries) and holds no duplicates.
 	Entries []Entry
 }
@@ -145,6 +152,8 @@ type RuleInfo struct {
 	Index  int
 	Action Action
 	Audit  bool
+	// MTLS: the rule is an Allow with `mtls: Required`.
+	MTLS bool
 }
 
 // Verdict is the outcome of a lookup.
@@ -176,13 +185,29 @@ func (v Verdict) Passes() bool { return v == VerdictAllow || v == VerdictAudit }
 type Decision struct {
 	Verdict Verdict
 	// Rule is the deciding entry's rule, or RuleDefault when the direction's
-	// default decided (or host traffic was let in).
+	// default decided (or host traffic was let in). With AuthRequired it is
+	// the mTLS rule that would have allowed the flow through the tunnel.
 	Rule  RuleID
 	Flags Flags
+	// AuthRequired: a plaintext TCP flow is not let through (Verdict is Deny,
+	// or Audit in audit mode) only because the rule that would allow it
+	// requires mTLS. The datapath reports the drop as AUTH_REQUIRED.
+	AuthRequired bool
 }
 
 // Lookup is the reference model of the datapath's policy lookup for one
+// packet of endpoint ep in direction dir, whose peer has identity peer, that
+// did not come through the mTLS tunnel: it is LookupFlow(..., false).
+func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID, proto uint8, port uint16) Decision {
+	return m.LookupFlow(ep, dir, peer, proto, port, false)
+}
+
+// LookupFlow is the reference model of the datapath's policy lookup for one
 // packet of endpoint ep in direction dir, whose peer has identity peer.
+// tunnelled says whether the flow is (or may still be) carried by the mTLS
+// tunnel: the datapath passes true for egress TCP, which it may redirect
+// into the tunnel, and for ingress from a tunnel socket, whose peer is the
+// verified identity; false for everything else.
 //
 // Among the entries that match (peer equal or wildcard, protocol equal or
 // wildcard, port in range), the winner is the first by:
@@ -194,11 +219,20 @@ type Decision struct {
 //  4. a narrower port range beats a wider one;
 //  5. the lower RuleID.
 //
+// An allow entry with FlagMTLSRequired is a candidate only for a tunnelled
+// TCP flow: an address cannot be authenticated, and the tunnel carries TCP
+// only, so such an entry never matches plaintext, UDP or any other protocol.
+//
 // No match: the direction's default decides. A deny becomes AUDIT when the
 // winning entry has FlagAudit, when the endpoint is in audit mode, or (for
 // the default) when the default is DefaultAudit. An unknown endpoint is
 // unmanaged: everything passes.
-func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID, proto uint8, port uint16) Decision {
+//
+// A plaintext TCP flow that does not pass but would be allowed by an entry
+// with FlagMTLSRequired if it were tunnelled gets AuthRequired, with that
+// entry's rule and flags, and keeps its verdict (Deny, or Audit in audit
+// mode). A deny entry always wins over allows, so then the default decided.
+func (m *MapState) LookupFlow(ep EndpointID, dir Direction, peer identity.NumericID, proto uint8, port uint16, tunnelled bool) Decision {
 	p := m.Endpoints[ep]
 	if p == nil {
 		return Decision{Verdict: VerdictAllow}
@@ -206,6 +240,19 @@ func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID,
 	if dir == Ingress && peer == identity.IDHost && m.AllowHostIngress {
 		return Decision{Verdict: VerdictAllow}
 	}
+	d := p.decide(p.winner(dir, peer, proto, port, tunnelled && proto == ProtoTCP), dir)
+	if proto != ProtoTCP || tunnelled || d.Verdict == VerdictAllow {
+		return d
+	}
+	if w := p.winner(dir, peer, proto, port, true); w != nil && w.Action == ActionAllow && w.Flags&FlagMTLSRequired != 0 {
+		d.Rule, d.Flags, d.AuthRequired = w.Rule, w.Flags, true
+	}
+	return d
+}
+
+// winner returns the entry that decides a packet, nil when none matches.
+// Allow entries with FlagMTLSRequired are candidates only when mtls is set.
+func (p *EndpointPolicy) winner(dir Direction, peer identity.NumericID, proto uint8, port uint16, mtls bool) *Entry {
 	var best *Entry
 	for i := range p.Entries {
 		e := &p.Entries[i]
@@ -213,10 +260,18 @@ func (m *MapState) Lookup(ep EndpointID, dir Direction, peer identity.NumericID,
 			(e.Proto != 0 && e.Proto != proto) || port < e.PortLo || port > e.PortHi {
 			continue
 		}
+		if !mtls && e.Action == ActionAllow && e.Flags&FlagMTLSRequired != 0 {
+			continue
+		}
 		if best == nil || e.Beats(best) {
 			best = e
 		}
 	}
+	return best
+}
+
+// decide turns the winning entry (nil: none) into a decision.
+func (p *EndpointPolicy) decide(best *Entry, dir Direction) Decision {
 	if best == nil {
 		switch p.Default[dir] {
 		case DefaultAllow:

@@ -64,3 +64,112 @@ func TestLookupPrecedence(t *testing.T) {
 		t.Fatalf("unmanaged endpoint: got %+v, want allow", got)
 	}
 }
+
+// TestLookupFlowMTLS pins how entries with FlagMTLSRequired decide: only
+// for tunnelled TCP, and plaintext TCP they alone would allow is denied
+// with AuthRequired.
+func TestLookupFlowMTLS(t *testing.T) {
+	const (
+		app   identity.NumericID = 300 // allowed by an mTLS rule only
+		web   identity.NumericID = 301 // allowed in plaintext, and with mTLS on one port
+		bad   identity.NumericID = 302 // denied, and allowed by an mTLS rule
+		other identity.NumericID = 303
+		anyID identity.NumericID = 304 // only the wildcard peer's rules match it
+	)
+	mt := FlagMTLSRequired
+	ms := &MapState{
+		Endpoints: map[EndpointID]*EndpointPolicy{
+			1: {
+				Identity: 400,
+				Default:  [2]DefaultVerdict{DefaultDeny, DefaultDeny},
+				Entries: SortEntries([]Entry{
+					{Direction: Ingress, Peer: app, Proto: tcp, PortLo: 5432, PortHi: 5432, Action: ActionAllow, Flags: mt, Rule: 1},
+					// Any protocol: the mTLS rule still only ever matches TCP.
+					{Direction: Ingress, Peer: app, Proto: 0, PortLo: 0, PortHi: 65535, Action: ActionAllow, Flags: mt, Rule: 2},
+					{Direction: Ingress, Peer: web, Proto: tcp, PortLo: 0, PortHi: 65535, Action: ActionAllow, Rule: 3},
+					{Direction: Ingress, Peer: web, Proto: tcp, PortLo: 8080, PortHi: 8080, Action: ActionAllow, Flags: mt, Rule: 4},
+					{Direction: Ingress, Peer: bad, Proto: tcp, PortLo: 22, PortHi: 22, Action: ActionDeny, Rule: 5},
+					{Direction: Ingress, Peer: bad, Proto: 0, PortLo: 0, PortHi: 65535, Action: ActionAllow, Flags: mt, Rule: 6},
+					// Wildcard peer with mTLS; the exact-peer plain rule 8 is
+					// more specific.
+					{Direction: Ingress, Peer: identity.IDNone, Proto: tcp, PortLo: 9000, PortHi: 9000, Action: ActionAllow, Flags: mt, Rule: 7},
+					{Direction: Ingress, Peer: other, Proto: tcp, PortLo: 9000, PortHi: 9000, Action: ActionAllow, Rule: 8},
+					{Direction: Egress, Peer: app, Proto: tcp, PortLo: 443, PortHi: 443, Action: ActionAllow, Flags: mt, Rule: 9},
+				}),
+			},
+			// Audit mode: what is dropped passes as AUDIT, and the
+			// reason is still reported.
+			2: {
+				Identity: 401,
+				Default:  [2]DefaultVerdict{DefaultDeny, DefaultDeny},
+				Audit:    true,
+				Entries: []Entry{
+					{Direction: Ingress, Peer: app, Proto: tcp, PortLo: 80, PortHi: 80, Action: ActionAllow, Flags: mt, Rule: 10},
+				},
+			},
+			// Only an audit-mode policy selects it (DefaultAudit).
+			3: {
+				Identity: 402,
+				Default:  [2]DefaultVerdict{DefaultAudit, DefaultAllow},
+				Entries: []Entry{
+					{Direction: Ingress, Peer: app, Proto: tcp, PortLo: 80, PortHi: 80, Action: ActionAllow, Flags: mt, Rule: 11},
+				},
+			},
+		},
+	}
+	type want struct{ plain, tunnel Decision }
+	deny, allow, audit := VerdictDeny, VerdictAllow, VerdictAudit
+	for _, tc := range []struct {
+		name  string
+		ep    EndpointID
+		dir   Direction
+		peer  identity.NumericID
+		proto uint8
+		port  uint16
+		want  want
+	}{
+		{"mTLS-only allow: plaintext needs auth, tunnelled passes", 1, Ingress, app, tcp, 5432, want{
+			Decision{Verdict: deny, Rule: 1, Flags: mt, AuthRequired: true},
+			Decision{Verdict: allow, Rule: 1, Flags: mt}}},
+		{"any-protocol mTLS rule on another TCP port", 1, Ingress, app, tcp, 22, want{
+			Decision{Verdict: deny, Rule: 2, Flags: mt, AuthRequired: true},
+			Decision{Verdict: allow, Rule: 2, Flags: mt}}},
+		{"UDP never matches an mTLS rule", 1, Ingress, app, udp, 5432, want{
+			Decision{Verdict: deny}, Decision{Verdict: deny}}},
+		{"SCTP never matches an mTLS rule", 1, Ingress, app, 132, 5432, want{
+			Decision{Verdict: deny}, Decision{Verdict: deny}}},
+		{"mTLS narrower than a plain allow: plaintext allowed by the plain rule", 1, Ingress, web, tcp, 8080, want{
+			Decision{Verdict: allow, Rule: 3}, Decision{Verdict: allow, Rule: 4, Flags: mt}}},
+		{"plain allow elsewhere", 1, Ingress, web, tcp, 80, want{
+			Decision{Verdict: allow, Rule: 3}, Decision{Verdict: allow, Rule: 3}}},
+		{"deny beats the mTLS allow", 1, Ingress, bad, tcp, 22, want{
+			Decision{Verdict: deny, Rule: 5}, Decision{Verdict: deny, Rule: 5}}},
+		{"deny does not cover: mTLS allow", 1, Ingress, bad, tcp, 23, want{
+			Decision{Verdict: deny, Rule: 6, Flags: mt, AuthRequired: true}, Decision{Verdict: allow, Rule: 6, Flags: mt}}},
+		{"wildcard mTLS peer", 1, Ingress, anyID, tcp, 9000, want{
+			Decision{Verdict: deny, Rule: 7, Flags: mt, AuthRequired: true}, Decision{Verdict: allow, Rule: 7, Flags: mt}}},
+		{"exact plain peer beats wildcard mTLS peer", 1, Ingress, other, tcp, 9000, want{
+			Decision{Verdict: allow, Rule: 8}, Decision{Verdict: allow, Rule: 8}}},
+		{"egress mTLS rule", 1, Egress, app, tcp, 443, want{
+			Decision{Verdict: deny, Rule: 9, Flags: mt, AuthRequired: true}, Decision{Verdict: allow, Rule: 9, Flags: mt}}},
+		{"egress elsewhere", 1, Egress, app, tcp, 444, want{Decision{Verdict: deny}, Decision{Verdict: deny}}},
+		{"endpoint audit mode", 2, Ingress, app, tcp, 80, want{
+			Decision{Verdict: audit, Rule: 10, Flags: mt, AuthRequired: true}, Decision{Verdict: allow, Rule: 10, Flags: mt}}},
+		{"audit default", 3, Ingress, app, tcp, 80, want{
+			Decision{Verdict: audit, Rule: 11, Flags: mt, AuthRequired: true}, Decision{Verdict: allow, Rule: 11, Flags: mt}}},
+		{"audit default, UDP", 3, Ingress, app, udp, 80, want{Decision{Verdict: audit}, Decision{Verdict: audit}}},
+		{"unmanaged endpoint", 9, Ingress, app, tcp, 80, want{Decision{Verdict: allow}, Decision{Verdict: allow}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := ms.LookupFlow(tc.ep, tc.dir, tc.peer, tc.proto, tc.port, false); got != tc.want.plain {
+				t.Errorf("plaintext: got %+v, want %+v", got, tc.want.plain)
+			}
+			if got := ms.Lookup(tc.ep, tc.dir, tc.peer, tc.proto, tc.port); got != tc.want.plain {
+				t.Errorf("Lookup: got %+v, want %+v", got, tc.want.plain)
+			}
+			if got := ms.LookupFlow(tc.ep, tc.dir, tc.peer, tc.proto, tc.port, true); got != tc.want.tunnel {
+				t.Errorf("tunnelled: got %+v, want %+v", got, tc.want.tunnel)
+			}
+		})
+	}
+}

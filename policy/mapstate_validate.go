@@ -7,12 +7,25 @@ import (
 
 // Validate checks the invariants the datapath relies on: entries in
 // canonical order without duplicates, Proto 0 only with the full port range,
-// PortLo <= PortHi, known actions, and every RuleID in the rule table. The
+// PortLo <= PortHi, known actions, every RuleID in the rule table, only
+// allow entries with FlagMTLSRequired, Enrolled holding only true values of
+// workload identities, and each endpoint's Enrolled agreeing with it. The
 // compiler's output always passes; the datapath may check what it is given.
 func (m *MapState) Validate() error {
+	for id, on := range m.Enrolled {
+		if !on {
+			return fmt.Errorf("enrolled: identity %d is stored as false", id)
+		}
+		if id.IsReserved() {
+			return fmt.Errorf("enrolled: identity %d is reserved, not a workload", id)
+		}
+	}
 	for ep, p := range m.Endpoints {
 		if ep == 0 {
 			return fmt.Errorf("endpoint 0 is not valid")
+		}
+		if p.Enrolled != m.Enrolled[p.Identity] {
+			return fmt.Errorf("endpoint %d: enrolled is %v, but identity %d is enrolled=%v", ep, p.Enrolled, p.Identity, m.Enrolled[p.Identity])
 		}
 		if !slices.IsSortedFunc(p.Entries, CompareEntries) {
 			return fmt.Errorf("endpoint %d: entries are not in canonical order", ep)
@@ -29,6 +42,9 @@ func (m *MapState) Validate() error {
 			}
 			if e.Action != ActionAllow && e.Action != ActionDeny {
 				return fmt.Errorf("endpoint %d: entry %+v: unknown action", ep, e)
+			}
+			if e.Flags&FlagMTLSRequired != 0 && e.Action != ActionAllow {
+				return fmt.Errorf("endpoint %d: entry %+v: only an allow can require mTLS", ep, e)
 			}
 			if _, ok := m.Rules[e.Rule]; !ok && e.Rule != RuleDefault {
 				return fmt.Errorf("endpoint %d: entry %+v: rule %d is not in the rule table", ep, e, e.Rule)

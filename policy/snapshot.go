@@ -46,6 +46,11 @@ type Pod struct {
 	Ports []NamedPort
 	// IPs are the pod's addresses (status.podIPs).
 	IPs []netip.Addr
+	// HostIPs are the addresses of the node the pod runs on
+	// (status.hostIPs, or status.hostIP), first preferred: the mTLS tunnel
+	// reaches a remote pod through its node's tunnel endpoint there. Policy
+	// does not use them.
+	HostIPs []netip.Addr
 	// Endpoint is the node-local endpoint ID when the pod runs on this node,
 	// zero otherwise.
 	Endpoint EndpointID

@@ -29,12 +29,28 @@ func Dump(ms *policy.MapState) string {
 	b.WriteString("rules:\n")
 	for _, id := range slices.Sorted(maps.Keys(ms.Rules)) {
 		r := ms.Rules[id]
-		fmt.Fprintf(&b, "  %d: %s %s/%s %s[%d] %s audit=%v\n", id, r.Kind, r.Namespace, r.Name, r.Direction, r.Index, r.Action, r.Audit)
+		fmt.Fprintf(&b, "  %d: %s %s/%s %s[%d] %s audit=%v", id, r.Kind, r.Namespace, r.Name, r.Direction, r.Index, r.Action, r.Audit)
+		// Only when set, so that dumps without mTLS read as before.
+		if r.MTLS {
+			b.WriteString(" mtls=Required")
+		}
+		b.WriteString("\n")
+	}
+	if len(ms.Enrolled) > 0 {
+		b.WriteString("enrolled:")
+		for _, id := range slices.Sorted(maps.Keys(ms.Enrolled)) {
+			fmt.Fprintf(&b, " %s", id)
+		}
+		b.WriteString("\n")
 	}
 	for _, ep := range slices.Sorted(maps.Keys(ms.Endpoints)) {
 		e := ms.Endpoints[ep]
-		fmt.Fprintf(&b, "endpoint %d identity %s default ingress=%s egress=%s audit=%v\n", ep, e.Identity,
+		fmt.Fprintf(&b, "endpoint %d identity %s default ingress=%s egress=%s audit=%v", ep, e.Identity,
 			defaultName(e.Default[policy.Ingress]), defaultName(e.Default[policy.Egress]), e.Audit)
+		if e.Enrolled {
+			b.WriteString(" enrolled")
+		}
+		b.WriteString("\n")
 		for _, en := range e.Entries {
 			proto := "any"
 			if en.Proto != 0 {

@@ -68,6 +68,8 @@ type Rule struct {
 	Index     int    `json:"index"`
 	Action    string `json:"action"`
 	Audit     bool   `json:"audit,omitempty"`
+	// MTLS: an Allow rule with `mtls: Required`.
+	MTLS bool `json:"mtls,omitempty"`
 }
 
 // Side is the verdict of one direction.
@@ -82,6 +84,16 @@ type Side struct {
 	Default string `json:"default,omitempty"`
 	// Matching lists every rule with an entry that matches, for context.
 	Matching []Rule `json:"matching,omitempty"`
+	// AuthRequired: plaintext TCP is dropped with AUTH_REQUIRED, because
+	// only Rule, which requires mTLS, would allow it (through the tunnel).
+	AuthRequired bool `json:"auth_required,omitempty"`
+	// NotMatchingMTLS lists rules that match the peer and port but require
+	// mTLS, and so do not match this flow: it is not TCP, or not
+	// tunnelled.
+	NotMatchingMTLS []Rule `json:"not_matching_mtls,omitempty"`
+	// Refused says why the source's tunnel refuses the connection (an
+	// egress rule requires mTLS and the destination is not enrolled).
+	Refused string `json:"refused,omitempty"`
 }
 
 // Result is the verdict for one connection.
@@ -99,8 +111,24 @@ type Result struct {
 	Combined     string             `json:"combined"`
 	AllowedBy    []Rule             `json:"allowed_by"`
 	DeniedBy     []Rule             `json:"denied_by"`
-	verdicts     [2]policy.Verdict
+	// Transport is how the connection travels: TransportPlaintext, or
+	// TransportTunnel (TCP between enrolled pods, or TCP whose egress rule
+	// requires mTLS). Other connections are always plaintext.
+	Transport string `json:"transport"`
+	// FromEnrolled and ToEnrolled say which ends are enrolled in mTLS.
+	FromEnrolled bool `json:"from_enrolled"`
+	ToEnrolled   bool `json:"to_enrolled"`
+	// Other is the answer for the other transport, when it differs: rules
+	// that require mTLS match only tunnelled TCP.
+	Other    *Result `json:"other,omitempty"`
+	verdicts [2]policy.Verdict
 }
+
+// Transports of Result.Transport.
+const (
+	TransportPlaintext = "plaintext"
+	TransportTunnel    = "tunnel"
+)
 
 // Passes reports whether the connection's first packet gets through both
 // ends (audit passes).
@@ -115,11 +143,66 @@ func (r *Result) EgressPasses() bool  { return r.verdicts[policy.Egress].Passes(
 // with src's identity, both resolved from addresses of one family (src's
 // first that dst has). A side that is not a local endpoint is not enforced
 // here and passes.
+//
+// The answer is for the transport the datapath picks (Result.Transport):
+// TCP goes through the mTLS tunnel when both ends are enrolled, or when the
+// egress rule that allows it requires mTLS (and the source's tunnel refuses
+// it when the destination is not enrolled); everything else is plaintext.
+// Both ends are judged as the datapath judges that transport: rules that
+// require mTLS match only tunnelled TCP, and plaintext TCP that only they
+// would allow is dropped with AUTH_REQUIRED. When the other transport's
+// answer differs, it is in Result.Other.
 func Verdict(ms *policy.MapState, src, dst Peer, proto uint8, port uint16) Result {
 	src, dst = sameFamily(ms, src, dst)
-	r := Result{From: src.Name, To: dst.Name, FromIdentity: src.Identity, ToIdentity: dst.Identity, Protocol: ProtoName(proto), Port: port, AllowedBy: []Rule{}, DeniedBy: []Rule{}}
-	r.Egress, r.verdicts[policy.Egress] = side(ms, src.Endpoint, policy.Egress, dst.Identity, proto, port, &r)
-	r.Ingress, r.verdicts[policy.Ingress] = side(ms, dst.Endpoint, policy.Ingress, src.Identity, proto, port, &r)
+	plain := judge(ms, src, dst, proto, port, false)
+	if proto != policy.ProtoTCP {
+		// The tunnel carries TCP only.
+		return plain
+	}
+	tun := judge(ms, src, dst, proto, port, true)
+	egressMTLS := tun.Egress.Rule != nil && tun.Egress.Rule.MTLS && tun.verdicts[policy.Egress] == policy.VerdictAllow
+	if egressMTLS && !tun.ToEnrolled {
+		tun.Egress.Refused = dst.Name + " is not enrolled: the tunnel refuses the connection, and nothing is sent in plaintext"
+		tun.Egress.Verdict = policy.VerdictDeny.String()
+		tun.verdicts[policy.Egress] = policy.VerdictDeny
+		tun.Combined = policy.VerdictDeny.String()
+	}
+	r, other := plain, tun
+	if (tun.FromEnrolled && tun.ToEnrolled) || egressMTLS {
+		r, other = tun, plain
+	}
+	if !sameAnswer(&r, &other) {
+		r.Other = &other
+	}
+	return r
+}
+
+// sameAnswer reports whether two results say the same of both ends.
+func sameAnswer(a, b *Result) bool {
+	same := func(x, y Side) bool {
+		return x.Verdict == y.Verdict && x.AuthRequired == y.AuthRequired && x.Refused == y.Refused &&
+			(x.Rule == nil) == (y.Rule == nil) && (x.Rule == nil || *x.Rule == *y.Rule)
+	}
+	return a.Combined == b.Combined && same(a.Ingress, b.Ingress) && same(a.Egress, b.Egress)
+}
+
+// enrolled reports whether a peer is enrolled in mTLS.
+func enrolled(ms *policy.MapState, p Peer) bool {
+	if e := ms.Endpoints[p.Endpoint]; p.Endpoint != 0 && e != nil && e.Enrolled {
+		return true
+	}
+	return ms.Enrolled[p.Identity]
+}
+
+// judge decides a connection on one transport.
+func judge(ms *policy.MapState, src, dst Peer, proto uint8, port uint16, tunnelled bool) Result {
+	r := Result{From: src.Name, To: dst.Name, FromIdentity: src.Identity, ToIdentity: dst.Identity, Protocol: ProtoName(proto), Port: port,
+		AllowedBy: []Rule{}, DeniedBy: []Rule{}, Transport: TransportPlaintext, FromEnrolled: enrolled(ms, src), ToEnrolled: enrolled(ms, dst)}
+	if tunnelled {
+		r.Transport = TransportTunnel
+	}
+	r.Egress, r.verdicts[policy.Egress] = side(ms, src.Endpoint, policy.Egress, dst.Identity, proto, port, tunnelled, &r)
+	r.Ingress, r.verdicts[policy.Ingress] = side(ms, dst.Endpoint, policy.Ingress, src.Identity, proto, port, tunnelled, &r)
 	in, eg := r.verdicts[policy.Ingress], r.verdicts[policy.Egress]
 	switch {
 	case in == policy.VerdictDeny || eg == policy.VerdictDeny:
@@ -132,19 +215,23 @@ func Verdict(ms *policy.MapState, src, dst Peer, proto uint8, port uint16) Resul
 	return r
 }
 
-func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer identity.NumericID, proto uint8, port uint16, r *Result) (Side, policy.Verdict) {
+func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer identity.NumericID, proto uint8, port uint16,
+	tunnelled bool, r *Result) (Side, policy.Verdict) {
 	ept := ms.Endpoints[ep]
 	if ep == 0 || ept == nil {
 		return Side{Verdict: policy.VerdictAllow.String()}, policy.VerdictAllow
 	}
-	d := ms.Lookup(ep, dir, peer, proto, port)
-	s := Side{Verdict: d.Verdict.String(), Enforced: ept.Default[dir] != policy.DefaultAllow || len(ept.Entries) > 0}
+	d := ms.LookupFlow(ep, dir, peer, proto, port, tunnelled)
+	s := Side{Verdict: d.Verdict.String(), Enforced: ept.Default[dir] != policy.DefaultAllow || len(ept.Entries) > 0, AuthRequired: d.AuthRequired}
 	if d.Rule != policy.RuleDefault {
 		ru := ruleOf(ms, d.Rule)
 		s.Rule = &ru
-		if d.Verdict == policy.VerdictAllow {
+		switch {
+		case d.AuthRequired:
+			// The rule would allow, through the tunnel; it denies nothing.
+		case d.Verdict == policy.VerdictAllow:
 			r.AllowedBy = append(r.AllowedBy, ru)
-		} else {
+		default:
 			r.DeniedBy = append(r.DeniedBy, ru)
 		}
 	} else {
@@ -159,9 +246,19 @@ func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer 
 			s.Default = "allow"
 		}
 	}
-	var ids []policy.RuleID
+	var ids, mtlsOnly []policy.RuleID
 	for i := range ept.Entries {
-		if e := &ept.Entries[i]; e.Matches(dir, peer, proto, port) && !slices.Contains(ids, e.Rule) {
+		e := &ept.Entries[i]
+		if !e.Matches(dir, peer, proto, port) {
+			continue
+		}
+		if e.Action == policy.ActionAllow && e.Flags&policy.FlagMTLSRequired != 0 && !(tunnelled && proto == policy.ProtoTCP) {
+			if !slices.Contains(mtlsOnly, e.Rule) {
+				mtlsOnly = append(mtlsOnly, e.Rule)
+			}
+			continue
+		}
+		if !slices.Contains(ids, e.Rule) {
 			ids = append(ids, e.Rule)
 		}
 	}
@@ -169,13 +266,17 @@ func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer 
 	for _, id := range ids {
 		s.Matching = append(s.Matching, ruleOf(ms, id))
 	}
+	slices.Sort(mtlsOnly)
+	for _, id := range mtlsOnly {
+		s.NotMatchingMTLS = append(s.NotMatchingMTLS, ruleOf(ms, id))
+	}
 	return s, d.Verdict
 }
 
 func ruleOf(ms *policy.MapState, id policy.RuleID) Rule {
 	ri := ms.Rules[id]
 	return Rule{Kind: ri.Kind, Namespace: ri.Namespace, Name: ri.Name, Direction: ri.Direction.String(),
-		Index: ri.Index, Action: ri.Action.String(), Audit: ri.Audit}
+		Index: ri.Index, Action: ri.Action.String(), Audit: ri.Audit, MTLS: ri.MTLS}
 }
 
 // ProtoName names the protocols policies use.

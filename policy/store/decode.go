@@ -293,6 +293,21 @@ func podOf(p *corev1.Pod) (*policy.Pod, error) {
 		}
 		out.IPs = append(out.IPs, a.Unmap())
 	}
+	// The node's addresses stay valid after the pod ends, unlike its own.
+	hostField, hips := "status.hostIPs", p.Status.HostIPs
+	if len(hips) == 0 && p.Status.HostIP != "" {
+		hostField, hips = "status.hostIP", []corev1.HostIP{{IP: p.Status.HostIP}}
+	}
+	for i, ip := range hips {
+		a, err := netip.ParseAddr(ip.IP)
+		if err != nil {
+			if hostField == "status.hostIP" {
+				return nil, fmt.Errorf("%s: %w", hostField, err)
+			}
+			return nil, fmt.Errorf("%s[%d]: %w", hostField, i, err)
+		}
+		out.HostIPs = append(out.HostIPs, a.Unmap())
+	}
 	return out, nil
 }
 

@@ -4,8 +4,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -64,6 +66,8 @@ spec: {podSelector: {}}
 func TestErrorsHaveFileAndLine(t *testing.T) {
 	tests := []struct{ data, want string }{
 		{"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIPs: [{ip: nope}]}\n", "f.yaml:1: Pod default/p: status.podIPs[0]"},
+		{"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {hostIPs: [{ip: 10.0.0.1}, {ip: 10.0.0}]}\n", "f.yaml:1: Pod default/p: status.hostIPs[1]"},
+		{"\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {hostIP: \"node-1\"}\n", "f.yaml:3: Pod a/p: status.hostIP: ParseAddr(\"node-1\")"},
 		{"a: [\n", "f.yaml:1: parse yaml"},
 		{"---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\n", "f.yaml:2: unsupported apiVersion"},
 		{"- just\n- a list\n", "f.yaml:1: document is not an object"},
@@ -286,5 +290,33 @@ func TestSPIFFEIDAnnotation(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), `names namespace "prod", but the pod is in "default"`) {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestPodHostIPs: a pod's node addresses come from status.hostIPs, or from
+// status.hostIP when that is all there is, and outlive the pod's own.
+func TestPodHostIPs(t *testing.T) {
+	ip := netip.MustParseAddr
+	tests := []struct {
+		name, status string
+		want         []netip.Addr
+	}{
+		{"none", "{podIP: 10.0.0.1}", nil},
+		{"hostIP only", "{hostIP: 192.168.0.1}", []netip.Addr{ip("192.168.0.1")}},
+		{"hostIPs dual-stack", `{hostIP: 192.168.0.1, hostIPs: [{ip: 192.168.0.1}, {ip: "fd00:ff::1"}]}`, []netip.Addr{ip("192.168.0.1"), ip("fd00:ff::1")}},
+		{"IPv6 first", `{hostIPs: [{ip: "fd00:ff::1"}, {ip: 192.168.0.1}]}`, []netip.Addr{ip("fd00:ff::1"), ip("192.168.0.1")}},
+		{"v4-mapped is unmapped", `{hostIP: "::ffff:192.168.0.1"}`, []netip.Addr{ip("192.168.0.1")}},
+		{"terminal pod keeps its node's address", "{phase: Succeeded, podIP: 10.0.0.1, hostIP: 192.168.0.1}", []netip.Addr{ip("192.168.0.1")}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Parse("f.yaml", []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: "+tt.status+"\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := objs[0].Pod.HostIPs; !slices.Equal(got, tt.want) {
+				t.Fatalf("host IPs %v, want %v", got, tt.want)
+			}
+		})
 	}
 }
