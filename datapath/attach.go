@@ -135,6 +135,11 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		if err != nil {
 			return err
 		}
+		// A bridge port: tunnelled flows go to the bridge's L3 ingress
+		// (see tunnel_forward in bpf/segment.c).
+		if err := bridgeOf(l, &srcs); err != nil {
+			return err
+		}
 		// The source addresses go first, then the endpoint entry, so
 		// the first packet the programs see is already attributed and
 		// validated.
@@ -366,4 +371,24 @@ func (d *Datapath) detachAll() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// bridgeOf records in v the bridge l is a port of (its ifindex and MAC),
+// or none.
+func bridgeOf(l netlink.Link, v *EPAddrs) error {
+	v.BrIfindex, v.BrMac = 0, [6]uint8{}
+	master := l.Attrs().MasterIndex
+	if master == 0 {
+		return nil
+	}
+	m, err := netlink.LinkByIndex(master)
+	if err != nil {
+		return fmt.Errorf("find master %d of %s: %w", master, l.Attrs().Name, err)
+	}
+	if m.Type() != "bridge" || len(m.Attrs().HardwareAddr) != 6 {
+		return nil
+	}
+	v.BrIfindex = uint32(master)
+	copy(v.BrMac[:], m.Attrs().HardwareAddr)
+	return nil
 }

@@ -82,14 +82,17 @@ type segmentCtKey struct {
 }
 
 type segmentEpAddrs struct {
-	_   structs.HostLayout
-	Mac [6]uint8
-	N4  uint8
-	N6  uint8
-	V4  [4]uint32
-	V6  [4][4]uint32
-	Nll uint32
-	Ll  [2][4]uint32
+	_         structs.HostLayout
+	Mac       [6]uint8
+	N4        uint8
+	N6        uint8
+	V4        [4]uint32
+	V6        [4][4]uint32
+	Nll       uint32
+	Ll        [2][4]uint32
+	BrIfindex uint32
+	BrMac     [6]uint8
+	PadBr     uint16
 }
 
 type segmentEpConfig struct {
@@ -119,7 +122,7 @@ type segmentFlowEvent struct {
 	Dir         uint8
 	Proto       uint8
 	TcpFlags    uint8
-	IsReply     uint8
+	Flags       uint8
 	Ipv6        uint8
 }
 
@@ -144,6 +147,12 @@ type segmentGlobalConfig struct {
 	Flags    [2]uint32
 	CtSeed   uint32
 	Pad      uint32
+}
+
+type segmentIdFlagsKey struct {
+	_        structs.HostLayout
+	Gen      uint32
+	Identity uint32
 }
 
 type segmentIpcacheHostBucket struct {
@@ -197,11 +206,13 @@ type segmentPolicyKey struct {
 }
 
 type segmentPolicyValue struct {
-	_      structs.HostLayout
-	RuleId uint32
-	Action uint8
-	Flags  uint8
-	Pad    uint16
+	_         structs.HostLayout
+	RuleId    uint32
+	TunRuleId uint32
+	Action    uint8
+	Flags     uint8
+	TunAction uint8
+	TunFlags  uint8
 }
 
 // Names of all BPF objects in the ELF.
@@ -219,10 +230,13 @@ const (
 	segmentMapEvents               = "events"
 	segmentMapFragments            = "fragments"
 	segmentMapGlobals              = "globals"
+	segmentMapIdFlags              = "id_flags"
 	segmentMapIpcache              = "ipcache"
 	segmentMapIpcacheHosts         = "ipcache_hosts"
 	segmentMapPolicy               = "policy"
 	segmentMapPolicyExact          = "policy_exact"
+	segmentMapTunnelListener       = "tunnel_listener"
+	segmentMapTunnelSocks          = "tunnel_socks"
 	segmentProgBulkheadClock       = "bulkhead_clock"
 	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
 	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
@@ -238,6 +252,8 @@ const (
 	segmentVarJiffyNs              = "jiffy_ns"
 	segmentVarPolicyExactMask      = "policy_exact_mask"
 	segmentVarRingWakeupMask       = "ring_wakeup_mask"
+	segmentVarTunnelMark           = "tunnel_mark"
+	segmentVarTunnelMarkMask       = "tunnel_mark_mask"
 	segmentVarUnusedFlowEvent      = "unused_flow_event"
 )
 
@@ -304,10 +320,13 @@ type segmentMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Globals        *ebpf.MapSpec `ebpf:"globals"`
+	IdFlags        *ebpf.MapSpec `ebpf:"id_flags"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.MapSpec `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
+	TunnelListener *ebpf.MapSpec `ebpf:"tunnel_listener"`
+	TunnelSocks    *ebpf.MapSpec `ebpf:"tunnel_socks"`
 }
 
 // segmentVariableSpecs contains global variables before they are loaded into the kernel.
@@ -325,6 +344,8 @@ type segmentVariableSpecs struct {
 	JiffyNs             *ebpf.VariableSpec `ebpf:"jiffy_ns"`
 	PolicyExactMask     *ebpf.VariableSpec `ebpf:"policy_exact_mask"`
 	RingWakeupMask      *ebpf.VariableSpec `ebpf:"ring_wakeup_mask"`
+	TunnelMark          *ebpf.VariableSpec `ebpf:"tunnel_mark"`
+	TunnelMarkMask      *ebpf.VariableSpec `ebpf:"tunnel_mark_mask"`
 	UnusedFlowEvent     *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 }
 
@@ -359,10 +380,13 @@ type segmentMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Globals        *ebpf.Map `ebpf:"globals"`
+	IdFlags        *ebpf.Map `ebpf:"id_flags"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.Map `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
+	TunnelListener *ebpf.Map `ebpf:"tunnel_listener"`
+	TunnelSocks    *ebpf.Map `ebpf:"tunnel_socks"`
 }
 
 func (m *segmentMaps) Close() error {
@@ -378,10 +402,13 @@ func (m *segmentMaps) Close() error {
 		m.Events,
 		m.Fragments,
 		m.Globals,
+		m.IdFlags,
 		m.Ipcache,
 		m.IpcacheHosts,
 		m.Policy,
 		m.PolicyExact,
+		m.TunnelListener,
+		m.TunnelSocks,
 	)
 }
 
@@ -400,6 +427,8 @@ type segmentVariables struct {
 	JiffyNs             *ebpf.Variable `ebpf:"jiffy_ns"`
 	PolicyExactMask     *ebpf.Variable `ebpf:"policy_exact_mask"`
 	RingWakeupMask      *ebpf.Variable `ebpf:"ring_wakeup_mask"`
+	TunnelMark          *ebpf.Variable `ebpf:"tunnel_mark"`
+	TunnelMarkMask      *ebpf.Variable `ebpf:"tunnel_mark_mask"`
 	UnusedFlowEvent     *ebpf.Variable `ebpf:"unused_flow_event"`
 }
 

@@ -31,6 +31,9 @@ type MapState struct {
 	Endpoints map[EndpointID]*EndpointPolicy
 	// Rules maps every RuleID used in an Entry back to where it came from.
 	Rules map[RuleID]RuleInfo
+	// Enrolled holds every workload identity (local or remote) whose pods
+	// are enrolled in mTLS.
+	Enrolled map[identity.NumericID]bool
 }
 
 // EndpointID is the node-local number of an endpoint (a pod's interface),
@@ -115,6 +118,8 @@ type EndpointPolicy struct {
 	Audit bool
 	// Entries is in canonical order (SortEntries) and holds no duplicates.
 	Entries []Entry
+	// Enrolled: this endpoint's pod is enrolled in mTLS.
+	Enrolled bool
 }
 
 // Entry is one policy rule, flattened: it matches packets in Direction whose

@@ -145,3 +145,36 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* mTLS tunnel (issue 12). */
+
+/* The node tunnel's transparent listener(s): slot 0 takes IPv4 SYNs (and
+ * IPv6 ones when slot 1 is empty: a dual-stack socket), slot 1 IPv6 SYNs.
+ * A socket leaves the map when it closes, so a dead agent leaves it empty,
+ * and flows that must be tunnelled are dropped (DROP_TUNNEL_DOWN). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 2);
+} tunnel_listener SEC(".maps");
+
+/* Socket cookie -> verified peer identity of the tunnel's connections to
+ * local pods, written before they connect. A pod cannot forge an entry: its
+ * packets reach the host veth without a local socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+} tunnel_socks SEC(".maps");
+
+/* (generation, identity) -> ID_* flags, written by Apply with the rest of a
+ * generation: enrolled identities. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct id_flags_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 2 * 65536);
+} id_flags SEC(".maps");
