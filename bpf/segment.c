@@ -281,8 +281,8 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		.proto = proto,
 		.dport = bpf_htons(port),
 	};
-	struct policy_value ev, wv, *exact, *wild;
-	struct decision t;
+	struct policy_value ev, wv, *exact, *wild, *win;
+	int re, rw;
 
 	d->auth = 0;
 	if (dir == DIR_INGRESS && peer == host_identity &&
@@ -304,11 +304,15 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 	decide_view(cfg, dir, exact, wild, tun, d);
 	if (tun || proto != IPPROTO_TCP_ || d->verdict == VERDICT_ALLOW)
 		return;
-	/* Plaintext TCP that does not pass: would an mTLS allow admit it? */
-	decide_view(cfg, dir, exact, wild, 1, &t);
-	if (t.verdict == VERDICT_ALLOW && (t.flags & FLAG_MTLS_REQUIRED)) {
+	/* Plaintext TCP that does not pass: would an mTLS allow admit it? It
+	 * would when the tunnelled view's winner is an allow (rank 0) with
+	 * FLAG_MTLS_REQUIRED. */
+	re = rank(exact, 1);
+	rw = rank(wild, 1);
+	win = rw > re ? wild : exact;
+	if ((rw > re ? rw : re) == 0 && (win->tun_flags & FLAG_MTLS_REQUIRED)) {
 		d->auth = 1;
-		d->rule = t.rule;
+		d->rule = win->tun_rule_id;
 	}
 }
 
@@ -524,7 +528,7 @@ static __always_inline __u32 endpoint_of(__u32 ifindex)
 
 /* peer_enrolled reports whether identity id is enrolled in mTLS in
  * generation gen. */
-static __always_inline int peer_enrolled(__u32 gen, __u32 id)
+static __attribute__((noinline)) int peer_enrolled(__u32 gen, __u32 id)
 {
 	struct id_flags_key k = { .gen = gen, .identity = id };
 	__u32 *f = bpf_map_lookup_elem(&id_flags, &k);
@@ -534,25 +538,68 @@ static __always_inline int peer_enrolled(__u32 gen, __u32 id)
 
 /* tunnel_listening hands a redirected flow's SYN to the tunnel's transparent
  * listener (bpf_sk_assign; the mark's policy route makes the packet local)
- * and reports whether there is a listener: without one the flow is dropped,
- * never forwarded in plaintext. Later packets of the flow find the accepted
- * socket by the usual lookup. */
-static __always_inline int tunnel_listening(struct __sk_buff *skb, const struct pkt *p)
+ * and reports whether the registered listener is there: without it the
+ * flow is dropped, never forwarded in plaintext. Later packets of the flow
+ * find the accepted socket by the usual lookup. The listener is found by
+ * its port and recognised by its socket's inode number: on this kernel the
+ * socket cookie that SO_COOKIE reports for a listener is not the one its
+ * struct sock in the listening hash holds. */
+static __attribute__((noinline)) int tunnel_listening(struct __sk_buff *skb, const struct pkt *p)
 {
 	__u32 slot = p->ipv6;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&tunnel_listener, &slot);
-	long err = 0;
+	struct tunnel_lsn *l = bpf_map_lookup_elem(&tunnel_listener, &slot);
+	struct bpf_sock_tuple *t;
+	struct bpf_sock *sk;
+	struct tcp_sock *tp;
+	__u64 ino = 0, want;
+	int ok = 0;
 
-	if (!sk && slot) {
+	if (l && !l->ino && slot) {
 		slot = 0; /* one dual-stack listener */
-		sk = bpf_map_lookup_elem(&tunnel_listener, &slot);
+		l = bpf_map_lookup_elem(&tunnel_listener, &slot);
+	}
+	if (!l || !l->ino)
+		return 0;
+	want = l->ino;
+	slot = 0;
+	t = bpf_map_lookup_elem(&tunnel_scratch, &slot);
+	if (!t)
+		return 0;
+	/* The listener's port, the packet's addresses: a listener bound to
+	 * the wildcard address matches any destination. */
+	if (p->ipv6) {
+		__builtin_memcpy(t->ipv6.saddr, p->saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, p->daddr, 16);
+		t->ipv6.sport = bpf_htons(p->sport);
+		t->ipv6.dport = bpf_htons(l->port);
+		sk = bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv6), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		t->ipv4.saddr = p->saddr[3];
+		t->ipv4.daddr = p->daddr[3];
+		t->ipv4.sport = bpf_htons(p->sport);
+		t->ipv4.dport = bpf_htons(l->port);
+		sk = bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
 	}
 	if (!sk)
 		return 0;
-	if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-		err = bpf_sk_assign(skb, sk, 0);
+	if (sk->state == BPF_TCP_LISTEN) {
+		tp = bpf_skc_to_tcp_sock(sk);
+		if (tp) {
+			struct socket *so = tp->inet_conn.icsk_inet.sk.sk_socket;
+			struct file *f = so ? so->file : NULL;
+			struct inode *in = f ? f->f_inode : NULL;
+
+			if (in)
+				ino = in->i_ino;
+		}
+	}
+	if (ino == want) {
+		ok = 1;
+		if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			ok = bpf_sk_assign(skb, sk, 0) == 0;
+	}
 	bpf_sk_release(sk);
-	return err == 0;
+	return ok;
 }
 
 /* tunnel_forward sends a redirected flow's packet from the pod towards the
@@ -865,7 +912,7 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
  * always, reported at most once per drop_event_interval per (addresses,
  * ports). The event names the sending endpoint, whatever address it
  * claimed. */
-static __attribute__((noinline)) int drop_from_pod(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
+static __always_inline int drop_from_pod(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
 						   __u8 reason)
 {
 	struct ep_config cfg;
@@ -956,6 +1003,29 @@ SEC("tc")
 int bulkhead_to_pod(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_INGRESS);
+}
+
+/* bulkhead_tunnel_bridge runs at TCX ingress of a bridge whose ports are pod
+ * veths. A redirected flow's SYN from a bridge pod reaches the node's IP
+ * stack through the bridge (tunnel_forward addresses it to the bridge),
+ * which drops the socket bulkhead_from_pod assigned; here, where the frame
+ * enters IP, it is assigned again. Only marked packets are looked at: the
+ * mark cannot come from a pod (it is cleared when a packet leaves the pod's
+ * netns). */
+SEC("tc")
+int bulkhead_tunnel_bridge(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+
+	if ((skb->mark & tunnel_mark_mask) != tunnel_mark)
+		return BH_PASS;
+	if (parse_packet(skb, &p) != PARSE_OK || p.proto != IPPROTO_TCP_ ||
+	    (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+		return BH_PASS;
+	if (tunnel_listening(skb, &p))
+		return BH_PASS;
+	count_drop(DROP_TUNNEL_DOWN, skb->len);
+	return TC_ACT_SHOT;
 }
 
 /* Go's view of the conntrack clock (BPF_PROG_TEST_RUN only): ct_now() in

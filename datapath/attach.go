@@ -66,6 +66,10 @@ func hooks() []hook {
 	}
 }
 
+// bridgeHook is TCX ingress of a bridge with pod ports: it hands
+// redirected SYNs to the tunnel (bulkhead_tunnel_bridge).
+var bridgeHook = hook{"tunnel-br", "bulkhead_tunnel_bridge", ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS}
+
 const clsactFilterName = "bulkhead"
 
 // inNetns runs f in the given network namespace (or the caller's) on a locked
@@ -167,6 +171,15 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 				if err := d.attachClsact(ifindex, h); err != nil {
 					return err
 				}
+			}
+		}
+		if srcs.BrIfindex != 0 {
+			// The bridge's own hook, shared by its pods (see
+			// bulkhead_tunnel_bridge); attaching it again updates it.
+			if mode != ModeTCX {
+				d.log.Warn("no tcx: tunnelled flows of bridge pods will not reach the tunnel", "bridge", srcs.BrIfindex)
+			} else if err := d.attachTCX(nsID, int(srcs.BrIfindex), bridgeHook); err != nil {
+				return err
 			}
 		}
 		d.log.Info("endpoint attached", "endpoint", ep.ID, "ifindex", ifindex, "link", l.Attrs().Name, "mode", mode)

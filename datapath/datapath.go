@@ -152,7 +152,7 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 func (d *Datapath) pinnedProgs() map[string]**ebpf.Program {
 	return map[string]**ebpf.Program{
 		"bulkhead_from_pod": &d.objs.BulkheadFromPod, "bulkhead_to_pod": &d.objs.BulkheadToPod,
-		"bulkhead_clock": &d.objs.BulkheadClock,
+		"bulkhead_clock": &d.objs.BulkheadClock, "bulkhead_tunnel_bridge": &d.objs.BulkheadTunnelBridge,
 	}
 }
 

@@ -13,6 +13,18 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type segmentBpfSockTuple struct {
+	_    structs.HostLayout
+	Ipv4 struct {
+		_     structs.HostLayout
+		Saddr uint32
+		Daddr uint32
+		Sport uint16
+		Dport uint16
+	}
+	_ [24]byte
+}
+
 type segmentCounter struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -215,46 +227,55 @@ type segmentPolicyValue struct {
 	TunFlags  uint8
 }
 
+type segmentTunnelLsn struct {
+	_    structs.HostLayout
+	Ino  uint64
+	Port uint16
+	Pad  [3]uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	segmentMapConntrack4           = "conntrack4"
-	segmentMapConntrack6           = "conntrack6"
-	segmentMapCounters             = "counters"
-	segmentMapDropEvents           = "drop_events"
-	segmentMapEndpointAddrs        = "endpoint_addrs"
-	segmentMapEndpoints            = "endpoints"
-	segmentMapEndpointsArray       = "endpoints_array"
-	segmentMapEpConfigs            = "ep_configs"
-	segmentMapEvents               = "events"
-	segmentMapFragments            = "fragments"
-	segmentMapGlobals              = "globals"
-	segmentMapIdFlags              = "id_flags"
-	segmentMapIpcache              = "ipcache"
-	segmentMapIpcacheHosts         = "ipcache_hosts"
-	segmentMapPolicy               = "policy"
-	segmentMapPolicyExact          = "policy_exact"
-	segmentMapTunnelListener       = "tunnel_listener"
-	segmentMapTunnelSocks          = "tunnel_socks"
-	segmentProgBulkheadClock       = "bulkhead_clock"
-	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
-	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
-	segmentProgBulkheadToPod       = "bulkhead_to_pod"
-	segmentVarCt4BucketMask        = "ct4_bucket_mask"
-	segmentVarCt6BucketMask        = "ct6_bucket_mask"
-	segmentVarCtTimeoutClosingNs   = "ct_timeout_closing_ns"
-	segmentVarCtTimeoutOtherNs     = "ct_timeout_other_ns"
-	segmentVarCtTimeoutTcpNs       = "ct_timeout_tcp_ns"
-	segmentVarDropEventIntervalNs  = "drop_event_interval_ns"
-	segmentVarHostIdentity         = "host_identity"
-	segmentVarIpcacheHostMask      = "ipcache_host_mask"
-	segmentVarJiffyNs              = "jiffy_ns"
-	segmentVarPolicyExactMask      = "policy_exact_mask"
-	segmentVarRingWakeupMask       = "ring_wakeup_mask"
-	segmentVarTunnelMark           = "tunnel_mark"
-	segmentVarTunnelMarkMask       = "tunnel_mark_mask"
-	segmentVarUnusedFlowEvent      = "unused_flow_event"
+	segmentMapConntrack4            = "conntrack4"
+	segmentMapConntrack6            = "conntrack6"
+	segmentMapCounters              = "counters"
+	segmentMapDropEvents            = "drop_events"
+	segmentMapEndpointAddrs         = "endpoint_addrs"
+	segmentMapEndpoints             = "endpoints"
+	segmentMapEndpointsArray        = "endpoints_array"
+	segmentMapEpConfigs             = "ep_configs"
+	segmentMapEvents                = "events"
+	segmentMapFragments             = "fragments"
+	segmentMapGlobals               = "globals"
+	segmentMapIdFlags               = "id_flags"
+	segmentMapIpcache               = "ipcache"
+	segmentMapIpcacheHosts          = "ipcache_hosts"
+	segmentMapPolicy                = "policy"
+	segmentMapPolicyExact           = "policy_exact"
+	segmentMapTunnelListener        = "tunnel_listener"
+	segmentMapTunnelScratch         = "tunnel_scratch"
+	segmentMapTunnelSocks           = "tunnel_socks"
+	segmentProgBulkheadClock        = "bulkhead_clock"
+	segmentProgBulkheadFromPod      = "bulkhead_from_pod"
+	segmentProgBulkheadPassthrough  = "bulkhead_passthrough"
+	segmentProgBulkheadToPod        = "bulkhead_to_pod"
+	segmentProgBulkheadTunnelBridge = "bulkhead_tunnel_bridge"
+	segmentVarCt4BucketMask         = "ct4_bucket_mask"
+	segmentVarCt6BucketMask         = "ct6_bucket_mask"
+	segmentVarCtTimeoutClosingNs    = "ct_timeout_closing_ns"
+	segmentVarCtTimeoutOtherNs      = "ct_timeout_other_ns"
+	segmentVarCtTimeoutTcpNs        = "ct_timeout_tcp_ns"
+	segmentVarDropEventIntervalNs   = "drop_event_interval_ns"
+	segmentVarHostIdentity          = "host_identity"
+	segmentVarIpcacheHostMask       = "ipcache_host_mask"
+	segmentVarJiffyNs               = "jiffy_ns"
+	segmentVarPolicyExactMask       = "policy_exact_mask"
+	segmentVarRingWakeupMask        = "ring_wakeup_mask"
+	segmentVarTunnelMark            = "tunnel_mark"
+	segmentVarTunnelMarkMask        = "tunnel_mark_mask"
+	segmentVarUnusedFlowEvent       = "unused_flow_event"
 )
 
 // loadSegment returns the embedded CollectionSpec for segment.
@@ -299,10 +320,11 @@ type segmentSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentProgramSpecs struct {
-	BulkheadClock       *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
-	BulkheadFromPod     *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod       *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
+	BulkheadClock        *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
+	BulkheadFromPod      *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough  *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod        *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge *ebpf.ProgramSpec `ebpf:"bulkhead_tunnel_bridge"`
 }
 
 // segmentMapSpecs contains maps before they are loaded into the kernel.
@@ -326,6 +348,7 @@ type segmentMapSpecs struct {
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
 	TunnelListener *ebpf.MapSpec `ebpf:"tunnel_listener"`
+	TunnelScratch  *ebpf.MapSpec `ebpf:"tunnel_scratch"`
 	TunnelSocks    *ebpf.MapSpec `ebpf:"tunnel_socks"`
 }
 
@@ -386,6 +409,7 @@ type segmentMaps struct {
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
 	TunnelListener *ebpf.Map `ebpf:"tunnel_listener"`
+	TunnelScratch  *ebpf.Map `ebpf:"tunnel_scratch"`
 	TunnelSocks    *ebpf.Map `ebpf:"tunnel_socks"`
 }
 
@@ -408,6 +432,7 @@ func (m *segmentMaps) Close() error {
 		m.Policy,
 		m.PolicyExact,
 		m.TunnelListener,
+		m.TunnelScratch,
 		m.TunnelSocks,
 	)
 }
@@ -436,10 +461,11 @@ type segmentVariables struct {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentPrograms struct {
-	BulkheadClock       *ebpf.Program `ebpf:"bulkhead_clock"`
-	BulkheadFromPod     *ebpf.Program `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough *ebpf.Program `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod       *ebpf.Program `ebpf:"bulkhead_to_pod"`
+	BulkheadClock        *ebpf.Program `ebpf:"bulkhead_clock"`
+	BulkheadFromPod      *ebpf.Program `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough  *ebpf.Program `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod        *ebpf.Program `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge *ebpf.Program `ebpf:"bulkhead_tunnel_bridge"`
 }
 
 func (p *segmentPrograms) Close() error {
@@ -448,6 +474,7 @@ func (p *segmentPrograms) Close() error {
 		p.BulkheadFromPod,
 		p.BulkheadPassthrough,
 		p.BulkheadToPod,
+		p.BulkheadTunnelBridge,
 	)
 }
 

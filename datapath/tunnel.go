@@ -37,11 +37,12 @@ const (
 )
 
 // SetTunnelListener registers the tunnel's transparent listener: one
-// dual-stack socket ([::] with IPV6_V6ONLY off, IP_TRANSPARENT) that takes
-// the redirected SYNs of both families. The map holds the socket, not this
-// process: when the socket closes (the agent dies), the slot empties and
+// dual-stack TCP socket ([::] with IPV6_V6ONLY off, IP_TRANSPARENT) in the
+// node's netns that takes the redirected SYNs of both families. The
+// datapath finds it by its port and accepts it by its socket's inode, so
+// when it closes (the agent dies) no other socket takes its place, and
 // flows that must be tunnelled are dropped until a listener is registered
-// again.
+// again. A restarted agent registers its new listener.
 func (d *Datapath) SetTunnelListener(c syscall.Conn) error {
 	if err := d.setListener(listenerSlot4, c); err != nil {
 		return err
@@ -69,21 +70,46 @@ func (d *Datapath) setListener(slot uint32, c syscall.Conn) error {
 	if err != nil {
 		return fmt.Errorf("tunnel listener: %w", err)
 	}
-	var uerr error
+	var port int
+	var ino uint64
+	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		uerr = d.objs.TunnelListener.Update(slot, uint64(fd), ebpf.UpdateAny)
+		var st unix.Stat_t
+		if serr = unix.Fstat(int(fd), &st); serr != nil {
+			return
+		}
+		ino = st.Ino
+		var sa unix.Sockaddr
+		if sa, serr = unix.Getsockname(int(fd)); serr != nil {
+			return
+		}
+		var acc int
+		if acc, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); serr == nil && acc == 0 {
+			serr = errors.New("not listening")
+		}
+		switch a := sa.(type) {
+		case *unix.SockaddrInet4:
+			port = a.Port
+		case *unix.SockaddrInet6:
+			port = a.Port
+		default:
+			serr = fmt.Errorf("address %T: not TCP/IP", sa)
+		}
 	}); err != nil {
 		return fmt.Errorf("tunnel listener: %w", err)
 	}
-	if uerr != nil {
-		return fmt.Errorf("register tunnel listener (a listening TCP socket?): %w", uerr)
+	if serr != nil {
+		return fmt.Errorf("tunnel listener: %w", serr)
+	}
+	v := segmentTunnelLsn{Ino: ino, Port: uint16(port)}
+	if err := d.objs.TunnelListener.Update(slot, v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("register tunnel listener: %w", err)
 	}
 	return nil
 }
 
 func (d *Datapath) clearListener(slot uint32) error {
-	err := d.objs.TunnelListener.Delete(slot)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := d.objs.TunnelListener.Update(slot, segmentTunnelLsn{}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("clear tunnel listener: %w", err)
 	}
 	return nil

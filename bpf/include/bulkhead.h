@@ -248,6 +248,14 @@ struct ep_addrs {
 	__u16 pad_br;
 };
 
+/* A registered tunnel listener: its socket's inode number (0: none) and
+ * the port it listens on, in the node's netns. */
+struct tunnel_lsn {
+	__u64 ino;
+	__u16 port;
+	__u16 pad[3];
+};
+
 /* id_flags key: an identity's flags (ID_*) in a generation. */
 struct id_flags_key {
 	__u32 gen;

@@ -1,0 +1,387 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/tests/netns"
+	"github.com/bulkhead-io/bulkhead/tests/privileged"
+)
+
+// newBridgeTopo is newTopo with the pods' host veths enslaved to one
+// bridge (br0, which holds the gateway addresses), as the bridge plugin
+// does: pod-to-pod frames are switched at L2.
+func newBridgeTopo(t testing.TB, n int) *topo {
+	t.Helper()
+	privileged.Require(t)
+	tp := &topo{host: netns.New(t)}
+	tp.host.Do(t, func() error {
+		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+			if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	var ports []string
+	for i := 1; i <= n; i++ {
+		p := &testPod{
+			ns:     netns.New(t),
+			hostIf: fmt.Sprintf("bhb%d", i),
+			ip4:    netip.MustParseAddr(fmt.Sprintf("10.214.0.%d", 10+i)),
+			ip6:    netip.MustParseAddr(fmt.Sprintf("fd00:214::%d", 10+i)),
+			ep:     policy.EndpointID(i),
+			id:     identity.NumericID(1000 + i),
+		}
+		p.ifindex = netns.Veth(t, tp.host, p.hostIf, p.ns, "eth0")
+		netns.Addr(t, p.ns, "eth0", p.ip4.String()+"/24", p.ip6.String()+"/64")
+		var err error
+		if p.mac, err = net.ParseMAC(linkMAC(t, p.ns, "eth0")); err != nil {
+			t.Fatal(err)
+		}
+		ports = append(ports, p.hostIf)
+		tp.pods = append(tp.pods, p)
+	}
+	netns.Bridge(t, tp.host, "br0", ports...)
+	netns.Addr(t, tp.host, "br0", "10.214.0.1/24", "fd00:214::1/64")
+	brMAC := linkMAC(t, tp.host, "br0")
+	for _, p := range tp.pods {
+		p.ns.Do(t, func() error {
+			for _, gw := range []string{"10.214.0.1", "fd00:214::1"} {
+				if err := runIP("neigh", "replace", gw, "lladdr", brMAC, "dev", "eth0", "nud", "permanent"); err != nil {
+					return err
+				}
+				if err := runIP("route", "add", "default", "via", gw); err != nil {
+					return err
+				}
+			}
+			// Static neighbours for the other pods too: no ARP/ND
+			// timing in the probes.
+			for _, q := range tp.pods {
+				if q == p {
+					continue
+				}
+				for _, a := range []netip.Addr{q.ip4, q.ip6} {
+					if err := runIP("neigh", "replace", a.String(), "lladdr", q.mac.String(), "dev", "eth0", "nud", "permanent"); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		tp.host.Do(t, func() error {
+			for _, a := range []netip.Addr{p.ip4, p.ip6} {
+				if err := runIP("neigh", "replace", a.String(), "lladdr", p.mac.String(), "dev", "br0", "nud", "permanent"); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	return tp
+}
+
+// testTunnel stands in for the node tunnel: a transparent dual-stack
+// listener on [::]:15001 in the node netns, registered with the datapath.
+// For each redirected connection it records the addresses the kernel gave
+// it and then either refuses it or dials the original destination from the
+// node, marking its socket with the source pod's identity, and copies
+// bytes both ways.
+type testTunnel struct {
+	t      *testing.T
+	d      *Datapath
+	tp     *topo
+	ln     net.Listener
+	refuse bool
+
+	mu       sync.Mutex
+	accepted []acceptedConn
+	wg       sync.WaitGroup
+}
+
+type acceptedConn struct{ local, remote netip.AddrPort }
+
+func transparentControl(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); e != nil {
+			serr = e
+		}
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1); e != nil {
+			serr = e
+		}
+	})
+	return errors.Join(err, serr)
+}
+
+func startTunnel(t *testing.T, d *Datapath, tp *topo, refuse bool) *testTunnel {
+	t.Helper()
+	tt := &testTunnel{t: t, d: d, tp: tp, refuse: refuse}
+	tp.host.Do(t, func() error {
+		if err := EnsureTunnelRouting(DefaultTunnelMark, DefaultTunnelMask, DefaultTunnelTable, DefaultTunnelPriority); err != nil {
+			return err
+		}
+		// Twice: idempotent.
+		if err := EnsureTunnelRouting(DefaultTunnelMark, DefaultTunnelMask, DefaultTunnelTable, DefaultTunnelPriority); err != nil {
+			return err
+		}
+		lc := net.ListenConfig{Control: transparentControl}
+		ln, err := lc.Listen(t.Context(), "tcp", "[::]:15001")
+		tt.ln = ln
+		return err
+	})
+	if err := d.SetTunnelListener(tt.ln.(*net.TCPListener)); err != nil {
+		t.Fatal(err)
+	}
+	tt.wg.Add(1)
+	go tt.serve()
+	t.Cleanup(tt.close)
+	return tt
+}
+
+func (tt *testTunnel) close() {
+	tt.ln.Close()
+	tt.wg.Wait()
+}
+
+func (tt *testTunnel) conns() []acceptedConn {
+	tt.mu.Lock()
+	defer tt.mu.Unlock()
+	return append([]acceptedConn(nil), tt.accepted...)
+}
+
+func (tt *testTunnel) podByIP(a netip.Addr) *testPod {
+	for _, p := range tt.tp.pods {
+		if p.ip4 == a.Unmap() || p.ip6 == a {
+			return p
+		}
+	}
+	return nil
+}
+
+func (tt *testTunnel) serve() {
+	defer tt.wg.Done()
+	for {
+		c, err := tt.ln.Accept()
+		if err != nil {
+			return
+		}
+		ac := acceptedConn{local: c.LocalAddr().(*net.TCPAddr).AddrPort(), remote: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
+		ac.local = netip.AddrPortFrom(ac.local.Addr().Unmap(), ac.local.Port())
+		ac.remote = netip.AddrPortFrom(ac.remote.Addr().Unmap(), ac.remote.Port())
+		tt.mu.Lock()
+		tt.accepted = append(tt.accepted, ac)
+		tt.mu.Unlock()
+		src := tt.podByIP(ac.remote.Addr())
+		if tt.refuse || src == nil {
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+			continue
+		}
+		tt.wg.Add(1)
+		go func() {
+			defer tt.wg.Done()
+			defer c.Close()
+			var up net.Conn
+			err := tt.tp.host.NetNS.Do(func(nsHandle) error {
+				dl := net.Dialer{Timeout: probeTimeout, Control: func(_, _ string, rc syscall.RawConn) error {
+					cookie, err := SocketCookie(rc)
+					if err != nil {
+						return err
+					}
+					return tt.d.MarkTunnelSocket(cookie, src.id)
+				}}
+				var err error
+				up, err = dl.Dial("tcp", ac.local.String())
+				return err
+			})
+			if err != nil {
+				return
+			}
+			defer up.Close()
+			rc, _ := up.(*net.TCPConn).SyscallConn()
+			if cookie, err := SocketCookie(rc); err == nil {
+				defer tt.d.ForgetTunnelSocket(cookie)
+			}
+			go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+			io.Copy(c, up)
+		}()
+	}
+}
+
+// mtlsState: pods 1 and 2 (and 3 when present), pod 2 serves; enrolled
+// says which pods are enrolled. serverEntries are pod 2's ingress.
+func mtlsState(tp *topo, rev uint64, enrolled []bool, serverEntries ...policy.Entry) *policy.MapState {
+	ms := tp.state(rev, serverEntries...)
+	ms.Enrolled = map[identity.NumericID]bool{}
+	for i, p := range tp.pods {
+		if enrolled[i] {
+			ms.Enrolled[p.id] = true
+			ms.Endpoints[p.ep].Enrolled = true
+		}
+	}
+	return ms
+}
+
+func mtlsAllowIn(peer identity.NumericID, port uint16, rule policy.RuleID) policy.Entry {
+	e := allowIn(peer, 6, port, port, rule)
+	e.Flags |= policy.FlagMTLSRequired
+	return e
+}
+
+// serverPeers returns the remote addresses of the connections pod p's echo
+// server on port accepted (ss in its netns).
+func acceptLog(t *testing.T, p *testPod, port int) (func() []netip.Addr, func()) {
+	t.Helper()
+	var ln net.Listener
+	p.ns.Do(t, func() error {
+		var err error
+		ln, err = net.Listen("tcp", fmt.Sprintf("[::]:%d", port))
+		return err
+	})
+	var mu sync.Mutex
+	var peers []netip.Addr
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			peers = append(peers, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap())
+			mu.Unlock()
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 512)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					c.Write(buf[:n])
+				}
+			}()
+		}
+	}()
+	stop := func() { ln.Close(); wg.Wait() }
+	t.Cleanup(stop)
+	return func() []netip.Addr {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]netip.Addr(nil), peers...)
+	}, stop
+}
+
+func hostAddrs(tp *topo) map[netip.Addr]bool {
+	out := map[netip.Addr]bool{}
+	tp.host.NetNS.Do(func(nsHandle) error {
+		as, _ := net.InterfaceAddrs()
+		for _, a := range as {
+			if p, err := netip.ParsePrefix(a.String()); err == nil {
+				out[p.Addr()] = true
+			}
+		}
+		return nil
+	})
+	return out
+}
+
+// TestTunnelRedirect: an enrolled pair's TCP goes into the tunnel (the
+// accepted socket names the original destination and the pod), for ptp
+// and bridge pods, IPv4 and IPv6; the server sees the node, never the pod;
+// a pair that is not enrolled is untouched.
+func TestTunnelRedirect(t *testing.T) {
+	for _, kind := range []string{"ptp", "bridge"} {
+		t.Run(kind, func(t *testing.T) {
+			var tp *topo
+			if kind == "ptp" {
+				tp = newTopo(t, 2)
+			} else {
+				tp = newBridgeTopo(t, 2)
+			}
+			d := newTestDatapath(t, Config{})
+			attach(t, d, tp)
+			client, server := tp.pods[0], tp.pods[1]
+			peers, _ := acceptLog(t, server, 8080)
+			ms := mtlsState(tp, 1, []bool{true, true}, allowIn(client.id, 6, 8080, 8080, 1))
+			if _, err := d.Apply(ms); err != nil {
+				t.Fatal(err)
+			}
+			tt := startTunnel(t, d, tp, false)
+			r := openEvents(t, d)
+			node := hostAddrs(tp)
+			for _, dst := range []netip.Addr{server.ip6, server.ip4} {
+				before := len(tt.conns())
+				if err := tcpWorks(client, dst, 8080); err != nil {
+					c, _ := d.Counters()
+					t.Logf("counters %+v", c)
+					for _, ev := range drainEvents(t, r) {
+						t.Logf("event %+v", ev)
+					}
+					t.Logf("accepted %v", tt.conns())
+					t.Fatalf("enrolled %s: %v", dst, err)
+				}
+				cs := tt.conns()
+				if len(cs) != before+1 {
+					t.Fatalf("%s: tunnel accepted %d connections, want 1", dst, len(cs)-before)
+				}
+				c := cs[len(cs)-1]
+				src := client.ip4
+				if dst.Is6() {
+					src = client.ip6
+				}
+				if c.local != netip.AddrPortFrom(dst, 8080) || c.remote.Addr() != src {
+					t.Fatalf("accepted local %v remote %v, want %v:8080 from %v", c.local, c.remote, dst, src)
+				}
+			}
+			for _, a := range peers() {
+				if !node[a] {
+					t.Fatalf("server saw a connection from %v, not from the node: the pod reached it past the tunnel", a)
+				}
+			}
+			var tunnelled, mtls bool
+			for _, ev := range drainEvents(t, r) {
+				if ev.Type == EventFlowNew && ev.Endpoint == client.ep && ev.Tunnelled && ev.DstPort == 8080 {
+					tunnelled = true
+				}
+				if ev.Type == EventFlowNew && ev.Endpoint == server.ep && ev.MTLS && ev.SrcIdentity == client.id {
+					mtls = true
+				}
+			}
+			if !tunnelled || !mtls {
+				t.Fatalf("events: tunnelled at the source %v, mtls at the destination %v; want both", tunnelled, mtls)
+			}
+
+			// Not enrolled: untouched, straight to the server.
+			ms = mtlsState(tp, 2, []bool{false, true}, allowIn(client.id, 6, 8080, 8080, 1))
+			if _, err := d.Apply(ms); err != nil {
+				t.Fatal(err)
+			}
+			before := len(tt.conns())
+			for _, dst := range []netip.Addr{server.ip4, server.ip6} {
+				mustWork(t, "not enrolled "+dst.String(), tcpWorks(client, dst, 8080))
+			}
+			if n := len(tt.conns()) - before; n != 0 {
+				t.Fatalf("tunnel accepted %d connections of a pair that is not enrolled", n)
+			}
+			ps := peers()
+			if last := ps[len(ps)-1]; last != client.ip6 {
+				t.Fatalf("server's last peer %v, want the pod %v", last, client.ip6)
+			}
+		})
+	}
+}
