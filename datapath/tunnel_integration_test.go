@@ -385,3 +385,173 @@ func TestTunnelRedirect(t *testing.T) {
 		})
 	}
 }
+
+// dialMarked connects from the node netns to dst:port with its socket
+// registered as the tunnel's, carrying identity id.
+func dialMarked(t *testing.T, d *Datapath, tp *topo, dst netip.Addr, port int, id identity.NumericID) (net.Conn, error) {
+	t.Helper()
+	var c net.Conn
+	var cookie uint64
+	err := tp.host.NetNS.Do(func(nsHandle) error {
+		dl := net.Dialer{Timeout: probeTimeout, Control: func(_, _ string, rc syscall.RawConn) error {
+			var err error
+			if cookie, err = SocketCookie(rc); err != nil {
+				return err
+			}
+			return d.MarkTunnelSocket(cookie, id)
+		}}
+		var err error
+		c, err = dl.Dial("tcp", netip.AddrPortFrom(dst, uint16(port)).String())
+		return err
+	})
+	t.Cleanup(func() { d.ForgetTunnelSocket(cookie) })
+	return c, err
+}
+
+// TestTunnelAuthRequired: pod 2 admits pod 1 on 8080 only with mTLS. A
+// connection the tunnel delivers as pod 1 passes and is reported as mTLS;
+// one it delivers as another identity does not; pod 1's own plaintext is
+// dropped with AUTH_REQUIRED (event and counter).
+func TestTunnelAuthRequired(t *testing.T) {
+	tp := newTopo(t, 2)
+	d := newTestDatapath(t, Config{})
+	attach(t, d, tp)
+	client, server := tp.pods[0], tp.pods[1]
+	serve(t, server)
+	ms := mtlsState(tp, 1, []bool{false, true}, mtlsAllowIn(client.id, 8080, 7))
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	r := openEvents(t, d)
+	for _, dst := range []netip.Addr{server.ip4, server.ip6} {
+		c, err := dialMarked(t, d, tp, dst, 8080, client.id)
+		mustWork(t, "tunnel-delivered as the client "+dst.String(), err)
+		mustWork(t, "echo", echo(c, "via tunnel"))
+		c.Close()
+		_, err = dialMarked(t, d, tp, dst, 8080, 4242)
+		mustFail(t, "tunnel-delivered as another identity "+dst.String(), err)
+		before := dropCount(t, d, DropAuthRequired)
+		mustFail(t, "plaintext from the client "+dst.String(), tcpWorks(client, dst, 8080))
+		if dropCount(t, d, DropAuthRequired) == before {
+			t.Fatalf("%s: no AUTH_REQUIRED drop counted", dst)
+		}
+	}
+	var mtls, authDrop, otherDrop int
+	for _, ev := range drainEvents(t, r) {
+		if ev.Endpoint != server.ep {
+			continue
+		}
+		switch {
+		case ev.Type == EventFlowNew && ev.MTLS && ev.SrcIdentity == client.id && ev.Rule == 7:
+			mtls++
+		case ev.Type == EventDrop && ev.DropReason == DropAuthRequired && ev.Rule == 7 && !ev.MTLS:
+			authDrop++
+		case ev.Type == EventDrop && ev.DropReason == DropPolicy && ev.MTLS && ev.SrcIdentity == 4242:
+			otherDrop++
+		}
+	}
+	if mtls != 2 || authDrop < 2 || otherDrop < 2 {
+		t.Fatalf("events: %d mtls flows, %d AUTH_REQUIRED drops, %d drops of another verified identity; want 2, >=2, >=2",
+			mtls, authDrop, otherDrop)
+	}
+}
+
+// TestTunnelDown: with the tunnel's listener gone (the agent died),
+// flows that must be tunnelled are dropped with TUNNEL_DOWN and nothing
+// reaches the destination; a new listener (the agent back) resumes them.
+func TestTunnelDown(t *testing.T) {
+	tp := newTopo(t, 2)
+	d := newTestDatapath(t, Config{})
+	attach(t, d, tp)
+	client, server := tp.pods[0], tp.pods[1]
+	peers, _ := acceptLog(t, server, 8080)
+	ms := mtlsState(tp, 1, []bool{true, true}, allowIn(client.id, 6, 8080, 8080, 1))
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	tt := startTunnel(t, d, tp, false)
+	tt.close() // the listener closes, its registration stays
+	r := openEvents(t, d)
+	for _, dst := range []netip.Addr{server.ip4, server.ip6} {
+		before := dropCount(t, d, DropTunnelDown)
+		mustFail(t, "tunnel down "+dst.String(), tcpWorks(client, dst, 8080))
+		if dropCount(t, d, DropTunnelDown) == before {
+			t.Fatalf("%s: no TUNNEL_DOWN drop counted", dst)
+		}
+	}
+	if ps := peers(); len(ps) != 0 {
+		t.Fatalf("the server accepted %v while the tunnel was down", ps)
+	}
+	var down int
+	for _, ev := range drainEvents(t, r) {
+		if ev.Type == EventDrop && ev.DropReason == DropTunnelDown && ev.Tunnelled && ev.Endpoint == client.ep {
+			down++
+		}
+	}
+	if down < 2 {
+		t.Fatalf("%d TUNNEL_DOWN events, want one per family", down)
+	}
+	// Another process binding the port does not get the pods' traffic.
+	var rogue net.Listener
+	tp.host.Do(t, func() error {
+		lc := net.ListenConfig{Control: transparentControl}
+		var err error
+		rogue, err = lc.Listen(t.Context(), "tcp", "[::]:15001")
+		return err
+	})
+	go func() {
+		for {
+			c, err := rogue.Accept()
+			if err != nil {
+				return
+			}
+			t.Errorf("a listener that was not registered accepted %v", c.RemoteAddr())
+			c.Close()
+		}
+	}()
+	mustFail(t, "unregistered listener", tcpWorks(client, server.ip4, 8080))
+	rogue.Close()
+	// The agent is back.
+	startTunnel(t, d, tp, false)
+	mustWork(t, "tunnel back", tcpWorks(client, server.ip4, 8080))
+}
+
+// TestTunnelEgressMTLSRequired: an egress allow with mtls: Required to a
+// peer that is not enrolled (nor is the pod) sends the connection into the
+// tunnel, which refuses it; it never reaches the peer in plaintext.
+func TestTunnelEgressMTLSRequired(t *testing.T) {
+	tp := newTopo(t, 2)
+	d := newTestDatapath(t, Config{})
+	attach(t, d, tp)
+	client, server := tp.pods[0], tp.pods[1]
+	peers, _ := acceptLog(t, server, 8080)
+	ms := mtlsState(tp, 1, []bool{false, false}, allowIn(client.id, 6, 8080, 8080, 1))
+	ms.Endpoints[client.ep].Entries = []policy.Entry{{Direction: policy.Egress, Peer: server.id, Proto: 6, PortLo: 8080,
+		PortHi: 8080, Action: policy.ActionAllow, Flags: policy.FlagMTLSRequired, Rule: 9}}
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	tt := startTunnel(t, d, tp, true)
+	for _, dst := range []netip.Addr{server.ip4, server.ip6} {
+		err := tcpWorks(client, dst, 8080)
+		if err == nil {
+			t.Fatalf("%s: connection worked, want it refused", dst)
+		}
+	}
+	if ps := peers(); len(ps) != 0 {
+		t.Fatalf("the peer accepted %v: mtls: Required egress left in plaintext", ps)
+	}
+	if n := len(tt.conns()); n < 2 {
+		t.Fatalf("the tunnel saw %d connections, want the two redirected ones", n)
+	}
+	// Without the rule: plaintext as before. (A new policy object: Apply
+	// takes the same pointer for an unchanged endpoint.)
+	cp := *ms.Endpoints[client.ep]
+	cp.Entries = nil
+	ms.Endpoints[client.ep] = &cp
+	ms.Revision = 2
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	mustWork(t, "plain egress without the rule", tcpWorks(client, server.ip4, 8080))
+}
