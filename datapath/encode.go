@@ -3,8 +3,8 @@ package datapath
 import (
 	"cmp"
 	"encoding/binary"
-	"net/netip"
 	"maps"
+	"net/netip"
 	"slices"
 
 	"github.com/bulkhead-io/bulkhead/identity"
