@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/identity"
@@ -554,4 +555,58 @@ func TestTunnelEgressMTLSRequired(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustWork(t, "plain egress without the rule", tcpWorks(client, server.ip4, 8080))
+}
+
+// TestTunnelRouting: EnsureTunnelRouting installs one rule per family and
+// the table's local default routes, idempotently; RemoveTunnelRouting
+// takes them away, also idempotently.
+func TestTunnelRouting(t *testing.T) {
+	privileged.Require(t)
+	n := netns.New(t)
+	const mark, mask, table, prio = 0x300, 0xf00, 2099, 2099
+	n.Do(t, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	})
+	count := func() (rules, routes int) {
+		n.Do(t, func() error {
+			for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+				rs, err := netlink.RuleList(fam)
+				if err != nil {
+					return err
+				}
+				for _, r := range rs {
+					if r.Table == table && r.Mark == mark && r.Priority == prio && r.Mask != nil && *r.Mask == mask {
+						rules++
+					}
+				}
+				rt, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+				if err != nil {
+					return err
+				}
+				for _, r := range rt {
+					if r.Type == unix.RTN_LOCAL {
+						routes++
+					}
+				}
+			}
+			return nil
+		})
+		return rules, routes
+	}
+	for range 2 {
+		n.Do(t, func() error { return EnsureTunnelRouting(mark, mask, table, prio) })
+		if rules, routes := count(); rules != 2 || routes != 2 {
+			t.Fatalf("after ensure: %d rules, %d local routes; want 2 and 2", rules, routes)
+		}
+	}
+	for range 2 {
+		n.Do(t, func() error { return RemoveTunnelRouting(mark, mask, table, prio) })
+		if rules, routes := count(); rules != 0 || routes != 0 {
+			t.Fatalf("after remove: %d rules, %d local routes; want none", rules, routes)
+		}
+	}
 }
