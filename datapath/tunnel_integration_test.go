@@ -512,9 +512,16 @@ func TestTunnelDown(t *testing.T) {
 	}()
 	mustFail(t, "unregistered listener", tcpWorks(client, server.ip4, 8080))
 	rogue.Close()
-	// The agent is back.
-	startTunnel(t, d, tp, false)
+	// The agent is back: a new process re-opens the pinned datapath and
+	// registers its listener.
+	d2, err := New(d.cfg)
+	if err != nil {
+		t.Fatalf("re-open: %v", err)
+	}
+	t.Cleanup(func() { d2.Close() })
+	startTunnel(t, d2, tp, false)
 	mustWork(t, "tunnel back", tcpWorks(client, server.ip4, 8080))
+	mustWork(t, "tunnel back", tcpWorks(client, server.ip6, 8080))
 }
 
 // TestTunnelEgressMTLSRequired: an egress allow with mtls: Required to a
