@@ -83,6 +83,12 @@ func encodeEndpoint(id policy.EndpointID, p *policy.EndpointPolicy) map[PolicyKe
 	return out
 }
 
+// PolicyKeys is how many policy trie keys endpoint policy p takes in one
+// generation: policy.EndpointPolicy.TrieSize, plus the tunnelled view's
+// keys when p has mtls: Required allows (see encodeEndpoint). Budgets
+// that count TrieSize undercount such endpoints.
+func PolicyKeys(p *policy.EndpointPolicy) int { return len(encodeEndpoint(0, p)) }
+
 type peerGroup struct {
 	dir  policy.Direction
 	peer identity.NumericID
