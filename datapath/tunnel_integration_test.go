@@ -420,10 +420,40 @@ func TestTunnelAuthRequired(t *testing.T) {
 	client, server := tp.pods[0], tp.pods[1]
 	serve(t, server)
 	ms := mtlsState(tp, 1, []bool{false, true}, mtlsAllowIn(client.id, 8080, 7))
+	// The node's own plaintext is not let in: a re-judge that took the
+	// node address for the peer would drop tunnel-delivered flows.
+	ms.AllowHostIngress = false
 	if _, err := d.Apply(ms); err != nil {
 		t.Fatal(err)
 	}
 	r := openEvents(t, d)
+
+	// A policy revision re-judges a tunnel-delivered flow with the
+	// identity the tunnel verified: it survives an unrelated change and
+	// ends when its rule goes.
+	long, err := dialMarked(t, d, tp, server.ip4, 8080, client.id)
+	mustWork(t, "long-lived tunnel-delivered connection", err)
+	defer long.Close()
+	mustWork(t, "echo", echo(long, "before"))
+	ms2 := mtlsState(tp, 2, []bool{false, true}, mtlsAllowIn(client.id, 8080, 7), allowIn(4343, 6, 9, 9, 8))
+	ms2.AllowHostIngress = false
+	if _, err := d.Apply(ms2); err != nil {
+		t.Fatal(err)
+	}
+	mustWork(t, "echo after an unrelated policy change", echo(long, "after"))
+	ms3 := mtlsState(tp, 3, []bool{false, true}, allowIn(4343, 6, 9, 9, 8))
+	ms3.AllowHostIngress = false
+	if _, err := d.Apply(ms3); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(long, "revoked"); err == nil {
+		t.Fatal("a tunnel-delivered flow outlived the removal of its rule")
+	}
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	drainEvents(t, r)
+
 	for _, dst := range []netip.Addr{server.ip4, server.ip6} {
 		c, err := dialMarked(t, d, tp, dst, 8080, client.id)
 		mustWork(t, "tunnel-delivered as the client "+dst.String(), err)
