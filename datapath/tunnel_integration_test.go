@@ -349,6 +349,23 @@ func TestTunnelRedirect(t *testing.T) {
 					t.Fatalf("accepted local %v remote %v, want %v:8080 from %v", c.local, c.remote, dst, src)
 				}
 			}
+			var redirected, delivered int
+			cts, err := d.Conntrack()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, ct := range cts {
+				if ct.Tunnelled() && ct.Key.EpId == uint32(client.ep) {
+					redirected++
+				}
+				if ct.MTLS() && ct.Key.EpId == uint32(server.ep) && ct.Entry.PeerId == uint32(client.id) {
+					delivered++
+				}
+			}
+			if redirected != 2 || delivered != 2 {
+				t.Fatalf("conntrack: %d redirected flows at the source, %d tunnel-delivered at the destination; want 2 and 2",
+					redirected, delivered)
+			}
 			for _, a := range peers() {
 				if !node[a] {
 					t.Fatalf("server saw a connection from %v, not from the node: the pod reached it past the tunnel", a)
