@@ -67,6 +67,12 @@ const volatile __u64 jiffy_ns = 4000000;
  * fill about half the ring between wakeups. The reader also polls (see
  * datapath's EventReader), so a quiet ring is still drained promptly. */
 const volatile __u64 ring_wakeup_mask = 511;
+/* The mark of packets redirected into the node's mTLS tunnel, within
+ * tunnel_mark_mask: the agent's policy route (fwmark -> a table whose
+ * default is local) makes them local, and bpf_sk_assign hands a SYN to the
+ * tunnel's transparent listener. */
+const volatile __u32 tunnel_mark = 0xb00;
+const volatile __u32 tunnel_mark_mask = 0xf00;
 
 /* Types only Go reads; referenced so that they land in BTF for bpf2go. */
 struct flow_event *unused_flow_event __attribute__((unused));
@@ -75,6 +81,9 @@ struct decision {
 	__u32 rule;
 	__u8 verdict;
 	__u8 flags;
+	/* Plaintext TCP that only an mtls: Required allow admits (rule is
+	 * that allow's); see policy.Decision.AuthRequired. */
+	__u8 auth;
 };
 
 static __always_inline void count(__u32 idx, __u32 len)
@@ -191,7 +200,7 @@ static __always_inline int policy_get(const struct policy_key *k, __u32 seed,
 				continue;
 			*out = sl->value;
 			ct_compiler_barrier();
-			if (out->action && CT_READ_ONCE(sl->seq) == s)
+			if ((out->action | out->tun_action) && CT_READ_ONCE(sl->seq) == s)
 				return 1;
 		}
 	}
@@ -205,20 +214,63 @@ static __always_inline int policy_get(const struct policy_key *k, __u32 seed,
 /* rank is the first criterion of policy.MapState.Lookup's order: an
  * enforcing deny (2) beats an audit deny (1), which beats an allow (0). An
  * audit policy only reports, so however specific it is it must not turn an
- * enforcing drop into AUDIT. No entry ranks below everything. */
-static __always_inline int rank(const struct policy_value *v)
+ * enforcing drop into AUDIT. No entry (or none in the view: action 0) ranks
+ * below everything. tun selects the view (see struct policy_value). */
+static __always_inline int rank(const struct policy_value *v, int tun)
 {
+	__u8 action, flags;
+
 	if (!v)
 		return -1;
-	if (v->action != ACTION_DENY)
+	action = tun ? v->tun_action : v->action;
+	flags = tun ? v->tun_flags : v->flags;
+	if (!action)
+		return -1;
+	if (action != ACTION_DENY)
 		return 0;
-	return (v->flags & FLAG_AUDIT) ? 1 : 2;
+	return (flags & FLAG_AUDIT) ? 1 : 2;
 }
 
-/* policy_decide is the BPF twin of policy.MapState.Lookup. */
+/* decide_view combines the exact-peer and wildcard-peer entries in one
+ * view: an enforcing deny beats an audit deny, which beats an allow; then a
+ * specific peer beats the wildcard. Inside each peer dimension Go already
+ * resolved the rest of the order (policy.Entry.Beats). */
+static __always_inline void decide_view(const struct ep_config *cfg, __u8 dir,
+					const struct policy_value *exact,
+					const struct policy_value *wild, int tun, struct decision *d)
+{
+	int re = rank(exact, tun), rw = rank(wild, tun);
+	const struct policy_value *win = rw > re ? wild : exact;
+	__u8 def, action;
+
+	d->rule = 0;
+	d->flags = 0;
+	if ((rw > re ? rw : re) < 0) {
+		def = dir == DIR_INGRESS ? cfg->def_ingress : cfg->def_egress;
+		if (def == 0)
+			d->verdict = VERDICT_ALLOW;
+		else if (def == 2 || (cfg->flags & EP_AUDIT))
+			d->verdict = VERDICT_AUDIT;
+		else
+			d->verdict = VERDICT_DENY;
+		return;
+	}
+	d->rule = tun ? win->tun_rule_id : win->rule_id;
+	d->flags = tun ? win->tun_flags : win->flags;
+	action = tun ? win->tun_action : win->action;
+	if (action != ACTION_DENY)
+		d->verdict = VERDICT_ALLOW;
+	else if ((d->flags & FLAG_AUDIT) || (cfg->flags & EP_AUDIT))
+		d->verdict = VERDICT_AUDIT;
+	else
+		d->verdict = VERDICT_DENY;
+}
+
+/* policy_decide is the BPF twin of policy.MapState.LookupFlow: tun is the
+ * tunnelled view (egress TCP, and ingress from the tunnel's socket). */
 static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *cfg, __u8 gen,
 					  __u32 gflags, __u32 seed, __u8 dir, __u32 peer,
-					  __u8 proto, __u16 port, struct decision *d)
+					  __u8 proto, __u16 port, int tun, struct decision *d)
 {
 	struct policy_key k = {
 		.prefixlen = POLICY_FULL_BITS,
@@ -230,12 +282,13 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		.dport = bpf_htons(port),
 	};
 	struct policy_value ev, wv, *exact, *wild, *win;
-	__u8 def;
+	int re, rw;
 
-	d->rule = 0;
-	d->flags = 0;
+	d->auth = 0;
 	if (dir == DIR_INGRESS && peer == host_identity &&
 	    (gflags & GLOBAL_ALLOW_HOST_INGRESS)) {
+		d->rule = 0;
+		d->flags = 0;
 		d->verdict = VERDICT_ALLOW;
 		return;
 	}
@@ -248,30 +301,19 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 		if (policy_get(&k, seed, &wv))
 			wild = &wv;
 	}
-
-	/* An enforcing deny beats an audit deny, which beats an allow; then a
-	 * specific peer beats the wildcard. Inside each peer dimension Go
-	 * already resolved the rest of the order (policy.Entry.Beats). */
-	win = rank(wild) > rank(exact) ? wild : exact;
-
-	if (!win) {
-		def = dir == DIR_INGRESS ? cfg->def_ingress : cfg->def_egress;
-		if (def == 0)
-			d->verdict = VERDICT_ALLOW;
-		else if (def == 2 || (cfg->flags & EP_AUDIT))
-			d->verdict = VERDICT_AUDIT;
-		else
-			d->verdict = VERDICT_DENY;
+	decide_view(cfg, dir, exact, wild, tun, d);
+	if (tun || proto != IPPROTO_TCP_ || d->verdict == VERDICT_ALLOW)
 		return;
+	/* Plaintext TCP that does not pass: would an mTLS allow admit it? It
+	 * would when the tunnelled view's winner is an allow (rank 0) with
+	 * FLAG_MTLS_REQUIRED. */
+	re = rank(exact, 1);
+	rw = rank(wild, 1);
+	win = rw > re ? wild : exact;
+	if ((rw > re ? rw : re) == 0 && (win->tun_flags & FLAG_MTLS_REQUIRED)) {
+		d->auth = 1;
+		d->rule = win->tun_rule_id;
 	}
-	d->rule = win->rule_id;
-	d->flags = win->flags;
-	if (win->action != ACTION_DENY)
-		d->verdict = VERDICT_ALLOW;
-	else if ((win->flags & FLAG_AUDIT) || (cfg->flags & EP_AUDIT))
-		d->verdict = VERDICT_AUDIT;
-	else
-		d->verdict = VERDICT_DENY;
 }
 
 /* ct_normalise builds the IPv6 (or v4-mapped) key and reports whether the
@@ -390,7 +432,7 @@ static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, in
 static __always_inline void emit(const struct pkt *p, __u64 now, __u8 type, __u8 verdict,
 				 __u8 reason, __u32 rule, __u8 flow_dir, __u8 pkt_from_pod,
 				 __u32 ep_id, __u32 ifindex, __u32 ep_identity, __u32 peer,
-				 __u8 is_reply)
+				 __u8 evflags)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -420,7 +462,7 @@ static __always_inline void emit(const struct pkt *p, __u64 now, __u8 type, __u8
 	 * say echo request, echo reply, unreachable, ... */
 	e->tcp_flags = (p->proto == IPPROTO_ICMP_ || p->proto == IPPROTO_ICMPV6_) ? p->icmp_type
 										  : p->tcp_flags;
-	e->is_reply = is_reply;
+	e->flags = evflags;
 	e->ipv6 = p->ipv6;
 	__u32 idx = CNT_EVENTS;
 	struct counter *c = bpf_map_lookup_elem(&counters, &idx);
@@ -484,8 +526,115 @@ static __always_inline __u32 endpoint_of(__u32 ifindex)
 	return ep ? *ep : 0;
 }
 
+/* peer_enrolled reports whether identity id is enrolled in mTLS in
+ * generation gen. */
+static __attribute__((noinline)) int peer_enrolled(__u32 gen, __u32 id)
+{
+	struct id_flags_key k = { .gen = gen, .identity = id };
+	__u32 *f = bpf_map_lookup_elem(&id_flags, &k);
+
+	return f && (*f & ID_ENROLLED);
+}
+
+/* tunnel_listening hands a redirected flow's SYN to the tunnel's transparent
+ * listener (bpf_sk_assign; the mark's policy route makes the packet local)
+ * and reports whether the registered listener is there: without it the
+ * flow is dropped, never forwarded in plaintext. Later packets of the flow
+ * find the accepted socket by the usual lookup. The listener is found by
+ * its port and recognised by its socket's inode number: on this kernel the
+ * socket cookie that SO_COOKIE reports for a listener is not the one its
+ * struct sock in the listening hash holds. */
+static __attribute__((noinline)) int tunnel_listening(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 slot = p->ipv6;
+	struct tunnel_lsn *l = bpf_map_lookup_elem(&tunnel_listener, &slot);
+	struct bpf_sock_tuple *t;
+	struct bpf_sock *sk;
+	struct tcp_sock *tp;
+	__u64 ino = 0, want;
+	int ok = 0;
+
+	if (l && !l->ino && slot) {
+		slot = 0; /* one dual-stack listener */
+		l = bpf_map_lookup_elem(&tunnel_listener, &slot);
+	}
+	if (!l || !l->ino)
+		return 0;
+	want = l->ino;
+	slot = 0;
+	t = bpf_map_lookup_elem(&tunnel_scratch, &slot);
+	if (!t)
+		return 0;
+	/* The listener's port, the packet's addresses: a listener bound to
+	 * the wildcard address matches any destination. */
+	if (p->ipv6) {
+		__builtin_memcpy(t->ipv6.saddr, p->saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, p->daddr, 16);
+		t->ipv6.sport = bpf_htons(p->sport);
+		t->ipv6.dport = bpf_htons(l->port);
+		sk = bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv6), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		t->ipv4.saddr = p->saddr[3];
+		t->ipv4.daddr = p->daddr[3];
+		t->ipv4.sport = bpf_htons(p->sport);
+		t->ipv4.dport = bpf_htons(l->port);
+		sk = bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return 0;
+	if (sk->state == BPF_TCP_LISTEN) {
+		tp = bpf_skc_to_tcp_sock(sk);
+		if (tp) {
+			struct socket *so = tp->inet_conn.icsk_inet.sk.sk_socket;
+			struct file *f = so ? so->file : NULL;
+			struct inode *in = f ? f->f_inode : NULL;
+
+			if (in)
+				ino = in->i_ino;
+		}
+	}
+	if (ino == want) {
+		ok = 1;
+		if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			ok = bpf_sk_assign(skb, sk, 0) == 0;
+	}
+	bpf_sk_release(sk);
+	return ok;
+}
+
+/* tunnel_forward sends a redirected flow's packet from the pod towards the
+ * tunnel: the mark makes it local. A bridge would switch it at L2 to the
+ * destination pod's port, so on a bridge port the frame is addressed to the
+ * bridge itself, which passes it up to IP. */
+static __always_inline int tunnel_forward(struct __sk_buff *skb, __u32 ep_id)
+{
+	struct ep_addrs *a;
+
+	skb->mark = (skb->mark & ~tunnel_mark_mask) | tunnel_mark;
+	a = bpf_map_lookup_elem(&endpoint_addrs, &ep_id);
+	if (!a || !a->br_ifindex)
+		return BH_PASS;
+	if (bpf_skb_store_bytes(skb, 0, a->br_mac, 6, 0) < 0)
+		return TC_ACT_SHOT;
+	return BH_PASS;
+}
+
+/* ct_evflags are the event flags a flow's conntrack state implies. */
+static __always_inline __u8 ct_evflags(__u8 state)
+{
+	return ((state & CT_REDIRECT) ? EVF_TUNNELLED : 0) | ((state & CT_TUNNEL) ? EVF_MTLS : 0);
+}
+
 /* handle_flow judges an IP packet of a managed (or formerly managed)
- * endpoint: conntrack, then policy for a new flow. */
+ * endpoint: conntrack, then policy for a new flow.
+ *
+ * mTLS: a new TCP flow from an enrolled pod to an enrolled peer, or one
+ * whose egress allow has FLAG_MTLS_REQUIRED, is redirected into the node's
+ * tunnel (CT_REDIRECT). Towards the pod, a new flow sent by a socket the
+ * tunnel registered in tunnel_socks is judged as coming from the identity
+ * the tunnel verified (CT_TUNNEL), in the tunnelled view; every other flow
+ * towards the pod is plaintext, in which mtls: Required allows do not
+ * match. */
 static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
 				       __u8 dir, const int v6)
 {
@@ -501,7 +650,8 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	struct ct_ref r;
 	__u64 now, rev;
 	__u32 gflags = 0, seed = 0, peer_id, gen;
-	int pkt_is_a, found, hint = -1;
+	int pkt_is_a, found, hint = -1, tun = 0;
+	__u8 st = 0, reason;
 
 	/* One read of the live word selects the generation of everything this
 	 * packet consults: its endpoint's configuration and policy, the
@@ -544,19 +694,30 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 			}
 			/* Re-judge the flow as its first packet was judged: the
 			 * peer is the originator's destination (egress) or
-			 * source (ingress). */
-			if ((r.e.dir == DIR_EGRESS) == !is_reply)
-				peer_addr = p->daddr;
-			else
-				peer_addr = p->saddr;
-			peer_id = ipcache_lookup(peer_addr, gen, seed);
+			 * source (ingress); a tunnel-delivered flow keeps the
+			 * identity the tunnel verified. */
+			if (r.e.state & CT_TUNNEL) {
+				peer_id = r.e.peer_id;
+				tun = 1;
+			} else {
+				if ((r.e.dir == DIR_EGRESS) == !is_reply)
+					peer_addr = p->daddr;
+				else
+					peer_addr = p->saddr;
+				peer_id = ipcache_lookup(peer_addr, gen, seed);
+				tun = r.e.dir == DIR_EGRESS && p->proto == IPPROTO_TCP_;
+			}
 			policy_decide(ep_id, cfg, gen, gflags, seed, r.e.dir, peer_id, p->proto, r.e.dport,
-				      &d);
+				      tun, &d);
 			r.e.revision = rev;
 			r.e.rule_id = d.rule;
 			r.e.flags = d.flags;
 			r.e.peer_id = peer_id;
-			if (d.verdict == VERDICT_DENY) {
+			/* A plaintext flow whose egress allow now requires mTLS
+			 * cannot move into the tunnel: it ends. */
+			if (d.verdict == VERDICT_DENY ||
+			    (tun && r.e.dir == DIR_EGRESS && !(r.e.state & CT_REDIRECT) &&
+			     d.verdict == VERDICT_ALLOW && (d.flags & FLAG_MTLS_REQUIRED))) {
 				/* Becomes a tombstone (see CT_DENIED). */
 				r.e.state |= CT_DENIED;
 				r.e.last_seen = now;
@@ -564,7 +725,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 				count_drop(DROP_POLICY_REVISED, p->len);
 				emit(p, now, EVENT_DROP, VERDICT_DENY, DROP_POLICY_REVISED, d.rule,
 				     r.e.dir, from_pod, ep_id, ifindex, cfg->identity, peer_id,
-				     is_reply);
+				     is_reply | ct_evflags(r.e.state));
 				return TC_ACT_SHOT;
 			}
 			r.e.state &= ~CT_DENIED;
@@ -583,9 +744,11 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 				cfg->identity = 0;
 			emit(p, now, EVENT_FLOW_END, r.e.verdict, DROP_NONE, r.e.rule_id, r.e.dir,
 			     from_pod, ep_id, ifindex, cfg->identity, r.e.peer_id,
-			     is_reply);
+			     is_reply | ct_evflags(r.e.state));
 		}
 		count_verdict(r.e.verdict, p->len);
+		if (from_pod && (r.e.state & CT_REDIRECT))
+			return tunnel_forward(skb, ep_id);
 		return BH_PASS;
 	}
 
@@ -594,16 +757,46 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		count_verdict(VERDICT_PASS, p->len);
 		return BH_PASS;
 	}
-	peer_id = ipcache_lookup(from_pod ? p->daddr : p->saddr, gen, seed);
-	policy_decide(ep_id, cfg, gen, gflags, seed, dir, peer_id, p->proto, p->policy_port, &d);
+	if (from_pod) {
+		peer_id = ipcache_lookup(p->daddr, gen, seed);
+		/* Egress TCP may still be tunnelled: mTLS allows count. */
+		tun = p->proto == IPPROTO_TCP_;
+	} else {
+		__u32 *tid = NULL;
+
+		if (p->proto == IPPROTO_TCP_) {
+			__u64 cookie = bpf_get_socket_cookie(skb);
+
+			if (cookie)
+				tid = bpf_map_lookup_elem(&tunnel_socks, &cookie);
+		}
+		if (tid) {
+			peer_id = *tid;
+			tun = 1;
+			st = CT_TUNNEL;
+		} else {
+			peer_id = ipcache_lookup(p->saddr, gen, seed);
+		}
+	}
+	policy_decide(ep_id, cfg, gen, gflags, seed, dir, peer_id, p->proto, p->policy_port, tun, &d);
+	reason = DROP_NONE;
 	if (d.verdict == VERDICT_DENY) {
-		count_drop(DROP_POLICY, p->len);
+		reason = d.auth ? DROP_AUTH_REQUIRED : DROP_POLICY;
+	} else if (from_pod && tun &&
+		   ((d.verdict == VERDICT_ALLOW && (d.flags & FLAG_MTLS_REQUIRED)) ||
+		    ((cfg->flags & EP_ENROLLED) && peer_enrolled(gen, peer_id)))) {
+		st = CT_REDIRECT;
+		if (!tunnel_listening(skb, p))
+			reason = DROP_TUNNEL_DOWN;
+	}
+	if (reason != DROP_NONE) {
+		count_drop(reason, p->len);
 		/* drop_events is keyed by the family-independent key. */
 		if (!v6)
 			ct_normalise(p, ep_id, &k6);
 		if (drop_event_due(&k6, now))
-			emit(p, now, EVENT_DROP, VERDICT_DENY, DROP_POLICY, d.rule, dir, from_pod,
-			     ep_id, ifindex, cfg->identity, peer_id, 0);
+			emit(p, now, EVENT_DROP, VERDICT_DENY, reason, d.rule, dir, from_pod,
+			     ep_id, ifindex, cfg->identity, peer_id, ct_evflags(st));
 		return TC_ACT_SHOT;
 	}
 
@@ -616,6 +809,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		.dport = p->policy_port,
 		.dir = dir,
 		.orig_is_a = pkt_is_a,
+		.state = st,
 		.verdict = d.verdict,
 		.flags = d.flags,
 	};
@@ -631,9 +825,13 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	} else if (b4) {
 		ct4_insert(b4, &k4, &e, hint);
 	}
-	emit(p, now, EVENT_FLOW_NEW, d.verdict, DROP_NONE, d.rule, dir, from_pod, ep_id, ifindex,
-	     cfg->identity, peer_id, 0);
+	/* An audit verdict that only an mTLS allow would have turned into an
+	 * allow says so. */
+	emit(p, now, EVENT_FLOW_NEW, d.verdict, d.auth ? DROP_AUTH_REQUIRED : DROP_NONE, d.rule, dir,
+	     from_pod, ep_id, ifindex, cfg->identity, peer_id, ct_evflags(st));
 	count_verdict(d.verdict, p->len);
+	if (st & CT_REDIRECT)
+		return tunnel_forward(skb, ep_id);
 	return BH_PASS;
 }
 
@@ -714,7 +912,7 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
  * always, reported at most once per drop_event_interval per (addresses,
  * ports). The event names the sending endpoint, whatever address it
  * claimed. */
-static __attribute__((noinline)) int drop_from_pod(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
+static __always_inline int drop_from_pod(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
 						   __u8 reason)
 {
 	struct ep_config cfg;
@@ -805,6 +1003,29 @@ SEC("tc")
 int bulkhead_to_pod(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_INGRESS);
+}
+
+/* bulkhead_tunnel_bridge runs at TCX ingress of a bridge whose ports are pod
+ * veths. A redirected flow's SYN from a bridge pod reaches the node's IP
+ * stack through the bridge (tunnel_forward addresses it to the bridge),
+ * which drops the socket bulkhead_from_pod assigned; here, where the frame
+ * enters IP, it is assigned again. Only marked packets are looked at: the
+ * mark cannot come from a pod (it is cleared when a packet leaves the pod's
+ * netns). */
+SEC("tc")
+int bulkhead_tunnel_bridge(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+
+	if ((skb->mark & tunnel_mark_mask) != tunnel_mark)
+		return BH_PASS;
+	if (parse_packet(skb, &p) != PARSE_OK || p.proto != IPPROTO_TCP_ ||
+	    (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+		return BH_PASS;
+	if (tunnel_listening(skb, &p))
+		return BH_PASS;
+	count_drop(DROP_TUNNEL_DOWN, skb->len);
+	return TC_ACT_SHOT;
 }
 
 /* Go's view of the conntrack clock (BPF_PROG_TEST_RUN only): ct_now() in

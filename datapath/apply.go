@@ -9,6 +9,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
@@ -114,7 +115,7 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 // same *EndpointPolicy) and by content otherwise.
 func (d *Datapath) holds(g uint8, w *genWrite) bool {
 	gen := &d.gens[g]
-	if gen.flags != w.flags || len(gen.ipcache) != len(w.ipcache) {
+	if gen.flags != w.flags || len(gen.ipcache) != len(w.ipcache) || !maps.Equal(gen.idFlags, w.idFlags) {
 		return false
 	}
 	for id := range gen.epConfigs {
@@ -170,6 +171,7 @@ func validEntries(p *policy.EndpointPolicy) error {
 type genWrite struct {
 	ms      *policy.MapState
 	ipcache map[IPCacheKey]IPCacheValue
+	idFlags map[identity.NumericID]uint32
 	flags   uint32
 	encoded map[policy.EndpointID]map[PolicyKey]PolicyValue
 }
@@ -179,6 +181,12 @@ func newGenWrite(ms *policy.MapState) *genWrite {
 		encoded: map[policy.EndpointID]map[PolicyKey]PolicyValue{}}
 	for p, id := range ms.IPCache {
 		w.ipcache[ipcacheKeyOf(p)] = IPCacheValue{Identity: uint32(id)}
+	}
+	w.idFlags = make(map[identity.NumericID]uint32, len(ms.Enrolled))
+	for id, on := range ms.Enrolled {
+		if on {
+			w.idFlags[id] = idEnrolled
+		}
 	}
 	if ms.AllowHostIngress {
 		w.flags |= globalAllowHostIngress
@@ -195,7 +203,10 @@ func (w *genWrite) endpoint(id policy.EndpointID) map[PolicyKey]PolicyValue {
 	return e
 }
 
-const globalAllowHostIngress = 1 // GLOBAL_ALLOW_HOST_INGRESS
+const (
+	globalAllowHostIngress = 1 // GLOBAL_ALLOW_HOST_INGRESS
+	idEnrolled             = 1 // ID_ENROLLED
+)
 
 // writeGen makes generation g hold w's state, writing only what differs
 // from what g holds. g must not be live.
@@ -273,6 +284,27 @@ func (d *Datapath) writeGen(g uint8, w *genWrite, st *ApplyStats) error {
 			return fmt.Errorf("apply endpoint %d: %w", id, err)
 		}
 		gen.applied[id] = p
+	}
+
+	for id := range gen.idFlags {
+		if _, ok := w.idFlags[id]; ok {
+			continue
+		}
+		k := segmentIdFlagsKey{Gen: uint32(g), Identity: uint32(id)}
+		if err := d.step("id flags delete", func() error { return d.objs.IdFlags.Delete(k) }); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete id flags: %w", err)
+		}
+		delete(gen.idFlags, id)
+	}
+	for id, f := range w.idFlags {
+		if cur, ok := gen.idFlags[id]; ok && cur == f {
+			continue
+		}
+		k := segmentIdFlagsKey{Gen: uint32(g), Identity: uint32(id)}
+		if err := d.step("id flags update", func() error { return d.objs.IdFlags.Update(k, f, ebpf.UpdateAny) }); err != nil {
+			return fmt.Errorf("write id flags: %w", err)
+		}
+		gen.idFlags[id] = f
 	}
 
 	if gen.flags != w.flags {

@@ -66,6 +66,10 @@ func hooks() []hook {
 	}
 }
 
+// bridgeHook is TCX ingress of a bridge with pod ports: it hands
+// redirected SYNs to the tunnel (bulkhead_tunnel_bridge).
+var bridgeHook = hook{"tunnel-br", "bulkhead_tunnel_bridge", ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS}
+
 const clsactFilterName = "bulkhead"
 
 // inNetns runs f in the given network namespace (or the caller's) on a locked
@@ -135,6 +139,11 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		if err != nil {
 			return err
 		}
+		// A bridge port: tunnelled flows go to the bridge's L3 ingress
+		// (see tunnel_forward in bpf/segment.c).
+		if err := bridgeOf(l, &srcs); err != nil {
+			return err
+		}
 		// The source addresses go first, then the endpoint entry, so
 		// the first packet the programs see is already attributed and
 		// validated.
@@ -162,6 +171,15 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 				if err := d.attachClsact(ifindex, h); err != nil {
 					return err
 				}
+			}
+		}
+		if srcs.BrIfindex != 0 {
+			// The bridge's own hook, shared by its pods (see
+			// bulkhead_tunnel_bridge); attaching it again updates it.
+			if mode != ModeTCX {
+				d.log.Warn("no tcx: tunnelled flows of bridge pods will not reach the tunnel", "bridge", srcs.BrIfindex)
+			} else if err := d.attachTCX(nsID, int(srcs.BrIfindex), bridgeHook); err != nil {
+				return err
 			}
 		}
 		d.log.Info("endpoint attached", "endpoint", ep.ID, "ifindex", ifindex, "link", l.Attrs().Name, "mode", mode)
@@ -366,4 +384,24 @@ func (d *Datapath) detachAll() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// bridgeOf records in v the bridge l is a port of (its ifindex and MAC),
+// or none.
+func bridgeOf(l netlink.Link, v *EPAddrs) error {
+	v.BrIfindex, v.BrMac = 0, [6]uint8{}
+	master := l.Attrs().MasterIndex
+	if master == 0 {
+		return nil
+	}
+	m, err := netlink.LinkByIndex(master)
+	if err != nil {
+		return fmt.Errorf("find master %d of %s: %w", master, l.Attrs().Name, err)
+	}
+	if m.Type() != "bridge" || len(m.Attrs().HardwareAddr) != 6 {
+		return nil
+	}
+	v.BrIfindex = uint32(master)
+	copy(v.BrMac[:], m.Attrs().HardwareAddr)
+	return nil
 }

@@ -19,8 +19,10 @@ import (
 
 // CT state bits (bpf/include/bulkhead.h).
 const (
-	ctClosed = 1 << 4
-	ctDenied = 1 << 5
+	ctClosed   = 1 << 4
+	ctDenied   = 1 << 5
+	ctRedirect = 1 << 6
+	ctTunnel   = 1 << 7
 )
 
 const (
@@ -38,6 +40,14 @@ func (e ConntrackEntry) Closed() bool { return e.Entry.State&ctClosed != 0 }
 
 // Denied reports whether a policy change denied the flow (a tombstone).
 func (e ConntrackEntry) Denied() bool { return e.Entry.State&ctDenied != 0 }
+
+// Tunnelled reports whether the flow was redirected into the node's mTLS
+// tunnel at its source pod (CT_REDIRECT).
+func (e ConntrackEntry) Tunnelled() bool { return e.Entry.State&ctRedirect != 0 }
+
+// MTLS reports whether the tunnel delivered the flow to its pod; PeerId is
+// then the identity the tunnel verified (CT_TUNNEL).
+func (e ConntrackEntry) MTLS() bool { return e.Entry.State&ctTunnel != 0 }
 
 // Conntrack returns every conntrack entry, IPv4 flows with v4-mapped
 // addresses.

@@ -51,6 +51,12 @@ type Config struct {
 	EventRingBytes uint32
 	// ForceClsact skips TCX, as on kernels older than 6.6.
 	ForceClsact bool
+	// TunnelMark and TunnelMask: the mark (within the mask) of packets
+	// redirected into the node's mTLS tunnel, which the policy route of
+	// EnsureTunnelRouting makes local (default 0xb00/0xf00). A load-time
+	// setting: a datapath re-opened from pins keeps the one it was loaded
+	// with.
+	TunnelMark, TunnelMask uint32
 
 	// exactBuckets, when set, sizes both exact-match tables (tests).
 	exactBuckets uint32
@@ -77,6 +83,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.DropEventInterval == 0 {
 		c.DropEventInterval = time.Second
+	}
+	if c.TunnelMask == 0 {
+		c.TunnelMark, c.TunnelMask = DefaultTunnelMark, DefaultTunnelMask
 	}
 }
 
@@ -134,7 +143,8 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 		"conntrack4": &m.Conntrack4, "conntrack6": &m.Conntrack6, "ipcache_hosts": &m.IpcacheHosts,
 		"policy_exact": &m.PolicyExact, "endpoint_addrs": &m.EndpointAddrs,
 		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
-		"events": &m.Events,
+		"events": &m.Events, "tunnel_listener": &m.TunnelListener, "tunnel_socks": &m.TunnelSocks,
+		"id_flags": &m.IdFlags,
 	}
 }
 
@@ -142,7 +152,7 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 func (d *Datapath) pinnedProgs() map[string]**ebpf.Program {
 	return map[string]**ebpf.Program{
 		"bulkhead_from_pod": &d.objs.BulkheadFromPod, "bulkhead_to_pod": &d.objs.BulkheadToPod,
-		"bulkhead_clock": &d.objs.BulkheadClock,
+		"bulkhead_clock": &d.objs.BulkheadClock, "bulkhead_tunnel_bridge": &d.objs.BulkheadTunnelBridge,
 	}
 }
 
@@ -186,6 +196,9 @@ func New(cfg Config) (*Datapath, error) {
 	if err := Probe(); err != nil {
 		return nil, err
 	}
+	if cfg.TunnelMark&^cfg.TunnelMask != 0 || cfg.TunnelMark == 0 {
+		return nil, fmt.Errorf("tunnel mark %#x/%#x: want a non-zero mark inside its mask", cfg.TunnelMark, cfg.TunnelMask)
+	}
 	d := &Datapath{cfg: cfg, log: cfg.Logger}
 	if _, err := os.Stat(d.progPin("bulkhead_from_pod")); err == nil {
 		if err := d.openPinned(); err != nil {
@@ -204,7 +217,7 @@ func New(cfg Config) (*Datapath, error) {
 	d.epcfg, errEP = mapEPConfigs(d.objs.EpConfigs)
 	d.hosts, errHosts = mapExactTable(d.objs.IpcacheHosts, "ipcache_hosts", 5, 1)
 	var errPol, errGlob error
-	d.policyExact, errPol = mapExactTable(d.objs.PolicyExact, "policy_exact", 4, 2)
+	d.policyExact, errPol = mapExactTable(d.objs.PolicyExact, "policy_exact", 4, 3)
 	d.globals, errGlob = mapGlobals(d.objs.Globals)
 	if err := errors.Join(err4, err6, errEP, errHosts, errPol, errGlob); err != nil {
 		d.Close()
@@ -237,6 +250,8 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 		"ct_timeout_other_ns":    uint64(cfg.CTTimeoutOther),
 		"drop_event_interval_ns": uint64(cfg.DropEventInterval),
 		"ring_wakeup_mask":       ringWakeupMask(spec, cfg.EventRingBytes, runtime.NumCPU()),
+		"tunnel_mark":            cfg.TunnelMark,
+		"tunnel_mark_mask":       cfg.TunnelMask,
 	}
 	for name, v := range vars {
 		vs, ok := spec.Variables[name]
@@ -433,6 +448,18 @@ func (d *Datapath) readMirrors() error {
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read ipcache: %w", err)
+	}
+	var fk segmentIdFlagsKey
+	var fv uint32
+	it = d.objs.IdFlags.Iterate()
+	for it.Next(&fk, &fv) {
+		if fk.Gen > 1 {
+			return fmt.Errorf("read id_flags: entry of generation %d (pinned by another version?)", fk.Gen)
+		}
+		d.gens[fk.Gen].idFlags[identity.NumericID(fk.Identity)] = fv
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read id_flags: %w", err)
 	}
 	// A packet may still judge by the generation that was live before the
 	// last publish, which may have been an instant ago.

@@ -46,6 +46,32 @@
 // A port range never becomes one entry per port. The fuzz test
 // FuzzDatapathVerdict checks the program against MapState.Lookup.
 //
+// Each value holds two views of its key (MapState.LookupFlow): the plain
+// one, in which allows with FlagMTLSRequired do not match, and the
+// tunnelled one, in which they match TCP. The keys are the union of both
+// views' keys (see encodeEndpoint); an endpoint without mTLS allows gets
+// exactly TrieKeys. TestDatapathMTLSVerdictRandom checks both views.
+//
+// # The mTLS tunnel
+//
+// An enrolled pod's new TCP flow to an enrolled peer, or one whose egress
+// allow has FlagMTLSRequired, is redirected into the node's tunnel at the
+// pod's host veth: its packets get the tunnel mark (Config.TunnelMark), a
+// policy route (EnsureTunnelRouting) makes marked packets local, and the
+// SYN is handed to the tunnel's transparent listener (SetTunnelListener)
+// with bpf_sk_assign. The listener is found by its port and recognised by
+// its socket's inode; a SOCKMAP would be simpler, but this kernel refuses
+// listening sockets in one. A bridge switches a frame at L2 before IP sees
+// it, so for a bridge port the frame is addressed to the bridge, and
+// bulkhead_tunnel_bridge, at the bridge's TCX ingress, assigns the SYN
+// again (the bridge loses the first assignment). No listener: the flow is
+// dropped (DropTunnelDown), never forwarded. Towards a pod, a flow whose
+// socket the tunnel registered (MarkTunnelSocket) is judged with the
+// identity the tunnel verified, in the tunnelled view; every other flow is
+// plaintext, and TCP that only an mTLS allow would admit is dropped with
+// DropAuthRequired. A pod cannot forge a registration: what it sends
+// reaches the host veth without a local socket.
+//
 // # One switch for a policy change: generations and the revision
 //
 // The whole policy state exists twice, as generations 0 and 1: the ipcache

@@ -3,6 +3,7 @@ package datapath
 import (
 	"cmp"
 	"encoding/binary"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -24,16 +25,38 @@ func htons(p uint16) uint16 {
 	return binary.NativeEndian.Uint16(b[:])
 }
 
-func valueOf(e *policy.Entry) PolicyValue {
-	return PolicyValue{RuleId: uint32(e.Rule), Action: uint8(e.Action), Flags: uint8(e.Flags)}
-}
-
 // encodeEndpoint turns one endpoint's entries into policy map entries (with
-// Slot 0): exactly the keys policy.EndpointPolicy.TrieKeys yields, which is
-// also what the compiler budgets.
+// Slot 0). Each value carries two views (struct policy_value): the plain
+// one, in which allows with FlagMTLSRequired do not match, and the
+// tunnelled one, in which they match TCP (policy.MapState.LookupFlow). The
+// keys are policy.EndpointPolicy.TrieKeys of the plain view, the TCP keys
+// of the tunnelled view, and, for a (direction, peer) that has an mTLS
+// allow, that peer's whole-TCP key: a TCP lookup then never ends at the
+// any-protocol key, whose tunnelled view would be wrong for other
+// protocols. An endpoint without mTLS allows gets exactly the keys of
+// TrieKeys, which is what the compiler budgets. Each view's value at a key
+// is that view's longest match of the key, which is what the view's own
+// trie would answer for every lookup that ends at the key.
 func encodeEndpoint(id policy.EndpointID, p *policy.EndpointPolicy) map[PolicyKey]PolicyValue {
-	out := map[PolicyKey]PolicyValue{}
-	p.TrieKeys(func(tk policy.TrieKey, e *policy.Entry) {
+	plain, mtlsGroups := plainView(p)
+	plainKeys := map[policy.TrieKey]*policy.Entry{}
+	plain.TrieKeys(func(tk policy.TrieKey, e *policy.Entry) { plainKeys[tk] = e })
+	keys := maps.Clone(plainKeys)
+	tunKeys := plainKeys
+	if len(mtlsGroups) > 0 {
+		tunKeys = map[policy.TrieKey]*policy.Entry{}
+		p.TrieKeys(func(tk policy.TrieKey, e *policy.Entry) {
+			tunKeys[tk] = e
+			if tk.Proto == protoTCP {
+				keys[tk] = e
+			}
+		})
+		for g := range mtlsGroups {
+			keys[policy.TrieKey{Direction: g.dir, Peer: g.peer, Proto: protoTCP}] = nil
+		}
+	}
+	out := make(map[PolicyKey]PolicyValue, len(keys))
+	for tk := range keys {
 		k := PolicyKey{EpId: uint32(id), Peer: uint32(tk.Peer), Dir: uint8(tk.Direction)}
 		if tk.Proto == 0 {
 			k.Prefixlen = policyFixedBits
@@ -42,9 +65,77 @@ func encodeEndpoint(id policy.EndpointID, p *policy.EndpointPolicy) map[PolicyKe
 			k.Prefixlen = uint32(policyProtoBits + tk.PortBits)
 			k.Dport = htons(tk.Port)
 		}
-		out[k] = valueOf(e)
-	})
+		var v PolicyValue
+		if e := longestMatch(plainKeys, tk); e != nil {
+			v.RuleId, v.Action, v.Flags = uint32(e.Rule), uint8(e.Action), uint8(e.Flags)
+		}
+		// Off TCP the tunnelled view is the plain one: an mTLS allow
+		// never matches another protocol.
+		tv := plainKeys
+		if tk.Proto == protoTCP {
+			tv = tunKeys
+		}
+		if e := longestMatch(tv, tk); e != nil {
+			v.TunRuleId, v.TunAction, v.TunFlags = uint32(e.Rule), uint8(e.Action), uint8(e.Flags)
+		}
+		out[k] = v
+	}
 	return out
+}
+
+// PolicyKeys is how many policy trie keys endpoint policy p takes in one
+// generation: policy.EndpointPolicy.TrieSize, plus the tunnelled view's
+// keys when p has mtls: Required allows (see encodeEndpoint). Budgets
+// that count TrieSize undercount such endpoints.
+func PolicyKeys(p *policy.EndpointPolicy) int { return len(encodeEndpoint(0, p)) }
+
+type peerGroup struct {
+	dir  policy.Direction
+	peer identity.NumericID
+}
+
+// plainView is p without its mTLS allows (still in canonical order), and
+// the (direction, peer) groups that had one.
+func plainView(p *policy.EndpointPolicy) (*policy.EndpointPolicy, map[peerGroup]bool) {
+	var groups map[peerGroup]bool
+	for _, e := range p.Entries {
+		if isMTLSAllow(&e) {
+			if groups == nil {
+				groups = map[peerGroup]bool{}
+			}
+			groups[peerGroup{e.Direction, e.Peer}] = true
+		}
+	}
+	if groups == nil {
+		return p, nil
+	}
+	q := *p
+	q.Entries = slices.DeleteFunc(slices.Clone(p.Entries), func(e policy.Entry) bool { return isMTLSAllow(&e) })
+	return &q, groups
+}
+
+func isMTLSAllow(e *policy.Entry) bool {
+	return e.Action == policy.ActionAllow && e.Flags&policy.FlagMTLSRequired != 0
+}
+
+// longestMatch is what an LPM trie holding keys answers for the prefix tk:
+// the entry of the longest key that is a prefix of tk, or nil.
+func longestMatch(keys map[policy.TrieKey]*policy.Entry, tk policy.TrieKey) *policy.Entry {
+	if tk.Proto != 0 {
+		for bits := tk.PortBits; bits >= 0; bits-- {
+			q := tk
+			q.PortBits = bits
+			q.Port = tk.Port &^ uint16(0xffff>>bits) // the first bits bits
+			if bits == 0 {
+				q.Port = 0
+			}
+			if e, ok := keys[q]; ok && e != nil {
+				return e
+			}
+		}
+	}
+	e := keys[policy.TrieKey{Direction: tk.Direction, Peer: tk.Peer}]
+	return e
 }
 
 // epConfigOf is the endpoint's ep_configs value, without the slot.
@@ -56,6 +147,9 @@ func epConfigOf(p *policy.EndpointPolicy) EPConfig {
 	}
 	if p.Audit {
 		c.Flags |= epAudit
+	}
+	if p.Enrolled {
+		c.Flags |= epEnrolled
 	}
 	// BPF skips the policy lookups these rule out (EP_EXACT_PEER,
 	// EP_WILD_PEER): a lookup that cannot match costs as much as one that
@@ -74,6 +168,7 @@ const (
 	epAudit     = 1      // EP_AUDIT
 	epExactPeer = 1 << 1 // EP_EXACT_PEER, shifted by the direction
 	epWildPeer  = 1 << 3 // EP_WILD_PEER, shifted by the direction
+	epEnrolled  = 1 << 5 // EP_ENROLLED
 )
 
 // ipcacheGenBits is IPCACHE_GEN_BITS: the generation word in front of the

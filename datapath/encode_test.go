@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/bulkhead-io/bulkhead/identity"
@@ -36,5 +37,38 @@ func TestEncodeCostsTrieSize(t *testing.T) {
 		if got, want := p.TrieSize(), len(encodeEndpoint(7, p)); got != want {
 			t.Fatalf("TrieSize %d, encodeEndpoint writes %d keys: %+v", got, want, es)
 		}
+	}
+}
+
+// TestPolicyKeysMTLS: without mTLS allows an endpoint takes exactly
+// TrieSize keys; an any-protocol mTLS allow for another peer adds that
+// peer's whole-TCP key, which only the tunnelled view allows.
+func TestPolicyKeysMTLS(t *testing.T) {
+	plain := &policy.EndpointPolicy{Entries: policy.SortEntries([]policy.Entry{
+		allowIn(clientID, 6, 80, 80, 1), allowIn(otherID, 0, 0, 65535, 2)})}
+	if got, want := PolicyKeys(plain), plain.TrieSize(); got != want {
+		t.Fatalf("no mTLS: %d keys, want TrieSize %d", got, want)
+	}
+	const peer = identity.NumericID(900)
+	m := allowIn(peer, 0, 0, 65535, 3)
+	m.Flags = policy.FlagMTLSRequired
+	withMTLS := &policy.EndpointPolicy{Entries: policy.SortEntries(append(slices.Clone(plain.Entries), m))}
+	keys := encodeEndpoint(1, withMTLS)
+	if len(keys) != plain.TrieSize()+1 || PolicyKeys(withMTLS) != len(keys) {
+		t.Fatalf("%d keys, want %d", len(keys), plain.TrieSize()+1)
+	}
+	found := false
+	for k, v := range keys {
+		if k.Peer != uint32(peer) {
+			continue
+		}
+		found = true
+		if k.Proto != 6 || k.Prefixlen != policyProtoBits || v.Action != 0 || v.TunRuleId != 3 ||
+			v.TunAction != uint8(policy.ActionAllow) || v.TunFlags != uint8(policy.FlagMTLSRequired) {
+			t.Fatalf("key %+v value %+v: want the whole-TCP key, no plain entry, the mTLS allow tunnelled", k, v)
+		}
+	}
+	if !found {
+		t.Fatal("no key for the mTLS peer")
 	}
 }

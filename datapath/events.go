@@ -60,6 +60,13 @@ const (
 	// DropUnsupportedL2: an ethertype other than IPv4, IPv6 and ARP, or
 	// stacked VLAN tags.
 	DropUnsupportedL2 DropReason = 7
+	// DropAuthRequired: plaintext TCP that only an mtls: Required allow
+	// would admit. On an AUDIT flow-new event it says the same of a flow
+	// that audit mode let pass.
+	DropAuthRequired DropReason = 8
+	// DropTunnelDown: a flow that must go through the node's mTLS tunnel,
+	// and the tunnel has no listener (the agent is down).
+	DropTunnelDown DropReason = 9
 )
 
 // SourceValidation reports whether r is one of source validation's drop
@@ -86,6 +93,10 @@ func (r DropReason) String() string {
 		return "FORBIDDEN_ICMP6_MESSAGE"
 	case DropUnsupportedL2:
 		return "UNSUPPORTED_L2_PROTOCOL"
+	case DropAuthRequired:
+		return "AUTH_REQUIRED"
+	case DropTunnelDown:
+		return "TUNNEL_DOWN"
 	}
 	return fmt.Sprintf("REASON_%d", uint8(r))
 }
@@ -121,9 +132,22 @@ type FlowEvent struct {
 	// ICMPType is the ICMP or ICMPv6 packet's type (the event's flags byte
 	// carries it for those protocols); zero for other protocols.
 	ICMPType uint8
+	// Tunnelled: the flow was redirected into the node's mTLS tunnel at
+	// its source pod (this endpoint).
+	Tunnelled bool
+	// MTLS: the flow was delivered to this endpoint by the tunnel; the
+	// source identity is the one the tunnel verified.
+	MTLS bool
 }
 
 func isICMP(proto uint8) bool { return proto == 1 || proto == 58 }
+
+// flow_event.flags (EVF_*).
+const (
+	evfReply     = 1 << 0
+	evfTunnelled = 1 << 1
+	evfMTLS      = 1 << 2
+)
 
 // EventSize is the size of one flow event record in the ring buffer
 // (struct flow_event in bpf/include).
@@ -152,7 +176,7 @@ const (
 	offDir         = 67
 	offProto       = 68
 	offTCPFlags    = 69
-	offIsReply     = 70
+	offFlags       = 70
 	offIPv6        = 71
 )
 
@@ -174,7 +198,9 @@ func DecodeEvent(raw []byte) (FlowEvent, error) {
 		Endpoint:    policy.EndpointID(ne.Uint32(raw[offEpID:])),
 		Ifindex:     ne.Uint32(raw[offIfindex:]),
 		Direction:   policy.Direction(raw[offDir]),
-		IsReply:     raw[offIsReply] != 0,
+		IsReply:     raw[offFlags]&evfReply != 0,
+		Tunnelled:   raw[offFlags]&evfTunnelled != 0,
+		MTLS:        raw[offFlags]&evfMTLS != 0,
 		Verdict:     policy.Verdict(raw[offVerdict]),
 		DropReason:  DropReason(raw[offDropReason]),
 		Rule:        policy.RuleID(ne.Uint32(raw[offRuleID:])),
@@ -223,7 +249,13 @@ func AppendEvent(dst []byte, ev *FlowEvent) []byte {
 		b[offTCPFlags] = ev.ICMPType
 	}
 	if ev.IsReply {
-		b[offIsReply] = 1
+		b[offFlags] |= evfReply
+	}
+	if ev.Tunnelled {
+		b[offFlags] |= evfTunnelled
+	}
+	if ev.MTLS {
+		b[offFlags] |= evfMTLS
 	}
 	if ev.Src.Is6() && !ev.Src.Is4In6() {
 		b[offIPv6] = 1

@@ -27,7 +27,9 @@ func decodeEventReflect(raw []byte) (FlowEvent, error) {
 		Endpoint:    policy.EndpointID(e.EpId),
 		Ifindex:     e.Ifindex,
 		Direction:   policy.Direction(e.Dir),
-		IsReply:     e.IsReply != 0,
+		IsReply:     e.Flags&evfReply != 0,
+		Tunnelled:   e.Flags&evfTunnelled != 0,
+		MTLS:        e.Flags&evfMTLS != 0,
 		Verdict:     policy.Verdict(e.Verdict),
 		DropReason:  DropReason(e.DropReason),
 		Rule:        policy.RuleID(e.RuleId),
@@ -70,7 +72,7 @@ func TestEventLayout(t *testing.T) {
 		{"dir", unsafe.Offsetof(e.Dir), offDir},
 		{"proto", unsafe.Offsetof(e.Proto), offProto},
 		{"tcp_flags", unsafe.Offsetof(e.TcpFlags), offTCPFlags},
-		{"is_reply", unsafe.Offsetof(e.IsReply), offIsReply},
+		{"flags", unsafe.Offsetof(e.Flags), offFlags},
 		{"ipv6", unsafe.Offsetof(e.Ipv6), offIPv6},
 	} {
 		if c.got != c.want {
@@ -135,6 +137,12 @@ func TestAppendEventRoundTrip(t *testing.T) {
 		{Type: EventDrop, Timestamp: 1, Endpoint: 8, Direction: policy.Egress, IsReply: true, Verdict: policy.VerdictDeny,
 			DropReason: DropPolicy, Proto: 17, Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"),
 			SrcPort: 53, DstPort: 5353, SrcIdentity: 2, DstIdentity: 1},
+		{Type: EventFlowNew, Endpoint: 9, Direction: policy.Egress, Verdict: policy.VerdictAllow, Tunnelled: true, Proto: 6,
+			Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), SrcPort: 1, DstPort: 80},
+		{Type: EventFlowEnd, Endpoint: 9, Direction: policy.Ingress, Verdict: policy.VerdictAllow, MTLS: true, IsReply: true,
+			Proto: 6, Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), SrcPort: 1, DstPort: 80},
+		{Type: EventDrop, Endpoint: 9, Verdict: policy.VerdictDeny, DropReason: DropAuthRequired, Proto: 6,
+			Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2")},
 	} {
 		raw := AppendEvent([]byte("prefix"), &ev)
 		if len(raw) != len("prefix")+EventSize {

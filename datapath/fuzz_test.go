@@ -182,6 +182,9 @@ func peerIdentity(ms *policy.MapState, a netip.Addr) identity.NumericID {
 type verdictChecker struct {
 	d  *Datapath
 	ev *EventReader
+	// mtls adds FlagMTLSRequired to some allow entries and checks
+	// against lookupFlowModel, both views (see mtlsVerdict).
+	mtls bool
 	// seen counts outcomes, so a test can show it covered every kind.
 	seen map[string]int
 }
@@ -197,6 +200,10 @@ func newVerdictChecker(t testing.TB, cfg Config) *verdictChecker {
 // comparing verdict and rule with MapState.Lookup.
 func (c *verdictChecker) check(t *testing.T, data []byte) {
 	ms, pkts := decodeCase(data)
+	if c.mtls {
+		c.checkMTLS(t, ms, pkts, data)
+		return
+	}
 	if _, err := c.d.Apply(ms); err != nil {
 		t.Fatalf("apply: %v", err)
 	}

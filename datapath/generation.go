@@ -7,6 +7,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
@@ -18,7 +19,9 @@ type generation struct {
 	epConfigs map[policy.EndpointID]EPConfig
 	slots     map[policy.EndpointID]map[PolicyKey]PolicyValue
 	ipcache   map[IPCacheKey]IPCacheValue
-	flags     uint32
+	// idFlags mirrors id_flags: ID_* flags per identity (enrollment).
+	idFlags map[identity.NumericID]uint32
+	flags   uint32
 	// applied is the policy each endpoint last got in this generation. A
 	// policy in a MapState is never modified, so the same pointer means
 	// no change.
@@ -30,6 +33,7 @@ func newGeneration() generation {
 		epConfigs: map[policy.EndpointID]EPConfig{},
 		slots:     map[policy.EndpointID]map[PolicyKey]PolicyValue{},
 		ipcache:   map[IPCacheKey]IPCacheValue{},
+		idFlags:   map[identity.NumericID]uint32{},
 		applied:   map[policy.EndpointID]*policy.EndpointPolicy{},
 	}
 }

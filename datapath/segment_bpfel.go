@@ -13,6 +13,18 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type segmentBpfSockTuple struct {
+	_    structs.HostLayout
+	Ipv4 struct {
+		_     structs.HostLayout
+		Saddr uint32
+		Daddr uint32
+		Sport uint16
+		Dport uint16
+	}
+	_ [24]byte
+}
+
 type segmentCounter struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -82,14 +94,17 @@ type segmentCtKey struct {
 }
 
 type segmentEpAddrs struct {
-	_   structs.HostLayout
-	Mac [6]uint8
-	N4  uint8
-	N6  uint8
-	V4  [4]uint32
-	V6  [4][4]uint32
-	Nll uint32
-	Ll  [2][4]uint32
+	_         structs.HostLayout
+	Mac       [6]uint8
+	N4        uint8
+	N6        uint8
+	V4        [4]uint32
+	V6        [4][4]uint32
+	Nll       uint32
+	Ll        [2][4]uint32
+	BrIfindex uint32
+	BrMac     [6]uint8
+	PadBr     uint16
 }
 
 type segmentEpConfig struct {
@@ -119,7 +134,7 @@ type segmentFlowEvent struct {
 	Dir         uint8
 	Proto       uint8
 	TcpFlags    uint8
-	IsReply     uint8
+	Flags       uint8
 	Ipv6        uint8
 }
 
@@ -144,6 +159,12 @@ type segmentGlobalConfig struct {
 	Flags    [2]uint32
 	CtSeed   uint32
 	Pad      uint32
+}
+
+type segmentIdFlagsKey struct {
+	_        structs.HostLayout
+	Gen      uint32
+	Identity uint32
 }
 
 type segmentIpcacheHostBucket struct {
@@ -197,48 +218,64 @@ type segmentPolicyKey struct {
 }
 
 type segmentPolicyValue struct {
-	_      structs.HostLayout
-	RuleId uint32
-	Action uint8
-	Flags  uint8
-	Pad    uint16
+	_         structs.HostLayout
+	RuleId    uint32
+	TunRuleId uint32
+	Action    uint8
+	Flags     uint8
+	TunAction uint8
+	TunFlags  uint8
+}
+
+type segmentTunnelLsn struct {
+	_    structs.HostLayout
+	Ino  uint64
+	Port uint16
+	Pad  [3]uint16
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	segmentMapConntrack4           = "conntrack4"
-	segmentMapConntrack6           = "conntrack6"
-	segmentMapCounters             = "counters"
-	segmentMapDropEvents           = "drop_events"
-	segmentMapEndpointAddrs        = "endpoint_addrs"
-	segmentMapEndpoints            = "endpoints"
-	segmentMapEndpointsArray       = "endpoints_array"
-	segmentMapEpConfigs            = "ep_configs"
-	segmentMapEvents               = "events"
-	segmentMapFragments            = "fragments"
-	segmentMapGlobals              = "globals"
-	segmentMapIpcache              = "ipcache"
-	segmentMapIpcacheHosts         = "ipcache_hosts"
-	segmentMapPolicy               = "policy"
-	segmentMapPolicyExact          = "policy_exact"
-	segmentProgBulkheadClock       = "bulkhead_clock"
-	segmentProgBulkheadFromPod     = "bulkhead_from_pod"
-	segmentProgBulkheadPassthrough = "bulkhead_passthrough"
-	segmentProgBulkheadToPod       = "bulkhead_to_pod"
-	segmentVarCt4BucketMask        = "ct4_bucket_mask"
-	segmentVarCt6BucketMask        = "ct6_bucket_mask"
-	segmentVarCtTimeoutClosingNs   = "ct_timeout_closing_ns"
-	segmentVarCtTimeoutOtherNs     = "ct_timeout_other_ns"
-	segmentVarCtTimeoutTcpNs       = "ct_timeout_tcp_ns"
-	segmentVarDropEventIntervalNs  = "drop_event_interval_ns"
-	segmentVarHostIdentity         = "host_identity"
-	segmentVarIpcacheHostMask      = "ipcache_host_mask"
-	segmentVarJiffyNs              = "jiffy_ns"
-	segmentVarPolicyExactMask      = "policy_exact_mask"
-	segmentVarRingWakeupMask       = "ring_wakeup_mask"
-	segmentVarUnusedFlowEvent      = "unused_flow_event"
+	segmentMapConntrack4            = "conntrack4"
+	segmentMapConntrack6            = "conntrack6"
+	segmentMapCounters              = "counters"
+	segmentMapDropEvents            = "drop_events"
+	segmentMapEndpointAddrs         = "endpoint_addrs"
+	segmentMapEndpoints             = "endpoints"
+	segmentMapEndpointsArray        = "endpoints_array"
+	segmentMapEpConfigs             = "ep_configs"
+	segmentMapEvents                = "events"
+	segmentMapFragments             = "fragments"
+	segmentMapGlobals               = "globals"
+	segmentMapIdFlags               = "id_flags"
+	segmentMapIpcache               = "ipcache"
+	segmentMapIpcacheHosts          = "ipcache_hosts"
+	segmentMapPolicy                = "policy"
+	segmentMapPolicyExact           = "policy_exact"
+	segmentMapTunnelListener        = "tunnel_listener"
+	segmentMapTunnelScratch         = "tunnel_scratch"
+	segmentMapTunnelSocks           = "tunnel_socks"
+	segmentProgBulkheadClock        = "bulkhead_clock"
+	segmentProgBulkheadFromPod      = "bulkhead_from_pod"
+	segmentProgBulkheadPassthrough  = "bulkhead_passthrough"
+	segmentProgBulkheadToPod        = "bulkhead_to_pod"
+	segmentProgBulkheadTunnelBridge = "bulkhead_tunnel_bridge"
+	segmentVarCt4BucketMask         = "ct4_bucket_mask"
+	segmentVarCt6BucketMask         = "ct6_bucket_mask"
+	segmentVarCtTimeoutClosingNs    = "ct_timeout_closing_ns"
+	segmentVarCtTimeoutOtherNs      = "ct_timeout_other_ns"
+	segmentVarCtTimeoutTcpNs        = "ct_timeout_tcp_ns"
+	segmentVarDropEventIntervalNs   = "drop_event_interval_ns"
+	segmentVarHostIdentity          = "host_identity"
+	segmentVarIpcacheHostMask       = "ipcache_host_mask"
+	segmentVarJiffyNs               = "jiffy_ns"
+	segmentVarPolicyExactMask       = "policy_exact_mask"
+	segmentVarRingWakeupMask        = "ring_wakeup_mask"
+	segmentVarTunnelMark            = "tunnel_mark"
+	segmentVarTunnelMarkMask        = "tunnel_mark_mask"
+	segmentVarUnusedFlowEvent       = "unused_flow_event"
 )
 
 // loadSegment returns the embedded CollectionSpec for segment.
@@ -283,10 +320,11 @@ type segmentSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentProgramSpecs struct {
-	BulkheadClock       *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
-	BulkheadFromPod     *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod       *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
+	BulkheadClock        *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
+	BulkheadFromPod      *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough  *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod        *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge *ebpf.ProgramSpec `ebpf:"bulkhead_tunnel_bridge"`
 }
 
 // segmentMapSpecs contains maps before they are loaded into the kernel.
@@ -304,10 +342,14 @@ type segmentMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Globals        *ebpf.MapSpec `ebpf:"globals"`
+	IdFlags        *ebpf.MapSpec `ebpf:"id_flags"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.MapSpec `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
+	TunnelListener *ebpf.MapSpec `ebpf:"tunnel_listener"`
+	TunnelScratch  *ebpf.MapSpec `ebpf:"tunnel_scratch"`
+	TunnelSocks    *ebpf.MapSpec `ebpf:"tunnel_socks"`
 }
 
 // segmentVariableSpecs contains global variables before they are loaded into the kernel.
@@ -325,6 +367,8 @@ type segmentVariableSpecs struct {
 	JiffyNs             *ebpf.VariableSpec `ebpf:"jiffy_ns"`
 	PolicyExactMask     *ebpf.VariableSpec `ebpf:"policy_exact_mask"`
 	RingWakeupMask      *ebpf.VariableSpec `ebpf:"ring_wakeup_mask"`
+	TunnelMark          *ebpf.VariableSpec `ebpf:"tunnel_mark"`
+	TunnelMarkMask      *ebpf.VariableSpec `ebpf:"tunnel_mark_mask"`
 	UnusedFlowEvent     *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 }
 
@@ -359,10 +403,14 @@ type segmentMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Globals        *ebpf.Map `ebpf:"globals"`
+	IdFlags        *ebpf.Map `ebpf:"id_flags"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.Map `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
+	TunnelListener *ebpf.Map `ebpf:"tunnel_listener"`
+	TunnelScratch  *ebpf.Map `ebpf:"tunnel_scratch"`
+	TunnelSocks    *ebpf.Map `ebpf:"tunnel_socks"`
 }
 
 func (m *segmentMaps) Close() error {
@@ -378,10 +426,14 @@ func (m *segmentMaps) Close() error {
 		m.Events,
 		m.Fragments,
 		m.Globals,
+		m.IdFlags,
 		m.Ipcache,
 		m.IpcacheHosts,
 		m.Policy,
 		m.PolicyExact,
+		m.TunnelListener,
+		m.TunnelScratch,
+		m.TunnelSocks,
 	)
 }
 
@@ -400,6 +452,8 @@ type segmentVariables struct {
 	JiffyNs             *ebpf.Variable `ebpf:"jiffy_ns"`
 	PolicyExactMask     *ebpf.Variable `ebpf:"policy_exact_mask"`
 	RingWakeupMask      *ebpf.Variable `ebpf:"ring_wakeup_mask"`
+	TunnelMark          *ebpf.Variable `ebpf:"tunnel_mark"`
+	TunnelMarkMask      *ebpf.Variable `ebpf:"tunnel_mark_mask"`
 	UnusedFlowEvent     *ebpf.Variable `ebpf:"unused_flow_event"`
 }
 
@@ -407,10 +461,11 @@ type segmentVariables struct {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentPrograms struct {
-	BulkheadClock       *ebpf.Program `ebpf:"bulkhead_clock"`
-	BulkheadFromPod     *ebpf.Program `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough *ebpf.Program `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod       *ebpf.Program `ebpf:"bulkhead_to_pod"`
+	BulkheadClock        *ebpf.Program `ebpf:"bulkhead_clock"`
+	BulkheadFromPod      *ebpf.Program `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough  *ebpf.Program `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod        *ebpf.Program `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge *ebpf.Program `ebpf:"bulkhead_tunnel_bridge"`
 }
 
 func (p *segmentPrograms) Close() error {
@@ -419,6 +474,7 @@ func (p *segmentPrograms) Close() error {
 		p.BulkheadFromPod,
 		p.BulkheadPassthrough,
 		p.BulkheadToPod,
+		p.BulkheadTunnelBridge,
 	)
 }
 

@@ -52,6 +52,9 @@ enum bh_drop_reason {
 	DROP_INVALID_SMAC = 5,    /* Ethernet source or ARP/NDP link-layer address not the pod's MAC */
 	DROP_FORBIDDEN_ICMP6 = 6, /* RA, redirect, or NDP/MLD outside its link-local rules */
 	DROP_UNSUPPORTED_L2 = 7,  /* an ethertype a pod has no use for, or stacked VLAN tags */
+	/* mTLS (issue 12). */
+	DROP_AUTH_REQUIRED = 8, /* plaintext TCP that only an mtls: Required allow would admit */
+	DROP_TUNNEL_DOWN = 9,   /* a flow that must be tunnelled, and no tunnel listener */
 };
 
 enum bh_event_type {
@@ -75,6 +78,12 @@ enum bh_event_type {
  * live slot. */
 #define EP_EXACT_PEER (1 << 1) /* << dir: bit 1 ingress, bit 2 egress */
 #define EP_WILD_PEER (1 << 3)  /* << dir: bit 3 ingress, bit 4 egress */
+/* The endpoint's pod is enrolled in mTLS: its TCP to an enrolled peer goes
+ * through the node's tunnel. */
+#define EP_ENROLLED (1 << 5)
+
+/* id_flags values: per generation and identity. */
+#define ID_ENROLLED (1 << 0)
 
 /* globals.flags */
 #define GLOBAL_ALLOW_HOST_INGRESS (1 << 0)
@@ -91,6 +100,13 @@ enum bh_event_type {
  * sends (a retransmission, a keepalive) start a "new" flow in the reverse
  * direction, which its own policy may allow, and so revive the connection. */
 #define CT_DENIED (1 << 5)
+/* Redirected into the node's tunnel at the source pod: the pod's packets
+ * of the flow get the tunnel mark (and, on a bridge, go to the bridge's L3
+ * ingress), so they reach the tunnel's socket, never the wire. */
+#define CT_REDIRECT (1 << 6)
+/* Delivered by the tunnel to the destination pod: peer_id is the identity
+ * the tunnel verified, not what the source address maps to. */
+#define CT_TUNNEL (1 << 7)
 
 /* TCP flags as in the header's 13th byte. */
 #define TCP_FIN 0x01
@@ -125,11 +141,17 @@ struct policy_key {
 #define POLICY_FIXED_BITS 88
 #define POLICY_FULL_BITS 112
 
+/* A policy entry holds the winner of two views of the same key (see
+ * policy.MapState.LookupFlow): the plain view (rule_id, action, flags), in
+ * which allows with FLAG_MTLS_REQUIRED do not match, and the tunnelled view
+ * (tun_*), in which they match TCP. action 0 in a view: no entry there. */
 struct policy_value {
 	__u32 rule_id;
+	__u32 tun_rule_id;
 	__u8 action;
 	__u8 flags;
-	__u16 pad;
+	__u8 tun_action;
+	__u8 tun_flags;
 };
 
 /* ipcache key: the generation (see global_config), always matched, then
@@ -218,6 +240,26 @@ struct ep_addrs {
 	__u32 v6[EP_MAX_V6][4];
 	__u32 nll;
 	__u32 ll[EP_MAX_LL][4];
+	/* For a pod whose host veth is a bridge port: the bridge's ifindex and
+	 * MAC (0: not a bridge port). Tunnelled flows are sent to the bridge's
+	 * L3 ingress, which would otherwise switch them at L2. */
+	__u32 br_ifindex;
+	__u8 br_mac[6];
+	__u16 pad_br;
+};
+
+/* A registered tunnel listener: its socket's inode number (0: none) and
+ * the port it listens on, in the node's netns. */
+struct tunnel_lsn {
+	__u64 ino;
+	__u16 port;
+	__u16 pad[3];
+};
+
+/* id_flags key: an identity's flags (ID_*) in a generation. */
+struct id_flags_key {
+	__u32 gen;
+	__u32 identity;
 };
 
 /* The policy state exists twice, as generations 0 and 1: the ipcache
@@ -342,6 +384,11 @@ struct flow_event {
 	__u8 dir;
 	__u8 proto;
 	__u8 tcp_flags; /* TCP flags; for ICMP and ICMPv6, which have none, the type */
-	__u8 is_reply;
+	__u8 flags;     /* EVF_* */
 	__u8 ipv6;
 };
+
+/* flow_event.flags */
+#define EVF_REPLY (1 << 0)     /* the packet went against the flow */
+#define EVF_TUNNELLED (1 << 1) /* redirected into the tunnel at the source pod */
+#define EVF_MTLS (1 << 2)      /* delivered by the tunnel: the peer identity is verified */

@@ -145,3 +145,49 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* mTLS tunnel (issue 12). */
+
+/* The node tunnel's transparent listener(s) (struct tunnel_lsn): slot
+ * 0 takes IPv4 SYNs (and IPv6 ones when slot 1 is empty: a dual-stack
+ * socket), slot 1 IPv6 SYNs. A SOCKMAP would hold the socket itself, but
+ * this kernel refuses listening sockets in one (EOPNOTSUPP), so the program
+ * looks the listener up by its port and accepts it only when its socket's
+ * inode is the registered one: when the agent dies its socket goes, and no other
+ * process that binds the port gets the pods' plaintext; flows that must be
+ * tunnelled are dropped (DROP_TUNNEL_DOWN). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct tunnel_lsn);
+	__uint(max_entries, 2);
+} tunnel_listener SEC(".maps");
+
+/* Scratch space for tunnel_listening's socket tuple, which the stack has
+ * no room for (the programs' stack is near the verifier's limit). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bpf_sock_tuple);
+	__uint(max_entries, 1);
+} tunnel_scratch SEC(".maps");
+
+/* Socket cookie -> verified peer identity of the tunnel's connections to
+ * local pods, written before they connect. A pod cannot forge an entry: its
+ * packets reach the host veth without a local socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+} tunnel_socks SEC(".maps");
+
+/* (generation, identity) -> ID_* flags, written by Apply with the rest of a
+ * generation: enrolled identities. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct id_flags_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 2 * 65536);
+} id_flags SEC(".maps");

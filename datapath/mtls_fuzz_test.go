@@ -1,0 +1,175 @@
+package datapath
+
+import (
+	"errors"
+	"hash/fnv"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/bulkhead-io/bulkhead/identity"
+	"github.com/bulkhead-io/bulkhead/policy"
+)
+
+// lookupFlowModel is the reference of policy.MapState.LookupFlow as
+// MTLS.md specifies it, for the differential test: allows with
+// FlagMTLSRequired match only when tunnelled and TCP; plaintext TCP that
+// does not pass but that an mTLS allow would pass is AuthRequired, with
+// that allow's rule.
+func lookupFlowModel(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer identity.NumericID,
+	proto uint8, port uint16, tunnelled bool) (policy.Decision, bool) {
+	p := ms.Endpoints[ep]
+	if p == nil {
+		return ms.Lookup(ep, dir, peer, proto, port), false
+	}
+	view := func(tun bool) policy.Decision {
+		q := *p
+		q.Entries = slices.DeleteFunc(slices.Clone(p.Entries), func(e policy.Entry) bool {
+			return e.Action == policy.ActionAllow && e.Flags&policy.FlagMTLSRequired != 0 && !(tun && proto == 6)
+		})
+		m := *ms
+		m.Endpoints = map[policy.EndpointID]*policy.EndpointPolicy{ep: &q}
+		return m.Lookup(ep, dir, peer, proto, port)
+	}
+	d := view(tunnelled)
+	if proto == 6 && !tunnelled && d.Verdict != policy.VerdictAllow {
+		if t := view(true); t.Verdict == policy.VerdictAllow && t.Flags&policy.FlagMTLSRequired != 0 {
+			d.Rule = t.Rule
+			return d, true
+		}
+	}
+	return d, false
+}
+
+// addMTLS marks some allow entries (chosen from data) mtls: Required.
+func addMTLS(ms *policy.MapState, data []byte) {
+	p := ms.Endpoints[fuzzEP]
+	if p == nil {
+		return
+	}
+	h := fnv.New64a()
+	h.Write(data)
+	rng := rand.New(rand.NewPCG(h.Sum64(), 7))
+	q := *p
+	q.Entries = slices.Clone(p.Entries)
+	for i := range q.Entries {
+		if q.Entries[i].Action == policy.ActionAllow && rng.IntN(2) == 0 {
+			q.Entries[i].Flags |= policy.FlagMTLSRequired
+		}
+	}
+	q.Entries = policy.SortEntries(q.Entries)
+	ms.Endpoints[fuzzEP] = &q
+}
+
+// checkMTLS runs the case's packets as new flows: towards the pod as
+// plaintext (the plain view, AUTH_REQUIRED), from the pod in the view the
+// datapath judges egress by (tunnelled for TCP). No tunnel listener is
+// registered, so an egress flow an mTLS allow admits is dropped with
+// TUNNEL_DOWN: that checks the tunnelled view's winner.
+func (c *verdictChecker) checkMTLS(t *testing.T, ms *policy.MapState, pkts []fuzzPacket, data []byte) {
+	addMTLS(ms, data)
+	if _, err := c.d.Apply(ms); err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+	drainEvents(t, c.ev)
+	for _, p := range pkts {
+		peer := peerIdentity(ms, p.peer)
+		tun := p.dir == policy.Egress && p.proto == 6
+		want, auth := lookupFlowModel(ms, fuzzEP, p.dir, peer, p.proto, p.port, tun)
+		wantReason := DropNone
+		switch {
+		case want.Verdict == policy.VerdictDeny && auth:
+			wantReason = DropAuthRequired
+		case want.Verdict == policy.VerdictDeny:
+			wantReason = DropPolicy
+		case tun && want.Verdict == policy.VerdictAllow && want.Flags&policy.FlagMTLSRequired != 0:
+			wantReason = DropTunnelDown
+		}
+		prog := c.d.objs.BulkheadToPod
+		if p.dir == policy.Egress {
+			prog = c.d.objs.BulkheadFromPod
+		}
+		got := run(t, prog, p.spec.build())
+		key := ctKeyOf(uint32(fuzzEP), p.spec)
+		var ct ConntrackItem
+		ctErr := c.d.lookupConntrack(key, &ct)
+		evs := drainEvents(t, c.ev)
+		fail := func(format string, args ...any) {
+			t.Helper()
+			t.Fatalf("%s %v peer=%d proto=%d port=%d want=%+v auth=%v reason=%s: "+format+"\nentries=%+v",
+				append([]any{p.dir, p.spec.src, peer, p.proto, p.port, want, auth, wantReason}, append(args, ms.Endpoints[fuzzEP])...)...)
+		}
+		if (wantReason == DropNone) != (got == retPass) {
+			fail("program returned %#x, events %+v", got, evs)
+		}
+		_, managed := ms.Endpoints[fuzzEP]
+		switch {
+		case wantReason == DropAuthRequired:
+			c.seen["auth-required"]++
+		case wantReason == DropTunnelDown:
+			c.seen["tunnel-down"]++
+		case auth:
+			c.seen["auth-audit"]++
+		}
+		switch {
+		case !managed:
+		case wantReason == DropNone:
+			if ctErr != nil {
+				fail("no conntrack entry: %v", ctErr)
+			}
+			if ct.RuleId != uint32(want.Rule) && !auth || ct.Verdict != uint8(want.Verdict) {
+				fail("conntrack rule %d verdict %d", ct.RuleId, ct.Verdict)
+			}
+			if auth && (len(evs) != 1 || evs[0].DropReason != DropAuthRequired || evs[0].Rule != want.Rule) {
+				fail("audit that needs mTLS: events %+v", evs)
+			}
+			if err := c.d.deleteConntrack(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				t.Fatal(err)
+			}
+		default:
+			if ctErr == nil {
+				fail("a dropped flow has a conntrack entry")
+			}
+			if len(evs) != 1 || evs[0].Type != EventDrop || evs[0].Rule != want.Rule || evs[0].DropReason != wantReason {
+				fail("events %+v", evs)
+			}
+			if err := c.d.objs.DropEvents.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// TestDatapathMTLSVerdictRandom: the kernel's two policy views against
+// lookupFlowModel over seeded random policies with mTLS allows.
+func TestDatapathMTLSVerdictRandom(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{{"default", Config{}}, {"tiny-exact", Config{exactBuckets: 1}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newVerdictChecker(t, tc.cfg)
+			c.mtls = true
+			rng := rand.New(rand.NewPCG(5, 17))
+			cases := 3000
+			if testing.Short() {
+				cases = 300
+			}
+			buf := make([]byte, 160)
+			for range cases {
+				for i := range buf {
+					buf[i] = uint8(rng.Uint32())
+				}
+				c.check(t, buf)
+			}
+			t.Logf("outcomes: %v", c.seen)
+			for _, k := range []string{"auth-required", "tunnel-down", "auth-audit"} {
+				if c.seen[k] < cases/200 {
+					t.Errorf("only %d %s outcomes in %d cases: the generator is too narrow", c.seen[k], k, cases)
+				}
+			}
+		})
+	}
+}
