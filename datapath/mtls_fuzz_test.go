@@ -9,39 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
 )
-
-// lookupFlowModel is the reference of policy.MapState.LookupFlow as
-// MTLS.md specifies it, for the differential test: allows with
-// FlagMTLSRequired match only when tunnelled and TCP; plaintext TCP that
-// does not pass but that an mTLS allow would pass is AuthRequired, with
-// that allow's rule.
-func lookupFlowModel(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer identity.NumericID,
-	proto uint8, port uint16, tunnelled bool) (policy.Decision, bool) {
-	p := ms.Endpoints[ep]
-	if p == nil {
-		return ms.Lookup(ep, dir, peer, proto, port), false
-	}
-	view := func(tun bool) policy.Decision {
-		q := *p
-		q.Entries = slices.DeleteFunc(slices.Clone(p.Entries), func(e policy.Entry) bool {
-			return e.Action == policy.ActionAllow && e.Flags&policy.FlagMTLSRequired != 0 && !(tun && proto == 6)
-		})
-		m := *ms
-		m.Endpoints = map[policy.EndpointID]*policy.EndpointPolicy{ep: &q}
-		return m.Lookup(ep, dir, peer, proto, port)
-	}
-	d := view(tunnelled)
-	if proto == 6 && !tunnelled && d.Verdict != policy.VerdictAllow {
-		if t := view(true); t.Verdict == policy.VerdictAllow && t.Flags&policy.FlagMTLSRequired != 0 {
-			d.Rule = t.Rule
-			return d, true
-		}
-	}
-	return d, false
-}
 
 // addMTLS marks some allow entries (chosen from data) mtls: Required.
 func addMTLS(ms *policy.MapState, data []byte) {
@@ -77,7 +46,8 @@ func (c *verdictChecker) checkMTLS(t *testing.T, ms *policy.MapState, pkts []fuz
 	for _, p := range pkts {
 		peer := peerIdentity(ms, p.peer)
 		tun := p.dir == policy.Egress && p.proto == 6
-		want, auth := lookupFlowModel(ms, fuzzEP, p.dir, peer, p.proto, p.port, tun)
+		want := ms.LookupFlow(fuzzEP, p.dir, peer, p.proto, p.port, tun)
+		auth := want.AuthRequired
 		wantReason := DropNone
 		switch {
 		case want.Verdict == policy.VerdictDeny && auth:
