@@ -150,6 +150,7 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 		return
 	}
 	ic.clientID = id
+	t.accepted.Add(1)
 	t.inbound.add(ic)
 	defer t.inbound.remove(ic)
 	exp := expiry(st.PeerCertificates)
@@ -295,6 +296,10 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 	ev.Kind = EventOpened
 	t.emit(ev)
 
+	// The stream or its connection ending (a revoked or expired SVID,
+	// a reset from the source) breaks the pod's connection at once.
+	stop := context.AfterFunc(r.Context(), func() { reset(target) })
+	defer stop()
 	// Upstream: the stream's body to the pod.
 	var sent atomic.Uint64
 	upDone := make(chan error, 1)
@@ -305,6 +310,8 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 			if tc, ok := target.(*net.TCPConn); ok {
 				_ = tc.CloseWrite()
 			}
+		} else {
+			reset(target)
 		}
 		upDone <- err
 	}()

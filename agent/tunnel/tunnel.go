@@ -188,6 +188,7 @@ type Stats struct {
 	RejectedByPeer    uint64 // CONNECT answered with a non-2xx status
 	DialFailures      uint64 // TCP or TLS connect to a peer node failed
 	HandshakeFailures uint64 // inbound handshakes that failed
+	InboundAccepted   uint64 // inbound handshakes that succeeded
 	PoolDials         uint64 // outbound TLS connections opened
 	PoolReuses        uint64 // streams carried by an existing TLS connection
 	PoolConns         int    // open outbound TLS connections
@@ -224,7 +225,7 @@ type Tunnel struct {
 	ktlsReason string
 
 	forwarded, refused, rejected, dialFail, hsFail, dials, reuses atomic.Uint64
-	admitted, denied, bytesOut, bytesIn                           atomic.Uint64
+	admitted, denied, bytesOut, bytesIn, accepted                 atomic.Uint64
 	activeOut, activeIn                                           atomic.Int64
 
 	// runCtx ends the connections Run serves; set before ready closes.
@@ -479,6 +480,7 @@ func (t *Tunnel) Stats() Stats {
 		RejectedByPeer:    t.rejected.Load(),
 		DialFailures:      t.dialFail.Load(),
 		HandshakeFailures: t.hsFail.Load(),
+		InboundAccepted:   t.accepted.Load(),
 		PoolDials:         t.dials.Load(),
 		PoolReuses:        t.reuses.Load(),
 		PoolConns:         t.pool.size(),
