@@ -201,7 +201,7 @@ type clientConn struct {
 	key    poolKey
 	tls    *tls.Conn
 	cc     *http2.ClientConn
-	timer  *time.Timer
+	timer  atomic.Pointer[time.Timer]
 	closed atomic.Bool
 	// pods are the keys of the pods whose streams used it (for Revoke);
 	// guarded by pool.mu.
@@ -212,8 +212,8 @@ func (pc *clientConn) close() {
 	if pc.closed.Swap(true) {
 		return
 	}
-	if pc.timer != nil {
-		pc.timer.Stop()
+	if tm := pc.timer.Load(); tm != nil {
+		tm.Stop()
 	}
 	_ = pc.cc.Close()
 	_ = pc.tls.Close()
@@ -353,7 +353,7 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 	if len(st.PeerCertificates) > 0 && st.PeerCertificates[0].NotAfter.Before(exp) {
 		exp = st.PeerCertificates[0].NotAfter
 	}
-	pc.timer = time.AfterFunc(time.Until(exp), pc.close)
+	pc.timer.Store(time.AfterFunc(time.Until(exp), pc.close))
 	return pc, nil
 }
 

@@ -32,7 +32,7 @@ type inboundConn struct {
 	remote   netip.AddrPort
 	// notAfter is when the server SVID expires.
 	notAfter time.Time
-	timer    *time.Timer
+	timer    atomic.Pointer[time.Timer]
 	closed   atomic.Bool
 }
 
@@ -40,8 +40,8 @@ func (ic *inboundConn) close() {
 	if ic.closed.Swap(true) {
 		return
 	}
-	if ic.timer != nil {
-		ic.timer.Stop()
+	if tm := ic.timer.Load(); tm != nil {
+		tm.Stop()
 	}
 	_ = ic.raw.Close()
 }
@@ -157,7 +157,7 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 	if ic.notAfter.Before(exp) {
 		exp = ic.notAfter
 	}
-	ic.timer = time.AfterFunc(time.Until(exp), ic.close)
+	ic.timer.Store(time.AfterFunc(time.Until(exp), ic.close))
 	defer ic.close()
 	if ic.closed.Load() {
 		return
