@@ -326,7 +326,8 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		DynamicRecordSizingDisabled: true,
 	}
 	tlsconfig.HookMTLSClientConfig(cfg, svid, t.cfg.Identities.Bundles(), tlsconfig.AuthorizeID(dstID))
-	tc := tls.Client(raw, cfg)
+	bc := newBatchConn(raw)
+	tc := tls.Client(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -341,7 +342,7 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		tc.Close()
 		return nil, fmt.Errorf("tunnel endpoint %s did not negotiate h2 (got %q)", key.node, st.NegotiatedProtocol)
 	}
-	cc, err := t.h2c.NewClientConn(tc)
+	cc, err := t.h2c.NewClientConn(&batchTLS{Conn: tc, raw: bc})
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("http2 client on %s: %w", key.node, err)

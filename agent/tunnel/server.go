@@ -127,7 +127,8 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 			return t.serverConfig(ic, hello)
 		},
 	}
-	tc := tls.Server(raw, cfg)
+	bc := newBatchConn(raw)
+	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	cancel()
@@ -163,7 +164,7 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 		return
 	}
 
-	t.h2s.ServeConn(tc, &http2.ServeConnOpts{
+	t.h2s.ServeConn(&batchTLS{Conn: tc, raw: bc}, &http2.ServeConnOpts{
 		Context:    ctx,
 		BaseConfig: &http.Server{},
 		Handler:    http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { t.handleConnect(ic, w, r) }),
