@@ -1,8 +1,11 @@
+//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
+
 package tunnel
 
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -67,19 +70,27 @@ func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
 	ev.Node = node
 
 	ctx := t.baseCtx()
-	pc, reused, err := t.pool.get(ctx, poolKey{
-		srcID: svid.ID.String(), serial: serialOf(svid), node: node, dstID: dp.SPIFFEID.String(),
-	}, sp.Key, svid, dst.Addr(), dp.SPIFFEID)
-	if err != nil {
-		t.dialFail.Add(1)
-		refuse("connect to destination node", err)
-		return
+	key := poolKey{srcID: svid.ID.String(), serial: serialOf(svid), node: node, dstID: dp.SPIFFEID.String()}
+	for attempt := 0; ; attempt++ {
+		pc, reused, err := t.pool.get(ctx, key, sp.Key, svid, dst.Addr(), dp.SPIFFEID)
+		if err != nil {
+			t.dialFail.Add(1)
+			refuse("connect to destination node", err)
+			return
+		}
+		ev.Reused = reused
+		if reused {
+			t.reuses.Add(1)
+		}
+		// A pooled connection may die (idle timeout, GOAWAY, peer
+		// restart) between the pool's check and the request: that
+		// costs one more try on a fresh connection, not the pod's
+		// connection.
+		if !t.stream(ctx, c, pc, ev, reused && attempt == 0) {
+			return
+		}
+		pc.cc.SetDoNotReuse()
 	}
-	ev.Reused = reused
-	if reused {
-		t.reuses.Add(1)
-	}
-	t.stream(ctx, c, pc, ev)
 }
 
 // baseCtx is Run's context, so that Forward's streams end with Run.
@@ -101,9 +112,25 @@ type podBody struct {
 	n    atomic.Uint64
 	once sync.Once
 	done chan struct{}
+
+	// readMu is held across the socket read, so that detach can wait
+	// for a read in progress.
+	readMu   sync.Mutex
+	mu       sync.Mutex
+	detached bool
 }
 
+func newPodBody(c net.Conn) *podBody { return &podBody{c: c, done: make(chan struct{})} }
+
 func (b *podBody) Read(p []byte) (int, error) {
+	b.readMu.Lock()
+	defer b.readMu.Unlock()
+	b.mu.Lock()
+	detached := b.detached
+	b.mu.Unlock()
+	if detached {
+		return 0, net.ErrClosed
+	}
 	n, err := b.c.Read(p)
 	b.n.Add(uint64(n))
 	if err != nil {
@@ -113,19 +140,38 @@ func (b *podBody) Read(p []byte) (int, error) {
 }
 
 func (b *podBody) Close() error {
-	_ = b.c.SetReadDeadline(time.Unix(1, 0))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.detached {
+		_ = b.c.SetReadDeadline(time.Unix(1, 0))
+	}
 	b.finish()
 	return nil
 }
 
 func (b *podBody) finish() { b.once.Do(func() { close(b.done) }) }
 
+// detach takes the pod's connection back from a request that failed, and
+// reports whether none of its bytes were consumed, so that another attempt
+// may carry it. A read in progress is cut short and waited for.
+func (b *podBody) detach() bool {
+	b.mu.Lock()
+	b.detached = true
+	b.mu.Unlock()
+	_ = b.c.SetReadDeadline(time.Unix(1, 0))
+	b.readMu.Lock()
+	defer b.readMu.Unlock()
+	_ = b.c.SetReadDeadline(time.Time{})
+	return b.n.Load() == 0
+}
+
 // stream carries pod connection c over pooled connection pc, whose stream
-// slot the caller reserved.
-func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Event) {
+// slot the caller reserved. With mayRetry, a request that failed before
+// anything of c was read returns true, leaving c to the caller.
+func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Event, mayRetry bool) (retry bool) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	body := &podBody{c: c, done: make(chan struct{})}
+	body := newPodBody(c)
 	req := &http.Request{
 		Method:        http.MethodConnect,
 		URL:           &url.URL{Host: authority(ev.Dst)},
@@ -138,13 +184,17 @@ func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Even
 	}
 	req = req.WithContext(ctx)
 	resp, err := pc.cc.RoundTrip(req)
+	if err != nil && mayRetry && ctx.Err() == nil && body.detach() {
+		t.log.Debug("tunnel: pooled connection failed, retrying on a new one", "node", ev.Node, "err", err)
+		return true
+	}
 	if err != nil {
 		t.dialFail.Add(1)
 		t.refused.Add(1)
 		reset(c)
 		ev.Kind, ev.Reason, ev.Err = EventRefused, "connect request failed", err
 		t.emit(ev)
-		return
+		return false
 	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		resp.Body.Close()
@@ -152,7 +202,7 @@ func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Even
 		reset(c)
 		ev.Kind, ev.Reason, ev.Status = EventRefused, "destination refused: "+resp.Status, resp.StatusCode
 		t.emit(ev)
-		return
+		return false
 	}
 	t.activeOut.Add(1)
 	defer t.activeOut.Add(-1)
@@ -185,6 +235,7 @@ func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Even
 	t.bytesOut.Add(out)
 	ev.Kind, ev.Sent, ev.Received, ev.Err = EventClosed, out, in, derr
 	t.emit(ev)
+	return false
 }
 
 // poolKey names the TLS connections that may carry a pod's stream: the
@@ -325,7 +376,12 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		NextProtos:                  []string{http2.NextProtoTLS},
 		DynamicRecordSizingDisabled: true,
 	}
-	tlsconfig.HookMTLSClientConfig(cfg, svid, t.cfg.Identities.Bundles(), tlsconfig.AuthorizeID(dstID))
+	bundles := t.cfg.Identities.Bundles()
+	if bundles == nil {
+		raw.Close()
+		return nil, errors.New("no trust bundle yet")
+	}
+	tlsconfig.HookMTLSClientConfig(cfg, svid, bundles, tlsconfig.AuthorizeID(dstID))
 	bc := newBatchConn(raw)
 	tc := tls.Client(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)

@@ -213,15 +213,14 @@ type node struct {
 // world is two nodes: A hosts pod A (the client), B hosts pod B (an echo
 // server). Both pods are enrolled.
 type world struct {
-	ca      *devca.CA
-	a, b    *node
-	echo    netip.AddrPort // pod B's echo server
-	svidA   *x509svid.SVID
-	svidB   *x509svid.SVID
-	podA    Pod
-	podB    Pod
-	tdName  string
-	bundles *x509bundle.Set
+	ca     *devca.CA
+	a, b   *node
+	echo   netip.AddrPort // pod B's echo server
+	svidA  *x509svid.SVID
+	svidB  *x509svid.SVID
+	podA   Pod
+	podB   Pod
+	tdName string
 }
 
 func newNode(addr netip.Addr, ca *devca.CA) *node {

@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
+
 package tunnel
 
 import (
@@ -207,7 +209,11 @@ func (t *Tunnel) serverConfig(ic *inboundConn, hello *tls.ClientHelloInfo) (*tls
 		NextProtos:                  []string{http2.NextProtoTLS},
 		DynamicRecordSizingDisabled: true,
 	}
-	tlsconfig.HookMTLSServerConfig(cfg, svid, t.cfg.Identities.Bundles(), tlsconfig.AuthorizeMemberOf(t.cfg.TrustDomain))
+	bundles := t.cfg.Identities.Bundles()
+	if bundles == nil {
+		return nil, errors.New("no trust bundle yet")
+	}
+	tlsconfig.HookMTLSServerConfig(cfg, svid, bundles, tlsconfig.AuthorizeMemberOf(t.cfg.TrustDomain))
 	return cfg, nil
 }
 
