@@ -403,6 +403,20 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		tc.Close()
 		return nil, fmt.Errorf("http2 client on %s: %w", key.node, err)
 	}
+	// The first stream's body writer sizes its DATA frames by the peer's
+	// SETTINGS_MAX_FRAME_SIZE as known when it starts, for the stream's
+	// whole life: before the peer's SETTINGS arrive that is 16 KiB, and a
+	// long transfer would go as one TLS record pair per 16 KiB. A PING
+	// round trip makes sure the SETTINGS (sent before the PING's ACK)
+	// were read.
+	pctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	err = cc.Ping(pctx)
+	cancel()
+	if err != nil {
+		cc.Close()
+		tc.Close()
+		return nil, fmt.Errorf("http2 settings from %s: %w", key.node, err)
+	}
 	pc := &clientConn{key: key, tls: tc, cc: cc, pods: map[string]bool{}}
 	// Nothing authenticated by a certificate outlives it: close when
 	// either side's expires.
