@@ -349,7 +349,7 @@ func serveEcho(t testing.TB, ip netip.Addr) netip.AddrPort {
 			}
 			wg.Go(func() {
 				defer c.Close()
-				buf := make([]byte, 256<<10)
+				buf := make([]byte, 32<<10)
 				_, _ = io.CopyBuffer(c, struct{ io.Reader }{c}, buf)
 				_ = c.(*net.TCPConn).CloseWrite()
 			})
