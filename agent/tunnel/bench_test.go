@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -257,4 +258,39 @@ func BenchmarkPlainConnect(b *testing.B) {
 	}
 	b.StopTimer()
 	reportLatency(b, lat)
+}
+
+// BenchmarkTunnelIdleConnMemory opens idleConns tunnelled connections that
+// exchange one byte and then sit idle, and reports the Go heap they hold
+// per connection (both nodes' tunnels, which share this process).
+func BenchmarkTunnelIdleConnMemory(b *testing.B) {
+	const idleConns = 500
+	w := newWorld(b)
+	w.start(b)
+	ps := newPodSide(b, w.a.tun)
+	connectRR(b, func() net.Conn { return ps.dial(b, srcA(50003), w.echo) })
+	for range b.N {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		conns := make([]net.Conn, 0, idleConns)
+		for range idleConns {
+			c := ps.dial(b, srcA(50004), w.echo)
+			var one [1]byte
+			if _, err := c.Write(one[:]); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, one[:]); err != nil {
+				b.Fatal(err)
+			}
+			conns = append(conns, c)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/idleConns/1024, "heap-KiB/conn")
+		b.ReportMetric(float64(runtime.NumGoroutine())/idleConns, "goroutines/conn")
+		for _, c := range conns {
+			c.Close()
+		}
+	}
 }

@@ -240,12 +240,11 @@ type Tunnel struct {
 // stream is never stalled on WINDOW_UPDATE round trips at loopback or LAN
 // latencies.
 const (
-	maxFrameSize     = 1 << 20
+	maxFrameSize     = 128 << 10
 	streamWindow     = 4 << 20
 	connWindow       = 64 << 20
 	maxStreamsPerTLS = 1000
 	idleConnTimeout  = 5 * time.Minute
-	copyBufferSize   = 256 << 10
 )
 
 // New checks cfg and returns a Tunnel that Run serves.
@@ -275,7 +274,7 @@ func New(cfg Config) (*Tunnel, error) {
 	t := &Tunnel{
 		cfg:   cfg,
 		log:   log,
-		bufs:  newBufPool(copyBufferSize),
+		bufs:  newBufPool(),
 		ready: make(chan struct{}),
 		h2c: &http2.Transport{
 			MaxReadFrameSize:   maxFrameSize,
