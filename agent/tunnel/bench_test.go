@@ -294,3 +294,51 @@ func BenchmarkTunnelIdleConnMemory(b *testing.B) {
 		}
 	}
 }
+
+// serveSource sends bulk bytes to every connection until it closes.
+func serveSource(b *testing.B, ip netip.Addr) netip.AddrPort {
+	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	b.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				buf := make([]byte, benchChunk)
+				for {
+					if _, err := c.Write(buf); err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	return addrPortOf(l.Addr())
+}
+
+// BenchmarkTunnelLoopbackDownload is BenchmarkTunnelLoopback the other
+// way: pod B sends, through the destination node's HTTP/2 server side.
+func BenchmarkTunnelLoopbackDownload(b *testing.B) {
+	w := newWorld(b)
+	src := serveSource(b, podB)
+	w.start(b)
+	ps := newPodSide(b, w.a.tun)
+	c := ps.dial(b, srcA(50005), src)
+	defer c.Close()
+	buf := make([]byte, benchChunk)
+	b.SetBytes(benchChunk)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+}
