@@ -23,7 +23,9 @@ import (
 
 // Forward tunnels pod connection c from src to its original destination
 // dst, and returns when the connection has ended. It owns c: c is closed
-// on return, with an RST when it was refused or failed.
+// on return, with an RST when it was refused or failed. It is meant for
+// connections accepted while Run runs (after Ready): local destinations
+// are dialed through the HBONE listener Run opened.
 func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
 	t.forwarded.Add(1)
 	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
