@@ -15,21 +15,32 @@ import (
 // progress, collects the records it writes into one large write.
 type batchConn struct {
 	net.Conn
-	r *bufio.Reader
+	r     *bufio.Reader
+	wbufs *sync.Pool // of *[]byte, held only while a batch is open
 
 	mu       sync.Mutex
 	batching bool
-	wbuf     []byte
+	wbuf     *[]byte
 	werr     error
 }
 
+// The read buffer stays with the connection for its life (a pooled TLS
+// connection may carry many streams), so it is kept moderate; the write
+// buffer is taken from a pool for the length of one batch.
 const (
-	batchReadSize  = 256 << 10
+	batchReadSize  = 64 << 10
 	batchFlushSize = 256 << 10
 )
 
-func newBatchConn(c net.Conn) *batchConn {
-	return &batchConn{Conn: c, r: bufio.NewReaderSize(c, batchReadSize)}
+func newBatchConn(c net.Conn, wbufs *sync.Pool) *batchConn {
+	return &batchConn{Conn: c, r: bufio.NewReaderSize(c, batchReadSize), wbufs: wbufs}
+}
+
+func newWriteBufPool() *sync.Pool {
+	return &sync.Pool{New: func() any {
+		b := make([]byte, 0, batchFlushSize+32<<10)
+		return &b
+	}}
 }
 
 func (b *batchConn) Read(p []byte) (int, error) { return b.r.Read(p) }
@@ -43,8 +54,11 @@ func (b *batchConn) Write(p []byte) (int, error) {
 	if !b.batching {
 		return b.Conn.Write(p)
 	}
-	b.wbuf = append(b.wbuf, p...)
-	if len(b.wbuf) >= batchFlushSize {
+	if b.wbuf == nil {
+		b.wbuf = b.wbufs.Get().(*[]byte)
+	}
+	*b.wbuf = append(*b.wbuf, p...)
+	if len(*b.wbuf) >= batchFlushSize {
 		if err := b.flushLocked(); err != nil {
 			return 0, err
 		}
@@ -53,11 +67,11 @@ func (b *batchConn) Write(p []byte) (int, error) {
 }
 
 func (b *batchConn) flushLocked() error {
-	if len(b.wbuf) == 0 {
+	if b.wbuf == nil || len(*b.wbuf) == 0 {
 		return nil
 	}
-	_, err := b.Conn.Write(b.wbuf)
-	b.wbuf = b.wbuf[:0]
+	_, err := b.Conn.Write(*b.wbuf)
+	*b.wbuf = (*b.wbuf)[:0]
 	if err != nil {
 		b.werr = err
 	}
@@ -74,7 +88,12 @@ func (b *batchConn) end() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.batching = false
-	return b.flushLocked()
+	err := b.flushLocked()
+	if b.wbuf != nil {
+		b.wbufs.Put(b.wbuf)
+		b.wbuf = nil
+	}
+	return err
 }
 
 // batchTLS is the TLS connection the HTTP/2 layer uses: each of its writes

@@ -129,7 +129,7 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 			return t.serverConfig(ic, hello)
 		},
 	}
-	bc := newBatchConn(raw)
+	bc := newBatchConn(raw, t.wbufs)
 	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)

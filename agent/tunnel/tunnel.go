@@ -214,6 +214,8 @@ type Tunnel struct {
 	h2c  *http2.Transport
 	h2s  *http2.Server
 	bufs *bufPool
+	// wbufs are batchConn's write buffers.
+	wbufs *sync.Pool
 
 	self     netip.AddrPort // where local destinations are dialed, set by Run
 	ready    chan struct{}
@@ -275,6 +277,7 @@ func New(cfg Config) (*Tunnel, error) {
 		cfg:   cfg,
 		log:   log,
 		bufs:  newBufPool(),
+		wbufs: newWriteBufPool(),
 		ready: make(chan struct{}),
 		h2c: &http2.Transport{
 			MaxReadFrameSize:   maxFrameSize,
