@@ -354,6 +354,11 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 		pc.pods[podKey] = true
 		ok := pc.cc.ReserveNewRequest()
 		p.mu.Unlock()
+		// A Revoke that ran during the dial did not see this connection.
+		if cur, held := p.t.cfg.Identities.SVID(podKey); !held || cur.ID.String() != key.srcID || serialOf(cur) != key.serial {
+			pc.close()
+			return nil, false, fmt.Errorf("svid of %s was replaced or withdrawn while connecting", podKey)
+		}
 		if ok {
 			return pc, false, nil
 		}

@@ -162,6 +162,10 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 	}
 	ic.timer.Store(time.AfterFunc(time.Until(exp), ic.close))
 	defer ic.close()
+	// A Revoke that ran during the handshake did not see this connection.
+	if cur, ok := t.cfg.Identities.SVID(ic.podKey); !ok || cur.ID != ic.serverID || serialOf(cur) != ic.serial {
+		return
+	}
 	if ic.closed.Load() {
 		return
 	}
