@@ -301,17 +301,13 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 	t.admitted.Add(1)
 	t.activeIn.Add(1)
 	defer t.activeIn.Add(-1)
-	w.WriteHeader(http.StatusOK)
-	fl := w.(http.Flusher)
-	fl.Flush()
-	ev.Kind = EventOpened
-	t.emit(ev)
-
 	// The stream or its connection ending (a revoked or expired SVID,
 	// a reset from the source) breaks the pod's connection at once.
 	stop := context.AfterFunc(r.Context(), func() { reset(target) })
 	defer stop()
-	// Upstream: the stream's body to the pod.
+	// Upstream: the stream's body to the pod. It starts before the 200
+	// is written: the source sends the pod's first bytes right behind
+	// the CONNECT, and they need not wait for the response's write.
 	var sent atomic.Uint64
 	upDone := make(chan error, 1)
 	go func() {
@@ -326,6 +322,11 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		}
 		upDone <- err
 	}()
+	w.WriteHeader(http.StatusOK)
+	fl := w.(http.Flusher)
+	fl.Flush()
+	ev.Kind = EventOpened
+	t.emit(ev)
 	// Downstream: the pod's bytes to the stream.
 	got, derr := t.bufs.copyFlush(w, target, fl.Flush)
 	var uerr error
