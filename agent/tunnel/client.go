@@ -1,0 +1,481 @@
+//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
+
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/net/http2"
+)
+
+// Forward tunnels pod connection c from src to its original destination
+// dst, and returns when the connection has ended. It owns c: c is closed
+// on return, with an RST when it was refused or failed. It is meant for
+// connections accepted while Run runs (after Ready): local destinations
+// are dialed through the HBONE listener Run opened.
+func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
+	t.forwarded.Add(1)
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	ev := Event{Side: SideSource, Src: src, Dst: dst}
+	refuse := func(reason string, err error) {
+		t.refused.Add(1)
+		reset(c)
+		ev.Kind, ev.Reason, ev.Err = EventRefused, reason, err
+		t.log.Debug("tunnel: refused", "src", src, "dst", dst, "reason", reason, "err", err)
+		t.emit(ev)
+	}
+
+	sp, ok := t.cfg.Directory.PodByIP(src.Addr())
+	if !ok || !sp.Local() {
+		refuse("source is not a local pod", nil)
+		return
+	}
+	svid, ok := t.cfg.Identities.SVID(sp.Key)
+	if !ok || svid == nil || len(svid.Certificates) == 0 {
+		refuse("source pod has no svid", nil)
+		return
+	}
+	ev.SrcID = svid.ID
+	dp, ok := t.cfg.Directory.PodByIP(dst.Addr())
+	if !ok {
+		refuse("destination is not a known pod", nil)
+		return
+	}
+	ev.DstID = dp.SPIFFEID
+	if !dp.Enrolled {
+		refuse("destination pod is not enrolled", nil)
+		return
+	}
+	if dp.SPIFFEID.IsZero() {
+		refuse("destination pod has no spiffe id", nil)
+		return
+	}
+	node, ok := t.peerAddr(dp)
+	if !ok {
+		refuse("destination pod's node is unknown", nil)
+		return
+	}
+	ev.Node = node
+
+	ctx := t.baseCtx()
+	key := poolKey{srcID: svid.ID.String(), serial: serialOf(svid), node: node, dstID: dp.SPIFFEID.String()}
+	for attempt := 0; ; attempt++ {
+		pc, reused, err := t.pool.get(ctx, key, sp.Key, svid, dst.Addr(), dp.SPIFFEID)
+		if err != nil {
+			t.dialFail.Add(1)
+			refuse("connect to destination node", err)
+			return
+		}
+		ev.Reused = reused
+		if reused {
+			t.reuses.Add(1)
+		}
+		// A pooled connection may die (idle timeout, GOAWAY, peer
+		// restart) between the pool's check and the request: that
+		// costs one more try on a fresh connection, not the pod's
+		// connection.
+		if !t.stream(ctx, c, pc, ev, reused && attempt == 0) {
+			return
+		}
+		pc.cc.SetDoNotReuse()
+	}
+}
+
+// baseCtx is Run's context, so that Forward's streams end with Run.
+func (t *Tunnel) baseCtx() context.Context {
+	t.runMu.Lock()
+	defer t.runMu.Unlock()
+	if t.runCtx != nil {
+		return t.runCtx
+	}
+	return context.Background()
+}
+
+// podBody is the CONNECT request body: the bytes the pod sends. Close
+// (called by the HTTP/2 transport when the stream ends before the pod
+// stopped sending) unblocks a pending Read without closing the pod's
+// socket, which the response direction may still be writing.
+type podBody struct {
+	c    net.Conn
+	n    atomic.Uint64
+	once sync.Once
+	done chan struct{}
+
+	// readMu is held across the socket read, so that detach can wait
+	// for a read in progress.
+	readMu   sync.Mutex
+	mu       sync.Mutex
+	detached bool
+}
+
+func newPodBody(c net.Conn) *podBody { return &podBody{c: c, done: make(chan struct{})} }
+
+func (b *podBody) Read(p []byte) (int, error) {
+	b.readMu.Lock()
+	defer b.readMu.Unlock()
+	b.mu.Lock()
+	detached := b.detached
+	b.mu.Unlock()
+	if detached {
+		return 0, net.ErrClosed
+	}
+	n, err := b.c.Read(p)
+	b.n.Add(uint64(n))
+	if err != nil {
+		b.finish()
+	}
+	return n, err
+}
+
+func (b *podBody) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.detached {
+		_ = b.c.SetReadDeadline(time.Unix(1, 0))
+	}
+	b.finish()
+	return nil
+}
+
+func (b *podBody) finish() { b.once.Do(func() { close(b.done) }) }
+
+// detach takes the pod's connection back from a request that failed, and
+// reports whether none of its bytes were consumed, so that another attempt
+// may carry it. A read in progress is cut short and waited for.
+func (b *podBody) detach() bool {
+	b.mu.Lock()
+	b.detached = true
+	b.mu.Unlock()
+	_ = b.c.SetReadDeadline(time.Unix(1, 0))
+	b.readMu.Lock()
+	defer b.readMu.Unlock()
+	_ = b.c.SetReadDeadline(time.Time{})
+	return b.n.Load() == 0
+}
+
+// stream carries pod connection c over pooled connection pc, whose stream
+// slot the caller reserved. With mayRetry, a request that failed before
+// anything of c was read returns true, leaving c to the caller.
+func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Event, mayRetry bool) (retry bool) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	body := newPodBody(c)
+	req := &http.Request{
+		Method:        http.MethodConnect,
+		URL:           &url.URL{Host: authority(ev.Dst)},
+		Host:          authority(ev.Dst),
+		Header:        http.Header{SourceHeader: []string{ev.Src.Addr().String()}},
+		Body:          body,
+		ContentLength: -1,
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+	}
+	req = req.WithContext(ctx)
+	resp, err := pc.cc.RoundTrip(req)
+	if err != nil && mayRetry && ctx.Err() == nil && body.detach() {
+		t.log.Debug("tunnel: pooled connection failed, retrying on a new one", "node", ev.Node, "err", err)
+		return true
+	}
+	if err != nil {
+		t.dialFail.Add(1)
+		t.refused.Add(1)
+		reset(c)
+		ev.Kind, ev.Reason, ev.Err = EventRefused, "connect request failed", err
+		t.emit(ev)
+		return false
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		resp.Body.Close()
+		t.rejected.Add(1)
+		reset(c)
+		ev.Kind, ev.Reason, ev.Status = EventRefused, "destination refused: "+resp.Status, resp.StatusCode
+		t.emit(ev)
+		return false
+	}
+	t.activeOut.Add(1)
+	defer t.activeOut.Add(-1)
+	ev.Kind = EventOpened
+	t.emit(ev)
+
+	// Bytes to the pod: the response body.
+	in, derr := t.bufs.copyFlush(c, resp.Body, nil)
+	t.bytesIn.Add(in)
+	abort := derr != nil
+	if !abort {
+		// The destination finished sending: pass its FIN on, and wait
+		// for the pod to finish its side.
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.CloseWrite()
+		}
+		select {
+		case <-body.done:
+		case <-ctx.Done():
+			abort = true
+		}
+	}
+	resp.Body.Close()
+	if abort {
+		reset(c)
+	} else {
+		c.Close()
+	}
+	out := body.n.Load()
+	t.bytesOut.Add(out)
+	ev.Kind, ev.Sent, ev.Received, ev.Err = EventClosed, out, in, derr
+	t.emit(ev)
+	return false
+}
+
+// poolKey names the TLS connections that may carry a pod's stream: the
+// same client SVID (ID and serial), the same destination node, the same
+// expected server ID.
+type poolKey struct {
+	srcID, serial string
+	node          netip.AddrPort
+	dstID         string
+}
+
+// clientConn is one pooled TLS connection with its HTTP/2 client.
+type clientConn struct {
+	key    poolKey
+	tls    *tls.Conn
+	cc     *http2.ClientConn
+	timer  atomic.Pointer[time.Timer]
+	closed atomic.Bool
+	// pods are the keys of the pods whose streams used it (for Revoke);
+	// guarded by pool.mu.
+	pods map[string]bool
+}
+
+func (pc *clientConn) close() {
+	if pc.closed.Swap(true) {
+		return
+	}
+	if tm := pc.timer.Load(); tm != nil {
+		tm.Stop()
+	}
+	_ = pc.cc.Close()
+	_ = pc.tls.Close()
+}
+
+// dialing is one connection attempt that concurrent callers wait for, so
+// that a burst of connections to a new peer pays one handshake.
+type dialing struct {
+	done chan struct{}
+	err  error
+}
+
+type poolEntry struct {
+	conns   []*clientConn
+	pending *dialing
+}
+
+type pool struct {
+	t  *Tunnel
+	mu sync.Mutex
+	m  map[poolKey]*poolEntry
+}
+
+func newPool(t *Tunnel) *pool { return &pool{t: t, m: map[poolKey]*poolEntry{}} }
+
+// get returns a connection for key with a stream reserved, and whether it
+// was an existing one.
+func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509svid.SVID, dstIP netip.Addr, dstID spiffeid.ID) (*clientConn, bool, error) {
+	for {
+		p.mu.Lock()
+		e := p.m[key]
+		if e == nil {
+			e = &poolEntry{}
+			p.m[key] = e
+		}
+		live := e.conns[:0]
+		var found *clientConn
+		for _, pc := range e.conns {
+			if pc.closed.Load() || pc.cc.State().Closed {
+				pc.close()
+				continue
+			}
+			live = append(live, pc)
+			if found == nil && pc.cc.ReserveNewRequest() {
+				found = pc
+			}
+		}
+		clear(e.conns[len(live):])
+		e.conns = live
+		if found != nil {
+			found.pods[podKey] = true
+			p.mu.Unlock()
+			return found, true, nil
+		}
+		if d := e.pending; d != nil {
+			p.mu.Unlock()
+			select {
+			case <-d.done:
+			case <-ctx.Done():
+				return nil, false, ctx.Err()
+			}
+			if d.err != nil {
+				return nil, false, d.err
+			}
+			continue
+		}
+		d := &dialing{done: make(chan struct{})}
+		e.pending = d
+		p.mu.Unlock()
+
+		pc, err := p.dial(ctx, key, svid, dstIP, dstID)
+
+		p.mu.Lock()
+		e.pending = nil
+		d.err = err
+		close(d.done)
+		if err != nil {
+			if len(e.conns) == 0 {
+				delete(p.m, key)
+			}
+			p.mu.Unlock()
+			return nil, false, err
+		}
+		e.conns = append(e.conns, pc)
+		pc.pods[podKey] = true
+		ok := pc.cc.ReserveNewRequest()
+		p.mu.Unlock()
+		// A Revoke that ran during the dial did not see this connection.
+		if cur, held := p.t.cfg.Identities.SVID(podKey); !held || cur.ID.String() != key.srcID || serialOf(cur) != key.serial {
+			pc.close()
+			return nil, false, fmt.Errorf("svid of %s was replaced or withdrawn while connecting", podKey)
+		}
+		if ok {
+			return pc, false, nil
+		}
+		// Taken by waiters already: try again.
+	}
+}
+
+// dial opens a TLS connection to key.node as svid, which must find the
+// server to be dstID.
+func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP netip.Addr, dstID spiffeid.ID) (*clientConn, error) {
+	t := p.t
+	t.dials.Add(1)
+	d := net.Dialer{Timeout: DialTimeout}
+	raw, err := d.DialContext(ctx, "tcp", key.node.String())
+	if err != nil {
+		return nil, fmt.Errorf("dial tunnel endpoint %s: %w", key.node, err)
+	}
+	cfg := &tls.Config{
+		MinVersion:                  tls.VersionTLS13,
+		MaxVersion:                  tls.VersionTLS13,
+		ServerName:                  serverName(dstIP),
+		NextProtos:                  []string{http2.NextProtoTLS},
+		DynamicRecordSizingDisabled: true,
+	}
+	bundles := t.cfg.Identities.Bundles()
+	if bundles == nil {
+		raw.Close()
+		return nil, errors.New("no trust bundle yet")
+	}
+	tlsconfig.HookMTLSClientConfig(cfg, svid, bundles, tlsconfig.AuthorizeID(dstID))
+	bc := newBatchConn(raw, t.wbufs)
+	tc := tls.Client(bc, cfg)
+	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	err = tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		t.emit(Event{Kind: EventHandshakeFailed, Side: SideSource, Node: key.node, SrcID: svid.ID, DstID: dstID,
+			Reason: "tls handshake with destination node", Err: err})
+		return nil, fmt.Errorf("tls handshake with %s as %s: %w", key.node, dstID, err)
+	}
+	st := tc.ConnectionState()
+	if st.NegotiatedProtocol != http2.NextProtoTLS {
+		tc.Close()
+		return nil, fmt.Errorf("tunnel endpoint %s did not negotiate h2 (got %q)", key.node, st.NegotiatedProtocol)
+	}
+	cc, err := t.h2c.NewClientConn(&batchTLS{Conn: tc, raw: bc})
+	if err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("http2 client on %s: %w", key.node, err)
+	}
+	// The first stream's body writer sizes its DATA frames by the peer's
+	// SETTINGS_MAX_FRAME_SIZE as known when it starts, for the stream's
+	// whole life: before the peer's SETTINGS arrive that is 16 KiB, and a
+	// long transfer would go as one TLS record pair per 16 KiB. A PING
+	// round trip makes sure the SETTINGS (sent before the PING's ACK)
+	// were read.
+	pctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	err = cc.Ping(pctx)
+	cancel()
+	if err != nil {
+		cc.Close()
+		tc.Close()
+		return nil, fmt.Errorf("http2 settings from %s: %w", key.node, err)
+	}
+	pc := &clientConn{key: key, tls: tc, cc: cc, pods: map[string]bool{}}
+	// Nothing authenticated by a certificate outlives it: close when
+	// either side's expires.
+	exp := svid.Certificates[0].NotAfter
+	if len(st.PeerCertificates) > 0 && st.PeerCertificates[0].NotAfter.Before(exp) {
+		exp = st.PeerCertificates[0].NotAfter
+	}
+	pc.timer.Store(time.AfterFunc(time.Until(exp), pc.close))
+	return pc, nil
+}
+
+// revoke closes the connections that pod podKey used whose SVID is stale.
+func (p *pool) revoke(podKey string, stale func(id, serial string) bool) int {
+	p.mu.Lock()
+	var victims []*clientConn
+	for _, e := range p.m {
+		for _, pc := range e.conns {
+			if pc.pods[podKey] && stale(pc.key.srcID, pc.key.serial) {
+				victims = append(victims, pc)
+			}
+		}
+	}
+	p.mu.Unlock()
+	for _, pc := range victims {
+		pc.close()
+	}
+	return len(victims)
+}
+
+func (p *pool) size() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, e := range p.m {
+		for _, pc := range e.conns {
+			if !pc.closed.Load() {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func (p *pool) closeAll() {
+	p.mu.Lock()
+	var all []*clientConn
+	for k, e := range p.m {
+		all = append(all, e.conns...)
+		delete(p.m, k)
+	}
+	p.mu.Unlock()
+	for _, pc := range all {
+		pc.close()
+	}
+}
