@@ -23,6 +23,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/state"
 	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/agent/svids"
+	"github.com/bulkhead-io/bulkhead/agent/tunnel"
 	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
@@ -52,6 +53,10 @@ type Agent struct {
 	guard *storeguard.Guard
 	// svids holds local pods' SVIDs (nil with --identity-source none).
 	svids *svids.Manager
+	// tunnel is the node's mTLS tunnel endpoint (nil without svids).
+	tunnel *tunnel.Tunnel
+	// pipe is the flow pipeline while Run runs, for the tunnel's records.
+	pipe atomic.Pointer[flowPipe]
 	// issuedRefused remembers, per pod, the issued ID last refused (logged
 	// once); owned by the batch goroutine.
 	issuedRefused map[podRef]string
@@ -105,6 +110,8 @@ type view struct {
 	identities map[uint32]policy.IdentityInfo
 	endpoints  map[policy.EndpointID]*endpointRecord
 	pods       map[policy.EndpointID]podRef
+	// mtls is what the tunnel endpoint reads (nil before the first apply).
+	mtls *mtlsView
 }
 
 // change is one item of the batcher: an endpoint to add or delete, or a
@@ -161,6 +168,7 @@ func New(cfg Config) (*Agent, error) {
 	a.source = src
 	dpcfg := cfg.Datapath
 	dpcfg.BPFFS = cfg.BPFFS
+	dpcfg.TunnelMark, dpcfg.TunnelMask = cfg.TunnelMark, TunnelMarkMask
 	dpcfg.Logger = cfg.Logger.With("component", "datapath")
 	dp, err := datapath.New(dpcfg)
 	if err != nil {
@@ -199,6 +207,13 @@ func New(cfg Config) (*Agent, error) {
 	if a.svids, err = openSVIDs(cfg, a.metrics); err != nil {
 		dp.Close()
 		return nil, err
+	}
+	if a.tunnel, err = a.openTunnel(); err != nil {
+		a.closeOnFail()
+		return nil, err
+	}
+	if a.tunnel != nil {
+		a.metrics.RegisterTunnel(a.tunnelStat)
 	}
 	a.records, err = state.Open[endpointRecord](filepath.Join(cfg.StateDir, "endpoints"))
 	if err != nil {
@@ -309,6 +324,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		srv.Close()
 		return err
 	}
+	a.pipe.Store(pipe)
 	wg.Go(func() {
 		defer a.guard.Stop()
 		err := a.source.Run(ctx, func(r *store.Result) { a.guard.Offer(ctx, r) },
@@ -324,6 +340,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Go(func() { a.reconcileVeths(ctx, a.cfg.ReconcileInterval) })
 	if a.svids != nil {
 		wg.Go(func() { a.runSVIDs(ctx) })
+	}
+	if a.tunnel != nil {
+		wg.Go(func() {
+			if err := a.tunnel.Run(ctx); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("mtls tunnel: %w", err)
+			}
+		})
 	}
 	a.log.Info("agent running", "socket", a.cfg.Socket, "store", a.cfg.Store, "bpffs", a.cfg.BPFFS, "node", a.cfg.NodeName)
 
@@ -342,6 +365,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	ln.Close()
 	cancel()
 	a.batch.Close()
+	a.pipe.Store(nil)
 	pipe.close()
 	wg.Wait()
 	if a.svids != nil {
@@ -769,6 +793,7 @@ func (a *Agent) publish(ms *policy.MapState) {
 	}
 	remote := a.remoteIPs
 	a.mu.Unlock()
+	v.mtls = a.buildMTLSView(ms, ids, v)
 	a.view.Store(v)
 	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
 	fc.Endpoints = v.endpointPods()

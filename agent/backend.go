@@ -256,6 +256,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		resp.LostEventsKernel = c.EventsLost
 	}
 	resp.IdentitySource = a.identitySourceStatus()
+	resp.MTLS = a.mtlsStatus()
 	return resp, nil
 }
 

@@ -72,6 +72,15 @@ type Config struct {
 	SPIREAdminSocket string
 	// SVIDTTL is the lifetime of the built-in CA's SVIDs (default 1 h).
 	SVIDTTL time.Duration
+	// TunnelPort is the mTLS tunnel endpoint's port on every node (HBONE,
+	// default 15008); RedirectPort the node-local transparent listener that
+	// enrolled pods' connections are steered to (default 15001).
+	TunnelPort   uint16
+	RedirectPort uint16
+	// TunnelMark is the packet mark, within TunnelMarkMask (0xf00), that
+	// steers tunnelled packets (default 0xb00). Change it when another
+	// component of the node uses those bits.
+	TunnelMark uint32
 	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
 	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
 	// not allowed (--store-shrink-grace, --identity-grace,
@@ -140,6 +149,15 @@ func (c *Config) setDefaults() error {
 	if c.ReconcileInterval <= 0 {
 		c.ReconcileInterval = 5 * time.Second
 	}
+	if c.TunnelPort == 0 && !c.FromFlags {
+		c.TunnelPort = DefaultTunnelPort
+	}
+	if c.RedirectPort == 0 && !c.FromFlags {
+		c.RedirectPort = DefaultRedirectPort
+	}
+	if c.TunnelMark == 0 && !c.FromFlags {
+		c.TunnelMark = DefaultTunnelMark
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -162,6 +180,7 @@ func (c *Config) setDefaults() error {
 		errs = append(errs, fmt.Errorf("--identity-grace %v: must be positive (a number nothing uses stays reserved this long, so a label set that comes back keeps it)", c.IdentityGrace))
 	}
 	errs = append(errs, c.validateIdentity()...)
+	errs = append(errs, c.validateTunnel()...)
 	if err := c.validateBudget(); err != nil {
 		errs = append(errs, err)
 	}
@@ -204,6 +223,23 @@ func (c *Config) validateIdentity() []error {
 	}
 	if c.SVIDTTL < time.Minute || c.SVIDTTL > 30*24*time.Hour {
 		errs = append(errs, fmt.Errorf("--svid-ttl %v: want between 1m and 720h", c.SVIDTTL))
+	}
+	return errs
+}
+
+func (c *Config) validateTunnel() []error {
+	var errs []error
+	if c.TunnelPort == 0 {
+		errs = append(errs, errors.New("--tunnel-port 0: want a port"))
+	}
+	if c.RedirectPort == 0 {
+		errs = append(errs, errors.New("--tunnel-redirect-port 0: want a port"))
+	}
+	if c.TunnelPort != 0 && c.TunnelPort == c.RedirectPort {
+		errs = append(errs, fmt.Errorf("--tunnel-port and --tunnel-redirect-port are both %d: they must differ", c.TunnelPort))
+	}
+	if c.TunnelMark == 0 || c.TunnelMark&^TunnelMarkMask != 0 {
+		errs = append(errs, fmt.Errorf("--tunnel-mark %#x: want a non-zero value within the mask %#x", c.TunnelMark, TunnelMarkMask))
 	}
 	return errs
 }

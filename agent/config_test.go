@@ -16,7 +16,8 @@ func TestConfigFlagBounds(t *testing.T) {
 	valid := func() Config {
 		return Config{FromFlags: true, StateDir: filepath.Join(dir, "state"), Socket: filepath.Join(dir, "s"),
 			BPFFS: filepath.Join(dir, "bpf"), FlowRing: DefaultFlowRing, StoreShrinkGrace: DefaultStoreShrinkGrace,
-			IdentityGrace: DefaultIdentityGrace, SVIDTTL: DefaultSVIDTTL}
+			IdentityGrace: DefaultIdentityGrace, SVIDTTL: DefaultSVIDTTL,
+			TunnelPort: DefaultTunnelPort, RedirectPort: DefaultRedirectPort, TunnelMark: DefaultTunnelMark}
 	}
 	c := valid()
 	c.Datapath.MaxPolicyEntries = DefaultPolicyMapEntries
@@ -49,6 +50,12 @@ func TestConfigFlagBounds(t *testing.T) {
 		{"policy map entries 1024", "", func(c *Config) { c.Datapath.MaxPolicyEntries = MinPolicyMapEntries }, true},
 		{"policy map entries 2^24", "", func(c *Config) { c.Datapath.MaxPolicyEntries = MaxPolicyMapEntries }, true},
 		{"policy map entries 2^24+1", "--policy-map-entries", func(c *Config) { c.Datapath.MaxPolicyEntries = MaxPolicyMapEntries + 1 }, false},
+		{"tunnel port 0", "--tunnel-port", func(c *Config) { c.TunnelPort = 0 }, false},
+		{"redirect port 0", "--tunnel-redirect-port", func(c *Config) { c.RedirectPort = 0 }, false},
+		{"tunnel ports equal", "--tunnel-port", func(c *Config) { c.RedirectPort = c.TunnelPort }, false},
+		{"tunnel mark 0", "--tunnel-mark", func(c *Config) { c.TunnelMark = 0 }, false},
+		{"tunnel mark outside mask", "--tunnel-mark", func(c *Config) { c.TunnelMark = 0x1b00 }, false},
+		{"tunnel mark 0x100", "", func(c *Config) { c.TunnelMark = 0x100 }, true},
 		{"policy budget negative", "--policy-budget-endpoint", func(c *Config) { c.PolicyBudgetEndpoint = -1 }, false},
 	}
 	for _, tt := range tests {

@@ -76,6 +76,13 @@ func (a *Agent) runSVIDs(ctx context.Context) {
 			if len(keys) == 0 {
 				continue
 			}
+			if a.tunnel != nil {
+				// A withdrawn or replaced SVID: connections it
+				// authenticated must not outlive it.
+				for _, k := range keys {
+					a.tunnel.Revoke(k)
+				}
+			}
 			refs := make([]podRef, 0, len(keys))
 			for _, k := range keys {
 				if r, ok := parsePodKey(k); ok {

@@ -95,6 +95,9 @@ func (r *run) story(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := r.mtls(ctx); err != nil {
+		return err
+	}
 	return r.showLastFlows(ctx, 12)
 }
 

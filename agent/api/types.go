@@ -259,6 +259,35 @@ type StatusResponse struct {
 	EndpointWarnings []string `json:"endpointWarnings,omitempty"`
 	// IdentitySource is where local pods' SVIDs come from, and its health.
 	IdentitySource *IdentitySourceStatus `json:"identitySource,omitempty"`
+	// MTLS is the node's mTLS tunnel endpoint.
+	MTLS *MTLSStatus `json:"mtls,omitempty"`
+}
+
+// MTLSStatus describes the node's mTLS tunnel endpoint.
+type MTLSStatus struct {
+	// Enabled is false without an identity source; Reason says what then
+	// happens to enrolled pods' traffic.
+	Enabled bool   `json:"enabled"`
+	Reason  string `json:"reason,omitempty"`
+	Port    uint16 `json:"port"`
+	// KernelTLS says whether the kernel offers TLS offload (TCP_ULP "tls"),
+	// and why not.
+	KernelTLS       bool   `json:"kernelTLS"`
+	KernelTLSReason string `json:"kernelTLSReason,omitempty"`
+	// Open connections: pods' tunnelled connections by side, TLS
+	// connections to (pooled) and from other tunnel endpoints.
+	ActiveOutbound int64 `json:"activeOutbound"`
+	ActiveInbound  int64 `json:"activeInbound"`
+	PooledTLS      int   `json:"pooledTLS"`
+	InboundTLS     int   `json:"inboundTLS"`
+	// Counters since the agent started.
+	Forwarded         uint64 `json:"forwarded"`
+	Refused           uint64 `json:"refused"`
+	Admitted          uint64 `json:"admitted"`
+	Denied            uint64 `json:"denied"`
+	HandshakeFailures uint64 `json:"handshakeFailures"`
+	DialFailures      uint64 `json:"dialFailures"`
+	PoolReuses        uint64 `json:"poolReuses"`
 }
 
 // ApplyStatus describes a policy apply that keeps failing. The datapath

@@ -67,6 +67,9 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		if is := st.IdentitySource; is != nil {
 			fmt.Fprintf(tw, "Identity source:\t%s\n", identitySourceLine(is))
 		}
+		if m := st.MTLS; m != nil {
+			fmt.Fprintf(tw, "mTLS tunnel:\t%s\n", mtlsLine(m))
+		}
 		fmt.Fprintf(tw, "Policy revision:\t%d\n", st.PolicyRevision)
 		fmt.Fprintf(tw, "Lost flow events:\t%d in the kernel ring, %d in the agent\n", st.LostEventsKernel, st.LostEventsUserspace)
 		if p := st.PolicyApply; p != nil {
@@ -187,6 +190,18 @@ func SVIDTable(w io.Writer, svids []api.SVIDInfo, now time.Time) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.Pod, s.SPIFFEID, s.Serial, exp)
 	}
 	return tw.Flush()
+}
+
+func mtlsLine(m *api.MTLSStatus) string {
+	if !m.Enabled {
+		return "off: " + m.Reason
+	}
+	ktls := "kernel TLS"
+	if !m.KernelTLS {
+		ktls = "user-space TLS (no kernel TLS: " + m.KernelTLSReason + ")"
+	}
+	return fmt.Sprintf("port %d, %s; %d out / %d in open, %d pooled and %d inbound TLS connections; %d forwarded, %d refused, %d admitted, %d denied, %d handshake failures",
+		m.Port, ktls, m.ActiveOutbound, m.ActiveInbound, m.PooledTLS, m.InboundTLS, m.Forwarded, m.Refused, m.Admitted, m.Denied, m.HandshakeFailures)
 }
 
 func identitySourceLine(is *api.IdentitySourceStatus) string {

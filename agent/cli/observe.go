@@ -30,8 +30,10 @@ type ObserveOptions struct {
 	Protocol  []string
 	Port      []uint16
 	SPIFFEID  []string
-	Output    string
-	Color     bool
+	// MTLS keeps only flows through the mTLS tunnel.
+	MTLS   bool
+	Output string
+	Color  bool
 }
 
 // Filter turns the options into a flow filter, validated.
@@ -39,6 +41,7 @@ func (o *ObserveOptions) Filter(now time.Time) (flows.Filter, error) {
 	f := flows.Filter{
 		Verdicts: upper(o.Verdict), Namespaces: o.Namespace, Pods: o.Pod, FromPods: o.FromPod, ToPods: o.ToPod,
 		Protocols: o.Protocol, Ports: o.Port, SPIFFEIDs: o.SPIFFEID,
+		MTLS: o.MTLS,
 	}
 	if o.Since != "" {
 		if d, err := time.ParseDuration(o.Since); err == nil {

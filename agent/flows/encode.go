@@ -54,6 +54,9 @@ func (f *Flow) AppendJSON(dst []byte) []byte {
 		dst = append(dst, `,"event_kind":`...)
 		dst = appendString(dst, f.EventKind)
 	}
+	if f.MTLS {
+		dst = append(dst, `,"mtls":true`...)
+	}
 	dst = appendPolicies(dst, `,"ingress_allowed_by":`, f.IngressAllowedBy)
 	dst = appendPolicies(dst, `,"egress_allowed_by":`, f.EgressAllowedBy)
 	dst = appendPolicies(dst, `,"ingress_denied_by":`, f.IngressDeniedBy)

@@ -27,6 +27,11 @@ const (
 	DropInvalidSourceMAC = "INVALID_SOURCE_MAC"
 	DropForbiddenICMPv6  = "FORBIDDEN_ICMP6_MESSAGE"
 	DropUnsupportedL2    = "UNSUPPORTED_L2_PROTOCOL"
+	// DropAuthRequired: plaintext that only an mtls: Required rule would
+	// allow; DropTunnelDown: a connection that must go through the tunnel
+	// while the node's tunnel endpoint is not there.
+	DropAuthRequired = "AUTH_REQUIRED"
+	DropTunnelDown   = "TUNNEL_DOWN"
 )
 
 // IdentityView is what a flow record says about an identity. Built once per
@@ -153,6 +158,7 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	f.Type = "L3_L4"
 	f.NodeName = e.nodeName
 	f.IsReply = ev.IsReply
+	f.MTLS = ev.MTLS || ev.Tunnelled
 	f.TrafficDirection = DirectionIngress
 	f.EventKind = ev.Type.String()
 	if ev.Direction == policy.Egress {
@@ -172,6 +178,10 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 			f.DropReasonDesc = DropInvalidPacket
 		case ev.DropReason.SourceValidation():
 			f.DropReasonDesc = ev.DropReason.String()
+		case ev.DropReason == datapath.DropAuthRequired:
+			f.DropReasonDesc = DropAuthRequired
+		case ev.DropReason == datapath.DropTunnelDown:
+			f.DropReasonDesc = DropTunnelDown
 		case ev.Rule == policy.RuleDefault:
 			f.DropReasonDesc = DropPolicyDenied
 		default:

@@ -25,7 +25,9 @@ type Filter struct {
 	// Protocols are "TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6" (any case).
 	Protocols []string `json:"protocols,omitempty"`
 	// Ports match the source or the destination port.
-	Ports []uint16  `json:"ports,omitempty"`
+	Ports []uint16 `json:"ports,omitempty"`
+	// MTLS keeps only flows that travel through the mTLS tunnel.
+	MTLS  bool      `json:"mtls,omitempty"`
 	Since time.Time `json:"since,omitzero"`
 }
 
@@ -78,6 +80,9 @@ func (f *Filter) Match(fl *Flow) bool {
 		return false
 	}
 	if len(f.Protocols) > 0 && (fl.L4 == nil || !slices.ContainsFunc(f.Protocols, func(p string) bool { has, _ := hasProtocol(fl.L4, p); return has })) {
+		return false
+	}
+	if f.MTLS && !fl.MTLS {
 		return false
 	}
 	if len(f.Ports) > 0 {

@@ -76,6 +76,7 @@ type ocsfUnmapped struct {
 	TrafficDirection string    `json:"traffic_direction"`
 	IsReply          bool      `json:"is_reply"`
 	NodeName         string    `json:"node_name,omitempty"`
+	MTLS             bool      `json:"mtls,omitempty"`
 	IngressAllowedBy []*Policy `json:"ingress_allowed_by,omitempty"`
 	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`
@@ -99,7 +100,7 @@ func (f *Flow) ToOCSF() *OCSFEvent {
 		Metadata:      ocsfMetadata{Version: ocsfSchemaVersion, Product: ocsfProduct{Name: "Bulkhead", VendorName: "Bulkhead"}},
 		Unmapped: ocsfUnmapped{
 			Verdict: f.Verdict, DropReasonDesc: f.DropReasonDesc, TrafficDirection: f.TrafficDirection,
-			IsReply: f.IsReply, NodeName: f.NodeName,
+			IsReply: f.IsReply, NodeName: f.NodeName, MTLS: f.MTLS,
 			IngressAllowedBy: f.IngressAllowedBy, EgressAllowedBy: f.EgressAllowedBy,
 			IngressDeniedBy: f.IngressDeniedBy, EgressDeniedBy: f.EgressDeniedBy,
 		},

@@ -35,7 +35,13 @@ type Flow struct {
 	TrafficDirection string `json:"traffic_direction"`
 	// EventKind says what the datapath reported: "new", "drop" or "end".
 	// Hubble has no such field; ours is named so as not to collide.
-	EventKind        string    `json:"event_kind,omitempty"`
+	EventKind string `json:"event_kind,omitempty"`
+	// MTLS says the flow travels through the mTLS tunnel: at the sending
+	// pod, it was steered into its node's tunnel endpoint; at the receiving
+	// pod, the tunnel delivered it and the source is the identity its
+	// verified SVID names (source.spiffe_id), not what its address maps to.
+	// Hubble has no such field.
+	MTLS             bool      `json:"mtls,omitempty"`
 	IngressAllowedBy []*Policy `json:"ingress_allowed_by,omitempty"`
 	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`

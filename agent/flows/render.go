@@ -50,9 +50,17 @@ func Compact(f *Flow, color bool) string {
 	}
 	b.WriteByte(' ')
 	b.WriteString(paintVerdict(f.Verdict, color))
+	if f.MTLS {
+		b.WriteString(" mtls")
+	}
 	if by := f.Decider(); by != "" {
 		b.WriteString(" by ")
 		b.WriteString(by)
+		if f.DropReasonDesc == DropAuthRequired {
+			// The rule allows this traffic, only not in plaintext.
+			b.WriteString(" ")
+			b.WriteString(f.DropReasonDesc)
+		}
 	} else if f.DropReasonDesc != "" {
 		// Dropped before policy (a forged source, a malformed header).
 		b.WriteString(" ")
@@ -102,6 +110,9 @@ func WriteTable(w io.Writer, fs []*Flow, color bool) error {
 		proto := protoSummary(f.L4)
 		if f.IsReply {
 			proto += " reply"
+		}
+		if f.MTLS {
+			proto += " mtls"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", f.Time.Local().Format("15:04:05.000"),
 			endpointName(f.Source, f.ipSource(), src), endpointName(f.Destination, f.ipDestination(), dst),

@@ -53,6 +53,10 @@ func main() {
 	fs.StringVar(&cfg.IdentitySource, "identity-source", "", "where local pods' X.509-SVIDs come from: none, builtin (a development CA under --state-dir/ca; not for production) or spire (default: spire when --spire-admin-socket is set, else none)")
 	fs.StringVar(&cfg.SPIREAdminSocket, "spire-admin-socket", "", "the SPIRE agent's admin socket (admin_socket_path, not the workload socket); the agent must be one of its authorized_delegates")
 	fs.DurationVar(&cfg.SVIDTTL, "svid-ttl", agent.DefaultSVIDTTL, "lifetime of the SVIDs the builtin source issues; renewed at half of it")
+	tunnelPort := fs.Uint("tunnel-port", agent.DefaultTunnelPort, "port of the mTLS tunnel endpoint (HTTP/2 CONNECT over mTLS) on every node")
+	redirectPort := fs.Uint("tunnel-redirect-port", agent.DefaultRedirectPort, "node-local port of the transparent listener that enrolled pods' TCP connections are steered to")
+	cfg.TunnelMark = agent.DefaultTunnelMark
+	fs.Var(uint32Value{&cfg.TunnelMark}, "tunnel-mark", "packet mark (within 0xf00) that steers tunnelled packets to the tunnel; change it if another component uses those bits")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	_ = fs.Parse(os.Args[1:])
@@ -101,6 +105,13 @@ func main() {
 		os.Exit(2)
 	}
 	cfg.Datapath.EventRingBytes = uint32(*ringKiB) << 10
+	for name, v := range map[string]uint{"tunnel-port": *tunnelPort, "tunnel-redirect-port": *redirectPort} {
+		if v == 0 || v > 65535 {
+			fmt.Fprintf(os.Stderr, "bulkhead-agent: --%s %d: want 1 to 65535\n", name, v)
+			os.Exit(2)
+		}
+	}
+	cfg.TunnelPort, cfg.RedirectPort = uint16(*tunnelPort), uint16(*redirectPort)
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-agent: --log-level: %v\n", err)

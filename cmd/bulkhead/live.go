@@ -63,7 +63,8 @@ func newObserve(g *globals) *cobra.Command {
 		Example: `  bulkhead observe --last 20
   bulkhead observe --verdict DROPPED --namespace shop --follow
   bulkhead observe --to-pod shop/api --port 8080 -o json
-  bulkhead observe --spiffe-id 'spiffe://cluster.local/ns/shop/sa/*'`,
+  bulkhead observe --spiffe-id 'spiffe://cluster.local/ns/shop/sa/*'
+  bulkhead observe --mtls --verdict DROPPED`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.Color = isTerminal(cmd)
@@ -88,6 +89,7 @@ func newObserve(g *globals) *cobra.Command {
 	f.StringSliceVar(&o.Protocol, "protocol", nil, "TCP, UDP, SCTP, ICMPv4 or ICMPv6")
 	f.UintSliceVar(&ports, "port", nil, "source or destination port")
 	f.StringSliceVar(&o.SPIFFEID, "spiffe-id", nil, "SPIFFE ID of either side; * matches one path segment")
+	f.BoolVar(&o.MTLS, "mtls", false, "only flows through the mTLS tunnel")
 	f.StringVarP(&o.Output, "output", "o", cli.FormatCompact, "compact, table or json")
 	return cmd
 }
