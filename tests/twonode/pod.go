@@ -21,6 +21,16 @@ import (
 	spiretest "github.com/bulkhead-io/bulkhead/tests/spire"
 )
 
+// Enrollment in the mTLS tunnel: a pod is enrolled when it, or its
+// namespace, carries MTLSLabel=MTLSEnabled.
+const (
+	MTLSLabel   = "bulkhead.io/mtls"
+	MTLSEnabled = "enabled"
+)
+
+// TunnelPort is where every node's tunnel endpoint listens (HBONE).
+const TunnelPort = 15008
+
 // Pod is a pod on one node, added through the node's CNI chain.
 type Pod struct {
 	Namespace, Name, UID string
