@@ -33,7 +33,7 @@ func TestCapture(t *testing.T) {
 	// Plaintext, both families, to an echo server in b.
 	ServeEcho(t, b.NetNS, 7100, "4", "6")
 	payloads := map[netip.Addr][]byte{
-		netip.MustParseAddr("10.213.251.2"):   []byte("capture-plain-v4-7f3a9c"),
+		netip.MustParseAddr("10.213.251.2"):    []byte("capture-plain-v4-7f3a9c"),
 		netip.MustParseAddr("fd00:213:251::2"): []byte("capture-plain-v6-51be0d"),
 	}
 	for to, payload := range payloads {
