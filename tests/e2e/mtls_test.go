@@ -240,7 +240,7 @@ func (f flowRec) ports() (uint16, uint16) {
 }
 
 // flowRecs are n's flow log records for which keep says true.
-func flowRecs(t *testing.T, n *twonode.Node, keep func(flowRec) bool) []flowRec {
+func flowRecs(t testing.TB, n *twonode.Node, keep func(flowRec) bool) []flowRec {
 	t.Helper()
 	return flowRecsSince(t, n, 0, keep)
 }
@@ -249,7 +249,7 @@ func flowRecs(t *testing.T, n *twonode.Node, keep func(flowRec) bool) []flowRec 
 func flowMark(n *twonode.Node) int { return len(n.FlowLines()) }
 
 // flowRecsSince is flowRecs of the records after the first mark.
-func flowRecsSince(t *testing.T, n *twonode.Node, mark int, keep func(flowRec) bool) []flowRec {
+func flowRecsSince(t testing.TB, n *twonode.Node, mark int, keep func(flowRec) bool) []flowRec {
 	t.Helper()
 	var out []flowRec
 	lines := n.FlowLines()
@@ -267,7 +267,7 @@ func flowRecsSince(t *testing.T, n *twonode.Node, mark int, keep func(flowRec) b
 }
 
 // waitFlow waits until n has a record keep says true for and returns it.
-func waitFlow(t *testing.T, n *twonode.Node, what string, keep func(flowRec) bool) flowRec {
+func waitFlow(t testing.TB, n *twonode.Node, what string, keep func(flowRec) bool) flowRec {
 	t.Helper()
 	var got []flowRec
 	if !twonode.Eventually(10*time.Second, func() bool {
@@ -281,7 +281,7 @@ func waitFlow(t *testing.T, n *twonode.Node, what string, keep func(flowRec) boo
 
 // noTunnelFlows fails t when a node reports a flow on the tunnel port: the
 // tunnel's own connections are not pod flows.
-func noTunnelFlows(t *testing.T, nodes ...*twonode.Node) {
+func noTunnelFlows(t testing.TB, nodes ...*twonode.Node) {
 	t.Helper()
 	for _, n := range nodes {
 		if fs := flowRecs(t, n, func(f flowRec) bool {
