@@ -116,14 +116,22 @@ func iperfServer(b *testing.B, p *twonode.Pod, port int) {
 			b.Logf("iperf3 server in %s:\n%s", p.Name, out.String())
 		}
 	})
-	// Listening once a client can connect.
+	// Listening once the process's namespace lists the port in LISTEN
+	// (state 0A) in /proc/<pid>/net/tcp or tcp6 (nsenter execs iperf3:
+	// one pid). Dialling from inside the pod would need its loopback up,
+	// which CNI leaves down.
+	hexPort := fmt.Sprintf(":%04X ", port)
 	if !twonode.Eventually(10*time.Second, func() bool {
-		c, err := netns.Dial(p.NS, "tcp", p.IPv4, port, time.Second)
-		if err != nil {
-			return false
+		for _, f := range []string{"tcp", "tcp6"} {
+			data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", cmd.Process.Pid, f))
+			for line := range strings.Lines(string(data)) {
+				fs := strings.Fields(line)
+				if len(fs) > 3 && strings.HasSuffix(fs[1]+" ", hexPort) && fs[3] == "0A" {
+					return true
+				}
+			}
 		}
-		c.Close()
-		return true
+		return false
 	}) {
 		b.Fatalf("iperf3 server in %s does not listen:\n%s", p.Name, out.String())
 	}
