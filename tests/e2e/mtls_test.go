@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/tests/netns"
@@ -83,11 +84,18 @@ func forEachSource(t *testing.T, test func(t *testing.T, source string)) {
 	}
 }
 
-// newMTLSEnv builds the topology (dual-stack), the namespaces and pods,
-// and waits until every pod holds its SVID and a1 reaches b1 and a4.
+// newMTLSEnv builds the topology (dual-stack, ptp), the namespaces and
+// pods, and waits until every enrolled pod holds its SVID and a1's
+// connections to b1 and a4 arrive through the tunnel.
 func newMTLSEnv(t *testing.T, source string) *mtlsEnv {
 	t.Helper()
-	topo := twonode.New(t, twonode.Config{IdentitySource: source, IPv6: true,
+	return newMTLSEnvPrimary(t, source, "ptp")
+}
+
+// newMTLSEnvPrimary is newMTLSEnv with another primary CNI plugin.
+func newMTLSEnvPrimary(t *testing.T, source, primary string) *mtlsEnv {
+	t.Helper()
+	topo := twonode.New(t, twonode.Config{IdentitySource: source, IPv6: true, Primary: primary,
 		ExtraAgentArgs: func(string) []string { return []string{"--store-shrink-grace", "1s"} }})
 	e := &mtlsEnv{topo: topo, a: topo.A(), b: topo.B()}
 	topo.WriteNamespaces(map[string]map[string]string{
@@ -106,9 +114,8 @@ func newMTLSEnv(t *testing.T, source string) *mtlsEnv {
 		p.Serve(mtlsPort)
 	}
 	topo.SyncPeers()
-	for _, n := range topo.Nodes {
-		e.waitSVIDs(t, n)
-	}
+	e.waitSVIDs(t, e.a, e.a1, e.a2, e.a4)
+	e.waitSVIDs(t, e.b, e.b1, e.b2)
 	// Until the agents know who is enrolled, a1's connections may still
 	// travel in plaintext: wait until they arrive through the tunnel.
 	for _, to := range []*twonode.Pod{e.b1, e.a4} {
@@ -128,11 +135,12 @@ func newMTLSEnv(t *testing.T, source string) *mtlsEnv {
 	return e
 }
 
-// waitSVIDs waits until each of n's pods holds an SVID with its SPIFFE ID.
-func (e *mtlsEnv) waitSVIDs(t *testing.T, n *twonode.Node) {
+// waitSVIDs waits until each of pods (all of node n) holds an SVID with
+// its SPIFFE ID.
+func (e *mtlsEnv) waitSVIDs(t *testing.T, n *twonode.Node, pods ...*twonode.Pod) {
 	t.Helper()
 	want := map[string]string{}
-	for _, p := range n.Pods() {
+	for _, p := range pods {
 		want[p.Namespace+"/"+p.Name] = p.SPIFFEID().String()
 	}
 	var last []string
@@ -353,92 +361,101 @@ func observeMTLS(t *testing.T, n *twonode.Node) []flowRec {
 // mtls with the source's verified SPIFFE ID, the sending node's say mtls
 // too, `bulkhead observe --mtls` lists exactly such flows, and no node
 // reports the tunnel's own connections as pod flows.
+//
+// The bridge variant (built-in CA) checks the redirection with a bridge
+// primary, where the bridge would switch a same-node frame at L2.
 func TestMTLSEnrolledToEnrolled(t *testing.T) {
-	forEachSource(t, func(t *testing.T, source string) {
-		e := newMTLSEnv(t, source)
-		// A plaintext flow first (neither a3 nor b3 is enrolled): it must
-		// not show in observe --mtls.
-		mark := flowMark(e.b)
-		if err := exchange(e.a3, e.b3.IPv4, mtlsPort, mtlsToken(t, "plain"), 5*time.Second); err != nil {
-			t.Fatalf("a3 -> b3 (not enrolled): %v", err)
-		}
-		transit := netns.StartCapture(t, e.a.NS, twonode.TransitLink)
-		loop := netns.StartCapture(t, e.a.NS, "lo")
-		var cross, same [][]byte
-		for _, fam := range []struct {
-			name   string
-			b1, a4 netip.Addr
-		}{{"IPv4", e.b1.IPv4, e.a4.IPv4}, {"IPv6", e.b1.IPv6, e.a4.IPv6}} {
-			p := mtlsToken(t, "cross-"+fam.name)
-			if err := exchange(e.a1, fam.b1, mtlsPort, p, 10*time.Second); err != nil {
-				t.Fatalf("a1 -> b1 over %s: %v", fam.name, err)
-			}
-			cross = append(cross, p)
-			p = mtlsToken(t, "same-"+fam.name)
-			if err := exchange(e.a1, fam.a4, mtlsPort, p, 10*time.Second); err != nil {
-				t.Fatalf("a1 -> a4 over %s: %v", fam.name, err)
-			}
-			same = append(same, p)
-		}
-		transit.Stop()
-		loop.Stop()
+	for _, v := range []struct{ name, source, primary string }{
+		{"spire", "spire", "ptp"}, {"builtin", "builtin", "ptp"}, {"builtin-bridge", "builtin", "bridge"},
+	} {
+		t.Run(v.name, func(t *testing.T) { testMTLSEnrolledToEnrolled(t, v.source, v.primary) })
+	}
+}
 
-		if !transit.LooksLikeTLS(twonode.TunnelPort) {
-			t.Errorf("no TLS on port %d between the nodes; TCP ports seen %v", twonode.TunnelPort, transit.TCPPorts())
+func testMTLSEnrolledToEnrolled(t *testing.T, source, primary string) {
+	e := newMTLSEnvPrimary(t, source, primary)
+	// A plaintext flow first (neither a3 nor b3 is enrolled): it must
+	// not show in observe --mtls.
+	mark := flowMark(e.b)
+	if err := exchange(e.a3, e.b3.IPv4, mtlsPort, mtlsToken(t, "plain"), 5*time.Second); err != nil {
+		t.Fatalf("a3 -> b3 (not enrolled): %v", err)
+	}
+	transit := netns.StartCapture(t, e.a.NS, twonode.TransitLink)
+	loop := netns.StartCapture(t, e.a.NS, "lo")
+	var cross, same [][]byte
+	for _, fam := range []struct {
+		name   string
+		b1, a4 netip.Addr
+	}{{"IPv4", e.b1.IPv4, e.a4.IPv4}, {"IPv6", e.b1.IPv6, e.a4.IPv6}} {
+		p := mtlsToken(t, "cross-"+fam.name)
+		if err := exchange(e.a1, fam.b1, mtlsPort, p, 10*time.Second); err != nil {
+			t.Fatalf("a1 -> b1 over %s: %v", fam.name, err)
 		}
-		noPlaintext(t, "transit link", transit, mtlsPort, []netip.Addr{e.b1.IPv4, e.b1.IPv6}, cross...)
-		if !loop.LooksLikeTLS(twonode.TunnelPort) {
-			t.Errorf("no TLS on port %d over node A's loopback (the same-node tunnel); TCP ports seen %v", twonode.TunnelPort, loop.TCPPorts())
+		cross = append(cross, p)
+		p = mtlsToken(t, "same-"+fam.name)
+		if err := exchange(e.a1, fam.a4, mtlsPort, p, 10*time.Second); err != nil {
+			t.Fatalf("a1 -> a4 over %s: %v", fam.name, err)
 		}
-		noPlaintext(t, "node A's loopback", loop, mtlsPort, nil, same...)
+		same = append(same, p)
+	}
+	transit.Stop()
+	loop.Stop()
 
-		a1ID := e.a1.SPIFFEID().String()
-		for _, dst := range []struct {
-			n   *twonode.Node
-			pod *twonode.Pod
-		}{{e.b, e.b1}, {e.a, e.a4}} {
-			for _, ip := range dst.pod.IPs() {
-				f := waitFlow(t, dst.n, fmt.Sprintf("of a1's tunnelled flow to %s at %s", dst.pod.Name, ip), func(f flowRec) bool {
-					return f.TrafficDirection == "INGRESS" && f.Verdict == "FORWARDED" && !f.IsReply && f.MTLS &&
-						f.Destination.PodName == dst.pod.Name && f.IP.Destination == ip.String()
-				})
-				if f.Source.SPIFFEID != a1ID {
-					t.Errorf("%s: the tunnelled flow to %s names source.spiffe_id %q, want the verified %s: %s", dst.n.Name, dst.pod.Name, f.Source.SPIFFEID, a1ID, f.raw)
-				}
-			}
-		}
-		waitFlow(t, e.a, "of a1's egress into the tunnel (mtls)", func(f flowRec) bool {
-			return f.TrafficDirection == "EGRESS" && f.MTLS && f.Source.PodName == "a1" && f.Destination.PodName == "b1"
-		})
-		// A record without mtls of a flow to b1 (made by this test: a1's)
-		// would be plaintext.
-		if fs := flowRecsSince(t, e.b, mark, func(f flowRec) bool {
-			return f.TrafficDirection == "INGRESS" && !f.MTLS && f.Destination.PodName == "b1" && f.Verdict == "FORWARDED" && !f.IsReply
-		}); len(fs) > 0 {
-			t.Errorf("node B forwarded a flow to b1 that did not come through the tunnel: %s", fs[0].raw)
-		}
+	if !transit.LooksLikeTLS(twonode.TunnelPort) {
+		t.Errorf("no TLS on port %d between the nodes; TCP ports seen %v", twonode.TunnelPort, transit.TCPPorts())
+	}
+	noPlaintext(t, "transit link", transit, mtlsPort, []netip.Addr{e.b1.IPv4, e.b1.IPv6}, cross...)
+	if !loop.LooksLikeTLS(twonode.TunnelPort) {
+		t.Errorf("no TLS on port %d over node A's loopback (the same-node tunnel); TCP ports seen %v", twonode.TunnelPort, loop.TCPPorts())
+	}
+	noPlaintext(t, "node A's loopback", loop, mtlsPort, nil, same...)
 
-		for _, n := range []*twonode.Node{e.a, e.b} {
-			obs := observeMTLS(t, n)
-			if len(obs) == 0 {
-				t.Errorf("%s: bulkhead observe --mtls lists nothing", n.Name)
+	a1ID := e.a1.SPIFFEID().String()
+	for _, dst := range []struct {
+		n   *twonode.Node
+		pod *twonode.Pod
+	}{{e.b, e.b1}, {e.a, e.a4}} {
+		for _, ip := range dst.pod.IPs() {
+			f := waitFlow(t, dst.n, fmt.Sprintf("of a1's tunnelled flow to %s at %s", dst.pod.Name, ip), func(f flowRec) bool {
+				return f.TrafficDirection == "INGRESS" && f.Verdict == "FORWARDED" && !f.IsReply && f.MTLS &&
+					f.Destination.PodName == dst.pod.Name && f.IP.Destination == ip.String()
+			})
+			if f.Source.SPIFFEID != a1ID {
+				t.Errorf("%s: the tunnelled flow to %s names source.spiffe_id %q, want the verified %s: %s", dst.n.Name, dst.pod.Name, f.Source.SPIFFEID, a1ID, f.raw)
 			}
-			for _, f := range obs {
-				if !f.MTLS {
-					t.Errorf("%s: bulkhead observe --mtls lists a flow without mtls: %s", n.Name, f.raw)
-				}
-			}
 		}
-		if obs := observeMTLS(t, e.b); !slices.ContainsFunc(obs, func(f flowRec) bool {
-			return f.Destination.PodName == "b1" && f.Source.SPIFFEID == a1ID
-		}) {
-			t.Errorf("node B: bulkhead observe --mtls lacks a1's flow to b1")
-		}
-		if obs := observeMTLS(t, e.b); slices.ContainsFunc(obs, func(f flowRec) bool { return f.Destination.PodName == "b3" }) {
-			t.Errorf("node B: bulkhead observe --mtls lists a3's plaintext flow to b3")
-		}
-		noTunnelFlows(t, e.a, e.b)
+	}
+	waitFlow(t, e.a, "of a1's egress into the tunnel (mtls)", func(f flowRec) bool {
+		return f.TrafficDirection == "EGRESS" && f.MTLS && f.Source.PodName == "a1" && f.Destination.PodName == "b1"
 	})
+	// A record without mtls of a flow to b1 (made by this test: a1's)
+	// would be plaintext.
+	if fs := flowRecsSince(t, e.b, mark, func(f flowRec) bool {
+		return f.TrafficDirection == "INGRESS" && !f.MTLS && f.Destination.PodName == "b1" && f.Verdict == "FORWARDED" && !f.IsReply
+	}); len(fs) > 0 {
+		t.Errorf("node B forwarded a flow to b1 that did not come through the tunnel: %s", fs[0].raw)
+	}
+
+	for _, n := range []*twonode.Node{e.a, e.b} {
+		obs := observeMTLS(t, n)
+		if len(obs) == 0 {
+			t.Errorf("%s: bulkhead observe --mtls lists nothing", n.Name)
+		}
+		for _, f := range obs {
+			if !f.MTLS {
+				t.Errorf("%s: bulkhead observe --mtls lists a flow without mtls: %s", n.Name, f.raw)
+			}
+		}
+	}
+	if obs := observeMTLS(t, e.b); !slices.ContainsFunc(obs, func(f flowRec) bool {
+		return f.Destination.PodName == "b1" && f.Source.SPIFFEID == a1ID
+	}) {
+		t.Errorf("node B: bulkhead observe --mtls lacks a1's flow to b1")
+	}
+	if obs := observeMTLS(t, e.b); slices.ContainsFunc(obs, func(f flowRec) bool { return f.Destination.PodName == "b3" }) {
+		t.Errorf("node B: bulkhead observe --mtls lists a3's plaintext flow to b3")
+	}
+	noTunnelFlows(t, e.a, e.b)
 }
 
 // b1MTLSOnly admits, to b1, TCP 8080 from any pod, and only through the
@@ -594,7 +611,18 @@ func TestMTLSIPTakeover(t *testing.T) {
 				f.DropReasonDesc, f.Source.PodName, f.raw)
 		}
 
-		// From a3's namespace, as a1: a3 takes a1's address.
+		// From a3's namespace, as a1: a3 takes a1's address (adds it to
+		// its interface, as a pod that re-addresses itself would).
+		err := e.a3.NS.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName("eth0")
+			if err != nil {
+				return err
+			}
+			return netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: e.a1.IPv4.AsSlice(), Mask: net.CIDRMask(32, 32)}})
+		})
+		if err != nil {
+			t.Fatalf("give a3 a1's address: %v", err)
+		}
 		spoofed = netip.AddrPortFrom(e.a1.IPv4, nextSpoofPort())
 		payload2 := mtlsToken(t, "takeover-pod")
 		if err := dialSpoofed(e.a3.NS, spoofed, e.b1.IPv4, payload2); err == nil {
@@ -816,7 +844,7 @@ func TestMTLSRevocationClosesPooled(t *testing.T) {
 		}
 		if source == "builtin" {
 			// a1 has an SVID for its new ID: a new connection carries it.
-			e.waitSVIDs(t, e.a)
+			e.waitSVIDs(t, e.a, e.a1)
 			newID := e.a1.SPIFFEID().String()
 			if !twonode.Eventually(mtlsWait, func() bool { return exchange(e.a1, e.b1.IPv4, mtlsPort, mtlsToken(t, "a1-new"), 5*time.Second) == nil }) {
 				t.Fatal("a1 cannot reach b1 with its new SVID")
