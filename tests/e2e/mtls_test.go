@@ -116,6 +116,14 @@ func newMTLSEnvPrimary(t *testing.T, source, primary string) *mtlsEnv {
 	topo.SyncPeers()
 	e.waitSVIDs(t, e.a, e.a1, e.a2, e.a4)
 	e.waitSVIDs(t, e.b, e.b1, e.b2)
+	e.waitTunnel(t)
+	return e
+}
+
+// waitTunnel waits until a1's connections to b1 and to a4 arrive through
+// the tunnel.
+func (e *mtlsEnv) waitTunnel(t *testing.T) {
+	t.Helper()
 	// Until the agents know who is enrolled, a1's connections may still
 	// travel in plaintext: wait until they arrive through the tunnel.
 	for _, to := range []*twonode.Pod{e.b1, e.a4} {
@@ -132,7 +140,6 @@ func newMTLSEnvPrimary(t *testing.T, source, primary string) *mtlsEnv {
 				to.Name, mtlsWait, to.Node.Name, err)
 		}
 	}
-	return e
 }
 
 // waitSVIDs waits until each of pods (all of node n) holds an SVID with
@@ -511,7 +518,7 @@ func TestMTLSPlaintextToEnrolledDropped(t *testing.T) {
 }
 
 // dialSpoofed connects from inside n with source address from:port (an
-// address n need not hold: IP_FREEBIND) to to:mtlsPort and writes payload
+// address n need not hold: IP_TRANSPARENT) to to:mtlsPort and writes payload
 // if it connects. It returns the dial's error.
 func dialSpoofed(n ns.NetNS, from netip.AddrPort, to netip.Addr, payload []byte) error {
 	d := net.Dialer{
@@ -520,9 +527,13 @@ func dialSpoofed(n ns.NetNS, from netip.AddrPort, to netip.Addr, payload []byte)
 		Control: func(network, address string, c syscall.RawConn) error {
 			var serr error
 			err := c.Control(func(fd uintptr) {
-				level, opt := unix.SOL_IP, unix.IP_FREEBIND
+				// IP_TRANSPARENT, not IP_FREEBIND: FREEBIND lets a socket
+				// bind an address its host does not hold, but only a
+				// transparent socket may also send from it (the route
+				// lookup otherwise fails with ENETUNREACH).
+				level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
 				if from.Addr().Is6() {
-					level, opt = unix.SOL_IPV6, unix.IPV6_FREEBIND
+					level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
 				}
 				serr = unix.SetsockoptInt(int(fd), level, opt, 1)
 			})
@@ -563,7 +574,7 @@ func nextSpoofPort() uint16 {
 
 // TestMTLSIPTakeover: plaintext sent with the address of a1, a pod that b1
 // admits through the tunnel, is dropped: from node A's own namespace
-// (IP_FREEBIND: the address a1 holds, on a host that routes it) it
+// (IP_TRANSPARENT: the address a1 holds, on a host that routes it) it
 // crosses to node B, which takes it for a1 by its address and still drops
 // it, with AUTH_REQUIRED; from a3's namespace, re-addressed as a1, it does
 // not get an answer either. Without the policy, the same spoofed SYN is
