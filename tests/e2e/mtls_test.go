@@ -696,13 +696,16 @@ func TestMTLSVerifiedIDDecides(t *testing.T) {
 		if !twonode.Eventually(10*time.Second, func() bool { return !e.a2.TCPWorks(e.b1.IPv4, mtlsPort) }) {
 			t.Fatal("a2 still reaches b1, whose policy admits a1's SPIFFE ID only")
 		}
+		// a2's attempts before the policy was in force went through;
+		// what counts comes after.
+		mark := flowMark(e.b)
 		if err := exchange(e.a1, e.b1.IPv4, mtlsPort, mtlsToken(t, "a1"), 10*time.Second); err != nil {
 			t.Fatalf("a1 cannot reach b1, whose policy admits its SPIFFE ID: %v", err)
 		}
 		if err := exchange(e.a2, e.b1.IPv4, mtlsPort, mtlsToken(t, "a2"), 10*time.Second); err == nil {
 			t.Fatal("a2 reaches b1")
 		}
-		if fs := flowRecs(t, e.b, func(f flowRec) bool {
+		if fs := flowRecsSince(t, e.b, mark, func(f flowRec) bool {
 			return f.Verdict == "FORWARDED" && f.Destination.PodName == "b1" && f.Source.SPIFFEID == e.a2.SPIFFEID().String()
 		}); len(fs) > 0 {
 			t.Fatalf("node B forwarded a flow from a2 to b1: %s", fs[0].raw)
@@ -731,7 +734,7 @@ func TestMTLSVerifiedIDDecides(t *testing.T) {
 				t.Fatalf("a1 cannot reach b1 with node B's view stale: %v", err)
 			}
 		}
-		if fs := flowRecs(t, e.b, func(f flowRec) bool {
+		if fs := flowRecsSince(t, e.b, mark, func(f flowRec) bool {
 			return f.Verdict == "FORWARDED" && f.MTLS && f.Destination.PodName == "b1" && f.Source.SPIFFEID != e.a1.SPIFFEID().String()
 		}); len(fs) > 0 {
 			t.Fatalf("node B forwarded a tunnelled flow to b1 from another ID than a1's: %s", fs[0].raw)
