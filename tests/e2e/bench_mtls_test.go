@@ -341,6 +341,21 @@ func BenchmarkMTLSConnectRR(b *testing.B) {
 	// Each cold pod must hold its SVID, or its first connection would
 	// fail rather than pay a handshake.
 	waitPodSVIDs(b, e.a, coldE)
+	// ... and node B must know them, or it would refuse them.
+	if !twonode.Eventually(mtlsWait, func() bool {
+		l, err := e.b.Client.ListIdentities(context.Background())
+		if err != nil {
+			return false
+		}
+		for _, p := range coldE {
+			if !slices.ContainsFunc(l.Identities, func(i api.Identity) bool { return i.SPIFFEID == p.SPIFFEID().String() }) {
+				return false
+			}
+		}
+		return true
+	}) {
+		b.Fatalf("node B does not know the cold pods after %v", mtlsWait)
+	}
 	var cold, coldPlain, warm, warmPlain []time.Duration
 	for _, p := range coldE {
 		cold = append(cold, rr(b, p, e.eb.IPv4))
