@@ -238,19 +238,17 @@ type flowRec struct {
 	TrafficDirection string       `json:"traffic_direction"`
 	IsReply          bool         `json:"is_reply"`
 	MTLS             bool         `json:"mtls"`
-	IngressAllowedBy []struct {
-		Name string `json:"name"`
-	} `json:"ingress_allowed_by"`
-	raw string
+	IngressAllowedBy []flowPolicy `json:"ingress_allowed_by"`
+	raw              string
+}
+
+type flowPolicy struct {
+	Name string `json:"name"`
 }
 
 // allowedBy reports whether the flow was let in by the policy named name.
 func (f flowRec) allowedBy(name string) bool {
-	return slices.ContainsFunc(f.IngressAllowedBy, func(p struct {
-		Name string `json:"name"`
-	}) bool {
-		return p.Name == name
-	})
+	return slices.ContainsFunc(f.IngressAllowedBy, func(p flowPolicy) bool { return p.Name == name })
 }
 
 type flowEndpoint struct {
