@@ -96,7 +96,10 @@ func newMTLSEnv(t *testing.T, source string) *mtlsEnv {
 func newMTLSEnvPrimary(t *testing.T, source, primary string) *mtlsEnv {
 	t.Helper()
 	topo := twonode.New(t, twonode.Config{IdentitySource: source, IPv6: true, Primary: primary,
-		ExtraAgentArgs: func(string) []string { return []string{"--store-shrink-grace", "1s"} }})
+		// Each node has its own loopback: the same metrics port on both.
+		ExtraAgentArgs: func(string) []string {
+			return []string{"--store-shrink-grace", "1s", "--metrics-addr", spireMetricsAddr}
+		}})
 	e := &mtlsEnv{topo: topo, a: topo.A(), b: topo.B()}
 	topo.WriteNamespaces(map[string]map[string]string{
 		"client": {"team": "client"},
@@ -493,8 +496,9 @@ spec:
 
 // TestMTLSPlaintextToEnrolledDropped: b1's only rule needs mTLS. a3 and b3
 // (not enrolled: their connections travel in plaintext), from the other
-// node and from b1's own, are dropped in the kernel with AUTH_REQUIRED;
-// a1 (enrolled) gets in through the tunnel.
+// node and from b1's own, are dropped in the kernel with AUTH_REQUIRED, in
+// the flow records and the drop counter; a1 (enrolled) gets in through
+// the tunnel.
 func TestMTLSPlaintextToEnrolledDropped(t *testing.T) {
 	forEachSource(t, func(t *testing.T, source string) {
 		e := newMTLSEnv(t, source)
@@ -526,6 +530,12 @@ func TestMTLSPlaintextToEnrolledDropped(t *testing.T) {
 		waitFlow(t, e.b, "of a1's tunnelled flow, allowed", func(f flowRec) bool {
 			return f.Verdict == "FORWARDED" && f.MTLS && f.Destination.PodName == "b1" && f.Source.SPIFFEID == e.a1.SPIFFEID().String()
 		})
+		// ... and counted.
+		const drops = `bulkhead_drops_total{reason="AUTH_REQUIRED"}`
+		if !twonode.Eventually(10*time.Second, func() bool { v, ok := metric(t, e.b, drops); return ok && v >= 2 }) {
+			v, ok := metric(t, e.b, drops)
+			t.Errorf("node B: %s = %v (present %v), want at least 2 (a3's and b3's)", drops, v, ok)
+		}
 	})
 }
 
