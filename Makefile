@@ -15,17 +15,20 @@ CNI_PLUGINS  := ptp bridge host-local
 # (its go.mod pins this version). cgo: its sqlite datastore needs gcc.
 SPIRE_VERSION := v1.13.3
 SPIRE_BIN    := $(CACHE)/spire-$(SPIRE_VERSION)
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc
+# iperf3 and nsenter (util-linux) run the mTLS benchmarks inside pods.
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux
 BPFFS        := /sys/fs/bpf
 # Fuzz targets run this many iterations each in `make test`.
 FUZZ_ITERS   ?= 3000
-GOTEST_FLAGS ?= -count=1 -timeout 20m
+# tests/e2e runs many two-node topologies (the mTLS tests alone: 19, each
+# with SPIRE or the built-in CA), one after another: -timeout is per package.
+GOTEST_FLAGS ?= -count=1 -timeout 45m
 
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
 export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
 
 .PHONY: all build generate check-generated deps bpffs cni-plugins spire test test-unit \
-        vet staticcheck fuzz bench demo demo-check clean
+        vet staticcheck fuzz bench bench-mtls demo demo-check clean
 
 all: build
 
@@ -135,6 +138,11 @@ demo-check:
 ## bench: every benchmark (BenchmarkDatapath pins its own thread to one CPU).
 bench: deps bpffs cni-plugins spire build
 	BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchmem ./...
+
+## bench-mtls: issue 12's benchmarks only (two nodes, built-in CA, iperf3),
+## once each; BULKHEAD_BENCH_SECONDS sets each throughput run (default 5).
+bench-mtls: deps bpffs cni-plugins build
+	BULKHEAD_PRIVILEGED=1 $(GO) test -run '^$$' -bench 'BenchmarkMTLS' -benchtime 1x -timeout 30m ./tests/e2e/
 
 ## demo: the embedded-default demo (no Kubernetes, no SPIRE). DEMO_FLAGS=--keep
 ## leaves the agent and the pods running for exploring.

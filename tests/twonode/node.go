@@ -65,6 +65,7 @@ type Node struct {
 	t    testing.TB
 	bin  string
 	ipv6 bool
+	topo *Topology
 
 	mu    sync.Mutex
 	agent *agentProc
@@ -291,7 +292,7 @@ func (n *Node) Pods() []*Pod {
 // writePods rewrites PodsFile from the node's pods.
 func (n *Node) writePods() {
 	n.t.Helper()
-	docs, err := podDocs(n.Pods(), false)
+	docs, err := podDocs(n.Pods(), false, nil)
 	if err != nil {
 		n.t.Fatalf("%s: %v", n.Name, err)
 	}

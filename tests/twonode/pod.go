@@ -14,10 +14,22 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 	"github.com/bulkhead-io/bulkhead/tests/netns"
+	spiretest "github.com/bulkhead-io/bulkhead/tests/spire"
 )
+
+// Enrollment in the mTLS tunnel: a pod is enrolled when it, or its
+// namespace, carries MTLSLabel=MTLSEnabled.
+const (
+	MTLSLabel   = "bulkhead.io/mtls"
+	MTLSEnabled = "enabled"
+)
+
+// TunnelPort is where every node's tunnel endpoint listens (HBONE).
+const TunnelPort = 15008
 
 // Pod is a pod on one node, added through the node's CNI chain.
 type Pod struct {
@@ -36,6 +48,9 @@ type Pod struct {
 	// IPv4 is the pod's IPv4 address; IPv6 its IPv6 address on IPv6
 	// topologies.
 	IPv4, IPv6 netip.Addr
+	// SPIREEntry is the ID of the pod's SPIRE registration entry
+	// (IdentitySource "spire"), which AddPod created.
+	SPIREEntry string
 
 	cni *cnichain.Pod
 }
@@ -67,6 +82,15 @@ func (n *Node) AddPod(namespace, name string, labels map[string]string, serviceA
 			n.t.Errorf("%s: remove pod %s/%s: %v", n.Name, namespace, name, err)
 		}
 	})
+	if n.topo != nil && n.topo.SPIRE != nil {
+		// Created before the ADD, as for a pod of a registered workload:
+		// the SPIRE agent picks it up on its next sync.
+		p.SPIREEntry = n.topo.SPIRE.CreateEntry(n.t, spiretest.Entry{
+			ParentID:  n.topo.SPIREAgents[n.index()].ID(),
+			SPIFFEID:  p.SPIFFEID(),
+			Selectors: []string{"k8s:ns:" + namespace, "k8s:pod-name:" + name},
+		})
+	}
 	n.mu.Lock()
 	n.pods = append(n.pods, p)
 	n.mu.Unlock()
@@ -99,6 +123,50 @@ func (n *Node) AddPod(namespace, name string, labels map[string]string, serviceA
 		n.t.Fatalf("%s: CNI ADD %s/%s: addresses missing in result %v", n.Name, namespace, name, r)
 	}
 	return p
+}
+
+// index is 0 for node A, 1 for node B.
+func (n *Node) index() int {
+	if n.topo != nil && n == n.topo.Nodes[1] {
+		return 1
+	}
+	return 0
+}
+
+// SPIFFEID is the ID the pod's SVID carries in IdentitySource topologies:
+// spiffe://<trust domain>/ns/<namespace>/sa/<service account> (the
+// agent's derived ID; SPIRE entries of AddPod use it too).
+func (p *Pod) SPIFFEID() spiffeid.ID {
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	if p.Node.topo != nil {
+		td = p.Node.topo.TrustDomain
+	}
+	sa := p.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	return spiffeid.RequireFromSegments(td, "ns", p.Namespace, "sa", sa)
+}
+
+// Relabel replaces the pod's labels in its node's store (PodsFile). Call
+// SyncPeers afterwards to tell the other node.
+func (p *Pod) Relabel(labels map[string]string) {
+	p.Node.t.Helper()
+	p.Node.mu.Lock()
+	p.Labels = maps.Clone(labels)
+	p.Node.mu.Unlock()
+	p.Node.writePods()
+}
+
+// SetServiceAccount changes the pod's service account in its node's store
+// (PodsFile), and so its derived SPIFFE ID. Call SyncPeers afterwards to
+// tell the other node.
+func (p *Pod) SetServiceAccount(sa string) {
+	p.Node.t.Helper()
+	p.Node.mu.Lock()
+	p.ServiceAccount = sa
+	p.Node.mu.Unlock()
+	p.Node.writePods()
 }
 
 // Remove deletes the pod now, as a runtime does: CNI DEL from inside the
@@ -164,8 +232,10 @@ func echo(c net.Conn) bool { return netns.Echo(c, time.Second) }
 // podDocs renders pods as store YAML (JSON documents, which YAML reads as
 // they are), with their addresses when withIPs is set: peers' addresses
 // are what a node's ipcache learns them from, while a node learns its own
-// pods' addresses from CNI.
-func podDocs(pods []*Pod, withIPs bool) (string, error) {
+// pods' addresses from CNI. override replaces the addresses of the pods
+// in it. Peers also carry status.hostIP and status.hostIPs, their node's
+// transit addresses: where the node's tunnel endpoint listens.
+func podDocs(pods []*Pod, withIPs bool, override map[*Pod][]netip.Addr) (string, error) {
 	var docs []string
 	for _, p := range pods {
 		meta := map[string]any{"name": p.Name, "namespace": p.Namespace, "uid": p.UID}
@@ -181,11 +251,24 @@ func podDocs(pods []*Pod, withIPs bool) (string, error) {
 		}
 		doc := map[string]any{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 		if withIPs {
-			var ips []map[string]string
-			for _, a := range p.IPs() {
-				ips = append(ips, map[string]string{"ip": a.String()})
+			addrs := p.IPs()
+			if o, ok := override[p]; ok {
+				addrs = o
 			}
-			doc["status"] = map[string]any{"podIP": p.IPv4.String(), "podIPs": ips}
+			status := map[string]any{}
+			if len(addrs) > 0 {
+				var ips []map[string]string
+				for _, a := range addrs {
+					ips = append(ips, map[string]string{"ip": a.String()})
+				}
+				status["podIP"], status["podIPs"] = addrs[0].String(), ips
+			}
+			hosts := []map[string]string{{"ip": p.Node.TransitIP4.String()}}
+			if p.Node.TransitIP6.IsValid() {
+				hosts = append(hosts, map[string]string{"ip": p.Node.TransitIP6.String()})
+			}
+			status["hostIP"], status["hostIPs"] = p.Node.TransitIP4.String(), hosts
+			doc["status"] = status
 		}
 		b, err := json.Marshal(doc)
 		if err != nil {

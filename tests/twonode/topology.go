@@ -3,22 +3,28 @@ package twonode
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
+	spiretest "github.com/bulkhead-io/bulkhead/tests/spire"
 )
 
 // Node names, as given to --node-name and written into peers' spec.nodeName.
@@ -53,13 +59,36 @@ type Config struct {
 	// NoStart leaves the agents stopped, for callers that prepare stores
 	// or files first; start them with StartAgents or Node.StartAgent.
 	NoStart bool
+	// IdentitySource is where the agents get their pods' SVIDs from:
+	//   - "" leaves it to ExtraAgentArgs (the agent's default: none);
+	//   - "builtin": each agent runs --identity-source builtin, and both
+	//     share one CA: StartAgents starts node A first, then copies the
+	//     CA folder A created (--state-dir/ca) into B's state folder
+	//     before B starts, so both issue SVIDs under one trust bundle;
+	//   - "spire": a SPIRE server and one SPIRE agent per node (the
+	//     bulkhead agents, root, are its authorized delegates), trust
+	//     domain SPIRETrustDomain; AddPod registers an entry for each pod
+	//     with its derived SPIFFE ID under its node's SPIRE agent.
+	IdentitySource string
 }
+
+// SPIRETrustDomain is the trust domain of topologies with IdentitySource
+// "spire"; "builtin" ones use the agent's default, cluster.local.
+const SPIRETrustDomain = "bulkhead.test"
 
 // Topology is two nodes and their pods.
 type Topology struct {
 	// Nodes are node A and node B, in that order.
 	Nodes [2]*Node
-	t     testing.TB
+	// IdentitySource is Config.IdentitySource.
+	IdentitySource string
+	// TrustDomain is the trust domain of the pods' SPIFFE IDs.
+	TrustDomain spiffeid.TrustDomain
+	// SPIRE is the SPIRE server (IdentitySource "spire" only), and
+	// SPIREAgents node A's and node B's SPIRE agents.
+	SPIRE       *spiretest.Server
+	SPIREAgents [2]*spiretest.Agent
+	t           testing.TB
 }
 
 // A is node A.
@@ -91,7 +120,22 @@ func New(t testing.TB, cfg Config) *Topology {
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(runDir) })
 
-	tp := &Topology{t: t}
+	tp := &Topology{t: t, IdentitySource: cfg.IdentitySource, TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local")}
+	var sourceArgs [2][]string
+	switch cfg.IdentitySource {
+	case "":
+	case "builtin":
+		sourceArgs = [2][]string{{"--identity-source", "builtin"}, {"--identity-source", "builtin"}}
+	case "spire":
+		// Started before the nodes, so that it stops after them.
+		tp.startSPIRE()
+		for i, a := range tp.SPIREAgents {
+			sourceArgs[i] = []string{"--identity-source", "spire", "--spire-admin-socket", a.AdminSocket(),
+				"--trust-domain", SPIRETrustDomain}
+		}
+	default:
+		t.Fatalf("twonode: identity source %q: want \"\", builtin or spire", cfg.IdentitySource)
+	}
 	for i, name := range []string{NodeA, NodeB} {
 		letter := string(rune('a' + i))
 		dir := t.TempDir()
@@ -110,9 +154,11 @@ func New(t testing.TB, cfg Config) *Topology {
 		if cfg.IPv6 {
 			n.TransitIP6 = transit6[i].Addr()
 		}
+		n.Args = slices.Clone(sourceArgs[i])
 		if cfg.ExtraAgentArgs != nil {
-			n.Args = cfg.ExtraAgentArgs(name)
+			n.Args = append(n.Args, cfg.ExtraAgentArgs(name)...)
 		}
+		n.topo = tp
 		if err := os.MkdirAll(n.StoreDir, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -257,11 +303,100 @@ func (tp *Topology) link(ipv6 bool) {
 	}
 }
 
-// StartAgents starts both agents and waits until both are ready.
+// StartAgents starts both agents and waits until both are ready. With the
+// built-in CA, node B's agent starts with a copy of the CA that node A's
+// created (unless B has a CA folder already).
 func (tp *Topology) StartAgents() {
 	tp.t.Helper()
+	a, b := tp.A(), tp.B()
+	a.StartAgent()
+	if tp.IdentitySource == "builtin" {
+		dst := filepath.Join(b.StateDir, "ca")
+		if _, err := os.Stat(dst); errors.Is(err, os.ErrNotExist) {
+			if err := copyCA(filepath.Join(a.StateDir, "ca"), dst); err != nil {
+				tp.t.Fatalf("share node A's CA with node B: %v\nnode A's agent log:\n%s", err, a.AgentLog())
+			}
+		}
+	}
+	b.StartAgent()
+}
+
+// copyCA copies the regular files of the CA folder src into dst (created
+// 0700), each with its mode exactly: the CA refuses a key others may
+// read.
+func copyCA(src, dst string) error {
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		return fmt.Errorf("read CA folder: %w", err)
+	}
+	if len(ents) == 0 {
+		return fmt.Errorf("CA folder %s is empty", src)
+	}
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return fmt.Errorf("create CA folder: %w", err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil {
+			return fmt.Errorf("CA file %s: %w", e.Name(), err)
+		}
+		data, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			return fmt.Errorf("CA file %s: %w", e.Name(), err)
+		}
+		to := filepath.Join(dst, e.Name())
+		if err := os.WriteFile(to, data, info.Mode().Perm()); err != nil {
+			return fmt.Errorf("CA file %s: %w", e.Name(), err)
+		}
+		// WriteFile's mode is masked by the umask: set it exactly.
+		if err := os.Chmod(to, info.Mode().Perm()); err != nil {
+			return fmt.Errorf("CA file %s: %w", e.Name(), err)
+		}
+	}
+	return nil
+}
+
+// startSPIRE starts a SPIRE server and one SPIRE agent per node, makes
+// this process's uid (the bulkhead agents run as it) an authorized
+// delegate of each, and waits until each SPIRE agent serves it: until
+// then it refuses the admin API.
+func (tp *Topology) startSPIRE() {
+	tp.t.Helper()
+	tp.SPIRE = spiretest.StartServer(tp.t, spiretest.ServerConfig{TrustDomain: SPIRETrustDomain})
+	tp.TrustDomain = tp.SPIRE.TrustDomain()
+	for i := range tp.SPIREAgents {
+		tp.SPIREAgents[i] = tp.SPIRE.StartAgent(tp.t, spiretest.AgentConfig{})
+		tp.SPIRE.RegisterDelegate(tp.t, tp.SPIREAgents[i])
+	}
+	for _, a := range tp.SPIREAgents {
+		a.WaitForSVID(tp.t, spiretest.DelegateID(tp.TrustDomain))
+	}
+}
+
+// NamespacesFile holds the namespaces written by WriteNamespaces.
+const NamespacesFile = "twonode-namespaces.yaml"
+
+// WriteNamespaces writes the namespaces (name -> labels) into both nodes'
+// stores (file NamespacesFile), replacing the ones written before.
+func (tp *Topology) WriteNamespaces(namespaces map[string]map[string]string) {
+	tp.t.Helper()
+	var docs []string
+	for _, name := range slices.Sorted(maps.Keys(namespaces)) {
+		meta := map[string]any{"name": name}
+		if l := namespaces[name]; len(l) > 0 {
+			meta["labels"] = l
+		}
+		b, err := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+		if err != nil {
+			tp.t.Fatalf("namespace %s: %v", name, err)
+		}
+		docs = append(docs, string(b))
+	}
 	for _, n := range tp.Nodes {
-		n.StartAgent()
+		n.WriteStore(NamespacesFile, "# written by tests/twonode\n"+strings.Join(docs, "\n---\n")+"\n")
 	}
 }
 
@@ -273,13 +408,27 @@ func (tp *Topology) StartAgents() {
 // store's reload time, so check the effect with Eventually.
 func (tp *Topology) SyncPeers() {
 	tp.t.Helper()
-	for i, n := range tp.Nodes {
-		docs, err := podDocs(tp.Nodes[1-i].Pods(), true)
-		if err != nil {
-			tp.t.Fatalf("peers of %s: %v", n.Name, err)
-		}
-		n.WriteStore(PeersFile, docs)
+	for _, n := range tp.Nodes {
+		tp.WritePeersOf(n, nil)
 	}
+}
+
+// WritePeersOf writes n's PeersFile as SyncPeers does, except that the
+// pods in override are listed with the addresses given there instead of
+// their own (none: listed with no address). A test uses it to make n's
+// view of the other node stale or wrong, as after an IP was reassigned
+// and the store has not caught up.
+func (tp *Topology) WritePeersOf(n *Node, override map[*Pod][]netip.Addr) {
+	tp.t.Helper()
+	other := tp.Nodes[0]
+	if n == other {
+		other = tp.Nodes[1]
+	}
+	docs, err := podDocs(other.Pods(), true, override)
+	if err != nil {
+		tp.t.Fatalf("peers of %s: %v", n.Name, err)
+	}
+	n.WriteStore(PeersFile, docs)
 }
 
 // Eventually retries cond every 50 ms until it holds or d has passed.

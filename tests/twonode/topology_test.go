@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/agent/api"
 )
 
 // TestTopology checks what callers rely on: pods on either node reach each
@@ -130,4 +132,77 @@ func netnsInode(t *testing.T, path string) uint64 {
 		t.Fatalf("stat %s: %v", path, err)
 	}
 	return st.Ino
+}
+
+// TestIdentitySources: with the built-in CA both agents start, share one
+// trust bundle (node B runs on a copy of node A's CA) and issue their pods
+// the derived SPIFFE IDs; with SPIRE, AddPod's entries give each pod its
+// SVID from its own node's SPIRE agent. Either way the peers file tells
+// each node where the other's pods live (status.hostIP/hostIPs: the
+// transit addresses), and namespace labels and pod relabels reach the
+// agents.
+func TestIdentitySources(t *testing.T) {
+	for _, source := range []string{"builtin", "spire"} {
+		t.Run(source, func(t *testing.T) {
+			topo := New(t, Config{IdentitySource: source, IPv6: true})
+			a, b := topo.A(), topo.B()
+			topo.WriteNamespaces(map[string]map[string]string{"client": {"team": "client"}, "web": {"team": "web", MTLSLabel: MTLSEnabled}})
+			a1 := a.AddPod("client", "a1", map[string]string{"app": "a1"}, "a1")
+			b1 := b.AddPod("web", "b1", map[string]string{"app": "b1"}, "")
+			topo.SyncPeers()
+
+			var bundles [2]string
+			for i, n := range topo.Nodes {
+				st, err := n.Client.Status(context.Background())
+				if err != nil || st.IdentitySource == nil || st.IdentitySource.Name != source || st.IdentitySource.BundlePEM == "" {
+					t.Fatalf("%s: identity source %+v, %v", n.Name, st.IdentitySource, err)
+				}
+				bundles[i] = st.IdentitySource.BundlePEM
+			}
+			if bundles[0] != bundles[1] {
+				t.Fatalf("the nodes hold different trust bundles:\n%s\n%s", bundles[0], bundles[1])
+			}
+			if source == "spire" && (a1.SPIREEntry == "" || b1.SPIREEntry == "") {
+				t.Fatalf("no SPIRE entries: %q %q", a1.SPIREEntry, b1.SPIREEntry)
+			}
+			want := map[*Node]map[string]string{
+				a: {"client/a1": "spiffe://" + topo.TrustDomain.Name() + "/ns/client/sa/a1"},
+				b: {"web/b1": "spiffe://" + topo.TrustDomain.Name() + "/ns/web/sa/default"},
+			}
+			if a1.SPIFFEID().String() != want[a]["client/a1"] || b1.SPIFFEID().String() != want[b]["web/b1"] {
+				t.Fatalf("SPIFFEID() = %s, %s", a1.SPIFFEID(), b1.SPIFFEID())
+			}
+			for n, pods := range want {
+				if !Eventually(90*time.Second, func() bool {
+					l, err := n.Client.ListIdentities(context.Background())
+					if err != nil {
+						return false
+					}
+					for pod, id := range pods {
+						if !slices.ContainsFunc(l.SVIDs, func(s api.SVIDInfo) bool { return s.Pod == pod && s.SPIFFEID == id && s.Serial != "" }) {
+							return false
+						}
+					}
+					return true
+				}) {
+					l, err := n.Client.ListIdentities(context.Background())
+					t.Fatalf("%s: SVIDs %+v (%v), want %v", n.Name, l.SVIDs, err, pods)
+				}
+			}
+
+			peers, err := os.ReadFile(b.StoreDir + "/" + PeersFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range []string{`"hostIP":"` + a.TransitIP4.String() + `"`, `"hostIPs":[{"ip":"` + a.TransitIP4.String() + `"},{"ip":"` + a.TransitIP6.String() + `"}]`} {
+				if !strings.Contains(string(peers), s) {
+					t.Fatalf("node B's peers file lacks %s:\n%s", s, peers)
+				}
+			}
+			// A relabel of a1 reaches node B.
+			a1.Relabel(map[string]string{"app": "a1", MTLSLabel: MTLSEnabled})
+			topo.SyncPeers()
+			waitIdentity(t, b, "client", map[string]string{"app": "a1", MTLSLabel: MTLSEnabled})
+		})
+	}
 }
