@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/bulkhead-io/bulkhead/identity"
 )
 
 // ANSI colours for verdicts, used only when the output is a terminal.
@@ -146,6 +148,11 @@ func endpointName(e *Endpoint, ip string, port uint16) string {
 	}
 	if port != 0 {
 		name += ":" + strconv.Itoa(int(port))
+	}
+	if !isPod(e) && e != nil && e.SPIFFEID != "" && !identity.NumericID(e.Identity).IsReserved() {
+		// A tunnel-delivered flow comes from the node's address; its
+		// source is the identity the tunnel verified.
+		name = e.SPIFFEID + " via " + name
 	}
 	return name
 }

@@ -45,3 +45,23 @@ func TestWriteTable(t *testing.T) {
 		t.Fatalf("columns not aligned:\n%s", buf.String())
 	}
 }
+
+// A tunnel-delivered flow comes from the node's address: the compact line
+// names the verified identity, and says mtls.
+func TestCompactTunnelDelivered(t *testing.T) {
+	f := &Flow{Verdict: VerdictForwarded, MTLS: true, TrafficDirection: DirectionIngress,
+		IP:          &IP{Source: "10.1.0.1", Destination: "10.1.0.5", IPVersion: "IPv4"},
+		L4:          &Layer4{TCP: &TCP{SourcePort: 40000, DestinationPort: 8080}},
+		Source:      &Endpoint{Identity: 300, Namespace: "shop", SPIFFEID: "spiffe://cluster.local/ns/shop/sa/api"},
+		Destination: &Endpoint{Identity: 301, Namespace: "shop", PodName: "db"}}
+	got := Compact(f, false)
+	for _, want := range []string{"spiffe://cluster.local/ns/shop/sa/api via 10.1.0.1:40000 -> shop/db:8080", " mtls"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Compact = %q, want it to contain %q", got, want)
+		}
+	}
+	f.Source = &Endpoint{Identity: 1, SPIFFEID: ""}
+	if got := Compact(f, false); !strings.Contains(got, "10.1.0.1:40000 -> ") || strings.Contains(got, "via") {
+		t.Errorf("host source: Compact = %q", got)
+	}
+}
