@@ -66,6 +66,7 @@ type flowPipe struct {
 	readDone chan struct{}
 
 	mu         sync.Mutex // serialises emitters: the log, the hub, the counter caches
+	closed     bool       // set by close: late emitters (the tunnel's handlers) are dropped
 	buf        []byte
 	kernelLost uint64
 	metrics    flowMetrics
@@ -284,6 +285,9 @@ func (p *flowPipe) emit(ev *datapath.FlowEvent) {
 	f := p.enricher.Enrich(ev)
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
 	p.metrics.count(f)
 	if p.flowLog != nil && p.logSel.Match(f) {
 		var err error
@@ -322,6 +326,7 @@ func (p *flowPipe) close() {
 	p.checkKernelLoss() // the last losses reach the log before it closes
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.closed = true
 	if p.flowLog != nil {
 		if err := p.flowLog.Close(); err != nil {
 			p.log.Warn("close flow log", "error", err)
