@@ -228,6 +228,13 @@ func (r *run) setup(ctx context.Context) error {
 	// The pins go after the agent has stopped (registered first, so it
 	// runs later): the agent keeps them on SIGTERM for restarts.
 	r.onCleanup(func() error { return removePins(r.bpffs) })
+	// So does the tunnel's policy routing, which the agent installs and
+	// leaves for its restarts.
+	unroute, err := tunnelRoutingCleanup()
+	if err != nil {
+		return err
+	}
+	r.onCleanup(unroute)
 	agent, err := startAgent(ctx, agentConfig{
 		Binary: agentBin, Store: r.store, Socket: r.socket, StateDir: filepath.Join(r.dir, "state"),
 		BPFFS: r.bpffs, FlowLog: r.flowLog, Output: r.diag, Orphan: r.cfg.Keep,

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/demo/subnets"
 )
 
@@ -42,4 +43,20 @@ func ensureForwarding() (func() error, error) {
 		return nil, fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
 	return func() error { return os.WriteFile(ipForward, b, 0o644) }, nil
+}
+
+// tunnelRoutingCleanup returns what removes the mTLS tunnel's policy
+// routing that the demo's agent installs in this namespace, once the agent
+// has stopped: nothing when the routing was there before the demo (a
+// node's own agent installed it and relies on it).
+func tunnelRoutingCleanup() (func() error, error) {
+	mark, mask, table, prio := uint32(datapath.DefaultTunnelMark), uint32(datapath.DefaultTunnelMask), datapath.DefaultTunnelTable, datapath.DefaultTunnelPriority
+	had, err := datapath.HasTunnelRouting(mark, mask, table, prio)
+	if err != nil {
+		return nil, fmt.Errorf("look for the tunnel's routing: %w", err)
+	}
+	if had {
+		return func() error { return nil }, nil
+	}
+	return func() error { return datapath.RemoveTunnelRouting(mark, mask, table, prio) }, nil
 }
