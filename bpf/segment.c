@@ -40,7 +40,12 @@
  *    protocol, IP ID); later fragments take the ports from there and so
  *    follow the first fragment's flow. A later fragment whose first one was
  *    not seen is judged with ports 0;
- *  - a truncated header on a managed endpoint is dropped (DROP_MALFORMED).
+ *  - a truncated header on a managed endpoint is dropped (DROP_MALFORMED);
+ *  - mTLS (see handle_flow): plaintext TCP between an enrolled pod and an
+ *    enrolled peer other than the node is dropped at the destination
+ *    (AUTH_REQUIRED) when new and at either end (POLICY_REVISED) when a
+ *    revision re-judges it; a redirected packet whose endpoint_addrs slot
+ *    is gone is dropped (TUNNEL_DOWN), never left to a bridge.
  */
 #include "include/vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -605,18 +610,36 @@ static __attribute__((noinline)) int tunnel_listening(struct __sk_buff *skb, con
 /* tunnel_forward sends a redirected flow's packet from the pod towards the
  * tunnel: the mark makes it local. A bridge would switch it at L2 to the
  * destination pod's port, so on a bridge port the frame is addressed to the
- * bridge itself, which passes it up to IP. */
-static __always_inline int tunnel_forward(struct __sk_buff *skb, __u32 ep_id)
+ * bridge itself, which passes it up to IP. Whether the pod is a bridge port
+ * is in its endpoint_addrs slot; without a slot (none, or one Go cleared
+ * as it detached the endpoint) that is unknown, and passing the frame
+ * could let a bridge switch it in plaintext: it is dropped (TUNNEL_DOWN).
+ * It passes unchanged only for an endpoint known not to be a bridge
+ * port. */
+static __always_inline int tunnel_forward(struct __sk_buff *skb, __u32 ep_id, __u32 len)
 {
-	struct ep_addrs *a;
+	struct ep_addrs *a = bpf_map_lookup_elem(&endpoint_addrs, &ep_id);
 
+	if (!a || !(a->n4 | a->n6)) {
+		count_drop(DROP_TUNNEL_DOWN, len);
+		return TC_ACT_SHOT;
+	}
 	skb->mark = (skb->mark & ~tunnel_mark_mask) | tunnel_mark;
-	a = bpf_map_lookup_elem(&endpoint_addrs, &ep_id);
-	if (!a || !a->br_ifindex)
+	if (!a->br_ifindex)
 		return BH_PASS;
 	if (bpf_skb_store_bytes(skb, 0, a->br_mac, 6, 0) < 0)
 		return TC_ACT_SHOT;
 	return BH_PASS;
+}
+
+/* enrolled_pair reports whether plaintext TCP between endpoint cfg and
+ * peer must not exist: both are enrolled in mTLS in generation gen, so
+ * their TCP goes through the tunnel and nothing else. The node itself
+ * (host_identity: kubelet probes, the tunnel's own connections) is never
+ * held to it. */
+static __always_inline int enrolled_pair(const struct ep_config *cfg, __u32 gen, __u32 peer)
+{
+	return (cfg->flags & EP_ENROLLED) && peer != host_identity && peer_enrolled(gen, peer);
 }
 
 /* ct_evflags are the event flags a flow's conntrack state implies. */
@@ -634,7 +657,10 @@ static __always_inline __u8 ct_evflags(__u8 state)
  * tunnel registered in tunnel_socks is judged as coming from the identity
  * the tunnel verified (CT_TUNNEL), in the tunnelled view; every other flow
  * towards the pod is plaintext, in which mtls: Required allows do not
- * match. */
+ * match, and plaintext TCP to an enrolled pod from an enrolled peer (not
+ * the node) is dropped (AUTH_REQUIRED) even where policy allows it. A
+ * policy revision ends (POLICY_REVISED, tombstone) a plaintext TCP flow
+ * whose pair is now enrolled, at either end. */
 static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
 				       __u8 dir, const int v6)
 {
@@ -714,10 +740,16 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 			r.e.flags = d.flags;
 			r.e.peer_id = peer_id;
 			/* A plaintext flow whose egress allow now requires mTLS
-			 * cannot move into the tunnel: it ends. */
+			 * cannot move into the tunnel: it ends. So does a
+			 * plaintext TCP flow (neither redirected at the source
+			 * nor delivered by the tunnel) between a pair that is
+			 * now enrolled, in either direction: an enrolled pair
+			 * never talks plaintext TCP. */
 			if (d.verdict == VERDICT_DENY ||
 			    (tun && r.e.dir == DIR_EGRESS && !(r.e.state & CT_REDIRECT) &&
-			     d.verdict == VERDICT_ALLOW && (d.flags & FLAG_MTLS_REQUIRED))) {
+			     d.verdict == VERDICT_ALLOW && (d.flags & FLAG_MTLS_REQUIRED)) ||
+			    (p->proto == IPPROTO_TCP_ && !(r.e.state & (CT_REDIRECT | CT_TUNNEL)) &&
+			     enrolled_pair(cfg, gen, peer_id))) {
 				/* Becomes a tombstone (see CT_DENIED). */
 				r.e.state |= CT_DENIED;
 				r.e.last_seen = now;
@@ -748,7 +780,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		}
 		count_verdict(r.e.verdict, p->len);
 		if (from_pod && (r.e.state & CT_REDIRECT))
-			return tunnel_forward(skb, ep_id);
+			return tunnel_forward(skb, ep_id, p->len);
 		return BH_PASS;
 	}
 
@@ -782,7 +814,17 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	reason = DROP_NONE;
 	if (d.verdict == VERDICT_DENY) {
 		reason = d.auth ? DROP_AUTH_REQUIRED : DROP_POLICY;
-	} else if (from_pod && tun &&
+	} else if (!from_pod) {
+		/* Plaintext TCP between an enrolled pair is refused here too,
+		 * whatever policy says: the source may not have tunnelled it
+		 * (its ipcache did not know the peer yet, the connection
+		 * predates enrollment, the sender is spoofed or unmanaged).
+		 * Rule 0: no rule decided it. */
+		if (st != CT_TUNNEL && p->proto == IPPROTO_TCP_ && enrolled_pair(cfg, gen, peer_id)) {
+			reason = DROP_AUTH_REQUIRED;
+			d.rule = 0;
+		}
+	} else if (tun &&
 		   ((d.verdict == VERDICT_ALLOW && (d.flags & FLAG_MTLS_REQUIRED)) ||
 		    ((cfg->flags & EP_ENROLLED) && peer_enrolled(gen, peer_id)))) {
 		st = CT_REDIRECT;
@@ -831,7 +873,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	     from_pod, ep_id, ifindex, cfg->identity, peer_id, ct_evflags(st));
 	count_verdict(d.verdict, p->len);
 	if (st & CT_REDIRECT)
-		return tunnel_forward(skb, ep_id);
+		return tunnel_forward(skb, ep_id, p->len);
 	return BH_PASS;
 }
 
@@ -1037,6 +1079,21 @@ int bulkhead_clock(struct __sk_buff *skb)
 
 	bpf_skb_store_bytes(skb, 0, &now, sizeof(now), 0);
 	return BH_PASS;
+}
+
+/* Tests only (BPF_PROG_TEST_RUN): tunnel_forward for the endpoint whose ID
+ * is in the packet's first 4 bytes (native byte order). Through the pod
+ * programs an empty endpoint_addrs slot never gets that far (source
+ * validation drops first), except in a race with a detach; this reaches
+ * it. */
+SEC("tc")
+int bulkhead_tunnel_forward_test(struct __sk_buff *skb)
+{
+	__u32 ep_id;
+
+	if (bpf_skb_load_bytes(skb, 0, &ep_id, sizeof(ep_id)) < 0)
+		return TC_ACT_SHOT;
+	return tunnel_forward(skb, ep_id, skb->len);
 }
 
 /* The benchmark baseline: what a program costs that does nothing. */

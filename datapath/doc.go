@@ -65,12 +65,29 @@
 // it, so for a bridge port the frame is addressed to the bridge, and
 // bulkhead_tunnel_bridge, at the bridge's TCX ingress, assigns the SYN
 // again (the bridge loses the first assignment). No listener: the flow is
-// dropped (DropTunnelDown), never forwarded. Towards a pod, a flow whose
+// dropped (DropTunnelDown), never forwarded. Whether the pod is a bridge
+// port is in its endpoint_addrs slot; a redirected packet whose slot is
+// gone (a race with Detach) is dropped (DropTunnelDown) rather than passed
+// to a bridge that might switch it in plaintext: only a pod known not to be
+// a bridge port gets its packet passed unchanged. Towards a pod, a flow whose
 // socket the tunnel registered (MarkTunnelSocket) is judged with the
 // identity the tunnel verified, in the tunnelled view; every other flow is
 // plaintext, and TCP that only an mTLS allow would admit is dropped with
 // DropAuthRequired. A pod cannot forge a registration: what it sends
-// reaches the host veth without a local socket.
+// reaches the host veth without a local socket. The tunnel's registrations
+// live in a pinned map; the agent empties it (ClearTunnelSockets) before
+// its tunnel starts, so that a killed agent's leftovers do not fill it.
+//
+// An enrolled pair never talks plaintext TCP, even where the source did
+// not tunnel (its view did not know the peer yet, the connection predates
+// enrollment, the sender is spoofed or not managed by Bulkhead): towards an
+// enrolled pod, a new plaintext TCP flow from an enrolled identity is
+// dropped with DropAuthRequired (rule 0), whatever policy says. When a
+// policy revision re-judges an established plaintext TCP flow (neither
+// redirected nor tunnel-delivered) whose pair is now enrolled, at either
+// end, it ends as revoked flows do (DropPolicyRevised, tombstone). The
+// node's own identity is never held to this: kubelet probes and the
+// tunnel's connections come from it.
 //
 // # One switch for a policy change: generations and the revision
 //

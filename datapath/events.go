@@ -61,11 +61,15 @@ const (
 	// stacked VLAN tags.
 	DropUnsupportedL2 DropReason = 7
 	// DropAuthRequired: plaintext TCP that only an mtls: Required allow
-	// would admit. On an AUDIT flow-new event it says the same of a flow
+	// would admit, or new plaintext TCP to an enrolled pod from an
+	// enrolled peer (rule 0: no rule decided it; the source did not
+	// tunnel it). On an AUDIT flow-new event it says the same of a flow
 	// that audit mode let pass.
 	DropAuthRequired DropReason = 8
 	// DropTunnelDown: a flow that must go through the node's mTLS tunnel,
-	// and the tunnel has no listener (the agent is down).
+	// and the tunnel has no listener (the agent is down), or the pod's
+	// endpoint_addrs slot is gone, so it is not known whether a bridge
+	// would switch the packet past the tunnel.
 	DropTunnelDown DropReason = 9
 )
 

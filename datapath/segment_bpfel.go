@@ -238,44 +238,45 @@ type segmentTunnelLsn struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	segmentMapConntrack4            = "conntrack4"
-	segmentMapConntrack6            = "conntrack6"
-	segmentMapCounters              = "counters"
-	segmentMapDropEvents            = "drop_events"
-	segmentMapEndpointAddrs         = "endpoint_addrs"
-	segmentMapEndpoints             = "endpoints"
-	segmentMapEndpointsArray        = "endpoints_array"
-	segmentMapEpConfigs             = "ep_configs"
-	segmentMapEvents                = "events"
-	segmentMapFragments             = "fragments"
-	segmentMapGlobals               = "globals"
-	segmentMapIdFlags               = "id_flags"
-	segmentMapIpcache               = "ipcache"
-	segmentMapIpcacheHosts          = "ipcache_hosts"
-	segmentMapPolicy                = "policy"
-	segmentMapPolicyExact           = "policy_exact"
-	segmentMapTunnelListener        = "tunnel_listener"
-	segmentMapTunnelScratch         = "tunnel_scratch"
-	segmentMapTunnelSocks           = "tunnel_socks"
-	segmentProgBulkheadClock        = "bulkhead_clock"
-	segmentProgBulkheadFromPod      = "bulkhead_from_pod"
-	segmentProgBulkheadPassthrough  = "bulkhead_passthrough"
-	segmentProgBulkheadToPod        = "bulkhead_to_pod"
-	segmentProgBulkheadTunnelBridge = "bulkhead_tunnel_bridge"
-	segmentVarCt4BucketMask         = "ct4_bucket_mask"
-	segmentVarCt6BucketMask         = "ct6_bucket_mask"
-	segmentVarCtTimeoutClosingNs    = "ct_timeout_closing_ns"
-	segmentVarCtTimeoutOtherNs      = "ct_timeout_other_ns"
-	segmentVarCtTimeoutTcpNs        = "ct_timeout_tcp_ns"
-	segmentVarDropEventIntervalNs   = "drop_event_interval_ns"
-	segmentVarHostIdentity          = "host_identity"
-	segmentVarIpcacheHostMask       = "ipcache_host_mask"
-	segmentVarJiffyNs               = "jiffy_ns"
-	segmentVarPolicyExactMask       = "policy_exact_mask"
-	segmentVarRingWakeupMask        = "ring_wakeup_mask"
-	segmentVarTunnelMark            = "tunnel_mark"
-	segmentVarTunnelMarkMask        = "tunnel_mark_mask"
-	segmentVarUnusedFlowEvent       = "unused_flow_event"
+	segmentMapConntrack4                 = "conntrack4"
+	segmentMapConntrack6                 = "conntrack6"
+	segmentMapCounters                   = "counters"
+	segmentMapDropEvents                 = "drop_events"
+	segmentMapEndpointAddrs              = "endpoint_addrs"
+	segmentMapEndpoints                  = "endpoints"
+	segmentMapEndpointsArray             = "endpoints_array"
+	segmentMapEpConfigs                  = "ep_configs"
+	segmentMapEvents                     = "events"
+	segmentMapFragments                  = "fragments"
+	segmentMapGlobals                    = "globals"
+	segmentMapIdFlags                    = "id_flags"
+	segmentMapIpcache                    = "ipcache"
+	segmentMapIpcacheHosts               = "ipcache_hosts"
+	segmentMapPolicy                     = "policy"
+	segmentMapPolicyExact                = "policy_exact"
+	segmentMapTunnelListener             = "tunnel_listener"
+	segmentMapTunnelScratch              = "tunnel_scratch"
+	segmentMapTunnelSocks                = "tunnel_socks"
+	segmentProgBulkheadClock             = "bulkhead_clock"
+	segmentProgBulkheadFromPod           = "bulkhead_from_pod"
+	segmentProgBulkheadPassthrough       = "bulkhead_passthrough"
+	segmentProgBulkheadToPod             = "bulkhead_to_pod"
+	segmentProgBulkheadTunnelBridge      = "bulkhead_tunnel_bridge"
+	segmentProgBulkheadTunnelForwardTest = "bulkhead_tunnel_forward_test"
+	segmentVarCt4BucketMask              = "ct4_bucket_mask"
+	segmentVarCt6BucketMask              = "ct6_bucket_mask"
+	segmentVarCtTimeoutClosingNs         = "ct_timeout_closing_ns"
+	segmentVarCtTimeoutOtherNs           = "ct_timeout_other_ns"
+	segmentVarCtTimeoutTcpNs             = "ct_timeout_tcp_ns"
+	segmentVarDropEventIntervalNs        = "drop_event_interval_ns"
+	segmentVarHostIdentity               = "host_identity"
+	segmentVarIpcacheHostMask            = "ipcache_host_mask"
+	segmentVarJiffyNs                    = "jiffy_ns"
+	segmentVarPolicyExactMask            = "policy_exact_mask"
+	segmentVarRingWakeupMask             = "ring_wakeup_mask"
+	segmentVarTunnelMark                 = "tunnel_mark"
+	segmentVarTunnelMarkMask             = "tunnel_mark_mask"
+	segmentVarUnusedFlowEvent            = "unused_flow_event"
 )
 
 // loadSegment returns the embedded CollectionSpec for segment.
@@ -320,11 +321,12 @@ type segmentSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type segmentProgramSpecs struct {
-	BulkheadClock        *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
-	BulkheadFromPod      *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough  *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod        *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
-	BulkheadTunnelBridge *ebpf.ProgramSpec `ebpf:"bulkhead_tunnel_bridge"`
+	BulkheadClock             *ebpf.ProgramSpec `ebpf:"bulkhead_clock"`
+	BulkheadFromPod           *ebpf.ProgramSpec `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough       *ebpf.ProgramSpec `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod             *ebpf.ProgramSpec `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge      *ebpf.ProgramSpec `ebpf:"bulkhead_tunnel_bridge"`
+	BulkheadTunnelForwardTest *ebpf.ProgramSpec `ebpf:"bulkhead_tunnel_forward_test"`
 }
 
 // segmentMapSpecs contains maps before they are loaded into the kernel.
@@ -461,11 +463,12 @@ type segmentVariables struct {
 //
 // It can be passed to loadSegmentObjects or ebpf.CollectionSpec.LoadAndAssign.
 type segmentPrograms struct {
-	BulkheadClock        *ebpf.Program `ebpf:"bulkhead_clock"`
-	BulkheadFromPod      *ebpf.Program `ebpf:"bulkhead_from_pod"`
-	BulkheadPassthrough  *ebpf.Program `ebpf:"bulkhead_passthrough"`
-	BulkheadToPod        *ebpf.Program `ebpf:"bulkhead_to_pod"`
-	BulkheadTunnelBridge *ebpf.Program `ebpf:"bulkhead_tunnel_bridge"`
+	BulkheadClock             *ebpf.Program `ebpf:"bulkhead_clock"`
+	BulkheadFromPod           *ebpf.Program `ebpf:"bulkhead_from_pod"`
+	BulkheadPassthrough       *ebpf.Program `ebpf:"bulkhead_passthrough"`
+	BulkheadToPod             *ebpf.Program `ebpf:"bulkhead_to_pod"`
+	BulkheadTunnelBridge      *ebpf.Program `ebpf:"bulkhead_tunnel_bridge"`
+	BulkheadTunnelForwardTest *ebpf.Program `ebpf:"bulkhead_tunnel_forward_test"`
 }
 
 func (p *segmentPrograms) Close() error {
@@ -475,6 +478,7 @@ func (p *segmentPrograms) Close() error {
 		p.BulkheadPassthrough,
 		p.BulkheadToPod,
 		p.BulkheadTunnelBridge,
+		p.BulkheadTunnelForwardTest,
 	)
 }
 

@@ -19,7 +19,9 @@ import (
 // SYN to the tunnel's transparent listener with bpf_sk_assign. The tunnel
 // registers that listener here. bulkhead_to_pod judges a flow sent by one
 // of the tunnel's sockets, which the tunnel registers with the identity it
-// verified before it connects, as coming from that identity.
+// verified before it connects, as coming from that identity; any other TCP
+// to an enrolled pod from an enrolled identity is plaintext that the
+// source failed to tunnel, and is dropped (DropAuthRequired).
 
 // Defaults of Config.TunnelMark and TunnelMask, and of the policy route
 // EnsureTunnelRouting installs.
@@ -48,15 +50,6 @@ func (d *Datapath) SetTunnelListener(c syscall.Conn) error {
 		return err
 	}
 	return d.clearListener(listenerSlot6)
-}
-
-// SetTunnelListeners registers one listener per family: v4 takes IPv4
-// SYNs, v6 IPv6 ones.
-func (d *Datapath) SetTunnelListeners(v4, v6 syscall.Conn) error {
-	if err := d.setListener(listenerSlot4, v4); err != nil {
-		return err
-	}
-	return d.setListener(listenerSlot6, v6)
 }
 
 // ClearTunnelListener unregisters the listener(s): from then on flows that
@@ -116,7 +109,7 @@ func (d *Datapath) clearListener(slot uint32) error {
 }
 
 // MarkTunnelSocket registers one of the tunnel's sockets, by its cookie
-// (SocketCookie), as carrying traffic from the verified identity peer. Call
+// (SO_COOKIE), as carrying traffic from the verified identity peer. Call
 // it before the socket connects: the flow towards the pod is judged at its
 // first packet.
 func (d *Datapath) MarkTunnelSocket(cookie uint64, peer identity.NumericID) error {
@@ -139,20 +132,28 @@ func (d *Datapath) ForgetTunnelSocket(cookie uint64) error {
 	return nil
 }
 
-// SocketCookie returns the kernel's cookie of the socket (SO_COOKIE), what
-// bpf_get_socket_cookie reports for its packets.
-func SocketCookie(c syscall.RawConn) (uint64, error) {
-	var cookie uint64
-	var serr error
-	if err := c.Control(func(fd uintptr) {
-		cookie, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
-	}); err != nil {
-		return 0, fmt.Errorf("socket cookie: %w", err)
+// ClearTunnelSockets forgets every socket MarkTunnelSocket registered.
+// tunnel_socks is pinned, so the registrations of an agent that died
+// without forgetting its sockets outlive it and would fill the map; the
+// agent calls this before its tunnel starts, when none of its own
+// connections exist yet.
+func (d *Datapath) ClearTunnelSockets() error {
+	var keys []uint64
+	var k uint64
+	var v uint32
+	it := d.objs.TunnelSocks.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
 	}
-	if serr != nil {
-		return 0, fmt.Errorf("socket cookie: %w", serr)
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("clear tunnel sockets: %w", err)
 	}
-	return cookie, nil
+	for _, k := range keys {
+		if err := d.objs.TunnelSocks.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear tunnel sockets: %w", err)
+		}
+	}
+	return nil
 }
 
 // tunnelRules are the policy rules of EnsureTunnelRouting, one per family.

@@ -197,7 +197,7 @@ func (tt *testTunnel) serve() {
 			var up net.Conn
 			err := tt.tp.host.NetNS.Do(func(nsHandle) error {
 				dl := net.Dialer{Timeout: probeTimeout, Control: func(_, _ string, rc syscall.RawConn) error {
-					cookie, err := SocketCookie(rc)
+					cookie, err := sockCookie(rc)
 					if err != nil {
 						return err
 					}
@@ -212,13 +212,26 @@ func (tt *testTunnel) serve() {
 			}
 			defer up.Close()
 			rc, _ := up.(*net.TCPConn).SyscallConn()
-			if cookie, err := SocketCookie(rc); err == nil {
+			if cookie, err := sockCookie(rc); err == nil {
 				defer tt.d.ForgetTunnelSocket(cookie)
 			}
 			go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
 			io.Copy(c, up)
 		}()
 	}
+}
+
+// sockCookie reads the socket's SO_COOKIE, the cookie
+// bpf_get_socket_cookie reports for its packets and MarkTunnelSocket takes.
+func sockCookie(rc syscall.RawConn) (uint64, error) {
+	var cookie uint64
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		cookie, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
+	}); err != nil {
+		return 0, err
+	}
+	return cookie, serr
 }
 
 // mtlsState: pods 1 and 2 (and 3 when present), pod 2 serves; enrolled
@@ -413,7 +426,7 @@ func dialMarked(t *testing.T, d *Datapath, tp *topo, dst netip.Addr, port int, i
 	err := tp.host.NetNS.Do(func(nsHandle) error {
 		dl := net.Dialer{Timeout: probeTimeout, Control: func(_, _ string, rc syscall.RawConn) error {
 			var err error
-			if cookie, err = SocketCookie(rc); err != nil {
+			if cookie, err = sockCookie(rc); err != nil {
 				return err
 			}
 			return d.MarkTunnelSocket(cookie, id)
@@ -662,5 +675,64 @@ func TestTunnelRouting(t *testing.T) {
 		if rules, routes := count(); rules != 0 || routes != 0 {
 			t.Fatalf("after remove: %d rules, %d local routes; want none", rules, routes)
 		}
+	}
+}
+
+// TestTunnelEnrolledPlaintextRefused: the destination refuses plaintext
+// TCP between an enrolled pair even where the source did not tunnel it
+// (here the client's own endpoint is not marked enrolled, as on a node
+// whose view lags): a new connection is dropped with AUTH_REQUIRED though
+// policy allows it, one the tunnel delivers passes, and a plaintext
+// connection opened before the pair was enrolled ends at the revision
+// that enrolls it.
+func TestTunnelEnrolledPlaintextRefused(t *testing.T) {
+	tp := newTopo(t, 2)
+	d := newTestDatapath(t, Config{})
+	attach(t, d, tp)
+	client, server := tp.pods[0], tp.pods[1]
+	serve(t, server)
+	ms := mtlsState(tp, 1, []bool{false, false}, allowIn(client.id, 6, 8080, 8080, 1))
+	if _, err := d.Apply(ms); err != nil {
+		t.Fatal(err)
+	}
+	old, err := dialTCP(client, server.ip4, 8080)
+	mustWork(t, "plaintext before enrollment", err)
+	defer old.Close()
+	mustWork(t, "echo before enrollment", echo(old, "before"))
+
+	ms2 := mtlsState(tp, 2, []bool{true, true}, allowIn(client.id, 6, 8080, 8080, 1))
+	ms2.Endpoints[client.ep].Enrolled = false // the source does not tunnel
+	if _, err := d.Apply(ms2); err != nil {
+		t.Fatal(err)
+	}
+	r := openEvents(t, d)
+	if err := echo(old, "after"); err == nil {
+		t.Fatal("a plaintext connection outlived the enrollment of its pair")
+	}
+	for _, dst := range []netip.Addr{server.ip4, server.ip6} {
+		before := dropCount(t, d, DropAuthRequired)
+		mustFail(t, "plaintext between an enrolled pair "+dst.String(), tcpWorks(client, dst, 8080))
+		if dropCount(t, d, DropAuthRequired) == before {
+			t.Fatalf("%s: no AUTH_REQUIRED drop counted", dst)
+		}
+		c, err := dialMarked(t, d, tp, dst, 8080, client.id)
+		mustWork(t, "tunnel-delivered "+dst.String(), err)
+		mustWork(t, "echo via the tunnel", echo(c, "tunnel"))
+		c.Close()
+	}
+	var revised, auth int
+	for _, ev := range drainEvents(t, r) {
+		if ev.Endpoint != server.ep || ev.Type != EventDrop {
+			continue
+		}
+		switch {
+		case ev.DropReason == DropPolicyRevised:
+			revised++
+		case ev.DropReason == DropAuthRequired && ev.Rule == 0 && ev.SrcIdentity == client.id && !ev.MTLS:
+			auth++
+		}
+	}
+	if revised == 0 || auth < 2 {
+		t.Fatalf("events at the server: %d POLICY_REVISED, %d AUTH_REQUIRED drops; want >=1 and >=2", revised, auth)
 	}
 }

@@ -53,8 +53,12 @@ enum bh_drop_reason {
 	DROP_FORBIDDEN_ICMP6 = 6, /* RA, redirect, or NDP/MLD outside its link-local rules */
 	DROP_UNSUPPORTED_L2 = 7,  /* an ethertype a pod has no use for, or stacked VLAN tags */
 	/* mTLS (issue 12). */
-	DROP_AUTH_REQUIRED = 8, /* plaintext TCP that only an mtls: Required allow would admit */
-	DROP_TUNNEL_DOWN = 9,   /* a flow that must be tunnelled, and no tunnel listener */
+	/* plaintext TCP that only an mtls: Required allow would admit, or new
+	 * plaintext TCP to an enrolled pod from an enrolled peer (rule 0) */
+	DROP_AUTH_REQUIRED = 8,
+	/* a flow that must be tunnelled, and no tunnel listener, or no
+	 * endpoint_addrs slot to tell whether the pod is a bridge port */
+	DROP_TUNNEL_DOWN = 9,
 };
 
 enum bh_event_type {
