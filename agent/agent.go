@@ -342,6 +342,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Go(func() { a.runSVIDs(ctx) })
 	}
 	if a.tunnel != nil {
+		// Entries left by an agent that was killed name sockets that are
+		// gone; left there, they would fill the map.
+		if err := a.dp.ClearTunnelSockets(); err != nil {
+			a.log.Warn("clear the tunnel's delivery sockets", "error", err)
+		}
 		wg.Go(func() {
 			if err := a.tunnel.Run(ctx); err != nil && ctx.Err() == nil {
 				errc <- fmt.Errorf("mtls tunnel: %w", err)
