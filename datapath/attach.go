@@ -178,7 +178,7 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 			// bulkhead_tunnel_bridge); attaching it again updates it.
 			if mode != ModeTCX {
 				d.log.Warn("no tcx: tunnelled flows of bridge pods will not reach the tunnel", "bridge", srcs.BrIfindex)
-			} else if err := d.attachTCX(nsID, int(srcs.BrIfindex), bridgeHook); err != nil {
+			} else if err := d.attachBridge(nsID, int(srcs.BrIfindex)); err != nil {
 				return err
 			}
 		}
@@ -196,6 +196,62 @@ func (d *Datapath) Attach(ep Endpoint) (AttachMode, error) {
 		return "", fmt.Errorf("attach endpoint %d: %w", ep.ID, err)
 	}
 	return mode, nil
+}
+
+// sweepBridges detaches the shared hook of every bridge (of netns nsID)
+// none of whose ports is an attached endpoint any more, leaving aside the
+// port being detached (leaving). It runs after every detach: the pod's
+// veth may already be gone, and with it the knowledge of its bridge.
+func (d *Datapath) sweepBridges(nsID uint64, leaving int) error {
+	d.bridgeMu.Lock()
+	defer d.bridgeMu.Unlock()
+	suffix := "_" + bridgeHook.name
+	prefix := fmt.Sprintf("%d_", nsID)
+	entries, err := os.ReadDir(d.linkDir())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var bridges []int
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, prefix) || !strings.HasSuffix(name, suffix) {
+			continue
+		}
+		if br, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(name, prefix), suffix)); err == nil {
+			bridges = append(bridges, br)
+		}
+	}
+	if len(bridges) == 0 {
+		return nil
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	used := map[int]bool{}
+	for _, l := range links {
+		a := l.Attrs()
+		if a.MasterIndex == 0 || a.Index == leaving {
+			continue
+		}
+		if _, err := os.Stat(d.linkPin(nsID, a.Index, hooks()[0])); err == nil {
+			used[a.MasterIndex] = true
+		}
+	}
+	var errs []error
+	for _, br := range bridges {
+		if !used[br] {
+			errs = append(errs, d.detachTCX(d.linkPin(nsID, br, bridgeHook)))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// attachBridge attaches (or updates) the bridge's shared hook.
+func (d *Datapath) attachBridge(nsID uint64, ifindex int) error {
+	d.bridgeMu.Lock()
+	defer d.bridgeMu.Unlock()
+	return d.attachTCX(nsID, ifindex, bridgeHook)
 }
 
 func (d *Datapath) attachTCX(nsID uint64, ifindex int, h hook) error {
@@ -271,7 +327,7 @@ func (d *Datapath) Detach(ep Endpoint) error {
 		if err != nil {
 			return err
 		}
-		return d.detachIfindex(nsID, ifindex, true)
+		return errors.Join(d.detachIfindex(nsID, ifindex, true), d.sweepBridges(nsID, ifindex))
 	})
 	if err == nil {
 		err = d.clearAddrs(ep.ID)

@@ -95,6 +95,11 @@ type Datapath struct {
 	log  *slog.Logger
 	objs segmentObjects
 
+	// bridgeMu serialises attaching the bridge hook, which the pods of one
+	// bridge share: two concurrent ADDs would both find it missing, and
+	// the second attach of one program to one hook fails.
+	bridgeMu sync.Mutex
+
 	mu sync.Mutex
 	// Mirrors of both generations of the policy state, read from the maps
 	// when opened, so Apply can write differences without dumping maps

@@ -32,7 +32,11 @@ func (d *Datapath) Forget(ep Endpoint) error {
 		// ifindex may name another device by now.
 		l, err := netlink.LinkByIndex(ep.Ifindex)
 		ours := err == nil && (ep.Ifname == "" || l.Attrs().Name == ep.Ifname)
-		return d.detachIfindex(nsID, ep.Ifindex, ours)
+		leaving := 0 // the ifindex may be another endpoint's by now
+		if ours {
+			leaving = ep.Ifindex
+		}
+		return errors.Join(d.detachIfindex(nsID, ep.Ifindex, ours), d.sweepBridges(nsID, leaving))
 	})
 	if err == nil {
 		err = d.clearAddrs(ep.ID)

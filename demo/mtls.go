@@ -107,8 +107,9 @@ func (r *run) mtls(ctx context.Context) error {
 		return err
 	}
 	r.p.say("  api -> db 8080/TCP works; db's record, judged by the verified ID:")
-	r.p.note("    " + flows.Compact(tunnelled, false))
-	r.p.note(fmt.Sprintf("    \"mtls\":true  source.spiffe_id=%s", tunnelled.Source.SPIFFEID))
+	r.p.note(fmt.Sprintf("    %s %s, \"mtls\":true, from %s", tunnelled.Verdict, tunnelled.TrafficDirection, tunnelled.IP.Source))
+	r.p.note("    source.spiffe_id " + tunnelled.Source.SPIFFEID)
+	r.p.note("    decided by " + tunnelled.Decider())
 
 	hs, data := tlsRecords(tap.Segments(), 15008)
 	if hs+data == 0 || tap.Contains(secret) {
@@ -131,7 +132,8 @@ func (r *run) mtls(ctx context.Context) error {
 		return err
 	}
 	r.p.say("  frontend -> db 8080/TCP in plaintext: dropped by db's datapath:")
-	r.p.note("    " + flows.Compact(dropped, false))
+	r.p.note(fmt.Sprintf("    %s %s, drop_reason_desc %s", dropped.Verdict, dropped.TrafficDirection, dropped.DropReasonDesc))
+	r.p.note("    the rule that wants mTLS: " + dropped.Decider())
 	r.p.good("  check: tunnelled and verified, TLS only on the wire, plaintext dropped")
 	return nil
 }
