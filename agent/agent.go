@@ -78,10 +78,14 @@ type Agent struct {
 	attachMode datapath.AttachMode
 
 	// Owned by the batch goroutine (and by New before it starts).
-	compiler    *policy.Compiler
-	storePods   map[podRef]policy.Pod
-	storeNS     map[string]policy.Namespace
-	storePol    map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
+	compiler  *policy.Compiler
+	storePods map[podRef]policy.Pod
+	storeNS   map[string]policy.Namespace
+	storePol  map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
+	// nodeAddrs are this node's addresses as applyBatch last read them
+	// (the tunnel endpoint accepts peers from them and the store's
+	// status.hostIPs).
+	nodeAddrs   []netip.Addr
 	appliedPods map[podRef]policy.Pod
 	haveStore   bool
 	// reattach holds restored endpoints whose programs are re-attached
@@ -459,6 +463,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		a.log.Warn("list host addresses", "error", err)
 	} else {
 		a.compiler.SetHostIPs(ips)
+		a.nodeAddrs = ips
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
@@ -793,7 +798,7 @@ func (a *Agent) publish(ms *policy.MapState) {
 	}
 	remote := a.remoteIPs
 	a.mu.Unlock()
-	v.mtls = a.buildMTLSView(ms, ids, v)
+	v.mtls = a.buildMTLSView(ms, ids, v, a.nodeAddrs)
 	a.view.Store(v)
 	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
 	fc.Endpoints = v.endpointPods()
