@@ -78,14 +78,10 @@ type Agent struct {
 	attachMode datapath.AttachMode
 
 	// Owned by the batch goroutine (and by New before it starts).
-	compiler  *policy.Compiler
-	storePods map[podRef]policy.Pod
-	storeNS   map[string]policy.Namespace
-	storePol  map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
-	// nodeAddrs are this node's addresses as applyBatch last read them
-	// (the tunnel endpoint accepts peers from them and the store's
-	// status.hostIPs).
-	nodeAddrs   []netip.Addr
+	compiler    *policy.Compiler
+	storePods   map[podRef]policy.Pod
+	storeNS     map[string]policy.Namespace
+	storePol    map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
 	appliedPods map[podRef]policy.Pod
 	haveStore   bool
 	// reattach holds restored endpoints whose programs are re-attached
@@ -102,6 +98,10 @@ type Agent struct {
 	ipOwners *ipOwners
 	// budget reports the policies over their policy-trie budget.
 	budget budgetReport
+	// nodeAddrs are this node's addresses as applyBatch last read them:
+	// the tunnel endpoint accepts peers from them and from the store's
+	// status.hostIPs.
+	nodeAddrs []netip.Addr
 
 	// attach is dp.Attach for ADDs (tests fail it, as late as an ADD can
 	// fail).
