@@ -98,6 +98,10 @@ type Agent struct {
 	ipOwners *ipOwners
 	// budget reports the policies over their policy-trie budget.
 	budget budgetReport
+	// nodeAddrs are this node's addresses as applyBatch last read them:
+	// the tunnel endpoint accepts peers from them and from the store's
+	// status.hostIPs.
+	nodeAddrs []netip.Addr
 
 	// attach is dp.Attach for ADDs (tests fail it, as late as an ADD can
 	// fail).
@@ -464,6 +468,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 		a.log.Warn("list host addresses", "error", err)
 	} else {
 		a.compiler.SetHostIPs(ips)
+		a.nodeAddrs = ips
 	}
 	compiled := time.Now()
 	ms := a.compiler.MapState()
@@ -798,7 +803,7 @@ func (a *Agent) publish(ms *policy.MapState) {
 	}
 	remote := a.remoteIPs
 	a.mu.Unlock()
-	v.mtls = a.buildMTLSView(ms, ids, v)
+	v.mtls = a.buildMTLSView(ms, ids, v, a.nodeAddrs)
 	a.view.Store(v)
 	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
 	fc.Endpoints = v.endpointPods()

@@ -31,15 +31,26 @@ const (
 )
 
 // mtlsView is what the tunnel endpoint asks of the agent: pods by address,
-// and identities by SPIFFE ID. Built with every publish, never mutated.
+// identities by SPIFFE ID, and the nodes' addresses. Built with every
+// publish, never mutated.
 type mtlsView struct {
 	pods     map[netip.Addr]tunnel.Pod
 	bySPIFFE map[string][]identity.NumericID
+	// nodes are every store pod's status.hostIPs and this node's own
+	// addresses (self): where peer tunnel endpoints connect from.
+	nodes map[netip.Addr]bool
+	self  map[netip.Addr]bool
 }
 
-// buildMTLSView runs on the batch goroutine (it reads storePods).
-func (a *Agent) buildMTLSView(ms *policy.MapState, ids map[uint32]policy.IdentityInfo, v *view) *mtlsView {
-	mv := &mtlsView{pods: map[netip.Addr]tunnel.Pod{}, bySPIFFE: map[string][]identity.NumericID{}}
+// buildMTLSView runs on the batch goroutine (it reads storePods). self
+// are this node's addresses.
+func (a *Agent) buildMTLSView(ms *policy.MapState, ids map[uint32]policy.IdentityInfo, v *view, self []netip.Addr) *mtlsView {
+	mv := &mtlsView{pods: map[netip.Addr]tunnel.Pod{}, bySPIFFE: map[string][]identity.NumericID{},
+		nodes: map[netip.Addr]bool{}, self: map[netip.Addr]bool{}}
+	for _, ip := range self {
+		mv.self[ip.Unmap()] = true
+		mv.nodes[ip.Unmap()] = true
+	}
 	spiffeOf := func(id identity.NumericID) spiffeid.ID {
 		sid, _ := spiffeid.FromString(ids[uint32(id)].SPIFFEID)
 		return sid
@@ -51,6 +62,9 @@ func (a *Agent) buildMTLSView(ms *policy.MapState, ids map[uint32]policy.Identit
 		mv.bySPIFFE[ii.SPIFFEID] = append(mv.bySPIFFE[ii.SPIFFEID], ii.ID)
 	}
 	for ref, p := range a.storePods {
+		for _, ip := range p.HostIPs {
+			mv.nodes[ip.Unmap()] = true
+		}
 		for _, ip := range p.IPs {
 			id, ok := ms.IPCache[netip.PrefixFrom(ip, ip.BitLen())]
 			if !ok || id.IsReserved() || id.IsCIDR() {
@@ -104,13 +118,37 @@ func (d tunnelDirectory) PodByIP(ip netip.Addr) (tunnel.Pod, bool) {
 	return p, ok
 }
 
+// IsNode reports whether addr is a node's: a store pod's status.hostIPs,
+// one of this node's addresses, or loopback (this node's tunnel dials its
+// own listener for same-node pairs).
+func (d tunnelDirectory) IsNode(addr netip.Addr) bool {
+	addr = addr.Unmap()
+	if addr.IsLoopback() {
+		return true
+	}
+	mv := d.a.view.Load().mtls
+	return mv != nil && mv.nodes[addr]
+}
+
+// livesOn reports whether pod p is on the node at from: the node the
+// claim of a source address came from may only speak for its own pods.
+func (mv *mtlsView) livesOn(p tunnel.Pod, from netip.Addr) bool {
+	from = from.Unmap()
+	if p.Local() {
+		return from.IsLoopback() || mv.self[from]
+	}
+	return p.Node.IsValid() && p.Node.Unmap() == from
+}
+
 // Admit judges a tunnelled connection by the verified SPIFFE ID. The
 // identity is the one of the pod at the claimed source address when that
-// pod holds the verified ID (pods with one ID may differ in labels, and
-// the address says which); otherwise the one identity with that ID; when
-// several have it, every one must be allowed. An ID no workload of the
-// store holds is judged as world: only rules that allow any peer admit it.
-func (d tunnelDirectory) Admit(dst tunnel.Pod, id spiffeid.ID, src netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
+// pod holds the verified ID and lives on the node that opened the
+// connection (from): pods with one ID may differ in labels, and the
+// address says which, but a node must not pick another node's pod to be
+// judged as. Otherwise the one identity with that ID; when several have
+// it, every one must be allowed. An ID no workload of the store holds is
+// judged as world: only rules that allow any peer admit it.
+func (d tunnelDirectory) Admit(dst tunnel.Pod, id spiffeid.ID, src, from netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
 	v := d.a.view.Load()
 	judge := func(peer identity.NumericID) policy.Decision {
 		return v.ms.LookupFlow(dst.Endpoint, policy.Ingress, peer, policy.ProtoTCP, port, true)
@@ -118,7 +156,7 @@ func (d tunnelDirectory) Admit(dst tunnel.Pod, id spiffeid.ID, src netip.Addr, p
 	if v.mtls == nil {
 		return identity.IDWorld, judge(identity.IDWorld)
 	}
-	if p, ok := v.mtls.pods[src.Unmap()]; ok && p.SPIFFEID == id {
+	if p, ok := v.mtls.pods[src.Unmap()]; ok && p.SPIFFEID == id && v.mtls.livesOn(p, from) {
 		return p.Identity, judge(p.Identity)
 	}
 	cands := v.mtls.bySPIFFE[id.String()]
@@ -216,7 +254,7 @@ func (a *Agent) tunnelEvent(e tunnel.Event) {
 		return
 	}
 	a.log.Info("tunnel refused a connection", "side", e.Side.String(), "src", e.Src, "dst", e.Dst,
-		"srcID", e.SrcID.String(), "dstID", e.DstID.String(), "reason", e.Reason, "status", e.Status)
+		"srcID", e.SrcID.String(), "dstID", e.DstID.String(), "cause", e.Cause.String(), "reason", e.Reason, "status", e.Status)
 	pipe := a.pipe.Load()
 	if pipe == nil {
 		return
@@ -226,8 +264,6 @@ func (a *Agent) tunnelEvent(e tunnel.Event) {
 		Proto: policy.ProtoTCP, Src: e.Src.Addr(), Dst: e.Dst.Addr(), SrcPort: e.Src.Port(), DstPort: e.Dst.Port(),
 		TCPFlags: 0x02}
 	if e.Side == tunnel.SideSource {
-		// Only an egress mtls: Required rule sends a connection to a peer
-		// that is not enrolled into the tunnel: name it.
 		src, _ := tunnelDirectory{a}.PodByIP(e.Src.Addr())
 		dst, _ := tunnelDirectory{a}.PodByIP(e.Dst.Addr())
 		ev.Endpoint, ev.Direction, ev.SrcIdentity = src.Endpoint, policy.Egress, src.Identity
@@ -235,15 +271,23 @@ func (a *Agent) tunnelEvent(e tunnel.Event) {
 		if ev.DstIdentity == identity.IDNone {
 			ev.DstIdentity = identity.IDWorld
 		}
-		ev.DropReason = datapath.DropAuthRequired
-		ev.Rule = v.ms.LookupFlow(src.Endpoint, policy.Egress, ev.DstIdentity, policy.ProtoTCP, e.Dst.Port(), true).Rule
+		reason, ok := dropReasonOf(e.Cause)
+		if !ok {
+			return
+		}
+		ev.DropReason = reason
+		if reason == datapath.DropAuthRequired {
+			// Only an egress mtls: Required rule sends a connection to
+			// a peer that cannot be tunnelled: name it.
+			ev.Rule = v.ms.LookupFlow(src.Endpoint, policy.Egress, ev.DstIdentity, policy.ProtoTCP, e.Dst.Port(), true).Rule
+		}
 	} else {
 		// The destination's ingress policy refused the verified peer.
 		dst, _ := tunnelDirectory{a}.PodByIP(e.Dst.Addr())
 		ev.Endpoint, ev.Direction, ev.DstIdentity = dst.Endpoint, policy.Ingress, dst.Identity
 		ev.SrcIdentity, ev.Rule, ev.MTLS = e.Identity, e.Decision.Rule, true
 		ev.DropReason = datapath.DropPolicy
-		if e.Identity == identity.IDNone || e.Status != 403 {
+		if e.Identity == identity.IDNone || e.Cause != tunnel.CausePolicy {
 			return // not a policy answer (wrong target, dial error): the log says it
 		}
 	}
@@ -251,6 +295,22 @@ func (a *Agent) tunnelEvent(e tunnel.Event) {
 		return
 	}
 	pipe.emit(&ev)
+}
+
+// dropReasonOf is the drop reason of a connection the tunnel refused at its
+// source: it could not be tunnelled (the peer is not enrolled: an mtls:
+// Required rule sent it), the tunnel could not carry it, or the peer's
+// policy refused it.
+func dropReasonOf(c tunnel.Cause) (datapath.DropReason, bool) {
+	switch c {
+	case tunnel.CauseNotTunnelable:
+		return datapath.DropAuthRequired, true
+	case tunnel.CauseTunnelDown:
+		return datapath.DropTunnelDown, true
+	case tunnel.CausePolicy:
+		return datapath.DropPolicy, true
+	}
+	return 0, false
 }
 
 func monotonicNow() uint64 {

@@ -104,6 +104,17 @@ type batchTLS struct {
 	// wmu keeps one batch at a time; HTTP/2 already serializes its
 	// writes, this only guards against a second writer.
 	wmu sync.Mutex
+	// onClose, when set, runs once on the first Close.
+	onClose   func()
+	closeOnce sync.Once
+}
+
+func (c *batchTLS) Close() error {
+	err := c.Conn.Close()
+	if c.onClose != nil {
+		c.closeOnce.Do(c.onClose)
+	}
+	return err
 }
 
 func (c *batchTLS) Write(p []byte) (int, error) {

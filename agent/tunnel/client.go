@@ -31,42 +31,42 @@ func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
 	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	ev := Event{Side: SideSource, Src: src, Dst: dst}
-	refuse := func(reason string, err error) {
+	refuse := func(cause Cause, reason string, err error) {
 		t.refused.Add(1)
 		reset(c)
-		ev.Kind, ev.Reason, ev.Err = EventRefused, reason, err
-		t.log.Debug("tunnel: refused", "src", src, "dst", dst, "reason", reason, "err", err)
+		ev.Kind, ev.Reason, ev.Err, ev.Cause = EventRefused, reason, err, cause
+		t.log.Debug("tunnel: refused", "src", src, "dst", dst, "cause", cause, "reason", reason, "err", err)
 		t.emit(ev)
 	}
 
 	sp, ok := t.cfg.Directory.PodByIP(src.Addr())
 	if !ok || !sp.Local() {
-		refuse("source is not a local pod", nil)
+		refuse(CauseNotTunnelable, "source is not a local pod", nil)
 		return
 	}
 	svid, ok := t.cfg.Identities.SVID(sp.Key)
 	if !ok || svid == nil || len(svid.Certificates) == 0 {
-		refuse("source pod has no svid", nil)
+		refuse(CauseTunnelDown, "source pod has no svid", nil)
 		return
 	}
 	ev.SrcID = svid.ID
 	dp, ok := t.cfg.Directory.PodByIP(dst.Addr())
 	if !ok {
-		refuse("destination is not a known pod", nil)
+		refuse(CauseNotTunnelable, "destination is not a known pod", nil)
 		return
 	}
 	ev.DstID = dp.SPIFFEID
 	if !dp.Enrolled {
-		refuse("destination pod is not enrolled", nil)
+		refuse(CauseNotTunnelable, "destination pod is not enrolled", nil)
 		return
 	}
 	if dp.SPIFFEID.IsZero() {
-		refuse("destination pod has no spiffe id", nil)
+		refuse(CauseNotTunnelable, "destination pod has no spiffe id", nil)
 		return
 	}
 	node, ok := t.peerAddr(dp)
 	if !ok {
-		refuse("destination pod's node is unknown", nil)
+		refuse(CauseNotTunnelable, "destination pod's node is unknown", nil)
 		return
 	}
 	ev.Node = node
@@ -77,7 +77,7 @@ func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
 		pc, reused, err := t.pool.get(ctx, key, sp.Key, svid, dst.Addr(), dp.SPIFFEID)
 		if err != nil {
 			t.dialFail.Add(1)
-			refuse("connect to destination node", err)
+			refuse(CauseTunnelDown, "connect to destination node", err)
 			return
 		}
 		ev.Reused = reused
@@ -194,7 +194,7 @@ func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Even
 		t.dialFail.Add(1)
 		t.refused.Add(1)
 		reset(c)
-		ev.Kind, ev.Reason, ev.Err = EventRefused, "connect request failed", err
+		ev.Kind, ev.Reason, ev.Err, ev.Cause = EventRefused, "connect request failed", err, CauseTunnelDown
 		t.emit(ev)
 		return false
 	}
@@ -203,6 +203,7 @@ func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Even
 		t.rejected.Add(1)
 		reset(c)
 		ev.Kind, ev.Reason, ev.Status = EventRefused, "destination refused: "+resp.Status, resp.StatusCode
+		ev.Cause = causeOfStatus(resp.StatusCode)
 		t.emit(ev)
 		return false
 	}
@@ -256,6 +257,10 @@ type clientConn struct {
 	cc     *http2.ClientConn
 	timer  atomic.Pointer[time.Timer]
 	closed atomic.Bool
+	// gone is set when the TLS connection was closed, by us or by the
+	// HTTP/2 layer (idle timeout, GOAWAY, read error): it is then
+	// unlinked from the pool.
+	gone atomic.Bool
 	// pods are the keys of the pods whose streams used it (for Revoke);
 	// guarded by pool.mu.
 	pods map[string]bool
@@ -292,6 +297,29 @@ type pool struct {
 
 func newPool(t *Tunnel) *pool { return &pool{t: t, m: map[poolKey]*poolEntry{}} }
 
+// unlink removes a closed connection from the pool, and its entry when
+// that was the last one: keys name an SVID serial, so an entry whose
+// SVID was rotated or revoked is never asked for again.
+func (p *pool) unlink(pc *clientConn) {
+	pc.gone.Store(true)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.m[pc.key]
+	if e == nil {
+		return
+	}
+	for i, c := range e.conns {
+		if c == pc {
+			e.conns = append(e.conns[:i], e.conns[i+1:]...)
+			e.conns = e.conns[:len(e.conns):len(e.conns)]
+			break
+		}
+	}
+	if len(e.conns) == 0 && e.pending == nil {
+		delete(p.m, pc.key)
+	}
+}
+
 // get returns a connection for key with a stream reserved, and whether it
 // was an existing one.
 func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509svid.SVID, dstIP netip.Addr, dstID spiffeid.ID) (*clientConn, bool, error) {
@@ -302,11 +330,12 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 			e = &poolEntry{}
 			p.m[key] = e
 		}
-		live := e.conns[:0]
 		var found *clientConn
+		var dead []*clientConn
+		live := make([]*clientConn, 0, len(e.conns))
 		for _, pc := range e.conns {
 			if pc.closed.Load() || pc.cc.State().Closed {
-				pc.close()
+				dead = append(dead, pc)
 				continue
 			}
 			live = append(live, pc)
@@ -314,15 +343,17 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 				found = pc
 			}
 		}
-		clear(e.conns[len(live):])
 		e.conns = live
 		if found != nil {
 			found.pods[podKey] = true
 			p.mu.Unlock()
+			// Closed outside p.mu: closing unlinks, which takes it.
+			p.closeConns(dead)
 			return found, true, nil
 		}
 		if d := e.pending; d != nil {
 			p.mu.Unlock()
+			p.closeConns(dead)
 			select {
 			case <-d.done:
 			case <-ctx.Done():
@@ -336,6 +367,7 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 		d := &dialing{done: make(chan struct{})}
 		e.pending = d
 		p.mu.Unlock()
+		p.closeConns(dead)
 
 		pc, err := p.dial(ctx, key, svid, dstIP, dstID)
 
@@ -350,7 +382,13 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 			p.mu.Unlock()
 			return nil, false, err
 		}
-		e.conns = append(e.conns, pc)
+		if !pc.gone.Load() {
+			e.conns = append(e.conns, pc)
+		} else if len(e.conns) == 0 {
+			// Closed already (by the peer): its unlink ran while
+			// the dial was pending and could not drop the entry.
+			delete(p.m, key)
+		}
 		pc.pods[podKey] = true
 		ok := pc.cc.ReserveNewRequest()
 		p.mu.Unlock()
@@ -405,7 +443,10 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		tc.Close()
 		return nil, fmt.Errorf("tunnel endpoint %s did not negotiate h2 (got %q)", key.node, st.NegotiatedProtocol)
 	}
-	cc, err := t.h2c.NewClientConn(&batchTLS{Conn: tc, raw: bc})
+	pc := &clientConn{key: key, tls: tc, pods: map[string]bool{}}
+	// The HTTP/2 layer closes the TLS connection whenever it ends, on
+	// its own too: that unlinks it from the pool.
+	cc, err := t.h2c.NewClientConn(&batchTLS{Conn: tc, raw: bc, onClose: func() { p.unlink(pc) }})
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("http2 client on %s: %w", key.node, err)
@@ -424,7 +465,7 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		tc.Close()
 		return nil, fmt.Errorf("http2 settings from %s: %w", key.node, err)
 	}
-	pc := &clientConn{key: key, tls: tc, cc: cc, pods: map[string]bool{}}
+	pc.cc = cc
 	// Nothing authenticated by a certificate outlives it: close when
 	// either side's expires.
 	exp := svid.Certificates[0].NotAfter
@@ -451,6 +492,19 @@ func (p *pool) revoke(podKey string, stale func(id, serial string) bool) int {
 		pc.close()
 	}
 	return len(victims)
+}
+
+func (p *pool) closeConns(pcs []*clientConn) {
+	for _, pc := range pcs {
+		pc.close()
+	}
+}
+
+// entries is the number of pool keys held.
+func (p *pool) entries() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.m)
 }
 
 func (p *pool) size() int {

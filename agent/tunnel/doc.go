@@ -2,7 +2,9 @@
 // listener that accepts enrolled pods' redirected TCP connections, the pool
 // of HBONE connections (HTTP/2 CONNECT over mutual TLS 1.3, with each source
 // pod's own SVID) to other nodes' endpoints, and the HBONE listener that
-// verifies the client SVID, asks the agent's policy with the verified
+// takes connections from nodes' addresses only (never from pods, which
+// would bypass their own egress policy through it), verifies the client
+// SVID, asks the agent's policy with the verified
 // identity, and connects to the local destination pod from a socket the
 // datapath knows as tunnel-delivered.
 //

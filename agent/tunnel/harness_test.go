@@ -68,14 +68,17 @@ func mint(t testing.TB, ca *devca.CA, path string, ttl time.Duration) *x509svid.
 type fakeDir struct {
 	mu     sync.Mutex
 	pods   map[netip.Addr]Pod
-	admit  func(dst Pod, id spiffeid.ID, src netip.Addr, port uint16) (identity.NumericID, policy.Decision)
+	admit  func(dst Pod, id spiffeid.ID, src, from netip.Addr, port uint16) (identity.NumericID, policy.Decision)
 	admits []admitCall
+	// nodes are the addresses IsNode accepts.
+	nodes map[netip.Addr]bool
 }
 
 type admitCall struct {
 	dst  string
 	id   spiffeid.ID
 	src  netip.Addr
+	from netip.Addr
 	port uint16
 }
 
@@ -94,13 +97,25 @@ func (d *fakeDir) set(p Pod) {
 	}
 }
 
-func (d *fakeDir) Admit(dst Pod, id spiffeid.ID, src netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
+func (d *fakeDir) IsNode(addr netip.Addr) bool {
 	d.mu.Lock()
-	d.admits = append(d.admits, admitCall{dst.Key, id, src, port})
+	defer d.mu.Unlock()
+	return d.nodes[addr]
+}
+
+func (d *fakeDir) setNode(addr netip.Addr, is bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.nodes[addr] = is
+}
+
+func (d *fakeDir) Admit(dst Pod, id spiffeid.ID, src, from netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
+	d.mu.Lock()
+	d.admits = append(d.admits, admitCall{dst.Key, id, src, from, port})
 	f := d.admit
 	d.mu.Unlock()
 	if f != nil {
-		return f(dst, id, src, port)
+		return f(dst, id, src, from, port)
 	}
 	return idA, policy.Decision{Verdict: policy.VerdictAllow}
 }
@@ -142,6 +157,7 @@ type fakeDP struct {
 	marked    []uint64
 	forgotten []uint64
 	listener  bool
+	markErr   error
 }
 
 func (f *fakeDP) SetTunnelListener(syscall.Conn) error {
@@ -163,6 +179,9 @@ func (f *fakeDP) MarkTunnelSocket(cookie uint64, peer identity.NumericID) error 
 	defer f.mu.Unlock()
 	if cookie == 0 {
 		return errors.New("zero cookie")
+	}
+	if f.markErr != nil {
+		return f.markErr
 	}
 	f.marks[cookie] = peer
 	f.marked = append(f.marked, cookie)
@@ -208,6 +227,8 @@ type node struct {
 	ids  *fakeIDs
 	dp   *fakeDP
 	ev   *eventLog
+	// tweak, when set, edits the node's Config before New.
+	tweak func(*Config)
 }
 
 // world is two nodes: A hosts pod A (the client), B hosts pod B (an echo
@@ -226,7 +247,7 @@ type world struct {
 func newNode(addr netip.Addr, ca *devca.CA) *node {
 	return &node{
 		addr: addr,
-		dir:  &fakeDir{pods: map[netip.Addr]Pod{}},
+		dir:  &fakeDir{pods: map[netip.Addr]Pod{}, nodes: map[netip.Addr]bool{nodeA: true, nodeB: true, netip.IPv6Loopback(): true}},
 		ids:  &fakeIDs{svids: map[string]*x509svid.SVID{}, bundles: x509bundle.NewSet(ca.Bundle())},
 		dp:   &fakeDP{marks: map[uint64]identity.NumericID{}},
 		ev:   &eventLog{},
@@ -293,7 +314,7 @@ func freePort(t testing.TB) uint16 {
 // open, or Run's error.
 func (n *node) run(t testing.TB, port uint16) error {
 	t.Helper()
-	tun, err := New(Config{
+	cfg := Config{
 		Logger:       quiet(),
 		Directory:    n.dir,
 		Identities:   n.ids,
@@ -303,7 +324,11 @@ func (n *node) run(t testing.TB, port uint16) error {
 		RedirectAddr: RedirectNone,
 		PeerPort:     port,
 		OnEvent:      n.ev.add,
-	})
+	}
+	if n.tweak != nil {
+		n.tweak(&cfg)
+	}
+	tun, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

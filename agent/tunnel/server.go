@@ -100,62 +100,39 @@ func (s *inboundSet) closeAll() {
 	}
 }
 
-func (t *Tunnel) serveHBONE(ctx context.Context, l net.Listener) {
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			t.log.Warn("tunnel: accept hbone connection", "err", err)
-			if !sleepCtx(ctx, 50*time.Millisecond) {
-				return
-			}
-			continue
-		}
-		wg.Go(func() { t.serveConn(ctx, c) })
-	}
-}
-
 // serveConn runs the TLS handshake and then HTTP/2 on one inbound
 // connection until it ends.
 func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 	ic := &inboundConn{raw: raw, remote: addrPortOf(raw.RemoteAddr())}
-	cfg := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			return t.serverConfig(ic, hello)
-		},
-	}
-	bc := newBatchConn(raw, t.wbufs)
-	tc := tls.Server(bc, cfg)
-	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
-	err := tc.HandshakeContext(hctx)
-	cancel()
-	if err != nil {
+	// Only peer tunnel endpoints may use this listener: a pod that
+	// reached it would have its CONNECTs judged by the destination's
+	// ingress policy alone, past its own egress policy. Checked before
+	// the handshake, so that a pod cannot even make the node sign.
+	if !t.cfg.Directory.IsNode(ic.remote.Addr()) {
 		raw.Close()
-		t.hsFail.Add(1)
-		t.log.Debug("tunnel: inbound handshake failed", "remote", ic.remote, "err", err)
-		t.emit(Event{Kind: EventHandshakeFailed, Side: SideDestination, Node: ic.remote, DstID: ic.serverID,
-			Reason: "tls handshake with client node", Err: err})
+		t.notNode.Add(1)
+		t.log.Debug("tunnel: closed an inbound connection not from a node", "remote", ic.remote)
 		return
 	}
-	st := tc.ConnectionState()
-	if len(st.PeerCertificates) == 0 {
-		tc.Close()
+	select {
+	case t.handshakes <- struct{}{}:
+	default:
+		raw.Close()
+		t.shed.Add(1)
+		t.log.Debug("tunnel: too many inbound handshakes in progress, closed one", "remote", ic.remote,
+			"max", cap(t.handshakes))
 		return
 	}
-	id, err := x509svid.IDFromCert(st.PeerCertificates[0])
-	if err != nil {
-		tc.Close()
+	tc, bc, id, ok := t.handshake(ctx, ic)
+	<-t.handshakes
+	if !ok {
 		return
 	}
 	ic.clientID = id
 	t.accepted.Add(1)
 	t.inbound.add(ic)
 	defer t.inbound.remove(ic)
+	st := tc.ConnectionState()
 	exp := expiry(st.PeerCertificates)
 	if ic.notAfter.Before(exp) {
 		exp = ic.notAfter
@@ -164,6 +141,7 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 	defer ic.close()
 	// A Revoke that ran during the handshake did not see this connection.
 	if cur, ok := t.cfg.Identities.SVID(ic.podKey); !ok || cur.ID != ic.serverID || serialOf(cur) != ic.serial {
+		t.log.Debug("tunnel: server svid replaced during the handshake, closed", "remote", ic.remote, "pod", ic.podKey)
 		return
 	}
 	if ic.closed.Load() {
@@ -175,6 +153,49 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 		BaseConfig: &http.Server{},
 		Handler:    http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { t.handleConnect(ic, w, r) }),
 	})
+}
+
+// handshake runs the TLS handshake of ic and reads the client's verified
+// SPIFFE ID; on failure it closes the connection, counts and reports it.
+func (t *Tunnel) handshake(ctx context.Context, ic *inboundConn) (*tls.Conn, *batchConn, spiffeid.ID, bool) {
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			return t.serverConfig(ic, hello)
+		},
+	}
+	bc := newBatchConn(ic.raw, t.wbufs)
+	tc := tls.Server(bc, cfg)
+	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	reason := "tls handshake with client node"
+	var id spiffeid.ID
+	if err == nil {
+		reason = "client certificate"
+		id, err = peerID(tc.ConnectionState())
+	}
+	if err != nil {
+		ic.raw.Close()
+		t.hsFail.Add(1)
+		t.log.Debug("tunnel: inbound handshake failed", "remote", ic.remote, "reason", reason, "err", err)
+		t.emit(Event{Kind: EventHandshakeFailed, Side: SideDestination, Node: ic.remote, DstID: ic.serverID,
+			Reason: reason, Err: err})
+		return nil, nil, spiffeid.ID{}, false
+	}
+	return tc, bc, id, true
+}
+
+// peerID is the SPIFFE ID of a handshake's verified client certificate.
+func peerID(st tls.ConnectionState) (spiffeid.ID, error) {
+	if len(st.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("client presented no certificate")
+	}
+	id, err := x509svid.IDFromCert(st.PeerCertificates[0])
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("client certificate: %w", err)
+	}
+	return id, nil
 }
 
 // expiry is when the first certificate of the client's chain expires: the
@@ -226,7 +247,9 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 	ev := Event{Side: SideDestination, Node: ic.remote, SrcID: ic.clientID, DstID: ic.serverID}
 	deny := func(status int, reason string, err error) {
 		t.denied.Add(1)
-		ev.Kind, ev.Status, ev.Reason, ev.Err = EventRefused, status, reason, err
+		ev.Kind, ev.Status, ev.Reason, ev.Err, ev.Cause = EventRefused, status, reason, err, causeOfStatus(status)
+		t.log.Debug("tunnel: refused a connect", "remote", ic.remote, "dst", ev.Dst, "src", ev.Src,
+			"status", status, "reason", reason, "err", err)
 		t.emit(ev)
 		w.WriteHeader(status)
 	}
@@ -259,7 +282,14 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		deny(http.StatusMisdirectedRequest, fmt.Sprintf("target's identity %s is not the connection's %s", dp.SPIFFEID, ic.serverID), nil)
 		return
 	}
-	num, dec := t.cfg.Directory.Admit(dp, ic.clientID, src, dst.Port())
+	if !dp.Enrolled {
+		// A source node never tunnels to a pod that is not enrolled:
+		// only a direct HBONE client would, and such a pod's policy
+		// does not expect tunnelled (authenticated) peers.
+		deny(http.StatusMisdirectedRequest, "target pod is not enrolled", nil)
+		return
+	}
+	num, dec := t.cfg.Directory.Admit(dp, ic.clientID, src, ic.remote.Addr(), dst.Port())
 	ev.Identity, ev.Decision = num, dec
 	if !dec.Verdict.Passes() {
 		deny(http.StatusForbidden, "denied by ingress policy", nil)
@@ -268,6 +298,7 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 
 	var cookie uint64
 	var marked bool
+	var markErr error
 	d := net.Dialer{Timeout: DialTimeout, Control: func(_, _ string, rc syscall.RawConn) error {
 		var cerr error
 		if err := rc.Control(func(fd uintptr) {
@@ -281,7 +312,8 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		// Marked before connect: the SYN already carries the verified
 		// identity in the destination's datapath.
 		if err := t.cfg.Datapath.MarkTunnelSocket(cookie, num); err != nil {
-			return fmt.Errorf("mark tunnel socket: %w", err)
+			markErr = fmt.Errorf("mark tunnel socket: %w", err)
+			return markErr
 		}
 		marked = true
 		return nil
@@ -293,6 +325,13 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 				t.log.Warn("tunnel: forget tunnel socket", "cookie", cookie, "err", err)
 			}
 		}()
+	}
+	if markErr != nil {
+		// Not the pod's fault: the datapath's tunnel socket map is full
+		// (or gone), and an unmarked socket would reach the pod as an
+		// unauthenticated peer.
+		deny(http.StatusBadGateway, "mark tunnel socket in the datapath", err)
+		return
 	}
 	if err != nil {
 		deny(http.StatusBadGateway, "connect to destination pod", err)

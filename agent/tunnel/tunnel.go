@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -40,6 +41,10 @@ const (
 	HandshakeTimeout = 5 * time.Second
 	// SourceHeader carries the source pod's IP, as its node claims it.
 	SourceHeader = "Bulkhead-Source"
+	// DefaultMaxPendingHandshakes bounds the inbound TLS handshakes in
+	// progress: each costs a goroutine and an asymmetric signature, and
+	// connections beyond the bound are closed at once.
+	DefaultMaxPendingHandshakes = 256
 )
 
 // Pod is what the tunnel needs to know about a pod.
@@ -60,11 +65,18 @@ func (p Pod) Local() bool { return p.Endpoint != 0 }
 // use and never block: it is asked on every tunnelled connection.
 type Directory interface {
 	PodByIP(ip netip.Addr) (Pod, bool)
+	// IsNode reports whether addr is a node's address, from which a
+	// peer tunnel endpoint may connect. Connections to the HBONE
+	// listener from anything else (a pod) are closed before the TLS
+	// handshake: a pod must not reach pods through it past its own
+	// egress policy.
+	IsNode(addr netip.Addr) bool
 	// Admit judges a tunnelled TCP connection to port of local pod dst,
-	// from a peer whose client SVID verified as id, and whose node claims
-	// source address src: the identity it is judged as, and dst's ingress
-	// decision.
-	Admit(dst Pod, id spiffeid.ID, src netip.Addr, port uint16) (identity.NumericID, policy.Decision)
+	// from a peer whose client SVID verified as id, opened by the node at
+	// from (the TLS peer's address), whose claimed source address is src:
+	// the identity it is judged as, and dst's ingress decision. The claim
+	// may only be believed for pods that live on from.
+	Admit(dst Pod, id spiffeid.ID, src, from netip.Addr, port uint16) (identity.NumericID, policy.Decision)
 }
 
 // Identities holds the local pods' SVIDs and the trust bundles.
@@ -97,10 +109,9 @@ type Config struct {
 	RedirectAddr string
 	// PeerPort is the port of other nodes' tunnel endpoints.
 	PeerPort uint16
-	// SelfAddr is where local destination pods are dialed (the HBONE
-	// listener of this node): ::1 or 127.0.0.1 by ListenAddr's family
-	// when invalid.
-	SelfAddr netip.Addr
+	// MaxPendingHandshakes bounds the inbound TLS handshakes in
+	// progress, DefaultMaxPendingHandshakes when 0.
+	MaxPendingHandshakes int
 	// OnEvent, when set, is told of refusals, handshake failures and
 	// tunnelled connections opening and closing. It is called from the
 	// connection's goroutine and must not block.
@@ -134,6 +145,49 @@ func (k EventKind) String() string {
 		return "closed"
 	}
 	return "unknown"
+}
+
+// Cause sorts the reasons of an EventRefused, for the agent's flow records.
+type Cause uint8
+
+const (
+	// CauseNone: not a refusal.
+	CauseNone Cause = iota
+	// CauseNotTunnelable: refused before any dial, because the
+	// connection cannot be tunnelled (the destination is unknown, not
+	// enrolled, has no identity or no known node; or the destination
+	// node answered that its target is not an enrolled local pod).
+	CauseNotTunnelable
+	// CauseTunnelDown: the tunnel could not carry the connection (no
+	// source SVID, dial, handshake or request failure, the destination
+	// node could not reach its pod, or a malformed request).
+	CauseTunnelDown
+	// CausePolicy: the destination's ingress policy refused the
+	// verified peer (403).
+	CausePolicy
+)
+
+func (c Cause) String() string {
+	switch c {
+	case CauseNotTunnelable:
+		return "not_tunnelable"
+	case CauseTunnelDown:
+		return "tunnel_down"
+	case CausePolicy:
+		return "policy"
+	}
+	return "none"
+}
+
+// causeOfStatus is the cause of a CONNECT answered with status.
+func causeOfStatus(status int) Cause {
+	switch status {
+	case http.StatusForbidden:
+		return CausePolicy
+	case http.StatusMisdirectedRequest:
+		return CauseNotTunnelable
+	}
+	return CauseTunnelDown
 }
 
 // Side says which end of the tunnel reports an Event.
@@ -175,6 +229,8 @@ type Event struct {
 	Reason string
 	Status int
 	Err    error
+	// Cause sorts an EventRefused's reason.
+	Cause Cause
 	// Sent and Received count the pod connection's bytes (from and to
 	// the pod on the source side; to and from the pod on the destination
 	// side), on EventClosed.
@@ -189,7 +245,9 @@ type Stats struct {
 	Refused           uint64 // refused at the source (not tunnelled)
 	RejectedByPeer    uint64 // CONNECT answered with a non-2xx status
 	DialFailures      uint64 // TCP or TLS connect to a peer node failed
-	HandshakeFailures uint64 // inbound handshakes that failed
+	HandshakeFailures uint64 // inbound handshakes that failed, or presented no usable client certificate
+	NotFromNode       uint64 // inbound connections closed before TLS: not from a node's address
+	HandshakesShed    uint64 // inbound connections closed before TLS: too many handshakes in progress
 	InboundAccepted   uint64 // inbound handshakes that succeeded
 	PoolDials         uint64 // outbound TLS connections opened
 	PoolReuses        uint64 // streams carried by an existing TLS connection
@@ -230,7 +288,10 @@ type Tunnel struct {
 
 	forwarded, refused, rejected, dialFail, hsFail, dials, reuses atomic.Uint64
 	admitted, denied, bytesOut, bytesIn, accepted                 atomic.Uint64
-	activeOut, activeIn                                           atomic.Int64
+	notNode, shed                                                 atomic.Uint64
+	// handshakes holds a slot per inbound handshake in progress.
+	handshakes          chan struct{}
+	activeOut, activeIn atomic.Int64
 
 	// runCtx ends the connections Run serves; set before ready closes.
 	runMu  sync.Mutex
@@ -266,6 +327,9 @@ func New(cfg Config) (*Tunnel, error) {
 	if cfg.PeerPort == 0 {
 		cfg.PeerPort = DefaultPeerPort
 	}
+	if cfg.MaxPendingHandshakes <= 0 {
+		cfg.MaxPendingHandshakes = DefaultMaxPendingHandshakes
+	}
 	if _, _, err := net.SplitHostPort(cfg.ListenAddr); err != nil {
 		return nil, fmt.Errorf("new tunnel: listen address %q: %w", cfg.ListenAddr, err)
 	}
@@ -295,7 +359,8 @@ func New(cfg Config) (*Tunnel, error) {
 			ReadIdleTimeout:              30 * time.Second,
 			PingTimeout:                  15 * time.Second,
 		},
-		inbound: newInboundSet(),
+		inbound:    newInboundSet(),
+		handshakes: make(chan struct{}, cfg.MaxPendingHandshakes),
 	}
 	t.pool = newPool(t)
 	t.ktls, t.ktlsReason = probeKernelTLS()
@@ -325,7 +390,7 @@ func (t *Tunnel) Run(ctx context.Context) error {
 		return fmt.Errorf("tunnel: listen %s: %w", t.cfg.ListenAddr, err)
 	}
 	t.hbone = hl.Addr()
-	t.self = selfAddr(t.cfg.SelfAddr, hl.Addr())
+	t.self = selfAddr(hl.Addr())
 
 	var rl net.Listener
 	if t.cfg.RedirectAddr != RedirectNone {
@@ -355,9 +420,17 @@ func (t *Tunnel) Run(ctx context.Context) error {
 	close(t.ready)
 
 	var wg sync.WaitGroup
-	wg.Go(func() { t.serveHBONE(ctx, hl) })
+	wg.Go(func() {
+		t.acceptLoop(ctx, hl, "hbone", func(c net.Conn) { t.serveConn(ctx, c) })
+	})
 	if rl != nil {
-		wg.Go(func() { t.serveRedirect(ctx, rl) })
+		// The accepted socket's local address is the original
+		// destination (bpf_sk_assign).
+		wg.Go(func() {
+			t.acceptLoop(ctx, rl, "redirected", func(c net.Conn) {
+				t.Forward(c, addrPortOf(c.RemoteAddr()), addrPortOf(c.LocalAddr()))
+			})
+		})
 	}
 	<-ctx.Done()
 	hl.Close()
@@ -374,9 +447,10 @@ func (t *Tunnel) Run(ctx context.Context) error {
 	return clearErr
 }
 
-// serveRedirect accepts the pods' redirected connections: the accepted
-// socket's local address is the original destination (bpf_sk_assign).
-func (t *Tunnel) serveRedirect(ctx context.Context, l net.Listener) {
+// acceptLoop serves each connection l accepts on its own goroutine until
+// ctx ends, and waits for them. An accept error (EMFILE) is logged and
+// retried after a pause rather than ending the listener.
+func (t *Tunnel) acceptLoop(ctx context.Context, l net.Listener, what string, serve func(net.Conn)) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -385,15 +459,13 @@ func (t *Tunnel) serveRedirect(ctx context.Context, l net.Listener) {
 			if ctx.Err() != nil {
 				return
 			}
-			t.log.Warn("tunnel: accept redirected connection", "err", err)
+			t.log.Warn("tunnel: accept "+what+" connection", "err", err)
 			if !sleepCtx(ctx, 50*time.Millisecond) {
 				return
 			}
 			continue
 		}
-		src := addrPortOf(c.RemoteAddr())
-		dst := addrPortOf(c.LocalAddr())
-		wg.Go(func() { t.Forward(c, src, dst) })
+		wg.Go(func() { serve(c) })
 	}
 }
 
@@ -417,12 +489,10 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// selfAddr is where this node's own HBONE listener is dialed.
-func selfAddr(self netip.Addr, bound net.Addr) netip.AddrPort {
+// selfAddr is where this node's own HBONE listener is dialed: its bound
+// address, loopback of its family when it is bound to the unspecified one.
+func selfAddr(bound net.Addr) netip.AddrPort {
 	b := addrPortOf(bound)
-	if self.IsValid() {
-		return netip.AddrPortFrom(self, b.Port())
-	}
 	a := b.Addr()
 	switch {
 	case a.IsUnspecified() && a.Is4():
@@ -484,6 +554,8 @@ func (t *Tunnel) Stats() Stats {
 		RejectedByPeer:    t.rejected.Load(),
 		DialFailures:      t.dialFail.Load(),
 		HandshakeFailures: t.hsFail.Load(),
+		NotFromNode:       t.notNode.Load(),
+		HandshakesShed:    t.shed.Load(),
 		InboundAccepted:   t.accepted.Load(),
 		PoolDials:         t.dials.Load(),
 		PoolReuses:        t.reuses.Load(),

@@ -55,7 +55,7 @@ func echoOnce(t testing.TB, c net.Conn, payload []byte) []byte {
 
 func TestEndToEndEcho(t *testing.T) {
 	w := newWorld(t)
-	w.b.dir.admit = func(dst Pod, id spiffeid.ID, src netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
+	w.b.dir.admit = func(dst Pod, id spiffeid.ID, src, _ netip.Addr, port uint16) (identity.NumericID, policy.Decision) {
 		return idA, policy.Decision{Verdict: policy.VerdictAllow, Rule: 7}
 	}
 	w.start(t)
@@ -73,7 +73,7 @@ func TestEndToEndEcho(t *testing.T) {
 	if len(calls) != 1 {
 		t.Fatalf("admit calls: %+v, want one", calls)
 	}
-	want := admitCall{dst: keyB, id: w.svidA.ID, src: podA, port: w.echo.Port()}
+	want := admitCall{dst: keyB, id: w.svidA.ID, src: podA, from: nodeA, port: w.echo.Port()}
 	if calls[0] != want {
 		t.Errorf("admit: got %+v, want %+v", calls[0], want)
 	}
@@ -204,11 +204,12 @@ func TestRefusedAtSource(t *testing.T) {
 		name     string
 		src, dst netip.AddrPort
 		reason   string
+		cause    Cause
 	}{
-		{"destination not enrolled", srcA(1), netip.AddrPortFrom(plain.IPs[0], 80), "destination pod is not enrolled"},
-		{"destination unknown", srcA(2), netip.MustParseAddrPort("127.0.9.9:80"), "destination is not a known pod"},
-		{"source without svid", netip.AddrPortFrom(noSVID.IPs[0], 3), w.echo, "source pod has no svid"},
-		{"source not local", netip.AddrPortFrom(podB, 4), w.echo, "source is not a local pod"},
+		{"destination not enrolled", srcA(1), netip.AddrPortFrom(plain.IPs[0], 80), "destination pod is not enrolled", CauseNotTunnelable},
+		{"destination unknown", srcA(2), netip.MustParseAddrPort("127.0.9.9:80"), "destination is not a known pod", CauseNotTunnelable},
+		{"source without svid", netip.AddrPortFrom(noSVID.IPs[0], 3), w.echo, "source pod has no svid", CauseTunnelDown},
+		{"source not local", netip.AddrPortFrom(podB, 4), w.echo, "source is not a local pod", CauseNotTunnelable},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -219,8 +220,8 @@ func TestRefusedAtSource(t *testing.T) {
 			}
 			<-done
 			ev := w.a.ev.find(EventRefused)
-			if len(ev) != before+1 || ev[before].Reason != tc.reason {
-				t.Errorf("refused events: %+v, want reason %q", ev[before:], tc.reason)
+			if len(ev) != before+1 || ev[before].Reason != tc.reason || ev[before].Cause != tc.cause {
+				t.Errorf("refused events: %+v, want reason %q cause %s", ev[before:], tc.reason, tc.cause)
 			}
 		})
 	}
@@ -231,7 +232,7 @@ func TestRefusedAtSource(t *testing.T) {
 
 func TestAdmitDenyResetsSource(t *testing.T) {
 	w := newWorld(t)
-	w.b.dir.admit = func(Pod, spiffeid.ID, netip.Addr, uint16) (identity.NumericID, policy.Decision) {
+	w.b.dir.admit = func(Pod, spiffeid.ID, netip.Addr, netip.Addr, uint16) (identity.NumericID, policy.Decision) {
 		return idA, policy.Decision{Verdict: policy.VerdictDeny, Rule: 3}
 	}
 	w.start(t)
@@ -241,10 +242,10 @@ func TestAdmitDenyResetsSource(t *testing.T) {
 	}
 	<-done
 	ev := w.a.ev.find(EventRefused)
-	if len(ev) != 1 || ev[0].Status != http.StatusForbidden {
+	if len(ev) != 1 || ev[0].Status != http.StatusForbidden || ev[0].Cause != CausePolicy {
 		t.Errorf("source refused events: %+v", ev)
 	}
-	if d := w.b.ev.find(EventRefused); len(d) != 1 || d[0].SrcID != w.svidA.ID || d[0].Decision.Rule != 3 {
+	if d := w.b.ev.find(EventRefused); len(d) != 1 || d[0].SrcID != w.svidA.ID || d[0].Decision.Rule != 3 || d[0].Cause != CausePolicy {
 		t.Errorf("destination refused events: %+v", d)
 	}
 	w.b.dp.mu.Lock()
@@ -265,8 +266,11 @@ func TestDestinationPodRefusesResetsSource(t *testing.T) {
 		t.Errorf("pod conn ended with %v, want a reset", err)
 	}
 	<-done
-	if ev := w.a.ev.find(EventRefused); len(ev) != 1 || ev[0].Status != http.StatusBadGateway {
+	if ev := w.a.ev.find(EventRefused); len(ev) != 1 || ev[0].Status != http.StatusBadGateway || ev[0].Cause != CauseTunnelDown {
 		t.Errorf("source refused events: %+v", ev)
+	}
+	if ev := w.b.ev.find(EventRefused); len(ev) != 1 || ev[0].Reason != "connect to destination pod" || ev[0].Cause != CauseTunnelDown {
+		t.Errorf("destination refused events: %+v", ev)
 	}
 	// The mark made before connect is forgotten.
 	waitFor(t, "forget", func() bool {
@@ -289,7 +293,7 @@ func TestDestinationNodeDownResetsAtOnce(t *testing.T) {
 	}
 	<-done
 	ev := w.a.ev.find(EventRefused)
-	if len(ev) != 1 || !errors.Is(ev[0].Err, syscall.ECONNREFUSED) {
+	if len(ev) != 1 || !errors.Is(ev[0].Err, syscall.ECONNREFUSED) || ev[0].Cause != CauseTunnelDown {
 		t.Errorf("refused events: %+v, want a refused dial", ev)
 	}
 	if st := w.a.tun.Stats(); st.DialFailures != 1 || st.PoolConns != 0 {
