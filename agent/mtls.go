@@ -237,7 +237,8 @@ func (a *Agent) tunnelStat() metrics.TunnelStat {
 		DialFailures: s.DialFailures, HandshakeFailures: s.HandshakeFailures, InboundAccepted: s.InboundAccepted,
 		PoolDials: s.PoolDials, PoolReuses: s.PoolReuses, Admitted: s.Admitted, Denied: s.Denied,
 		BytesOut: s.BytesOut, BytesIn: s.BytesIn, PoolConns: s.PoolConns, InboundConns: s.InboundConns,
-		ActiveOutbound: s.ActiveOutbound, ActiveInbound: s.ActiveInbound}
+		ActiveOutbound: s.ActiveOutbound, ActiveInbound: s.ActiveInbound,
+		NotFromNode: s.NotFromNode, HandshakesShed: s.HandshakesShed}
 }
 
 // tunnelEvent turns what the tunnel reports into logs and, for connections

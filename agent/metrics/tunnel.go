@@ -6,6 +6,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type TunnelStat struct {
 	Forwarded, Refused, RejectedByPeer, DialFailures, HandshakeFailures uint64
 	InboundAccepted, PoolDials, PoolReuses, Admitted, Denied            uint64
+	NotFromNode, HandshakesShed                                         uint64
 	BytesOut, BytesIn                                                   uint64
 	PoolConns, InboundConns                                             int
 	ActiveOutbound, ActiveInbound                                       int64
@@ -49,6 +50,8 @@ func (c *tunnelCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(tunTLSDesc, s.DialFailures, "outbound", "failed")
 	counter(tunTLSDesc, s.InboundAccepted, "inbound", "accepted")
 	counter(tunTLSDesc, s.HandshakeFailures, "inbound", "failed")
+	counter(tunTLSDesc, s.NotFromNode, "inbound", "not_from_a_node")
+	counter(tunTLSDesc, s.HandshakesShed, "inbound", "shed")
 	counter(tunStreamDesc, s.PoolReuses)
 	gauge(float64(s.PoolConns), "tls", "outbound")
 	gauge(float64(s.InboundConns), "tls", "inbound")
