@@ -599,16 +599,19 @@ func nextSpoofPort() uint16 {
 // (IP_TRANSPARENT: the address a1 holds, on a host that routes it) it
 // crosses to node B, which takes it for a1 by its address and still drops
 // it, with AUTH_REQUIRED; from a3's namespace, re-addressed as a1, it does
-// not get an answer either. Without the policy, the same spoofed SYN is
-// answered: the check can see a leak.
+// not get an answer either. The control: a spoofed SYN with the address of
+// a3, which is not enrolled, is answered while no policy is in force, so
+// the spoofing reaches b1 and the check can see a leak. (a1's address is
+// enrolled: plaintext from it is refused even before the policy, since
+// enrolled pods never talk plaintext TCP.)
 func TestMTLSIPTakeover(t *testing.T) {
 	forEachSource(t, func(t *testing.T, source string) {
 		e := newMTLSEnv(t, source)
 		dst := netip.AddrPortFrom(e.b1.IPv4, mtlsPort)
 		capt := netns.StartCapture(t, e.a.NS, twonode.TransitLink)
 
-		// Control: no policy, so b1 answers a SYN that claims to be a1.
-		ctl := netip.AddrPortFrom(e.a1.IPv4, nextSpoofPort())
+		// Control: no policy, so b1 answers a SYN that claims to be a3.
+		ctl := netip.AddrPortFrom(e.a3.IPv4, nextSpoofPort())
 		_ = dialSpoofed(e.a.NS, ctl, e.b1.IPv4, mtlsToken(t, "control"))
 		if !twonode.Eventually(5*time.Second, func() bool { return synAckFrom(capt, dst, ctl) }) {
 			t.Fatalf("control: b1 did not answer a spoofed SYN from %v with no policy in force: the check below could not fail", ctl)
@@ -699,12 +702,12 @@ const b1FromA2Address = `
 //
 // Then the verified ID must win over the address. Node B's store is made
 // wrong the way it is after an address was reassigned and the store has
-// not caught up: it lists a2's address as a1's (and a2 with none), and the
-// policy gains a rule that allows whatever holds a2's address, in
-// plaintext (a CIDR rule: Kubernetes' ipBlock covers the pods whose
-// address is in it, and a1 now "is" there). Anything that trusts the
-// address would let a2 in: a spoofed plaintext SYN from a2's address is
-// indeed answered (the precondition). But a2's own connection travels
+// not caught up: it lists a2's address as a3's, a pod that is not enrolled
+// (and a2 with none), and the policy gains a rule that allows whatever
+// holds a2's address, in plaintext (a CIDR rule: Kubernetes' ipBlock
+// covers the pods whose address is in it, and a3 now "is" there).
+// Anything that trusts the address would let a2 in: a spoofed plaintext
+// SYN from a2's address is indeed answered (the precondition). But a2's own connection travels
 // through the tunnel with a2's SVID, and no rule admits a2's verified ID:
 // it must stay out, while a1 still gets in. (Why not a CIDR rule with the
 // store right: then the CIDR covers a2's own identity, and letting a2 in is
@@ -735,9 +738,9 @@ func TestMTLSVerifiedIDDecides(t *testing.T) {
 			t.Fatalf("node B forwarded a flow from a2 to b1: %s", fs[0].raw)
 		}
 
-		// Node B's wrong view: a2's address is a1's.
+		// Node B's wrong view: a2's address is a3's.
 		e.topo.WritePeersOf(e.b, map[*twonode.Pod][]netip.Addr{
-			e.a1: {e.a1.IPv4, e.a2.IPv4, e.a1.IPv6},
+			e.a3: {e.a3.IPv4, e.a2.IPv4, e.a3.IPv6},
 			e.a2: nil,
 		})
 		e.b.WriteStore("policy.yaml", policy+strings.ReplaceAll(b1FromA2Address, "A2CIDR", netip.PrefixFrom(e.a2.IPv4, 32).String()))
@@ -748,7 +751,7 @@ func TestMTLSVerifiedIDDecides(t *testing.T) {
 			_ = dialSpoofed(e.a.NS, from, e.b1.IPv4, mtlsToken(t, "precondition"))
 			return synAckFrom(capt, dst, from)
 		}) {
-			t.Fatal("precondition: node B does not admit plaintext from a2's address after its store gave it to a1 and a rule allowed it")
+			t.Fatal("precondition: node B does not admit plaintext from a2's address after its store gave it to a3 and a rule allowed it")
 		}
 		for range 3 {
 			if err := exchange(e.a2, e.b1.IPv4, mtlsPort, mtlsToken(t, "a2-stale"), 10*time.Second); err == nil {
