@@ -40,9 +40,8 @@ func headline(r Result, transport bool) string {
 	return s
 }
 
-// unlessEnrolled names the ends that would have to be enrolled for the
-// connection to take the tunnel.
-func unlessEnrolled(r Result) string {
+// unenrolled lists the ends of r that are not enrolled in the mTLS tunnel.
+func unenrolled(r Result) []string {
 	var not []string
 	if !r.FromEnrolled {
 		not = append(not, r.From)
@@ -50,10 +49,16 @@ func unlessEnrolled(r Result) string {
 	if !r.ToEnrolled {
 		not = append(not, r.To)
 	}
-	if len(not) == 0 {
-		return ""
+	return not
+}
+
+// unlessEnrolled names the ends that would have to be enrolled for the
+// connection to take the tunnel.
+func unlessEnrolled(r Result) string {
+	if not := unenrolled(r); len(not) > 0 {
+		return " (if " + strings.Join(not, " and ") + " were enrolled)"
 	}
-	return " (if " + strings.Join(not, " and ") + " were enrolled)"
+	return ""
 }
 
 func writeSides(b *strings.Builder, indent string, r Result) {
@@ -117,17 +122,10 @@ func writeMTLS(b *strings.Builder, r Result) {
 }
 
 func notEnrolled(r Result) string {
-	var not []string
-	if !r.FromEnrolled {
-		not = append(not, r.From)
+	if not := unenrolled(r); len(not) > 0 {
+		return ": " + strings.Join(not, " and ") + " not enrolled"
 	}
-	if !r.ToEnrolled {
-		not = append(not, r.To)
-	}
-	if len(not) == 0 {
-		return ""
-	}
-	return ": " + strings.Join(not, " and ") + " not enrolled"
+	return ""
 }
 
 func ruleText(r Rule) string {
