@@ -51,32 +51,16 @@ func (ps *podSide) dial(b *testing.B, src, dst netip.AddrPort) net.Conn {
 
 // serveSink reads and counts everything sent to it.
 func serveSink(b *testing.B, ip netip.Addr, got *atomic.Int64) netip.AddrPort {
-	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Go(func() {
+	return serveTCP(b, ip, func(c net.Conn) {
+		buf := make([]byte, benchChunk)
 		for {
-			c, err := l.Accept()
+			n, err := c.Read(buf)
+			got.Add(int64(n))
 			if err != nil {
 				return
 			}
-			wg.Go(func() {
-				defer c.Close()
-				buf := make([]byte, benchChunk)
-				for {
-					n, err := c.Read(buf)
-					got.Add(int64(n))
-					if err != nil {
-						return
-					}
-				}
-			})
 		}
 	})
-	return addrPortOf(l.Addr())
 }
 
 func bulk(b *testing.B, c net.Conn, got *atomic.Int64) {
@@ -297,30 +281,14 @@ func BenchmarkTunnelIdleConnMemory(b *testing.B) {
 
 // serveSource sends bulk bytes to every connection until it closes.
 func serveSource(b *testing.B, ip netip.Addr) netip.AddrPort {
-	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Go(func() {
+	return serveTCP(b, ip, func(c net.Conn) {
+		buf := make([]byte, benchChunk)
 		for {
-			c, err := l.Accept()
-			if err != nil {
+			if _, err := c.Write(buf); err != nil {
 				return
 			}
-			wg.Go(func() {
-				defer c.Close()
-				buf := make([]byte, benchChunk)
-				for {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			})
 		}
 	})
-	return addrPortOf(l.Addr())
 }
 
 // BenchmarkTunnelLoopbackDownload is BenchmarkTunnelLoopback the other

@@ -360,6 +360,17 @@ func (n *node) run(t testing.TB, port uint16) error {
 // client's FIN on once all is echoed.
 func serveEcho(t testing.TB, ip netip.Addr) netip.AddrPort {
 	t.Helper()
+	return serveTCP(t, ip, func(c net.Conn) {
+		buf := make([]byte, 32<<10)
+		_, _ = io.CopyBuffer(c, struct{ io.Reader }{c}, buf)
+		_ = c.(*net.TCPConn).CloseWrite()
+	})
+}
+
+// serveTCP listens on ip (any port) until the test ends and runs handle on
+// every connection, closing it when handle returns.
+func serveTCP(t testing.TB, ip netip.Addr, handle func(net.Conn)) netip.AddrPort {
+	t.Helper()
 	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
 	if err != nil {
 		t.Fatal(err)
@@ -374,9 +385,7 @@ func serveEcho(t testing.TB, ip netip.Addr) netip.AddrPort {
 			}
 			wg.Go(func() {
 				defer c.Close()
-				buf := make([]byte, 32<<10)
-				_, _ = io.CopyBuffer(c, struct{ io.Reader }{c}, buf)
-				_ = c.(*net.TCPConn).CloseWrite()
+				handle(c)
 			})
 		}
 	})

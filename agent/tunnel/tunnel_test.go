@@ -646,29 +646,13 @@ func TestRunRegistersTransparentListener(t *testing.T) {
 // greeting has sent nothing before its tunnel stream was accepted.
 func serveGreeter(t testing.TB, ip netip.Addr) netip.AddrPort {
 	t.Helper()
-	l, err := net.Listen("tcp", net.JoinHostPort(ip.String(), "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				if _, err := c.Write([]byte("hi")); err != nil {
-					return
-				}
-				_, _ = io.Copy(c, struct{ io.Reader }{c})
-				_ = c.(*net.TCPConn).CloseWrite()
-			})
+	return serveTCP(t, ip, func(c net.Conn) {
+		if _, err := c.Write([]byte("hi")); err != nil {
+			return
 		}
+		_, _ = io.Copy(c, struct{ io.Reader }{c})
+		_ = c.(*net.TCPConn).CloseWrite()
 	})
-	return addrPortOf(l.Addr())
 }
 
 // A pooled connection that the peer closed is not the pod's problem as
