@@ -305,13 +305,23 @@ func FuzzDatapathVerdict(f *testing.F) {
 // one bucket each, so that most keys find no slot there and are found in
 // the tries, and some are in both: the two must always agree.
 func TestDatapathVerdictRandom(t *testing.T) {
+	randomVerdicts(t, false, 2, 13, 50, "allow", "deny", "audit", "by-rule", "unmanaged", "audit-vs-enforcing-deny")
+}
+
+// randomVerdicts runs seeded random cases through a verdictChecker (with
+// mTLS allows when mtls is set), with the default exact-match tables and
+// with one bucket each, and fails when an outcome in want came up in
+// fewer than 1/share of the cases: then the generator is too narrow to
+// test it.
+func randomVerdicts(t *testing.T, mtls bool, seed1, seed2 uint64, share int, want ...string) {
 	for _, tc := range []struct {
 		name string
 		cfg  Config
 	}{{"default", Config{}}, {"tiny-exact", Config{exactBuckets: 1}}} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newVerdictChecker(t, tc.cfg)
-			rng := rand.New(rand.NewPCG(2, 13))
+			c.mtls = mtls
+			rng := rand.New(rand.NewPCG(seed1, seed2))
 			cases := 3000
 			if testing.Short() {
 				cases = 300
@@ -324,8 +334,8 @@ func TestDatapathVerdictRandom(t *testing.T) {
 				c.check(t, buf)
 			}
 			t.Logf("outcomes: %v", c.seen)
-			for _, k := range []string{"allow", "deny", "audit", "by-rule", "unmanaged", "audit-vs-enforcing-deny"} {
-				if c.seen[k] < cases/50 {
+			for _, k := range want {
+				if c.seen[k] < cases/share {
 					t.Errorf("only %d %s outcomes in %d cases: the generator is too narrow", c.seen[k], k, cases)
 				}
 			}

@@ -113,33 +113,7 @@ func (c *verdictChecker) checkMTLS(t *testing.T, ms *policy.MapState, pkts []fuz
 }
 
 // TestDatapathMTLSVerdictRandom: the kernel's two policy views against
-// lookupFlowModel over seeded random policies with mTLS allows.
+// policy.MapState.LookupFlow over seeded random policies with mTLS allows.
 func TestDatapathMTLSVerdictRandom(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		cfg  Config
-	}{{"default", Config{}}, {"tiny-exact", Config{exactBuckets: 1}}} {
-		t.Run(tc.name, func(t *testing.T) {
-			c := newVerdictChecker(t, tc.cfg)
-			c.mtls = true
-			rng := rand.New(rand.NewPCG(5, 17))
-			cases := 3000
-			if testing.Short() {
-				cases = 300
-			}
-			buf := make([]byte, 160)
-			for range cases {
-				for i := range buf {
-					buf[i] = uint8(rng.Uint32())
-				}
-				c.check(t, buf)
-			}
-			t.Logf("outcomes: %v", c.seen)
-			for _, k := range []string{"auth-required", "tunnel-down", "auth-audit"} {
-				if c.seen[k] < cases/200 {
-					t.Errorf("only %d %s outcomes in %d cases: the generator is too narrow", c.seen[k], k, cases)
-				}
-			}
-		})
-	}
+	randomVerdicts(t, true, 5, 17, 200, "auth-required", "tunnel-down", "auth-audit")
 }
