@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"bufio"
-	"crypto/tls"
 	"net"
 	"sync"
 )
@@ -11,8 +10,9 @@ import (
 // own write to the socket, and reads about one record per read. On a VM,
 // where a syscall costs more than encrypting a record, that halves the
 // throughput. batchConn sits under the TLS layer: it reads the socket in
-// large chunks through a buffer, and, while a batchTLS write is in
-// progress, collects the records it writes into one large write.
+// large chunks through a buffer, and, while a batch is open (HBONE holds
+// one for as long as it holds its write lock), collects the records
+// written into one large write.
 type batchConn struct {
 	net.Conn
 	r     *bufio.Reader
@@ -79,12 +79,18 @@ func (b *batchConn) flushLocked() error {
 }
 
 func (b *batchConn) begin() {
+	if b == nil {
+		return
+	}
 	b.mu.Lock()
 	b.batching = true
 	b.mu.Unlock()
 }
 
 func (b *batchConn) end() error {
+	if b == nil {
+		return nil
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.batching = false
@@ -94,36 +100,4 @@ func (b *batchConn) end() error {
 		b.wbuf = nil
 	}
 	return err
-}
-
-// batchTLS is the TLS connection the HTTP/2 layer uses: each of its writes
-// reaches the socket as few large writes.
-type batchTLS struct {
-	*tls.Conn
-	raw *batchConn
-	// wmu keeps one batch at a time; HTTP/2 already serializes its
-	// writes, this only guards against a second writer.
-	wmu sync.Mutex
-	// onClose, when set, runs once on the first Close.
-	onClose   func()
-	closeOnce sync.Once
-}
-
-func (c *batchTLS) Close() error {
-	err := c.Conn.Close()
-	if c.onClose != nil {
-		c.closeOnce.Do(c.onClose)
-	}
-	return err
-}
-
-func (c *batchTLS) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.raw.begin()
-	n, err := c.Conn.Write(p)
-	if ferr := c.raw.end(); err == nil && ferr != nil {
-		err = ferr
-	}
-	return n, err
 }

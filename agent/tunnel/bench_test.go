@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -309,4 +310,58 @@ func BenchmarkTunnelLoopbackDownload(b *testing.B) {
 		}
 	}
 	b.StopTimer()
+}
+
+// rr1K sends 1 KiB requests on c and reads 1 KiB answers, b.N times, and
+// reports the latency percentiles.
+func rr1K(b *testing.B, c net.Conn) {
+	req, resp := make([]byte, 1024), make([]byte, 1024)
+	lat := make([]time.Duration, 0, b.N)
+	for range 100 {
+		if _, err := c.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for range b.N {
+		t0 := time.Now()
+		if _, err := c.Write(req); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	for _, q := range []int{50, 90, 99} {
+		b.ReportMetric(float64(lat[len(lat)*q/100].Microseconds()), fmt.Sprintf("p%d-µs", q))
+	}
+}
+
+// BenchmarkTunnelRR1K: request and response of 1 KiB each, one after the
+// other, on one long-lived tunnelled connection.
+func BenchmarkTunnelRR1K(b *testing.B) {
+	w := newWorld(b)
+	w.start(b)
+	ps := newPodSide(b, w.a.tun)
+	c := ps.dial(b, srcA(50006), w.echo)
+	defer c.Close()
+	rr1K(b, c)
+}
+
+// BenchmarkPlainRR1K is BenchmarkTunnelRR1K's reference, straight to the
+// echo server.
+func BenchmarkPlainRR1K(b *testing.B) {
+	echo := serveEcho(b, podB)
+	c, err := net.Dial("tcp", echo.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	rr1K(b, c)
 }

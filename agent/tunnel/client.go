@@ -1,5 +1,3 @@
-//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
-
 package tunnel
 
 import (
@@ -10,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,7 +88,7 @@ func (t *Tunnel) Forward(c net.Conn, src, dst netip.AddrPort) {
 		if !t.stream(ctx, c, pc, ev, reused && attempt == 0) {
 			return
 		}
-		pc.cc.SetDoNotReuse()
+		pc.h2.setNoReuse()
 	}
 }
 
@@ -105,138 +102,97 @@ func (t *Tunnel) baseCtx() context.Context {
 	return context.Background()
 }
 
-// podBody is the CONNECT request body: the bytes the pod sends. Close
-// (called by the HTTP/2 transport when the stream ends before the pod
-// stopped sending) unblocks a pending Read without closing the pod's
-// socket, which the response direction may still be writing.
-type podBody struct {
-	c    net.Conn
-	n    atomic.Uint64
-	once sync.Once
-	done chan struct{}
-
-	// readMu is held across the socket read, so that detach can wait
-	// for a read in progress.
-	readMu   sync.Mutex
-	mu       sync.Mutex
-	detached bool
-}
-
-func newPodBody(c net.Conn) *podBody { return &podBody{c: c, done: make(chan struct{})} }
-
-func (b *podBody) Read(p []byte) (int, error) {
-	b.readMu.Lock()
-	defer b.readMu.Unlock()
-	b.mu.Lock()
-	detached := b.detached
-	b.mu.Unlock()
-	if detached {
-		return 0, net.ErrClosed
-	}
-	n, err := b.c.Read(p)
-	b.n.Add(uint64(n))
-	if err != nil {
-		b.finish()
-	}
-	return n, err
-}
-
-func (b *podBody) Close() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if !b.detached {
-		_ = b.c.SetReadDeadline(time.Unix(1, 0))
-	}
-	b.finish()
-	return nil
-}
-
-func (b *podBody) finish() { b.once.Do(func() { close(b.done) }) }
-
-// detach takes the pod's connection back from a request that failed, and
-// reports whether none of its bytes were consumed, so that another attempt
-// may carry it. A read in progress is cut short and waited for.
-func (b *podBody) detach() bool {
-	b.mu.Lock()
-	b.detached = true
-	b.mu.Unlock()
-	_ = b.c.SetReadDeadline(time.Unix(1, 0))
-	b.readMu.Lock()
-	defer b.readMu.Unlock()
-	_ = b.c.SetReadDeadline(time.Time{})
-	return b.n.Load() == 0
-}
-
 // stream carries pod connection c over pooled connection pc, whose stream
-// slot the caller reserved. With mayRetry, a request that failed before
+// slot the caller reserved. With mayRetry, a stream that failed before
 // anything of c was read returns true, leaving c to the caller.
 func (t *Tunnel) stream(ctx context.Context, c net.Conn, pc *clientConn, ev Event, mayRetry bool) (retry bool) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	body := newPodBody(c)
-	req := &http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority(ev.Dst)},
-		Host:          authority(ev.Dst),
-		Header:        http.Header{SourceHeader: []string{ev.Src.Addr().String()}},
-		Body:          body,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}
-	req = req.WithContext(ctx)
-	resp, err := pc.cc.RoundTrip(req)
-	if err != nil && mayRetry && ctx.Err() == nil && body.detach() {
-		t.log.Debug("tunnel: pooled connection failed, retrying on a new one", "node", ev.Node, "err", err)
-		return true
-	}
-	if err != nil {
+	fail := func(err error) {
 		t.dialFail.Add(1)
 		t.refused.Add(1)
 		reset(c)
 		ev.Kind, ev.Reason, ev.Err, ev.Cause = EventRefused, "connect request failed", err, CauseTunnelDown
 		t.emit(ev)
+	}
+	s, err := pc.h2.open(authority(ev.Dst), ev.Src.Addr().String())
+	if err != nil {
+		if mayRetry && ctx.Err() == nil {
+			t.log.Debug("tunnel: pooled connection failed, retrying on a new one", "node", ev.Node, "err", err)
+			return true
+		}
+		fail(err)
 		return false
 	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		resp.Body.Close()
-		t.rejected.Add(1)
+	// The pod's first bytes go right behind the CONNECT: a
+	// client-speaks-first protocol does not wait a round trip for the
+	// response.
+	var read atomic.Uint64
+	var sent uint64
+	upDone := make(chan error, 1)
+	go func() {
+		n, err := t.bufs.sendFrom(s, c, &read)
+		sent = n
+		if err != nil {
+			s.cancel(http2.ErrCodeConnect)
+		}
+		upDone <- err
+	}()
+	status, err := s.response(ctx.Done())
+	if err != nil {
+		// Stop the sender, to learn whether it took anything from the
+		// pod: if not, another connection may carry the pod's.
+		s.cancel(http2.ErrCodeCancel)
+		_ = c.SetReadDeadline(time.Unix(1, 0))
+		<-upDone
+		_ = c.SetReadDeadline(time.Time{})
+		if mayRetry && ctx.Err() == nil && read.Load() == 0 {
+			t.log.Debug("tunnel: pooled connection failed, retrying on a new one", "node", ev.Node, "err", err)
+			return true
+		}
+		fail(err)
+		return false
+	}
+	if status < 200 || status > 299 {
+		s.cancel(http2.ErrCodeCancel)
 		reset(c)
-		ev.Kind, ev.Reason, ev.Status = EventRefused, "destination refused: "+resp.Status, resp.StatusCode
-		ev.Cause = causeOfStatus(resp.StatusCode)
+		<-upDone
+		t.rejected.Add(1)
+		ev.Kind, ev.Reason, ev.Status = EventRefused, fmt.Sprintf("destination refused: %d %s", status, http.StatusText(status)), status
+		ev.Cause = causeOfStatus(status)
 		t.emit(ev)
 		return false
 	}
+	// From here on, the stream's reset (by the peer, a revoked or
+	// expired SVID, the connection's end) resets the pod's connection.
+	s.setOnAbort(func() { reset(c) })
 	t.activeOut.Add(1)
 	defer t.activeOut.Add(-1)
 	ev.Kind = EventOpened
 	t.emit(ev)
 
-	// Bytes to the pod: the response body.
-	in, derr := t.bufs.copyFlush(c, resp.Body, nil)
+	// Bytes to the pod: the stream's, written by the connection's read
+	// loop while the pod keeps up, else here.
+	in, derr := s.pipeTo(c)
 	t.bytesIn.Add(in)
-	abort := derr != nil
-	if !abort {
+	var uerr error
+	if derr == nil {
 		// The destination finished sending: pass its FIN on, and wait
 		// for the pod to finish its side.
 		if tc, ok := c.(*net.TCPConn); ok {
 			_ = tc.CloseWrite()
 		}
-		select {
-		case <-body.done:
-		case <-ctx.Done():
-			abort = true
-		}
+		uerr = <-upDone
 	}
-	resp.Body.Close()
-	if abort {
+	if derr != nil || uerr != nil {
+		s.cancel(http2.ErrCodeConnect)
 		reset(c)
+		if derr != nil {
+			uerr = <-upDone
+		}
 	} else {
 		c.Close()
 	}
-	out := body.n.Load()
-	t.bytesOut.Add(out)
-	ev.Kind, ev.Sent, ev.Received, ev.Err = EventClosed, out, in, derr
+	t.bytesOut.Add(sent)
+	ev.Kind, ev.Sent, ev.Received, ev.Err = EventClosed, sent, in, errors.Join(derr, uerr)
 	t.emit(ev)
 	return false
 }
@@ -250,15 +206,15 @@ type poolKey struct {
 	dstID         string
 }
 
-// clientConn is one pooled TLS connection with its HTTP/2 client.
+// clientConn is one pooled TLS connection with its HBONE streams.
 type clientConn struct {
 	key    poolKey
 	tls    *tls.Conn
-	cc     *http2.ClientConn
+	h2     *h2Conn
 	timer  atomic.Pointer[time.Timer]
 	closed atomic.Bool
 	// gone is set when the TLS connection was closed, by us or by the
-	// HTTP/2 layer (idle timeout, GOAWAY, read error): it is then
+	// HBONE layer (idle timeout, GOAWAY, read error): it is then
 	// unlinked from the pool.
 	gone atomic.Bool
 	// pods are the keys of the pods whose streams used it (for Revoke);
@@ -273,8 +229,7 @@ func (pc *clientConn) close() {
 	if tm := pc.timer.Load(); tm != nil {
 		tm.Stop()
 	}
-	_ = pc.cc.Close()
-	_ = pc.tls.Close()
+	pc.h2.close(errConnClosed)
 }
 
 // dialing is one connection attempt that concurrent callers wait for, so
@@ -334,12 +289,15 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 		var dead []*clientConn
 		live := make([]*clientConn, 0, len(e.conns))
 		for _, pc := range e.conns {
-			if pc.closed.Load() || pc.cc.State().Closed {
+			if pc.closed.Load() || pc.h2.closed() {
 				dead = append(dead, pc)
 				continue
 			}
+			// A connection that takes no new streams (GOAWAY, no
+			// reuse) stays listed, for Revoke, until its last
+			// stream ends and it closes.
 			live = append(live, pc)
-			if found == nil && pc.cc.ReserveNewRequest() {
+			if found == nil && pc.h2.reserve() {
 				found = pc
 			}
 		}
@@ -390,7 +348,7 @@ func (p *pool) get(ctx context.Context, key poolKey, podKey string, svid *x509sv
 			delete(p.m, key)
 		}
 		pc.pods[podKey] = true
-		ok := pc.cc.ReserveNewRequest()
+		ok := pc.h2.reserve()
 		p.mu.Unlock()
 		// A Revoke that ran during the dial did not see this connection.
 		if cur, held := p.t.cfg.Identities.SVID(podKey); !held || cur.ID.String() != key.srcID || serialOf(cur) != key.serial {
@@ -444,28 +402,16 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		return nil, fmt.Errorf("tunnel endpoint %s did not negotiate h2 (got %q)", key.node, st.NegotiatedProtocol)
 	}
 	pc := &clientConn{key: key, tls: tc, pods: map[string]bool{}}
-	// The HTTP/2 layer closes the TLS connection whenever it ends, on
-	// its own too: that unlinks it from the pool.
-	cc, err := t.h2c.NewClientConn(&batchTLS{Conn: tc, raw: bc, onClose: func() { p.unlink(pc) }})
+	// The HBONE layer closes the TLS connection whenever it ends, on its
+	// own too (idle, GOAWAY, a read error): that unlinks it from the
+	// pool. The server's SETTINGS are waited for: TLS 1.3 finishes the
+	// client's handshake before the server has verified the client's
+	// certificate, and a refusal shows on the first read.
+	h2, err := h2Dial(tc, bc, func() { p.unlink(pc) })
 	if err != nil {
-		tc.Close()
-		return nil, fmt.Errorf("http2 client on %s: %w", key.node, err)
+		return nil, fmt.Errorf("hbone with %s: %w", key.node, err)
 	}
-	// The first stream's body writer sizes its DATA frames by the peer's
-	// SETTINGS_MAX_FRAME_SIZE as known when it starts, for the stream's
-	// whole life: before the peer's SETTINGS arrive that is 16 KiB, and a
-	// long transfer would go as one TLS record pair per 16 KiB. A PING
-	// round trip makes sure the SETTINGS (sent before the PING's ACK)
-	// were read.
-	pctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
-	err = cc.Ping(pctx)
-	cancel()
-	if err != nil {
-		cc.Close()
-		tc.Close()
-		return nil, fmt.Errorf("http2 settings from %s: %w", key.node, err)
-	}
-	pc.cc = cc
+	pc.h2 = h2
 	// Nothing authenticated by a certificate outlives it: close when
 	// either side's expires.
 	exp := svid.Certificates[0].NotAfter

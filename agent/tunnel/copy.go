@@ -2,37 +2,39 @@ package tunnel
 
 import (
 	"io"
+	"net"
 	"sync"
+	"sync/atomic"
 )
 
-// Copy buffers come in two sizes. A tunnelled connection spends most of
+// Send buffers come in two sizes. A tunnelled connection spends most of
 // its life idle, blocked in a read that holds its buffer: it waits with a
 // small one, and moves to a large one only while reads fill the small one
 // (a bulk transfer), so that a thousand idle connections do not pin a
-// quarter of a megabyte each.
+// quarter of a megabyte each. Each has room for a frame header in front.
 const (
 	smallCopyBuffer = 16 << 10
-	largeCopyBuffer = 256 << 10
+	largeCopyBuffer = maxFrameSize
 )
 
-// bufPool reuses the copy buffers, which would otherwise be allocated per
-// connection and direction.
+// bufPool reuses the send buffers, which would otherwise be allocated per
+// connection.
 type bufPool struct {
 	small, large sync.Pool
 }
 
 func newBufPool() *bufPool {
 	bp := &bufPool{}
-	bp.small.New = func() any { b := make([]byte, smallCopyBuffer); return &b }
-	bp.large.New = func() any { b := make([]byte, largeCopyBuffer); return &b }
+	bp.small.New = func() any { b := make([]byte, frameHeaderLen+smallCopyBuffer); return &b }
+	bp.large.New = func() any { b := make([]byte, frameHeaderLen+largeCopyBuffer); return &b }
 	return bp
 }
 
-// copyFlush copies src to dst until src ends, calling flush (when set)
-// after each write so that the HTTP/2 layer frames what one read returned
-// without waiting for more. It returns the bytes written and the first
-// error other than src's io.EOF.
-func (bp *bufPool) copyFlush(dst io.Writer, src io.Reader, flush func()) (uint64, error) {
+// sendFrom sends what src delivers on s, each read as one DATA frame
+// written from the read's own buffer, until src ends (then END_STREAM,
+// and nil) or fails. It returns the bytes sent; read, when set, counts
+// the bytes taken from src, sent or not.
+func (bp *bufPool) sendFrom(s *h2Stream, src net.Conn, read *atomic.Uint64) (uint64, error) {
 	bufp, large := bp.small.Get().(*[]byte), false
 	defer func() {
 		if large {
@@ -44,28 +46,24 @@ func (bp *bufPool) copyFlush(dst io.Writer, src io.Reader, flush func()) (uint64
 	var n uint64
 	for {
 		buf := *bufp
-		r, rerr := src.Read(buf)
+		r, rerr := src.Read(buf[frameHeaderLen:])
 		if r > 0 {
-			w, werr := dst.Write(buf[:r])
-			n += uint64(w)
-			if werr != nil {
-				return n, werr
+			if read != nil {
+				read.Add(uint64(r))
 			}
-			if w != r {
-				return n, io.ErrShortWrite
+			if err := s.writeData(buf, r); err != nil {
+				return n, err
 			}
-			if flush != nil {
-				flush()
-			}
+			n += uint64(r)
 		}
 		if rerr == io.EOF {
-			return n, nil
+			return n, s.closeSend()
 		}
 		if rerr != nil {
 			return n, rerr
 		}
 		switch {
-		case !large && r == len(buf):
+		case !large && r == len(buf)-frameHeaderLen:
 			bp.small.Put(bufp)
 			bufp, large = bp.large.Get().(*[]byte), true
 		case large && r < smallCopyBuffer:

@@ -1,5 +1,3 @@
-//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
-
 package tunnel
 
 import (
@@ -109,16 +107,16 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 	// ingress policy alone, past its own egress policy. Checked before
 	// the handshake, so that a pod cannot even make the node sign.
 	if !t.cfg.Directory.IsNode(ic.remote.Addr()) {
-		raw.Close()
 		t.notNode.Add(1)
+		raw.Close()
 		t.log.Debug("tunnel: closed an inbound connection not from a node", "remote", ic.remote)
 		return
 	}
 	select {
 	case t.handshakes <- struct{}{}:
 	default:
-		raw.Close()
 		t.shed.Add(1)
+		raw.Close()
 		t.log.Debug("tunnel: too many inbound handshakes in progress, closed one", "remote", ic.remote,
 			"max", cap(t.handshakes))
 		return
@@ -148,11 +146,9 @@ func (t *Tunnel) serveConn(ctx context.Context, raw net.Conn) {
 		return
 	}
 
-	t.h2s.ServeConn(&batchTLS{Conn: tc, raw: bc}, &http2.ServeConnOpts{
-		Context:    ctx,
-		BaseConfig: &http.Server{},
-		Handler:    http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { t.handleConnect(ic, w, r) }),
-	})
+	if err := h2Serve(tc, bc, func(s *h2Stream) { t.handleConnect(ic, s) }); err != nil {
+		t.log.Debug("tunnel: inbound hbone", "remote", ic.remote, "err", err)
+	}
 }
 
 // handshake runs the TLS handshake of ic and reads the client's verified
@@ -243,7 +239,7 @@ func (t *Tunnel) serverConfig(ic *inboundConn, hello *tls.ClientHelloInfo) (*tls
 }
 
 // handleConnect serves one CONNECT stream.
-func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.Request) {
+func (t *Tunnel) handleConnect(ic *inboundConn, s *h2Stream) {
 	ev := Event{Side: SideDestination, Node: ic.remote, SrcID: ic.clientID, DstID: ic.serverID}
 	deny := func(status int, reason string, err error) {
 		t.denied.Add(1)
@@ -251,20 +247,24 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		t.log.Debug("tunnel: refused a connect", "remote", ic.remote, "dst", ev.Dst, "src", ev.Src,
 			"status", status, "reason", reason, "err", err)
 		t.emit(ev)
-		w.WriteHeader(status)
+		_ = s.respond(status)
 	}
-	if r.Method != http.MethodConnect {
+	if s.method != http.MethodConnect {
 		deny(http.StatusMethodNotAllowed, "not a CONNECT request", nil)
 		return
 	}
-	dst, err := netip.ParseAddrPort(r.Host)
+	if s.extended {
+		deny(http.StatusBadRequest, "not a plain CONNECT (has :scheme, :path or :protocol)", nil)
+		return
+	}
+	dst, err := netip.ParseAddrPort(s.authority)
 	if err != nil {
 		deny(http.StatusBadRequest, "bad CONNECT authority", err)
 		return
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	ev.Dst = dst
-	src, err := netip.ParseAddr(r.Header.Get(SourceHeader))
+	src, err := netip.ParseAddr(s.source)
 	if err != nil {
 		deny(http.StatusBadRequest, "bad "+SourceHeader+" header", err)
 		return
@@ -318,7 +318,7 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		marked = true
 		return nil
 	}}
-	target, err := d.DialContext(r.Context(), "tcp", dst.String())
+	target, err := d.DialContext(t.baseCtx(), "tcp", dst.String())
 	if marked {
 		defer func() {
 			if err := t.cfg.Datapath.ForgetTunnelSocket(cookie); err != nil {
@@ -340,17 +340,16 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 	t.admitted.Add(1)
 	t.activeIn.Add(1)
 	defer t.activeIn.Add(-1)
-	// The stream or its connection ending (a revoked or expired SVID,
-	// a reset from the source) breaks the pod's connection at once.
-	stop := context.AfterFunc(r.Context(), func() { reset(target) })
-	defer stop()
-	// Upstream: the stream's body to the pod. It starts before the 200
+	// The stream's reset or its connection's end (a revoked or expired
+	// SVID, a reset from the source) breaks the pod's connection at once.
+	s.setOnAbort(func() { reset(target) })
+	// Upstream: the stream's bytes to the pod. It starts before the 200
 	// is written: the source sends the pod's first bytes right behind
 	// the CONNECT, and they need not wait for the response's write.
 	var sent atomic.Uint64
 	upDone := make(chan error, 1)
 	go func() {
-		n, err := t.bufs.copyFlush(target, r.Body, nil)
+		n, err := s.pipeTo(target)
 		sent.Store(n)
 		if err == nil {
 			if tc, ok := target.(*net.TCPConn); ok {
@@ -361,13 +360,18 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		}
 		upDone <- err
 	}()
-	w.WriteHeader(http.StatusOK)
-	fl := w.(http.Flusher)
-	fl.Flush()
+	if err := s.respond(http.StatusOK); err != nil {
+		reset(target)
+		s.cancel(http2.ErrCodeConnect)
+		<-upDone
+		ev.Kind, ev.Reason, ev.Err, ev.Cause = EventRefused, "answer the connect", err, CauseTunnelDown
+		t.emit(ev)
+		return
+	}
 	ev.Kind = EventOpened
 	t.emit(ev)
 	// Downstream: the pod's bytes to the stream.
-	got, derr := t.bufs.copyFlush(w, target, fl.Flush)
+	got, derr := t.bufs.sendFrom(s, target, nil)
 	var uerr error
 	if derr == nil {
 		uerr = <-upDone
@@ -378,8 +382,9 @@ func (t *Tunnel) handleConnect(ic *inboundConn, w http.ResponseWriter, r *http.R
 		// Either side broke: reset both, so that the source resets its
 		// pod's connection rather than seeing a clean end.
 		reset(target)
+		s.cancel(http2.ErrCodeConnect)
 		t.emit(ev)
-		panic(http.ErrAbortHandler)
+		return
 	}
 	target.Close()
 	t.emit(ev)

@@ -1,5 +1,3 @@
-//lint:file-ignore SA1019 x/net/http2's per-connection API (ClientConn over a TLS connection we dial, verify and batch ourselves; ServeConn with a per-connection context) has no net/http equivalent that takes an existing connection: net/http's Transport.NewClientConn dials on its own.
-
 package tunnel
 
 import (
@@ -19,7 +17,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/net/http2"
 
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
@@ -269,8 +266,6 @@ type Stats struct {
 type Tunnel struct {
 	cfg  Config
 	log  *slog.Logger
-	h2c  *http2.Transport
-	h2s  *http2.Server
 	bufs *bufPool
 	// wbufs are batchConn's write buffers.
 	wbufs *sync.Pool
@@ -297,18 +292,6 @@ type Tunnel struct {
 	runMu  sync.Mutex
 	runCtx context.Context
 }
-
-// Tuning of the HTTP/2 layer: large frames so that one DATA frame carries
-// what one read from a socket returned, and windows large enough that a
-// stream is never stalled on WINDOW_UPDATE round trips at loopback or LAN
-// latencies.
-const (
-	maxFrameSize     = 128 << 10
-	streamWindow     = 4 << 20
-	connWindow       = 64 << 20
-	maxStreamsPerTLS = 1000
-	idleConnTimeout  = 5 * time.Minute
-)
 
 // New checks cfg and returns a Tunnel that Run serves.
 func New(cfg Config) (*Tunnel, error) {
@@ -338,27 +321,11 @@ func New(cfg Config) (*Tunnel, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	t := &Tunnel{
-		cfg:   cfg,
-		log:   log,
-		bufs:  newBufPool(),
-		wbufs: newWriteBufPool(),
-		ready: make(chan struct{}),
-		h2c: &http2.Transport{
-			MaxReadFrameSize:   maxFrameSize,
-			DisableCompression: true,
-			IdleConnTimeout:    idleConnTimeout,
-			ReadIdleTimeout:    30 * time.Second,
-			PingTimeout:        15 * time.Second,
-		},
-		h2s: &http2.Server{
-			MaxConcurrentStreams:         maxStreamsPerTLS,
-			MaxReadFrameSize:             maxFrameSize,
-			MaxUploadBufferPerConnection: connWindow,
-			MaxUploadBufferPerStream:     streamWindow,
-			IdleTimeout:                  idleConnTimeout,
-			ReadIdleTimeout:              30 * time.Second,
-			PingTimeout:                  15 * time.Second,
-		},
+		cfg:        cfg,
+		log:        log,
+		bufs:       newBufPool(),
+		wbufs:      newWriteBufPool(),
+		ready:      make(chan struct{}),
 		inbound:    newInboundSet(),
 		handshakes: make(chan struct{}, cfg.MaxPendingHandshakes),
 	}
