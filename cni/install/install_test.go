@@ -603,23 +603,34 @@ func TestConcurrentInstallProcesses(t *testing.T) {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(3)
 		}
+		delay, _ := time.ParseDuration(os.Getenv(installerEnv + "_DELAY"))
+		o.beforeWrite = func() { time.Sleep(delay) }
 		if err := Install(o); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 		os.Exit(0)
 	}
+	// As with goroutines: different sockets, and the earlier installers
+	// pause longer between record and file, so only the lock keeps the
+	// record true to the file.
 	e := newEnv(t)
 	e.write("10-bridge.conf", ptpConf, 0o644)
-	js, err := json.Marshal(e.opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	const n = 4
 	var cmds []*exec.Cmd
 	var outs []*bytes.Buffer
-	for range 4 {
+	var sockets []string
+	for i := range n {
+		o := e.opts
+		o.Socket = fmt.Sprintf("/run/bulkhead/%d.sock", i)
+		sockets = append(sockets, o.Socket)
+		js, err := json.Marshal(o)
+		if err != nil {
+			t.Fatal(err)
+		}
 		cmd := exec.Command(os.Args[0], "-test.run=^TestConcurrentInstallProcesses$")
-		cmd.Env = append(os.Environ(), installerEnv+"="+string(js))
+		cmd.Env = append(os.Environ(), installerEnv+"="+string(js),
+			fmt.Sprintf("%s_DELAY=%dms", installerEnv, (n-i)*20))
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
 		if err := cmd.Start(); err != nil {
@@ -635,7 +646,16 @@ func TestConcurrentInstallProcesses(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	concurrencyCheck(t, e, "")
+	l, err := parseList(e.read("10-bridge.conflist"))
+	if err != nil || len(l.ours()) != 1 {
+		t.Fatalf("after the race: %v, %v", l, err)
+	}
+	var entry struct{ Socket string }
+	_ = json.Unmarshal(l.plugins[l.ours()[0]], &entry)
+	if !slices.Contains(sockets, entry.Socket) {
+		t.Errorf("entry socket %q is none of the installers'", entry.Socket)
+	}
+	concurrencyCheck(t, e, entry.Socket)
 }
 
 // waitFor polls cond; the deadline only bounds a broken test, it asserts no
@@ -710,4 +730,46 @@ func TestWatchWaitsForConfig(t *testing.T) {
 	e.write("10-bridge.conf", ptpConf, 0o644)
 	waitFor(t, "the install", func() bool { ok, _ := Installed(e.opts); return ok })
 	checkChained(t, e.read("10-bridge.conflist"), []json.RawMessage{json.RawMessage(ptpConf)}, "")
+}
+
+// The folder removed and made again while Watch runs (a node's
+// provisioning wiping it): the watch follows the new folder.
+func TestWatchFolderReplaced(t *testing.T) {
+	e := newEnv(t)
+	e.write("10-ptp.conflist", ptpList, 0o644)
+	startWatch(t, e.opts)
+	installed := func() bool { ok, _ := Installed(e.opts); return ok }
+	waitFor(t, "the first install", installed)
+	// The watch may be writing in it (a reconcile after its own write), so
+	// the removal may need another try.
+	waitFor(t, "the folder removed", func() bool { return os.RemoveAll(e.opts.ConfDir) == nil })
+	waitFor(t, "the folder made again", func() bool { _, err := os.Stat(e.opts.ConfDir); return err == nil })
+	e.write("10-bridge.conf", ptpConf, 0o644)
+	waitFor(t, "the install into the new folder", installed)
+	checkChained(t, e.read("10-bridge.conflist"), []json.RawMessage{json.RawMessage(ptpConf)}, "")
+}
+
+// A converted config whose entry changes (a new socket) still gives the
+// original .conf back.
+func TestConvertedSocketChange(t *testing.T) {
+	e := newEnv(t)
+	e.write("10-bridge.conf", ptpConf, 0o644)
+	e.opts.Socket = "/run/a.sock"
+	if err := Install(e.opts); err != nil {
+		t.Fatal(err)
+	}
+	e.opts.Socket = "/run/b.sock"
+	if err := Install(e.opts); err != nil {
+		t.Fatal(err)
+	}
+	checkChained(t, e.read("10-bridge.conflist"), []json.RawMessage{json.RawMessage(ptpConf)}, "/run/b.sock")
+	if err := Uninstall(e.opts); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.files(); !slices.Equal(got, []string{"10-bridge.conf"}) {
+		t.Fatalf("files %v", got)
+	}
+	if got := e.read("10-bridge.conf"); string(got) != ptpConf {
+		t.Errorf("not restored byte for byte:\n%s", got)
+	}
 }
