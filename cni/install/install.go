@@ -76,17 +76,19 @@ func isNotEmpty(err error) bool { return errors.Is(err, syscall.ENOTEMPTY) }
 // nothing is written.
 func Install(opts Options) error {
 	o := opts.withDefaults()
-	// The binary goes first: a runtime that reads the entry must find it.
-	if o.PluginBinary != "" {
-		if err := copyBinary(o.PluginBinary, o.binaryPath()); err != nil {
-			return err
-		}
-	}
 	unlock, err := lock(o.StateDir)
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	// The binary goes first, and under the lock: a runtime that reads the
+	// entry must find it, and an Uninstall running at the same time must
+	// not remove it between the two.
+	if o.PluginBinary != "" {
+		if err := copyBinary(o.PluginBinary, o.binaryPath()); err != nil {
+			return err
+		}
+	}
 	return o.insertLocked()
 }
 
