@@ -81,17 +81,10 @@ func Install(opts Options) error {
 		return err
 	}
 	defer unlock()
-	// The binary goes first, and under the lock: a runtime that reads the
-	// entry must find it, and an Uninstall running at the same time must
-	// not remove it between the two.
-	if o.PluginBinary != "" {
-		if err := copyBinary(o.PluginBinary, o.binaryPath()); err != nil {
-			return err
-		}
-	}
 	return o.insertLocked()
 }
 
+// insertLocked is Install under the lock.
 func (o Options) insertLocked() error {
 	rec, err := loadRecord(o.StateDir)
 	if err != nil {
@@ -139,6 +132,15 @@ func (o Options) insertLocked() error {
 	out, changed, err := insert(data, isList, o.Socket)
 	if err != nil {
 		return fmt.Errorf("%s: %w", path, err)
+	}
+	// The binary goes before the entry, and under the lock: a runtime that
+	// reads the entry must find it, and a concurrent Uninstall must not
+	// remove it in between. It waits for a config that can take the entry,
+	// so that a failed install leaves nothing behind.
+	if o.PluginBinary != "" {
+		if err := copyBinary(o.PluginBinary, o.binaryPath()); err != nil {
+			return err
+		}
 	}
 	if !changed {
 		if rec == nil || rec.Managed != name {

@@ -497,12 +497,14 @@ func TestBadInputLeftUntouched(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t)
-			e.opts.PluginBinary = ""
 			e.write(tt.file, tt.content, 0o644)
 			before := e.snapshot()
 			err := Install(e.opts)
 			if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), e.path(tt.file)) || !strings.Contains(err.Error(), tt.msg) {
 				t.Fatalf("error %v; want %v naming %s and saying %q", err, tt.want, e.path(tt.file), tt.msg)
+			}
+			if _, err := os.Stat(filepath.Join(e.opts.BinDir, PluginType)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("binary installed for a config that cannot take the entry: %v", err)
 			}
 			if after := e.snapshot(); !equalMaps(before, after) {
 				t.Errorf("files changed:\nbefore %v\nafter  %v", before, after)
