@@ -170,6 +170,10 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.source = src
+	// A fresh node may have no bpffs: without it every pin fails.
+	if err := datapath.EnsureBPFFS(cfg.BPFFS); err != nil {
+		return nil, fmt.Errorf("bpffs: %w", err)
+	}
 	dpcfg := cfg.Datapath
 	dpcfg.BPFFS = cfg.BPFFS
 	dpcfg.TunnelMark, dpcfg.TunnelMask = cfg.TunnelMark, TunnelMarkMask
@@ -318,7 +322,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			srv.Close()
 			return fmt.Errorf("metrics listen on %s: %w", a.cfg.MetricsAddr, err)
 		}
-		msrv := &http.Server{Handler: a.metrics.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 10 * time.Second}
 		wg.Go(func() { _ = msrv.Serve(mln) })
 		// Closed when ctx ends, before wg.Wait below waits for Serve.
 		wg.Go(func() { <-ctx.Done(); _ = msrv.Close() })

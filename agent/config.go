@@ -81,6 +81,10 @@ type Config struct {
 	// steers tunnelled packets (default 0xb00). Change it when another
 	// component of the node uses those bits.
 	TunnelMark uint32
+	// CNIConfDir, when set, makes readiness (/readyz) wait until
+	// bulkhead-cni is chained into the primary CNI config in this folder
+	// (cni/install.Installed): pods created before that are not enforced.
+	CNIConfDir string
 	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
 	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
 	// not allowed (--store-shrink-grace, --identity-grace,

@@ -40,3 +40,14 @@ func TestImportRules(t *testing.T) {
 		}
 	}
 }
+
+// TestInstallerImports keeps cni/install runnable as a small init
+// container: standard library and golang.org/x/sys only, nothing of ours.
+func TestInstallerImports(t *testing.T) {
+	const pkg = "github.com/bulkhead-io/bulkhead/cni/install"
+	for path, std := range deps(t, pkg) {
+		if !std && path != pkg && !strings.HasPrefix(path, "golang.org/x/sys/") {
+			t.Errorf("cni/install imports %s", path)
+		}
+	}
+}

@@ -1,5 +1,7 @@
 // Command bulkhead-agent is the Bulkhead node daemon: flags → agent.Config
-// → agent.Run.
+// → agent.Run. Its subcommands install-cni and uninstall-cni chain
+// bulkhead-cni into the node's CNI config (cni/install), as an init
+// container or a sidecar of the agent's DaemonSet.
 package main
 
 import (
@@ -25,6 +27,9 @@ import (
 var version = "dev"
 
 func main() {
+	if len(os.Args) > 1 && (os.Args[1] == cmdInstallCNI || os.Args[1] == cmdUninstallCNI) {
+		os.Exit(runCNIInstaller(os.Args[1], os.Args[2:]))
+	}
 	var cfg agent.Config
 	fs := flag.NewFlagSet("bulkhead-agent", flag.ExitOnError)
 	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml and *.yml file in PATH)")
@@ -43,6 +48,7 @@ func main() {
 	fs.IntVar(&cfg.FlowRing, "flow-ring", agent.DefaultFlowRing, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
+	fs.StringVar(&cfg.CNIConfDir, "cni-conf-dir", "", "CNI network config folder; when set, /readyz fails until bulkhead-cni is chained into its primary config")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
 	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy, or more than half of the policies or of the objects, at once until it has stayed the same this long (must be positive)")
 	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
