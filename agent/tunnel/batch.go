@@ -1,22 +1,29 @@
 package tunnel
 
 import (
-	"bufio"
 	"net"
 	"sync"
+	"syscall"
 )
 
 // crypto/tls writes every record (16 KiB of plaintext at most) with its
 // own write to the socket, and reads about one record per read. On a VM,
 // where a syscall costs more than encrypting a record, that halves the
 // throughput. batchConn sits under the TLS layer: it reads the socket in
-// large chunks through a buffer, and, while a batch is open (HBONE holds
-// one for as long as it holds its write lock), collects the records
-// written into one large write.
+// large chunks, into a buffer taken from a pool only while the socket has
+// data, and, while a batch is open (HBONE holds one for as long as it
+// holds its write lock), collects the records written into one large
+// write.
 type batchConn struct {
 	net.Conn
-	r     *bufio.Reader
-	wbufs *sync.Pool // of *[]byte, held only while a batch is open
+	raw   syscall.RawConn // nil: reads go to Conn as they are
+	rbufs *sync.Pool      // of *[]byte, held while read bytes wait for the TLS layer
+	wbufs *sync.Pool      // of *[]byte, held only while a batch is open
+
+	// rbuf[rpos:rend] was read and not yet consumed; only the TLS
+	// layer reads, one read at a time.
+	rbuf       *[]byte
+	rpos, rend int
 
 	mu       sync.Mutex
 	batching bool
@@ -24,16 +31,23 @@ type batchConn struct {
 	werr     error
 }
 
-// The read buffer stays with the connection for its life (a pooled TLS
-// connection may carry many streams), so it is kept moderate; the write
-// buffer is taken from a pool for the length of one batch.
+// Both buffers come from pools and are held only while bytes wait in
+// them, so they can be large: a pooled TLS connection that waits holds
+// neither.
 const (
-	batchReadSize  = 64 << 10
+	batchReadSize  = 256 << 10
 	batchFlushSize = 256 << 10
 )
 
-func newBatchConn(c net.Conn, wbufs *sync.Pool) *batchConn {
-	return &batchConn{Conn: c, r: bufio.NewReaderSize(c, batchReadSize), wbufs: wbufs}
+func newBatchConn(c net.Conn, rbufs, wbufs *sync.Pool) *batchConn {
+	return &batchConn{Conn: c, raw: rawConnOf(c), rbufs: rbufs, wbufs: wbufs}
+}
+
+func newReadBufPool() *sync.Pool {
+	return &sync.Pool{New: func() any {
+		b := make([]byte, batchReadSize)
+		return &b
+	}}
 }
 
 func newWriteBufPool() *sync.Pool {
@@ -43,7 +57,25 @@ func newWriteBufPool() *sync.Pool {
 	}}
 }
 
-func (b *batchConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b *batchConn) Read(p []byte) (int, error) {
+	if b.rbuf == nil {
+		if b.raw == nil {
+			return b.Conn.Read(p)
+		}
+		bufp, n, err := readPooled(b.raw, b.rbufs, 0)
+		if err != nil {
+			return 0, err
+		}
+		b.rbuf, b.rpos, b.rend = bufp, 0, n
+	}
+	n := copy(p, (*b.rbuf)[b.rpos:b.rend])
+	b.rpos += n
+	if b.rpos == b.rend {
+		b.rbufs.Put(b.rbuf)
+		b.rbuf = nil
+	}
+	return n, nil
+}
 
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()

@@ -365,3 +365,51 @@ func BenchmarkPlainRR1K(b *testing.B) {
 	defer c.Close()
 	rr1K(b, c)
 }
+
+// relay is the floor of any user-space tunnel with this one's shape: a
+// TCP relay that dials next for every connection it accepts and copies
+// both ways (io.Copy between TCP sockets splices in the kernel), with no
+// crypto and no framing.
+func relay(b *testing.B, ip netip.Addr, next netip.AddrPort) netip.AddrPort {
+	return serveTCP(b, ip, func(c net.Conn) {
+		n, err := net.Dial("tcp", next.String())
+		if err != nil {
+			return
+		}
+		defer n.Close()
+		done := make(chan struct{})
+		go func() {
+			_, _ = io.Copy(n, c)
+			_ = n.(*net.TCPConn).CloseWrite()
+			close(done)
+		}()
+		_, _ = io.Copy(c, n)
+		_ = c.(*net.TCPConn).CloseWrite()
+		<-done
+	})
+}
+
+// BenchmarkRelayRR1K is BenchmarkTunnelRR1K through two plain relays
+// (pod -> relay A -> relay B -> echo): what the hops alone cost.
+func BenchmarkRelayRR1K(b *testing.B) {
+	echo := serveEcho(b, podB)
+	c, err := net.Dial("tcp", relay(b, podA, relay(b, podB, echo)).String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	rr1K(b, c)
+}
+
+// BenchmarkRelayLoopback is BenchmarkTunnelLoopback through two plain
+// relays.
+func BenchmarkRelayLoopback(b *testing.B) {
+	var got atomic.Int64
+	sink := serveSink(b, podB, &got)
+	c, err := net.Dial("tcp", relay(b, podA, relay(b, podB, sink)).String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	bulk(b, c, &got)
+}

@@ -385,7 +385,7 @@ func (p *pool) dial(ctx context.Context, key poolKey, svid *x509svid.SVID, dstIP
 		return nil, errors.New("no trust bundle yet")
 	}
 	tlsconfig.HookMTLSClientConfig(cfg, svid, bundles, tlsconfig.AuthorizeID(dstID))
-	bc := newBatchConn(raw, t.wbufs)
+	bc := newBatchConn(raw, t.rbufs, t.wbufs)
 	tc := tls.Client(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	err = tc.HandshakeContext(hctx)

@@ -1008,6 +1008,13 @@ func (s *h2Stream) deliver(data []byte, end bool) {
 		c.credit(nil, int64(len(data)))
 		return
 	}
+	if s.recvEnd {
+		// DATA after END_STREAM (RFC 9113 5.1: STREAM_CLOSED).
+		s.mu.Unlock()
+		c.credit(nil, int64(len(data)))
+		s.abort(resetError{code: http2.ErrCodeStreamClosed}, true, http2.ErrCodeStreamClosed)
+		return
+	}
 	var wrote int
 	if len(data) > 0 && s.sinkRaw != nil && !s.busy && len(s.pending) == 0 {
 		s.busy = true

@@ -160,7 +160,7 @@ func (t *Tunnel) handshake(ctx context.Context, ic *inboundConn) (*tls.Conn, *ba
 			return t.serverConfig(ic, hello)
 		},
 	}
-	bc := newBatchConn(ic.raw, t.wbufs)
+	bc := newBatchConn(ic.raw, t.rbufs, t.wbufs)
 	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)

@@ -267,8 +267,8 @@ type Tunnel struct {
 	cfg  Config
 	log  *slog.Logger
 	bufs *bufPool
-	// wbufs are batchConn's write buffers.
-	wbufs *sync.Pool
+	// rbufs and wbufs are batchConn's read and write buffers.
+	rbufs, wbufs *sync.Pool
 
 	self     netip.AddrPort // where local destinations are dialed, set by Run
 	ready    chan struct{}
@@ -324,6 +324,7 @@ func New(cfg Config) (*Tunnel, error) {
 		cfg:        cfg,
 		log:        log,
 		bufs:       newBufPool(),
+		rbufs:      newReadBufPool(),
 		wbufs:      newWriteBufPool(),
 		ready:      make(chan struct{}),
 		inbound:    newInboundSet(),
