@@ -84,7 +84,7 @@ func (b *batchConn) Write(p []byte) (int, error) {
 		return 0, b.werr
 	}
 	if !b.batching {
-		return b.Conn.Write(p)
+		return b.write(p)
 	}
 	if b.wbuf == nil {
 		b.wbuf = b.wbufs.Get().(*[]byte)
@@ -102,7 +102,7 @@ func (b *batchConn) flushLocked() error {
 	if b.wbuf == nil || len(*b.wbuf) == 0 {
 		return nil
 	}
-	_, err := b.Conn.Write(*b.wbuf)
+	_, err := b.write(*b.wbuf)
 	*b.wbuf = (*b.wbuf)[:0]
 	if err != nil {
 		b.werr = err
@@ -132,4 +132,12 @@ func (b *batchConn) end() error {
 		b.wbuf = nil
 	}
 	return err
+}
+
+// write writes p to the socket.
+func (b *batchConn) write(p []byte) (int, error) {
+	if b.raw == nil {
+		return b.Conn.Write(p)
+	}
+	return writeAll(b.raw, p)
 }

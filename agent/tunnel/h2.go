@@ -1057,12 +1057,7 @@ func tryWrite(rc syscall.RawConn, p []byte) (int, error) {
 	var n int
 	var werr error
 	err := rc.Write(func(fd uintptr) bool {
-		for {
-			n, werr = unix.Write(int(fd), p)
-			if werr != unix.EINTR {
-				break
-			}
-		}
+		n, werr = rawWrite(fd, p)
 		return true
 	})
 	if err != nil {
@@ -1107,7 +1102,13 @@ func (s *h2Stream) pipeTo(dst net.Conn) (uint64, error) {
 		s.pending, s.spare = s.spare[:0], nil
 		s.busy = true
 		s.mu.Unlock()
-		n, err := dst.Write(buf)
+		var n int
+		var err error
+		if raw != nil {
+			n, err = writeAll(raw, buf)
+		} else {
+			n, err = dst.Write(buf)
+		}
 		s.delivered.Add(uint64(n))
 		s.c.credit(s, int64(n))
 		s.mu.Lock()
