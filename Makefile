@@ -15,8 +15,9 @@ CNI_PLUGINS  := ptp bridge host-local
 # (its go.mod pins this version). cgo: its sqlite datastore needs gcc.
 SPIRE_VERSION := v1.13.3
 SPIRE_BIN    := $(CACHE)/spire-$(SPIRE_VERSION)
-# iperf3 and nsenter (util-linux) run the mTLS benchmarks inside pods.
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux
+# iperf3 and nsenter (util-linux) run the mTLS benchmarks inside pods;
+# socat is their plain relay between the nodes.
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux socat
 BPFFS        := /sys/fs/bpf
 # Fuzz targets run this many iterations each in `make test`.
 FUZZ_ITERS   ?= 3000

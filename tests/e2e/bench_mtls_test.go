@@ -185,9 +185,9 @@ func BenchmarkMTLSIperf(b *testing.B) {
 	iperfServer(b, e.eb, port)
 	iperfServer(b, e.pb, port)
 	// The relay path (pa -> a plain TCP relay in each node -> pb, no
-	// crypto, spliced) is the floor of any user-space tunnel here: the
-	// same hops, with none of the tunnel's work.
-	relay := nodeRelay(b, e.a, nodeRelay(b, e.b, netip.AddrPortFrom(e.pb.IPv4, port)))
+	// crypto) is the floor of any user-space tunnel here: the same hops
+	// and processes, with none of the tunnel's work.
+	relay := nodeRelay(b, e.a, 15102, nodeRelay(b, e.b, 15103, netip.AddrPortFrom(e.pb.IPv4, port)))
 	secs := benchSeconds()
 	for _, streams := range []int{1, 4} {
 		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
@@ -437,9 +437,9 @@ func BenchmarkMTLSLatency1K(b *testing.B) {
 	}
 	// The relay path is the floor of any user-space tunnel between the
 	// nodes: pa -> a plain TCP relay in node A -> one in node B -> pb,
-	// with no crypto and no framing (io.Copy splices in the kernel).
-	relayB := nodeRelay(b, e.b, netip.AddrPortFrom(e.pb.IPv4, mtlsPort))
-	relayA := nodeRelay(b, e.a, relayB)
+	// with no crypto and no framing.
+	relayB := nodeRelay(b, e.b, 15101, netip.AddrPortFrom(e.pb.IPv4, mtlsPort))
+	relayA := nodeRelay(b, e.a, 15100, relayB)
 	cm, cp, cr := dial(e.ea, e.eb.IPv4, mtlsPort), dial(e.pa, e.pb.IPv4, mtlsPort), dial(e.pa, relayA.Addr(), int(relayA.Port()))
 	req := make([]byte, 1024)
 	if _, err := rand.Read(req); err != nil {
@@ -495,47 +495,44 @@ func BenchmarkMTLSLatency1K(b *testing.B) {
 }
 
 // nodeRelay runs a plain TCP relay in node n's namespace, on its transit
-// address, that connects every connection it accepts to next and copies
-// both ways, until the benchmark ends; it returns its address.
-func nodeRelay(b *testing.B, n *twonode.Node, next netip.AddrPort) netip.AddrPort {
+// address and port, that connects every connection it accepts to next and
+// copies both ways with 256 KiB reads, until the benchmark ends; it
+// returns its address. It is socat, a process of its own (forked per
+// connection) as each node's agent is: what the two hops cost without
+// crypto or framing, including the switches between processes.
+func nodeRelay(b *testing.B, n *twonode.Node, port int, next netip.AddrPort) netip.AddrPort {
 	b.Helper()
-	var l net.Listener
-	err := n.NS.Do(func(ns.NetNS) error {
-		var err error
-		l, err = net.Listen("tcp", netip.AddrPortFrom(n.TransitIP4, 0).String())
-		return err
-	})
-	if err != nil {
+	if _, err := exec.LookPath("socat"); err != nil {
+		b.Fatalf("socat missing (make deps installs it): %v", err)
+	}
+	at := netip.AddrPortFrom(n.TransitIP4, uint16(port))
+	cmd := exec.Command("nsenter", "--net="+n.NS.Path(), "socat", "-b", "262144",
+		fmt.Sprintf("TCP4-LISTEN:%d,bind=%s,fork,reuseaddr", port, at.Addr()),
+		fmt.Sprintf("TCP4:%s", next))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
 		b.Fatalf("relay in %s: %v", n.Name, err)
 	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				up, err := netns.Dial(n.NS, "tcp", next.Addr(), int(next.Port()), 10*time.Second)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				done := make(chan struct{})
-				go func() {
-					_, _ = io.Copy(up, c)
-					_ = up.(*net.TCPConn).CloseWrite()
-					close(done)
-				}()
-				_, _ = io.Copy(c, up)
-				_ = c.(*net.TCPConn).CloseWrite()
-				<-done
-			})
-		}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	b.Cleanup(func() {
+		// The forked children are in its process group.
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
 	})
-	return netip.MustParseAddrPort(l.Addr().String())
+	if !twonode.Eventually(10*time.Second, func() bool {
+		c, err := netns.Dial(n.NS, "tcp", at.Addr(), port, time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	}) {
+		b.Fatalf("relay in %s does not listen on %s:\n%s", n.Name, at, out.String())
+	}
+	return at
 }
 
 // cpuSeconds is the user and system CPU time pid used so far, from
