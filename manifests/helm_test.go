@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -49,7 +50,12 @@ func (e *helmError) Error() string { return e.err.Error() + ": " + e.stderr }
 
 func template(t *testing.T, set ...string) ([]byte, error) {
 	t.Helper()
-	args := []string{"template", "bulkhead", chartDir, "--namespace", "kube-system", "--include-crds"}
+	return templateAs(t, "bulkhead", "kube-system", set...)
+}
+
+func templateAs(t *testing.T, release, namespace string, set ...string) ([]byte, error) {
+	t.Helper()
+	args := []string{"template", release, chartDir, "--namespace", namespace, "--include-crds"}
 	for _, s := range set {
 		args = append(args, "--set", s)
 	}
@@ -168,6 +174,26 @@ func TestHelmTemplateValues(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkFlags(t, ds, sets)
+	}
+}
+
+// Another release name and namespace: the binding still names the
+// DaemonSet's own service account, where it is.
+func TestHelmTemplateReleaseNamespace(t *testing.T) {
+	out, err := templateAs(t, "edge", "bulkhead-system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := parseObjects(t, out)
+	sa := o.daemonSet.Spec.Template.Spec.ServiceAccountName
+	if o.daemonSet.Namespace != "bulkhead-system" || !slices.Contains(o.serviceAccts, sa) {
+		t.Errorf("DaemonSet in %q with service account %q; service accounts %v", o.daemonSet.Namespace, sa, o.serviceAccts)
+	}
+	if s := o.binding.Subjects; len(s) != 1 || s[0].Name != sa || s[0].Namespace != "bulkhead-system" {
+		t.Errorf("binding subjects %+v, want bulkhead-system/%s", s, sa)
+	}
+	if o.binding.RoleRef.Name != o.clusterRole.Name || o.clusterRole.Name == "bulkhead" {
+		t.Errorf("ClusterRole %q bound as %q: want a name of the release's own", o.clusterRole.Name, o.binding.RoleRef.Name)
 	}
 }
 
