@@ -15,6 +15,12 @@ CNI_PLUGINS  := ptp bridge host-local
 # (its go.mod pins this version). cgo: its sqlite datastore needs gcc.
 SPIRE_VERSION := v1.13.3
 SPIRE_BIN    := $(CACHE)/spire-$(SPIRE_VERSION)
+# Helm for the chart's tests and for rendering manifests/install.yaml, built
+# from the tools module tests/tools/helm (its go.mod pins this version).
+HELM_VERSION := v3.22.1
+HELM_BIN     := $(CACHE)/helm-$(HELM_VERSION)
+HELM         := $(HELM_BIN)/helm
+CHART        := manifests/helm/bulkhead
 # iperf3 and nsenter (util-linux) run the mTLS benchmarks inside pods;
 # socat is their plain relay between the nodes.
 APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux socat
@@ -27,8 +33,9 @@ GOTEST_FLAGS ?= -count=1 -timeout 45m
 
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
 export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
+export BULKHEAD_HELM_BIN := $(HELM_BIN)
 
-.PHONY: all build generate check-generated deps bpffs cni-plugins spire test test-unit \
+.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm test test-unit \
         vet staticcheck fuzz bench bench-mtls demo demo-check clean
 
 all: build
@@ -47,21 +54,31 @@ deps:
 bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
-## generate: regenerate bpf2go output (needs clang-19) and the CRD manifests.
+## generate: regenerate bpf2go output (needs clang-19), the CRD manifests,
+## the chart's copy of the CRDs and manifests/install.yaml (needs helm).
 # clang's BTF output for these programs depends on the checkout's path (the
 # order of types differs), so generation runs from one fixed path, a
 # symlink to this checkout, for the same bytes on every machine.
 GEN_LINK := /tmp/bulkhead-generate
 GEN_RUN   = flock $(GEN_LINK).lock sh -c 'ln -sfn "$(CURDIR)" $(GEN_LINK) && cd $(GEN_LINK) && $(GO) generate ./...'
-generate:
+# The chart carries the CRDs in crds/ (Helm installs those first and never
+# deletes them), copied from manifests/crds; install.yaml is the chart
+# rendered with its default values, for `kubectl apply` users.
+GEN_CHART = mkdir -p $(CHART)/crds && rm -f $(CHART)/crds/*.yaml && cp manifests/crds/*.yaml $(CHART)/crds/ && \
+	$(HELM) template bulkhead $(CHART) --namespace kube-system --include-crds > manifests/install.yaml.tmp && \
+	mv manifests/install.yaml.tmp manifests/install.yaml
+generate: helm
 	$(GEN_RUN)
+	$(GEN_CHART)
 
 ## check-generated: fail when the committed generated files are stale.
-GENERATED := '*_bpfel.go' '*_bpfel.o' 'manifests/crds/*.yaml' '*zz_generated*.go'
-check-generated: deps
+GENERATED := '*_bpfel.go' '*_bpfel.o' 'manifests/crds/*.yaml' '*zz_generated*.go' \
+	'$(CHART)/crds/*.yaml' 'manifests/install.yaml'
+check-generated: deps helm
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
 	git ls-files -- $(GENERATED) | while read -r f; do mkdir -p "$$tmp/$$(dirname $$f)"; cp "$$f" "$$tmp/$$f"; done; \
 	$(GEN_RUN) || exit 1; \
+	$(GEN_CHART) || exit 1; \
 	stale=$$(git ls-files -- $(GENERATED) | while read -r f; do cmp -s "$$f" "$$tmp/$$f" || echo "$$f"; done); \
 	new=$$(git ls-files --others --exclude-standard -- $(GENERATED)); \
 	if [ -n "$$stale$$new" ]; then echo "stale or uncommitted generated files:" $$stale $$new; \
@@ -102,6 +119,15 @@ $(SPIRE_BIN)/.done: | deps
 	  github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
 	@touch $@
 
+## helm: the helm binary, built once into $(CACHE) from tests/tools/helm.
+helm: $(HELM)
+$(HELM):
+	@grep -Eq '^[[:space:]]*helm.sh/helm/v3 $(HELM_VERSION)( |$$)' tests/tools/helm/go.mod || \
+	  { echo "tests/tools/helm/go.mod does not pin helm.sh/helm/v3 $(HELM_VERSION)"; exit 1; }
+	@mkdir -p $(HELM_BIN)
+	cd tests/tools/helm && CGO_ENABLED=0 GOBIN=$(HELM_BIN) $(GO) install \
+	  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION)" helm.sh/helm/v3/cmd/helm
+
 vet:
 	$(GO) vet ./...
 
@@ -119,7 +145,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire helm build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check
