@@ -601,7 +601,12 @@ func sinkServer(b *testing.B, p *twonode.Pod, port int) (received func() int64) 
 // (10^9 bytes) moved from node A to node B on one connection, through the
 // tunnel and in plaintext (where the agents should spend next to nothing:
 // the baseline), from /proc/<pid>/stat before and after. Each iteration
-// moves 1 GB each way.
+// moves 1 GB each way. It also reports the machine's CPU per GB (every
+// process and the kernel, from /proc/stat) of the tunnel, of plaintext,
+// of two plain relays, of the TLS-only limit and of a plain loopback
+// transfer, and from these the ceiling a user-space tunnel can reach
+// against the TLS-only limit on this machine (ceiling-x-tls-limit), and
+// how far the tunnel's cost is above that floor (mtls-cost-x-floor).
 func BenchmarkMTLSCPUPerGB(b *testing.B) {
 	const perIter = 1_000_000_000
 	e := newBenchMTLS(b)
@@ -626,19 +631,50 @@ func BenchmarkMTLSCPUPerGB(b *testing.B) {
 			b.Fatalf("%s -> %s: the sink got %d of %d bytes", p.Name, to, got()-before, n)
 		}
 	}
+	relay := nodeRelay(b, e.a, 15104, nodeRelay(b, e.b, 15105, netip.AddrPortFrom(e.pb.IPv4, port)))
+	sendRelay := func(n int64) {
+		before := gotP()
+		c, err := netns.Dial(e.pa.NS, "tcp", relay.Addr(), int(relay.Port()), 10*time.Second)
+		if err != nil {
+			b.Fatalf("pa -> relay: %v", err)
+		}
+		buf := make([]byte, 64<<10)
+		for sent := int64(0); sent < n; sent += int64(len(buf)) {
+			if _, err := c.Write(buf); err != nil {
+				b.Fatalf("pa -> relay: %v", err)
+			}
+		}
+		c.Close()
+		if !twonode.Eventually(60*time.Second, func() bool { return gotP()-before >= n }) {
+			b.Fatalf("pa -> relay: the sink got %d of %d bytes", gotP()-before, n)
+		}
+	}
 	pids := []int{e.a.AgentPID(), e.b.AgentPID()}
 	agentsCPU := func() (a, bb float64) { return cpuSeconds(b, pids[0]), cpuSeconds(b, pids[1]) }
 	var mtA, mtB, plA, plB float64
+	// Machine-wide CPU of each path, everything included (senders,
+	// receivers, agents, relays, kernel).
+	var sysMTLS, sysPlain, sysRelay, sysTLS, sysLo float64
 	var moved int64
 	b.ResetTimer()
 	for range b.N {
+		s0 := machineCPUSeconds(b)
 		a0, b0 := agentsCPU()
 		send(e.ea, e.eb.IPv4, gotE, perIter)
 		a1, b1 := agentsCPU()
+		s1 := machineCPUSeconds(b)
 		send(e.pa, e.pb.IPv4, gotP, perIter)
 		a2, b2 := agentsCPU()
+		s2 := machineCPUSeconds(b)
+		sendRelay(perIter)
+		s3 := machineCPUSeconds(b)
+		loopbackBytes(b, perIter, true)
+		s4 := machineCPUSeconds(b)
+		loopbackBytes(b, perIter, false)
+		s5 := machineCPUSeconds(b)
 		mtA, mtB = mtA+a1-a0, mtB+b1-b0
 		plA, plB = plA+a2-a1, plB+b2-b1
+		sysMTLS, sysPlain, sysRelay, sysTLS, sysLo = sysMTLS+s1-s0, sysPlain+s2-s1, sysRelay+s3-s2, sysTLS+s4-s3, sysLo+s5-s4
 		moved += perIter
 	}
 	b.StopTimer()
@@ -650,6 +686,94 @@ func BenchmarkMTLSCPUPerGB(b *testing.B) {
 	b.ReportMetric(mtB/gb, "mtls-dst-agent-cpu-s/GB")
 	b.ReportMetric((mtA+mtB)/gb, "mtls-agents-cpu-s/GB")
 	b.ReportMetric((plA+plB)/gb, "plain-agents-cpu-s/GB")
+	b.ReportMetric(sysMTLS/gb, "sys-mtls-cpu-s/GB")
+	b.ReportMetric(sysPlain/gb, "sys-plain-cpu-s/GB")
+	b.ReportMetric(sysRelay/gb, "sys-relay-cpu-s/GB")
+	b.ReportMetric(sysTLS/gb, "sys-tls-limit-cpu-s/GB")
+	b.ReportMetric(sysLo/gb, "sys-loopback-cpu-s/GB")
+	// Any user-space tunnel on this path does at least what the relays
+	// do, plus the crypto, which costs at least what the TLS-only limit
+	// costs beyond a plain loopback transfer. When both are bound by
+	// the same CPUs, the best it can reach against the TLS-only limit is
+	// the ratio of their costs.
+	floor := sysRelay + sysTLS - sysLo
+	if floor > 0 {
+		b.ReportMetric(sysTLS/floor, "ceiling-x-tls-limit")
+		b.ReportMetric(sysMTLS/floor, "mtls-cost-x-floor")
+	}
+}
+
+// machineCPUSeconds is the CPU time all CPUs spent busy so far (the
+// "cpu" line of /proc/stat without idle and iowait), in seconds.
+func machineCPUSeconds(b testing.TB) float64 {
+	b.Helper()
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	fs := strings.Fields(line)
+	if len(fs) < 8 || fs[0] != "cpu" {
+		b.Fatalf("/proc/stat: %q", line)
+	}
+	var busy float64
+	for i, f := range fs[1:] {
+		v, err := strconv.ParseFloat(f, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %q", line)
+		}
+		// user nice system idle iowait irq softirq steal (guest time
+		// is counted in user already).
+		if i == 3 || i == 4 || i >= 8 {
+			continue
+		}
+		busy += v
+	}
+	return busy / 100
+}
+
+// loopbackBytes moves n bytes over one loopback TCP connection in this
+// process, through crypto/tls as tlsLoopbackGbps does when tls is set.
+func loopbackBytes(b testing.TB, n int64, useTLS bool) {
+	b.Helper()
+	cert := benchCert(b)
+	srvCfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13, ClientAuth: tls.RequireAnyClientCert}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- 0
+			return
+		}
+		if useTLS {
+			c = tls.Server(c, srvCfg)
+		}
+		defer c.Close()
+		m, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{c}, make([]byte, 64<<10))
+		got <- m
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if useTLS {
+		c = tls.Client(c, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}})
+	}
+	buf := make([]byte, 64<<10)
+	for sent := int64(0); sent < n; sent += int64(len(buf)) {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	c.Close()
+	if m := <-got; m < n {
+		b.Fatalf("loopback moved %d of %d bytes", m, n)
+	}
 }
 
 // BenchmarkMTLSTunnelRSS: both agents' RSS with no tunnelled connection
