@@ -126,7 +126,6 @@ type h2Conn struct {
 	peerStreams int    // the peer's SETTINGS_MAX_CONCURRENT_STREAMS
 	reserved    int    // client: streams promised by reserve
 	goAway      bool
-	goAwayLast  uint32
 	noReuse     bool
 	err         error // set once the connection closed
 	idle        *time.Timer
@@ -140,8 +139,10 @@ type h2Conn struct {
 	closeOnce    sync.Once
 	onClose      func()
 
-	// handler serves a new stream (server side), on its own goroutine.
-	handler func(*h2Stream)
+	// handler serves a new stream (server side), on its own goroutine;
+	// handlers counts those running, reset streams' included.
+	handler  func(*h2Stream)
+	handlers atomic.Int32
 }
 
 func newH2Conn(conn net.Conn, raw *batchConn, server bool) *h2Conn {
@@ -329,13 +330,25 @@ func (c *h2Conn) flushControlLocked() {
 	c.qspare = out[:0]
 }
 
+// maxControlQueue bounds the control frames waiting to be written: a
+// peer that sends PINGs or SETTINGS faster than it reads the answers is
+// disconnected rather than given memory.
+const maxControlQueue = 1 << 20
+
 // queue adds control frames (written by fn to qfr) without waiting for
 // the write lock.
 func (c *h2Conn) queue(fn func(*http2.Framer) error) {
 	c.qmu.Lock()
 	_ = fn(c.qfr) // writes to a bytes.Buffer: no error
 	c.qpending.Store(true)
+	over := c.qbuf.Len() > maxControlQueue
 	c.qmu.Unlock()
+	if over {
+		// Not close itself: queue runs inside close (its streams'
+		// resets), and close runs once.
+		go c.close(errors.New("hbone: peer does not read its control frames"))
+		return
+	}
 	select {
 	case c.qwake <- struct{}{}:
 	default:
@@ -555,7 +568,6 @@ func (c *h2Conn) onReset(f *http2.RSTStreamFrame) {
 func (c *h2Conn) onGoAway(f *http2.GoAwayFrame) {
 	c.mu.Lock()
 	c.goAway = true
-	c.goAwayLast = f.LastStreamID
 	var lost []*h2Stream
 	for id, s := range c.streams {
 		if !c.server && id > f.LastStreamID {
@@ -627,7 +639,10 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.lastPeerID = id
-	if c.goAway || c.err != nil || len(c.streams) >= maxStreamsPerTLS {
+	// Handlers of streams the peer reset early still run (a dial to the
+	// pod may be in progress): they count too, so that opening and
+	// resetting streams in a loop cannot start goroutines without bound.
+	if c.goAway || c.err != nil || len(c.streams) >= maxStreamsPerTLS || c.handlers.Load() >= maxStreamsPerTLS {
 		c.mu.Unlock()
 		c.queue(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
 		return nil
@@ -647,12 +662,14 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if f.StreamEnded() {
 		s.recvEnded()
 	}
+	c.handlers.Add(1)
 	go c.serveStream(s)
 	return nil
 }
 
 // serveStream runs the handler; a stream it left open is reset.
 func (c *h2Conn) serveStream(s *h2Stream) {
+	defer c.handlers.Add(-1)
 	defer s.abort(resetError{code: http2.ErrCodeCancel}, true, http2.ErrCodeCancel)
 	c.handler(s)
 }

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -366,5 +367,57 @@ func newHeaderEncoder(buf *bytes.Buffer) func(method, authority, source string) 
 		_ = enc.WriteField(hpack.HeaderField{Name: ":method", Value: method})
 		_ = enc.WriteField(hpack.HeaderField{Name: ":authority", Value: authority})
 		_ = enc.WriteField(hpack.HeaderField{Name: sourceField, Value: source})
+	}
+}
+
+// A peer that opens streams and resets them at once (rapid reset) cannot
+// make the server run more than maxStreamsPerTLS handlers: the streams
+// beyond are refused.
+func TestH2RapidResetBoundsHandlers(t *testing.T) {
+	a, b := tcpPair(t)
+	release := make(chan struct{})
+	var running, peak atomic.Int32
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = h2Serve(b, nil, func(s *h2Stream) {
+			n := running.Add(1)
+			for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+			}
+			<-release
+			running.Add(-1)
+		})
+	}()
+	defer func() { close(release); a.Close(); <-served }()
+	fr := http2.NewFramer(a, a)
+	_, _ = io.WriteString(a, http2.ClientPreface)
+	_ = fr.WriteSettings()
+	var hbuf bytes.Buffer
+	enc := newHeaderEncoder(&hbuf)
+	const opened = 3 * maxStreamsPerTLS
+	go func() {
+		for i := range opened {
+			id := uint32(2*i + 1)
+			hbuf.Reset()
+			enc("CONNECT", "127.0.0.1:80", "127.0.0.1")
+			if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hbuf.Bytes(), EndHeaders: true}) != nil ||
+				fr.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
+				return
+			}
+		}
+	}()
+	_ = a.SetReadDeadline(time.Now().Add(30 * time.Second))
+	refused := 0
+	for refused < opened-maxStreamsPerTLS {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("after %d refusals: %v", refused, err)
+		}
+		if r, ok := f.(*http2.RSTStreamFrame); ok && r.ErrCode == http2.ErrCodeRefusedStream {
+			refused++
+		}
+	}
+	if p := peak.Load(); p > maxStreamsPerTLS {
+		t.Fatalf("%d handlers ran at once, want at most %d", p, maxStreamsPerTLS)
 	}
 }
