@@ -54,8 +54,8 @@ type Config struct {
 	// TunnelMark and TunnelMask: the mark (within the mask) of packets
 	// redirected into the node's mTLS tunnel, which the policy route of
 	// EnsureTunnelRouting makes local (default 0xb00/0xf00). A load-time
-	// setting: a datapath re-opened from pins keeps the one it was loaded
-	// with.
+	// setting: re-opening pins loaded with another mark fails with
+	// ErrLoadedOtherwise rather than keep that one silently.
 	TunnelMark, TunnelMask uint32
 
 	// exactBuckets, when set, sizes both exact-match tables (tests).
@@ -209,6 +209,10 @@ func New(cfg Config) (*Datapath, error) {
 		if err := d.openPinned(); err != nil {
 			return nil, err
 		}
+		if err := d.checkLoadRecord(); err != nil {
+			d.Close()
+			return nil, err
+		}
 		d.log.Info("datapath re-opened from pins", "bpffs", cfg.BPFFS)
 	} else {
 		if err := d.load(); err != nil {
@@ -352,6 +356,12 @@ func (d *Datapath) load() error {
 		d.Close()
 		return err
 	}
+	if err := d.pinLoadRecord(); err != nil {
+		d.Close()
+		return err
+	}
+	// The programs are pinned last: their pins are what New looks for
+	// to re-open, so a load that failed before here is loaded again.
 	for name, p := range d.pinnedProgs() {
 		if err := (*p).Pin(d.progPin(name)); err != nil {
 			d.Close()
