@@ -370,8 +370,8 @@ func TestTrimPod(t *testing.T) {
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: "web", Namespace: "shop", UID: "u1", ResourceVersion: "7", Labels: map[string]string{"app": "web"},
-			Annotations:   map[string]string{"big": strings.Repeat("x", 4096), store.SPIFFEIDAnnotation: "spiffe://td/x"},
-			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubelet"}},
+			Annotations:     map[string]string{"big": strings.Repeat("x", 4096), store.SPIFFEIDAnnotation: "spiffe://td/x"},
+			ManagedFields:   []metav1.ManagedFieldsEntry{{Manager: "kubelet"}},
 			OwnerReferences: []metav1.OwnerReference{{Name: "rs"}},
 		},
 		Spec: corev1.PodSpec{
@@ -433,7 +433,9 @@ func TestOutageKeepsTheLastState(t *testing.T) {
 		return false, nil, nil
 	}
 	f.client.PrependReactor("*", "*", outage)
-	f.client.Discovery().(interface{ PrependReactor(string, string, k8stesting.ReactionFunc) }).PrependReactor("*", "*", outage)
+	f.client.Discovery().(interface {
+		PrependReactor(string, string, k8stesting.ReactionFunc)
+	}).PrependReactor("*", "*", outage)
 	tracker := f.client.Tracker()
 	f.client.PrependWatchReactor("*", func(action k8stesting.Action) (bool, watch.Interface, error) {
 		if down.Load() {

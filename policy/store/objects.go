@@ -18,7 +18,7 @@ import (
 // NamespaceObject is the store object of a Namespace.
 func NamespaceObject(n *corev1.Namespace) (*Object, error) {
 	if n.Name == "" {
-		return nil, fmt.Errorf("Namespace: metadata.name is required")
+		return nil, fmt.Errorf("%s: metadata.name is required", "Namespace") // the kind, as in every other message
 	}
 	return &Object{Kind: "Namespace", name: n.Name,
 		Namespace: &policy.Namespace{Name: n.Name, Labels: n.Labels}}, nil
@@ -28,7 +28,7 @@ func NamespaceObject(n *corev1.Namespace) (*Object, error) {
 func PodObject(p *corev1.Pod) (*Object, error) {
 	pod, err := podOf(p)
 	if err != nil {
-		return nil, fmt.Errorf("Pod %s/%s: %w", namespaceOr(p.Namespace), p.Name, err)
+		return nil, fmt.Errorf("%s %s/%s: %w", "Pod", namespaceOr(p.Namespace), p.Name, err)
 	}
 	return &Object{Kind: "Pod", namespace: pod.Namespace, name: pod.Name, Pod: pod}, nil
 }
