@@ -65,7 +65,9 @@ func New(cfg Config) *Source {
 		cfg.Debounce = 100 * time.Millisecond
 	}
 	if cfg.MaxDelay < cfg.Debounce {
-		cfg.MaxDelay = max(5*cfg.Debounce, 500*time.Millisecond)
+		// A change is enforced within a second of its event, however
+		// busy the cluster: a state at least every 500 ms of events.
+		cfg.MaxDelay = max(cfg.Debounce, 500*time.Millisecond)
 	}
 	if cfg.ProbeInterval <= 0 {
 		cfg.ProbeInterval = 10 * time.Second
