@@ -16,6 +16,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/policy/store"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -164,7 +165,9 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		DeleteFunc: func(any) { poke() },
 	}
 	onWatchErr := func(_ *cache.Reflector, err error) {
-		if ctx.Err() == nil {
+		// An expired resource version is the apiserver answering: the
+		// reflector lists again, and nothing is lost.
+		if ctx.Err() == nil && !apierrors.IsResourceExpired(err) && !apierrors.IsGone(err) {
 			s.setConnected(false, err)
 		}
 	}
@@ -203,7 +206,7 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 	defer cancel() // runs before wg.Wait: the informers and the probe stop
 	factory.Start(ctx.Done())
 	dfactory.Start(ctx.Done())
-	wg.Go(func() { factory.Shutdown() })
+	wg.Go(func() { <-ctx.Done(); factory.Shutdown() })
 	wg.Go(func() { <-ctx.Done(); dfactory.Shutdown() })
 	wg.Go(func() { s.probe(ctx) })
 
