@@ -34,6 +34,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 45m
 
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
 export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
+export BULKHEAD_K8S_BIN := $(K8S_BIN)
 
 .PHONY: all build generate check-generated deps bpffs cni-plugins spire test test-unit \
         vet staticcheck fuzz bench bench-mtls demo demo-check clean k8s-apiserver
@@ -142,7 +143,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire k8s-apiserver build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check

@@ -36,8 +36,8 @@ type Server struct {
 	dir     string
 	port    int
 	args    []string
-	etcd    *exec.Cmd
-	api     *exec.Cmd
+	etcd    *proc
+	api     *proc
 	apiLog  string
 	restCfg *rest.Config
 }
@@ -90,6 +90,9 @@ func Start(t testing.TB) *Server {
 		// account, which only the controller-manager creates.
 		"--disable-admission-plugins", "ServiceAccount",
 		"--enable-priority-and-fairness=false",
+		// The endpoint reconciler refuses a loopback address, and there
+		// is no service network here for the kubernetes Service anyway.
+		"--endpoint-reconciler-type", "none",
 	}
 	s.restCfg = &rest.Config{
 		Host: "https://127.0.0.1:" + strconv.Itoa(s.port), BearerToken: token,
@@ -121,7 +124,13 @@ func (s *Server) StartAPIServer() {
 		if err == nil && string(body) == "ok" {
 			return
 		}
-		if s.api.ProcessState != nil || time.Now().After(deadline) {
+		exited := false
+		select {
+		case <-s.api.done:
+			exited = true
+		default:
+		}
+		if exited || time.Now().After(deadline) {
 			log, _ := os.ReadFile(s.apiLog)
 			s.t.Fatalf("kube-apiserver not ready: %v %s\n%s", err, body, tail(log, 4000))
 		}
@@ -134,7 +143,13 @@ func (s *Server) StopAPIServer() {
 	stop(s.api)
 }
 
-func (s *Server) spawn(name, bin string, args ...string) *exec.Cmd {
+// proc is a started process; done is closed once it has exited.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func (s *Server) spawn(name, bin string, args ...string) *proc {
 	s.t.Helper()
 	logPath := filepath.Join(s.dir, name+".log")
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -144,10 +159,13 @@ func (s *Server) spawn(name, bin string, args ...string) *exec.Cmd {
 	defer logf.Close()
 	cmd := exec.Command(filepath.Join(s.bin, bin), args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// Should the test binary die, its servers go with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		s.t.Fatalf("start %s: %v", name, err)
 	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
 	if name == "kube-apiserver" {
 		s.apiLog = logPath
 	}
@@ -157,22 +175,20 @@ func (s *Server) spawn(name, bin string, args ...string) *exec.Cmd {
 			s.t.Logf("%s log (tail):\n%s", name, tail(b, 3000))
 		}
 	})
-	return cmd
+	return p
 }
 
 // stop ends a process and waits for it: SIGTERM, then SIGKILL.
-func stop(cmd *exec.Cmd) {
-	if cmd == nil || cmd.Process == nil || cmd.ProcessState != nil {
+func stop(p *proc) {
+	if p == nil {
 		return
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-done:
+	case <-p.done:
 	case <-time.After(20 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
+		_ = p.cmd.Process.Kill()
+		<-p.done
 	}
 }
 
