@@ -164,10 +164,17 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		UpdateFunc: func(any, any) { poke() },
 		DeleteFunc: func(any) { poke() },
 	}
-	onWatchErr := func(_ *cache.Reflector, err error) {
-		// An expired resource version is the apiserver answering: the
-		// reflector lists again, and nothing is lost.
-		if ctx.Err() == nil && !apierrors.IsResourceExpired(err) && !apierrors.IsGone(err) {
+	onWatchErr := func(name string, err error) {
+		switch {
+		case ctx.Err() != nil:
+		case apierrors.IsResourceExpired(err) || apierrors.IsGone(err):
+			// The apiserver answering: the reflector lists again, and
+			// nothing is lost.
+		case apierrors.IsNotFound(err) || apierrors.IsForbidden(err):
+			// Reachable, but this resource is not served to us: no
+			// state is handed over until it is.
+			log.Warn("cannot list or watch; no state until it can (is the CRD installed, and the RBAC applied?)", "resource", name, "error", err)
+		default:
 			s.setConnected(false, err)
 		}
 	}
@@ -191,7 +198,8 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		if err := i.informer.SetTransform(i.transform); err != nil {
 			return fmt.Errorf("%s informer: %w", i.name, err)
 		}
-		if err := i.informer.SetWatchErrorHandlerWithContext(func(_ context.Context, r *cache.Reflector, err error) { onWatchErr(r, err) }); err != nil {
+		name := i.name
+		if err := i.informer.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) { onWatchErr(name, err) }); err != nil {
 			return fmt.Errorf("%s informer: %w", i.name, err)
 		}
 		if _, err := i.informer.AddEventHandler(handler); err != nil {
