@@ -15,6 +15,14 @@ CNI_PLUGINS  := ptp bridge host-local
 # (its go.mod pins this version). cgo: its sqlite datastore needs gcc.
 SPIRE_VERSION := v1.13.3
 SPIRE_BIN    := $(CACHE)/spire-$(SPIRE_VERSION)
+# kube-apiserver and etcd for the Kubernetes store's apiserver test, built from
+# the tools modules tests/tools/k8s and tests/tools/k8s/etcd (their go.mod files
+# pin these versions). 10 to 20 minutes and 2.5 GB of RAM on 2 vCPUs, once.
+K8S_VERSION  := v1.37.2
+ETCD_VERSION := v3.7.4
+K8S_BIN      := $(CACHE)/k8s-$(K8S_VERSION)
+K8S_LDFLAGS  := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
+                -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37
 # Helm for the chart's tests and for rendering manifests/install.yaml, built
 # from the tools module tests/tools/helm (its go.mod pins this version).
 HELM_VERSION := v3.22.1
@@ -34,8 +42,9 @@ GOTEST_FLAGS ?= -count=1 -timeout 45m
 export BULKHEAD_CNI_BIN := $(CNI_BIN)
 export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
 export BULKHEAD_HELM_BIN := $(HELM_BIN)
+export BULKHEAD_K8S_BIN := $(K8S_BIN)
 
-.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm test test-unit \
+.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm k8s-apiserver test test-unit \
         vet staticcheck fuzz bench bench-mtls demo demo-check clean
 
 all: build
@@ -128,6 +137,22 @@ $(HELM):
 	cd tests/tools/helm && CGO_ENABLED=0 GOBIN=$(HELM_BIN) $(GO) install \
 	  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION)" helm.sh/helm/v3/cmd/helm
 
+## k8s-apiserver: kube-apiserver and etcd, built once into $(K8S_BIN). The
+## tools modules must pin the versions, or the cache folder would lie about
+## its content. BULKHEAD_K8S_BIN=$(K8S_BIN) runs agent/k8s's apiserver test.
+k8s-apiserver: $(K8S_BIN)/.done
+$(K8S_BIN)/.done:
+	@grep -Eq '^(require)?[[:space:]]*k8s.io/kubernetes $(K8S_VERSION)( |$$)' tests/tools/k8s/go.mod || \
+	  { echo "tests/tools/k8s/go.mod does not pin k8s.io/kubernetes $(K8S_VERSION)"; exit 1; }
+	@grep -Eq '^(require)?[[:space:]]*go.etcd.io/etcd/server/v3 $(ETCD_VERSION)( |$$)' tests/tools/k8s/etcd/go.mod || \
+	  { echo "tests/tools/k8s/etcd/go.mod does not pin go.etcd.io/etcd/server/v3 $(ETCD_VERSION)"; exit 1; }
+	@mkdir -p $(K8S_BIN)
+	cd tests/tools/k8s/etcd && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' \
+	  -o $(K8S_BIN)/etcd go.etcd.io/etcd/server/v3
+	cd tests/tools/k8s && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(K8S_LDFLAGS)' \
+	  -o $(K8S_BIN)/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+	@touch $@
+
 vet:
 	$(GO) vet ./...
 
@@ -145,7 +170,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire helm build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check

@@ -165,7 +165,7 @@ func New(cfg Config) (*Agent, error) {
 	a.view.Store(&view{ms: &policy.MapState{}, identities: map[uint32]policy.IdentityInfo{},
 		endpoints: map[policy.EndpointID]*endpointRecord{}, pods: map[policy.EndpointID]podRef{}})
 
-	src, err := NewSource(cfg.Store, cfg.StoreDebounce, cfg.Logger.With("component", "store"))
+	src, err := NewSource(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -205,6 +205,9 @@ func New(cfg Config) (*Agent, error) {
 		}
 		return out
 	})
+	if c, ok := src.(connectedSource); ok {
+		a.metrics.StoreConnectedFunc(func() bool { up, _ := c.Connected(); return up })
+	}
 	if a.guard, err = newStoreGuard(cfg, a.metrics, dp.Restricts(), a.storeUpdated); err != nil {
 		dp.Close()
 		return nil, err
@@ -407,9 +410,16 @@ func (a *Agent) storeFailed(serrs []api.StoreError) {
 // storeUpdated applies a new good store state. It returns nil only when
 // the state compiled without rejected objects and the datapath enforces it.
 func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) error {
+	var rejected []api.StoreError
+	if len(res.Rejected) > 0 {
+		rejected = storeErrors(errors.Join(res.Rejected...))
+	}
 	a.mu.Lock()
-	a.storeErrs = nil
+	a.storeErrs = rejected
 	a.mu.Unlock()
+	for _, e := range rejected {
+		a.log.Error("store object rejected", "object", e.File, "error", e.Message)
+	}
 	err := a.batch.Submit(ctx, &change{store: res})
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
 		a.log.Error("apply store", "error", err)

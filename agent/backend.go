@@ -247,7 +247,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		Ready: a.ready, Reason: a.notReady, AgentVersion: a.cfg.Version, NodeName: a.cfg.NodeName,
 		StartedAt: a.started, Endpoints: len(a.endpoints), Identities: len(v.identities),
 		PolicyRevision: v.ms.Revision, Datapath: a.datapathMode(), Store: a.source.String(),
-		StoreErrors: slices.Clone(a.storeErrs), StoreHeld: storeHold(a.guard), PolicyErrors: a.budget.errors(),
+		StoreErrors: slices.Clone(a.storeErrs), StoreHeld: storeHold(a.guard), StoreConnection: storeConnection(a.source), PolicyErrors: a.budget.errors(),
 		Features:            a.features,
 		LostEventsUserspace: a.hub.LostUserspace(), PolicyApply: a.applyRetry.status(),
 	}

@@ -39,6 +39,9 @@ type Config struct {
 	// DenyHostIngress stops the node's own traffic (kubelet probes) from
 	// reaching pods without a policy that allows it.
 	DenyHostIngress bool
+	// Kubeconfig is the kubeconfig of --store kubernetes; empty: the
+	// in-cluster config.
+	Kubeconfig string
 	// StoreDebounce is how long the store must be quiet before a reload.
 	StoreDebounce time.Duration
 	// StoreShrinkGrace is how long a store state that removes every policy

@@ -10,6 +10,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/dirwatch"
+	"github.com/bulkhead-io/bulkhead/agent/k8s"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/agent/storeguard"
 	"github.com/bulkhead-io/bulkhead/policy/store"
@@ -27,13 +28,41 @@ type Source interface {
 	String() string
 }
 
-// NewSource parses --store. Only dir:PATH exists today; a kubernetes
-// source implements the same interface.
-func NewSource(spec string, debounce time.Duration, log *slog.Logger) (Source, error) {
-	if dir, ok := strings.CutPrefix(spec, "dir:"); ok && dir != "" {
-		return &DirSource{Dir: dir, Debounce: debounce, Logger: log}, nil
+// StoreKubernetes is the --store value of the Kubernetes store.
+const StoreKubernetes = "kubernetes"
+
+// NewSource parses --store: dir:PATH, or kubernetes (agent/k8s, with
+// --kubeconfig or the in-cluster config).
+func NewSource(cfg Config) (Source, error) {
+	log := cfg.Logger.With("component", "store")
+	if cfg.Store == StoreKubernetes {
+		rc, err := k8s.RESTConfig(cfg.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		return k8s.NewForConfig(rc, k8s.Config{NodeName: cfg.NodeName, Debounce: cfg.StoreDebounce, Logger: log})
 	}
-	return nil, fmt.Errorf("--store %q: want dir:PATH", spec)
+	if dir, ok := strings.CutPrefix(cfg.Store, "dir:"); ok && dir != "" {
+		return &DirSource{Dir: dir, Debounce: cfg.StoreDebounce, Logger: log}, nil
+	}
+	return nil, fmt.Errorf("--store %q: want dir:PATH or kubernetes", cfg.Store)
+}
+
+// connectedSource is a source that can lose its connection (the
+// Kubernetes store): status and metrics report it.
+type connectedSource interface {
+	Connected() (bool, time.Time)
+}
+
+// storeConnection is the source's connection for status (nil: a source
+// that has none).
+func storeConnection(src Source) *api.StoreConnection {
+	c, ok := src.(connectedSource)
+	if !ok {
+		return nil
+	}
+	up, since := c.Connected()
+	return &api.StoreConnection{Connected: up, Since: since}
 }
 
 // DirSource reads every store file (*.yaml, *.yml) of a folder and reloads

@@ -2,9 +2,11 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -247,5 +249,40 @@ func write(t *testing.T, path, data string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
 		t.Error(err)
+	}
+}
+
+func TestNewSourceKubernetes(t *testing.T) {
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	cfgYAML := `apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+`
+	if err := os.WriteFile(kubeconfig, []byte(cfgYAML), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	src, err := NewSource(Config{Store: StoreKubernetes, Kubeconfig: kubeconfig, NodeName: "n", Logger: log})
+	if err != nil {
+		t.Fatalf("NewSource: %v", err)
+	}
+	if src.String() != "kubernetes" {
+		t.Errorf("String() = %q", src.String())
+	}
+	c := storeConnection(src)
+	if c == nil || c.Connected {
+		t.Errorf("connection before Run = %+v, want reported and not connected", c)
+	}
+	if storeConnection(&DirSource{Dir: "/x"}) != nil {
+		t.Error("a dir store reports a connection")
+	}
+	if _, err := NewSource(Config{Store: StoreKubernetes, Kubeconfig: filepath.Join(t.TempDir(), "missing"), Logger: log}); err == nil {
+		t.Error("NewSource with a missing kubeconfig: no error")
+	}
+	if _, err := NewSource(Config{Store: "etcd:x", Logger: log}); err == nil || !strings.Contains(err.Error(), "dir:PATH or kubernetes") {
+		t.Errorf("NewSource(etcd:x) = %v", err)
 	}
 }

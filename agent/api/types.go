@@ -191,6 +191,13 @@ type GCResponse struct {
 	Removed []EndpointKey `json:"removed,omitempty"`
 }
 
+// StoreConnection is whether the store's server (the apiserver) is
+// reachable, and since when.
+type StoreConnection struct {
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"`
+}
+
 // StoreError is a bad store file that the agent refused to apply.
 type StoreError struct {
 	File    string `json:"file"`
@@ -239,6 +246,9 @@ type StatusResponse struct {
 	StoreErrors    []StoreError `json:"storeErrors,omitempty"`
 	// StoreHeld is set while a store state is held back (StoreHold).
 	StoreHeld *StoreHold `json:"storeHeld,omitempty"`
+	// StoreConnection is set for a store that can lose its connection
+	// (kubernetes): while it is lost, the last state stays enforced.
+	StoreConnection *StoreConnection `json:"storeConnection,omitempty"`
 	// PolicyErrors are the policies the last compile rejected (over their
 	// policy-trie budget); the rest of the store applies. They describe
 	// the compiled state even while its apply fails (see PolicyApply).

@@ -89,6 +89,13 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, e := range st.StoreErrors {
 			fmt.Fprintf(w, "Store error: %s:%d: %s (the last good state stays enforced)\n", e.File, e.Line, e.Message)
 		}
+		if c := st.StoreConnection; c != nil {
+			state := "connected"
+			if !c.Connected {
+				state = "DISCONNECTED (the last state stays enforced)"
+			}
+			fmt.Fprintf(w, "Store connection: %s since %s\n", state, c.Since.Local().Format(time.RFC3339))
+		}
 		if h := st.StoreHeld; h != nil {
 			applied := fmt.Sprintf("the last applied state (%d objects, %d policies)", h.AppliedObjects, h.AppliedPolicies)
 			if h.AppliedObjects == 0 {

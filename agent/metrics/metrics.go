@@ -118,6 +118,21 @@ func New(mapStats func() []MapStat) *Metrics {
 	return m
 }
 
+// StoreConnectedFunc registers bulkhead_store_connected, read from
+// connected at every scrape. Only a store that can lose its connection
+// (kubernetes) has it.
+func (m *Metrics) StoreConnectedFunc(connected func() bool) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "store_connected",
+		Help: "1 while the store's apiserver is reachable; while it is not, the last state stays enforced.",
+	}, func() float64 {
+		if connected() {
+			return 1
+		}
+		return 0
+	}))
+}
+
 // Handler serves the registry in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})

@@ -46,3 +46,27 @@ func TestScrape(t *testing.T) {
 		}
 	}
 }
+
+func TestStoreConnected(t *testing.T) {
+	m := New(nil)
+	up := true
+	m.StoreConnectedFunc(func() bool { return up })
+	scrape := func() string {
+		srv := httptest.NewServer(m.Handler())
+		defer srv.Close()
+		resp, err := srv.Client().Get(srv.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return string(body)
+	}
+	if b := scrape(); !strings.Contains(b, "\nbulkhead_store_connected 1\n") {
+		t.Errorf("connected: no bulkhead_store_connected 1 in\n%s", b)
+	}
+	up = false
+	if b := scrape(); !strings.Contains(b, "\nbulkhead_store_connected 0\n") {
+		t.Errorf("disconnected: no bulkhead_store_connected 0 in\n%s", b)
+	}
+}

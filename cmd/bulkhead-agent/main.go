@@ -32,7 +32,8 @@ func main() {
 	}
 	var cfg agent.Config
 	fs := flag.NewFlagSet("bulkhead-agent", flag.ExitOnError)
-	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml and *.yml file in PATH)")
+	fs.StringVar(&cfg.Store, "store", agent.DefaultStore, "where workloads and policies come from: dir:PATH (every *.yaml and *.yml file in PATH) or kubernetes (the apiserver, through --kubeconfig or the in-cluster config)")
+	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig of --store kubernetes (empty: the in-cluster config of the pod's service account)")
 	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the agent API (mode 0600)")
 	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "where endpoint records persist across restarts")
 	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
@@ -47,7 +48,7 @@ func main() {
 	fs.IntVar(&cfg.PolicyBudgetPolicy, "policy-budget-policy", 0, "policy trie keys one policy may take, summed over the local pods it selects; a policy over it is rejected alone (0: 1/8 of --policy-map-entries)")
 	fs.IntVar(&cfg.FlowRing, "flow-ring", agent.DefaultFlowRing, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
-	fs.StringVar(&cfg.NodeName, "node-name", hostname(), "this node's name in flow records")
+	fs.StringVar(&cfg.NodeName, "node-name", defaultNodeName(), "this node's name in flow records and in Kubernetes (default: $NODE_NAME, else the hostname)")
 	fs.StringVar(&cfg.CNIConfDir, "cni-conf-dir", "", "CNI network config folder; when set, /readyz fails until bulkhead-cni is chained into its primary config")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
 	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy, or more than half of the policies or of the objects, at once until it has stayed the same this long (must be positive)")
@@ -161,6 +162,15 @@ func (v uint32Value) Set(s string) error {
 	}
 	*v.p = uint32(n)
 	return nil
+}
+
+// defaultNodeName is NODE_NAME, which a DaemonSet sets from the downward
+// API (spec.nodeName), else the hostname.
+func defaultNodeName() string {
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	return hostname()
 }
 
 func hostname() string {

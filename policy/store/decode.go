@@ -22,6 +22,8 @@ import (
 
 // Object is one decoded document and where it came from.
 type Object struct {
+	// File and Line place the object: a file and line for the dir store,
+	// "Kind namespace/name" and no line for the Kubernetes store.
 	File string
 	Line int
 	Kind string
@@ -49,7 +51,13 @@ type Error struct {
 	Err  error
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err) }
+func (e *Error) Error() string {
+	if e.Line == 0 {
+		// Objects from the apiserver have a name but no line.
+		return fmt.Sprintf("%s: %v", e.File, e.Err)
+	}
+	return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err)
+}
 func (e *Error) Unwrap() error { return e.Err }
 
 type typeMeta struct {
@@ -145,18 +153,18 @@ func decodeDoc(file string, root *yaml.Node) (*Object, error) {
 		}
 		return errors.Join(out...)
 	}
-	o := &Object{Kind: tm.Kind}
+	var o *Object
 	switch tm.APIVersion + " " + tm.Kind {
 	case "v1 Namespace":
 		var n corev1.Namespace
 		if err := strict(&n); err != nil {
 			return nil, err
 		}
-		if n.Name == "" {
-			return nil, at(root.Line, fmt.Errorf("%s: metadata.name is required", tm.Kind))
+		no, err := NamespaceObject(&n)
+		if err != nil {
+			return nil, at(root.Line, err)
 		}
-		o.name = n.Name
-		o.Namespace = &policy.Namespace{Name: n.Name, Labels: n.Labels}
+		o = no
 	case "v1 Pod":
 		// A pod manifest as kubectl prints it carries many fields that
 		// policy does not use. corev1.Pod knows them all, so it decodes
@@ -166,32 +174,23 @@ func decodeDoc(file string, root *yaml.Node) (*Object, error) {
 		if err := strict(&p); err != nil {
 			return nil, err
 		}
-		pod, err := podOf(&p)
+		po, err := PodObject(&p)
 		if err != nil {
-			return nil, at(root.Line, fmt.Errorf("%s %s/%s: %w", tm.Kind, namespaceOr(p.Namespace), p.Name, err))
+			return nil, at(root.Line, err)
 		}
-		o.namespace, o.name = pod.Namespace, pod.Name
-		o.Pod = pod
+		o = po
 	case "networking.k8s.io/v1 NetworkPolicy":
 		var np networkingv1.NetworkPolicy
 		if err := strict(&np); err != nil {
 			return nil, err
 		}
-		if np.Namespace == "" {
-			np.Namespace = "default"
-		}
-		o.namespace, o.name = np.Namespace, np.Name
-		o.NetworkPolicy = &np
+		o = NetworkPolicyObject(&np)
 	case v1alpha1.APIVersion + " " + v1alpha1.Kind:
 		var bp v1alpha1.BulkheadPolicy
 		if err := strict(&bp); err != nil {
 			return nil, err
 		}
-		if bp.Namespace == "" {
-			bp.Namespace = "default"
-		}
-		o.namespace, o.name = bp.Namespace, bp.Name
-		o.BulkheadPolicy = &bp
+		o = BulkheadPolicyObject(&bp)
 	default:
 		return nil, at(root.Line, fmt.Errorf("unsupported apiVersion %q kind %q (want v1 Namespace, v1 Pod, networking.k8s.io/v1 NetworkPolicy or %s %s)",
 			tm.APIVersion, tm.Kind, v1alpha1.APIVersion, v1alpha1.Kind))

@@ -31,6 +31,13 @@ type Result struct {
 	Snapshot *policy.Snapshot
 	// Objects are the valid objects, in file and line order.
 	Objects []*Object
+	// Rejected are objects that a source left out of this state, or kept
+	// at their last valid version, because they are invalid (each an
+	// *Error). The dir store never sets it: it rejects a whole state that
+	// has an invalid object. The Kubernetes store cannot: the apiserver
+	// already holds the invalid version, and the rest of the cluster's
+	// changes must not wait for it.
+	Rejected []error
 }
 
 // ErrChanged says that a file, or the folder's ..data link, changed while
@@ -161,14 +168,7 @@ func Build(objs []*Object, opt Options) (*Result, error) {
 			continue
 		}
 		seen[o.Ref()] = o
-		var verr error
-		switch {
-		case o.NetworkPolicy != nil:
-			verr = policy.ValidateNetworkPolicy(o.NetworkPolicy)
-		case o.BulkheadPolicy != nil:
-			verr = policy.ValidateBulkheadPolicy(o.BulkheadPolicy)
-		}
-		if verr != nil {
+		if verr := o.Validate(); verr != nil {
 			errs = append(errs, &Error{File: o.File, Line: o.lineOf(verr), Err: verr})
 			continue
 		}
