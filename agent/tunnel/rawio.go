@@ -21,29 +21,17 @@ import (
 // through RawConn), so hiding them from the scheduler costs nothing.
 
 // rawRead is read(2) on a non-blocking socket, EINTR retried.
-func rawRead(fd uintptr, p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	for {
-		n, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-		if e == unix.EINTR {
-			continue
-		}
-		if e != 0 {
-			return 0, e
-		}
-		return int(n), nil
-	}
-}
+func rawRead(fd uintptr, p []byte) (int, error) { return rawIO(unix.SYS_READ, fd, p) }
 
 // rawWrite is write(2) on a non-blocking socket, EINTR retried.
-func rawWrite(fd uintptr, p []byte) (int, error) {
+func rawWrite(fd uintptr, p []byte) (int, error) { return rawIO(unix.SYS_WRITE, fd, p) }
+
+func rawIO(trap, fd uintptr, p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
 	for {
-		n, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		n, _, e := unix.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
 		if e == unix.EINTR {
 			continue
 		}
