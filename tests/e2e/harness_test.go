@@ -85,6 +85,13 @@ func newEnv(t testing.TB, primary string) *env {
 // newEnvConfig is newEnv with dual-stack pods when ipv6 is set.
 func newEnvConfig(t testing.TB, primary string, ipv6 bool) *env {
 	t.Helper()
+	return newEnvWait(t, primary, ipv6, 5)
+}
+
+// newEnvWait sets the conflist's agentWaitSeconds, how long an ADD waits for
+// an agent that is not up yet.
+func newEnvWait(t testing.TB, primary string, ipv6 bool, agentWait float64) *env {
+	t.Helper()
 	privileged.Require(t)
 	root := cnichain.RepoRoot(t)
 	if _, err := os.Stat(filepath.Join(root, "bin", "bulkhead-agent")); err != nil {
@@ -103,7 +110,7 @@ func newEnvConfig(t testing.TB, primary string, ipv6 bool) *env {
 		t.Fatal(err)
 	}
 	e.chain = cnichain.New(t, cnichain.Config{Primary: primary, CNIVersion: "1.1.0", IPv6: ipv6,
-		Bulkhead: &cnichain.BulkheadConfig{Socket: e.socket, AgentWaitSeconds: 5}})
+		Bulkhead: &cnichain.BulkheadConfig{Socket: e.socket, AgentWaitSeconds: agentWait}})
 	e.client = api.NewClient(api.ClientConfig{Socket: e.socket, Timeout: 5 * time.Second})
 	t.Cleanup(func() {
 		e.stopAgent(syscall.SIGTERM)

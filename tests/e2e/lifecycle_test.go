@@ -119,7 +119,10 @@ func testCheckDetectsDetachedPrograms(t *testing.T, primary string) {
 func TestAddBeforeAgent(t *testing.T) { forEachChain(t, testAddBeforeAgent) }
 
 func testAddBeforeAgent(t *testing.T, primary string) {
-	e := newEnv(t, primary)
+	// The early ADD waits up to 60 s: on a loaded 2-vCPU machine the agent
+	// can take longer than the default window to load its datapath, and
+	// this half is about the ADD waiting, not about how fast the agent is.
+	e := newEnvWait(t, primary, false, 60)
 	e.writeStore("ns.yaml", openStore)
 
 	p := e.chain.NewPod(t)
@@ -146,9 +149,10 @@ func testAddBeforeAgent(t *testing.T, primary string) {
 	// No agent at all: the ADD fails after agentWaitSeconds (5 s here) and
 	// says what to do.
 	e.stopAgent(syscall.SIGTERM)
-	late := e.chain.NewPod(t)
+	noAgent := newEnv(t, primary)
+	late := noAgent.chain.NewPod(t)
 	start := time.Now()
-	_, err := e.chain.Add(context.Background(), late)
+	_, err := noAgent.chain.Add(context.Background(), late)
 	if err == nil {
 		t.Fatal("ADD succeeded without an agent: a pod would run unenforced")
 	}
