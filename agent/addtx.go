@@ -103,6 +103,7 @@ func (a *Agent) removeIf(ctx context.Context, k api.EndpointKey, cond func(*endp
 	}
 	a.mu.Lock()
 	a.retireIDLocked(rec.ID)
+	a.tombstoneLocked(rec)
 	a.mu.Unlock()
 	return rec, errors.Join(err, a.dp.Forget(rec.dpEndpoint()), a.records.Delete(recordKey(rec.Key)))
 }

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/adopt"
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/batch"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
@@ -57,6 +58,10 @@ type Agent struct {
 	tunnel *tunnel.Tunnel
 	// pipe is the flow pipeline while Run runs, for the tunnel's records.
 	pipe atomic.Pointer[flowPipe]
+	// adopter enforces on running pods no CNI ADD registered (nil with
+	// Adopt off); localPods are the store's running pods of this node.
+	adopter   *adopt.Adopter
+	localPods atomic.Pointer[[]adopt.Pod]
 	// issuedRefused remembers, per pod, the issued ID last refused (logged
 	// once); owned by the batch goroutine.
 	issuedRefused map[podRef]string
@@ -68,9 +73,12 @@ type Agent struct {
 	// goroutine holds it only to publish, never across compile or apply.
 	mu        sync.Mutex
 	endpoints map[api.EndpointKey]*endpointRecord
-	storeErrs []api.StoreError
-	ready     bool
-	notReady  string
+	// adoptTombs are pods whose endpoint was removed a moment ago: they
+	// are not adopted again while the store catches up.
+	adoptTombs map[podRef]time.Time
+	storeErrs  []api.StoreError
+	ready      bool
+	notReady   string
 	// remoteIPs are the store's addresses of pods, for explain.
 	remoteIPs map[podRef][]netip.Addr
 	// attachMode is how new endpoints are attached: TCX unless configured
@@ -251,6 +259,14 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.batch = batch.New(a.applyBatch)
+	if cfg.Adopt {
+		a.adopter = adopt.New(adopt.Config{
+			Finder: adopt.Finder{NetnsDirs: cfg.NetnsDirs, CNICacheDir: cfg.CNICacheDir},
+			Host:   adoptHost{a}, Logger: a.log.With("component", "adopt"),
+		})
+		a.metrics.AdoptionFuncs(func() int { n, _ := a.adopter.Stats(); return n },
+			func() int { return len(a.adopter.Problems()) })
+	}
 	return a, nil
 }
 
@@ -349,6 +365,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.applyRetry.run(ctx, func(ctx context.Context) error { return a.batch.Submit(ctx, &change{refresh: true}) })
 	})
 	wg.Go(func() { a.reconcileVeths(ctx, a.cfg.ReconcileInterval) })
+	if a.adopter != nil {
+		wg.Go(func() { a.adopter.Run(ctx) })
+	}
 	if a.svids != nil {
 		wg.Go(func() { a.runSVIDs(ctx) })
 	}
@@ -423,6 +442,11 @@ func (a *Agent) storeUpdated(ctx context.Context, res *store.Result) error {
 	err := a.batch.Submit(ctx, &change{store: res})
 	if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, batch.ErrClosed) {
 		a.log.Error("apply store", "error", err)
+	}
+	if a.adopter != nil {
+		// The state is enforced: its local pods that no endpoint holds
+		// are adopted now.
+		a.adopter.Kick()
 	}
 	return err
 }
@@ -664,6 +688,7 @@ func (a *Agent) syncPod(ref podRef) error {
 // full compile; later ones change only the objects that differ.
 func (a *Agent) foldStore(res *store.Result) error {
 	s := res.Snapshot
+	a.setLocalPods(s.Pods)
 	pods := make(map[podRef]policy.Pod, len(s.Pods))
 	remote := make(map[podRef][]netip.Addr, len(s.Pods))
 	for _, p := range s.Pods {

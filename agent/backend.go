@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/adopt"
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/batch"
 	"github.com/bulkhead-io/bulkhead/identity"
@@ -27,6 +28,12 @@ var _ api.Backend = (*Agent)(nil)
 // attach and record are undone (rollbackAdd), and ADDs and DELs of one key
 // run one after the other, so a rollback never undoes another ADD.
 func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (api.EndpointAddResponse, error) {
+	return a.addEndpoint(ctx, req, false)
+}
+
+// addEndpoint is AddEndpoint; adopted marks an endpoint the agent found
+// running rather than one a CNI ADD registered (agent/adopt).
+func (a *Agent) addEndpoint(ctx context.Context, req api.EndpointAddRequest, adopted bool) (api.EndpointAddResponse, error) {
 	start := time.Now()
 	if err := api.CheckPodIPs(req.IPs); err != nil {
 		return api.EndpointAddResponse{}, api.Errorf(api.CodeInvalidRequest, "endpoint %s/%s: %w", req.ContainerID, req.IfName, err)
@@ -45,7 +52,7 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	prior := a.priorEndpoint(req.EndpointKey)
 	rec := &endpointRecord{
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
-		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start, MAC: req.MAC,
+		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start, MAC: req.MAC, Adopted: adopted,
 	}
 	// The pod's link-local addresses (and the MAC, from a plugin that
 	// sends none): read them now, before any state changes.
@@ -112,7 +119,11 @@ func (a *Agent) AddEndpoint(ctx context.Context, req api.EndpointAddRequest) (ap
 	// Where the time went: waiting for the batch to start, the batch
 	// (compile and apply, shared by batchSize changes), then the attach and
 	// the durable record, which run side by side.
-	a.log.Info("endpoint added", "container", req.ContainerID, "pod", podRefOf(rec).String(), "endpoint", rec.ID,
+	msg := "endpoint added"
+	if adopted {
+		msg = "endpoint adopted"
+	}
+	a.log.Info(msg, "container", req.ContainerID, "pod", podRefOf(rec).String(), "endpoint", rec.ID,
 		"veth", req.HostVeth, "identity", resp.IdentityID, "spiffeID", resp.SPIFFEID, "mode", rec.Mode,
 		"revision", resp.PolicyRevision, "took", time.Since(start),
 		"queued", c.batchStart.Sub(start), "batch", submitted.Sub(c.batchStart), "batchSize", c.batchSize,
@@ -126,7 +137,18 @@ func (a *Agent) DeleteEndpoint(ctx context.Context, req api.EndpointDelRequest) 
 	err := a.deleteEndpoint(ctx, req.EndpointKey)
 	unlock()
 	if errors.Is(err, errUnknownEndpoint) {
-		return api.EndpointDelResponse{}, nil
+		// A pod adopted without its runtime container ID: the DEL names
+		// its sandbox by network namespace.
+		k, ok := a.adoptedIn(req.Netns, req.IfName)
+		if !ok {
+			return api.EndpointDelResponse{}, nil
+		}
+		unlock := a.fc.lockKey(k)
+		err = a.deleteEndpoint(ctx, k)
+		unlock()
+		if errors.Is(err, errUnknownEndpoint) {
+			return api.EndpointDelResponse{}, nil
+		}
 	}
 	if err != nil {
 		return api.EndpointDelResponse{}, err
@@ -211,6 +233,11 @@ func (a *Agent) GCEndpoints(ctx context.Context, req api.GCRequest) (api.GCRespo
 	a.mu.Lock()
 	var stale []api.EndpointKey
 	for k, e := range a.endpoints {
+		if e.Adopted && adopt.Synthetic(k.ContainerID) {
+			// The runtime cannot list what it was never told the key of:
+			// DEL by netns, or its veth going, removes it.
+			continue
+		}
 		if !valid[k] && (req.Network == "" || e.Network == req.Network) {
 			stale = append(stale, k)
 		}
@@ -257,6 +284,9 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 	}
 	resp.IdentitySource = a.identitySourceStatus()
 	resp.MTLS = a.mtlsStatus()
+	if a.adopter != nil {
+		resp.Unadopted = a.adopter.Problems()
+	}
 	return resp, nil
 }
 

@@ -88,6 +88,15 @@ type Config struct {
 	// bulkhead-cni is chained into the primary CNI config in this folder
 	// (cni/install.Installed): pods created before that are not enforced.
 	CNIConfDir string
+	// Adopt enforces on running pods of this node (spec.nodeName is
+	// NodeName) that no CNI ADD registered: pods started before Bulkhead
+	// was chained in (agent/adopt). NetnsDirs are where the runtime mounts
+	// pod network namespaces (default /var/run/netns); CNICacheDir is
+	// libcni's cache (default /var/lib/cni), which names their container
+	// IDs so that the runtime's DEL and GC find adopted endpoints.
+	Adopt       bool
+	NetnsDirs   []string
+	CNICacheDir string
 	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
 	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
 	// not allowed (--store-shrink-grace, --identity-grace,
@@ -102,6 +111,10 @@ const (
 	DefaultStore    = "dir:/etc/bulkhead"
 	DefaultStateDir = "/var/run/bulkhead"
 	DefaultMetrics  = "127.0.0.1:9962"
+	// DefaultNetnsDir and DefaultCNICacheDir are where containerd and
+	// CRI-O keep pod network namespaces and libcni its result cache.
+	DefaultNetnsDir    = "/var/run/netns"
+	DefaultCNICacheDir = "/var/lib/cni"
 	// DefaultStoreShrinkGrace is long enough for a copy of a store to
 	// finish, short enough that an intended change does not wait long.
 	DefaultStoreShrinkGrace = 30 * time.Second
@@ -156,6 +169,12 @@ func (c *Config) setDefaults() error {
 	if c.ReconcileInterval <= 0 {
 		c.ReconcileInterval = 5 * time.Second
 	}
+	if len(c.NetnsDirs) == 0 {
+		c.NetnsDirs = []string{DefaultNetnsDir}
+	}
+	if c.CNICacheDir == "" && !c.FromFlags {
+		c.CNICacheDir = DefaultCNICacheDir
+	}
 	if c.TunnelPort == 0 && !c.FromFlags {
 		c.TunnelPort = DefaultTunnelPort
 	}
@@ -198,6 +217,14 @@ func (c *Config) setDefaults() error {
 		if !filepath.IsAbs(p) {
 			errs = append(errs, fmt.Errorf("%s %q: must be an absolute path", name, p))
 		}
+	}
+	for _, d := range c.NetnsDirs {
+		if !filepath.IsAbs(d) {
+			errs = append(errs, fmt.Errorf("--netns-dir %q: must be an absolute path", d))
+		}
+	}
+	if c.CNICacheDir != "" && !filepath.IsAbs(c.CNICacheDir) {
+		errs = append(errs, fmt.Errorf("--cni-cache-dir %q: must be an absolute path", c.CNICacheDir))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("%w: %w", ErrConfig, err)

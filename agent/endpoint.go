@@ -32,6 +32,9 @@ type endpointRecord struct {
 	// none (IPv6 off). Absent (nil, records written before they were
 	// kept): the agent reads them when it restores the record.
 	LinkLocal []netip.Addr `json:"linkLocal"`
+	// Adopted: the pod was found running (agent/adopt), not registered by
+	// a CNI ADD.
+	Adopted bool `json:"adopted,omitempty"`
 }
 
 // recordKey names the record's file. Runtimes use hex container IDs, so the
@@ -82,7 +85,7 @@ func (rec *endpointRecord) info(ms *policy.MapState, spiffe func(policy.Endpoint
 	info := api.EndpointInfo{
 		EndpointKey: rec.Key, Netns: rec.Netns, HostVeth: rec.HostVeth, HostIfIndex: rec.HostIfIndex,
 		IPs: rec.IPs, Pod: rec.Pod, AttachMode: string(rec.Mode), Attached: rec.Mode != "",
-		CreatedAt: rec.CreatedAt,
+		CreatedAt: rec.CreatedAt, Adopted: rec.Adopted,
 	}
 	if ms != nil {
 		info.PolicyRevision = ms.Revision

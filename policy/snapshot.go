@@ -58,6 +58,11 @@ type Pod struct {
 	// may differ from the derived spiffe://<td>/ns/<ns>/sa/<sa> (empty:
 	// derived). Policy matching, flow records and identities use it.
 	SPIFFEID string
+	// UID and NodeName (metadata.uid, spec.nodeName) place the pod: the
+	// agent adopts the running pods of its own node that no CNI ADD told it
+	// about. Policy does not use them.
+	UID      string
+	NodeName string
 }
 
 // NamedPort is a named container port.

@@ -271,6 +271,16 @@ type StatusResponse struct {
 	IdentitySource *IdentitySourceStatus `json:"identitySource,omitempty"`
 	// MTLS is the node's mTLS tunnel endpoint.
 	MTLS *MTLSStatus `json:"mtls,omitempty"`
+	// Unadopted are running pods of this node that no CNI ADD registered
+	// and whose sandbox the agent could not find: they are not enforced.
+	Unadopted []AdoptionProblem `json:"unadopted,omitempty"`
+}
+
+// AdoptionProblem is a running pod the agent could not adopt, and why.
+type AdoptionProblem struct {
+	Pod    PodRef    `json:"pod"`
+	Reason string    `json:"reason"`
+	Since  time.Time `json:"since"`
 }
 
 // MTLSStatus describes the node's mTLS tunnel endpoint.
@@ -331,6 +341,9 @@ type EndpointInfo struct {
 	AttachMode     string         `json:"attachMode,omitempty"`
 	PolicyRevision uint64         `json:"policyRevision"`
 	CreatedAt      time.Time      `json:"createdAt,omitzero"`
+	// Adopted is set for a pod that was running before the agent knew of
+	// it (no CNI ADD): the agent found its sandbox and enforces on it.
+	Adopted bool `json:"adopted,omitempty"`
 }
 
 // EndpointList is the response of GET PathEndpoints.

@@ -112,6 +112,10 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, e := range st.PolicyErrors {
 			fmt.Fprintf(w, "Policy rejected: %s\n", e.Message)
 		}
+		for _, u := range st.Unadopted {
+			fmt.Fprintf(w, "Pod not enforced: %s/%s is running on this node, and its sandbox was not found (since %s): %s\n",
+				u.Pod.Namespace, u.Pod.Name, u.Since.Local().Format(time.RFC3339), u.Reason)
+		}
 	}
 	if !st.Ready {
 		return fmt.Errorf("agent not ready: %s", st.Reason)
@@ -142,6 +146,9 @@ func Endpoints(ctx context.Context, c *api.Client, w io.Writer, format string) e
 		state := "not attached"
 		if e.Attached {
 			state = e.AttachMode
+		}
+		if e.Adopted {
+			state += " (adopted)"
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", pod, e.IdentityID, orDash(e.SPIFFEID), strings.Join(ips, ","), e.HostVeth, state)
 	}

@@ -9,7 +9,7 @@ import (
 
 // TrimPod keeps of a Pod only what the compiler and the ipcache read:
 // name, namespace, labels, resourceVersion, uid, the bulkhead.io/spiffe-id
-// annotation, spec.serviceAccountName, spec.nodeName, the containers'
+// annotation, spec.serviceAccountName, spec.nodeName, spec.hostNetwork, the containers'
 // named ports, and status.phase, podIPs and hostIPs. Every pod of the
 // cluster is cached, and a full Pod (managedFields, env, volumes, status
 // conditions) is several KiB: at 10k pods the trimmed cache is what keeps
@@ -27,7 +27,8 @@ func TrimPod(obj any) (any, error) {
 			Name: p.Name, Namespace: p.Namespace, UID: p.UID,
 			ResourceVersion: p.ResourceVersion, Labels: p.Labels,
 		},
-		Spec: corev1.PodSpec{ServiceAccountName: p.Spec.ServiceAccountName, NodeName: p.Spec.NodeName},
+		Spec: corev1.PodSpec{ServiceAccountName: p.Spec.ServiceAccountName, NodeName: p.Spec.NodeName,
+			HostNetwork: p.Spec.HostNetwork},
 		Status: corev1.PodStatus{
 			Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs,
 			HostIP: p.Status.HostIP, HostIPs: p.Status.HostIPs,

@@ -156,3 +156,16 @@ func (c *mapCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(mapMaxDesc, prometheus.GaugeValue, float64(s.MaxEntries), s.Name)
 	}
 }
+
+// AdoptionFuncs registers bulkhead_pods_adopted_total and
+// bulkhead_pods_unadopted, read at every scrape.
+func (m *Metrics) AdoptionFuncs(adopted, unadopted func() int) {
+	m.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: namespace, Name: "pods_adopted_total",
+		Help: "Running pods that no CNI ADD registered and that the agent found and now enforces on.",
+	}, func() float64 { return float64(adopted()) }))
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "pods_unadopted",
+		Help: "Running pods of this node that no endpoint enforces and whose sandbox the agent could not find (see bulkhead status).",
+	}, func() float64 { return float64(unadopted()) }))
+}

@@ -50,6 +50,9 @@ func main() {
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
 	fs.StringVar(&cfg.NodeName, "node-name", defaultNodeName(), "this node's name in flow records and in Kubernetes (default: $NODE_NAME, else the hostname)")
 	fs.StringVar(&cfg.CNIConfDir, "cni-conf-dir", "", "CNI network config folder; when set, /readyz fails until bulkhead-cni is chained into its primary config")
+	fs.BoolVar(&cfg.Adopt, "adopt", true, "enforce on this node's running pods that no CNI ADD registered (started before bulkhead-cni was chained in), found from their addresses in the store")
+	netnsDirs := fs.String("netns-dir", agent.DefaultNetnsDir, "comma-separated folders where the container runtime mounts pod network namespaces (for --adopt)")
+	fs.StringVar(&cfg.CNICacheDir, "cni-cache-dir", agent.DefaultCNICacheDir, "libcni's cache folder; it names adopted pods' container IDs so the runtime's DEL and GC find them (empty: not read)")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of workload identities")
 	fs.DurationVar(&cfg.StoreShrinkGrace, "store-shrink-grace", agent.DefaultStoreShrinkGrace, "hold back a store state that removes every policy, or more than half of the policies or of the objects, at once until it has stayed the same this long (must be positive)")
 	fs.BoolVar(&cfg.DenyHostIngress, "deny-host-ingress", false, "do not let the node's own traffic (kubelet probes) into pods unless a policy allows it")
@@ -82,6 +85,11 @@ func main() {
 			os.Exit(2)
 		}
 	})
+	for _, d := range strings.Split(*netnsDirs, ",") {
+		if d = strings.TrimSpace(d); d != "" {
+			cfg.NetnsDirs = append(cfg.NetnsDirs, d)
+		}
+	}
 	switch *attachMode {
 	case "tcx":
 	case "clsact":

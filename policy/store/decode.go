@@ -244,7 +244,8 @@ func podOf(p *corev1.Pod) (*policy.Pod, error) {
 	if p.Name == "" {
 		return nil, errors.New("metadata.name is required")
 	}
-	out := &policy.Pod{Namespace: namespaceOr(p.Namespace), Name: p.Name, Labels: p.Labels, ServiceAccount: p.Spec.ServiceAccountName}
+	out := &policy.Pod{Namespace: namespaceOr(p.Namespace), Name: p.Name, Labels: p.Labels, ServiceAccount: p.Spec.ServiceAccountName,
+		UID: string(p.UID), NodeName: p.Spec.NodeName}
 	if v, ok := p.Annotations[SPIFFEIDAnnotation]; ok {
 		id, err := spiffeid.FromString(v)
 		if err != nil {
@@ -280,9 +281,15 @@ func podOf(p *corev1.Pod) (*policy.Pod, error) {
 	if len(ips) == 0 && p.Status.PodIP != "" {
 		ips = []corev1.PodIP{{IP: p.Status.PodIP}}
 	}
-	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+	switch {
+	case p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed:
 		// A terminal pod's addresses are free for IPAM to hand out again:
 		// they must not claim the next pod's traffic.
+		ips = nil
+	case p.Spec.HostNetwork:
+		// A host-network pod's addresses are its node's: traffic from them
+		// is the host's, not the pod's, and every host-network pod of a
+		// node would claim the same ones.
 		ips = nil
 	}
 	for i, ip := range ips {

@@ -320,3 +320,31 @@ func TestPodHostIPs(t *testing.T) {
 		})
 	}
 }
+
+// TestPodPlacement: a pod's UID and node are kept (the agent adopts its own
+// node's running pods by them), and a host-network pod claims no addresses:
+// they are its node's.
+func TestPodPlacement(t *testing.T) {
+	objs, err := Parse("f.yaml", []byte(`apiVersion: v1
+kind: Pod
+metadata: {name: p, uid: 6f1c2d3e-0000-4000-8000-000000000001}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: h}
+spec: {nodeName: node-a, hostNetwork: true}
+status: {podIP: 192.168.0.1, hostIP: 192.168.0.1}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, h := objs[0].Pod, objs[1].Pod
+	if p.UID != "6f1c2d3e-0000-4000-8000-000000000001" || p.NodeName != "node-a" || len(p.IPs) != 1 {
+		t.Fatalf("pod = %+v", p)
+	}
+	if len(h.IPs) != 0 || h.NodeName != "node-a" || len(h.HostIPs) != 1 {
+		t.Fatalf("host-network pod = %+v, want no pod IPs", h)
+	}
+}

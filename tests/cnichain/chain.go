@@ -63,8 +63,17 @@ type Chain struct {
 	// Conflist is the JSON the runtime would read from /etc/cni/net.d.
 	Conflist []byte
 
-	list *libcni.NetworkConfigList
-	cni  *libcni.CNIConfig
+	// IPAMDir is host-local's data folder (one file per leased address,
+	// under a folder per network).
+	IPAMDir string
+	// CacheDir is libcni's cache folder (results/ holds one file per
+	// attachment), as a runtime's /var/lib/cni.
+	CacheDir string
+
+	list    *libcni.NetworkConfigList
+	cni     *libcni.CNIConfig
+	cfg     Config
+	primary map[string]any
 }
 
 // DefaultPluginDirs are $BULKHEAD_CNI_BIN (the reference plugins) and the
@@ -200,8 +209,17 @@ func New(t testing.TB, cfg Config) *Chain {
 			}
 		})
 	}
-	plugins := []any{primary}
-	if b := cfg.Bulkhead; b != nil {
+	c.IPAMDir, c.CacheDir, c.cfg, c.primary = dataDir, cacheDir, cfg, primary
+	c.build(t, dirs)
+	return c
+}
+
+// build writes the conflist of c.cfg around c.primary and the libcni
+// config that runs it.
+func (c *Chain) build(t testing.TB, dirs []string) {
+	t.Helper()
+	plugins := []any{c.primary}
+	if b := c.cfg.Bulkhead; b != nil {
 		entry := map[string]any{"type": "bulkhead-cni", "socket": b.Socket}
 		if b.AgentWaitSeconds != 0 {
 			entry["agentWaitSeconds"] = b.AgentWaitSeconds
@@ -209,7 +227,7 @@ func New(t testing.TB, cfg Config) *Chain {
 		plugins = append(plugins, entry)
 	}
 	conflist, err := json.Marshal(map[string]any{
-		"cniVersion": cfg.CNIVersion,
+		"cniVersion": c.cfg.CNIVersion,
 		"name":       c.Name,
 		"plugins":    plugins,
 	})
@@ -224,8 +242,24 @@ func New(t testing.TB, cfg Config) *Chain {
 	// An explicit exec: libcni creates its default lazily without a lock,
 	// which races when pods are added concurrently.
 	exec := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}}
-	c.cni = libcni.NewCNIConfigWithCacheDir(dirs, cacheDir, exec)
-	return c
+	c.cni = libcni.NewCNIConfigWithCacheDir(dirs, c.CacheDir, exec)
+}
+
+// WithBulkhead is the same network (name, subnets, IPAM data, libcni cache,
+// bridge) with bulkhead-cni chained after the primary, as the installer
+// leaves a node's conflist: pods added through c before are the running
+// pods an install finds.
+func (c *Chain) WithBulkhead(t testing.TB, b BulkheadConfig) *Chain {
+	t.Helper()
+	cfg := c.cfg
+	cfg.Bulkhead = &b
+	dirs := cfg.PluginDirs
+	if dirs == nil {
+		dirs = DefaultPluginDirs(t, true)
+	}
+	n := &Chain{Name: c.Name, Subnet4: c.Subnet4, Subnet6: c.Subnet6, Bridge: c.Bridge, IPAMDir: c.IPAMDir, CacheDir: c.CacheDir, cfg: cfg, primary: c.primary}
+	n.build(t, dirs)
+	return n
 }
 
 // reserveSubnet picks a /24 index in 10.213.0.0/16 that no other harness

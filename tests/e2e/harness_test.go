@@ -175,7 +175,9 @@ func (e *env) launchAgent() {
 
 func (e *env) waitReady() {
 	e.t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
+	// Generous: loading the datapath is seconds of verifier time, and
+	// more on a busy 2-vCPU machine.
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		st, err := e.client.Status(context.Background())
 		if err == nil && st.Ready {
@@ -187,7 +189,7 @@ func (e *env) waitReady() {
 		default:
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("agent not ready after 15s (last: %+v, %v):\n%s", st, err, e.agent.logs.String())
+			e.t.Fatalf("agent not ready after 60s (last: %+v, %v):\n%s", st, err, e.agent.logs.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
