@@ -97,6 +97,8 @@ type Config struct {
 	Adopt       bool
 	NetnsDirs   []string
 	CNICacheDir string
+	// Pprof serves Go's profiles under /debug/pprof/ on MetricsAddr.
+	Pprof bool
 	// FromFlags says every field was set from a flag (cmd/bulkhead-agent),
 	// so a zero is what the user gave, not "unset": a flag of 0 where 0 is
 	// not allowed (--store-shrink-grace, --identity-grace,
@@ -217,6 +219,9 @@ func (c *Config) setDefaults() error {
 		if !filepath.IsAbs(p) {
 			errs = append(errs, fmt.Errorf("%s %q: must be an absolute path", name, p))
 		}
+	}
+	if c.Pprof && c.MetricsAddr == "" {
+		errs = append(errs, errors.New("--pprof serves on --metrics-addr, which is empty"))
 	}
 	for _, d := range c.NetnsDirs {
 		if !filepath.IsAbs(d) {

@@ -74,3 +74,15 @@ func TestReadinessWithoutCNIConfDir(t *testing.T) {
 		t.Errorf("/readyz with no config: %d %q", code, body)
 	}
 }
+
+// TestPprof: --pprof serves the runtime's profiles next to the metrics;
+// without it, nothing of them is served.
+func TestPprof(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		a := &Agent{cfg: Config{Pprof: on}, stopping: make(chan struct{}), metrics: metrics.New(nil)}
+		code, body := probeGet(t, a.metricsHandler(), "/debug/pprof/heap?debug=1")
+		if got := code == http.StatusOK && strings.Contains(body, "heap profile"); got != on {
+			t.Errorf("--pprof=%v: /debug/pprof/heap answered %d, heap profile served: %v", on, code, got)
+		}
+	}
+}

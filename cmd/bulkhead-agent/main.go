@@ -48,6 +48,7 @@ func main() {
 	fs.IntVar(&cfg.PolicyBudgetPolicy, "policy-budget-policy", 0, "policy trie keys one policy may take, summed over the local pods it selects; a policy over it is rejected alone (0: 1/8 of --policy-map-entries)")
 	fs.IntVar(&cfg.FlowRing, "flow-ring", agent.DefaultFlowRing, "how many recent flows to keep in memory for bulkhead observe")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", agent.DefaultMetrics, "serve Prometheus metrics here (empty: off)")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "serve Go's runtime profiles (heap, CPU, goroutines) under /debug/pprof/ on --metrics-addr")
 	fs.StringVar(&cfg.NodeName, "node-name", defaultNodeName(), "this node's name in flow records and in Kubernetes (default: $NODE_NAME, else the hostname)")
 	fs.StringVar(&cfg.CNIConfDir, "cni-conf-dir", "", "CNI network config folder; when set, /readyz fails until bulkhead-cni is chained into its primary config")
 	fs.BoolVar(&cfg.Adopt, "adopt", true, "enforce on this node's running pods that no CNI ADD registered (started before bulkhead-cni was chained in), found from their addresses in the store")
