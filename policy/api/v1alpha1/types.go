@@ -16,12 +16,66 @@ const (
 //
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:scope=Namespaced,shortName=bhp
+// +kubebuilder:subresource:status
 type BulkheadPolicy struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 
 	Spec BulkheadPolicySpec `json:"spec"`
+	// Status is written by the agents, each its own node's entry.
+	// +optional
+	Status BulkheadPolicyStatus `json:"status,omitzero"`
 }
+
+// BulkheadPolicyStatus says what each node's agent does with the policy.
+type BulkheadPolicyStatus struct {
+	// Nodes has one entry per node whose agent has judged the policy. Each
+	// agent writes only its own entry (server-side apply, field manager
+	// bulkhead-agent/<node>), and only when it changes.
+	// +listType=map
+	// +listMapKey=nodeName
+	// +optional
+	Nodes []NodeStatus `json:"nodes,omitempty"`
+}
+
+// NodeStatus is one node's verdict on the policy.
+type NodeStatus struct {
+	// NodeName is the node whose agent wrote this entry.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	NodeName string `json:"nodeName"`
+	// ObservedGeneration is the policy's metadata.generation that the
+	// agent judged last.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// EnforcedGeneration is the generation the node enforces: the
+	// observed one when it was accepted, an earlier one when a later
+	// version was rejected and the last valid one stays in force, and
+	// absent when none is.
+	// +optional
+	EnforcedGeneration int64 `json:"enforcedGeneration,omitempty"`
+	// Revision is the agent's policy revision (bulkhead status) that
+	// first enforced EnforcedGeneration on this node, or that left the
+	// rejected version out.
+	// +optional
+	Revision int64 `json:"revision,omitempty"`
+	// Conditions has the Accepted condition: True when the node enforces
+	// the observed generation, False with reason Invalid (the policy is
+	// not valid) or OverBudget (this node cannot hold its rules), and a
+	// message that says why.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// The Accepted condition of a NodeStatus and its reasons.
+const (
+	ConditionAccepted = "Accepted"
+	ReasonAccepted    = "Accepted"
+	ReasonInvalid     = "Invalid"
+	ReasonOverBudget  = "OverBudget"
+)
 
 // BulkheadPolicyList is a list of BulkheadPolicy.
 //
