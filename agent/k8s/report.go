@@ -1,6 +1,8 @@
 package k8s
 
 import (
+	"maps"
+
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
 	"github.com/bulkhead-io/bulkhead/policy/store"
@@ -48,6 +50,13 @@ func (s *Source) ReportApplied(res *store.Result, applied store.Applied) {
 	// again after later applies.
 	s.handed = s.handed[i:]
 	policies := s.handed[0].policies
+	if s.reported == res && maps.Equal(s.reportedRejected, applied.Rejected) {
+		// Another apply of the same state (a pod came or went): the
+		// entries are as they were.
+		s.hmu.Unlock()
+		return
+	}
+	s.reported, s.reportedRejected = res, applied.Rejected
 	s.hmu.Unlock()
 
 	want := make(map[types.NamespacedName]verdict, len(policies))

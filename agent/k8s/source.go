@@ -73,6 +73,9 @@ type Source struct {
 	// first, with what the status needs to know of their policies.
 	hmu    sync.Mutex
 	handed []handedState
+	// reported and reportedRejected are what the last report said.
+	reported         *store.Result
+	reportedRejected map[store.PolicyRef]store.Rejection
 }
 
 // handedState is a state handed over, and its BulkheadPolicies.
