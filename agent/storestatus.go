@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 
+	"github.com/bulkhead-io/bulkhead/agent/k8s"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/store"
 )
@@ -15,6 +16,10 @@ import (
 type appliedReporter interface {
 	ReportApplied(res *store.Result, applied store.Applied)
 }
+
+// The Kubernetes store takes reports: a change of either signature must
+// not silently turn the policy status off.
+var _ appliedReporter = (*k8s.Source)(nil)
 
 // storeReport is the store state folded last and what folding it refused:
 // an apply that fails leaves it unreported until a later apply (a retry,
