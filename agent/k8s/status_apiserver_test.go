@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,11 +18,16 @@ import (
 	"github.com/bulkhead-io/bulkhead/policy/store"
 	"github.com/bulkhead-io/bulkhead/tests/kubeapi"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/yaml"
 )
 
 // gate stands in for the status writer's token bucket: while held, no
@@ -284,5 +291,86 @@ func TestPolicyStatusAgainstAPIServer(t *testing.T) {
 	waitFor(t, "the restarted node-a judges bad", func() bool { _, ok := a2.wanted(bad); return ok })
 	if a2.src.status.pending(bad) || a2.src.StatusWrites() != 0 {
 		t.Errorf("the restarted agent rewrites an unchanged entry: %d writes", a2.src.StatusWrites())
+	}
+}
+
+// TestPolicyStatusRBACAgainstAPIServer runs the store as the agent's
+// service account, bound to the ClusterRole of manifests/install.yaml, in
+// an apiserver that authorizes by RBAC: it reads everything it needs and
+// writes its status entry, and the same account cannot change a policy.
+func TestPolicyStatusRBACAgainstAPIServer(t *testing.T) {
+	srv := kubeapi.Start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	srv.InstallCRD(ctx, crdPath)
+	admin := dynamic.NewForConfigOrDie(srv.Config())
+
+	raw, err := os.ReadFile("../../manifests/install.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gvrs := map[string]schema.GroupVersionResource{
+		"ServiceAccount":     {Version: "v1", Resource: "serviceaccounts"},
+		"ClusterRole":        {Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"},
+		"ClusterRoleBinding": {Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"},
+	}
+	var user string
+	for _, doc := range regexp.MustCompile(`(?m)^---\s*$`).Split(string(raw), -1) {
+		var u unstructured.Unstructured
+		if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
+			t.Fatal(err)
+		}
+		gvr, ok := gvrs[u.GetKind()]
+		if !ok {
+			continue
+		}
+		ri := dynamic.ResourceInterface(admin.Resource(gvr))
+		if u.GetNamespace() != "" {
+			ri = admin.Resource(gvr).Namespace(u.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, &u, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create %s %s: %v", u.GetKind(), u.GetName(), err)
+		}
+		if u.GetKind() == "ServiceAccount" {
+			user = "system:serviceaccount:" + u.GetNamespace() + ":" + u.GetName()
+		}
+	}
+	if user == "" {
+		t.Fatal("no ServiceAccount in install.yaml")
+	}
+	cs := kubernetes.NewForConfigOrDie(srv.Config())
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Resource(BulkheadPolicies).Namespace("shop").Create(ctx, bhp("web-in", map[string]any{
+		"selector": map[string]any{"podSelector": map[string]any{}}}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	agentCfg := srv.Config()
+	agentCfg.Impersonate = rest.ImpersonationConfig{UserName: user}
+	src, err := NewForConfig(agentCfg, Config{NodeName: "node-a", Debounce: 20 * time.Millisecond, ProbeInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	runCtx, stop := context.WithCancel(ctx)
+	defer func() { stop(); wg.Wait() }()
+	var rev atomic.Uint64
+	wg.Go(func() {
+		if err := src.Run(runCtx, func(r *store.Result) { src.ReportApplied(r, store.Applied{Revision: rev.Add(1)}) }, func([]api.StoreError) {}); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	waitFor(t, "node-a's entry, written as the agent's service account", func() bool {
+		s, c := nodeStatus(ctx, t, admin, "web-in", "node-a")
+		return s != nil && c != nil && c.Status == metav1.ConditionTrue
+	})
+
+	// Status only: the same account cannot touch the spec.
+	as := dynamic.NewForConfigOrDie(agentCfg).Resource(BulkheadPolicies).Namespace("shop")
+	_, err = as.Patch(ctx, "web-in", types.MergePatchType, []byte(`{"spec":{"mode":"Audit"}}`), metav1.PatchOptions{})
+	if !apierrors.IsForbidden(err) {
+		t.Errorf("a spec patch as %s: %v, want forbidden", user, err)
 	}
 }

@@ -87,7 +87,11 @@ func Start(t testing.TB) *Server {
 		"--etcd-servers", etcdURL,
 		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
 		"--secure-port", strconv.Itoa(s.port), "--cert-dir", filepath.Join(s.dir, "certs"),
-		"--token-auth-file", tokens, "--authorization-mode", "AlwaysAllow",
+		"--token-auth-file", tokens,
+		// RBAC, as on a cluster: the admin token is in system:masters, and
+		// tests can impersonate the agent's service account to check its
+		// ClusterRole.
+		"--authorization-mode", "RBAC",
 		"--service-account-issuer", "https://kubernetes.default.svc",
 		"--service-account-key-file", pubFile, "--service-account-signing-key-file", keyFile,
 		"--service-cluster-ip-range", "10.96.0.0/24",
