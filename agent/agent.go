@@ -106,6 +106,8 @@ type Agent struct {
 	ipOwners *ipOwners
 	// budget reports the policies over their policy-trie budget.
 	budget budgetReport
+	// report is the store state to report to the source once enforced.
+	report storeReport
 	// nodeAddrs are this node's addresses as applyBatch last read them:
 	// the tunnel endpoint accepts peers from them and from the store's
 	// status.hostIPs.
@@ -518,6 +520,7 @@ func (a *Agent) applyBatch(changes []*change) []error {
 	if err == nil {
 		st, err = a.applyPolicy(live)
 	}
+	a.reportStore(changes, errs, ms.Revision, err)
 	if err != nil {
 		a.applyRetry.failed(fmt.Errorf("apply policy revision %d: %w", ms.Revision, err))
 		for i := range errs {

@@ -110,6 +110,12 @@ func cidrPeer(cidr string, except []string, path *field.Path, errs *field.ErrorL
 		*errs = append(*errs, field.Invalid(path.Child("cidr"), cidr, "not a CIDR: "+err.Error()))
 		return cpeer{}, false
 	}
+	if c.Addr().Is4In6() {
+		// The ipcache keys IPv4 addresses as IPv4: a mapped prefix would
+		// match nothing. The CRD's isCIDR() refuses it too.
+		*errs = append(*errs, field.Invalid(path.Child("cidr"), cidr, "an IPv4-mapped IPv6 prefix: write it as IPv4"))
+		return cpeer{}, false
+	}
 	c = c.Masked()
 	p := cpeer{kind: peerCIDR, cidr: c}
 	ok := true
@@ -122,7 +128,7 @@ func cidrPeer(cidr string, except []string, path *field.Path, errs *field.ErrorL
 			continue
 		}
 		x = x.Masked()
-		if x.Addr().BitLen() != c.Addr().BitLen() || x.Bits() <= c.Bits() || !c.Contains(x.Addr()) {
+		if x.Addr().Is4In6() || x.Addr().BitLen() != c.Addr().BitLen() || x.Bits() <= c.Bits() || !c.Contains(x.Addr()) {
 			*errs = append(*errs, field.Invalid(ep, e, "must be a strict subset of "+cidr))
 			ok = false
 			continue

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"reflect"
 	"slices"
 	"sync"
@@ -14,12 +15,14 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
 	"github.com/bulkhead-io/bulkhead/policy/store"
+	"golang.org/x/time/rate"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -48,7 +51,11 @@ type Config struct {
 	// ProbeInterval is how often the apiserver is asked for its version
 	// while it is reachable (four times as often while it is not).
 	ProbeInterval time.Duration
-	Logger        *slog.Logger
+	// StatusQPS and StatusBurst are the token bucket of this node's
+	// BulkheadPolicy status writes (default 2 per second, bursts of 10).
+	StatusQPS   float64
+	StatusBurst int
+	Logger      *slog.Logger
 }
 
 // Source is the Kubernetes store. It implements the agent's Source.
@@ -58,6 +65,23 @@ type Source struct {
 	mu        sync.Mutex
 	connected bool
 	since     time.Time
+
+	// status writes this node's entry of each BulkheadPolicy's status
+	// (nil without a node name).
+	status *statusWriter
+	// handed are the states handed over and not yet reported, oldest
+	// first, with what the status needs to know of their policies.
+	hmu    sync.Mutex
+	handed []handedState
+	// reported and reportedRejected are what the last report said.
+	reported         *store.Result
+	reportedRejected map[store.PolicyRef]store.Rejection
+}
+
+// handedState is a state handed over, and its BulkheadPolicies.
+type handedState struct {
+	res      *store.Result
+	policies map[types.NamespacedName]policyState
 }
 
 // New returns a Source on the given clients.
@@ -76,7 +100,18 @@ func New(cfg Config) *Source {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Source{cfg: cfg, since: time.Now()}
+	if cfg.StatusQPS <= 0 {
+		cfg.StatusQPS = 2
+	}
+	if cfg.StatusBurst <= 0 {
+		cfg.StatusBurst = 10
+	}
+	s := &Source{cfg: cfg, since: time.Now()}
+	if cfg.NodeName != "" && cfg.Dynamic != nil {
+		s.status = newStatusWriter(cfg.Dynamic.Resource(BulkheadPolicies), cfg.NodeName,
+			rate.NewLimiter(rate.Limit(cfg.StatusQPS), cfg.StatusBurst), cfg.Logger.With("component", "policy-status"))
+	}
+	return s
 }
 
 // RESTConfig is the client configuration of kubeconfig, or the in-cluster
@@ -190,7 +225,7 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		{"namespaces", factory.Core().V1().Namespaces().Informer(), trimMeta},
 		{"pods", factory.Core().V1().Pods().Informer(), TrimPod},
 		{"networkpolicies", factory.Networking().V1().NetworkPolicies().Informer(), trimMeta},
-		{"bulkheadpolicies", dfactory.ForResource(BulkheadPolicies).Informer(), trimMeta},
+		{"bulkheadpolicies", dfactory.ForResource(BulkheadPolicies).Informer(), trimPolicyStatus(s.cfg.NodeName)},
 	}
 	var synced []cache.InformerSynced
 	for _, i := range infs {
@@ -202,7 +237,16 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		if err := i.informer.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) { onWatchErr(name, err) }); err != nil {
 			return fmt.Errorf("%s informer: %w", i.name, err)
 		}
-		if _, err := i.informer.AddEventHandler(handler); err != nil {
+		h := handler
+		if i.name == "bulkheadpolicies" {
+			// Status writes (every node's) change no state.
+			h.UpdateFunc = func(o, n any) {
+				if !statusOnly(o, n) {
+					poke()
+				}
+			}
+		}
+		if _, err := i.informer.AddEventHandler(h); err != nil {
 			return fmt.Errorf("%s informer: %w", i.name, err)
 		}
 		synced = append(synced, i.informer.HasSynced)
@@ -217,6 +261,10 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 	wg.Go(func() { <-ctx.Done(); factory.Shutdown() })
 	wg.Go(func() { <-ctx.Done(); dfactory.Shutdown() })
 	wg.Go(func() { s.probe(ctx) })
+	if s.status != nil {
+		s.status.setCache(c.bhps)
+		wg.Go(func() { s.status.run(ctx) })
+	}
 
 	log.Info("waiting for the informers' initial sync")
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
@@ -225,12 +273,15 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 	s.setConnected(true, nil)
 	b := &builder{lastGood: map[string]*store.Object{}}
 	var last *store.Result
+	var lastPolicies map[types.NamespacedName]policyState
 	hand := func() {
-		res := b.build(c)
-		if last != nil && reflect.DeepEqual(last.Snapshot, res.Snapshot) && sameErrors(last.Rejected, res.Rejected) {
+		res, policies := b.build(c)
+		if last != nil && reflect.DeepEqual(last.Snapshot, res.Snapshot) && sameErrors(last.Rejected, res.Rejected) &&
+			maps.Equal(lastPolicies, policies) {
 			return
 		}
-		last = res
+		last, lastPolicies = res, policies
+		s.handedOver(res, policies)
 		update(res)
 	}
 	// Events of the initial sync are in the caches already.
@@ -303,11 +354,23 @@ type builder struct {
 	lastGood map[string]*store.Object
 }
 
-func (b *builder) build(c caches) *store.Result {
+// policyState is what a state says of one BulkheadPolicy, for its status.
+type policyState struct {
+	uid        types.UID
+	generation int64
+	// enforced is the generation in the state: generation, an earlier
+	// one (the last valid), or 0 (none).
+	enforced int64
+	// invalid says why the store rejected the policy ("": it did not).
+	invalid string
+}
+
+func (b *builder) build(c caches) (*store.Result, map[types.NamespacedName]policyState) {
 	var objs []*store.Object
 	var rejected []error
 	seen := map[string]bool{}
-	add := func(ref, where string, o *store.Object, err error) {
+	// add returns the object's own error, nil when it is in the state.
+	add := func(ref, where string, o *store.Object, err error) error {
 		if err == nil {
 			err = o.Validate()
 		}
@@ -316,15 +379,18 @@ func (b *builder) build(c caches) *store.Result {
 			objs = append(objs, o)
 			b.lastGood[ref] = o
 			seen[ref] = true
-			return
+			return nil
 		}
+		own := err
 		if prev, ok := b.lastGood[ref]; ok {
 			objs = append(objs, prev)
 			seen[ref] = true
 			err = fmt.Errorf("%w (its last valid version stays enforced)", err)
 		}
 		rejected = append(rejected, &store.Error{File: where, Err: err})
+		return own
 	}
+	policies := map[types.NamespacedName]policyState{}
 	for _, obj := range sorted(c.namespaces) {
 		n := obj.(*corev1.Namespace)
 		o, err := store.NamespaceObject(n)
@@ -351,9 +417,22 @@ func (b *builder) build(c caches) *store.Result {
 		err := runtime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(u.Object, &bp, true)
 		var o *store.Object
 		if err == nil {
+			// The agents' status writes change neither: left in, each
+			// would be a new state and a compile on every node.
+			bp.Status = v1alpha1.BulkheadPolicyStatus{}
+			bp.ResourceVersion = ""
 			o = store.BulkheadPolicyObject(&bp)
 		}
-		add(where, where, o, err)
+		st := policyState{uid: u.GetUID(), generation: u.GetGeneration()}
+		if err := add(where, where, o, err); err == nil {
+			st.enforced = st.generation
+		} else {
+			st.invalid = err.Error()
+			if prev := b.lastGood[where]; prev != nil && prev.BulkheadPolicy != nil {
+				st.enforced = prev.BulkheadPolicy.Generation
+			}
+		}
+		policies[types.NamespacedName{Namespace: u.GetNamespace(), Name: u.GetName()}] = st
 	}
 	// Objects deleted from the cluster lose their last good version.
 	for ref := range b.lastGood {
@@ -368,7 +447,7 @@ func (b *builder) build(c caches) *store.Result {
 		rejected = append(rejected, err)
 	}
 	res.Rejected = rejected
-	return res
+	return res, policies
 }
 
 // sorted lists a cache in namespace/name order, for a stable state.

@@ -22,8 +22,13 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/yaml"
 )
 
 // EnvBin names the folder with etcd and kube-apiserver.
@@ -82,7 +87,11 @@ func Start(t testing.TB) *Server {
 		"--etcd-servers", etcdURL,
 		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
 		"--secure-port", strconv.Itoa(s.port), "--cert-dir", filepath.Join(s.dir, "certs"),
-		"--token-auth-file", tokens, "--authorization-mode", "AlwaysAllow",
+		"--token-auth-file", tokens,
+		// RBAC, as on a cluster: the admin token is in system:masters, and
+		// tests can impersonate the agent's service account to check its
+		// ClusterRole.
+		"--authorization-mode", "RBAC",
 		"--service-account-issuer", "https://kubernetes.default.svc",
 		"--service-account-key-file", pubFile, "--service-account-signing-key-file", keyFile,
 		"--service-cluster-ip-range", "10.96.0.0/24",
@@ -93,6 +102,9 @@ func Start(t testing.TB) *Server {
 		// The endpoint reconciler refuses a loopback address, and there
 		// is no service network here for the kubernetes Service anyway.
 		"--endpoint-reconciler-type", "none",
+		// As on every cluster that runs a CNI: the DaemonSet's agent is
+		// privileged, and without this the apiserver refuses it.
+		"--allow-privileged=true",
 	}
 	s.restCfg = &rest.Config{
 		Host: "https://127.0.0.1:" + strconv.Itoa(s.port), BearerToken: token,
@@ -244,4 +256,47 @@ func tail(b []byte, n int) string {
 		b = b[len(b)-n:]
 	}
 	return string(b)
+}
+
+// InstallCRD creates the CustomResourceDefinition in the YAML file at path
+// and waits until its resource is served.
+func (s *Server) InstallCRD(ctx context.Context, path string) {
+	s.t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	var u unstructured.Unstructured
+	if err := yaml.Unmarshal(b, &u.Object); err != nil {
+		s.t.Fatalf("%s: %v", path, err)
+	}
+	dyn, err := dynamic.NewForConfig(s.Config())
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	crds := dyn.Resource(schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"})
+	if _, err := crds.Create(ctx, &u, metav1.CreateOptions{}); err != nil {
+		s.t.Fatalf("create the CRD of %s: %v", path, err)
+	}
+	group, _, _ := unstructured.NestedString(u.Object, "spec", "group")
+	plural, _, _ := unstructured.NestedString(u.Object, "spec", "names", "plural")
+	versions, _, _ := unstructured.NestedSlice(u.Object, "spec", "versions")
+	var version string
+	if len(versions) > 0 {
+		version, _, _ = unstructured.NestedString(versions[0].(map[string]any), "name")
+	}
+	gvr := schema.GroupVersionResource{Group: group, Version: version, Resource: plural}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		// Established can come a moment before the resource is served:
+		// wait for a list to answer.
+		_, err := dyn.Resource(gvr).List(ctx, metav1.ListOptions{})
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("%s not served: %v", gvr, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
