@@ -300,3 +300,17 @@ func (s *Server) InstallCRD(ctx context.Context, path string) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// Kubeconfig writes a kubeconfig with cluster-admin rights for processes
+// (bulkhead-agent --kubeconfig) and returns its path.
+func (s *Server) Kubeconfig() string {
+	s.t.Helper()
+	path := filepath.Join(s.dir, "kubeconfig")
+	cfg := "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {server: \"" + s.restCfg.Host +
+		"\", insecure-skip-tls-verify: true}\nusers:\n- name: admin\n  user: {token: \"" + s.restCfg.BearerToken +
+		"\"}\ncontexts:\n- name: test\n  context: {cluster: test, user: admin}\ncurrent-context: test\n"
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	return path
+}
