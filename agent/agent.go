@@ -91,7 +91,10 @@ type Agent struct {
 	storeNS     map[string]policy.Namespace
 	storePol    map[string]any // "Kind ns/name" → *NetworkPolicy | *BulkheadPolicy
 	appliedPods map[podRef]policy.Pod
-	haveStore   bool
+	// podRetry are pods whose last compile failed: every store state
+	// tries them again.
+	podRetry  map[podRef]bool
+	haveStore bool
 	// reattach holds restored endpoints whose programs are re-attached
 	// (idempotently) after the first apply.
 	reattach []*endpointRecord
@@ -112,6 +115,10 @@ type Agent struct {
 	// the tunnel endpoint accepts peers from them and from the store's
 	// status.hostIPs.
 	nodeAddrs []netip.Addr
+
+	// flowCtx is the flow records' context last published (batch
+	// goroutine); the next one keeps its unchanged identity views.
+	flowCtx *flows.Context
 
 	// attach is dp.Attach for ADDs (tests fail it, as late as an ADD can
 	// fail).
@@ -673,10 +680,15 @@ func (a *Agent) syncPod(ref podRef) error {
 	case !ok && had:
 		a.compiler.DeletePod(ref.ns, ref.name)
 		delete(a.appliedPods, ref)
-	case ok && (!had || !reflect.DeepEqual(want, have)):
+	case ok && (!had || !want.Equal(have)):
 		if _, _, err := a.compiler.UpsertPod(want); err != nil {
+			if a.podRetry == nil {
+				a.podRetry = map[podRef]bool{}
+			}
+			a.podRetry[ref] = true
 			return fmt.Errorf("compile pod %s: %w", ref, err)
 		}
+		delete(a.podRetry, ref)
 		a.appliedPods[ref] = want
 	}
 	// Pods that gained or lost an address by this claim follow.
@@ -794,11 +806,21 @@ func (a *Agent) foldStore(res *store.Result) error {
 		}
 	}
 	a.storePol = pols
+	// Only the pods the store changed: every other input of a pod (its
+	// endpoint, its issued ID, the address claims) syncs it when it
+	// changes.
 	refs := map[podRef]bool{}
-	for r := range pods {
-		refs[r] = true
+	for r, p := range pods {
+		if old, ok := a.storePods[r]; !ok || !old.Equal(p) {
+			refs[r] = true
+		}
 	}
 	for r := range a.storePods {
+		if _, ok := pods[r]; !ok {
+			refs[r] = true
+		}
+	}
+	for r := range a.podRetry {
 		refs[r] = true
 	}
 	a.storePods = pods
@@ -847,7 +869,8 @@ func (a *Agent) publish(ms *policy.MapState) {
 	a.mu.Unlock()
 	v.mtls = a.buildMTLSView(ms, ids, v, a.nodeAddrs)
 	a.view.Store(v)
-	fc := flows.NewContext(ms, infos, v.podAddrs(remote))
+	fc := flows.NewContextFrom(a.flowCtx, ms, infos, v.podAddrs(remote))
+	a.flowCtx = fc
 	fc.Endpoints = v.endpointPods()
 	a.enricher.SetContext(fc)
 	a.metrics.Endpoints.Set(float64(len(v.endpoints)))

@@ -1,7 +1,9 @@
 package policy
 
 import (
+	"maps"
 	"net/netip"
+	"slices"
 
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -63,6 +65,16 @@ type Pod struct {
 	// about. Policy does not use them.
 	UID      string
 	NodeName string
+}
+
+// Equal says whether p and q are the same pod state (reflect.DeepEqual
+// without reflection, except that nil and empty are the same: the agent
+// compares every pod of the store on every change).
+func (p Pod) Equal(q Pod) bool {
+	return p.Namespace == q.Namespace && p.Name == q.Name && p.ServiceAccount == q.ServiceAccount &&
+		p.Endpoint == q.Endpoint && p.SPIFFEID == q.SPIFFEID && p.UID == q.UID && p.NodeName == q.NodeName &&
+		maps.Equal(p.Labels, q.Labels) && slices.Equal(p.Ports, q.Ports) && slices.Equal(p.IPs, q.IPs) &&
+		slices.Equal(p.HostIPs, q.HostIPs)
 }
 
 // NamedPort is a named container port.

@@ -45,6 +45,26 @@ type IdentityView struct {
 	// labelsJSON is Labels encoded once for every record that names the
 	// identity; nil for views not built by NewContext.
 	labelsJSON []byte
+	// src is what the view was made from (nil for reserved identities and
+	// views not built by NewContext).
+	src *viewSource
+}
+
+// viewSource is what of an identity its view shows.
+type viewSource struct {
+	namespace, sa, spiffeID string
+	prefix                  netip.Prefix
+	podLabels               map[string]string
+}
+
+func viewSourceOf(ii policy.IdentityInfo) *viewSource {
+	return &viewSource{namespace: ii.Labels.Namespace, sa: ii.Labels.SA(), spiffeID: ii.SPIFFEID, prefix: ii.Prefix,
+		podLabels: maps.Clone(ii.Labels.PodLabels)}
+}
+
+func (s *viewSource) same(ii policy.IdentityInfo) bool {
+	return s.namespace == ii.Labels.Namespace && s.sa == ii.Labels.SA() && s.spiffeID == ii.SPIFFEID &&
+		s.prefix == ii.Prefix && maps.Equal(s.podLabels, ii.Labels.PodLabels)
 }
 
 // PodName names a pod.
@@ -65,6 +85,14 @@ type Context struct {
 // NewContext builds a Context from a MapState, the compiler's identities
 // and the addresses of known pods.
 func NewContext(ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.Addr]PodName) *Context {
+	return NewContextFrom(nil, ms, ids, pods)
+}
+
+// NewContextFrom is NewContext that keeps prev's view of every identity
+// whose labels did not change: at 10,000 identities, building every view
+// (label strings, their JSON) again was most of a policy change's cost.
+// Views are never changed once made, so two contexts can share them.
+func NewContextFrom(prev *Context, ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.Addr]PodName) *Context {
 	c := &Context{
 		Revision:   ms.Revision,
 		Identities: make(map[identity.NumericID]*IdentityView, len(ids)+2),
@@ -77,7 +105,13 @@ func NewContext(ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.A
 		if ii.ID.IsReserved() {
 			continue // host and world keep their reserved labels above
 		}
-		v := &IdentityView{ID: ii.ID, SPIFFEID: ii.SPIFFEID}
+		if prev != nil {
+			if pv := prev.Identities[ii.ID]; pv != nil && pv.src != nil && pv.src.same(ii) {
+				c.Identities[ii.ID] = pv
+				continue
+			}
+		}
+		v := &IdentityView{ID: ii.ID, SPIFFEID: ii.SPIFFEID, src: viewSourceOf(ii)}
 		if ii.Prefix.IsValid() {
 			v.CIDR = ii.Prefix.String()
 			v.Labels = []string{"cidr:" + v.CIDR, "reserved:world"}
@@ -93,7 +127,9 @@ func NewContext(ms *policy.MapState, ids []policy.IdentityInfo, pods map[netip.A
 		c.Identities[ii.ID] = v
 	}
 	for _, v := range c.Identities {
-		v.labelsJSON = appendLabels(nil, v.Labels)
+		if v.labelsJSON == nil {
+			v.labelsJSON = appendLabels(nil, v.Labels)
+		}
 	}
 	for id, ri := range ms.Rules {
 		c.Rules[id] = &Policy{Name: ri.Name, Namespace: ri.Namespace, Kind: ri.Kind, Revision: ms.Revision,

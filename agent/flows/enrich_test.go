@@ -2,6 +2,7 @@ package flows
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -230,5 +231,27 @@ func TestEnrichForgedSource(t *testing.T) {
 			t.Errorf("%s: ocsf %+v", tc.reason, o)
 		}
 		assertSameJSON(t, 0, f)
+	}
+}
+
+// TestContextFromKeepsUnchangedViews: a new context shares the views of
+// identities whose labels are the same, and makes new ones for those whose
+// labels changed (an identity number reused after its grace period).
+func TestContextFromKeepsUnchangedViews(t *testing.T) {
+	ms := &policy.MapState{Revision: 4}
+	web := policy.IdentityInfo{ID: 300, Labels: identity.Labels{Namespace: "shop", PodLabels: map[string]string{"app": "web"}}}
+	db := policy.IdentityInfo{ID: 301, Labels: identity.Labels{Namespace: "shop", PodLabels: map[string]string{"app": "db"}}}
+	first := NewContext(ms, []policy.IdentityInfo{web, db}, nil)
+	reused := policy.IdentityInfo{ID: 301, Labels: identity.Labels{Namespace: "shop", PodLabels: map[string]string{"app": "cache"}}}
+	next := NewContextFrom(first, ms, []policy.IdentityInfo{web, reused}, nil)
+	if next.Identities[300] != first.Identities[300] {
+		t.Error("the unchanged identity's view was built again")
+	}
+	v := next.Identities[301]
+	if v == first.Identities[301] || !slices.Contains(v.Labels, "k8s:app=cache") || !strings.Contains(string(v.labelsJSON), "app=cache") {
+		t.Errorf("the changed identity keeps its old view: %+v", v)
+	}
+	if !slices.Contains(first.Identities[301].Labels, "k8s:app=db") {
+		t.Error("the earlier context's view changed")
 	}
 }

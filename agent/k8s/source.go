@@ -451,13 +451,23 @@ func (b *builder) build(c caches) (*store.Result, map[types.NamespacedName]polic
 }
 
 // sorted lists a cache in namespace/name order, for a stable state.
+// Each key is made once: made in the comparison, the keys of 10,000 pods
+// were a quarter of a state's build.
 func sorted(s cache.Store) []any {
+	type keyed struct {
+		key string
+		obj any
+	}
 	objs := s.List()
-	slices.SortFunc(objs, func(a, b any) int {
-		ka, _ := cache.MetaNamespaceKeyFunc(a)
-		kb, _ := cache.MetaNamespaceKeyFunc(b)
-		return cmp.Compare(ka, kb)
-	})
+	ks := make([]keyed, len(objs))
+	for i, o := range objs {
+		k, _ := cache.MetaNamespaceKeyFunc(o)
+		ks[i] = keyed{k, o}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int { return cmp.Compare(a.key, b.key) })
+	for i := range ks {
+		objs[i] = ks[i].obj
+	}
 	return objs
 }
 
