@@ -84,8 +84,9 @@ func (s *DirSource) Run(ctx context.Context, update func(*store.Result), fail fu
 		log = slog.New(slog.DiscardHandler)
 	}
 	opt := dirwatch.Options{Debounce: s.Debounce, StoreFile: store.StoreFile, Logger: log}
+	cache := &store.ParseCache{}
 	return dirwatch.Watch(ctx, s.Dir, opt, func(quiet func() bool) bool {
-		res, err := store.Load(s.Dir, store.Options{})
+		res, err := store.Load(s.Dir, store.Options{Cache: cache})
 		if errors.Is(err, store.ErrChanged) {
 			log.Info("store changed while it was read; reading it again", "error", err)
 			return false

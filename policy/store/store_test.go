@@ -348,3 +348,47 @@ status: {podIP: 192.168.0.1, hostIP: 192.168.0.1}
 		t.Fatalf("host-network pod = %+v, want no pod IPs", h)
 	}
 }
+
+// TestLoadCache: a file whose content is unchanged is not parsed again
+// (its objects are the same ones), a changed file is, a removed file's
+// objects are gone, and a file's errors come back with it.
+func TestLoadCache(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("a.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+	write("b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n")
+	cache := &ParseCache{}
+	first, err := Load(dir, Options{Cache: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write("b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: b, labels: {x: y}}\n")
+	second, err := Load(dir, Options{Cache: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Objects[0] != second.Objects[0] {
+		t.Error("the unchanged file was parsed again")
+	}
+	if first.Objects[1] == second.Objects[1] || second.Snapshot.Namespaces[1].Labels["x"] != "y" {
+		t.Errorf("the changed file was not parsed again: %+v", second.Snapshot.Namespaces[1])
+	}
+	if err := os.Remove(filepath.Join(dir, "a.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	write("c.yaml", "kind: Nonsense\n")
+	for range 2 {
+		third, err := Load(dir, Options{Cache: cache})
+		if err == nil || !strings.Contains(err.Error(), "c.yaml") {
+			t.Fatalf("a bad file's error, parsed or cached: %v", err)
+		}
+		if third != nil && len(third.Snapshot.Namespaces) != 1 {
+			t.Fatalf("namespaces after removing a.yaml: %+v", third.Snapshot.Namespaces)
+		}
+	}
+}
