@@ -211,7 +211,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver k8s-cluster build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check

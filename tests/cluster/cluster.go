@@ -64,9 +64,6 @@ const (
 	NetworkName = "bhc"
 )
 
-// tunnelTable is the routing table of the agent's tunnel rule.
-const tunnelTable = "2008"
-
 // The kubelet sets these; teardown puts the machine's values back.
 var kubeletSysctls = []string{"vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"}
 
@@ -98,7 +95,6 @@ type Cluster struct {
 	teardown                         []func()
 	sysctls                          map[string]string
 	hadRunContainerd, hadLogDir      bool
-	hadTunnelRule                    map[string]bool
 }
 
 // proc is a started process; done is closed once it has exited.
@@ -151,13 +147,6 @@ func Start(t testing.TB) *Cluster {
 	t.Cleanup(c.tearDown)
 	c.hadRunContainerd = exists("/run/containerd")
 	c.hadLogDir = exists("/var/log/containers")
-	// The agent's tunnel routing (datapath.EnsureTunnelRouting) is in the
-	// node's network namespace, which is this machine's.
-	c.hadTunnelRule = map[string]bool{}
-	for _, fam := range []string{"-4", "-6"} {
-		out, _ := exec.Command("ip", fam, "rule", "list").Output()
-		c.hadTunnelRule[fam] = strings.Contains(string(out), "lookup "+tunnelTable)
-	}
 
 	// The folder is a shared mount of its own: containerd requires shared
 	// or slave propagation for the agent's HostToContainer and
@@ -647,17 +636,6 @@ func (c *Cluster) tearDown() {
 		}
 	}
 	_ = exec.Command("ip", "addr", "del", NodeIP+"/32", "dev", "lo").Run()
-	for fam, had := range c.hadTunnelRule {
-		if had {
-			continue
-		}
-		for range 4 {
-			if exec.Command("ip", fam, "rule", "del", "lookup", tunnelTable).Run() != nil {
-				break
-			}
-		}
-		_ = exec.Command("ip", fam, "route", "flush", "table", tunnelTable).Run()
-	}
 	for s, v := range c.sysctls {
 		if err := os.WriteFile("/proc/sys/"+s, []byte(v), 0o644); err != nil {
 			errs = append(errs, fmt.Sprintf("restore %s: %v", s, err))

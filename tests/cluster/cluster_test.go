@@ -37,6 +37,13 @@ func TestHelmInstall(t *testing.T) {
 	c.mkdir(images)
 	c.ImportImages(EchoImage(t, images), BulkheadImage(t, images, imageBinDir))
 
+	// kubectl users apply the rendered chart: the apiserver accepts all of
+	// it (CRD, RBAC, DaemonSet) on a dry run.
+	installYAML := filepath.Join(cnichain.RepoRoot(t), "manifests", "install.yaml")
+	if _, err := c.Kubectl("apply", "--dry-run=server", "-f", installYAML); err != nil {
+		t.Fatal(err)
+	}
+
 	// helm install, with the node's folders pointing at the test's.
 	ports := FreePorts(t, 3)
 	runDir, stateDir := filepath.Join(c.Dir, "run-bulkhead"), filepath.Join(c.Dir, "state-bulkhead")
@@ -97,6 +104,18 @@ func TestHelmInstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitReach(t, clientNS, serverIP, false, "after a NetworkPolicy that selects the server with no ingress rule", 60*time.Second)
+	// An apiserver outage changes nothing enforced; afterwards the agent
+	// follows the apiserver again (the next policy).
+	c.StopAPIServer()
+	for range 5 {
+		if reach(clientNS, serverIP) {
+			c.StartAPIServer()
+			t.Fatal("the server is reachable while the apiserver is down")
+		}
+		time.Sleep(time.Second)
+	}
+	c.StartAPIServer()
+	waitReach(t, clientNS, serverIP, false, "after the apiserver's restart", 10*time.Second)
 	if _, err := c.KubectlStdin(allowPolicyYAML("demo", "allow-client"), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
