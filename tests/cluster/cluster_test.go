@@ -35,7 +35,9 @@ func TestHelmInstall(t *testing.T) {
 	t.Logf("cluster up in %v", time.Since(start).Round(time.Second))
 	images := filepath.Join(c.Dir, "images")
 	c.mkdir(images)
-	c.ImportImages(EchoImage(t, images), BulkheadImage(t, images, imageBinDir))
+	// Two tags of the same image: the second is the rollout's.
+	c.ImportImages(EchoImage(t, images))
+	c.ImportImages(BulkheadImage(t, images, imageBinDir, BulkheadRef, BulkheadRef+"-2")...)
 
 	// kubectl users apply the rendered chart: the apiserver accepts all of
 	// it (CRD, RBAC, DaemonSet) on a dry run.
@@ -130,6 +132,87 @@ func TestHelmInstall(t *testing.T) {
 	// A state that removes every policy at once is held back for
 	// --store-shrink-grace (30 s by default) before it is enforced.
 	waitReach(t, clientNS, serverIP, true, "after deleting every policy", 90*time.Second)
+
+	// A BulkheadPolicy, created with kubectl, that lets app=client in on
+	// the HTTP port only; then the client's relabels take it in and out.
+	if _, err := c.KubectlStdin(bulkheadPolicyYAML("demo", "server-http"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, false, "echo port under a BulkheadPolicy that allows HTTP only", 60*time.Second)
+	waitConnect(t, clientNS, serverIP, EchoHTTPPort, true, "HTTP port under that BulkheadPolicy", 60*time.Second)
+	if _, err := c.Kubectl("-n", "demo", "label", "pod", "client", "app=other", "--overwrite"); err != nil {
+		t.Fatal(err)
+	}
+	waitConnect(t, clientNS, serverIP, EchoHTTPPort, false, "HTTP port after relabelling the client out of the policy", 60*time.Second)
+	if _, err := c.Kubectl("-n", "demo", "label", "pod", "client", "app=client", "--overwrite"); err != nil {
+		t.Fatal(err)
+	}
+	waitConnect(t, clientNS, serverIP, EchoHTTPPort, true, "HTTP port after relabelling the client back", 60*time.Second)
+	// The CRD's validation rejects a bad object at the apiserver.
+	bad := strings.Replace(bulkheadPolicyYAML("demo", "bad"), "mode: Enforce", "mode: Sometimes", 1)
+	if out, err := c.KubectlStdin(bad, "apply", "-f", "-"); err == nil || !strings.Contains(string(out), "Unsupported value") {
+		t.Fatalf("a BulkheadPolicy with mode: Sometimes: err %v, output %s", err, out)
+	}
+	if _, err := c.Kubectl("-n", "demo", "delete", "bulkheadpolicy", "server-http"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, true, "after deleting the BulkheadPolicy", 90*time.Second)
+
+	// A DaemonSet rollout to a new image tag keeps enforcement throughout:
+	// a probe loop sees the denied pair denied and the allowed pair
+	// allowed, every time.
+	if _, err := c.KubectlStdin(denyPolicyYAML("demo", "deny-server"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, false, "before the rollout", 60*time.Second)
+	serverNS := podNetNS(t, c, server)
+	clientIP := netip.MustParseAddr(client.Status.PodIP)
+	stop := make(chan struct{})
+	probed := make(chan string)
+	go func() {
+		var n int
+		var changes []string
+		for {
+			select {
+			case <-stop:
+				probed <- fmt.Sprintf("%d probes; verdict changes: %v", n, changes)
+				return
+			default:
+			}
+			n++
+			if reach(clientNS, serverIP) {
+				changes = append(changes, fmt.Sprintf("client->server allowed at %s", time.Now().Format("15:04:05.000")))
+			}
+			if !reach(serverNS, clientIP) {
+				changes = append(changes, fmt.Sprintf("server->client denied at %s", time.Now().Format("15:04:05.000")))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}()
+	oldAgent := agentPod
+	if _, err := c.Helm("upgrade", "bulkhead", chart, "-n", "kube-system", "--reuse-values", "--set", "image.tag="+tag+"-2"); err != nil {
+		close(stop)
+		t.Fatal(err)
+	}
+	_, rerr := c.Kubectl("-n", "kube-system", "rollout", "status", "daemonset/bulkhead", "--timeout", "4m")
+	newAgent := waitAgentReady(t, c, 4*time.Minute)
+	time.Sleep(3 * time.Second)
+	close(stop)
+	result := <-probed
+	if rerr != nil {
+		t.Fatal(rerr)
+	}
+	if newAgent == oldAgent {
+		t.Fatalf("the rollout did not replace the agent's pod %s", oldAgent)
+	}
+	t.Logf("rollout %s -> %s: %s", oldAgent, newAgent, result)
+	if !strings.HasSuffix(result, "verdict changes: []") {
+		t.Errorf("enforcement changed during the rollout: %s", result)
+	}
+	if _, err := c.Kubectl("-n", "demo", "delete", "networkpolicy", "deny-server"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, true, "after the rollout and deleting every policy", 90*time.Second)
 
 	// Uninstall as the chart's README says.
 	if _, err := c.Helm("upgrade", "bulkhead", chart, "-n", "kube-system", "--reuse-values", "--set", "cni.uninstall=true"); err != nil {
@@ -332,6 +415,21 @@ spec:
 `, name, namespace, EchoTCPPort)
 }
 
+func bulkheadPolicyYAML(namespace, name string) string {
+	return fmt.Sprintf(`apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadPolicy
+metadata:
+  name: %s
+  namespace: %s
+spec:
+  selector: {podSelector: {matchLabels: {app: server}}}
+  mode: Enforce
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: %d, protocol: TCP}]
+`, name, namespace, EchoHTTPPort)
+}
+
 // waitAgentReady waits for the DaemonSet's one pod to be Ready and returns
 // its name.
 func waitAgentReady(t *testing.T, c *Cluster, timeout time.Duration) string {
@@ -448,12 +546,33 @@ func podNetNS(t *testing.T, c *Cluster, p *corev1.Pod) ns.NetNS {
 // reach reports whether a TCP echo round trip from inside from to the
 // server's echo port works.
 func reach(from ns.NetNS, to netip.Addr) bool {
-	conn, err := tnetns.Dial(from, "tcp4", to, EchoTCPPort, 2*time.Second)
+	conn, err := tnetns.Dial(from, "tcp4", to, EchoTCPPort, time.Second)
 	if err != nil {
 		return false
 	}
 	defer conn.Close()
-	return tnetns.Echo(conn, 2*time.Second)
+	return tnetns.Echo(conn, time.Second)
+}
+
+// waitConnect polls until a TCP connect from inside from to to:port
+// succeeding is want.
+func waitConnect(t *testing.T, from ns.NetNS, to netip.Addr, port int, want bool, what string, timeout time.Duration) {
+	t.Helper()
+	start := time.Now()
+	for {
+		conn, err := tnetns.Dial(from, "tcp4", to, port, time.Second)
+		if err == nil {
+			conn.Close()
+		}
+		if (err == nil) == want {
+			t.Logf("%s: connects=%v after %v", what, want, time.Since(start).Round(10*time.Millisecond))
+			return
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("%s: connects is not %v after %v (%v)", what, want, timeout, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // waitReach polls until reachability is want, and fails the test after

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,8 +59,8 @@ func EchoImage(t testing.TB, dir string) string {
 // BulkheadImage is Bulkhead's image: bulkhead-agent, bulkhead-cni and
 // bulkhead in binDir (the chart's image.binDir), built static from this
 // checkout (bin/'s bulkhead-agent links libc, which an image from scratch
-// does not have).
-func BulkheadImage(t testing.TB, dir, binDir string) string {
+// does not have). It writes one archive per ref, all of the same image.
+func BulkheadImage(t testing.TB, dir, binDir string, refs ...string) []string {
 	t.Helper()
 	files := map[string]string{}
 	for _, b := range []string{"bulkhead-agent", "bulkhead-cni", "bulkhead"} {
@@ -67,7 +68,11 @@ func BulkheadImage(t testing.TB, dir, binDir string) string {
 		goBuild(t, "./cmd/"+b, p)
 		files[filepath.Join(binDir, b)] = p
 	}
-	out := filepath.Join(dir, "bulkhead.tar")
-	WriteArchive(t, Image{Ref: BulkheadRef, Files: files, Entrypoint: []string{filepath.Join(binDir, "bulkhead-agent")}}, out)
+	var out []string
+	for i, ref := range refs {
+		a := filepath.Join(dir, fmt.Sprintf("bulkhead-%d.tar", i))
+		WriteArchive(t, Image{Ref: ref, Files: files, Entrypoint: []string{filepath.Join(binDir, "bulkhead-agent")}}, a)
+		out = append(out, a)
+	}
 	return out
 }
