@@ -23,8 +23,6 @@ ETCD_VERSION := v3.7.4
 K8S_BIN      := $(CACHE)/k8s-$(K8S_VERSION)
 K8S_LDFLAGS  := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
                 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37
-# Helm for the chart's tests and for rendering manifests/install.yaml, built
-# from the tools module tests/tools/helm (its go.mod pins this version).
 # The rest of a real single-node cluster for tests/cluster: kubelet, kubectl,
 # kube-controller-manager and kube-scheduler into $(K8S_BIN) beside
 # kube-apiserver (from the same tools module; their own marker, so that a
@@ -36,6 +34,8 @@ CONTAINERD_VERSION := v2.4.2
 CONTAINERD_BIN := $(CACHE)/containerd-$(CONTAINERD_VERSION)
 RUNC_VERSION := v1.5.2
 RUNC_BIN     := $(CACHE)/runc-$(RUNC_VERSION)
+# Helm for the chart's tests and for rendering manifests/install.yaml, built
+# from the tools module tests/tools/helm (its go.mod pins this version).
 HELM_VERSION := v3.22.1
 HELM_BIN     := $(CACHE)/helm-$(HELM_VERSION)
 HELM         := $(HELM_BIN)/helm
@@ -170,8 +170,9 @@ $(K8S_BIN)/.done:
 ## k8s-cluster: everything tests/cluster runs, built once each: kube-apiserver
 ## and etcd (k8s-apiserver), kubelet, kubectl, kube-controller-manager and
 ## kube-scheduler into $(K8S_BIN), containerd with ctr and its runc shim into
-## $(CONTAINERD_BIN), runc into $(RUNC_BIN).
-k8s-cluster: $(K8S_BIN)/.cluster-done $(CONTAINERD_BIN)/.done $(RUNC_BIN)/.done
+## $(CONTAINERD_BIN), runc into $(RUNC_BIN); and the CNI plugins and helm it
+## also runs.
+k8s-cluster: $(K8S_BIN)/.cluster-done $(CONTAINERD_BIN)/.done $(RUNC_BIN)/.done cni-plugins helm
 $(K8S_BIN)/.cluster-done: | $(K8S_BIN)/.done
 	@grep -Eq '^(require)?[[:space:]]*k8s.io/kubernetes $(K8S_VERSION)( |$$)' tests/tools/k8s/go.mod || \
 	  { echo "tests/tools/k8s/go.mod does not pin k8s.io/kubernetes $(K8S_VERSION)"; exit 1; }
