@@ -158,6 +158,25 @@ func TestHelmInstall(t *testing.T) {
 	}
 	waitReach(t, clientNS, serverIP, true, "after deleting the BulkheadPolicy", 90*time.Second)
 
+	// A NetworkPolicy that lets in pods of namespaces labelled team=a:
+	// labelling the client's namespace takes it in, unlabelling takes it
+	// out again.
+	if _, err := c.KubectlStdin(nsPolicyYAML("demo", "team-a"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, false, "under a policy for namespaces labelled team=a", 60*time.Second)
+	if _, err := c.Kubectl("label", "namespace", "demo", "team=a"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, true, "after labelling the namespace team=a", 60*time.Second)
+	if _, err := c.Kubectl("label", "namespace", "demo", "team-"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, clientNS, serverIP, false, "after removing the namespace's label", 60*time.Second)
+	if _, err := c.Kubectl("-n", "demo", "delete", "networkpolicy", "team-a"); err != nil {
+		t.Fatal(err)
+	}
+
 	// A DaemonSet rollout to a new image tag keeps enforcement throughout:
 	// a probe loop sees the denied pair denied and the allowed pair
 	// allowed, every time.
@@ -413,6 +432,23 @@ spec:
     ports:
     - {protocol: TCP, port: %d}
 `, name, namespace, EchoTCPPort)
+}
+
+func nsPolicyYAML(namespace, name string) string {
+	return fmt.Sprintf(`apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: %s
+  namespace: %s
+spec:
+  podSelector:
+    matchLabels: {app: server}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - namespaceSelector:
+        matchLabels: {team: a}
+`, name, namespace)
 }
 
 func bulkheadPolicyYAML(namespace, name string) string {
