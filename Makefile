@@ -23,6 +23,17 @@ ETCD_VERSION := v3.7.4
 K8S_BIN      := $(CACHE)/k8s-$(K8S_VERSION)
 K8S_LDFLAGS  := -s -w -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
                 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37
+# The rest of a real single-node cluster for tests/cluster: kubelet, kubectl,
+# kube-controller-manager and kube-scheduler into $(K8S_BIN) beside
+# kube-apiserver (from the same tools module; their own marker, so that a
+# folder made by k8s-apiserver alone is not taken for a full one), and
+# containerd and runc from the tools modules tests/tools/containerd and
+# tests/tools/runc (their go.mod files pin these versions).
+K8S_CLUSTER_CMDS := kubelet kubectl kube-controller-manager kube-scheduler
+CONTAINERD_VERSION := v2.4.2
+CONTAINERD_BIN := $(CACHE)/containerd-$(CONTAINERD_VERSION)
+RUNC_VERSION := v1.5.2
+RUNC_BIN     := $(CACHE)/runc-$(RUNC_VERSION)
 # Helm for the chart's tests and for rendering manifests/install.yaml, built
 # from the tools module tests/tools/helm (its go.mod pins this version).
 HELM_VERSION := v3.22.1
@@ -31,7 +42,8 @@ HELM         := $(HELM_BIN)/helm
 CHART        := manifests/helm/bulkhead
 # iperf3 and nsenter (util-linux) run the mTLS benchmarks inside pods;
 # socat is their plain relay between the nodes.
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux socat
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iperf3 ethtool procps gcc util-linux socat \
+                libseccomp-dev
 BPFFS        := /sys/fs/bpf
 # Fuzz targets run this many iterations each in `make test`.
 FUZZ_ITERS   ?= 3000
@@ -43,8 +55,10 @@ export BULKHEAD_CNI_BIN := $(CNI_BIN)
 export BULKHEAD_SPIRE_BIN := $(SPIRE_BIN)
 export BULKHEAD_HELM_BIN := $(HELM_BIN)
 export BULKHEAD_K8S_BIN := $(K8S_BIN)
+export BULKHEAD_CONTAINERD_BIN := $(CONTAINERD_BIN)
+export BULKHEAD_RUNC_BIN := $(RUNC_BIN)
 
-.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm k8s-apiserver test test-unit \
+.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm k8s-apiserver k8s-cluster test test-unit \
         vet staticcheck fuzz bench bench-mtls demo demo-check clean
 
 all: build
@@ -94,13 +108,14 @@ check-generated: deps helm
 		echo "run 'make generate' and commit them"; exit 1; fi; \
 	echo "generated files are up to date"
 
-## build: the binaries, into bin/. bulkhead-cni is static (CGO_ENABLED=0), as
-## the reference plugins are: the runtime starts it for every CNI call, and a
-## dynamically linked one spends about 0.5 ms more in the loader on each.
+## build: the binaries, into bin/, static (CGO_ENABLED=0): bulkhead-cni as the
+## reference plugins are (the runtime starts it for every CNI call, and a
+## dynamically linked one spends about 0.5 ms more in the loader on each), and
+## the agent so that an image from scratch can run it. -trimpath, as the
+## cluster tier's image build uses, so that build finds everything cached.
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ $$($(GO) list ./cmd/... | grep -v '/cmd/bulkhead-cni$$')
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/bulkhead-cni
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
 
 ## cni-plugins: the reference CNI plugins and cnitool, built once into $(CACHE).
 cni-plugins: $(CNI_BIN)/.done
@@ -153,6 +168,34 @@ $(K8S_BIN)/.done:
 	  -o $(K8S_BIN)/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 	@touch $@
 
+## k8s-cluster: everything tests/cluster runs, built once each: kube-apiserver
+## and etcd (k8s-apiserver), kubelet, kubectl, kube-controller-manager and
+## kube-scheduler into $(K8S_BIN), containerd with ctr and its runc shim into
+## $(CONTAINERD_BIN), runc into $(RUNC_BIN); and the CNI plugins and helm it
+## also runs.
+k8s-cluster: $(K8S_BIN)/.cluster-done $(CONTAINERD_BIN)/.done $(RUNC_BIN)/.done cni-plugins helm
+$(K8S_BIN)/.cluster-done: | $(K8S_BIN)/.done
+	@grep -Eq '^(require)?[[:space:]]*k8s.io/kubernetes $(K8S_VERSION)( |$$)' tests/tools/k8s/go.mod || \
+	  { echo "tests/tools/k8s/go.mod does not pin k8s.io/kubernetes $(K8S_VERSION)"; exit 1; }
+	cd tests/tools/k8s && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(K8S_LDFLAGS)' \
+	  -o $(K8S_BIN)/ $(addprefix k8s.io/kubernetes/cmd/,$(K8S_CLUSTER_CMDS))
+	@touch $@
+$(CONTAINERD_BIN)/.done:
+	@grep -Eq '^(require)?[[:space:]]*github.com/containerd/containerd/v2 $(CONTAINERD_VERSION)( |$$)' tests/tools/containerd/go.mod || \
+	  { echo "tests/tools/containerd/go.mod does not pin github.com/containerd/containerd/v2 $(CONTAINERD_VERSION)"; exit 1; }
+	@mkdir -p $(CONTAINERD_BIN)
+	cd tests/tools/containerd && CGO_ENABLED=0 $(GO) build -trimpath -tags no_btrfs \
+	  -ldflags '-s -w -X github.com/containerd/containerd/v2/version.Version=$(CONTAINERD_VERSION)' -o $(CONTAINERD_BIN)/ \
+	  $(addprefix github.com/containerd/containerd/v2/cmd/,containerd ctr containerd-shim-runc-v2)
+	@touch $@
+$(RUNC_BIN)/.done: | deps
+	@grep -Eq '^(require)?[[:space:]]*github.com/opencontainers/runc $(RUNC_VERSION)( |$$)' tests/tools/runc/go.mod || \
+	  { echo "tests/tools/runc/go.mod does not pin github.com/opencontainers/runc $(RUNC_VERSION)"; exit 1; }
+	@mkdir -p $(RUNC_BIN)
+	cd tests/tools/runc && CGO_ENABLED=1 $(GO) build -trimpath -tags 'seccomp urfave_cli_no_docs' \
+	  -ldflags '-s -w -X main.version=$(patsubst v%,%,$(RUNC_VERSION))' -o $(RUNC_BIN)/runc github.com/opencontainers/runc
+	@touch $@
+
 vet:
 	$(GO) vet ./...
 
@@ -170,7 +213,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver build vet staticcheck
+test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver k8s-cluster build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check

@@ -310,7 +310,7 @@ func (s scaleSet) yaml(b *testing.B) string {
 }
 
 // populate creates the set in the apiserver, 16 requests at a time.
-func populate(b *testing.B, cs *kubernetes.Clientset, s scaleSet) {
+func populate(b testing.TB, cs *kubernetes.Clientset, s scaleSet) {
 	b.Helper()
 	ctx := context.Background()
 	for _, n := range s.nss {
