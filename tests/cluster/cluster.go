@@ -62,6 +62,9 @@ const (
 	PrimaryConflist = "10-bhc.conflist"
 	// NetworkName is the primary conflist's network name.
 	NetworkName = "bhc"
+	// cniCacheDir is libcni's cache on the host, where containerd keeps
+	// its attachments' results (and the agent reads them, for adoption).
+	cniCacheDir = "/var/lib/cni"
 )
 
 // The kubelet sets these; teardown puts the machine's values back.
@@ -94,6 +97,7 @@ type Cluster struct {
 	procs                            map[string]*proc
 	teardown                         []func()
 	sysctls                          map[string]string
+	hadCNICache                      bool
 	hadRunContainerd, hadLogDir      bool
 }
 
@@ -147,6 +151,7 @@ func Start(t testing.TB) *Cluster {
 	t.Cleanup(c.tearDown)
 	c.hadRunContainerd = exists("/run/containerd")
 	c.hadLogDir = exists("/var/log/containers")
+	c.hadCNICache = exists(cniCacheDir)
 
 	// The folder is a shared mount of its own: containerd requires shared
 	// or slave propagation for the agent's HostToContainer and
@@ -652,6 +657,16 @@ func (c *Cluster) tearDown() {
 		if !c.hadLogDir {
 			_ = os.Remove("/var/log/containers")
 		}
+	}
+	// containerd's libcni keeps its result cache in /var/lib/cni whatever
+	// the CNI folders: one file per attachment of this network.
+	if files, err := filepath.Glob(filepath.Join(cniCacheDir, "results", NetworkName+"-*")); err == nil {
+		for _, f := range files {
+			_ = os.Remove(f)
+		}
+	}
+	if !c.hadCNICache {
+		_ = os.RemoveAll(cniCacheDir)
 	}
 	// The shims' sockets are under /run/containerd/s whatever the state
 	// folder; they go with the shims.

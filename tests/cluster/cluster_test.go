@@ -8,11 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 	tnetns "github.com/bulkhead-io/bulkhead/tests/netns"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -45,6 +47,14 @@ func TestHelmInstall(t *testing.T) {
 	if _, err := c.Kubectl("apply", "--dry-run=server", "-f", installYAML); err != nil {
 		t.Fatal(err)
 	}
+
+	// Pods that run before the install: the agent adopts them, with no
+	// restart.
+	if _, err := c.KubectlStdin(podsYAML("early", "server", "client"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	earlyServer := waitPodReady(t, c, "early", "server", 3*time.Minute)
+	earlyClient := waitPodReady(t, c, "early", "client", 3*time.Minute)
 
 	// helm install, with the node's folders pointing at the test's.
 	ports := FreePorts(t, 3)
@@ -89,6 +99,31 @@ func TestHelmInstall(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(c.CNIBinDir, "bulkhead-cni")); err != nil {
 		t.Fatalf("bulkhead-cni not installed: %v", err)
+	}
+
+	// Adoption: the pods that ran before the install are endpoints of
+	// the agent, under containerd's own sandbox IDs (from libcni's cache),
+	// and a policy on them is enforced, while their containers run on.
+	agentAPI := api.NewClient(api.ClientConfig{Socket: filepath.Join(runDir, "agent.sock"), Timeout: 5 * time.Second})
+	defer agentAPI.Close()
+	waitAdopted(t, agentAPI, "early", []string{"client", "server"}, 2*time.Minute)
+	earlyClientNS := podNetNS(t, c, earlyClient)
+	earlyServerIP := netip.MustParseAddr(earlyServer.Status.PodIP)
+	waitReach(t, earlyClientNS, earlyServerIP, true, "between adopted pods before any policy", 60*time.Second)
+	if _, err := c.KubectlStdin(denyPolicyYAML("early", "deny-server"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	waitReach(t, earlyClientNS, earlyServerIP, false, "after a NetworkPolicy on a pod that ran before the install", 60*time.Second)
+	for _, before := range []*corev1.Pod{earlyServer, earlyClient} {
+		now, err := c.Client.CoreV1().Pods("early").Get(context.Background(), before.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		was, is := before.Status.ContainerStatuses[0], now.Status.ContainerStatuses[0]
+		if now.UID != before.UID || is.ContainerID != was.ContainerID || is.RestartCount != was.RestartCount {
+			t.Fatalf("early/%s was restarted to be enforced: container %s (%d restarts), was %s (%d)",
+				before.Name, is.ContainerID, is.RestartCount, was.ContainerID, was.RestartCount)
+		}
 	}
 
 	// Pods the scheduler places, through ptp and bulkhead-cni.
@@ -299,6 +334,33 @@ func TestHelmInstall(t *testing.T) {
 
 // waitEvent waits for an event of the pod with reason whose message
 // contains substr, and returns the message.
+// waitAdopted waits until the agent lists the pods of namespace as adopted
+// endpoints keyed by containerd's sandbox IDs (not synthetic ones).
+func waitAdopted(t *testing.T, c *api.Client, namespace string, names []string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for {
+		l, err := c.ListEndpoints(context.Background())
+		var got []string
+		for _, e := range l.Endpoints {
+			if e.Pod.Namespace == namespace && e.Adopted && !strings.HasPrefix(e.ContainerID, "adopted-") {
+				got = append(got, e.Pod.Name)
+			}
+		}
+		slices.Sort(got)
+		if slices.Equal(got, names) {
+			return
+		}
+		last = fmt.Sprintf("adopted %v (error %v)", got, err)
+		if time.Now().After(deadline) {
+			st, _ := c.Status(context.Background())
+			t.Fatalf("pods of %s not adopted after %v: %s; unadopted: %+v", namespace, timeout, last, st.Unadopted)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
 func waitEvent(t *testing.T, c *Cluster, namespace, pod, reason, substr string, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
