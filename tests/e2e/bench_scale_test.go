@@ -398,4 +398,3 @@ func (e *env) hasLabelledIdentity() bool {
 	}
 	return false
 }
-
