@@ -140,10 +140,9 @@ func BenchmarkAgentAtScale(b *testing.B) {
 }
 
 type scaleResult struct {
-	ready          time.Duration
-	hwm, rss       float64
-	p50, p99       time.Duration
-	lists, watches float64
+	ready    time.Duration
+	hwm, rss float64
+	p50, p99 time.Duration
 }
 
 // measureAgent starts the agent, times it to its first enforced state, reads
