@@ -31,6 +31,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/tests/kubeapi"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
@@ -235,7 +236,7 @@ func (c *Cluster) startControlPlane() {
 	token := randomHex(t)
 	c.writeFile(filepath.Join(pki, "tokens.csv"), []byte(token+",admin,admin,system:masters\n"))
 
-	ports := freePorts(t, 5)
+	ports := FreePorts(t, 5)
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(ports[0])
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
 	c.APIPort = ports[2]
@@ -402,7 +403,7 @@ func (c *Cluster) ImportImages(archives ...string) {
 func (c *Cluster) startKubelet() {
 	dir := filepath.Join(c.Dir, "kubelet")
 	c.mkdir(dir)
-	port := freePorts(c.t, 1)[0]
+	port := FreePorts(c.t, 1)[0]
 	resolv := filepath.Join(c.Dir, "resolv.conf")
 	c.writeFile(resolv, []byte("nameserver 127.0.0.1\n"))
 	conf := filepath.Join(c.Dir, "kubelet.yaml")
@@ -892,27 +893,8 @@ func pemKey(k *rsa.PrivateKey) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(k)})
 }
 
-// freePorts picks n loopback ports that are free now.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	var out []int
-	var lns []net.Listener
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-		out = append(out, ln.Addr().(*net.TCPAddr).Port)
-	}
-	for _, ln := range lns {
-		ln.Close()
-	}
-	return out
-}
-
 // FreePorts picks n ports that are free on loopback now.
-func FreePorts(t testing.TB, n int) []int { return freePorts(t, n) }
+func FreePorts(t testing.TB, n int) []int { return kubeapi.FreePorts(t, n) }
 
 func randomHex(t testing.TB) string {
 	b := make([]byte, 16)

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 )
 
@@ -237,16 +238,7 @@ spec:
 // adopted lists the pods of the adopted endpoints, sorted.
 func (e *env) adopted(t *testing.T) []string {
 	t.Helper()
-	l, err := e.client.ListEndpoints(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, ep := range l.Endpoints {
-		if ep.Adopted {
-			out = append(out, ep.Pod.Namespace+"/"+ep.Pod.Name)
-		}
-	}
+	out := e.endpointPods(t, func(ep api.EndpointInfo) bool { return ep.Adopted })
 	slices.Sort(out)
 	return out
 }

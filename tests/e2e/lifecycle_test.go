@@ -18,6 +18,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 
+	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 )
 
@@ -61,7 +62,14 @@ func testSpecVersions(t *testing.T, primary string) {
 	}
 }
 
+// endpoints lists the pods of the agent's endpoints, in its order.
 func (e *env) endpoints(t *testing.T) []string {
+	t.Helper()
+	return e.endpointPods(t, func(api.EndpointInfo) bool { return true })
+}
+
+// endpointPods lists the pods of the endpoints that keep holds for.
+func (e *env) endpointPods(t *testing.T, keep func(api.EndpointInfo) bool) []string {
 	t.Helper()
 	l, err := e.client.ListEndpoints(context.Background())
 	if err != nil {
@@ -69,7 +77,9 @@ func (e *env) endpoints(t *testing.T) []string {
 	}
 	var out []string
 	for _, ep := range l.Endpoints {
-		out = append(out, ep.Pod.Namespace+"/"+ep.Pod.Name)
+		if keep(ep) {
+			out = append(out, ep.Pod.Namespace+"/"+ep.Pod.Name)
+		}
 	}
 	return out
 }

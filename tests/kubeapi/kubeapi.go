@@ -66,7 +66,7 @@ func Start(t testing.TB) *Server {
 		}
 	}
 	s := &Server{t: t, bin: bin, dir: t.TempDir()}
-	ports := freePorts(t, 3)
+	ports := FreePorts(t, 3)
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(ports[0])
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
 	s.port = ports[2]
@@ -224,8 +224,8 @@ func (s *Server) serviceAccountKeys() (key, pub string) {
 	return key, pub
 }
 
-// freePorts picks n loopback ports that are free now.
-func freePorts(t testing.TB, n int) []int {
+// FreePorts picks n loopback ports that are free now.
+func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
 	var out []int
 	var lns []net.Listener
