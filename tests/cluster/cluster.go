@@ -66,6 +66,9 @@ const (
 	// cniCacheDir is libcni's cache on the host, where containerd keeps
 	// its attachments' results (and the agent reads them, for adoption).
 	cniCacheDir = "/var/lib/cni"
+	// kubeletHostDir holds the kubelet's device-plugin socket whatever its
+	// --root-dir.
+	kubeletHostDir = "/var/lib/kubelet"
 )
 
 // The kubelet sets these; teardown puts the machine's values back.
@@ -98,7 +101,7 @@ type Cluster struct {
 	procs                            map[string]*proc
 	teardown                         []func()
 	sysctls                          map[string]string
-	hadCNICache                      bool
+	hadCNICache, hadKubeletDir       bool
 	hadRunContainerd, hadLogDir      bool
 }
 
@@ -153,6 +156,7 @@ func Start(t testing.TB) *Cluster {
 	c.hadRunContainerd = exists("/run/containerd")
 	c.hadLogDir = exists("/var/log/containers")
 	c.hadCNICache = exists(cniCacheDir)
+	c.hadKubeletDir = exists(kubeletHostDir)
 
 	// The folder is a shared mount of its own: containerd requires shared
 	// or slave propagation for the agent's HostToContainer and
@@ -668,6 +672,13 @@ func (c *Cluster) tearDown() {
 	}
 	if !c.hadCNICache {
 		_ = os.RemoveAll(cniCacheDir)
+	}
+	// The kubelet's device-plugin socket is in /var/lib/kubelet whatever
+	// its --root-dir.
+	if c.hadKubeletDir {
+		_ = os.Remove(filepath.Join(kubeletHostDir, "device-plugins", "kubelet.sock"))
+	} else {
+		_ = os.RemoveAll(kubeletHostDir)
 	}
 	// The shims' sockets are under /run/containerd/s whatever the state
 	// folder; they go with the shims.
