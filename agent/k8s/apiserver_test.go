@@ -205,7 +205,7 @@ func podsOf(r *store.Result, ns string) []string {
 
 // applyCRD creates the BulkheadPolicy CRD from manifests/crds and waits
 // until it is served.
-func applyCRD(ctx context.Context, t *testing.T, dyn dynamic.Interface) {
+func applyCRD(ctx context.Context, t testing.TB, dyn dynamic.Interface) {
 	t.Helper()
 	b, err := os.ReadFile(crdPath)
 	if err != nil {

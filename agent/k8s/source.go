@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/http"
 	"reflect"
 	"slices"
 	"sync"
@@ -19,13 +20,14 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -51,6 +53,13 @@ type Config struct {
 	// ProbeInterval is how often the apiserver is asked for its version
 	// while it is reachable (four times as often while it is not).
 	ProbeInterval time.Duration
+	// Probe asks for the version (default Client's discovery). It must not
+	// wait for the apiserver: it is what says the apiserver is away.
+	Probe discovery.ServerVersionInterfaceWithContext
+	// ReconnectInterval is how often a read that cannot reach the
+	// apiserver tries again (NewForConfig; default 250 ms; negative: not
+	// at all, client-go's backoff alone).
+	ReconnectInterval time.Duration
 	// StatusQPS and StatusBurst are the token bucket of this node's
 	// BulkheadPolicy status writes (default 2 per second, bursts of 10).
 	StatusQPS   float64
@@ -100,6 +109,9 @@ func New(cfg Config) *Source {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Probe == nil && cfg.Client != nil {
+		cfg.Probe = cfg.Client.Discovery()
+	}
 	if cfg.StatusQPS <= 0 {
 		cfg.StatusQPS = 2
 	}
@@ -135,14 +147,32 @@ func RESTConfig(kubeconfig string) (*rest.Config, error) {
 func NewForConfig(rc *rest.Config, cfg Config) (*Source, error) {
 	rc = rest.CopyConfig(rc)
 	rc.UserAgent = "bulkhead-agent"
-	var err error
+	probe, err := discovery.NewDiscoveryClientForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes discovery client: %w", err)
+	}
+	cfg.Probe = probe
+	if cfg.ReconnectInterval == 0 {
+		cfg.ReconnectInterval = 250 * time.Millisecond
+	}
+	var s *Source
+	if cfg.ReconnectInterval > 0 {
+		rc.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+			return &waitTransport{next: rt, interval: cfg.ReconnectInterval, waiting: func(err error) {
+				if s != nil {
+					s.setConnected(false, err)
+				}
+			}}
+		})
+	}
 	if cfg.Client, err = kubernetes.NewForConfig(rc); err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	if cfg.Dynamic, err = dynamic.NewForConfig(rc); err != nil {
 		return nil, fmt.Errorf("kubernetes dynamic client: %w", err)
 	}
-	return New(cfg), nil
+	s = New(cfg)
+	return s, nil
 }
 
 func (s *Source) String() string { return "kubernetes" }
@@ -214,18 +244,41 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		}
 	}
 
-	factory := informers.NewSharedInformerFactory(s.cfg.Client, 0)
-	dfactory := dynamicinformer.NewDynamicSharedInformerFactory(s.cfg.Dynamic, 0)
 	type inf struct {
 		name      string
 		informer  cache.SharedIndexInformer
 		transform cache.TransformFunc
 	}
+	cs, bhps := s.cfg.Client, s.cfg.Dynamic.Resource(BulkheadPolicies)
 	infs := []inf{
-		{"namespaces", factory.Core().V1().Namespaces().Informer(), trimMeta},
-		{"pods", factory.Core().V1().Pods().Informer(), TrimPod},
-		{"networkpolicies", factory.Networking().V1().NetworkPolicies().Informer(), trimMeta},
-		{"bulkheadpolicies", dfactory.ForResource(BulkheadPolicies).Informer(), trimPolicyStatus(s.cfg.NodeName)},
+		{"namespaces", s.informer(cs, &corev1.Namespace{},
+			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return cs.CoreV1().Namespaces().List(ctx, o)
+			},
+			func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return cs.CoreV1().Namespaces().Watch(ctx, o)
+			}),
+			trimMeta},
+		{"pods", s.informer(cs, &corev1.Pod{},
+			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return cs.CoreV1().Pods("").List(ctx, o)
+			},
+			func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return cs.CoreV1().Pods("").Watch(ctx, o)
+			}),
+			TrimPod},
+		{"networkpolicies", s.informer(cs, &networkingv1.NetworkPolicy{},
+			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return cs.NetworkingV1().NetworkPolicies("").List(ctx, o)
+			},
+			func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return cs.NetworkingV1().NetworkPolicies("").Watch(ctx, o)
+			}),
+			trimMeta},
+		{"bulkheadpolicies", s.informer(s.cfg.Dynamic, &unstructured.Unstructured{},
+			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return bhps.List(ctx, o) },
+			func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return bhps.Watch(ctx, o) }),
+			trimPolicyStatus(s.cfg.NodeName)},
 	}
 	var synced []cache.InformerSynced
 	for _, i := range infs {
@@ -256,10 +309,9 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel() // runs before wg.Wait: the informers and the probe stop
-	factory.Start(ctx.Done())
-	dfactory.Start(ctx.Done())
-	wg.Go(func() { <-ctx.Done(); factory.Shutdown() })
-	wg.Go(func() { <-ctx.Done(); dfactory.Shutdown() })
+	for _, i := range infs {
+		wg.Go(func() { i.informer.RunWithContext(ctx) })
+	}
 	wg.Go(func() { s.probe(ctx) })
 	if s.status != nil {
 		s.status.setCache(c.bhps)
@@ -322,6 +374,19 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 	}
 }
 
+// informer is a shared informer of one kind, from its list and watch
+// calls on client. Its watches resume across an apiserver restart unless
+// ReconnectInterval is negative (see resuming).
+func (s *Source) informer(client any, obj runtime.Object,
+	list func(context.Context, metav1.ListOptions) (runtime.Object, error), w watchFunc) cache.SharedIndexInformer {
+	if s.cfg.ReconnectInterval > 0 {
+		w = resuming(w, s.cfg.ReconnectInterval)
+	}
+	lw := &cache.ListWatch{ListWithContextFunc: list, WatchFuncWithContext: cache.WatchFuncWithContext(w)}
+	return cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, client), obj,
+		cache.SharedIndexInformerOptions{})
+}
+
 // probe asks the apiserver for its version now and then: a watch that
 // fails says the apiserver went away, but only an answer says it is back.
 func (s *Source) probe(ctx context.Context) {
@@ -337,7 +402,7 @@ func (s *Source) probe(ctx context.Context) {
 		case <-time.After(wait):
 		}
 		pctx, cancel := context.WithTimeout(ctx, wait)
-		_, err := s.cfg.Client.Discovery().ServerVersionWithContext(pctx)
+		_, err := s.cfg.Probe.ServerVersionWithContext(pctx)
 		cancel()
 		if ctx.Err() != nil {
 			return

@@ -134,7 +134,7 @@ func newFixture(t *testing.T, cfg Config, typed, dyn []runtime.Object) *fixture 
 	return f
 }
 
-func (f *fixture) run(t *testing.T) {
+func (f *fixture) run(t testing.TB) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -149,7 +149,7 @@ func (f *fixture) run(t *testing.T) {
 
 // next waits for the next state; the bound only keeps a broken test from
 // hanging (the store promises one within a second of an event).
-func (f *fixture) next(t *testing.T) *store.Result {
+func (f *fixture) next(t testing.TB) *store.Result {
 	t.Helper()
 	select {
 	case r := <-f.updates:
@@ -161,7 +161,7 @@ func (f *fixture) next(t *testing.T) *store.Result {
 }
 
 // until returns the first state for which ok holds.
-func (f *fixture) until(t *testing.T, what string, ok func(*store.Result) bool) *store.Result {
+func (f *fixture) until(t testing.TB, what string, ok func(*store.Result) bool) *store.Result {
 	t.Helper()
 	deadline := time.After(30 * time.Second)
 	for {
@@ -485,7 +485,7 @@ func TestOutageKeepsTheLastState(t *testing.T) {
 	waitFor(t, "Connected() true", func() bool { up, _ := f.src.Connected(); return up })
 }
 
-func waitFor(t *testing.T, what string, ok func() bool) {
+func waitFor(t testing.TB, what string, ok func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(30 * time.Second); !ok(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
