@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
+	"github.com/bulkhead-io/bulkhead/policy/author"
 	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
@@ -116,5 +118,34 @@ func TestPolicyMatrix(t *testing.T) {
 	out, _, err = run(t, "policy", "matrix", "--store", goodStore, "--ports", "80")
 	if err != nil || !strings.Contains(out, "80/TCP") {
 		t.Fatalf("table: %v\n%s", err, out)
+	}
+}
+
+func TestPolicyDiff(t *testing.T) {
+	out, _, err := run(t, "policy", "diff", goodStore, goodStore, "--fail-on-change")
+	if err != nil || !strings.Contains(out, "no verdict changes") {
+		t.Fatalf("same store: %v\n%s", err, out)
+	}
+	newDir := t.TempDir()
+	for _, f := range []string{"namespaces.yaml", "pods.yaml"} {
+		data, err := os.ReadFile(goodStore + "/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(newDir+"/"+f, data, 0o600)
+	}
+	// Without policies, everything the shop's policies denied opens.
+	out, _, err = run(t, "policy", "diff", goodStore, newDir, "--fail-on-change")
+	if !errors.Is(err, author.ErrVerdictsChanged) || !strings.Contains(out, "DENY -> ALLOW") {
+		t.Fatalf("policies removed: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{
+		{"policy", "diff", goodStore},
+		{"policy", "diff", "--git", "HEAD..HEAD", goodStore, goodStore},
+		{"policy", "diff", goodStore, newDir, "-o", "yaml"},
+	} {
+		if _, _, err := run(t, args...); err == nil {
+			t.Errorf("%v: want an error", args)
+		}
 	}
 }
