@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
+	"io"
+	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -16,7 +20,7 @@ func newPolicy(g *globals) *cobra.Command {
 		Short:   "Check, explain, tabulate and diff policies, offline from a store directory or live from the agent",
 		Example: "  bulkhead policy check /etc/bulkhead\n  bulkhead policy explain --from shop/frontend --to shop/api --port 8080",
 	}
-	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff())
+	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff(), newGenerate(g))
 	return cmd
 }
 
@@ -119,5 +123,96 @@ and some verdict changed.`,
 	f.StringVar(&o.Git, "git", "", "compare the folder at two git revisions, REV1..REV2")
 	f.BoolVar(&o.FailOnChange, "fail-on-change", false, "exit non-zero when any verdict changes (a CI gate)")
 	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
+	return cmd
+}
+
+func newGenerate(g *globals) *cobra.Command {
+	var o author.GenerateOptions
+	var since, out string
+	cmd := &cobra.Command{
+		Use:   "generate [FLOW-LOG | -] [--since DURATION] [--namespace NS] [--ingress] [--egress] [--spiffe [--mode Audit]] [-f OUT]",
+		Short: "Write policies that allow exactly the connections seen in flow records",
+		Long: `generate reads flow records (the agent's --flow-log JSON lines, or
+bulkhead observe -o json) from a file, from stdin ("-"), or with --since from
+the flows the running agent holds in memory (its last --flow-ring flows), and
+writes policies that allow the connections observed: one policy per workload
+class (pods of one namespace with the same labels, rollout labels such as
+pod-template-hash left out), with one rule per set of peers seen on the same
+ports, consecutive ports merged into ranges. Peers are pod classes, or the
+exact address (/32, /128) of a peer that is not a pod.
+
+Left out: replies, DROPPED flows (the policy allows what was let through, not
+what was tried), ICMP (NetworkPolicy cannot express it). A workload gets a
+policy only for a direction it was seen in. A malformed line is an error
+naming its line, and nothing is written.
+
+NetworkPolicies select by labels. With --spiffe, BulkheadPolicies select pods
+and peers by SPIFFE ID, and --mode Audit stages them: what they would drop is
+reported as AUDIT and passes.`,
+		Example: `  bulkhead policy generate /var/log/bulkhead/flows.json > allow.yaml
+  bulkhead observe -o json --last 0 | bulkhead policy generate - --namespace shop
+  bulkhead policy generate --since 1h --spiffe --mode Audit -f staged.yaml`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			var r io.Reader
+			var name string
+			switch {
+			case since != "" && len(args) == 1:
+				return fmt.Errorf("give a flow log or --since (the running agent's flows), not both")
+			case since != "":
+				d, err := time.ParseDuration(since)
+				if err != nil || d <= 0 {
+					return fmt.Errorf("--since %q: want a positive duration such as 30m or 1h", since)
+				}
+				from := time.Now().Add(-d)
+				data, oldest, err := cli.FlowHistory(cmd.Context(), g.client(), from)
+				if err != nil {
+					return err
+				}
+				if oldest.IsZero() || oldest.After(from.Add(time.Minute)) {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: the agent holds flows only since %s (it keeps its last --flow-ring flows): the last %s may not be complete\n",
+						oldest.Local().Format(time.RFC3339), since)
+				}
+				r, name = bytes.NewReader(data), "the agent's flows of the last "+since
+			case len(args) == 0:
+				return fmt.Errorf("give a flow log file, - for stdin, or --since DURATION")
+			case args[0] == "-":
+				r, name = cmd.InOrStdin(), "stdin"
+			default:
+				f, err := os.Open(args[0])
+				if err != nil {
+					return fmt.Errorf("open flow log: %w", err)
+				}
+				defer f.Close()
+				r, name = f, args[0]
+			}
+			// Render to memory first: a bad line leaves no half-written file.
+			var buf bytes.Buffer
+			gen, err := author.RunGenerate(o, r, name, &buf)
+			if err != nil {
+				return err
+			}
+			if out == "" || out == "-" {
+				_, err = cmd.OutOrStdout().Write(buf.Bytes())
+				return err
+			}
+			if err := os.WriteFile(out, buf.Bytes(), 0o644); err != nil {
+				return fmt.Errorf("write %s: %w", out, err)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %d policies for %d connections to %s\n", gen.Stats.Policies, gen.Stats.Connections, out)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&since, "since", "", "read the running agent's flows of this last duration (1h) instead of a file")
+	f.StringVarP(&o.Namespace, "namespace", "n", "", "write policies only for workloads in this namespace (their peers may be anywhere)")
+	f.BoolVar(&o.Ingress, "ingress", false, "write ingress rules (default: ingress and egress)")
+	f.BoolVar(&o.Egress, "egress", false, "write egress rules (default: ingress and egress)")
+	f.BoolVar(&o.SPIFFE, "spiffe", false, "write BulkheadPolicies by SPIFFE ID instead of NetworkPolicies by labels")
+	f.StringVar(&o.Mode, "mode", "", "Audit or Enforce: the BulkheadPolicies' mode (needs --spiffe)")
+	f.StringVarP(&out, "file", "f", "", "write to this file instead of stdout")
 	return cmd
 }
