@@ -149,8 +149,8 @@ func Compare(oldS, newS *State) *Diff {
 			pairs = append(pairs, pair{a, e}, pair{e, a})
 		}
 	}
+	bc := boundsCache{}
 	for _, proto := range diffProtos {
-		bounds := portBounds(proto, msO, msN)
 		for _, p := range pairs {
 			if p.from == p.to && len(p.from.Pods) == 1 {
 				continue // a pod to itself does not cross its veth
@@ -162,7 +162,9 @@ func Compare(oldS, newS *State) *Diff {
 			if !ok1 || !ok2 || !shareFamily(srcO, dstO) || !shareFamily(srcN, dstN) {
 				continue
 			}
-			var prev *Change
+			bounds := bc.pair(proto, []sideOf{{msO, srcO.Endpoint, policy.Egress}, {msN, srcN.Endpoint, policy.Egress},
+				{msO, dstO.Endpoint, policy.Ingress}, {msN, dstN.Endpoint, policy.Ingress}})
+			prev := -1 // the change the last interval made, if it made one
 			for i, lo := range bounds {
 				hi := uint16(65535)
 				if i+1 < len(bounds) {
@@ -171,18 +173,18 @@ func Compare(oldS, newS *State) *Diff {
 				ro := explain.Verdict(msO, srcO, dstO, proto, lo)
 				rn := explain.Verdict(msN, srcN, dstN, proto, lo)
 				if ro.Combined == rn.Combined {
-					prev = nil
+					prev = -1
 					continue
 				}
 				c := Change{From: p.from, To: p.to, Protocol: explain.ProtoName(proto), PortLo: lo, PortHi: hi,
 					Old: outcomeOf(ro), New: outcomeOf(rn), proto: proto}
 				// Adjacent intervals with the same answers read as one range.
-				if prev != nil && sameOutcome(prev.Old, c.Old) && sameOutcome(prev.New, c.New) {
-					prev.PortHi = hi
+				if prev >= 0 && sameOutcome(d.Changes[prev].Old, c.Old) && sameOutcome(d.Changes[prev].New, c.New) {
+					d.Changes[prev].PortHi = hi
 					continue
 				}
 				d.Changes = append(d.Changes, c)
-				prev = &d.Changes[len(d.Changes)-1]
+				prev = len(d.Changes) - 1
 			}
 		}
 	}
@@ -336,27 +338,58 @@ func peers(c *Class, oldS, newS *State) (explain.Peer, explain.Peer, bool) {
 	return po, pn, err1 == nil && err2 == nil
 }
 
-// portBounds are the first ports of the intervals on which no compiled
-// entry of either state changes its mind: 1, and every entry's low end and
-// one past its high end.
-func portBounds(proto uint8, states ...*policy.MapState) []uint16 {
+// sideOf is one end's entries that a verdict reads: the endpoint's, in one
+// direction, in one state.
+type sideOf struct {
+	ms  *policy.MapState
+	ep  policy.EndpointID
+	dir policy.Direction
+}
+
+type boundsKey struct {
+	side  sideOf
+	proto uint8
+}
+
+// boundsCache holds each side's port boundaries.
+type boundsCache map[boundsKey][]uint16
+
+// pair returns the first ports of the intervals on which none of the
+// sides' entries changes its mind: 1, and every entry's low end and one
+// past its high end. A verdict reads only the source's egress entries and
+// the destination's ingress entries, so on each interval every port gets
+// the answer its first port gets.
+func (bc boundsCache) pair(proto uint8, sides []sideOf) []uint16 {
 	set := map[uint16]bool{1: true}
-	for _, ms := range states {
-		for _, ep := range ms.Endpoints {
-			for _, e := range ep.Entries {
-				if e.Proto != 0 && e.Proto != proto {
-					continue
-				}
-				if e.PortLo > 0 {
-					set[e.PortLo] = true
-				}
-				if e.PortHi < 65535 {
-					set[e.PortHi+1] = true
-				}
-			}
+	for _, s := range sides {
+		for _, b := range bc.side(s, proto) {
+			set[b] = true
 		}
 	}
 	return slices.Sorted(maps.Keys(set))
+}
+
+func (bc boundsCache) side(s sideOf, proto uint8) []uint16 {
+	k := boundsKey{s, proto}
+	if b, ok := bc[k]; ok {
+		return b
+	}
+	var out []uint16
+	if ep := s.ms.Endpoints[s.ep]; s.ep != 0 && ep != nil {
+		for _, e := range ep.Entries {
+			if e.Direction != s.dir || (e.Proto != 0 && e.Proto != proto) {
+				continue
+			}
+			if e.PortLo > 0 {
+				out = append(out, e.PortLo)
+			}
+			if e.PortHi < 65535 {
+				out = append(out, e.PortHi+1)
+			}
+		}
+	}
+	bc[k] = out
+	return out
 }
 
 func outcomeOf(r explain.Result) Outcome {

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
 const shopStore = "../testdata/stores/shop"
@@ -274,4 +276,93 @@ func TestDiffGit(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "HEAD:clusters/prod/broken.yaml") {
 		t.Fatalf("broken file at a revision: %v", err)
 	}
+}
+
+// TestDiffAgreesWithPortByPort: for every pair of classes, a port is in a
+// reported change exactly when explain.Verdict answers differently in the
+// two states, on every port near a boundary and on a sample of the rest.
+func TestDiffAgreesWithPortByPort(t *testing.T) {
+	const scattered = `apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: scattered, namespace: ops}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: shop}}}]
+    ports: [{port: 1000, endPort: 1010}, {port: 1005, endPort: 2000, protocol: UDP}, {port: 7}]
+  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]
+    ports: [{port: 65535}, {port: 1, protocol: SCTP}]
+`
+	variants := map[string]map[string]string{
+		"frontend egress": {"frontend.yaml": frontendEgress},
+		"scattered ops":   {"ops.yaml": scattered},
+		"both":            {"ops.yaml": scattered, "frontend.yaml": frontendEgress, "db.yaml": dbOnlyAPI, "policies.yaml": withoutDBPolicy(t)},
+	}
+	for name, edits := range variants {
+		t.Run(name, func(t *testing.T) {
+			oldS, err := LoadState(shopStore)
+			if err != nil {
+				t.Fatal(err)
+			}
+			newS, err := LoadState(copyStore(t, shopStore, edits))
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := Compare(oldS, newS)
+			if len(d.Changes) == 0 {
+				t.Fatal("no changes: the variant tests nothing")
+			}
+			// Every port around the boundaries of the stores' rules, and
+			// every 97th port in between.
+			ports := map[uint16]bool{}
+			for _, r := range [][2]int{{1, 12}, {50, 56}, {995, 1015}, {1995, 2010}, {5425, 5440}, {8075, 8095}, {65525, 65535}} {
+				for p := r[0]; p <= r[1]; p++ {
+					ports[uint16(p)] = true
+				}
+			}
+			for p := 1; p <= 65535; p += 97 {
+				ports[uint16(p)] = true
+			}
+			pods, _, _ := podClasses(oldS, newS)
+			classes := append(pods, externalClasses(oldS, newS)...)
+			checked := 0
+			for _, from := range classes {
+				for _, to := range classes {
+					if (from.Kind != "pod" && to.Kind != "pod") || (from == to && len(from.Pods) == 1) {
+						continue
+					}
+					sO, sN, _ := peers(from, oldS, newS)
+					dO, dN, _ := peers(to, oldS, newS)
+					if !shareFamily(sO, dO) {
+						continue
+					}
+					for _, proto := range diffProtos {
+						for port := range ports {
+							ro := explain.Verdict(oldS.Offline.MapState, sO, dO, proto, port)
+							rn := explain.Verdict(newS.Offline.MapState, sN, dN, proto, port)
+							c := findPort(d, from.String(), to.String(), explain.ProtoName(proto), port)
+							checked++
+							if (ro.Combined != rn.Combined) != (c != nil) {
+								t.Fatalf("%s -> %s %d/%s: %s then %s, diff reports %+v", from, to, port, explain.ProtoName(proto), ro.Combined, rn.Combined, c)
+							}
+							if c != nil && (c.Old.Verdict != ro.Combined || c.New.Verdict != rn.Combined) {
+								t.Fatalf("%s -> %s %d/%s: %s then %s, diff says %s then %s", from, to, port, explain.ProtoName(proto), ro.Combined, rn.Combined, c.Old.Verdict, c.New.Verdict)
+							}
+						}
+					}
+				}
+			}
+			t.Logf("%d changes; %d (class pair, port) verdicts checked", len(d.Changes), checked)
+		})
+	}
+}
+
+func findPort(d *Diff, from, to, proto string, port uint16) *Change {
+	for i := range d.Changes {
+		c := &d.Changes[i]
+		if c.From.String() == from && c.To.String() == to && c.Protocol == proto && c.PortLo <= port && port <= c.PortHi {
+			return c
+		}
+	}
+	return nil
 }
