@@ -2,11 +2,16 @@ package author
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 
 	"sigs.k8s.io/yaml"
 )
+
+// ErrNothingObserved says that no record was a connection to write a
+// policy for.
+var ErrNothingObserved = errors.New("no connection to allow")
 
 // YAML renders the generated policies as one multi-document stream, with a
 // header that says where they came from and what was left out.
@@ -52,6 +57,12 @@ func RunGenerate(o GenerateOptions, r io.Reader, name string, w io.Writer) (*Gen
 	g, err := Generate(in, o)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if g.Stats.Connections == 0 {
+		// An empty policy file would pass for a result.
+		s := g.Stats
+		return nil, fmt.Errorf("%s: %w: %d records, of which %d replies, %d dropped, %d ICMP, %d outside the scope",
+			name, ErrNothingObserved, s.Records, s.Replies, s.Dropped, s.ICMP, s.OutOfScope)
 	}
 	data, err := g.YAML(name)
 	if err != nil {

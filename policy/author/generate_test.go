@@ -265,6 +265,18 @@ func TestGenerateOptions(t *testing.T) {
 	if err := (&GenerateOptions{SPIFFE: true, Mode: "Audit"}).Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// A namespace nothing was seen in, or a log of replies only, is an
+	// error, not an empty file.
+	var out bytes.Buffer
+	reply := strings.Replace(goodLine, `"is_reply":false`, `"is_reply":true`, 1)
+	for _, tc := range []struct {
+		o   GenerateOptions
+		log string
+	}{{GenerateOptions{Namespace: "nope"}, goodLine}, {GenerateOptions{}, reply}, {GenerateOptions{}, ""}} {
+		if _, err := RunGenerate(tc.o, strings.NewReader(tc.log), "f", &out); !errors.Is(err, ErrNothingObserved) || out.Len() != 0 {
+			t.Errorf("%+v %q: got %v", tc.o, tc.log, err)
+		}
+	}
 }
 
 // twoWay: frontend calls api on 80, 81, 82 and 443, and so does ops/probe
