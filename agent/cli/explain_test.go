@@ -53,6 +53,12 @@ func serveExplain(t *testing.T) *api.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveBackend(t, &explainBackend{off: off})
+}
+
+// serveBackend serves the agent API from b on a socket of its own.
+func serveBackend(t *testing.T, b api.Backend) *api.Client {
+	t.Helper()
 	// A short directory: unix socket paths are limited to 108 bytes.
 	dir, err := os.MkdirTemp("", "bhcli")
 	if err != nil {
@@ -64,7 +70,7 @@ func serveExplain(t *testing.T) *api.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: api.NewHandler(&explainBackend{off: off}, nil)}
+	srv := &http.Server{Handler: api.NewHandler(b, nil)}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = srv.Serve(l) }()
 	t.Cleanup(func() { _ = srv.Close(); <-done })

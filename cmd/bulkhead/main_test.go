@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 
+	"github.com/bulkhead-io/bulkhead/policy/author"
 	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
@@ -116,5 +118,102 @@ func TestPolicyMatrix(t *testing.T) {
 	out, _, err = run(t, "policy", "matrix", "--store", goodStore, "--ports", "80")
 	if err != nil || !strings.Contains(out, "80/TCP") {
 		t.Fatalf("table: %v\n%s", err, out)
+	}
+}
+
+func TestPolicyDiff(t *testing.T) {
+	out, _, err := run(t, "policy", "diff", goodStore, goodStore, "--fail-on-change")
+	if err != nil || !strings.Contains(out, "no verdict changes") {
+		t.Fatalf("same store: %v\n%s", err, out)
+	}
+	newDir := t.TempDir()
+	for _, f := range []string{"namespaces.yaml", "pods.yaml"} {
+		data, err := os.ReadFile(goodStore + "/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(newDir+"/"+f, data, 0o600)
+	}
+	// Without policies, everything the shop's policies denied opens.
+	out, _, err = run(t, "policy", "diff", goodStore, newDir, "--fail-on-change")
+	if !errors.Is(err, author.ErrVerdictsChanged) || !strings.Contains(out, "DENY -> ALLOW") {
+		t.Fatalf("policies removed: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{
+		{"policy", "diff", goodStore},
+		{"policy", "diff", "--git", "HEAD..HEAD", goodStore, goodStore},
+		{"policy", "diff", goodStore, newDir, "-o", "yaml"},
+	} {
+		if _, _, err := run(t, args...); err == nil {
+			t.Errorf("%v: want an error", args)
+		}
+	}
+}
+
+// flowLog is two records the agent could have written: frontend calls
+// api on 8080, both ends report it.
+const flowLog = `{"time":"2026-12-07T10:00:00Z","verdict":"FORWARDED","IP":{"source":"10.1.0.11","destination":"10.1.0.10","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":40000,"destination_port":8080}},"source":{"identity":300,"namespace":"shop","pod_name":"frontend","labels":["k8s:app=frontend","k8s:io.kubernetes.pod.namespace=shop","k8s:io.kubernetes.pod.serviceaccount=frontend"],"spiffe_id":"spiffe://cluster.local/ns/shop/sa/frontend"},"destination":{"ID":2,"identity":301,"namespace":"shop","pod_name":"api","labels":["k8s:app=api","k8s:io.kubernetes.pod.namespace=shop","k8s:io.kubernetes.pod.serviceaccount=api"],"spiffe_id":"spiffe://cluster.local/ns/shop/sa/api"},"Type":"L3_L4","is_reply":false,"traffic_direction":"INGRESS"}
+`
+
+func TestPolicyGenerate(t *testing.T) {
+	dir := t.TempDir()
+	logPath := dir + "/flows.json"
+	if err := os.WriteFile(logPath, []byte(flowLog+flowLog), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(t, "policy", "generate", logPath)
+	if err != nil || !strings.Contains(out, "kind: NetworkPolicy") || !strings.Contains(out, "name: gen-api") {
+		t.Fatalf("generate: %v\n%s", err, out)
+	}
+	root := newRoot()
+	var stdout bytes.Buffer
+	root.SetArgs([]string{"policy", "generate", "-", "--egress"})
+	root.SetIn(strings.NewReader(flowLog))
+	root.SetOut(&stdout)
+	if err := root.Execute(); err != nil || !strings.Contains(stdout.String(), "name: gen-frontend") || strings.Contains(stdout.String(), "gen-api") {
+		t.Fatalf("stdin, --egress: %v\n%s", err, stdout.String())
+	}
+	// The output is a store: check accepts it next to the pods.
+	store := t.TempDir()
+	for _, f := range []string{"namespaces.yaml", "pods.yaml"} {
+		data, _ := os.ReadFile(goodStore + "/" + f)
+		os.WriteFile(store+"/"+f, data, 0o600)
+	}
+	if _, _, err := run(t, "policy", "generate", logPath, "--spiffe", "--mode", "Audit", "-f", store+"/gen.yaml"); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, err := run(t, "policy", "check", store); err != nil {
+		t.Fatalf("generated store: %v\n%s", err, out)
+	}
+	data, _ := os.ReadFile(store + "/gen.yaml")
+	if !strings.Contains(string(data), "mode: Audit") || !strings.Contains(string(data), "kind: BulkheadPolicy") {
+		t.Fatalf("--spiffe --mode Audit:\n%s", data)
+	}
+
+	bad := dir + "/bad.json"
+	os.WriteFile(bad, []byte(flowLog+"{not json\n"+flowLog), 0o600)
+	target := dir + "/never.yaml"
+	_, _, err = run(t, "policy", "generate", bad, "-f", target)
+	if err == nil || !strings.Contains(err.Error(), bad+":2: ") {
+		t.Fatalf("bad line: %v", err)
+	}
+	if _, serr := os.Stat(target); serr == nil {
+		t.Fatal("a file was written for bad input")
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{logPath, "--mode", "Audit"}, "NetworkPolicy has no mode"},
+		{[]string{logPath, "--spiffe", "--mode", "Dry"}, "want Audit or Enforce"},
+		{[]string{logPath, "--since", "1h"}, "not both"},
+		{[]string{"--since", "yesterday"}, "positive duration"},
+		{[]string{}, "give a flow log file"},
+		{[]string{dir + "/missing.json"}, "open flow log"},
+	} {
+		_, _, err := run(t, append([]string{"policy", "generate"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: got %v, want %q", tc.args, err, tc.want)
+		}
 	}
 }

@@ -1,19 +1,26 @@
 package main
 
 import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
 	"github.com/spf13/cobra"
 
 	"github.com/bulkhead-io/bulkhead/agent/cli"
+	"github.com/bulkhead-io/bulkhead/policy/author"
 	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
 func newPolicy(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "policy",
-		Short:   "Check, explain and tabulate policies, offline from a store directory or live from the agent",
+		Short:   "Check, explain, tabulate and diff policies, offline from a store directory or live from the agent",
 		Example: "  bulkhead policy check /etc/bulkhead\n  bulkhead policy explain --from shop/frontend --to shop/api --port 8080",
 	}
-	cmd.AddCommand(newCheck(), newExplain(g), newMatrix())
+	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff(), newGenerate(g))
 	return cmd
 }
 
@@ -76,5 +83,136 @@ func newMatrix() *cobra.Command {
 	f.StringVarP(&o.Output, "output", "o", "table", "table or json")
 	_ = cmd.MarkFlagRequired("store")
 	_ = cmd.MarkFlagRequired("ports")
+	return cmd
+}
+
+func newDiff() *cobra.Command {
+	var o author.DiffOptions
+	cmd := &cobra.Command{
+		Use:   "diff OLD-DIR NEW-DIR | diff --git REV1..REV2 DIR",
+		Short: "Show which classes of traffic change verdict between two store states",
+		Long: `diff compiles both states offline, as matrix does, and decides every class of
+traffic in both: pods grouped by namespace, labels, service account and named
+ports; the ipBlock prefixes of either state; and the world. Ports are split
+where some rule of either state starts or ends. It prints the (source,
+destination, port range) classes whose verdict differs, grouped by source and
+destination, with the rule that decided on each side. Traffic to and from
+pods present in one state only is not compared; they are listed.
+
+With --git, DIR is read at both revisions (committed files only).
+The exit code is 0 unless an input is invalid, or --fail-on-change is given
+and some verdict changed.`,
+		Example: `  bulkhead policy diff ./store ./store-proposed
+  bulkhead policy diff --git main..HEAD manifests/policies --fail-on-change
+  bulkhead policy diff old/ new/ -o json | jq '.changes[] | select(.new.verdict == "deny")'`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			switch {
+			case o.Git != "" && len(args) != 1:
+				return fmt.Errorf("with --git, give one store folder")
+			case o.Git == "" && len(args) != 2:
+				return fmt.Errorf("give two store folders, OLD and NEW, or --git REV1..REV2 DIR")
+			}
+			o.Old = args[0]
+			if len(args) == 2 {
+				o.New = args[1]
+			}
+			return author.RunDiff(o, cmd.OutOrStdout())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Git, "git", "", "compare the folder at two git revisions, REV1..REV2")
+	f.BoolVar(&o.FailOnChange, "fail-on-change", false, "exit non-zero when any verdict changes (a CI gate)")
+	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
+	return cmd
+}
+
+func newGenerate(g *globals) *cobra.Command {
+	var o author.GenerateOptions
+	var since, out string
+	cmd := &cobra.Command{
+		Use:   "generate [FLOW-LOG | -] [--since DURATION] [--namespace NS] [--ingress] [--egress] [--spiffe [--mode Audit]] [-f OUT]",
+		Short: "Write policies that allow exactly the connections seen in flow records",
+		Long: `generate reads flow records (the agent's --flow-log JSON lines, or
+bulkhead observe -o json) from a file, from stdin ("-"), or with --since from
+the flows the running agent holds in memory (its last --flow-ring flows), and
+writes policies that allow the connections observed: one policy per workload
+class (pods of one namespace with the same labels, rollout labels such as
+pod-template-hash left out), with one rule per set of peers seen on the same
+ports, consecutive ports merged into ranges. Peers are pod classes, or the
+exact address (/32, /128) of a peer that is not a pod.
+
+Left out: replies, DROPPED flows (the policy allows what was let through, not
+what was tried), ICMP (NetworkPolicy cannot express it). A workload gets a
+policy only for a direction it was seen in. A malformed line is an error
+naming its line, and nothing is written.
+
+NetworkPolicies select by labels. With --spiffe, BulkheadPolicies select pods
+and peers by SPIFFE ID, and --mode Audit stages them: what they would drop is
+reported as AUDIT and passes.`,
+		Example: `  bulkhead policy generate /var/log/bulkhead/flows.json > allow.yaml
+  bulkhead observe -o json --last 0 | bulkhead policy generate - --namespace shop
+  bulkhead policy generate --since 1h --spiffe --mode Audit -f staged.yaml`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			var r io.Reader
+			var name string
+			switch {
+			case since != "" && len(args) == 1:
+				return fmt.Errorf("give a flow log or --since (the running agent's flows), not both")
+			case since != "":
+				d, err := time.ParseDuration(since)
+				if err != nil || d <= 0 {
+					return fmt.Errorf("--since %q: want a positive duration such as 30m or 1h", since)
+				}
+				from := time.Now().Add(-d)
+				data, oldest, err := cli.FlowHistory(cmd.Context(), g.client(), from)
+				if err != nil {
+					return err
+				}
+				if oldest.IsZero() || oldest.After(from.Add(time.Minute)) {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: the agent holds flows only since %s (it keeps its last --flow-ring flows): the last %s may not be complete\n",
+						oldest.Local().Format(time.RFC3339), since)
+				}
+				r, name = bytes.NewReader(data), "the agent's flows of the last "+since
+			case len(args) == 0:
+				return fmt.Errorf("give a flow log file, - for stdin, or --since DURATION")
+			case args[0] == "-":
+				r, name = cmd.InOrStdin(), "stdin"
+			default:
+				f, err := os.Open(args[0])
+				if err != nil {
+					return fmt.Errorf("open flow log: %w", err)
+				}
+				defer f.Close()
+				r, name = f, args[0]
+			}
+			// Render to memory first: a bad line leaves no half-written file.
+			var buf bytes.Buffer
+			gen, err := author.RunGenerate(o, r, name, &buf)
+			if err != nil {
+				return err
+			}
+			if out == "" || out == "-" {
+				_, err = cmd.OutOrStdout().Write(buf.Bytes())
+				return err
+			}
+			if err := os.WriteFile(out, buf.Bytes(), 0o644); err != nil {
+				return fmt.Errorf("write %s: %w", out, err)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %d policies for %d connections to %s\n", gen.Stats.Policies, gen.Stats.Connections, out)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&since, "since", "", "read the running agent's flows of this last duration (1h) instead of a file")
+	f.StringVarP(&o.Namespace, "namespace", "n", "", "write policies only for workloads in this namespace (their peers may be anywhere)")
+	f.BoolVar(&o.Ingress, "ingress", false, "write ingress rules (default: ingress and egress)")
+	f.BoolVar(&o.Egress, "egress", false, "write egress rules (default: ingress and egress)")
+	f.BoolVar(&o.SPIFFE, "spiffe", false, "write BulkheadPolicies by SPIFFE ID instead of NetworkPolicies by labels")
+	f.StringVar(&o.Mode, "mode", "", "Audit or Enforce: the BulkheadPolicies' mode (needs --spiffe)")
+	f.StringVarP(&out, "file", "f", "", "write to this file instead of stdout")
 	return cmd
 }
