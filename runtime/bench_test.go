@@ -29,8 +29,12 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			if c.cfg != nil {
-				if _, err := EnsureTracefs(); err != nil {
+				mounted, err := EnsureTracefs()
+				if err != nil {
 					b.Fatal(err)
+				}
+				if mounted {
+					defer unix.Unmount(StandardTracefs, 0)
 				}
 				m, err := New(*c.cfg)
 				if err != nil {

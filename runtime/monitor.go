@@ -194,3 +194,13 @@ func (m *Monitor) Close() error {
 	errs = append(errs, m.objs.Close())
 	return errors.Join(errs...)
 }
+
+func (m *Monitor) watchedInodes() []uint32 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]uint32, 0, len(m.watched))
+	for ino := range m.watched {
+		out = append(out, ino)
+	}
+	return out
+}
