@@ -40,6 +40,17 @@ func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	startTestAgent(t, a)
+	status, err := a.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	features := map[string]string{}
+	for _, f := range status.Features {
+		features[f.Name] = f.State
+	}
+	if mp := features["runtime-module-hook"]; mp == "" || mp != string(a.sysmon.mon.ModulePath()) || features["runtime-tracepoint"] != "yes" {
+		t.Errorf("status features %v: want the runtime probes and module hook %q", features, a.sysmon.mon.ModulePath())
+	}
 	req := podVeth(t, "c0ffee61", "web", "10.213.6.1/32")
 	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
 		t.Fatal(err)
