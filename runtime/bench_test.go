@@ -3,6 +3,8 @@ package runtime
 import (
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
@@ -55,15 +57,21 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 	monitors := []struct {
 		name string
 		cfg  *Config
+		// emptyTP attaches one do-nothing program to an unrelated syscall
+		// tracepoint instead of the monitor: the price of putting every
+		// syscall on the kernel's syscall-tracepoint path at all, which
+		// any syscalls/sys_enter_* attachment pays.
+		emptyTP bool
 	}{
-		{"off", nil},
-		{"tracepoints", &Config{NoModuleHook: true}},
-		{"tracepoints+rawtp", &Config{ModulePath: ModuleRawSysEnter}},
+		{"off", nil, false},
+		{"one-empty-tracepoint", nil, true},
+		{"tracepoints", &Config{NoModuleHook: true}, false},
+		{"tracepoints+rawtp", &Config{ModulePath: ModuleRawSysEnter}, false},
 	}
 	for _, l := range loops {
 		for _, c := range monitors {
 			b.Run("loop="+l.name+"/monitor="+c.name, func(b *testing.B) {
-				if c.cfg != nil {
+				if c.cfg != nil || c.emptyTP {
 					mounted, err := EnsureTracefs()
 					if err != nil {
 						b.Fatal(err)
@@ -71,6 +79,20 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 					if mounted {
 						defer unix.Unmount(StandardTracefs, 0)
 					}
+				}
+				if c.emptyTP {
+					p, err := loadProbe(ebpf.TracePoint, 0, "", 0)
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer p.Close()
+					l, err := link.Tracepoint("syscalls", "sys_enter_getppid", p, nil)
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer l.Close()
+				}
+				if c.cfg != nil {
 					m, err := New(*c.cfg)
 					if err != nil {
 						b.Fatal(err)
