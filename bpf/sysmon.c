@@ -88,6 +88,7 @@ static __always_inline struct sysmon_event *begin(struct task_struct *task, __u1
 	e->tid = (__u32)pid_tgid;
 	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->start_ns = BPF_CORE_READ(task, group_leader, start_time);
 	e->kind = kind;
 	e->syscall_nr = nr;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
@@ -212,6 +213,32 @@ int sysmon_bpf(struct trace_event_raw_sys_enter *ctx)
 
 	if (e)
 		send(e);
+	return 0;
+}
+
+/* Execs in watched namespaces feed Go's process cache, so that alerts
+ * carry the process and its ancestry. */
+SEC("tracepoint/sched/sched_process_exec")
+int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct sysmon_event *e = begin(task, SM_EXEC, -1);
+	unsigned long start, end, len;
+	struct mm_struct *mm;
+
+	if (!e)
+		return 0;
+	bpf_probe_read_kernel_str(e->str[0], sizeof(e->str[0]), (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
+	mm = BPF_CORE_READ(task, mm);
+	start = BPF_CORE_READ(mm, arg_start);
+	end = BPF_CORE_READ(mm, arg_end);
+	len = end - start;
+	if (len > 2 * SYSMON_STR)
+		len = 2 * SYSMON_STR;
+	e->args[0] = end - start; /* argv's full length */
+	if (len > 0)
+		bpf_probe_read_user(e->str[1], len, (void *)start);
+	send(e);
 	return 0;
 }
 

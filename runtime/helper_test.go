@@ -89,6 +89,16 @@ func runHelper(action, nsPath string) error {
 		}
 		fmt.Println(cmd.Process.Pid)
 		return nil
+	case "sh-unshare":
+		// A shell in the pod runs unshare(1): exec events give the alert
+		// its process and ancestry.
+		cmd := exec.Command("sh", "-c", "unshare -U /bin/true; exit 0")
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("sh -c unshare: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
 	case "mount-tmpfs":
 		// A throwaway mount namespace, private, so nothing reaches the host.
 		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {

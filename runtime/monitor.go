@@ -106,6 +106,12 @@ func New(cfg Config) (*Monitor, error) {
 		}
 		m.links = append(m.links, l)
 	}
+	exec, err := link.Tracepoint("sched", "sched_process_exec", m.objs.SysmonExec, nil)
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("attach tracepoint sched/sched_process_exec: %w", err)
+	}
+	m.links = append(m.links, exec)
 	if cfg.NoModuleHook {
 		m.modulePath = ""
 	}

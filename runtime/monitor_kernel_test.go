@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -186,6 +187,40 @@ func TestMonitorDetections(t *testing.T) {
 			t.Logf("%s: %+v", c.action, alert)
 		})
 	}
+	t.Run("exec-lineage", func(t *testing.T) {
+		pids := helper(t, "sh-unshare", pod.Path(), helperCgroupEnv+"="+cgDir)
+		shPID := uint32(pids[1])
+		procs := detect.NewProcessCache(64)
+		var alert detect.Alert
+		waitEvent(t, rd, "unshare(CLONE_NEWUSER) from unshare(1)", func(ev detect.Event) bool {
+			if ev.Kind == detect.KindExec {
+				procs.Exec(ev)
+				return false
+			}
+			if ev.Comm != "unshare" || ev.PPID != shPID {
+				return false
+			}
+			alerts := detect.Detect(ev, ep)
+			procs.Annotate(alerts, ev)
+			if len(alerts) != 1 || alerts[0].RuleID != detect.RuleUnshareNS.ID {
+				return false
+			}
+			alert = alerts[0]
+			return true
+		})
+		p := alert.Process
+		if p == nil || p.Exe != "/usr/bin/unshare" || p.PID != alert.PID || p.PPID != shPID ||
+			strings.Join(p.Argv, " ") != "unshare -U /bin/true" || p.ArgvTruncated {
+			t.Errorf("process %+v of alert %+v", p, alert)
+		}
+		if len(alert.Ancestors) != 1 || alert.Ancestors[0].PID != shPID || !strings.HasSuffix(alert.Ancestors[0].Exe, "/sh") ||
+			strings.Join(alert.Ancestors[0].Argv, " ") != "sh -c unshare -U /bin/true; exit 0" {
+			// The helper itself exec'd before it entered the pod: it is not
+			// in the cache, so the ancestry ends at the shell.
+			t.Errorf("ancestry %+v", alert.Ancestors)
+		}
+		t.Logf("process %+v, ancestors %+v", *p, alert.Ancestors)
+	})
 	if m.ModulePath() == ModuleRawSysEnter {
 		t.Logf("module loads hooked through raw_tp sys_enter (no per-syscall tracepoint)")
 	}

@@ -80,13 +80,38 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 	}
 	ev = detect.Event{
 		Kind: detect.Kind(s.Kind), Syscall: syscallName(s.SyscallNr), Netns: s.Netns, CgroupID: s.CgroupId,
-		PID: s.Pid, TID: s.Tid, PPID: s.Ppid, UID: s.Uid, Comm: cString(s.Comm[:]), Args: s.Args,
+		PID: s.Pid, TID: s.Tid, PPID: s.Ppid, UID: s.Uid, StartNs: s.StartNs, Comm: cString(s.Comm[:]), Args: s.Args,
 		TargetNS: s.TargetIno, TargetOwn: s.Flags&smfTargetOwn != 0,
 	}
-	if ev.Kind == detect.KindMount {
+	switch ev.Kind {
+	case detect.KindMount:
 		ev.Source, ev.Target, ev.FSType = cString(s.Str[0][:]), cString(s.Str[1][:]), cString(s.Str[2][:])
+	case detect.KindExec:
+		ev.Syscall = "execve"
+		ev.Exe = cString(s.Str[0][:])
+		ev.Argv, ev.ArgvTruncated = splitArgv(s.Str[1][:], s.Str[2][:], s.Args[0])
+		ev.Args = [4]uint64{}
 	}
 	return ev, s.TsNs, nil
+}
+
+// splitArgv splits the NUL-separated argv the kernel copied (its first
+// len(a)+len(b) bytes of full bytes). A last argument cut short is kept as
+// far as it goes.
+func splitArgv(a, b []int8, full uint64) ([]string, bool) {
+	n := min(full, uint64(len(a)+len(b)))
+	raw := make([]byte, 0, n)
+	for _, c := range append(append([]int8{}, a...), b...)[:n] {
+		raw = append(raw, byte(c))
+	}
+	raw = bytes.TrimSuffix(raw, []byte{0})
+	var argv []string
+	if len(raw) > 0 {
+		for _, f := range bytes.Split(raw, []byte{0}) {
+			argv = append(argv, string(f))
+		}
+	}
+	return argv, full > n
 }
 
 func cString(b []int8) string {

@@ -29,6 +29,7 @@ type sysmonSysmonEvent struct {
 	Args      [4]uint64
 	TargetIno uint64
 	SyscallNr int64
+	StartNs   uint64
 	Netns     uint32
 	Pid       uint32
 	Tid       uint32
@@ -49,6 +50,7 @@ const (
 	sysmonSysmonKindSM_PTRACE  sysmonSysmonKind = 4
 	sysmonSysmonKindSM_BPF     sysmonSysmonKind = 5
 	sysmonSysmonKindSM_MODULE  sysmonSysmonKind = 6
+	sysmonSysmonKindSM_EXEC    sysmonSysmonKind = 7
 )
 
 type sysmonSysmonWatch struct {
@@ -65,6 +67,7 @@ const (
 	sysmonMapSysmonEvents        = "sysmon_events"
 	sysmonMapSysmonWatched       = "sysmon_watched"
 	sysmonProgSysmonBpf          = "sysmon_bpf"
+	sysmonProgSysmonExec         = "sysmon_exec"
 	sysmonProgSysmonFinitModule  = "sysmon_finit_module"
 	sysmonProgSysmonInitModule   = "sysmon_init_module"
 	sysmonProgSysmonMount        = "sysmon_mount"
@@ -122,6 +125,7 @@ type sysmonSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonProgramSpecs struct {
 	SysmonBpf         *ebpf.ProgramSpec `ebpf:"sysmon_bpf"`
+	SysmonExec        *ebpf.ProgramSpec `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.ProgramSpec `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.ProgramSpec `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.ProgramSpec `ebpf:"sysmon_mount"`
@@ -200,6 +204,7 @@ type sysmonVariables struct {
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonPrograms struct {
 	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
+	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
@@ -212,6 +217,7 @@ type sysmonPrograms struct {
 func (p *sysmonPrograms) Close() error {
 	return _SysmonClose(
 		p.SysmonBpf,
+		p.SysmonExec,
 		p.SysmonFinitModule,
 		p.SysmonInitModule,
 		p.SysmonMount,

@@ -13,6 +13,7 @@ enum sysmon_kind {
 	SM_PTRACE = 4,
 	SM_BPF = 5,
 	SM_MODULE = 6, /* init_module or finit_module: syscall_nr tells which */
+	SM_EXEC = 7,   /* a successful exec: str[0] the file, str[1..2] argv */
 };
 
 /* sysmon_event.flags */
@@ -43,7 +44,8 @@ struct sysmon_event {
 	__u64 cgroup_id;
 	__u64 args[4];   /* the syscall's first arguments, raw */
 	__u64 target_ino; /* setns: inode of the fd's file (the namespace) */
-	__s64 syscall_nr;
+	__s64 syscall_nr; /* -1 for SM_EXEC */
+	__u64 start_ns;   /* the task's start time: with pid, names the process */
 	__u32 netns;     /* caller's network namespace inode */
 	__u32 pid;       /* thread group */
 	__u32 tid;
@@ -52,5 +54,7 @@ struct sysmon_event {
 	__u16 kind;
 	__u16 flags;
 	char comm[16];
-	char str[3][SYSMON_STR]; /* mount: source, target, fstype */
+	/* mount: source, target, fstype; exec: filename, then argv (NUL
+	 * separated, truncated) across str[1] and str[2] */
+	char str[3][SYSMON_STR];
 };

@@ -21,6 +21,9 @@ const (
 	KindBPF     Kind = 5
 	// KindModule is init_module or finit_module; Event.Syscall tells which.
 	KindModule Kind = 6
+	// KindExec is a successful exec; it feeds the ProcessCache and raises
+	// no alert by itself.
+	KindExec Kind = 7
 )
 
 func (k Kind) String() string {
@@ -37,6 +40,8 @@ func (k Kind) String() string {
 		return "bpf"
 	case KindModule:
 		return "module"
+	case KindExec:
+		return "exec"
 	}
 	return fmt.Sprintf("kind-%d", uint16(k))
 }
@@ -53,7 +58,10 @@ type Event struct {
 	TID      uint32
 	PPID     uint32
 	UID      uint32
-	Comm     string
+	// StartNs is the process's start time (CLOCK_MONOTONIC): with PID, it
+	// tells a process from a later one that reuses its PID.
+	StartNs uint64
+	Comm    string
 	// Args are the syscall's first four arguments, raw.
 	Args [4]uint64
 	// TargetNS (setns) is the inode of the file behind the fd: the target
@@ -63,6 +71,11 @@ type Event struct {
 	TargetOwn bool
 	// Source, Target and FSType are mount's strings (empty for others).
 	Source, Target, FSType string
+	// Exe and Argv are exec's file and arguments; ArgvTruncated tells that
+	// the kernel sent only the first bytes of a longer argv.
+	Exe           string
+	Argv          []string
+	ArgvTruncated bool
 }
 
 // Endpoint is what the agent knows about the pod behind a watched netns.

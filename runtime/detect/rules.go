@@ -63,6 +63,10 @@ type Alert struct {
 	UID           uint32            `json:"uid"`
 	Comm          string            `json:"comm"`
 	CgroupID      uint64            `json:"cgroup_id"`
+	// Process and Ancestors come from the ProcessCache (Annotate): nil
+	// and empty for a process that did not exec in a watched namespace.
+	Process   *Process  `json:"process,omitempty"`
+	Ancestors []Process `json:"ancestors,omitempty"`
 	// Action is what was done: only "alert" in this version.
 	Action string `json:"action"`
 }
@@ -85,6 +89,17 @@ func Detect(ev Event, ep Endpoint) []Alert {
 		PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, Comm: ev.Comm, CgroupID: ev.CgroupID,
 		Action: "alert",
 	}}
+}
+
+// Annotate adds the process context the cache holds for ev to each alert.
+func (c *ProcessCache) Annotate(alerts []Alert, ev Event) {
+	if len(alerts) == 0 {
+		return
+	}
+	self, anc := c.Lineage(ev)
+	for i := range alerts {
+		alerts[i].Process, alerts[i].Ancestors = self, anc
+	}
 }
 
 func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
