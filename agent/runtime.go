@@ -8,7 +8,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	rtmon "github.com/bulkhead-io/bulkhead/runtime"
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
 )
@@ -17,8 +20,9 @@ import (
 // the agent: the service owns its state; the agent gives it the endpoint
 // view and takes its alerts.
 type runtimeDetection struct {
-	mon *rtmon.Monitor
-	svc *rtmon.Service
+	mon    *rtmon.Monitor
+	svc    *rtmon.Service
+	alerts *prometheus.CounterVec
 }
 
 func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
@@ -54,7 +58,11 @@ func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
 		a.features = append(a.features, api.Feature{Name: "runtime-" + n, State: state})
 	}
 	a.features = append(a.features, api.Feature{Name: "runtime-module-hook", State: string(mon.ModulePath())})
-	return &runtimeDetection{mon: mon, svc: svc}, nil
+	alerts := a.metrics.RegisterRuntime(func() (metrics.RuntimeEvents, error) {
+		c, err := mon.Counters()
+		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched}, err
+	})
+	return &runtimeDetection{mon: mon, svc: svc, alerts: alerts}, nil
 }
 
 // runtimeEndpoints lists the published endpoints with their netns inodes.
@@ -89,6 +97,7 @@ func (a *Agent) emitAlert(al detect.Alert) {
 		a.log.Error("encode runtime alert", "rule", al.RuleID, "error", err)
 		return
 	}
+	a.sysmon.alerts.WithLabelValues(al.RuleID, al.Technique, al.Action).Inc()
 	a.log.Warn("runtime alert", "rule", al.RuleID, "technique", al.Technique, "pod", al.Pod.Namespace+"/"+al.Pod.Pod,
 		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm)
 	if p := a.pipe.Load(); p != nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
@@ -70,6 +71,30 @@ func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 		t.Errorf("alert %+v", al)
 	}
 
+	var counted dto.Metric
+	if err := a.sysmon.alerts.WithLabelValues(detect.RuleBPF.ID, "T1014", "alert").Write(&counted); err != nil {
+		t.Fatal(err)
+	}
+	if n := counted.GetCounter().GetValue(); n < 1 {
+		t.Errorf("bulkhead_runtime_alerts_total for %s is %v", detect.RuleBPF.ID, n)
+	}
+	mfs, err := a.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sentMetric := -1.0
+	for _, mf := range mfs {
+		if mf.GetName() == "bulkhead_runtime_events_total" {
+			for _, m := range mf.GetMetric() {
+				if m.GetLabel()[0].GetValue() == "sent" {
+					sentMetric = m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	if sentMetric < 1 {
+		t.Errorf("bulkhead_runtime_events_total{result=sent} is %v", sentMetric)
+	}
 	if _, err := a.DeleteEndpoint(context.Background(), api.EndpointDelRequest{EndpointKey: req.EndpointKey, Netns: req.Netns}); err != nil {
 		t.Fatal(err)
 	}
