@@ -58,6 +58,9 @@ type Agent struct {
 	tunnel *tunnel.Tunnel
 	// pipe is the flow pipeline while Run runs, for the tunnel's records.
 	pipe atomic.Pointer[flowPipe]
+	// sysmon is the runtime-detection component (nil without
+	// --runtime-detection).
+	sysmon *runtimeDetection
 	// adopter enforces on running pods no CNI ADD registered (nil with
 	// Adopt off); localPods are the store's running pods of this node.
 	adopter   *adopt.Adopter
@@ -268,6 +271,12 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.batch = batch.New(a.applyBatch)
+	if cfg.RuntimeDetection {
+		if a.sysmon, err = openRuntimeDetection(a); err != nil {
+			a.closeOnFail()
+			return nil, err
+		}
+	}
 	if cfg.Adopt {
 		a.adopter = adopt.New(adopt.Config{
 			Finder: adopt.Finder{NetnsDirs: cfg.NetnsDirs, CNICacheDir: cfg.CNICacheDir},
@@ -281,6 +290,9 @@ func New(cfg Config) (*Agent, error) {
 
 // closeOnFail releases what New opened when it fails part-way.
 func (a *Agent) closeOnFail() {
+	if a.sysmon != nil {
+		_ = a.sysmon.mon.Close()
+	}
 	if a.svids != nil {
 		_ = a.svids.Close()
 	}
@@ -338,7 +350,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	srv := &http.Server{Handler: api.NewHandler(a, a.log.With("component", "api")), ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
-	errc := make(chan error, 4)
+	errc := make(chan error, 5)
 	wg.Go(func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("api server: %w", err)
@@ -380,6 +392,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.svids != nil {
 		wg.Go(func() { a.runSVIDs(ctx) })
 	}
+	if a.sysmon != nil {
+		wg.Go(func() {
+			if err := a.sysmon.svc.Run(ctx); err != nil {
+				errc <- fmt.Errorf("runtime detection: %w", err)
+			}
+		})
+	}
 	if a.tunnel != nil {
 		// Entries left by an agent that was killed name sockets that are
 		// gone; left there, they would fill the map.
@@ -414,6 +433,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Wait()
 	if a.svids != nil {
 		_ = a.svids.Close()
+	}
+	if a.sysmon != nil {
+		_ = a.sysmon.mon.Close()
 	}
 	a.dp.Close()
 	a.log.Info("agent stopped; enforcement stays pinned")
@@ -874,6 +896,9 @@ func (a *Agent) publish(ms *policy.MapState) {
 	fc.Endpoints = v.endpointPods()
 	a.enricher.SetContext(fc)
 	a.metrics.Endpoints.Set(float64(len(v.endpoints)))
+	if a.sysmon != nil {
+		a.sysmon.svc.Changed()
+	}
 }
 
 // vethPresent reports whether the record's host veth still exists with the

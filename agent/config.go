@@ -30,6 +30,13 @@ type Config struct {
 	FlowLogMaxFiles int
 	// FlowLogFilter selects which records the flow log keeps.
 	FlowLogFilter flows.Selector
+	// RuntimeDetection loads the system monitor (runtime package), watches
+	// every endpoint's netns and writes its alerts to the flow log as JSON
+	// lines with event_kind "alert". It needs FlowLog and the json format.
+	RuntimeDetection bool
+	// RuntimeResync is how often the monitor's watch set is reconciled with
+	// the endpoint table besides after each apply; 0 means 1 s.
+	RuntimeResync time.Duration
 	// FlowRing is how many recent flows the agent keeps for `observe`.
 	FlowRing int
 	// MetricsAddr serves Prometheus metrics; empty serves none.
@@ -195,6 +202,14 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
+	}
+	if c.RuntimeDetection && c.FlowLog == "" {
+		// Alerts must go somewhere a user looks; a flag that detects into
+		// nothing would be worse than none.
+		errs = append(errs, errors.New("--runtime-detection writes alerts to the flow log: it needs --flow-log"))
+	}
+	if c.RuntimeDetection && c.FlowFormat != "json" {
+		errs = append(errs, fmt.Errorf("--runtime-detection writes alerts as JSON lines; --flow-format %s is not supported with it yet", c.FlowFormat))
 	}
 	if c.FlowRing <= 0 {
 		errs = append(errs, fmt.Errorf("--flow-ring %d: must be positive", c.FlowRing))

@@ -29,6 +29,11 @@ func TestConfigFlagBounds(t *testing.T) {
 		set        func(*Config)
 		ok         bool
 	}{
+		{"runtime detection without a flow log", "--runtime-detection", func(c *Config) { c.RuntimeDetection = true }, false},
+		{"runtime detection with ocsf", "--runtime-detection", func(c *Config) {
+			c.RuntimeDetection, c.FlowLog, c.FlowFormat = true, "/var/log/flows", "ocsf"
+		}, false},
+		{"runtime detection with a json flow log", "", func(c *Config) { c.RuntimeDetection, c.FlowLog = true, "/var/log/flows" }, true},
 		{"identity grace 0", "--identity-grace", func(c *Config) { c.IdentityGrace = 0 }, false},
 		{"identity grace negative", "--identity-grace", func(c *Config) { c.IdentityGrace = -time.Second }, false},
 		{"identity grace 1ns", "", func(c *Config) { c.IdentityGrace = time.Nanosecond }, true},

@@ -39,6 +39,7 @@ func main() {
 	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
 	fs.StringVar(&cfg.FlowLog, "flow-log", "", "write flow records to this file, one JSON object per line")
 	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity)")
+	fs.BoolVar(&cfg.RuntimeDetection, "runtime-detection", false, "load the syscall monitor and write its alerts (escape attempts from pods: setns, unshare, mount, ptrace, bpf, module loads) to --flow-log as JSON lines with event_kind \"alert\"; alert only, never blocks (default off while it is new)")
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
 	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
 	ringKiB := fs.Uint("flow-event-ring-kib", 1024, "size of the kernel's flow event ring buffer in KiB (a power of two); a larger ring loses fewer events in bursts")

@@ -1,0 +1,88 @@
+// Package detect maps the system monitor's syscall events to alerts: the
+// rules, their IDs and MITRE ATT&CK techniques, and the alert record. It is
+// pure Go (no BPF): the runtime package decodes ring-buffer records into
+// Events, and the tests here feed Events directly.
+package detect
+
+import (
+	"fmt"
+	"time"
+)
+
+// Kind is the hooked syscall family (enum sysmon_kind in bpf/include/sysmon.h;
+// the runtime package's test checks the two agree).
+type Kind uint16
+
+const (
+	KindSetns   Kind = 1
+	KindUnshare Kind = 2
+	KindMount   Kind = 3
+	KindPtrace  Kind = 4
+	KindBPF     Kind = 5
+	// KindModule is init_module or finit_module; Event.Syscall tells which.
+	KindModule Kind = 6
+	// KindExec is a successful exec; it feeds the ProcessCache and raises
+	// no alert by itself.
+	KindExec Kind = 7
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindSetns:
+		return "setns"
+	case KindUnshare:
+		return "unshare"
+	case KindMount:
+		return "mount"
+	case KindPtrace:
+		return "ptrace"
+	case KindBPF:
+		return "bpf"
+	case KindModule:
+		return "module"
+	case KindExec:
+		return "exec"
+	}
+	return fmt.Sprintf("kind-%d", uint16(k))
+}
+
+// Event is one syscall entry seen by the monitor in a watched namespace.
+type Event struct {
+	// Time is when the hook ran (converted from CLOCK_MONOTONIC).
+	Time     time.Time
+	Kind     Kind
+	Syscall  string // "setns", "finit_module", ...
+	Netns    uint32 // the caller's network namespace inode at entry
+	CgroupID uint64
+	PID      uint32 // thread group ID
+	TID      uint32
+	PPID     uint32
+	UID      uint32
+	// StartNs is the process's start time (CLOCK_MONOTONIC): with PID, it
+	// tells a process from a later one that reuses its PID.
+	StartNs uint64
+	Comm    string
+	// Args are the syscall's first four arguments, raw.
+	Args [4]uint64
+	// TargetNS (setns) is the inode of the file behind the fd: the target
+	// namespace's inode for a namespace file; 0 when the fd was not open.
+	TargetNS uint64
+	// TargetOwn (setns): the target is one of the caller's own namespaces.
+	TargetOwn bool
+	// Source, Target and FSType are mount's strings (empty for others).
+	Source, Target, FSType string
+	// Exe and Argv are exec's file and arguments; ArgvTruncated tells that
+	// the kernel sent only the first bytes of a longer argv.
+	Exe           string
+	Argv          []string
+	ArgvTruncated bool
+}
+
+// Endpoint is what the agent knows about the pod behind a watched netns.
+type Endpoint struct {
+	ID        string `json:"endpoint,omitempty"`
+	Namespace string `json:"namespace,omitempty"`
+	Pod       string `json:"pod_name,omitempty"`
+	SPIFFEID  string `json:"spiffe_id,omitempty"`
+	Netns     uint32 `json:"netns_inode"`
+}

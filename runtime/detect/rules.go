@@ -1,0 +1,210 @@
+package detect
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Severity orders alerts for filtering.
+type Severity string
+
+const (
+	SeverityMedium   Severity = "medium"
+	SeverityHigh     Severity = "high"
+	SeverityCritical Severity = "critical"
+)
+
+// Rule is one detection of the default rule set.
+type Rule struct {
+	ID            string
+	Name          string
+	Technique     string // MITRE ATT&CK technique ID
+	TechniqueName string
+	Severity      Severity
+}
+
+// The default rule set. IDs are stable: alerts, metrics and policies name
+// them.
+var (
+	RuleSetnsOutsidePod = Rule{"BH-RT-001", "setns to a namespace outside the pod", "T1611", "Escape to Host", SeverityCritical}
+	RuleUnshareNS       = Rule{"BH-RT-002", "unshare of a user or mount namespace", "T1611", "Escape to Host", SeverityHigh}
+	RuleMount           = Rule{"BH-RT-003", "mount from inside a pod", "T1611", "Escape to Host", SeverityHigh}
+	RulePtraceAttach    = Rule{"BH-RT-004", "ptrace attach to another process", "T1055.008", "Process Injection: Ptrace System Calls", SeverityHigh}
+	RuleBPF             = Rule{"BH-RT-005", "bpf() syscall from a pod", "T1014", "Rootkit", SeverityHigh}
+	RuleModuleLoad      = Rule{"BH-RT-006", "kernel module load", "T1547.006", "Boot or Logon Autostart Execution: Kernel Modules and Extensions", SeverityCritical}
+)
+
+// Rules lists the default rule set.
+func Rules() []Rule {
+	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad}
+}
+
+// Alert is one rule's match on one event. Field names are the flow log's
+// conventions (snake_case, Hubble's where one exists).
+type Alert struct {
+	EventKind string    `json:"event_kind"` // always "alert"
+	Time      time.Time `json:"time"`
+	RuleID    string    `json:"rule_id"`
+	Rule      string    `json:"rule"`
+	Technique string    `json:"mitre_technique"`
+	// TechniqueName is ATT&CK's name for Technique.
+	TechniqueName string            `json:"mitre_technique_name"`
+	Severity      Severity          `json:"severity"`
+	Pod           Endpoint          `json:"pod"`
+	Syscall       string            `json:"syscall"`
+	Args          map[string]string `json:"args"`
+	PID           uint32            `json:"pid"`
+	TID           uint32            `json:"tid"`
+	PPID          uint32            `json:"ppid"`
+	UID           uint32            `json:"uid"`
+	Comm          string            `json:"comm"`
+	CgroupID      uint64            `json:"cgroup_id"`
+	// Process and Ancestors come from the ProcessCache (Annotate): nil
+	// and empty for a process that did not exec in a watched namespace.
+	Process   *Process  `json:"process,omitempty"`
+	Ancestors []Process `json:"ancestors,omitempty"`
+	// Action is what was done: only "alert" in this version.
+	Action string `json:"action"`
+}
+
+// Detect returns the alerts that ev raises for the pod ep; none for benign
+// events (unshare(0), ptrace of one's own tracee, setns into one's own
+// namespace).
+func Detect(ev Event, ep Endpoint) []Alert {
+	rule, sev, args, ok := match(ev)
+	if !ok {
+		return nil
+	}
+	if sev == "" {
+		sev = rule.Severity
+	}
+	return []Alert{{
+		EventKind: "alert", Time: ev.Time, RuleID: rule.ID, Rule: rule.Name,
+		Technique: rule.Technique, TechniqueName: rule.TechniqueName, Severity: sev,
+		Pod: ep, Syscall: ev.Syscall, Args: args,
+		PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, Comm: ev.Comm, CgroupID: ev.CgroupID,
+		Action: "alert",
+	}}
+}
+
+// Annotate adds the process context the cache holds for ev to each alert.
+func (c *ProcessCache) Annotate(alerts []Alert, ev Event) {
+	if len(alerts) == 0 {
+		return
+	}
+	self, anc := c.Lineage(ev)
+	for i := range alerts {
+		alerts[i].Process, alerts[i].Ancestors = self, anc
+	}
+}
+
+func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
+	a := ev.Args
+	switch ev.Kind {
+	case KindSetns:
+		// fd not open (EBADF) or the pod's own namespace: nothing entered.
+		if ev.TargetNS == 0 || ev.TargetOwn {
+			return
+		}
+		return RuleSetnsOutsidePod, "", map[string]string{
+			"fd": strconv.FormatInt(int64(int32(a[0])), 10), "nstype": cloneFlags(a[1]),
+			"target_ns_inode": strconv.FormatUint(ev.TargetNS, 10),
+		}, true
+	case KindUnshare:
+		if a[0]&(unix.CLONE_NEWUSER|unix.CLONE_NEWNS) == 0 {
+			return
+		}
+		return RuleUnshareNS, "", map[string]string{"flags": cloneFlags(a[0])}, true
+	case KindMount:
+		sev = SeverityHigh
+		if sensitiveMount(ev.Source, ev.Target, ev.FSType, a[3]) {
+			sev = SeverityCritical
+		}
+		return RuleMount, sev, map[string]string{
+			"source": ev.Source, "target": ev.Target, "fstype": ev.FSType,
+			"flags": "0x" + strconv.FormatUint(a[3], 16),
+		}, true
+	case KindPtrace:
+		req := ptraceRequest(a[0])
+		if req == "" {
+			return
+		}
+		return RulePtraceAttach, "", map[string]string{"request": req, "pid": strconv.FormatUint(uint64(int32(a[1])), 10)}, true
+	case KindBPF:
+		return RuleBPF, "", map[string]string{"cmd": bpfCmd(a[0])}, true
+	case KindModule:
+		args := map[string]string{}
+		if ev.Syscall == "finit_module" {
+			args["fd"] = strconv.FormatInt(int64(int32(a[0])), 10)
+			args["flags"] = "0x" + strconv.FormatUint(a[2], 16)
+		} else {
+			args["len"] = strconv.FormatUint(a[1], 10)
+		}
+		return RuleModuleLoad, "", args, true
+	}
+	return
+}
+
+// sensitiveMount: the mounts that hand a pod the host (issue 14's list). A
+// propagation change (mount --make-private /) mounts nothing new.
+func sensitiveMount(source, target, fstype string, flags uint64) bool {
+	if flags&(unix.MS_PRIVATE|unix.MS_SHARED|unix.MS_SLAVE|unix.MS_UNBINDABLE) != 0 {
+		return false
+	}
+	switch fstype {
+	case "cgroup", "cgroup2", "proc", "sysfs", "devtmpfs", "debugfs", "bpf", "securityfs":
+		return true
+	}
+	return strings.HasPrefix(source, "/dev/") || source == "/" || target == "/"
+}
+
+func ptraceRequest(req uint64) string {
+	switch req {
+	case unix.PTRACE_ATTACH:
+		return "PTRACE_ATTACH"
+	case unix.PTRACE_SEIZE:
+		return "PTRACE_SEIZE"
+	}
+	return ""
+}
+
+var cloneNames = []struct {
+	flag uint64
+	name string
+}{
+	{unix.CLONE_NEWUSER, "CLONE_NEWUSER"}, {unix.CLONE_NEWNS, "CLONE_NEWNS"}, {unix.CLONE_NEWNET, "CLONE_NEWNET"},
+	{unix.CLONE_NEWPID, "CLONE_NEWPID"}, {unix.CLONE_NEWUTS, "CLONE_NEWUTS"}, {unix.CLONE_NEWIPC, "CLONE_NEWIPC"},
+	{unix.CLONE_NEWCGROUP, "CLONE_NEWCGROUP"}, {unix.CLONE_NEWTIME, "CLONE_NEWTIME"},
+}
+
+// cloneFlags names the namespace flags in f; other bits are shown in hex.
+func cloneFlags(f uint64) string {
+	if f == 0 {
+		return "0"
+	}
+	var parts []string
+	for _, c := range cloneNames {
+		if f&c.flag != 0 {
+			parts = append(parts, c.name)
+			f &^= c.flag
+		}
+	}
+	if f != 0 {
+		parts = append(parts, fmt.Sprintf("0x%x", f))
+	}
+	return strings.Join(parts, "|")
+}
+
+var bpfCmds = []string{"BPF_MAP_CREATE", "BPF_MAP_LOOKUP_ELEM", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM",
+	"BPF_MAP_GET_NEXT_KEY", "BPF_PROG_LOAD", "BPF_OBJ_PIN", "BPF_OBJ_GET", "BPF_PROG_ATTACH", "BPF_PROG_DETACH"}
+
+func bpfCmd(c uint64) string {
+	if c < uint64(len(bpfCmds)) {
+		return bpfCmds[c]
+	}
+	return strconv.FormatUint(c, 10)
+}

@@ -1,0 +1,173 @@
+package runtime
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	goruntime "runtime"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	helperActionEnv = "BULKHEAD_SYSMON_HELPER"
+	helperNetnsEnv  = "BULKHEAD_SYSMON_NETNS"
+	helperCountEnv  = "BULKHEAD_SYSMON_COUNT"
+	helperCgroupEnv = "BULKHEAD_SYSMON_CGROUP"
+)
+
+// helper runs the test binary as a process that enters the network
+// namespace at nsPath and performs action there, as a compromised pod
+// would. It returns the PIDs the helper reports on stdout (the helper's own
+// first, then any child it made the syscall from).
+func helper(t testing.TB, action, nsPath string, extraEnv ...string) []int {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperActionEnv+"="+action, helperNetnsEnv+"="+nsPath)
+	cmd.Env = append(cmd.Env, extraEnv...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helper %s: %v: %s", action, err, stderr.String())
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(out)) {
+		p, err := strconv.Atoi(f)
+		if err != nil {
+			t.Fatalf("helper %s printed %q", action, out)
+		}
+		pids = append(pids, p)
+	}
+	if len(pids) == 0 {
+		t.Fatalf("helper %s printed no pid", action)
+	}
+	return pids
+}
+
+// runHelper is the helper process's main. Its thread stays locked and is
+// never unlocked: its namespaces differ from the rest of the process, so
+// the Go runtime must not reuse it.
+func runHelper(action, nsPath string) error {
+	goruntime.LockOSThread()
+	if cg := os.Getenv(helperCgroupEnv); cg != "" {
+		if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte("0"), 0); err != nil {
+			return fmt.Errorf("join cgroup %s: %w", cg, err)
+		}
+	}
+	fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", nsPath, err)
+	}
+	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("setns %s: %w", nsPath, err)
+	}
+	unix.Close(fd)
+	fmt.Println(os.Getpid())
+	switch action {
+	case "setns-host":
+		// nsenter -t <host process> -n: the parent (the test) is in the
+		// node's network namespace.
+		host, err := unix.Open(fmt.Sprintf("/proc/%d/ns/net", os.Getppid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(host)
+		return unix.Setns(host, unix.CLONE_NEWNET)
+	case "unshare-user":
+		// A child forked from this thread (so in the pod's netns) calls
+		// unshare(CLONE_NEWUSER) before it execs.
+		cmd := exec.Command("/bin/true")
+		cmd.SysProcAttr = &unix.SysProcAttr{Unshareflags: unix.CLONE_NEWUSER}
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("unshare -U child: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
+	case "sh-unshare":
+		// A shell in the pod runs unshare(1): exec events give the alert
+		// its process and ancestry.
+		cmd := exec.Command("sh", "-c", "unshare -U /bin/true; exit 0")
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("sh -c unshare: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
+	case "mount-tmpfs":
+		// A throwaway mount namespace, private, so nothing reaches the host.
+		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("unshare mount ns: %w", err)
+		}
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return fmt.Errorf("make / private: %w", err)
+		}
+		dir, err := os.MkdirTemp("", "bulkhead-sysmon-mnt-")
+		if err != nil {
+			return err
+		}
+		defer os.Remove(dir)
+		if err := unix.Mount("bulkhead-test", dir, "tmpfs", 0, "size=64k"); err != nil {
+			return fmt.Errorf("mount tmpfs: %w", err)
+		}
+		fmt.Fprintln(os.Stderr, "mounted at", dir)
+		return unix.Unmount(dir, 0)
+	case "ptrace":
+		child := exec.Command("sleep", "30")
+		if err := child.Start(); err != nil {
+			return err
+		}
+		defer func() { child.Process.Kill(); child.Wait() }()
+		pid := child.Process.Pid
+		fmt.Println(pid)
+		if err := unix.PtraceAttach(pid); err != nil {
+			return fmt.Errorf("ptrace attach %d: %w", pid, err)
+		}
+		var ws unix.WaitStatus
+		if _, err := unix.Wait4(pid, &ws, unix.WALL, nil); err != nil {
+			return fmt.Errorf("wait for tracee: %w", err)
+		}
+		return unix.PtraceDetach(pid)
+	case "bpf":
+		// BPF_MAP_CREATE with no attributes: the kernel refuses it, and the
+		// attempt is what counts.
+		_, _, errno := unix.Syscall(unix.SYS_BPF, 0, 0, 0)
+		if errno == 0 {
+			return errors.New("bpf(BPF_MAP_CREATE, NULL, 0) succeeded")
+		}
+		return nil
+	case "finit-module":
+		// A bogus module image: finit_module fails (ENOSYS on a kernel
+		// without module support, ENOEXEC or EPERM elsewhere).
+		mfd, err := unix.MemfdCreate("bulkhead-bogus-module", unix.MFD_CLOEXEC)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(mfd)
+		if _, err := unix.Write(mfd, []byte("not an ELF module")); err != nil {
+			return err
+		}
+		if err := unix.FinitModule(mfd, "", 0); err == nil {
+			return errors.New("finit_module of a bogus image succeeded")
+		}
+		return nil
+	case "unshare-noop":
+		n, err := strconv.Atoi(os.Getenv(helperCountEnv))
+		if err != nil {
+			return err
+		}
+		for range n {
+			// unshare(0) changes nothing; the hook still runs.
+			if err := unix.Unshare(0); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return fmt.Errorf("unknown action %q", action)
+}

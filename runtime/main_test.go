@@ -1,0 +1,19 @@
+package runtime
+
+import (
+	"fmt"
+	"os"
+	"testing"
+)
+
+func TestMain(m *testing.M) {
+	// Re-executed as the helper that acts from inside a namespace.
+	if action := os.Getenv(helperActionEnv); action != "" {
+		if err := runHelper(action, os.Getenv(helperNetnsEnv)); err != nil {
+			fmt.Fprintln(os.Stderr, "sysmon helper:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}

@@ -1,0 +1,375 @@
+package runtime
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/bulkhead-io/bulkhead/runtime/detect"
+	"github.com/bulkhead-io/bulkhead/tests/netns"
+	"github.com/bulkhead-io/bulkhead/tests/privileged"
+)
+
+// newTestMonitor mounts tracefs if the node has none (and unmounts it at
+// the end if this test mounted it), and loads a monitor closed at the end.
+func newTestMonitor(t *testing.T, cfg Config) *Monitor {
+	t.Helper()
+	ensureTestTracefs(t)
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatalf("new monitor: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			t.Errorf("close monitor: %v", err)
+		}
+	})
+	return m
+}
+
+// ensureTestTracefs mounts tracefs at its standard place when the node has
+// none, and unmounts it when t ends (cleanups run last-in first-out, so
+// after the monitor's links are gone).
+func ensureTestTracefs(t *testing.T) {
+	t.Helper()
+	privileged.Require(t)
+	mounted, err := EnsureTracefs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mounted {
+		t.Cleanup(func() {
+			if err := unix.Unmount(StandardTracefs, 0); err != nil {
+				t.Errorf("unmount the tracefs this test mounted: %v", err)
+			}
+		})
+	}
+}
+
+func nsInode(t testing.TB, path string) uint32 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return uint32(st.Ino)
+}
+
+// testCgroup mounts a cgroup2 hierarchy of the test's own (the node may
+// have none mounted; it then carries no controllers, so it changes no
+// limits), makes a child cgroup in it, and returns the cgroup's folder and
+// ID (the folder's inode). Helpers given it move into it before acting, as
+// a pod's processes live in the pod's cgroup. Everything goes when t ends.
+func testCgroup(t *testing.T) (string, uint64) {
+	t.Helper()
+	root := t.TempDir()
+	if err := unix.Mount("cgroup2", root, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		t.Fatalf("mount cgroup2: %v", err)
+	}
+	dir := filepath.Join(root, "bulkhead-sysmon-test")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		unix.Unmount(root, unix.MNT_DETACH)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.Remove(dir); err != nil {
+			t.Errorf("remove test cgroup: %v", err)
+		}
+		if err := unix.Unmount(root, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount test cgroup2: %v", err)
+		}
+	})
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return dir, st.Ino
+}
+
+// waitEvent reads events until one satisfies want, and returns it with
+// every event read before it. It fails t after 10 s without one: a bound on
+// waiting, not a latency assertion.
+func waitEvent(t testing.TB, rd *Reader, what string, want func(detect.Event) bool) (detect.Event, []detect.Event) {
+	t.Helper()
+	rd.SetDeadline(time.Now().Add(10 * time.Second))
+	defer rd.SetDeadline(time.Time{})
+	var seen []detect.Event
+	for {
+		ev, err := rd.Read()
+		if err != nil {
+			t.Fatalf("waiting for %s: %v (saw %d other events: %+v)", what, err, len(seen), seen)
+		}
+		if want(ev) {
+			return ev, seen
+		}
+		seen = append(seen, ev)
+	}
+}
+
+func TestMonitorDetections(t *testing.T) {
+	m := newTestMonitor(t, Config{})
+	if m.ModulePath() != modulePath(StandardTracefs) {
+		t.Fatalf("module path %q, tracefs says %q", m.ModulePath(), modulePath(StandardTracefs))
+	}
+	pod := netns.New(t)
+	ino := nsInode(t, pod.Path())
+	ep := detect.Endpoint{ID: "ep-1", Namespace: "shop", Pod: "cart-0", SPIFFEID: "spiffe://cluster.local/ns/shop/sa/cart"}
+	if err := m.Watch(ino, ep); err != nil {
+		t.Fatal(err)
+	}
+	rd, err := m.NewReader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	cgDir, cgroup := testCgroup(t)
+	// The helper's "host" is this process's netns: the node's, as far as
+	// the test is concerned (/proc/1 may be out of reach in a sandbox).
+	var hostNet unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &hostNet); err != nil {
+		t.Fatal(err)
+	}
+
+	cases := []struct {
+		action string
+		rule   detect.Rule
+		// pid picks which of the helper's PIDs made the syscall.
+		pid     int
+		syscall string
+		args    map[string]string // a subset the alert must carry
+	}{
+		{"setns-host", detect.RuleSetnsOutsidePod, 0, "setns",
+			map[string]string{"nstype": "CLONE_NEWNET", "target_ns_inode": fmt.Sprint(hostNet.Ino)}},
+		{"unshare-user", detect.RuleUnshareNS, 1, "unshare", map[string]string{"flags": "CLONE_NEWUSER"}},
+		{"mount-tmpfs", detect.RuleMount, 0, "mount", map[string]string{"source": "bulkhead-test", "fstype": "tmpfs"}},
+		{"ptrace", detect.RulePtraceAttach, 0, "ptrace", map[string]string{"request": "PTRACE_ATTACH"}},
+		{"bpf", detect.RuleBPF, 0, "bpf", map[string]string{"cmd": "BPF_MAP_CREATE"}},
+		{"finit-module", detect.RuleModuleLoad, 0, "finit_module", map[string]string{"flags": "0x0"}},
+	}
+	for _, c := range cases {
+		t.Run(c.action, func(t *testing.T) {
+			pids := helper(t, c.action, pod.Path(), helperCgroupEnv+"="+cgDir)
+			pid := uint32(pids[c.pid])
+			var alert detect.Alert
+			// The alert is built as the agent builds it: the pod comes from
+			// the monitor's watch table, by the event's netns.
+			ev, _ := waitEvent(t, rd, c.rule.ID+" from pid "+fmt.Sprint(pid), func(ev detect.Event) bool {
+				got, _ := m.Endpoint(ev.Netns)
+				if ev.PID != pid {
+					return false
+				}
+				for _, a := range detect.Detect(ev, got) {
+					if a.RuleID == c.rule.ID && hasArgs(a.Args, c.args) {
+						alert = a
+						return true
+					}
+				}
+				return false
+			})
+			if ev.Netns != ino || alert.Pod.Netns != ino || alert.Pod.Pod != "cart-0" || alert.Pod.SPIFFEID != ep.SPIFFEID {
+				t.Errorf("attribution: event netns %d, alert pod %+v; want netns %d, %+v", ev.Netns, alert.Pod, ino, ep)
+			}
+			if ev.CgroupID != cgroup {
+				t.Errorf("cgroup id %d, want %d", ev.CgroupID, cgroup)
+			}
+			if alert.Syscall != c.syscall || alert.Technique != c.rule.Technique || alert.EventKind != "alert" {
+				t.Errorf("alert %+v: want syscall %s, technique %s", alert, c.syscall, c.rule.Technique)
+			}
+			if alert.PID != pid || alert.Comm == "" || alert.PPID == 0 {
+				t.Errorf("process: pid %d ppid %d comm %q, want pid %d", alert.PID, alert.PPID, alert.Comm, pid)
+			}
+			t.Logf("%s: %+v", c.action, alert)
+		})
+	}
+	t.Run("exec-lineage", func(t *testing.T) {
+		pids := helper(t, "sh-unshare", pod.Path(), helperCgroupEnv+"="+cgDir)
+		shPID := uint32(pids[1])
+		procs := detect.NewProcessCache(64)
+		var alert detect.Alert
+		waitEvent(t, rd, "unshare(CLONE_NEWUSER) from unshare(1)", func(ev detect.Event) bool {
+			if ev.Kind == detect.KindExec {
+				procs.Exec(ev)
+				return false
+			}
+			if ev.Comm != "unshare" || ev.PPID != shPID {
+				return false
+			}
+			alerts := detect.Detect(ev, ep)
+			procs.Annotate(alerts, ev)
+			if len(alerts) != 1 || alerts[0].RuleID != detect.RuleUnshareNS.ID {
+				return false
+			}
+			alert = alerts[0]
+			return true
+		})
+		p := alert.Process
+		if p == nil || p.Exe != "/usr/bin/unshare" || p.PID != alert.PID || p.PPID != shPID ||
+			strings.Join(p.Argv, " ") != "unshare -U /bin/true" || p.ArgvTruncated {
+			t.Errorf("process %+v of alert %+v", p, alert)
+		}
+		if len(alert.Ancestors) != 1 || alert.Ancestors[0].PID != shPID || !strings.HasSuffix(alert.Ancestors[0].Exe, "/sh") ||
+			strings.Join(alert.Ancestors[0].Argv, " ") != "sh -c unshare -U /bin/true; exit 0" {
+			// The helper itself exec'd before it entered the pod: it is not
+			// in the cache, so the ancestry ends at the shell.
+			t.Errorf("ancestry %+v", alert.Ancestors)
+		}
+		t.Logf("process %+v, ancestors %+v", *p, alert.Ancestors)
+	})
+	if m.ModulePath() == ModuleRawSysEnter {
+		t.Logf("module loads hooked through raw_tp sys_enter (no per-syscall tracepoint)")
+	}
+}
+
+// TestMonitorUnwatched: processes in a namespace nobody watches, and in one
+// no longer watched, produce no events; the kernel counts them instead.
+func TestMonitorUnwatched(t *testing.T) {
+	m := newTestMonitor(t, Config{})
+	pod, other := netns.New(t), netns.New(t)
+	ino := nsInode(t, pod.Path())
+	if err := m.Watch(ino, detect.Endpoint{Pod: "watched"}); err != nil {
+		t.Fatal(err)
+	}
+	rd, err := m.NewReader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	before, err := m.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	quiet := map[uint32]bool{}
+	for _, a := range []string{"bpf", "unshare-user", "finit-module"} {
+		for _, p := range helper(t, a, other.Path()) {
+			quiet[uint32(p)] = true
+		}
+	}
+	after, err := m.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The hooks ran (at least once per action) and dropped the events.
+	if after.Unwatched-before.Unwatched < 3 {
+		t.Errorf("unwatched counter rose by %d, want at least 3", after.Unwatched-before.Unwatched)
+	}
+	// A marker from the watched pod: the ring is FIFO, so any event from
+	// the unwatched ones would be read before it.
+	marker := uint32(helper(t, "bpf", pod.Path())[0])
+	_, seen := waitEvent(t, rd, "marker", func(ev detect.Event) bool { return ev.PID == marker })
+	for _, ev := range seen {
+		if quiet[ev.PID] || ev.Netns != ino {
+			t.Errorf("event from an unwatched process: %+v", ev)
+		}
+	}
+
+	if err := m.Unwatch(ino); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Unwatch(ino); !errors.Is(err, ErrNotWatched) {
+		t.Errorf("second unwatch: %v, want ErrNotWatched", err)
+	}
+	c1, _ := m.Counters()
+	helper(t, "bpf", pod.Path())
+	c2, _ := m.Counters()
+	if c2.Sent != c1.Sent || c2.Unwatched == c1.Unwatched {
+		t.Errorf("after Unwatch: sent %d→%d, unwatched %d→%d; want no send and a drop", c1.Sent, c2.Sent, c1.Unwatched, c2.Unwatched)
+	}
+}
+
+// TestMonitorRingOverflow fills a one-page ring buffer that nobody reads:
+// every event is either in the ring or counted as lost.
+func TestMonitorRingOverflow(t *testing.T) {
+	m := newTestMonitor(t, Config{RingSize: uint32(os.Getpagesize()), NoModuleHook: true})
+	pod := netns.New(t)
+	if err := m.Watch(nsInode(t, pod.Path()), detect.Endpoint{Pod: "noisy"}); err != nil {
+		t.Fatal(err)
+	}
+	const n = 2000
+	helper(t, "unshare-noop", pod.Path(), fmt.Sprintf("%s=%d", helperCountEnv, n))
+	c, err := m.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	capacity := uint64(os.Getpagesize() / EventSize)
+	if c.Lost == 0 || c.Sent+c.Lost != n || c.Sent > capacity {
+		t.Fatalf("counters %+v: want sent+lost = %d, sent ≤ %d, lost > 0", c, n, capacity)
+	}
+	rd, err := m.NewReader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	for i := range c.Sent {
+		rd.SetDeadline(time.Now().Add(5 * time.Second))
+		ev, err := rd.Read()
+		if err != nil {
+			t.Fatalf("event %d of %d in the ring: %v", i, c.Sent, err)
+		}
+		if ev.Kind != detect.KindUnshare || ev.Args[0] != 0 {
+			t.Fatalf("event %d: %+v, want unshare(0)", i, ev)
+		}
+	}
+	t.Logf("counters %+v (ring holds %d events)", c, capacity)
+}
+
+func TestEnsureTracefs(t *testing.T) {
+	privileged.Require(t)
+	dir := t.TempDir()
+	mounted, err := ensureTracefs(dir)
+	if err != nil || !mounted {
+		t.Fatalf("first ensure: mounted %v, %v", mounted, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	if _, err := os.Stat(filepath.Join(dir, "events", "syscalls")); err != nil {
+		t.Errorf("tracefs at %s has no syscall events: %v", dir, err)
+	}
+	if mounted, err := ensureTracefs(dir); err != nil || mounted {
+		t.Fatalf("second ensure: mounted %v, %v; want a no-op", mounted, err)
+	}
+}
+
+func TestProbeFeatures(t *testing.T) {
+	ensureTestTracefs(t)
+	f := ProbeFeatures()
+	for name, err := range f.Available() {
+		t.Logf("%-12s %v", name, errOr(err))
+	}
+	t.Logf("module path: %s", f.ModulePath)
+	// What the monitor cannot run without: fail, never skip, under
+	// BULKHEAD_PRIVILEGED=1.
+	for name, err := range map[string]error{"tracefs": f.Tracefs, "tracepoint": f.Tracepoint, "raw_tp": f.RawTP, "ringbuf": f.RingBuf} {
+		if err != nil {
+			privileged.Unsupported(t, "%s: %v", name, err)
+		}
+	}
+	if f.ModulePath != modulePath(StandardTracefs) || f.ModulePath == "" {
+		t.Errorf("module path %q", f.ModulePath)
+	}
+}
+
+// hasArgs reports whether got has every argument of want.
+func hasArgs(got, want map[string]string) bool {
+	for k, v := range want {
+		if got[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func errOr(err error) string {
+	if err == nil {
+		return "available"
+	}
+	return err.Error()
+}
