@@ -48,7 +48,11 @@ func RunDiff(o DiffOptions, w io.Writer) error {
 		return err
 	}
 	if o.FailOnChange && len(d.Changes) > 0 {
-		return fmt.Errorf("%d classes of traffic change verdict: %w", len(d.Changes), ErrVerdictsChanged)
+		what := "classes of traffic change"
+		if len(d.Changes) == 1 {
+			what = "class of traffic changes"
+		}
+		return fmt.Errorf("--fail-on-change: %d %s verdict: %w", len(d.Changes), what, ErrVerdictsChanged)
 	}
 	return nil
 }

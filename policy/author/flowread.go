@@ -74,6 +74,9 @@ type wireLine struct {
 	wireFlow
 	Flow       *wireFlow       `json:"flow"`
 	LostEvents json.RawMessage `json:"lost_events"`
+	// EventKind "alert" is a runtime detection alert, which the agent's
+	// --runtime-detection writes into the same log.
+	EventKind string `json:"event_kind"`
 }
 
 type wireFlow struct {
@@ -115,7 +118,8 @@ const (
 
 // ReadFlows reads flow records, one JSON object a line, as the agent's
 // --flow-log writes them or `bulkhead observe -o json` prints them. Blank
-// lines are skipped and lost-events markers counted. Any other line that is
+// lines and runtime alerts (event_kind "alert") are skipped, and lost-events
+// markers counted. Any other line that is
 // not a complete flow record is an error that names the input and line,
 // and no record is returned: a policy generated from part of a log would
 // silently drop what the rest observed.
@@ -165,7 +169,7 @@ func readLine(br *bufio.Reader) ([]byte, error) {
 }
 
 // parseFlowLine parses one non-empty line: a record, a lost-events marker
-// (lost true), or an error.
+// (lost true), a line to skip (neither), or an error.
 func parseFlowLine(data []byte) (*FlowRecord, bool, error) {
 	var wl wireLine
 	if err := json.Unmarshal(data, &wl); err != nil {
@@ -173,6 +177,9 @@ func parseFlowLine(data []byte) (*FlowRecord, bool, error) {
 	}
 	if wl.LostEvents != nil {
 		return nil, true, nil
+	}
+	if wl.EventKind == "alert" {
+		return nil, false, nil
 	}
 	f := &wl.wireFlow
 	if wl.Flow != nil {

@@ -13,7 +13,9 @@ const goodLine = `{"time":"2026-11-27T05:12:02.818Z","verdict":"FORWARDED","IP":
 
 func TestReadFlows(t *testing.T) {
 	in, err := ReadFlows(strings.NewReader(goodLine+"\n\n"+`{"flow":`+goodLine+"}\n"+
-		`{"lost_events":{"source":"kernel","num_events_lost":3},"time":"2026-11-27T05:12:03Z"}`+"\n"+goodLine), "f")
+		`{"lost_events":{"source":"kernel","num_events_lost":3},"time":"2026-11-27T05:12:03Z"}`+"\n"+goodLine+"\n"+
+		// A runtime alert, as --runtime-detection writes it into the same log.
+		`{"event_kind":"alert","time":"2026-11-27T05:12:04Z","rule_id":"BH-RT-005","syscall":"bpf","pod":{"namespace":"shop","pod":"frontend"},"action":"alert"}`), "f")
 	if err != nil {
 		t.Fatal(err)
 	}
