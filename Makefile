@@ -58,7 +58,7 @@ export BULKHEAD_K8S_BIN := $(K8S_BIN)
 export BULKHEAD_CONTAINERD_BIN := $(CONTAINERD_BIN)
 export BULKHEAD_RUNC_BIN := $(RUNC_BIN)
 
-.PHONY: all build generate check-generated deps bpffs cni-plugins spire helm k8s-apiserver k8s-cluster test test-unit \
+.PHONY: all build generate check-generated check-tidy deps bpffs cni-plugins spire helm k8s-apiserver k8s-cluster test test-unit \
         vet staticcheck fuzz bench bench-mtls demo demo-check clean
 
 all: build
@@ -199,6 +199,10 @@ $(RUNC_BIN)/.done: | deps
 vet:
 	$(GO) vet ./...
 
+## check-tidy: fail when go.mod or go.sum is not what `go mod tidy` makes.
+check-tidy:
+	@d=$$($(GO) mod tidy -diff) || { echo "go.mod/go.sum are not tidy: run go mod tidy"; echo "$$d"; exit 1; }
+
 staticcheck:
 	$(GO) tool staticcheck ./...
 
@@ -213,7 +217,7 @@ fuzz: deps bpffs
 	done
 
 ## test: every tier (pure Go, kernel, end-to-end) as root, plus the checks.
-test: deps bpffs check-generated cni-plugins spire helm k8s-apiserver k8s-cluster build vet staticcheck
+test: deps bpffs check-generated check-tidy cni-plugins spire helm k8s-apiserver k8s-cluster build vet staticcheck
 	BULKHEAD_PRIVILEGED=1 $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) fuzz
 	$(MAKE) demo-check
