@@ -79,11 +79,12 @@ bpffs:
 
 ## generate: regenerate bpf2go output (needs clang-19), the CRD manifests,
 ## the chart's copy of the CRDs and manifests/install.yaml (needs helm).
-# clang's BTF output for these programs depends on the checkout's path (the
-# order of types differs), so generation runs from one fixed path, a
-# symlink to this checkout, for the same bytes on every machine.
-GEN_LINK := /tmp/bulkhead-generate
-GEN_RUN   = flock $(GEN_LINK).lock sh -c 'ln -sfn "$(CURDIR)" $(GEN_LINK) && cd $(GEN_LINK) && $(GO) generate ./...'
+# Generation runs in the checkout itself. (It once ran from a fixed symlink
+# in /tmp, shared by every clone, for a BTF type order that seemed to follow
+# the checkout's path; clang-19 gave the same bytes from five checkout paths
+# of different depths and lengths, and check-generated in a fresh clone at
+# another path is the standing test of it.)
+GEN_RUN   = $(GO) generate ./...
 # The chart carries the CRDs in crds/ (Helm installs those first and never
 # deletes them), copied from manifests/crds; install.yaml is the chart
 # rendered with its default values, for `kubectl apply` users.
@@ -121,7 +122,7 @@ build:
 cni-plugins: $(CNI_BIN)/.done
 $(CNI_BIN)/.done:
 	@mkdir -p $(CNI_BIN)
-	cd $$(mktemp -d) && $(GO) mod init cnibuild >/dev/null 2>&1 && \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && $(GO) mod init cnibuild >/dev/null 2>&1 && \
 	  GOFLAGS=-mod=mod $(GO) get github.com/containernetworking/plugins@$(CNI_VERSION) github.com/containernetworking/cni/cnitool@v1.3.1 >/dev/null && \
 	  for p in $(CNI_PLUGINS); do \
 	    case $$p in host-local) d=ipam/host-local;; *) d=main/$$p;; esac; \

@@ -48,6 +48,10 @@ func Reserve(octets []int) (netip.Prefix, func() error, error) {
 			if err := os.Remove(lock); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return fmt.Errorf("release subnet lock: %w", err)
 			}
+			// The last holder removes the folder, so that nothing is left
+			// in /tmp; it fails while others hold a lock in it, and one
+			// that is creating its lock meanwhile makes the folder again.
+			_ = os.Remove(dir)
 			return nil
 		}, nil
 	}
@@ -76,8 +80,15 @@ func routeOverlaps(routes []netlink.Route, pfx netip.Prefix) bool {
 
 // tryLock creates path holding our PID, or takes it over from a dead holder.
 func tryLock(path string) bool {
-	for range 2 {
+	for range 3 {
 		f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		if errors.Is(err, os.ErrNotExist) {
+			// The last holder removed the folder after our MkdirAll.
+			if os.MkdirAll(filepath.Dir(path), 0o700) != nil {
+				return false
+			}
+			continue
+		}
 		if err == nil {
 			_, _ = f.WriteString(strconv.Itoa(os.Getpid()))
 			_ = f.Close()

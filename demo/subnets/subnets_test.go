@@ -42,3 +42,34 @@ func TestReserveSkipsHeldAndReclaimsDead(t *testing.T) {
 		t.Fatal("a held /24 was handed out twice")
 	}
 }
+
+// TestLockFolderGoesWithTheLastHolder: nothing is left in the temp folder
+// once every reservation is released, and a lock is still taken when the
+// folder went away after Reserve made it.
+func TestLockFolderGoesWithTheLastHolder(t *testing.T) {
+	privileged.Require(t)
+	t.Setenv("TMPDIR", t.TempDir()) // a folder of our own: other tests reserve too
+	_, releaseA, err := Reserve([]int{199, 198})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, releaseB, err := Reserve([]int{199, 198})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := releaseA(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(lockDir()); err != nil {
+		t.Fatalf("the folder went while a lock was held: %v", err)
+	}
+	if err := releaseB(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(lockDir()); !os.IsNotExist(err) {
+		t.Fatalf("%s left behind: %v", lockDir(), err)
+	}
+	if !tryLock(filepath.Join(lockDir(), "42")) {
+		t.Fatal("no lock when the folder is missing")
+	}
+}
