@@ -34,7 +34,9 @@ func startAgent(ctx context.Context, cfg agentConfig, client *api.Client) (*agen
 		"--metrics-addr", "", "--node-name", "demo-node",
 		// The built-in development CA (under --state-dir/ca, removed with
 		// the demo's temp dir) gives every pod an X.509-SVID without SPIRE.
-		"--identity-source", "builtin")
+		"--identity-source", "builtin",
+		// The syscall hooks, for the compromised-pod step.
+		"--runtime-detection")
 	cmd.Stdout, cmd.Stderr = cfg.Output, cfg.Output
 	// Its own process group, so a Ctrl-C in the terminal reaches only the
 	// demo, which then stops the agent in order (after the CNI DELs).

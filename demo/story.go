@@ -98,6 +98,9 @@ func (r *run) story(ctx context.Context) error {
 	if err := r.mtls(ctx); err != nil {
 		return err
 	}
+	if err := r.runtimeAlert(ctx); err != nil {
+		return err
+	}
 	return r.showLastFlows(ctx, 12)
 }
 

@@ -35,7 +35,13 @@ type Service struct {
 	cfg     ServiceConfig
 	log     *slog.Logger
 	changed chan struct{}
+	// procs are the processes that exec'd in watched pods, for each
+	// alert's process and ancestry (read loop only).
+	procs *detect.ProcessCache
 }
+
+// ProcessCacheSize bounds the exec cache.
+const ProcessCacheSize = 8192
 
 // NewService makes a Service; Run starts it.
 func NewService(cfg ServiceConfig) *Service {
@@ -46,7 +52,7 @@ func NewService(cfg ServiceConfig) *Service {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1)}
+	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1), procs: detect.NewProcessCache(ProcessCacheSize)}
 }
 
 // Changed tells the service that the endpoint table changed. It never
@@ -109,7 +115,12 @@ func (s *Service) readLoop(rd *Reader) {
 			// Unwatched after the kernel sent it: still the pod's event.
 			ep = detect.Endpoint{Netns: ev.Netns}
 		}
-		for _, a := range detect.Detect(ev, ep) {
+		// An exec is recorded before it is judged, so that its own
+		// alerts (none yet) and every later one name the program.
+		s.procs.Exec(ev)
+		alerts := detect.Detect(ev, ep)
+		s.procs.Annotate(alerts, ev)
+		for _, a := range alerts {
 			s.cfg.Emit(a)
 		}
 	}

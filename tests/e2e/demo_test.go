@@ -160,7 +160,8 @@ func TestMakeDemo(t *testing.T) {
 			t.Fatalf("run %d: bulkhead demo: %v\n%s", run, err, out.String())
 		}
 		t.Logf("run %d took %v", run, time.Since(start).Round(time.Millisecond))
-		for _, want := range []string{"self-check passed", "spiffe://cluster.local/ns/ops/sa/debug", "DROPPED by BulkheadPolicy shop/no-ops ingress[0]", "AUDIT", "DENY"} {
+		for _, want := range []string{"self-check passed", "spiffe://cluster.local/ns/ops/sa/debug", "DROPPED by BulkheadPolicy shop/no-ops ingress[0]", "AUDIT", "DENY",
+			"ALERT BH-RT-002", "exe /usr/bin/unshare"} {
 			if !strings.Contains(out.String(), want) {
 				t.Errorf("run %d: output lacks %q:\n%s", run, want, out.String())
 			}
