@@ -299,7 +299,9 @@ func monotonicNow() (uint64, error) {
 
 func (d *Datapath) ctTimeout(k *ConntrackKey, v *ConntrackItem) time.Duration {
 	switch {
-	case v.State&(ctClosed|ctDenied) != 0:
+	case v.State&ctDenied != 0:
+		return d.cfg.CTTimeoutDenied
+	case v.State&ctClosed != 0:
 		return d.cfg.CTTimeoutClosing
 	case k.Proto == protoTCP:
 		return d.cfg.CTTimeoutTCP

@@ -37,6 +37,10 @@ type Config struct {
 	CTTimeoutTCP     time.Duration
 	CTTimeoutClosing time.Duration
 	CTTimeoutOther   time.Duration
+	// CTTimeoutDenied is how long a tombstone (a flow a policy change
+	// denied) outlives the last packet it dropped (default 150 s, longer
+	// than TCP's longest retransmission gap, TCP_RTO_MAX: 120 s).
+	CTTimeoutDenied time.Duration
 	// DropEventInterval is the least time between two drop events of a flow.
 	DropEventInterval time.Duration
 	// Map sizes. MaxConntrack is the flows each address family's
@@ -60,6 +64,9 @@ type Config struct {
 
 	// exactBuckets, when set, sizes both exact-match tables (tests).
 	exactBuckets uint32
+	// ctRefreshAlways makes every packet of a tracked flow rewrite its
+	// slot (tests: the most writes readers can race with).
+	ctRefreshAlways bool
 }
 
 func (c *Config) setDefaults() {
@@ -77,6 +84,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.CTTimeoutClosing == 0 {
 		c.CTTimeoutClosing = 10 * time.Second
+	}
+	if c.CTTimeoutDenied == 0 {
+		c.CTTimeoutDenied = 150 * time.Second
 	}
 	if c.CTTimeoutOther == 0 {
 		c.CTTimeoutOther = 60 * time.Second
@@ -244,6 +254,17 @@ func (d *Datapath) mapPin(name string) string  { return filepath.Join(d.cfg.BPFF
 func (d *Datapath) progPin(name string) string { return filepath.Join(d.cfg.BPFFS, "progs", name) }
 func (d *Datapath) linkDir() string            { return filepath.Join(d.cfg.BPFFS, "links") }
 
+// ctRefresh is how stale BPF lets an entry's last_seen get: a second,
+// or a quarter of the shortest timeout when that is shorter, so that a
+// flow (or a tombstone) that keeps sending never expires.
+func ctRefresh(cfg Config) time.Duration {
+	if cfg.ctRefreshAlways {
+		return 0
+	}
+	return min(time.Second, cfg.CTTimeoutClosing/4, cfg.CTTimeoutDenied/4, cfg.CTTimeoutOther/4,
+		cfg.CTTimeoutTCP/4)
+}
+
 // loadSpec returns the collection spec with load-time settings applied.
 // jiffy is the kernel's tick (jiffyLength).
 func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
@@ -257,6 +278,8 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 		"ct_timeout_tcp_ns":      uint64(cfg.CTTimeoutTCP),
 		"ct_timeout_closing_ns":  uint64(cfg.CTTimeoutClosing),
 		"ct_timeout_other_ns":    uint64(cfg.CTTimeoutOther),
+		"ct_timeout_denied_ns":   uint64(cfg.CTTimeoutDenied),
+		"ct_refresh_ns":          uint64(ctRefresh(cfg)),
 		"drop_event_interval_ns": uint64(cfg.DropEventInterval),
 		"ring_wakeup_mask":       ringWakeupMask(spec, cfg.EventRingBytes, runtime.NumCPU()),
 		"tunnel_mark":            cfg.TunnelMark,

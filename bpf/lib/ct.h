@@ -23,8 +23,8 @@
  * for BPF yet.
  *
  * Eviction. An insert takes, in order: the slot that held the same flow
- * (expired or closed), an empty slot, a closed or denied flow's slot, the
- * slot seen longest ago. The bucket hash is seeded with a random value
+ * (expired or closed), an empty slot, a closed flow's slot, the live flow
+ * seen longest ago, and only then the oldest tombstone (CT_DENIED). The bucket hash is seeded with a random value
  * chosen when the maps are created (globals.ct_seed), so that which flows
  * share a bucket cannot be predicted from outside. It is not a keyed
  * cryptographic hash: someone who learns the seed can fill chosen buckets.
@@ -116,14 +116,19 @@ static __always_inline void ct_remove(struct ct_ref *r)
 	__sync_fetch_and_add(r->seq, 1);
 }
 
-/* victim_rank orders eviction candidates: lower goes first. */
+/* victim_rank orders eviction candidates: lower goes first. Tombstones
+ * (CT_DENIED) go last, after every live flow: an evicted tombstone lets
+ * the revoked connection's next packet start over as a new flow, so a
+ * burst of new flows into its bucket would revive it. */
 static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 {
 	if (ep_id == 0)
 		return 0;
-	if (e->state & (CT_CLOSED | CT_DENIED))
-		return 1ULL + (e->last_seen >> 2);
-	return (1ULL << 62) + (e->last_seen >> 2);
+	if (e->state & CT_DENIED)
+		return (1ULL << 62) + (1ULL << 61) + (e->last_seen >> 3);
+	if (e->state & CT_CLOSED)
+		return 1ULL + (e->last_seen >> 3);
+	return (1ULL << 62) + (e->last_seen >> 3);
 }
 
 /* CT_TABLE defines PFX_bucket, PFX_find and PFX_insert for one family. */
