@@ -714,11 +714,11 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	if (v6) {
 		pkt_is_a = ct_normalise(p, ep_id, &k6);
 		b6 = ct6_bucket(&k6, seed);
-		found = b6 && ct6_find(b6, &k6, &r);
+		found = b6 && ct6_find(b6, &k6, &r, 1);
 	} else {
 		pkt_is_a = ct_normalise4(p, ep_id, &k4);
 		b4 = ct4_bucket(&k4, seed);
-		found = b4 && ct4_find(b4, &k4, &r);
+		found = b4 && ct4_find(b4, &k4, &r, 1);
 	}
 	if (found && ct_expired(&r.e, p, pkt_is_a, now)) {
 		/* Judged as new; an allowed flow's insert reuses the slot. */
@@ -966,13 +966,13 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
 
 		ct_normalise(&in, ep_id, &k6);
 		b6 = ct6_bucket(&k6, seed);
-		found = b6 && ct6_find(b6, &k6, &r);
+		found = b6 && ct6_find(b6, &k6, &r, 1);
 	} else {
 		struct ct4_bucket *b4;
 
 		ct_normalise4(&in, ep_id, &k4);
 		b4 = ct4_bucket(&k4, seed);
-		found = b4 && ct4_find(b4, &k4, &r);
+		found = b4 && ct4_find(b4, &k4, &r, 1);
 	}
 	return found && !(r.e.state & CT_DENIED);
 }

@@ -208,6 +208,9 @@ func Probe() error {
 // by earlier Attach calls keep enforcing throughout.
 func New(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
+	if err := checkMemoryOrder(runtime.GOARCH); err != nil {
+		return nil, err
+	}
 	if err := Probe(); err != nil {
 		return nil, err
 	}
@@ -253,6 +256,24 @@ func New(cfg Config) (*Datapath, error) {
 func (d *Datapath) mapPin(name string) string  { return filepath.Join(d.cfg.BPFFS, "maps", name) }
 func (d *Datapath) progPin(name string) string { return filepath.Join(d.cfg.BPFFS, "progs", name) }
 func (d *Datapath) linkDir() string            { return filepath.Join(d.cfg.BPFFS, "links") }
+
+// ErrWeaklyOrdered: the CPU may reorder loads with loads, which the
+// conntrack tables' lock-free slots (bpf/lib/ct.h) do not survive.
+var ErrWeaklyOrdered = errors.New("weakly ordered CPU")
+
+// checkMemoryOrder refuses every architecture but amd64. A conntrack reader
+// (BPF and the Go twin in conntrack.go) copies a slot between two plain
+// reads of its sequence word, which is sound only where loads are not
+// reordered with loads (x86-64's TSO). On arm64 and the like it needs
+// load-acquire, which clang 19 cannot emit for BPF: running there would
+// let a packet act on a torn entry, so the datapath does not start.
+func checkMemoryOrder(goarch string) error {
+	if goarch == "amd64" {
+		return nil
+	}
+	return fmt.Errorf("%w: %s: the datapath's conntrack needs x86-64's load ordering (no load-acquire for BPF yet); "+
+		"refusing to enforce policy here rather than enforce it wrongly", ErrWeaklyOrdered, goarch)
+}
 
 // ctRefresh is how stale BPF lets an entry's last_seen get: a second,
 // or a quarter of the shortest timeout when that is shorter, so that a
