@@ -10,7 +10,9 @@
  * Per packet: parse; conntrack lookup on the normalised 5-tuple; an
  * established flow passes unless its entry was checked at another policy
  * revision, in which case it is re-judged (and, when the policy now denies
- * it, dropped, with the entry kept as a tombstone: see CT_DENIED). A new flow is judged by up to two LPM lookups
+ * it, dropped, with the entry kept as a tombstone: see CT_DENIED; each
+ * drop keeps the tombstone alive, and only the original client's new SYN
+ * or a revision that allows the flow again ends it). A new flow is judged by up to two LPM lookups
  * in the policy map (exact peer, wildcard peer; one the endpoint's policy
  * cannot match is skipped), combined enforcing deny first, then audit deny,
  * then specific peer; see datapath's package doc for how Go encodes the map.
@@ -63,6 +65,15 @@ const volatile __u32 host_identity = 1;
 const volatile __u64 ct_timeout_tcp_ns = 21600ULL * 1000000000ULL;
 const volatile __u64 ct_timeout_closing_ns = 10ULL * 1000000000ULL;
 const volatile __u64 ct_timeout_other_ns = 60ULL * 1000000000ULL;
+/* A tombstone's (CT_DENIED) life after the last packet it dropped: longer
+ * than TCP's longest retransmission gap (TCP_RTO_MAX, 120 s), or a revoked
+ * connection whose ends keep retransmitting would outlive it and start
+ * over as a new flow. */
+const volatile __u64 ct_timeout_denied_ns = 150ULL * 1000000000ULL;
+/* How stale an entry's last_seen may get before a packet rewrites it: a
+ * refresh is a write to a slot other CPUs read, so it is rare. Go keeps it
+ * well below every timeout. */
+const volatile __u64 ct_refresh_ns = 1000000000ULL;
 const volatile __u64 drop_event_interval_ns = 1000000000ULL;
 /* A jiffy (1/HZ) in ns, measured by Go at load: see ct_now. */
 const volatile __u64 jiffy_ns = 4000000;
@@ -386,12 +397,21 @@ static __always_inline __u64 ct_now(void)
 	return bpf_jiffies64() * jiffy_ns;
 }
 
-static __always_inline int ct_expired(const struct ct_entry *ct, const struct pkt *p, __u64 now)
+static __always_inline int ct_expired(const struct ct_entry *ct, const struct pkt *p, int pkt_is_a,
+				      __u64 now)
 {
 	__u64 timeout = ct_timeout_other_ns;
 
-	if (ct->state & (CT_CLOSED | CT_DENIED)) {
-		/* A new SYN on a closed or denied flow starts a new flow. */
+	if (ct->state & CT_DENIED) {
+		/* Only the original client's new handshake ends a tombstone:
+		 * a bare SYN from the other end must not turn the revoked
+		 * connection into an allowed flow the other way round. */
+		if (p->proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN &&
+		    pkt_is_a == ct->orig_is_a)
+			return 1;
+		timeout = ct_timeout_denied_ns;
+	} else if (ct->state & CT_CLOSED) {
+		/* A new SYN on a closed flow starts a new flow. */
 		if (p->proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 			return 1;
 		timeout = ct_timeout_closing_ns;
@@ -408,9 +428,9 @@ static __always_inline int ct_track(struct ct_entry *ct, const struct pkt *p, in
 {
 	__u8 st = ct->state, f = p->tcp_flags;
 
-	/* Refresh at most once a second: timeouts are coarse, and a refresh
+	/* Refresh rarely (ct_refresh_ns): timeouts are coarse, and a refresh
 	 * is a write to a slot other CPUs read. */
-	if (now - ct->last_seen > 1000000000ULL) {
+	if (now - ct->last_seen >= ct_refresh_ns) {
 		ct->last_seen = now;
 		*dirty = 1;
 	}
@@ -694,13 +714,13 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	if (v6) {
 		pkt_is_a = ct_normalise(p, ep_id, &k6);
 		b6 = ct6_bucket(&k6, seed);
-		found = b6 && ct6_find(b6, &k6, &r);
+		found = b6 && ct6_find(b6, &k6, &r, 1);
 	} else {
 		pkt_is_a = ct_normalise4(p, ep_id, &k4);
 		b4 = ct4_bucket(&k4, seed);
-		found = b4 && ct4_find(b4, &k4, &r);
+		found = b4 && ct4_find(b4, &k4, &r, 1);
 	}
-	if (found && ct_expired(&r.e, p, now)) {
+	if (found && ct_expired(&r.e, p, pkt_is_a, now)) {
 		/* Judged as new; an allowed flow's insert reuses the slot. */
 		hint = r.way;
 		found = 0;
@@ -765,6 +785,13 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 			dirty = 1;
 		}
 		if (r.e.state & CT_DENIED) {
+			/* Every drop keeps the tombstone alive: while either
+			 * end still sends, its packets must not find the flow
+			 * forgotten and start it over as a new one. */
+			if (now - r.e.last_seen >= ct_refresh_ns) {
+				r.e.last_seen = now;
+				ct_commit(&r);
+			}
 			count_drop(DROP_POLICY_REVISED, p->len);
 			return TC_ACT_SHOT;
 		}
@@ -939,13 +966,13 @@ static __always_inline int icmp_related(struct __sk_buff *skb, const struct pkt 
 
 		ct_normalise(&in, ep_id, &k6);
 		b6 = ct6_bucket(&k6, seed);
-		found = b6 && ct6_find(b6, &k6, &r);
+		found = b6 && ct6_find(b6, &k6, &r, 1);
 	} else {
 		struct ct4_bucket *b4;
 
 		ct_normalise4(&in, ep_id, &k4);
 		b4 = ct4_bucket(&k4, seed);
-		found = b4 && ct4_find(b4, &k4, &r);
+		found = b4 && ct4_find(b4, &k4, &r, 1);
 	}
 	return found && !(r.e.state & CT_DENIED);
 }

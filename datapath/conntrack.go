@@ -110,8 +110,13 @@ func (t *ctTable) close() error {
 
 func (t *ctTable) seq(off uintptr) *uint32 { return (*uint32)(unsafe.Pointer(&t.mem[off])) }
 
-// read copies the slot at off. ok is false for an empty slot, or one that
-// kept changing under the reader.
+// read copies the slot at off, as bpf/lib/ct.h's readers do: a slot being
+// written (odd seq), or one that changed while it was copied, is read
+// again rather than taken for absent, up to a bound (a writer holds a slot
+// for a few stores). ok is false for an empty slot, or one that kept
+// changing under the reader. Only amd64 runs this (checkMemoryOrder): the
+// plain copy between two atomic loads relies on loads not being reordered
+// with loads.
 func (t *ctTable) read(off uintptr) (k ConntrackKey, v ConntrackItem, seen uint32, ok bool) {
 	seq := t.seq(off)
 	for range 1000 {
@@ -156,7 +161,9 @@ func (t *ctTable) each(fn func(ConntrackKey, ConntrackItem, ctRef)) {
 	}
 }
 
-// find returns the slot that holds k (in the table's own key form).
+// find returns the slot that holds k (in the table's own key form): the
+// first way that does, as in BPF, which also keeps the lower of two copies
+// that concurrent inserts made (PFX_dedup) until it removes the other.
 func (t *ctTable) find(k ConntrackKey, seed uint32) (ConntrackItem, ctRef, bool) {
 	var h uint32
 	if t.v6 {
@@ -299,7 +306,9 @@ func monotonicNow() (uint64, error) {
 
 func (d *Datapath) ctTimeout(k *ConntrackKey, v *ConntrackItem) time.Duration {
 	switch {
-	case v.State&(ctClosed|ctDenied) != 0:
+	case v.State&ctDenied != 0:
+		return d.cfg.CTTimeoutDenied
+	case v.State&ctClosed != 0:
 		return d.cfg.CTTimeoutClosing
 	case k.Proto == protoTCP:
 		return d.cfg.CTTimeoutTCP

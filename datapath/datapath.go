@@ -37,6 +37,10 @@ type Config struct {
 	CTTimeoutTCP     time.Duration
 	CTTimeoutClosing time.Duration
 	CTTimeoutOther   time.Duration
+	// CTTimeoutDenied is how long a tombstone (a flow a policy change
+	// denied) outlives the last packet it dropped (default 150 s, longer
+	// than TCP's longest retransmission gap, TCP_RTO_MAX: 120 s).
+	CTTimeoutDenied time.Duration
 	// DropEventInterval is the least time between two drop events of a flow.
 	DropEventInterval time.Duration
 	// Map sizes. MaxConntrack is the flows each address family's
@@ -60,6 +64,9 @@ type Config struct {
 
 	// exactBuckets, when set, sizes both exact-match tables (tests).
 	exactBuckets uint32
+	// ctRefreshAlways makes every packet of a tracked flow rewrite its
+	// slot (tests: the most writes readers can race with).
+	ctRefreshAlways bool
 }
 
 func (c *Config) setDefaults() {
@@ -77,6 +84,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.CTTimeoutClosing == 0 {
 		c.CTTimeoutClosing = 10 * time.Second
+	}
+	if c.CTTimeoutDenied == 0 {
+		c.CTTimeoutDenied = 150 * time.Second
 	}
 	if c.CTTimeoutOther == 0 {
 		c.CTTimeoutOther = 60 * time.Second
@@ -198,6 +208,9 @@ func Probe() error {
 // by earlier Attach calls keep enforcing throughout.
 func New(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
+	if err := checkMemoryOrder(runtime.GOARCH); err != nil {
+		return nil, err
+	}
 	if err := Probe(); err != nil {
 		return nil, err
 	}
@@ -244,6 +257,35 @@ func (d *Datapath) mapPin(name string) string  { return filepath.Join(d.cfg.BPFF
 func (d *Datapath) progPin(name string) string { return filepath.Join(d.cfg.BPFFS, "progs", name) }
 func (d *Datapath) linkDir() string            { return filepath.Join(d.cfg.BPFFS, "links") }
 
+// ErrWeaklyOrdered: the CPU may reorder loads with loads, which the
+// conntrack tables' lock-free slots (bpf/lib/ct.h) do not survive.
+var ErrWeaklyOrdered = errors.New("weakly ordered CPU")
+
+// checkMemoryOrder refuses every architecture but amd64. A conntrack reader
+// (BPF and the Go twin in conntrack.go) copies a slot between two plain
+// reads of its sequence word, which is sound only where loads are not
+// reordered with loads (x86-64's TSO). On arm64 and the like it needs
+// load-acquire, which clang 19 cannot emit for BPF: running there would
+// let a packet act on a torn entry, so the datapath does not start.
+func checkMemoryOrder(goarch string) error {
+	if goarch == "amd64" {
+		return nil
+	}
+	return fmt.Errorf("%w: %s: the datapath's conntrack needs x86-64's load ordering (no load-acquire for BPF yet); "+
+		"refusing to enforce policy here rather than enforce it wrongly", ErrWeaklyOrdered, goarch)
+}
+
+// ctRefresh is how stale BPF lets an entry's last_seen get: a second,
+// or a quarter of the shortest timeout when that is shorter, so that a
+// flow (or a tombstone) that keeps sending never expires.
+func ctRefresh(cfg Config) time.Duration {
+	if cfg.ctRefreshAlways {
+		return 0
+	}
+	return min(time.Second, cfg.CTTimeoutClosing/4, cfg.CTTimeoutDenied/4, cfg.CTTimeoutOther/4,
+		cfg.CTTimeoutTCP/4)
+}
+
 // loadSpec returns the collection spec with load-time settings applied.
 // jiffy is the kernel's tick (jiffyLength).
 func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
@@ -257,6 +299,8 @@ func loadSpec(cfg Config, jiffy time.Duration) (*ebpf.CollectionSpec, error) {
 		"ct_timeout_tcp_ns":      uint64(cfg.CTTimeoutTCP),
 		"ct_timeout_closing_ns":  uint64(cfg.CTTimeoutClosing),
 		"ct_timeout_other_ns":    uint64(cfg.CTTimeoutOther),
+		"ct_timeout_denied_ns":   uint64(cfg.CTTimeoutDenied),
+		"ct_refresh_ns":          uint64(ctRefresh(cfg)),
 		"drop_event_interval_ns": uint64(cfg.DropEventInterval),
 		"ring_wakeup_mask":       ringWakeupMask(spec, cfg.EventRingBytes, runtime.NumCPU()),
 		"tunnel_mark":            cfg.TunnelMark,

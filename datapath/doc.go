@@ -138,8 +138,13 @@
 // port), by the generation its revision selects: still allowed, the entry
 // takes the new revision and rule; now denied, the packet is dropped
 // (DROP_POLICY_REVISED) and the entry becomes a tombstone that drops the
-// flow's packets in both directions until it expires (closing timeout), a
-// new SYN starts the flow afresh, or a later revision allows it again.
+// flow's packets in both directions until the original client's new SYN
+// starts the flow afresh or a later revision allows it again. Every drop
+// keeps the tombstone alive, and it expires only after
+// Config.CTTimeoutDenied without a packet (longer than TCP's longest
+// retransmission gap); a full bucket evicts it after every live flow. A
+// tombstone that expired or was evicted while its ends still sent would
+// revive the connection just as a deleted entry would (below).
 // Deleting the entry instead would let the peer's next packet (a
 // retransmission, a keepalive) start a "new" flow in the reverse direction,
 // which that side's policy may allow, and so revive the connection: the
@@ -183,8 +188,8 @@
 // an entry between two equal even reads of it, writers take it odd with a
 // compare-and-swap from the value they read. Go maps the tables
 // (BPF_F_MMAPABLE) and follows the same protocol to scan, look up and
-// delete. A full bucket evicts a closed flow first, then the flow seen
-// longest ago. The bucket hash is seeded from a random value kept in
+// delete. A full bucket evicts a closed flow first, then the live flow
+// seen longest ago, and a tombstone last. The bucket hash is seeded from a random value kept in
 // "globals", chosen when the maps are created. Config.MaxConntrack (a power
 // of two) sets how many flows each family holds.
 //

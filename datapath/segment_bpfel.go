@@ -265,7 +265,9 @@ const (
 	segmentProgBulkheadTunnelForwardTest = "bulkhead_tunnel_forward_test"
 	segmentVarCt4BucketMask              = "ct4_bucket_mask"
 	segmentVarCt6BucketMask              = "ct6_bucket_mask"
+	segmentVarCtRefreshNs                = "ct_refresh_ns"
 	segmentVarCtTimeoutClosingNs         = "ct_timeout_closing_ns"
+	segmentVarCtTimeoutDeniedNs          = "ct_timeout_denied_ns"
 	segmentVarCtTimeoutOtherNs           = "ct_timeout_other_ns"
 	segmentVarCtTimeoutTcpNs             = "ct_timeout_tcp_ns"
 	segmentVarDropEventIntervalNs        = "drop_event_interval_ns"
@@ -360,7 +362,9 @@ type segmentMapSpecs struct {
 type segmentVariableSpecs struct {
 	Ct4BucketMask       *ebpf.VariableSpec `ebpf:"ct4_bucket_mask"`
 	Ct6BucketMask       *ebpf.VariableSpec `ebpf:"ct6_bucket_mask"`
+	CtRefreshNs         *ebpf.VariableSpec `ebpf:"ct_refresh_ns"`
 	CtTimeoutClosingNs  *ebpf.VariableSpec `ebpf:"ct_timeout_closing_ns"`
+	CtTimeoutDeniedNs   *ebpf.VariableSpec `ebpf:"ct_timeout_denied_ns"`
 	CtTimeoutOtherNs    *ebpf.VariableSpec `ebpf:"ct_timeout_other_ns"`
 	CtTimeoutTcpNs      *ebpf.VariableSpec `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.VariableSpec `ebpf:"drop_event_interval_ns"`
@@ -445,7 +449,9 @@ func (m *segmentMaps) Close() error {
 type segmentVariables struct {
 	Ct4BucketMask       *ebpf.Variable `ebpf:"ct4_bucket_mask"`
 	Ct6BucketMask       *ebpf.Variable `ebpf:"ct6_bucket_mask"`
+	CtRefreshNs         *ebpf.Variable `ebpf:"ct_refresh_ns"`
 	CtTimeoutClosingNs  *ebpf.Variable `ebpf:"ct_timeout_closing_ns"`
+	CtTimeoutDeniedNs   *ebpf.Variable `ebpf:"ct_timeout_denied_ns"`
 	CtTimeoutOtherNs    *ebpf.Variable `ebpf:"ct_timeout_other_ns"`
 	CtTimeoutTcpNs      *ebpf.Variable `ebpf:"ct_timeout_tcp_ns"`
 	DropEventIntervalNs *ebpf.Variable `ebpf:"drop_event_interval_ns"`

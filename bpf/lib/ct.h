@@ -16,15 +16,20 @@
  * the seq it read (so it fails if anything wrote in between) and releases it
  * with an atomic add; BPF atomics are full barriers. Userspace (GC, Forget)
  * follows the same protocol on the mmapped table. A packet that meets a slot
- * being written treats it as absent for that packet: it is judged by policy
- * as a new flow, and its insert is skipped if it loses the race.
+ * being written, and finds its flow nowhere else in the bucket, waits for
+ * that slot (bounded, see CT_READ_TRIES) and reads it again, since it may
+ * be its flow's; only then is the flow absent for that packet. Two CPUs
+ * that miss one new flow at once may both store it, in two ways: the
+ * insert then removes the copy in the higher way (PFX_dedup), so that
+ * later lookups and re-judges see one entry, in one direction.
  * The reader's ordering relies on loads not being reordered with loads
  * (x86); weakly ordered CPUs need load-acquire, which clang 19 cannot emit
- * for BPF yet.
+ * for BPF yet, so the Go loader refuses to run anywhere but amd64.
  *
  * Eviction. An insert takes, in order: the slot that held the same flow
- * (expired or closed), an empty slot, a closed or denied flow's slot, the
- * slot seen longest ago. The bucket hash is seeded with a random value
+ * (expired or closed), an empty slot, a closed flow's slot, the live flow
+ * seen longest ago, and only then the oldest tombstone (CT_DENIED). The
+ * bucket hash is seeded with a random value
  * chosen when the maps are created (globals.ct_seed), so that which flows
  * share a bucket cannot be predicted from outside. It is not a keyed
  * cryptographic hash: someone who learns the seed can fill chosen buckets.
@@ -116,17 +121,56 @@ static __always_inline void ct_remove(struct ct_ref *r)
 	__sync_fetch_and_add(r->seq, 1);
 }
 
-/* victim_rank orders eviction candidates: lower goes first. */
+/* victim_rank orders eviction candidates: lower goes first. Tombstones
+ * (CT_DENIED) go last, after every live flow: an evicted tombstone lets
+ * the revoked connection's next packet start over as a new flow, so a
+ * burst of new flows into its bucket would revive it. */
 static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 {
 	if (ep_id == 0)
 		return 0;
-	if (e->state & (CT_CLOSED | CT_DENIED))
-		return 1ULL + (e->last_seen >> 2);
-	return (1ULL << 62) + (e->last_seen >> 2);
+	if (e->state & CT_DENIED)
+		return (1ULL << 62) + (1ULL << 61) + (e->last_seen >> 3);
+	if (e->state & CT_CLOSED)
+		return 1ULL + (e->last_seen >> 3);
+	return (1ULL << 62) + (e->last_seen >> 3);
 }
 
-/* CT_TABLE defines PFX_bucket, PFX_find and PFX_insert for one family. */
+/* A reader that meets a slot being written (odd seq), or one that changed
+ * while it was copied, and finds its flow in no other slot, waits for that
+ * slot, re-reading its seq up to CT_READ_TRIES times, and copies it again,
+ * twice at most: it may hold the flow, refreshed by another CPU, and a
+ * reply that took its flow for absent would be judged as a new flow the
+ * other way. A BPF writer holds a slot for a few stores; the bound is for
+ * the rare writer that is interrupted, or a userspace one preempted. Only
+ * one slot is waited for (the last busy one of the bucket): two writes
+ * rarely overlap in one bucket. This costs the main programs code, about
+ * 75 instructions each: as subprograms these paths put the stack over 512
+ * bytes (the programs use 496), loops around the scan made clang spill
+ * past it, and more re-reads made the verifier walk every one of them. */
+#define CT_READ_TRIES 64
+
+/* CT_SETTLE_COPY is one wait-and-copy of PFX_find's way w: wait while it
+ * is odd, check its key, copy it; a slot written again meanwhile goes to
+ * the next CT_SETTLE_COPY when more is 1, and is given up on when 0. Two
+ * in a row, unrolled: a loop around them made clang spill past the stack. */
+#define CT_SETTLE_COPY(PFX, more)                                                                \
+	{                                                                                        \
+		s = CT_READ_ONCE(b->way[w].seq);                                                 \
+		_Pragma("nounroll") for (int t = 0; (s & 1) && t < CT_READ_TRIES; t++)           \
+			s = CT_READ_ONCE(b->way[w].seq);                                         \
+		if ((s & 1) || !PFX##_key_eq(&b->way[w].key, k))                                 \
+			return 0;                                                                \
+		r->e = b->way[w].entry;                                                          \
+		ct_compiler_barrier();                                                           \
+		if (CT_READ_ONCE(b->way[w].seq) == s)                                            \
+			goto found;                                                              \
+		if (!(more))                                                                     \
+			return 0;                                                                \
+	}
+
+/* CT_TABLE defines PFX_bucket, PFX_find, PFX_dedup and PFX_insert for one
+ * family. */
 #define CT_TABLE(PFX, KEY, BUCKET, MAP, MASK)                                                  \
 	static __always_inline struct BUCKET *PFX##_bucket(const struct KEY *k, __u32 seed)      \
 	{                                                                                        \
@@ -143,32 +187,88 @@ static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 		return diff == 0;                                                                \
 	}                                                                                        \
                                                                                                  \
-	/* PFX_find fills r from k's slot and returns 1, or returns 0. */                        \
+	/* PFX_find fills r from k's slot and returns 1, or returns 0. With                     \
+	 * wait, it waits for a slot being written (see CT_READ_TRIES). The                      \
+	 * entry is copied through the laundered way index, so that the                          \
+	 * verifier sees one kind of stack whichever way it was found. */                        \
 	static __always_inline int PFX##_find(struct BUCKET *b, const struct KEY *k,            \
-					      struct ct_ref *r)                                  \
+					      struct ct_ref *r, const int wait)                  \
 	{                                                                                        \
+		__u32 busy = 0, s = 0;                                                           \
+		int w, bi = 0;                                                                   \
 		_Pragma("unroll") for (int i = 0; i < CT_WAYS; i++)                              \
 		{                                                                                \
-			__u32 s = CT_READ_ONCE(b->way[i].seq);                                   \
-			if ((s & 1) || !PFX##_key_eq(&b->way[i].key, k))                         \
+			s = CT_READ_ONCE(b->way[i].seq);                                         \
+			if (s & 1) {                                                             \
+				busy = s;                                                        \
+				bi = i;                                                          \
 				continue;                                                        \
-			r->e = b->way[i].entry;                                                  \
-			ct_compiler_barrier();                                                   \
-			if (CT_READ_ONCE(b->way[i].seq) != s)                                    \
-				continue;                                                        \
-			int w = ct_launder(i, s);                                                \
-			r->slot = &b->way[w].entry;                                              \
-			r->seq = &b->way[w].seq;                                                 \
-			r->ep_id = &b->way[w].key.ep_id;                                         \
-			r->seen = s;                                                             \
-			r->way = w;                                                              \
-			return 1;                                                                \
+			}                                                                        \
+			if (PFX##_key_eq(&b->way[i].key, k)) {                                   \
+				w = ct_launder(i, s);                                            \
+				goto copy;                                                       \
+			}                                                                        \
 		}                                                                                \
-		return 0;                                                                        \
+		if (!wait || !busy)                                                              \
+			return 0;                                                                \
+		/* busy, a seq read, is unknown to the verifier: w is one state,                 \
+		 * not four. */                                                                  \
+		w = ct_launder(bi, busy);                                                        \
+		goto settle;                                                                     \
+	copy:                                                                                    \
+		r->e = b->way[w].entry;                                                          \
+		ct_compiler_barrier();                                                           \
+		if (CT_READ_ONCE(b->way[w].seq) == s)                                            \
+			goto found;                                                              \
+		if (!wait)                                                                       \
+			return 0;                                                                \
+	settle: /* written while scanned or copied: wait for it, read it again */                \
+		CT_SETTLE_COPY(PFX, 1)                                                           \
+		CT_SETTLE_COPY(PFX, 0)                                                           \
+	found:                                                                                   \
+		r->slot = &b->way[w].entry;                                                      \
+		r->seq = &b->way[w].seq;                                                         \
+		r->ep_id = &b->way[w].key.ep_id;                                                 \
+		r->seen = s;                                                                     \
+		r->way = w;                                                                      \
+		return 1;                                                                        \
+	}                                                                                        \
+                                                                                                 \
+	/* PFX_dedup runs after k was stored in way v, whose seq is now mine:                    \
+	 * another CPU that missed k at the same moment may have stored it in                   \
+	 * another way. Of two copies the one in the higher way goes, removed by                 \
+	 * whichever inserter sees both (a compare-and-swap from the seq it                      \
+	 * saw, so only one removal succeeds). The later of two inserts always                   \
+	 * sees the earlier one whole, waiting for it if need be; lookups, which                 \
+	 * scan from way 0, meanwhile find the copy that stays. */                               \
+	static __always_inline void PFX##_dedup(struct BUCKET *b, const struct KEY *k, int v,   \
+						__u32 mine)                                      \
+	{                                                                                        \
+		_Pragma("unroll") for (int j = 0; j < CT_WAYS; j++)                              \
+		{                                                                                \
+			__u32 s, hs;                                                             \
+			int hi;                                                                  \
+			if (j == v)                                                              \
+				continue;                                                        \
+			s = CT_READ_ONCE(b->way[j].seq);                                         \
+			if ((s & 1) || !PFX##_key_eq(&b->way[j].key, k))                         \
+				continue;                                                        \
+			ct_compiler_barrier();                                                   \
+			if (CT_READ_ONCE(b->way[j].seq) != s)                                    \
+				continue;                                                        \
+			hi = (j > v ? j : v) & (CT_WAYS - 1);                                    \
+			hs = j > v ? s : mine;                                                   \
+			if (__sync_val_compare_and_swap(&b->way[hi].seq, hs, hs + 1) == hs) {    \
+				b->way[hi].key.ep_id = 0;                                        \
+				__sync_fetch_and_add(&b->way[hi].seq, 1);                        \
+			}                                                                        \
+			return;                                                                  \
+		}                                                                                \
 	}                                                                                        \
                                                                                                  \
 	/* PFX_insert stores (k, e) in way hint (the way that held k, or -1: the                 \
-	 * best victim). It gives up when it loses a race for the slot. */                       \
+	 * best victim), then removes a copy another CPU stored at once                          \
+	 * (PFX_dedup). It gives up when it loses a race for the slot. */                        \
 	static __always_inline void PFX##_insert(struct BUCKET *b, const struct KEY *k,         \
 						 const struct ct_entry *e, int hint)             \
 	{                                                                                        \
@@ -196,6 +296,7 @@ static __always_inline __u64 victim_rank(__u32 ep_id, const struct ct_entry *e)
 		b->way[v].key = *k;                                                              \
 		b->way[v].entry = *e;                                                            \
 		__sync_fetch_and_add(&b->way[v].seq, 1);                                         \
+		PFX##_dedup(b, k, v, seen + 2);                                                  \
 	}
 
 CT_TABLE(ct4, ct4_key, ct4_bucket, conntrack4, ct4_bucket_mask)
