@@ -217,3 +217,58 @@ func TestPolicyGenerate(t *testing.T) {
 		}
 	}
 }
+
+func TestPolicyImpact(t *testing.T) {
+	dir := t.TempDir()
+	logPath := dir + "/flows.json"
+	// monitor connects to db twice: the store's NetworkPolicy shop/db lets
+	// the ops namespace in.
+	monitorToDB := `{"time":"2026-12-07T10:00:00Z","verdict":"FORWARDED","IP":{"source":"10.2.0.5","destination":"10.1.0.12"},"l4":{"TCP":{"destination_port":5432}},"source":{"namespace":"ops","pod_name":"monitor"},"destination":{"namespace":"shop","pod_name":"db"},"traffic_direction":"INGRESS"}
+`
+	if err := os.WriteFile(logPath, []byte(monitorToDB+monitorToDB), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The change replaces shop/db's NetworkPolicy with one that lets in
+	// api only.
+	change := dir + "/db.yml"
+	os.WriteFile(change, []byte(`apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: pg}]
+`), 0o600)
+	for _, args := range [][]string{
+		{"policy", "impact", goodStore, "--change", change, logPath},
+		{"policy", "impact", "--store", goodStore, "--change", change, logPath},
+	} {
+		out, _, err := run(t, args...)
+		if err != nil || !strings.Contains(out, "newly dropped: 2 flow records in 1 group") ||
+			!strings.Contains(out, "was: ingress NetworkPolicy shop/db ingress[0] (allow)") || !strings.Contains(out, "change replaces NetworkPolicy shop/db") {
+			t.Errorf("%v: %v\n%s", args, err, out)
+		}
+	}
+	_, _, err := run(t, "policy", "impact", goodStore, "--change", change, logPath, "--fail-on-drop")
+	if !errors.Is(err, author.ErrFlowsDropped) {
+		t.Errorf("--fail-on-drop: %v", err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--change", change}, "the agent's API does not serve its store"},
+		{[]string{goodStore, logPath}, "give --change"},
+		{[]string{goodStore, "--change", change}, "give a flow log file"},
+		{[]string{goodStore, "--change", change, logPath, logPath}, "give one flow log"},
+		{[]string{goodStore, "--change", change, logPath, "-o", "yaml"}, "want text or json"},
+		// --since asks the agent: here there is none.
+		{[]string{goodStore, "--change", change, "--since", "1h", "--socket", dir + "/none.sock"}, "cannot reach bulkhead-agent"},
+	} {
+		_, _, err := run(t, append([]string{"policy", "impact"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: got %v, want %q", tc.args, err, tc.want)
+		}
+	}
+}

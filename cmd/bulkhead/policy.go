@@ -20,7 +20,7 @@ func newPolicy(g *globals) *cobra.Command {
 		Short:   "Check, explain, tabulate and diff policies, offline from a store directory or live from the agent",
 		Example: "  bulkhead policy check /etc/bulkhead\n  bulkhead policy explain --from shop/frontend --to shop/api --port 8080",
 	}
-	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff(), newGenerate(g))
+	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff(), newGenerate(g), newImpact(g))
 	return cmd
 }
 
@@ -157,38 +157,11 @@ reported as AUDIT and passes.`,
 			if err := o.Validate(); err != nil {
 				return err
 			}
-			var r io.Reader
-			var name string
-			switch {
-			case since != "" && len(args) == 1:
-				return fmt.Errorf("give a flow log or --since (the running agent's flows), not both")
-			case since != "":
-				d, err := time.ParseDuration(since)
-				if err != nil || d <= 0 {
-					return fmt.Errorf("--since %q: want a positive duration such as 30m or 1h", since)
-				}
-				from := time.Now().Add(-d)
-				data, oldest, err := cli.FlowHistory(cmd.Context(), g.client(), from)
-				if err != nil {
-					return err
-				}
-				if oldest.IsZero() || oldest.After(from.Add(time.Minute)) {
-					fmt.Fprintf(cmd.ErrOrStderr(), "warning: the agent holds flows only since %s (it keeps its last --flow-ring flows): the last %s may not be complete\n",
-						oldest.Local().Format(time.RFC3339), since)
-				}
-				r, name = bytes.NewReader(data), "the agent's flows of the last "+since
-			case len(args) == 0:
-				return fmt.Errorf("give a flow log file, - for stdin, or --since DURATION")
-			case args[0] == "-":
-				r, name = cmd.InOrStdin(), "stdin"
-			default:
-				f, err := os.Open(args[0])
-				if err != nil {
-					return fmt.Errorf("open flow log: %w", err)
-				}
-				defer f.Close()
-				r, name = f, args[0]
+			r, name, closeIn, err := flowInput(cmd, g, since, args)
+			if err != nil {
+				return err
 			}
+			defer closeIn()
 			// Render to memory first: a bad line leaves no half-written file.
 			var buf bytes.Buffer
 			gen, err := author.RunGenerate(o, r, name, &buf)
@@ -215,4 +188,111 @@ reported as AUDIT and passes.`,
 	f.StringVar(&o.Mode, "mode", "", "Audit or Enforce: the BulkheadPolicies' mode (needs --spiffe)")
 	f.StringVarP(&out, "file", "f", "", "write to this file instead of stdout")
 	return cmd
+}
+
+// flowInput opens the flow records a command reads: the file args names
+// (at most one), stdin for "-", or with since the running agent's flows of
+// that last duration.
+func flowInput(cmd *cobra.Command, g *globals, since string, args []string) (io.Reader, string, func(), error) {
+	none := func() {}
+	switch {
+	case len(args) > 1:
+		return nil, "", none, fmt.Errorf("give one flow log, not %d", len(args))
+	case since != "" && len(args) == 1:
+		return nil, "", none, fmt.Errorf("give a flow log or --since (the running agent's flows), not both")
+	case since != "":
+		d, err := time.ParseDuration(since)
+		if err != nil || d <= 0 {
+			return nil, "", none, fmt.Errorf("--since %q: want a positive duration such as 30m or 1h", since)
+		}
+		from := time.Now().Add(-d)
+		data, oldest, err := cli.FlowHistory(cmd.Context(), g.client(), from)
+		if err != nil {
+			return nil, "", none, err
+		}
+		if oldest.IsZero() || oldest.After(from.Add(time.Minute)) {
+			fmt.Fprintf(cmd.ErrOrStderr(), "warning: the agent holds flows only since %s (it keeps its last --flow-ring flows): the last %s may not be complete\n",
+				oldest.Local().Format(time.RFC3339), since)
+		}
+		return bytes.NewReader(data), "the agent's flows of the last " + since, none, nil
+	case len(args) == 0:
+		return nil, "", none, fmt.Errorf("give a flow log file, - for stdin, or --since DURATION")
+	case args[0] == "-":
+		return cmd.InOrStdin(), "stdin", none, nil
+	}
+	f, err := os.Open(args[0])
+	if err != nil {
+		return nil, "", none, fmt.Errorf("open flow log: %w", err)
+	}
+	return f, args[0], func() { f.Close() }, nil
+}
+
+func newImpact(g *globals) *cobra.Command {
+	var o author.ImpactOptions
+	var since string
+	cmd := &cobra.Command{
+		Use:   "impact [STORE-DIR | --store DIR] --change FILE-OR-DIR... [FLOW-LOG | - | --since DURATION] [--fail-on-drop] [-o json]",
+		Short: "Replay observed flows against the store and a proposed change, and show the flows whose verdict changes",
+		Long: `impact applies a proposed change to a store folder: every object of the
+--change files and folders (*.yaml and *.yml in a folder) replaces the store's
+object of the same kind, namespace and name, or is added when the store has
+none. A change cannot remove an object. It then replays each flow record of a
+flow log (the agent's --flow-log, bulkhead observe -o json, stdin "-", or with
+--since the running agent's flows) against the current and the proposed
+state with the engine of explain and matrix, and prints the flows that would
+be newly dropped and newly allowed, grouped by source and destination workload
+and port, with the rule that decides each in both states.
+
+Replies and ICMP are not replayed. A flow with a pod that the store does not
+have is not replayed; such pods are listed. An invalid object in the store or
+the change, or a bad flow line, is an error naming its file and line, and
+nothing is printed.
+
+The agent's API does not serve its store: give the folder it reads (--store),
+also with --since.`,
+		Example: `  bulkhead policy impact /etc/bulkhead --change ./proposed /var/log/bulkhead/flows.json
+  bulkhead policy impact --store /etc/bulkhead --change db.yaml --since 1h --fail-on-drop
+  bulkhead observe -o json --last 0 | bulkhead policy impact /etc/bulkhead --change db.yaml - -o json`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			store, rest, err := storeArg(o.Store, args)
+			if err != nil {
+				return err
+			}
+			if store == "" {
+				return fmt.Errorf("impact needs the store folder (STORE-DIR or --store DIR): the agent's API does not serve its store, only its flows (--since)")
+			}
+			o.Store = store
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			r, name, closeIn, err := flowInput(cmd, g, since, rest)
+			if err != nil {
+				return err
+			}
+			defer closeIn()
+			_, err = author.RunImpact(o, r, name, cmd.OutOrStdout())
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Store, "store", "", "the store folder (or the first argument)")
+	f.StringArrayVar(&o.Change, "change", nil, "a file or folder of objects that replace or add to the store's (repeatable)")
+	f.StringVar(&since, "since", "", "replay the running agent's flows of this last duration (1h) instead of a file")
+	f.BoolVar(&o.FailOnDrop, "fail-on-drop", false, "exit non-zero when the change drops any replayed flow (a CI gate)")
+	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
+	return cmd
+}
+
+// storeArg is the store folder given by --store (flag) or else as the
+// first argument, and the arguments left for the verb: with the flag, all
+// of them, so that an extra folder is the verb's argument error, not
+// silently a second store. "" is no store.
+func storeArg(flag string, args []string) (string, []string, error) {
+	if flag != "" {
+		return flag, args, nil
+	}
+	if len(args) == 0 {
+		return "", nil, nil
+	}
+	return args[0], args[1:], nil
 }
