@@ -62,6 +62,51 @@ func TestPolicyCheck(t *testing.T) {
 	}
 }
 
+// TestPolicyCheckPaths: check reads files, *.yml, several paths and
+// --store, counts in the singular, and fails when it checked nothing.
+func TestPolicyCheckPaths(t *testing.T) {
+	dir := t.TempDir()
+	yml, empty, one := dir+"/yml", dir+"/empty", dir+"/one"
+	for _, d := range []string{yml, empty, one} {
+		os.Mkdir(d, 0o700)
+	}
+	pods, _ := os.ReadFile(goodStore + "/pods.yaml")
+	os.WriteFile(yml+"/pods.yml", pods, 0o600)
+	os.WriteFile(empty+"/notes.txt", []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"), 0o600)
+	os.WriteFile(empty+"/comment.yaml", []byte("# nothing yet\n"), 0o600)
+	os.WriteFile(one+"/ns.yaml", []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"), 0o600)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{goodStore + "/pods.yaml"}, "pods.yaml: 4 objects, all valid"},
+		{[]string{yml}, "yml: 4 objects, all valid"},
+		{[]string{"--store", goodStore}, "shop: 8 objects, all valid"},
+		{[]string{one}, "one: 1 object, valid"},
+		{[]string{yml, goodStore + "/namespaces.yaml"}, "6 objects, all valid"},
+	} {
+		out, errOut, err := run(t, append([]string{"policy", "check"}, tc.args...)...)
+		if err != nil || !strings.Contains(out, tc.want) {
+			t.Errorf("%v: %v %q %q, want %q", tc.args, err, out, errOut, tc.want)
+		}
+	}
+	for _, args := range [][]string{{empty}, {empty + "/comment.yaml"}} {
+		if _, _, err := run(t, append([]string{"policy", "check"}, args...)...); !errors.Is(err, explain.ErrNothingToCheck) {
+			t.Errorf("%v: got %v, want ErrNothingToCheck", args, err)
+		}
+	}
+	// The same pods twice, from two paths: one state, so a duplicate.
+	if _, errOut, err := run(t, "policy", "check", yml, goodStore); !errors.Is(err, explain.ErrInvalidStore) || !strings.Contains(errOut, "already defined at") {
+		t.Errorf("duplicate across paths: %v %q", err, errOut)
+	}
+	if _, _, err := run(t, "policy", "check"); err == nil {
+		t.Error("check without a path succeeded")
+	}
+	if _, _, err := run(t, "policy", "check", dir+"/missing"); !errors.Is(err, explain.ErrInvalidStore) {
+		t.Errorf("missing path: %v", err)
+	}
+}
+
 func TestPolicyExplain(t *testing.T) {
 	out, _, err := run(t, "policy", "explain", "--store", goodStore, "--from", "shop/api", "--to", "shop/db", "--port", "5432", "-o", "json")
 	if err != nil {

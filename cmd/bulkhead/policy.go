@@ -25,15 +25,29 @@ func newPolicy(g *globals) *cobra.Command {
 }
 
 func newCheck() *cobra.Command {
-	return &cobra.Command{
-		Use:     "check DIR",
-		Short:   "Validate every object of a store directory",
-		Example: "  bulkhead policy check /etc/bulkhead",
-		Args:    cobra.ExactArgs(1),
+	var storeFlag string
+	cmd := &cobra.Command{
+		Use:   "check [STORE-DIR | FILE]... | check --store DIR",
+		Short: "Validate every object of store folders and files; no object to check is an error",
+		Long: `check reads the *.yaml and *.yml files of each folder, and each file named,
+as one store state, and validates every object as the agent would. Each
+problem is printed as file:line. The exit code is non-zero when an object is
+invalid, or when there is no object at all (an empty folder, or a path with
+no YAML), so that check can gate CI.`,
+		Example: "  bulkhead policy check /etc/bulkhead\n  bulkhead policy check manifests/examples/shop extra-policy.yml",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return explain.Check(args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
+			paths := args
+			if storeFlag != "" {
+				paths = append([]string{storeFlag}, args...)
+			}
+			if len(paths) == 0 {
+				return fmt.Errorf("give the store folders or files to check")
+			}
+			return explain.Check(paths, cmd.OutOrStdout(), cmd.ErrOrStderr())
 		},
 	}
+	cmd.Flags().StringVar(&storeFlag, "store", "", "a store folder (the same as the first argument)")
+	return cmd
 }
 
 func newExplain(g *globals) *cobra.Command {

@@ -15,14 +15,21 @@ import (
 // ErrInvalidStore is returned by Check when some object is invalid.
 var ErrInvalidStore = errors.New("store has invalid objects")
 
-// Check validates every object of a store directory, writes one line per
-// problem to errw (file:line: what), a summary to w, and returns
-// ErrInvalidStore when there is any problem.
-func Check(dir string, w, errw io.Writer) error {
-	res, err := store.Load(dir, store.Options{AllLocal: true})
-	if res == nil {
-		return err
-	}
+// ErrNothingToCheck is returned by Check when the paths hold no object: a
+// CI gate that passed on an empty folder, or on a file it did not read,
+// would pass anything.
+var ErrNothingToCheck = errors.New("nothing to check")
+
+// Check validates every object of the files and folders named (a folder's
+// *.yaml and *.yml files, as the store reads them; a file whatever its
+// name), all together as one store state. It writes one line per problem
+// to errw (file:line: what), a summary to w, and returns ErrInvalidStore
+// when there is any problem, or ErrNothingToCheck when there is no object.
+func Check(paths []string, w, errw io.Writer) error {
+	objs, perr := store.ParsePaths(paths)
+	// Validate what decoded too: every problem is reported at once.
+	res, err := store.Build(objs, store.Options{AllLocal: true})
+	err = errors.Join(perr, err)
 	if err == nil {
 		_, err = policy.Compile(res.Snapshot)
 	}
@@ -32,7 +39,15 @@ func Check(dir string, w, errw io.Writer) error {
 		}
 		return ErrInvalidStore
 	}
-	fmt.Fprintf(w, "%s: %d objects, all valid\n", dir, len(res.Objects))
+	what := strings.Join(paths, ", ")
+	if len(res.Objects) == 0 {
+		return fmt.Errorf("%s: no object in any *.yaml or *.yml file: %w", what, ErrNothingToCheck)
+	}
+	noun := "objects, all"
+	if len(res.Objects) == 1 {
+		noun = "object,"
+	}
+	fmt.Fprintf(w, "%s: %d %s valid\n", what, len(res.Objects), noun)
 	return nil
 }
 
