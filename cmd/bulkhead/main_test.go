@@ -317,3 +317,51 @@ spec:
 		}
 	}
 }
+
+// TestPolicyStoreInput: every verb takes the store as its argument or as
+// --store, and those that cannot go live say so.
+func TestPolicyStoreInput(t *testing.T) {
+	for _, args := range [][]string{
+		{"policy", "explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "5432"},
+		{"policy", "explain", "--store", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "5432"},
+		// Named ports resolve against the destination pod: db's pg is 5432.
+		{"policy", "explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "pg"},
+		{"policy", "explain", goodStore, "--from", "ops/monitor", "--to", "10.1.0.12", "--port", "pg"},
+	} {
+		out, _, err := run(t, args...)
+		if err != nil || !strings.Contains(out, "5432/TCP: ALLOW") {
+			t.Errorf("%v: %v\n%s", args, err, out)
+		}
+	}
+	for _, args := range [][]string{
+		{"policy", "matrix", goodStore, "--ports", "5432"},
+		{"policy", "matrix", "--store", goodStore, "--ports", "5432"},
+	} {
+		if out, _, err := run(t, args...); err != nil || !strings.Contains(out, "5432/TCP") {
+			t.Errorf("%v: %v\n%s", args, err, out)
+		}
+	}
+	if out, _, err := run(t, "policy", "diff", "--store", goodStore, goodStore); err != nil || !strings.Contains(out, "no verdict changes") {
+		t.Errorf("diff --store: %v\n%s", err, out)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"matrix", "--ports", "80"}, "matrix needs a store folder"},
+		{[]string{"matrix", "--store", goodStore, goodStore, "--ports", "80"}, "give the store once"},
+		{[]string{"explain", "--store", goodStore, goodStore, "--from", "a/b", "--to", "c/d", "--port", "1"}, "give the store once"},
+		{[]string{"explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "http"}, `pod shop/db has no TCP port of that name (it names pg=5432/TCP)`},
+		{[]string{"explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "pg", "--protocol", "UDP"}, `no UDP port of that name`},
+		{[]string{"explain", goodStore, "--from", "ops/monitor", "--to", "192.0.2.1", "--port", "pg"}, "not a pod"},
+		{[]string{"explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "0"}, "want 1-65535 or a named port"},
+		{[]string{"explain", goodStore, "--from", "ops/monitor", "--to", "shop/db", "--port", "70000"}, "want 1-65535 or a named port"},
+		// Live, a name cannot be resolved: said before the agent is asked.
+		{[]string{"explain", "--from", "ops/monitor", "--to", "shop/db", "--port", "pg"}, "the agent takes a port number"},
+	} {
+		_, _, err := run(t, append([]string{"policy"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: got %v, want %q", tc.args, err, tc.want)
+		}
+	}
+}

@@ -53,25 +53,39 @@ no YAML), so that check can gate CI.`,
 func newExplain(g *globals) *cobra.Command {
 	var o explain.ExplainOptions
 	cmd := &cobra.Command{
-		Use:   "explain [--store DIR] --from NS/POD --to NS/POD --port PORT [--protocol TCP] [-o json]",
+		Use:   "explain [STORE-DIR | --store DIR] --from NS/POD --to NS/POD --port PORT [--protocol TCP] [-o json]",
 		Short: "Say whether a connection passes, in each direction, and which rules decided",
-		Long: `Without --store, explain asks the running agent and answers from the policy it
-enforces now. With --store, it compiles the store directory offline.`,
+		Long: `Without a store, explain asks the running agent and answers from the policy it
+enforces now. With a store folder (the argument or --store), it compiles the
+store offline. --port is a number, or with a store the name of a container
+port of the destination pod (--port pg), resolved as policy resolves it.`,
 		Example: `  bulkhead policy explain --from shop/frontend --to shop/api --port 8080
-  bulkhead policy explain --store ./store --from shop/debug --to shop/db --port 5432 -o json`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if o.Store == "" {
-				return cli.Explain(cmd.Context(), g.client(), cmd.OutOrStdout(), o.From, o.To, o.Port, o.Protocol, o.Output)
+  bulkhead policy explain ./store --from shop/debug --to shop/db --port pg -o json`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			store, rest := storeArg(o.Store, args)
+			if len(rest) > 0 {
+				return fmt.Errorf("give the store once: %q and --store %q", rest[0], store)
 			}
+			if store == "" {
+				num, name, err := explain.ParsePortArg(o.Port)
+				if err != nil {
+					return fmt.Errorf("--port: %w", err)
+				}
+				if name != "" {
+					return fmt.Errorf("--port %s: the agent takes a port number; give the number, or a store folder to resolve the name against the pod", name)
+				}
+				return cli.Explain(cmd.Context(), g.client(), cmd.OutOrStdout(), o.From, o.To, num, o.Protocol, o.Output)
+			}
+			o.Store = store
 			return explain.Explain(o, cmd.OutOrStdout())
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.Store, "store", "", "store directory (default: ask the running agent)")
+	f.StringVar(&o.Store, "store", "", "store folder (or the argument; default: ask the running agent)")
 	f.StringVar(&o.From, "from", "", "source pod (NS/POD) or IP")
 	f.StringVar(&o.To, "to", "", "destination pod (NS/POD) or IP")
-	f.Uint16Var(&o.Port, "port", 0, "destination port")
+	f.StringVar(&o.Port, "port", "", "destination port: a number, or a named port of the destination pod")
 	f.StringVar(&o.Protocol, "protocol", "TCP", "TCP, UDP or SCTP")
 	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
 	for _, n := range []string{"from", "to", "port"} {
@@ -83,19 +97,26 @@ enforces now. With --store, it compiles the store directory offline.`,
 func newMatrix() *cobra.Command {
 	var o explain.MatrixOptions
 	cmd := &cobra.Command{
-		Use:     "matrix --store DIR --ports 80/TCP,81/TCP,80/UDP [-o json|table]",
-		Short:   "Print the truth table of every ordered pair of pods",
-		Example: "  bulkhead policy matrix --store ./store --ports 80/TCP,5432/TCP -o table",
-		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		Use:     "matrix [STORE-DIR | --store DIR] --ports 80/TCP,81/TCP,80/UDP [-o json|table]",
+		Short:   "Print the truth table of every ordered pair of pods of a store",
+		Example: "  bulkhead policy matrix ./store --ports 80/TCP,5432/TCP -o table",
+		Args:    cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			store, rest := storeArg(o.Store, args)
+			if len(rest) > 0 {
+				return fmt.Errorf("give the store once: %q and --store %q", rest[0], store)
+			}
+			if store == "" {
+				return fmt.Errorf("matrix needs a store folder (the argument or --store DIR): the agent's API serves neither its store nor a matrix")
+			}
+			o.Store = store
 			return explain.RunMatrix(o, cmd.OutOrStdout())
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.Store, "store", "", "store directory")
+	f.StringVar(&o.Store, "store", "", "store folder (or the argument)")
 	f.StringVar(&o.Ports, "ports", "", "comma-separated PORT/PROTOCOL list")
 	f.StringVarP(&o.Output, "output", "o", "table", "table or json")
-	_ = cmd.MarkFlagRequired("store")
 	_ = cmd.MarkFlagRequired("ports")
 	return cmd
 }
@@ -103,7 +124,7 @@ func newMatrix() *cobra.Command {
 func newDiff() *cobra.Command {
 	var o author.DiffOptions
 	cmd := &cobra.Command{
-		Use:   "diff OLD-DIR NEW-DIR | diff --git REV1..REV2 DIR",
+		Use:   "diff OLD-DIR NEW-DIR | diff --store OLD-DIR NEW-DIR | diff --git REV1..REV2 DIR",
 		Short: "Show which classes of traffic change verdict between two store states",
 		Long: `diff compiles both states offline, as matrix does, and decides every class of
 traffic in both: pods grouped by namespace, labels, service account and named
@@ -120,6 +141,9 @@ and some verdict changed.`,
   bulkhead policy diff --git main..HEAD manifests/policies --fail-on-change
   bulkhead policy diff old/ new/ -o json | jq '.changes[] | select(.new.verdict == "deny")'`,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.Old != "" {
+				args = append([]string{o.Old}, args...) // --store is the old state
+			}
 			switch {
 			case o.Git != "" && len(args) != 1:
 				return fmt.Errorf("with --git, give one store folder")
@@ -134,6 +158,7 @@ and some verdict changed.`,
 		},
 	}
 	f := cmd.Flags()
+	f.StringVar(&o.Old, "store", "", "the old state's folder (or the first argument); with --git, the folder")
 	f.StringVar(&o.Git, "git", "", "compare the folder at two git revisions, REV1..REV2")
 	f.BoolVar(&o.FailOnChange, "fail-on-change", false, "exit non-zero when any verdict changes (a CI gate)")
 	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
@@ -268,10 +293,7 @@ also with --since.`,
   bulkhead policy impact --store /etc/bulkhead --change db.yaml --since 1h --fail-on-drop
   bulkhead observe -o json --last 0 | bulkhead policy impact /etc/bulkhead --change db.yaml - -o json`,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			store, rest, err := storeArg(o.Store, args)
-			if err != nil {
-				return err
-			}
+			store, rest := storeArg(o.Store, args)
 			if store == "" {
 				return fmt.Errorf("impact needs the store folder (STORE-DIR or --store DIR): the agent's API does not serve its store, only its flows (--since)")
 			}
@@ -301,12 +323,9 @@ also with --since.`,
 // first argument, and the arguments left for the verb: with the flag, all
 // of them, so that an extra folder is the verb's argument error, not
 // silently a second store. "" is no store.
-func storeArg(flag string, args []string) (string, []string, error) {
-	if flag != "" {
-		return flag, args, nil
+func storeArg(flag string, args []string) (string, []string) {
+	if flag != "" || len(args) == 0 {
+		return flag, args
 	}
-	if len(args) == 0 {
-		return "", nil, nil
-	}
-	return args[0], args[1:], nil
+	return args[0], args[1:]
 }

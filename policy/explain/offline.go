@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"strconv"
 	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/store"
@@ -69,6 +72,7 @@ type Offline struct {
 	MapState  *policy.MapState
 	Workloads []Workload
 	byName    map[string]Workload
+	ports     map[string][]policy.NamedPort // by pod name
 }
 
 // LoadOffline loads and compiles a store directory with every pod local. It
@@ -92,11 +96,12 @@ func NewOffline(s *policy.Snapshot) (*Offline, error) {
 	if err != nil {
 		return nil, err
 	}
-	o := &Offline{MapState: ms, byName: map[string]Workload{}}
+	o := &Offline{MapState: ms, byName: map[string]Workload{}, ports: map[string][]policy.NamedPort{}}
 	for _, p := range s.Pods {
 		w := Workload{Name: p.Namespace + "/" + p.Name, Endpoint: p.Endpoint, IPs: p.IPs}
 		o.Workloads = append(o.Workloads, w)
 		o.byName[w.Name] = w
+		o.ports[w.Name] = p.Ports
 	}
 	SortWorkloads(o.Workloads)
 	return o, nil
@@ -124,12 +129,55 @@ func (o *Offline) Peer(s string) (Peer, error) {
 	return PeerOfEndpoint(o.MapState, w.Name, w.Endpoint, w.IPs), nil
 }
 
+// ParsePortArg parses a --port: a number (1-65535), or else the name of
+// a container port (name set, num 0), which only the destination pod can
+// resolve.
+func ParsePortArg(s string) (num uint16, name string, err error) {
+	if n, err := strconv.ParseUint(s, 10, 16); err == nil && n > 0 {
+		return uint16(n), "", nil
+	}
+	if errs := validation.IsValidPortName(s); len(errs) > 0 {
+		return 0, "", fmt.Errorf("port %q: want 1-65535 or a named port: %s", s, errs[0])
+	}
+	return 0, s, nil
+}
+
+// ResolvePort is --port for a connection to the peer to (as Peer takes
+// it): a number, or a named port of that pod for proto, as policy resolves
+// named ports: by the destination pod's container ports.
+func (o *Offline) ResolvePort(to, port string, proto uint8) (uint16, error) {
+	num, name, err := ParsePortArg(port)
+	if err != nil || name == "" {
+		return num, err
+	}
+	dst, err := o.Peer(to)
+	if err != nil {
+		return 0, err
+	}
+	if dst.Endpoint == 0 {
+		return 0, fmt.Errorf("port %q: %s is not a pod, and only a pod's containers name ports", name, to)
+	}
+	var names []string
+	for _, np := range o.ports[dst.Name] {
+		if np.Name == name && np.Proto == proto {
+			return np.Port, nil
+		}
+		names = append(names, fmt.Sprintf("%s=%d/%s", np.Name, np.Port, ProtoName(np.Proto)))
+	}
+	have := "it names no port"
+	if len(names) > 0 {
+		have = "it names " + strings.Join(names, ", ")
+	}
+	return 0, fmt.Errorf("port %q: pod %s has no %s port of that name (%s)", name, dst.Name, ProtoName(proto), have)
+}
+
 // ExplainOptions are the arguments of `bulkhead policy explain`.
 type ExplainOptions struct {
 	Store, From, To string
-	Port            uint16
-	Protocol        string
-	Output          string // "" or "text", or "json"
+	// Port is a number or a named port of the destination pod.
+	Port     string
+	Protocol string
+	Output   string // "" or "text", or "json"
 }
 
 // Explain writes the verdict for one connection.
@@ -150,7 +198,11 @@ func Explain(o ExplainOptions, w io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
-	r := Verdict(off.MapState, src, dst, proto, o.Port)
+	port, err := off.ResolvePort(o.To, o.Port, proto)
+	if err != nil {
+		return fmt.Errorf("--port: %w", err)
+	}
+	r := Verdict(off.MapState, src, dst, proto, port)
 	switch o.Output {
 	case "", "text":
 		_, err = io.WriteString(w, Text(r))
