@@ -368,3 +368,29 @@ func TestPolicyStoreInput(t *testing.T) {
 		}
 	}
 }
+
+// TestExplainDefaultAllowWording: a default allow reads the same whether
+// no policy selects the pod at all (monitor) or policies select it in the
+// other direction only (db: ingress), and the latter is not enforced.
+func TestExplainDefaultAllowWording(t *testing.T) {
+	out, _, err := run(t, "policy", "explain", goodStore, "--from", "shop/db", "--to", "ops/monitor", "--port", "80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"egress  at shop/db: allow by default (no policy isolates it in this direction)",
+		"ingress at ops/monitor: allow by default (no policy isolates it in this direction)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "by default (allow)") {
+		t.Errorf("a second wording:\n%s", out)
+	}
+	out, _, err = run(t, "policy", "explain", goodStore, "--from", "shop/db", "--to", "ops/monitor", "--port", "80", "-o", "json")
+	var r struct{ Egress struct{ Enforced bool } }
+	if err != nil || json.Unmarshal([]byte(out), &r) != nil || r.Egress.Enforced {
+		t.Errorf("db's egress, which no policy selects, is enforced: %v\n%s", err, out)
+	}
+}

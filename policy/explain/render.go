@@ -76,8 +76,10 @@ func writeSide(b *strings.Builder, indent, label, at string, s Side, why string)
 	switch {
 	case s.Refused != "":
 		fmt.Fprintf(b, ": %s allows it only through the mTLS tunnel, and %s", ruleText(*s.Rule), s.Refused)
-	case !s.Enforced:
-		b.WriteString(" (no policy selects it in this direction)")
+	case !s.Enforced, s.Rule == nil && s.Default == "allow":
+		// One wording for every default allow: unselected, or selected by
+		// policies that only deny, and none of whose rules matched.
+		b.WriteString(" by default (no policy isolates it in this direction)")
 	case s.AuthRequired:
 		fmt.Fprintf(b, " (AUTH_REQUIRED): plaintext is dropped; only %s would allow it, through the mTLS tunnel", ruleText(*s.Rule))
 	case s.Rule != nil:
