@@ -394,3 +394,54 @@ func TestExplainDefaultAllowWording(t *testing.T) {
 		t.Errorf("db's egress, which no policy selects, is enforced: %v\n%s", err, out)
 	}
 }
+
+// TestExplainIsolatedBy: a default deny names the policies that isolate
+// the pod in that direction, and only those.
+func TestExplainIsolatedBy(t *testing.T) {
+	out, _, err := run(t, "policy", "explain", goodStore, "--from", "shop/frontend", "--to", "shop/db", "--port", "5432")
+	if want := "ingress at shop/db: deny by default (deny): shop/db is isolated by NetworkPolicy shop/db, which does not allow shop/frontend"; err != nil || !strings.Contains(out, want) {
+		t.Errorf("%v: lacks %q:\n%s", err, want, out)
+	}
+	// Two policies isolate db's ingress; one of egress only does not.
+	store := t.TempDir()
+	for _, f := range []string{"namespaces.yaml", "pods.yaml", "policies.yaml"} {
+		data, _ := os.ReadFile(goodStore + "/" + f)
+		os.WriteFile(store+"/"+f, data, 0o600)
+	}
+	os.WriteFile(store+"/more.yaml", []byte(`apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-metrics, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: frontend}}}]
+    ports: [{port: 9187}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Egress]
+  egress: [{}]
+`), 0o600)
+	out, _, err = run(t, "policy", "explain", store, "--from", "shop/frontend", "--to", "shop/db", "--port", "5432", "-o", "json")
+	var r struct {
+		Ingress struct {
+			IsolatedBy []string `json:"isolated_by"`
+		}
+		Egress struct {
+			IsolatedBy []string `json:"isolated_by"`
+		}
+	}
+	if err != nil || json.Unmarshal([]byte(out), &r) != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if got := strings.Join(r.Ingress.IsolatedBy, ";"); got != "NetworkPolicy shop/db;NetworkPolicy shop/db-metrics" || r.Egress.IsolatedBy != nil {
+		t.Errorf("isolated_by: ingress %q, egress %v", got, r.Egress.IsolatedBy)
+	}
+	out, _, _ = run(t, "policy", "explain", store, "--from", "shop/frontend", "--to", "shop/db", "--port", "5432")
+	if !strings.Contains(out, "which do not allow shop/frontend") {
+		t.Errorf("plural:\n%s", out)
+	}
+}

@@ -420,6 +420,9 @@ func outcomeOf(r explain.Result) Outcome {
 
 func sideReason(s explain.Side) string {
 	if s.Rule == nil {
+		if len(s.IsolatedBy) > 0 {
+			return "default " + s.Default + " (isolated by " + strings.Join(s.IsolatedBy, ", ") + ")"
+		}
 		return "default " + s.Default
 	}
 	r := s.Rule

@@ -208,8 +208,9 @@ func (rp *replayer) judge(rec *FlowRecord) judged {
 		rp.memo[k] = j
 		return j
 	}
-	ro := explain.Verdict(cur.MapState, srcO, dstO, k.proto, k.port)
-	rn := explain.Verdict(prop.MapState, srcN, dstN, k.proto, k.port)
+	// Offline.Verdict: a default deny names the policies that isolate.
+	ro := cur.Verdict(srcO, dstO, k.proto, k.port)
+	rn := prop.Verdict(srcN, dstN, k.proto, k.port)
 	j.denied = ro.Combined == "deny"
 	if ro.Combined != rn.Combined {
 		from, to := rp.classOf(k.src, srcO), rp.classOf(k.dst, dstO)

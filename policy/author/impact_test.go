@@ -88,7 +88,7 @@ func TestImpactDropsAndAllows(t *testing.T) {
 	if d.From.String() != "ops [app=monitor]" || d.To.String() != "shop [app=db]" || d.Ports() != "5432/TCP" || d.Flows != 2 {
 		t.Errorf("dropped: %s -> %s %s, %d flows", d.From, d.To, d.Ports(), d.Flows)
 	}
-	if d.Old.Reason != "ingress NetworkPolicy shop/db ingress[0] (allow)" || d.New.Reason != "ingress default deny" {
+	if d.Old.Reason != "ingress NetworkPolicy shop/db ingress[0] (allow)" || d.New.Reason != "ingress default deny (isolated by NetworkPolicy shop/db, NetworkPolicy shop/db-from-frontend)" {
 		t.Errorf("dropped: was %q, now %q", d.Old.Reason, d.New.Reason)
 	}
 	a := im.NewlyAllowed[0]

@@ -73,6 +73,7 @@ type Offline struct {
 	Workloads []Workload
 	byName    map[string]Workload
 	ports     map[string][]policy.NamedPort // by pod name
+	compiler  *policy.Compiler
 }
 
 // LoadOffline loads and compiles a store directory with every pod local. It
@@ -92,11 +93,12 @@ func LoadOffline(dir string) (*Offline, error) {
 
 // NewOffline compiles a snapshot whose pods all have endpoint IDs.
 func NewOffline(s *policy.Snapshot) (*Offline, error) {
-	ms, err := policy.Compile(s)
+	c := policy.NewCompiler(policy.Config{})
+	ms, err := c.Reset(s)
 	if err != nil {
 		return nil, err
 	}
-	o := &Offline{MapState: ms, byName: map[string]Workload{}, ports: map[string][]policy.NamedPort{}}
+	o := &Offline{MapState: ms, byName: map[string]Workload{}, ports: map[string][]policy.NamedPort{}, compiler: c}
 	for _, p := range s.Pods {
 		w := Workload{Name: p.Namespace + "/" + p.Name, Endpoint: p.Endpoint, IPs: p.IPs}
 		o.Workloads = append(o.Workloads, w)
@@ -127,6 +129,31 @@ func (o *Offline) Peer(s string) (Peer, error) {
 		return Peer{}, fmt.Errorf("no pod %s in the store", s)
 	}
 	return PeerOfEndpoint(o.MapState, w.Name, w.Endpoint, w.IPs), nil
+}
+
+// Verdict is Verdict on the store's MapState, with each side that its
+// default decided against the connection naming the policies that isolate
+// that pod in that direction (Side.IsolatedBy).
+func (o *Offline) Verdict(src, dst Peer, proto uint8, port uint16) Result {
+	r := Verdict(o.MapState, src, dst, proto, port)
+	for _, res := range []*Result{&r, r.Other} {
+		if res == nil {
+			continue
+		}
+		o.isolatedBy(&res.Egress, src, policy.Egress)
+		o.isolatedBy(&res.Ingress, dst, policy.Ingress)
+	}
+	return r
+}
+
+func (o *Offline) isolatedBy(s *Side, at Peer, dir policy.Direction) {
+	if s.Rule != nil || at.Endpoint == 0 || (s.Default != "deny" && s.Default != "audit") {
+		return
+	}
+	ns, name, _ := strings.Cut(at.Name, "/")
+	for _, p := range o.compiler.IsolatedBy(ns, name, dir) {
+		s.IsolatedBy = append(s.IsolatedBy, p.String())
+	}
 }
 
 // ParsePortArg parses a --port: a number (1-65535), or else the name of
@@ -202,7 +229,7 @@ func Explain(o ExplainOptions, w io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--port: %w", err)
 	}
-	r := Verdict(off.MapState, src, dst, proto, port)
+	r := off.Verdict(src, dst, proto, port)
 	switch o.Output {
 	case "", "text":
 		_, err = io.WriteString(w, Text(r))

@@ -82,6 +82,11 @@ type Side struct {
 	Rule *Rule `json:"rule,omitempty"`
 	// Default is "allow", "deny" or "audit" when the default decided.
 	Default string `json:"default,omitempty"`
+	// IsolatedBy names the policies ("Kind ns/name") that isolate this
+	// end in this direction, when a default deny (or audit) decided: none
+	// of their rules allows the connection. Only the offline engine,
+	// which holds the compiler, fills it.
+	IsolatedBy []string `json:"isolated_by,omitempty"`
 	// Matching lists every rule with an entry that matches, for context.
 	Matching []Rule `json:"matching,omitempty"`
 	// AuthRequired: plaintext TCP is dropped with AUTH_REQUIRED, because
