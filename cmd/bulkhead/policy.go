@@ -63,9 +63,9 @@ port of the destination pod (--port pg), resolved as policy resolves it.`,
   bulkhead policy explain ./store --from shop/debug --to shop/db --port pg -o json`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			store, rest := storeArg(o.Store, args)
-			if len(rest) > 0 {
-				return fmt.Errorf("give the store once: %q and --store %q", rest[0], store)
+			store, err := storeOnly(o.Store, args)
+			if err != nil {
+				return err
 			}
 			if store == "" {
 				num, name, err := explain.ParsePortArg(o.Port)
@@ -102,9 +102,9 @@ func newMatrix() *cobra.Command {
 		Example: "  bulkhead policy matrix ./store --ports 80/TCP,5432/TCP -o table",
 		Args:    cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			store, rest := storeArg(o.Store, args)
-			if len(rest) > 0 {
-				return fmt.Errorf("give the store once: %q and --store %q", rest[0], store)
+			store, err := storeOnly(o.Store, args)
+			if err != nil {
+				return err
 			}
 			if store == "" {
 				return fmt.Errorf("matrix needs a store folder (the argument or --store DIR): the agent's API serves neither its store nor a matrix")
@@ -317,6 +317,15 @@ also with --since.`,
 	f.BoolVar(&o.FailOnDrop, "fail-on-drop", false, "exit non-zero when the change drops any replayed flow (a CI gate)")
 	f.StringVarP(&o.Output, "output", "o", "text", "text or json")
 	return cmd
+}
+
+// storeOnly is storeArg for a verb whose only argument is the store.
+func storeOnly(flag string, args []string) (string, error) {
+	store, rest := storeArg(flag, args)
+	if len(rest) > 0 {
+		return "", fmt.Errorf("give the store once: %q and --store %q", rest[0], store)
+	}
+	return store, nil
 }
 
 // storeArg is the store folder given by --store (flag) or else as the
