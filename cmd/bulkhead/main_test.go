@@ -445,3 +445,13 @@ spec:
 		t.Errorf("plural:\n%s", out)
 	}
 }
+
+// TestGenerateMessageSingular: one connection is "1 connection".
+func TestGenerateMessageSingular(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(dir+"/flows.json", []byte(flowLog), 0o600)
+	_, errOut, err := run(t, "policy", "generate", dir+"/flows.json", "-f", dir+"/out.yaml")
+	if err != nil || !strings.Contains(errOut, "wrote 2 policies for 1 connection to ") {
+		t.Errorf("%v: %q", err, errOut)
+	}
+}

@@ -214,7 +214,8 @@ reported as AUDIT and passes.`,
 			if err := os.WriteFile(out, buf.Bytes(), 0o644); err != nil {
 				return fmt.Errorf("write %s: %w", out, err)
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %d policies for %d connections to %s\n", gen.Stats.Policies, gen.Stats.Connections, out)
+			fmt.Fprintf(cmd.ErrOrStderr(), "wrote %s for %s to %s\n", author.Plural(gen.Stats.Policies, "policy", "policies"),
+				author.Plural(gen.Stats.Connections, "connection", "connections"), out)
 			return nil
 		},
 	}

@@ -84,7 +84,7 @@ func DiffText(d *Diff) string {
 		b.WriteString("no verdict changes\n")
 		return b.String()
 	}
-	fmt.Fprintf(&b, "%d verdict changes:\n", len(d.Changes))
+	fmt.Fprintf(&b, "%s:\n", plural(len(d.Changes), "verdict change", "verdict changes"))
 	writeGrouped(&b, "", len(d.Changes), func(i int) *Change { return &d.Changes[i] }, func(i int) string {
 		c := &d.Changes[i]
 		return fmt.Sprintf("%s -> %s\twas: %s\tnow: %s", strings.ToUpper(c.Old.Verdict), strings.ToUpper(c.New.Verdict),

@@ -69,6 +69,9 @@ func RunImpact(o ImpactOptions, r io.Reader, name string, w io.Writer) (*Impact,
 	return im, nil
 }
 
+// Plural is "1 policy" or "2 policies": no "1 objects" in messages.
+func Plural(n int, one, many string) string { return plural(n, one, many) }
+
 func plural(n int, one, many string) string {
 	if n == 1 {
 		return "1 " + one
