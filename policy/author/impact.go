@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net/netip"
 	"slices"
 
 	"github.com/bulkhead-io/bulkhead/policy/explain"
@@ -120,26 +121,43 @@ type Impact struct {
 // maxMissingPods bounds Impact.MissingPods.
 const maxMissingPods = 20
 
-type flowKey struct {
-	src, dst string
-	proto    uint8
-	port     uint16
-}
-
-// judged is the answer for one distinct flow key: the group it changes
-// (nil when the verdict stays) and whether the current state drops it.
+// judged is the answer for one memo key: the group it changes (nil when
+// the verdict stays) and whether the current state drops it.
 type judged struct {
 	group  *ImpactChange
 	denied bool
-	skip   bool // an end is not in the store
 }
 
-// replayer judges flows in both states, once per distinct flow key.
+// flowEnd is one end of a flow resolved in both states, with its class.
+type flowEnd struct {
+	cls       *Class
+	cur, prop explain.Peer
+	// addr is the address the end was named by, when not a pod name: a
+	// pod's address picks the family the verdict is judged in.
+	addr    netip.Addr
+	missing bool // a pod that one of the states does not have
+}
+
+type endKey struct {
+	ns, pod string
+	addr    netip.Addr
+}
+
+// memoKey: pods of one class get the same answers (podClasses), so one
+// verdict stands for every pair of their members.
+type memoKey struct {
+	fromCls, toCls   *Class
+	fromAddr, toAddr netip.Addr
+	proto            uint8
+	port             uint16
+}
+
+// replayer judges flows in both states, once per class pair and port.
 type replayer struct {
 	p       *Proposal
 	classes map[string]*Class // pod name -> its class
-	addrs   map[string]*Class
-	memo    map[flowKey]judged
+	ends    map[endKey]*flowEnd
+	memo    map[memoKey]judged
 	groups  map[groupKey]*ImpactChange
 	missing map[string]bool
 }
@@ -151,7 +169,7 @@ type groupKey struct {
 }
 
 func newReplayer(p *Proposal) *replayer {
-	rp := &replayer{p: p, classes: map[string]*Class{}, addrs: map[string]*Class{}, memo: map[flowKey]judged{},
+	rp := &replayer{p: p, classes: map[string]*Class{}, ends: map[endKey]*flowEnd{}, memo: map[memoKey]judged{},
 		groups: map[groupKey]*ImpactChange{}, missing: map[string]bool{}}
 	pods, _, _ := podClasses(p.Current, p.Proposed)
 	for _, c := range pods {
@@ -162,69 +180,66 @@ func newReplayer(p *Proposal) *replayer {
 	return rp
 }
 
-// end is a flow end's name for explain's Offline.Peer: "ns/pod" or an
-// address.
-func end(p *FlowPeer) string {
+// end resolves a flow end, by pod name or else by address, in both
+// states: a pod's class, the class of the pod that has the address, or
+// the address itself.
+func (rp *replayer) end(p *FlowPeer) *flowEnd {
+	k := endKey{addr: p.Addr}
 	if p.IsPod() {
-		return p.Namespace + "/" + p.Pod
+		k = endKey{ns: p.Namespace, pod: p.Pod}
 	}
-	return p.Addr.String()
+	if e := rp.ends[k]; e != nil {
+		return e
+	}
+	name := k.addr.String()
+	e := &flowEnd{addr: k.addr}
+	if p.IsPod() {
+		name = p.Namespace + "/" + p.Pod
+	}
+	var err1, err2 error
+	e.cur, err1 = rp.p.Current.Offline.Peer(name)
+	e.prop, err2 = rp.p.Proposed.Offline.Peer(name)
+	switch {
+	case err1 != nil || err2 != nil:
+		e.missing = true
+		rp.missing[name] = true
+	case e.cur.Endpoint != 0:
+		e.cls = rp.classes[e.cur.Name]
+	default:
+		e.cls = &Class{Kind: "addr", CIDR: name, key: "\xffaddr " + name}
+	}
+	rp.ends[k] = e
+	return e
 }
 
-// classOf is the workload a flow end belongs to: the pod's class, the
-// class of the pod that has the address, or the address.
-func (rp *replayer) classOf(name string, peer explain.Peer) *Class {
-	if peer.Endpoint != 0 {
-		return rp.classes[peer.Name]
+// judge returns the answer for a flow, and false when an end is not in
+// both states.
+func (rp *replayer) judge(rec *FlowRecord) (judged, bool) {
+	src, dst := rp.end(&rec.Source), rp.end(&rec.Dest)
+	if src.missing || dst.missing {
+		return judged{}, false
 	}
-	c := rp.addrs[name]
-	if c == nil {
-		c = &Class{Kind: "addr", CIDR: name, key: "\xffaddr " + name}
-		rp.addrs[name] = c
-	}
-	return c
-}
-
-func (rp *replayer) judge(rec *FlowRecord) judged {
-	k := flowKey{end(&rec.Source), end(&rec.Dest), rec.Proto, rec.Port}
+	k := memoKey{fromCls: src.cls, toCls: dst.cls, fromAddr: src.addr, toAddr: dst.addr, proto: rec.Proto, port: rec.Port}
 	if j, ok := rp.memo[k]; ok {
-		return j
+		return j, true
 	}
 	var j judged
-	cur, prop := rp.p.Current.Offline, rp.p.Proposed.Offline
-	srcO, err1 := cur.Peer(k.src)
-	dstO, err2 := cur.Peer(k.dst)
-	srcN, err3 := prop.Peer(k.src)
-	dstN, err4 := prop.Peer(k.dst)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
-		for _, n := range []string{k.src, k.dst} {
-			if _, err := cur.Peer(n); err != nil {
-				rp.missing[n] = true
-			} else if _, err := prop.Peer(n); err != nil {
-				rp.missing[n] = true
-			}
-		}
-		j.skip = true
-		rp.memo[k] = j
-		return j
-	}
 	// Offline.Verdict: a default deny names the policies that isolate.
-	ro := cur.Verdict(srcO, dstO, k.proto, k.port)
-	rn := prop.Verdict(srcN, dstN, k.proto, k.port)
+	ro := rp.p.Current.Offline.Verdict(src.cur, dst.cur, rec.Proto, rec.Port)
+	rn := rp.p.Proposed.Offline.Verdict(src.prop, dst.prop, rec.Proto, rec.Port)
 	j.denied = ro.Combined == "deny"
 	if ro.Combined != rn.Combined {
-		from, to := rp.classOf(k.src, srcO), rp.classOf(k.dst, dstO)
-		gk := groupKey{from, to, k.proto, k.port}
+		gk := groupKey{src.cls, dst.cls, rec.Proto, rec.Port}
 		g := rp.groups[gk]
 		if g == nil {
-			g = &ImpactChange{Change: Change{From: from, To: to, Protocol: explain.ProtoName(k.proto), PortLo: k.port, PortHi: k.port,
-				Old: outcomeOf(ro), New: outcomeOf(rn), proto: k.proto}}
+			g = &ImpactChange{Change: Change{From: src.cls, To: dst.cls, Protocol: explain.ProtoName(rec.Proto), PortLo: rec.Port, PortHi: rec.Port,
+				Old: outcomeOf(ro), New: outcomeOf(rn), proto: rec.Proto}}
 			rp.groups[gk] = g
 		}
 		j.group = g
 	}
 	rp.memo[k] = j
-	return j
+	return j, true
 }
 
 // Replay reads flow records from r and judges each in both states of p.
@@ -243,8 +258,8 @@ func Replay(p *Proposal, r io.Reader, name string) (*Impact, error) {
 			im.ICMP++
 			return nil
 		}
-		j := rp.judge(rec)
-		if j.skip {
+		j, ok := rp.judge(rec)
+		if !ok {
 			im.NotInStore++
 			return nil
 		}

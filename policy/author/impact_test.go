@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
 // shopFlow is one flow record of the shop store: src and dst are "ns/pod"
@@ -150,4 +152,110 @@ func TestImpactBadInput(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestImpactAgreesWithEachFlow: the replay judges once per class pair and
+// port; judging every record on its own, by its pods, must give the same
+// groups and counts.
+func TestImpactAgreesWithEachFlow(t *testing.T) {
+	w, _, log := bigLog(20_000)
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "store.yaml"), []byte(w.yaml), 0o600)
+	// Isolate ns0's ingress to its own namespace, and let ns1 pods out
+	// to ns2 only: drops in both directions.
+	change := writeChange(t, map[string]string{"c.yaml": `apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ns0-only, namespace: ns0}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{podSelector: {}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: to-ns2, namespace: ns1}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {team: t2}}}]
+`})
+	p, err := LoadProposal(dir, []string{change})
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := Replay(p, strings.NewReader(log), "log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := ReadFlows(strings.NewReader(log), "log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{} // "dropped|allowed from to port" -> records
+	for _, rec := range in.Records {
+		if rec.IsReply || rec.ICMP {
+			continue
+		}
+		var peers [4]explain.Peer
+		for i, e := range []struct {
+			off *explain.Offline
+			p   *FlowPeer
+		}{{p.Current.Offline, &rec.Source}, {p.Current.Offline, &rec.Dest}, {p.Proposed.Offline, &rec.Source}, {p.Proposed.Offline, &rec.Dest}} {
+			if peers[i], err = e.off.Peer(end(e.p)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ro := explain.Verdict(p.Current.Offline.MapState, peers[0], peers[1], rec.Proto, rec.Port)
+		rn := explain.Verdict(p.Proposed.Offline.MapState, peers[2], peers[3], rec.Proto, rec.Port)
+		if ro.Combined == rn.Combined {
+			continue
+		}
+		kind := "allowed"
+		if rn.Combined == "deny" {
+			kind = "dropped"
+		}
+		want[fmt.Sprintf("%s %s %s %d/%d", kind, end(&rec.Source), end(&rec.Dest), rec.Port, rec.Proto)]++
+	}
+	got := map[string]int{}
+	total := 0
+	for kind, l := range map[string][]ImpactChange{"dropped": im.NewlyDropped, "allowed": im.NewlyAllowed, "changed": im.Changed} {
+		for _, g := range l {
+			total += g.Flows
+			// A group's flows are those of its members' pairs.
+			n := 0
+			for _, from := range membersOrAddr(g.From) {
+				for _, to := range membersOrAddr(g.To) {
+					n += want[fmt.Sprintf("%s %s %s %d/%d", kind, from, to, g.PortLo, g.proto)]
+				}
+			}
+			got[kind] += n
+			if n != g.Flows {
+				t.Errorf("%s %s -> %s %s: %d flows, judged one by one %d", kind, g.From, g.To, g.Ports(), g.Flows, n)
+			}
+		}
+	}
+	wantTotal := 0
+	for _, n := range want {
+		wantTotal += n
+	}
+	if total != wantTotal || len(im.NewlyDropped) == 0 {
+		t.Errorf("%d records in groups, %d judged one by one to change (%d dropped groups)", total, wantTotal, len(im.NewlyDropped))
+	}
+	t.Logf("%d records, %d replayed, %d change verdict (%d newly dropped groups, %d newly allowed)", im.Records, im.Replayed, total,
+		len(im.NewlyDropped), len(im.NewlyAllowed))
+}
+
+func membersOrAddr(c *Class) []string {
+	if c.Kind == "pod" {
+		return c.Pods
+	}
+	return []string{c.CIDR}
+}
+
+func end(p *FlowPeer) string {
+	if p.IsPod() {
+		return p.Namespace + "/" + p.Pod
+	}
+	return p.Addr.String()
 }
