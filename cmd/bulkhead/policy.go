@@ -17,7 +17,7 @@ import (
 func newPolicy(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "policy",
-		Short:   "Check, explain, tabulate and diff policies, offline from a store directory or live from the agent",
+		Short:   "Check, explain, tabulate, diff, generate policies and replay flows against a change, from a store folder (the argument or --store) or live from the agent",
 		Example: "  bulkhead policy check /etc/bulkhead\n  bulkhead policy explain --from shop/frontend --to shop/api --port 8080",
 	}
 	cmd.AddCommand(newCheck(), newExplain(g), newMatrix(), newDiff(), newGenerate(g), newImpact(g))
