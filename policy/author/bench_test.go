@@ -108,6 +108,16 @@ func TestGenerate100k(t *testing.T) {
 		g.Stats.Records, g.Stats.Connections, len(seen), g.Stats.Policies, out.Len())
 }
 
+// ns0Only isolates the ingress of bigLog's namespace ns0 to itself.
+const ns0Only = `apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ns0-only, namespace: ns0}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{podSelector: {}}]
+`
+
 // impactBench writes bigLog's store and a 1M-record log into a temp
 // folder, with a change that isolates the ingress of namespace ns0's pods
 // to their own namespace: traffic from elsewhere is newly dropped.
@@ -126,14 +136,7 @@ func impactBench(b *testing.B) (storeDir, change, logPath string) {
 	if err := os.WriteFile(filepath.Join(storeDir, "store.yaml"), []byte(w.yaml), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	if err := os.WriteFile(change, []byte(`apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: ns0-only, namespace: ns0}
-spec:
-  podSelector: {}
-  ingress:
-  - from: [{podSelector: {}}]
-`), 0o600); err != nil {
+	if err := os.WriteFile(change, []byte(ns0Only), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	return storeDir, change, logPath

@@ -163,14 +163,7 @@ func TestImpactAgreesWithEachFlow(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "store.yaml"), []byte(w.yaml), 0o600)
 	// Isolate ns0's ingress to its own namespace, and let ns1 pods out
 	// to ns2 only: drops in both directions.
-	change := writeChange(t, map[string]string{"c.yaml": `apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: ns0-only, namespace: ns0}
-spec:
-  podSelector: {}
-  ingress:
-  - from: [{podSelector: {}}]
----
+	change := writeChange(t, map[string]string{"c.yaml": ns0Only + `---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: to-ns2, namespace: ns1}
