@@ -32,8 +32,8 @@ func newRoot() *cobra.Command {
 		Use:   "bulkhead",
 		Short: "Bulkhead: identity-based segmentation, flow logs and policy explain for pods",
 		Long: `bulkhead talks to the node's bulkhead-agent (status, endpoints, identities,
-observe, live explain) and checks policies offline (policy check, explain
---store, matrix).`,
+observe, live explain) and works on policies offline from a store folder
+(policy check, explain, matrix, diff, impact, generate).`,
 		Example: `  bulkhead status
   bulkhead observe --verdict DROPPED --follow
   bulkhead policy explain --from shop/frontend --to shop/api --port 8080`,

@@ -51,7 +51,8 @@ func NewState(name string, s *policy.Snapshot) (*State, error) {
 // namespace, labels, service account, named ports and address identities in
 // both states, or one ipBlock prefix, or "world".
 type Class struct {
-	// Kind is "pod", "cidr" or "world".
+	// Kind is "pod", "cidr" or "world"; impact also groups by "addr", one
+	// address that is not a pod's (in CIDR).
 	Kind      string            `json:"kind"`
 	Namespace string            `json:"namespace,omitempty"`
 	Labels    map[string]string `json:"labels,omitempty"`
@@ -70,6 +71,8 @@ func (c *Class) String() string {
 		return "cidr " + c.CIDR
 	case "world":
 		return "world (" + c.CIDR + ")"
+	case "addr":
+		return c.CIDR
 	}
 	return c.Namespace + " " + labelText(c.Labels)
 }
@@ -417,6 +420,9 @@ func outcomeOf(r explain.Result) Outcome {
 
 func sideReason(s explain.Side) string {
 	if s.Rule == nil {
+		if len(s.IsolatedBy) > 0 {
+			return "default " + s.Default + " (isolated by " + strings.Join(s.IsolatedBy, ", ") + ")"
+		}
 		return "default " + s.Default
 	}
 	r := s.Rule

@@ -84,26 +84,36 @@ func DiffText(d *Diff) string {
 		b.WriteString("no verdict changes\n")
 		return b.String()
 	}
-	fmt.Fprintf(&b, "%d verdict changes:\n", len(d.Changes))
-	var from, to *Class
-	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	for i := range d.Changes {
+	fmt.Fprintf(&b, "%s:\n", plural(len(d.Changes), "verdict change", "verdict changes"))
+	writeGrouped(&b, "", len(d.Changes), func(i int) *Change { return &d.Changes[i] }, func(i int) string {
 		c := &d.Changes[i]
+		return fmt.Sprintf("%s -> %s\twas: %s\tnow: %s", strings.ToUpper(c.Old.Verdict), strings.ToUpper(c.New.Verdict),
+			c.Old.Reason, c.New.Reason)
+	})
+	return b.String()
+}
+
+// writeGrouped writes n changes, sorted by source and destination, under a
+// heading per source and per destination: one line per change, its ports
+// then what line(i) says of it, in columns.
+func writeGrouped(b *strings.Builder, indent string, n int, at func(int) *Change, line func(int) string) {
+	var from, to *Class
+	tw := tabwriter.NewWriter(b, 0, 0, 2, ' ', 0)
+	for i := range n {
+		c := at(i)
 		if c.From != from {
 			tw.Flush()
 			from, to = c.From, nil
-			fmt.Fprintf(&b, "\nfrom %s%s\n", c.From, members(c.From))
+			fmt.Fprintf(b, "\n%sfrom %s%s\n", indent, c.From, members(c.From))
 		}
 		if c.To != to {
 			tw.Flush()
 			to = c.To
-			fmt.Fprintf(&b, "  to %s%s\n", c.To, members(c.To))
+			fmt.Fprintf(b, "%s  to %s%s\n", indent, c.To, members(c.To))
 		}
-		fmt.Fprintf(tw, "    %s\t%s -> %s\twas: %s\tnow: %s\n", c.Ports(), strings.ToUpper(c.Old.Verdict), strings.ToUpper(c.New.Verdict),
-			c.Old.Reason, c.New.Reason)
+		fmt.Fprintf(tw, "%s    %s\t%s\n", indent, c.Ports(), line(i))
 	}
 	tw.Flush()
-	return b.String()
 }
 
 func members(c *Class) string {

@@ -366,3 +366,18 @@ func findPort(d *Diff, from, to, proto string, port uint16) *Change {
 	}
 	return nil
 }
+
+// TestDiffTextSingular: one change reads "1 verdict change", not "1
+// verdict changes".
+func TestDiffTextSingular(t *testing.T) {
+	from := &Class{Kind: "addr", CIDR: "192.0.2.1"}
+	d := &Diff{Changes: []Change{{From: from, To: from, Protocol: "TCP", PortLo: 80, PortHi: 80,
+		Old: Outcome{Verdict: "allow"}, New: Outcome{Verdict: "deny"}}}}
+	if out := DiffText(d); !strings.Contains(out, "\n1 verdict change:\n") {
+		t.Errorf("got:\n%s", out)
+	}
+	d.Changes = append(d.Changes, d.Changes[0])
+	if out := DiffText(d); !strings.Contains(out, "\n2 verdict changes:\n") {
+		t.Errorf("got:\n%s", out)
+	}
+}

@@ -125,6 +125,23 @@ const (
 // silently drop what the rest observed.
 func ReadFlows(r io.Reader, name string) (*FlowInput, error) {
 	in := &FlowInput{}
+	lost, err := ScanFlows(r, name, func(rec *FlowRecord) error {
+		in.Records = append(in.Records, *rec)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	in.LostMarkers = lost
+	return in, nil
+}
+
+// ScanFlows reads flow records as ReadFlows does, without holding them:
+// fn sees each record (valid only during the call) in input order, and the
+// lost-events markers are counted. A bad line stops the scan with an error
+// naming it; a caller that must not act on part of a log acts only after
+// ScanFlows returns nil.
+func ScanFlows(r io.Reader, name string, fn func(*FlowRecord) error) (lostMarkers int, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for line := 1; ; line++ {
 		data, err := readLine(br)
@@ -132,22 +149,24 @@ func ReadFlows(r io.Reader, name string) (*FlowInput, error) {
 			rec, lost, perr := parseFlowLine(data)
 			switch {
 			case perr != nil:
-				return nil, fmt.Errorf("%s:%d: %w: %w", name, line, ErrBadFlowLine, perr)
+				return 0, fmt.Errorf("%s:%d: %w: %w", name, line, ErrBadFlowLine, perr)
 			case lost:
-				in.LostMarkers++
+				lostMarkers++
 			case rec != nil:
 				rec.Line = line
-				in.Records = append(in.Records, *rec)
+				if ferr := fn(rec); ferr != nil {
+					return 0, fmt.Errorf("%s:%d: %w", name, line, ferr)
+				}
 			}
 		}
 		if errors.Is(err, io.EOF) {
-			return in, nil
+			return lostMarkers, nil
 		}
 		if errors.Is(err, bufio.ErrBufferFull) {
-			return nil, fmt.Errorf("%s:%d: %w: line longer than %d bytes", name, line, ErrBadFlowLine, maxFlowLine)
+			return 0, fmt.Errorf("%s:%d: %w: line longer than %d bytes", name, line, ErrBadFlowLine, maxFlowLine)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", name, err)
+			return 0, fmt.Errorf("read %s: %w", name, err)
 		}
 	}
 }

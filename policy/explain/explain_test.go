@@ -2,6 +2,7 @@ package explain
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/bulkhead-io/bulkhead/identity"
@@ -67,13 +68,16 @@ func TestMatrixAndPorts(t *testing.T) {
 		t.Fatalf("got %v %v", ports, err)
 	}
 	ms := testState()
-	ws := []Workload{{Name: "a/one", Endpoint: 1, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}}
+	ws := []Workload{{Name: "a/one", Endpoint: 1, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}},
+		{Name: "a/two", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.2")}}}
 	cells := Matrix(ms, ws, ports)
-	if len(cells) != 3 || cells[0].From != "a/one" || cells[0].To != "a/one" || !cells[0].Combined {
+	// No pod-to-self cells: two ordered pairs on each of 3 ports.
+	if len(cells) != 6 || cells[0].From != "a/one" || cells[0].To != "a/two" || cells[1].From != "a/two" || cells[1].To != "a/one" {
 		t.Fatalf("got %+v", cells)
 	}
-	if Table(cells, ws, ports) == "" {
-		t.Fatal("empty table")
+	table := Table(cells, ws, ports)
+	if !strings.Contains(table, "1 a/one   -   .") || !strings.Contains(table, "2 a/two") {
+		t.Fatalf("table:\n%s", table)
 	}
 }
 

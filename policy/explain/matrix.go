@@ -66,8 +66,9 @@ type Cell struct {
 	Combined bool   `json:"combined"`
 }
 
-// Matrix decides every ordered pair of workloads (a workload with itself
-// included) on every port, in the order of ws and ports.
+// Matrix decides every ordered pair of two different workloads on every
+// port, in the order of ws and ports. A pod's traffic to itself stays in
+// its network namespace and never meets its policy, so it has no cell.
 func Matrix(ms *policy.MapState, ws []Workload, ports []PortProto) []Cell {
 	peers := make([]Peer, len(ws))
 	for i, w := range ws {
@@ -75,8 +76,11 @@ func Matrix(ms *policy.MapState, ws []Workload, ports []PortProto) []Cell {
 	}
 	var out []Cell
 	for _, pp := range ports {
-		for _, src := range peers {
-			for _, dst := range peers {
+		for i, src := range peers {
+			for j, dst := range peers {
+				if i == j {
+					continue
+				}
 				r := Verdict(ms, src, dst, pp.Proto, pp.Port)
 				out = append(out, Cell{From: src.Name, To: dst.Name, Port: pp.Port, Protocol: ProtoName(pp.Proto),
 					Ingress: r.IngressPasses(), Egress: r.EgressPasses(), Combined: r.Passes()})
@@ -88,7 +92,7 @@ func Matrix(ms *policy.MapState, ws []Workload, ports []PortProto) []Cell {
 
 // Table renders the matrix as one grid per port: rows are sources, columns
 // destinations; "." passes, "X" is dropped, "I"/"E" say only ingress/egress
-// dropped it.
+// dropped it; "-" is a pod with itself, which policy does not see.
 func Table(cells []Cell, ws []Workload, ports []PortProto) string {
 	var b strings.Builder
 	names := make([]string, len(ws))
@@ -99,15 +103,19 @@ func Table(cells []Cell, ws []Workload, ports []PortProto) string {
 	}
 	idx := 0
 	for _, pp := range ports {
-		fmt.Fprintf(&b, "%s (rows: from, columns: to; . allowed, X denied both ways, I ingress denied, E egress denied)\n", pp)
+		fmt.Fprintf(&b, "%s (rows: from, columns: to; . allowed, X denied both ways, I ingress denied, E egress denied, - the pod itself)\n", pp)
 		fmt.Fprintf(&b, "%-*s", width, "")
 		for i := range names {
 			fmt.Fprintf(&b, " %3d", i+1)
 		}
 		b.WriteString("\n")
-		for _, n := range names {
+		for i, n := range names {
 			fmt.Fprintf(&b, "%-*s", width, n)
-			for range names {
+			for j := range names {
+				if i == j {
+					fmt.Fprintf(&b, " %3s", "-")
+					continue
+				}
 				c := cells[idx]
 				idx++
 				mark := "."

@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"strconv"
 	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/store"
@@ -15,14 +18,21 @@ import (
 // ErrInvalidStore is returned by Check when some object is invalid.
 var ErrInvalidStore = errors.New("store has invalid objects")
 
-// Check validates every object of a store directory, writes one line per
-// problem to errw (file:line: what), a summary to w, and returns
-// ErrInvalidStore when there is any problem.
-func Check(dir string, w, errw io.Writer) error {
-	res, err := store.Load(dir, store.Options{AllLocal: true})
-	if res == nil {
-		return err
-	}
+// ErrNothingToCheck is returned by Check when the paths hold no object: a
+// CI gate that passed on an empty folder, or on a file it did not read,
+// would pass anything.
+var ErrNothingToCheck = errors.New("nothing to check")
+
+// Check validates every object of the files and folders named (a folder's
+// *.yaml and *.yml files, as the store reads them; a file whatever its
+// name), all together as one store state. It writes one line per problem
+// to errw (file:line: what), a summary to w, and returns ErrInvalidStore
+// when there is any problem, or ErrNothingToCheck when there is no object.
+func Check(paths []string, w, errw io.Writer) error {
+	objs, perr := store.ParsePaths(paths)
+	// Validate what decoded too: every problem is reported at once.
+	res, err := store.Build(objs, store.Options{AllLocal: true})
+	err = errors.Join(perr, err)
 	if err == nil {
 		_, err = policy.Compile(res.Snapshot)
 	}
@@ -32,7 +42,15 @@ func Check(dir string, w, errw io.Writer) error {
 		}
 		return ErrInvalidStore
 	}
-	fmt.Fprintf(w, "%s: %d objects, all valid\n", dir, len(res.Objects))
+	what := strings.Join(paths, ", ")
+	if len(res.Objects) == 0 {
+		return fmt.Errorf("%s: no object in any *.yaml or *.yml file: %w", what, ErrNothingToCheck)
+	}
+	noun := "objects, all"
+	if len(res.Objects) == 1 {
+		noun = "object,"
+	}
+	fmt.Fprintf(w, "%s: %d %s valid\n", what, len(res.Objects), noun)
 	return nil
 }
 
@@ -54,6 +72,8 @@ type Offline struct {
 	MapState  *policy.MapState
 	Workloads []Workload
 	byName    map[string]Workload
+	ports     map[string][]policy.NamedPort // by pod name
+	compiler  *policy.Compiler
 }
 
 // LoadOffline loads and compiles a store directory with every pod local. It
@@ -73,15 +93,17 @@ func LoadOffline(dir string) (*Offline, error) {
 
 // NewOffline compiles a snapshot whose pods all have endpoint IDs.
 func NewOffline(s *policy.Snapshot) (*Offline, error) {
-	ms, err := policy.Compile(s)
+	c := policy.NewCompiler(policy.Config{})
+	ms, err := c.Reset(s)
 	if err != nil {
 		return nil, err
 	}
-	o := &Offline{MapState: ms, byName: map[string]Workload{}}
+	o := &Offline{MapState: ms, byName: map[string]Workload{}, ports: map[string][]policy.NamedPort{}, compiler: c}
 	for _, p := range s.Pods {
 		w := Workload{Name: p.Namespace + "/" + p.Name, Endpoint: p.Endpoint, IPs: p.IPs}
 		o.Workloads = append(o.Workloads, w)
 		o.byName[w.Name] = w
+		o.ports[w.Name] = p.Ports
 	}
 	SortWorkloads(o.Workloads)
 	return o, nil
@@ -109,12 +131,80 @@ func (o *Offline) Peer(s string) (Peer, error) {
 	return PeerOfEndpoint(o.MapState, w.Name, w.Endpoint, w.IPs), nil
 }
 
+// Verdict is Verdict on the store's MapState, with each side that its
+// default decided against the connection naming the policies that isolate
+// that pod in that direction (Side.IsolatedBy).
+func (o *Offline) Verdict(src, dst Peer, proto uint8, port uint16) Result {
+	r := Verdict(o.MapState, src, dst, proto, port)
+	for _, res := range []*Result{&r, r.Other} {
+		if res == nil {
+			continue
+		}
+		o.isolatedBy(&res.Egress, src, policy.Egress)
+		o.isolatedBy(&res.Ingress, dst, policy.Ingress)
+	}
+	return r
+}
+
+func (o *Offline) isolatedBy(s *Side, at Peer, dir policy.Direction) {
+	if s.Rule != nil || at.Endpoint == 0 || (s.Default != "deny" && s.Default != "audit") {
+		return
+	}
+	ns, name, _ := strings.Cut(at.Name, "/")
+	for _, p := range o.compiler.IsolatedBy(ns, name, dir) {
+		s.IsolatedBy = append(s.IsolatedBy, p.String())
+	}
+}
+
+// ParsePortArg parses a --port: a number (1-65535), or else the name of
+// a container port (name set, num 0), which only the destination pod can
+// resolve.
+func ParsePortArg(s string) (num uint16, name string, err error) {
+	if n, err := strconv.ParseUint(s, 10, 16); err == nil && n > 0 {
+		return uint16(n), "", nil
+	}
+	if errs := validation.IsValidPortName(s); len(errs) > 0 {
+		return 0, "", fmt.Errorf("port %q: want 1-65535 or a named port: %s", s, errs[0])
+	}
+	return 0, s, nil
+}
+
+// ResolvePort is --port for a connection to the peer to (as Peer takes
+// it): a number, or a named port of that pod for proto, as policy resolves
+// named ports: by the destination pod's container ports.
+func (o *Offline) ResolvePort(to, port string, proto uint8) (uint16, error) {
+	num, name, err := ParsePortArg(port)
+	if err != nil || name == "" {
+		return num, err
+	}
+	dst, err := o.Peer(to)
+	if err != nil {
+		return 0, err
+	}
+	if dst.Endpoint == 0 {
+		return 0, fmt.Errorf("port %q: %s is not a pod, and only a pod's containers name ports", name, to)
+	}
+	var names []string
+	for _, np := range o.ports[dst.Name] {
+		if np.Name == name && np.Proto == proto {
+			return np.Port, nil
+		}
+		names = append(names, fmt.Sprintf("%s=%d/%s", np.Name, np.Port, ProtoName(np.Proto)))
+	}
+	have := "it names no port"
+	if len(names) > 0 {
+		have = "it names " + strings.Join(names, ", ")
+	}
+	return 0, fmt.Errorf("port %q: pod %s has no %s port of that name (%s)", name, dst.Name, ProtoName(proto), have)
+}
+
 // ExplainOptions are the arguments of `bulkhead policy explain`.
 type ExplainOptions struct {
 	Store, From, To string
-	Port            uint16
-	Protocol        string
-	Output          string // "" or "text", or "json"
+	// Port is a number or a named port of the destination pod.
+	Port     string
+	Protocol string
+	Output   string // "" or "text", or "json"
 }
 
 // Explain writes the verdict for one connection.
@@ -135,7 +225,11 @@ func Explain(o ExplainOptions, w io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
-	r := Verdict(off.MapState, src, dst, proto, o.Port)
+	port, err := off.ResolvePort(o.To, o.Port, proto)
+	if err != nil {
+		return fmt.Errorf("--port: %w", err)
+	}
+	r := off.Verdict(src, dst, proto, port)
 	switch o.Output {
 	case "", "text":
 		_, err = io.WriteString(w, Text(r))

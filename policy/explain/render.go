@@ -67,21 +67,26 @@ func writeSides(b *strings.Builder, indent string, r Result) {
 	if r.Protocol != "TCP" {
 		why = "it requires mTLS, and never matches " + r.Protocol + " or any protocol but TCP"
 	}
-	writeSide(b, indent, "egress ", r.From, r.Egress, why)
-	writeSide(b, indent, "ingress", r.To, r.Ingress, why)
+	writeSide(b, indent, "egress ", r.From, r.To, r.Egress, why)
+	writeSide(b, indent, "ingress", r.To, r.From, r.Ingress, why)
 }
 
-func writeSide(b *strings.Builder, indent, label, at string, s Side, why string) {
+func writeSide(b *strings.Builder, indent, label, at, peer string, s Side, why string) {
 	fmt.Fprintf(b, "%s%s at %s: %s", indent, label, at, s.Verdict)
 	switch {
 	case s.Refused != "":
 		fmt.Fprintf(b, ": %s allows it only through the mTLS tunnel, and %s", ruleText(*s.Rule), s.Refused)
-	case !s.Enforced:
-		b.WriteString(" (no policy selects it in this direction)")
+	case !s.Enforced, s.Rule == nil && s.Default == "allow":
+		// One wording for every default allow: unselected, or selected by
+		// policies that only deny, and none of whose rules matched.
+		b.WriteString(" by default (no policy isolates it in this direction)")
 	case s.AuthRequired:
 		fmt.Fprintf(b, " (AUTH_REQUIRED): plaintext is dropped; only %s would allow it, through the mTLS tunnel", ruleText(*s.Rule))
 	case s.Rule != nil:
 		fmt.Fprintf(b, " by %s", ruleText(*s.Rule))
+	case len(s.IsolatedBy) > 0:
+		fmt.Fprintf(b, " by default (%s): %s is isolated by %s, which %s not allow %s", s.Default, at,
+			strings.Join(s.IsolatedBy, ", "), map[bool]string{true: "does", false: "do"}[len(s.IsolatedBy) == 1], peer)
 	default:
 		fmt.Fprintf(b, " by default (%s)", s.Default)
 	}

@@ -82,6 +82,11 @@ type Side struct {
 	Rule *Rule `json:"rule,omitempty"`
 	// Default is "allow", "deny" or "audit" when the default decided.
 	Default string `json:"default,omitempty"`
+	// IsolatedBy names the policies ("Kind ns/name") that isolate this
+	// end in this direction, when a default deny (or audit) decided: none
+	// of their rules allows the connection. Only the offline engine,
+	// which holds the compiler, fills it.
+	IsolatedBy []string `json:"isolated_by,omitempty"`
 	// Matching lists every rule with an entry that matches, for context.
 	Matching []Rule `json:"matching,omitempty"`
 	// AuthRequired: plaintext TCP is dropped with AUTH_REQUIRED, because
@@ -222,7 +227,14 @@ func side(ms *policy.MapState, ep policy.EndpointID, dir policy.Direction, peer 
 		return Side{Verdict: policy.VerdictAllow.String()}, policy.VerdictAllow
 	}
 	d := ms.LookupFlow(ep, dir, peer, proto, port, tunnelled)
-	s := Side{Verdict: d.Verdict.String(), Enforced: ept.Default[dir] != policy.DefaultAllow || len(ept.Entries) > 0, AuthRequired: d.AuthRequired}
+	// Enforced in this direction: isolated, or with some entry of it (a
+	// policy whose rules only deny). The other direction's entries do
+	// not count: a policy of one direction leaves the other open.
+	enforced := ept.Default[dir] != policy.DefaultAllow
+	for i := range ept.Entries {
+		enforced = enforced || ept.Entries[i].Direction == dir
+	}
+	s := Side{Verdict: d.Verdict.String(), Enforced: enforced, AuthRequired: d.AuthRequired}
 	if d.Rule != policy.RuleDefault {
 		ru := ruleOf(ms, d.Rule)
 		s.Rule = &ru
