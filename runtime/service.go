@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
@@ -21,11 +22,15 @@ type EndpointSource interface {
 type ServiceConfig struct {
 	Monitor   *Monitor
 	Endpoints EndpointSource
-	// Emit receives every alert, from one goroutine.
+	// Emit receives every alert line, one call at a time.
 	Emit func(detect.Alert)
 	// Resync is how often the watch set is reconciled with Endpoints even
 	// without a Changed call; 0 means 5 s.
 	Resync time.Duration
+	// AggregateWindow folds repeated identical alerts from one process
+	// (detect.Aggregator): 0 means 10 s. Repeats go out at the window's
+	// end (checked every Resync) as one line with their count.
+	AggregateWindow time.Duration
 	Logger *slog.Logger
 }
 
@@ -35,6 +40,10 @@ type Service struct {
 	cfg     ServiceConfig
 	log     *slog.Logger
 	changed chan struct{}
+	agg     *detect.Aggregator
+	// emitMu keeps Emit's calls one at a time: the reader and the flush
+	// tick both emit.
+	emitMu sync.Mutex
 }
 
 // NewService makes a Service; Run starts it.
@@ -46,7 +55,10 @@ func NewService(cfg ServiceConfig) *Service {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1)}
+	if cfg.AggregateWindow <= 0 {
+		cfg.AggregateWindow = 10 * time.Second
+	}
+	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1), agg: detect.NewAggregator(cfg.AggregateWindow)}
 }
 
 // Changed tells the service that the endpoint table changed. It never
@@ -80,11 +92,13 @@ func (s *Service) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			rd.Close()
 			<-done
+			s.emit(s.agg.FlushAll())
 			return nil
 		case <-s.changed:
 			s.reconcile()
 		case <-t.C:
 			s.reconcile()
+			s.emit(s.agg.Flush(time.Now()))
 			// Loss is reported, never silent.
 			if c, err := s.cfg.Monitor.Counters(); err == nil && c.Lost != lastLost {
 				s.log.Warn("runtime events lost: the ring buffer was full", "lost", c.Lost-lastLost, "lost_total", c.Lost)
@@ -110,8 +124,16 @@ func (s *Service) readLoop(rd *Reader) {
 			ep = detect.Endpoint{Netns: ev.Netns}
 		}
 		for _, a := range detect.Detect(ev, ep) {
-			s.cfg.Emit(a)
+			s.emit(s.agg.Add(a, time.Now()))
 		}
+	}
+}
+
+func (s *Service) emit(alerts []detect.Alert) {
+	s.emitMu.Lock()
+	defer s.emitMu.Unlock()
+	for _, a := range alerts {
+		s.cfg.Emit(a)
 	}
 }
 
