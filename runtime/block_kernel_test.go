@@ -10,7 +10,6 @@ import (
 	"syscall"
 	"testing"
 
-
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
 	"github.com/bulkhead-io/bulkhead/tests/netns"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"

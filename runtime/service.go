@@ -31,7 +31,7 @@ type ServiceConfig struct {
 	// (detect.Aggregator): 0 means 10 s. Repeats go out at the window's
 	// end (checked every Resync) as one line with their count.
 	AggregateWindow time.Duration
-	Logger *slog.Logger
+	Logger          *slog.Logger
 }
 
 // Service keeps the monitor's watch set equal to the endpoint table and
