@@ -138,7 +138,7 @@ func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
 	}
 	alerts := a.metrics.RegisterRuntime(func() (metrics.RuntimeEvents, error) {
 		c, err := mon.Counters()
-		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched}, err
+		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched, Blocked: c.Blocked}, err
 	})
 	return &runtimeDetection{mon: mon, svc: svc, alerts: alerts}, nil
 }

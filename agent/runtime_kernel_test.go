@@ -228,6 +228,9 @@ spec:
 		al.Pod.Pod != "web" || al.Count != 1 {
 		t.Errorf("alert %+v", al)
 	}
+	if n := eventsMetric(t, a, "blocked"); n < 1 {
+		t.Errorf("bulkhead_runtime_events_total{result=blocked} is %v", n)
+	}
 
 	if err := os.Remove(filepath.Join(store, "runtime.yaml")); err != nil {
 		t.Fatal(err)
@@ -334,4 +337,22 @@ func readAlerts(t *testing.T, path string, each func(detect.Alert)) {
 		}
 		each(al)
 	}
+}
+
+func eventsMetric(t *testing.T, a *Agent, result string) float64 {
+	t.Helper()
+	mfs, err := a.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "bulkhead_runtime_events_total" {
+			for _, m := range mf.GetMetric() {
+				if m.GetLabel()[0].GetValue() == result {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return -1
 }
