@@ -197,7 +197,7 @@ func TestKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rd.Close()
-	pids, runErr, stderr := helperRun(t, "bpf", pod.Path())
+	pids, stderr, runErr := helperRun(t, "bpf", pod.Path())
 	var ee *exec.ExitError
 	if !errors.As(runErr, &ee) {
 		t.Fatalf("helper: %v, want killed (stderr %s)", runErr, stderr)
@@ -225,7 +225,7 @@ func TestKill(t *testing.T) {
 	if err := m.Watch(ino, detect.Endpoint{Pod: "victim", Actions: detect.Actions{Kill: detect.Bit(detect.RulePacketSocket.ID)}}); err != nil {
 		t.Fatal(err)
 	}
-	_, runErr, stderr = helperRun(t, "packet-socket", pod.Path(), helperExpectEnv+"=ok")
+	_, stderr, runErr = helperRun(t, "packet-socket", pod.Path(), helperExpectEnv+"=ok")
 	if !errors.As(runErr, &ee) || !ee.Sys().(syscall.WaitStatus).Signaled() || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
 		t.Errorf("packet-socket helper: %v, want SIGKILL (stderr %s)", runErr, stderr)
 	}

@@ -31,7 +31,7 @@ const (
 // first, then any child it made the syscall from).
 func helper(t testing.TB, action, nsPath string, extraEnv ...string) []int {
 	t.Helper()
-	pids, err, stderr := helperRun(t, action, nsPath, extraEnv...)
+	pids, stderr, err := helperRun(t, action, nsPath, extraEnv...)
 	if err != nil {
 		t.Fatalf("helper %s: %v: %s", action, err, stderr)
 	}
@@ -39,8 +39,8 @@ func helper(t testing.TB, action, nsPath string, extraEnv ...string) []int {
 }
 
 // helperRun is helper for a run that may end badly (killed): it returns the
-// PIDs printed before the end, and the process's error.
-func helperRun(t testing.TB, action, nsPath string, extraEnv ...string) ([]int, error, string) {
+// PIDs printed before the end, its stderr, and the process's error.
+func helperRun(t testing.TB, action, nsPath string, extraEnv ...string) ([]int, string, error) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperActionEnv+"="+action, helperNetnsEnv+"="+nsPath)
@@ -59,7 +59,7 @@ func helperRun(t testing.TB, action, nsPath string, extraEnv ...string) ([]int, 
 	if len(pids) == 0 {
 		t.Fatalf("helper %s printed no pid (%v): %s", action, runErr, stderr.String())
 	}
-	return pids, runErr, stderr.String()
+	return pids, stderr.String(), runErr
 }
 
 // expect checks an operation's outcome against helperExpectEnv: "ok"
