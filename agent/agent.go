@@ -732,6 +732,7 @@ func (a *Agent) foldStore(res *store.Result) error {
 		pods[podRef{p.Namespace, p.Name}] = p
 		remote[podRef{p.Namespace, p.Name}] = p.IPs
 	}
+	a.foldRuntimePolicies(s.RuntimePolicies, pods)
 	a.mu.Lock()
 	a.remoteIPs = remote
 	a.mu.Unlock()

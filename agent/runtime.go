@@ -3,7 +3,12 @@ package agent
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
+	"os"
 	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -12,6 +17,8 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
 	rtmon "github.com/bulkhead-io/bulkhead/runtime"
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
 )
@@ -23,6 +30,65 @@ type runtimeDetection struct {
 	mon    *rtmon.Monitor
 	svc    *rtmon.Service
 	alerts *prometheus.CounterVec
+	// inputs are the store's runtime policies and its pods' labels, swapped
+	// whole by foldStore and read by the service's reconcile.
+	inputs atomic.Pointer[runtimeInputs]
+	// warned remembers the "Block cannot be enforced" warnings given, so
+	// that the reconcile loop says it once per pod and rule.
+	warned sync.Map
+}
+
+type runtimeInputs struct {
+	pols   []*policy.RuntimePolicy
+	labels map[podRef]map[string]string
+}
+
+// foldRuntimePolicies hands the store's runtime policies to the runtime
+// service. Without --runtime-detection nothing would enforce them: that is
+// said, never silent.
+func (a *Agent) foldRuntimePolicies(rps []*v1alpha1.BulkheadRuntimePolicy, pods map[podRef]policy.Pod) {
+	if a.sysmon == nil {
+		if len(rps) > 0 {
+			a.log.Warn("the store has BulkheadRuntimePolicies, and runtime detection is off (--runtime-detection): they are not enforced",
+				"count", len(rps))
+		}
+		return
+	}
+	in := &runtimeInputs{labels: make(map[podRef]map[string]string, len(pods))}
+	for _, rp := range rps {
+		// The store validated it already; compiling again cannot fail.
+		if p, err := policy.CompileRuntimePolicy(rp); err == nil {
+			in.pols = append(in.pols, p)
+		} else {
+			a.log.Error("runtime policy", "error", err)
+		}
+	}
+	for r, p := range pods {
+		in.labels[r] = p.Labels
+	}
+	a.sysmon.inputs.Store(in)
+	a.sysmon.svc.Changed()
+}
+
+// cgroup2Root is where the node's cgroup v2 hierarchy is mounted, from
+// /proc/self/mountinfo; "" when it has none (the blocking hooks then report
+// themselves unavailable).
+func cgroup2Root() string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	for line := range strings.Lines(string(data)) {
+		// ... mount-point ... - fstype source options
+		pre, post, ok := strings.Cut(line, " - ")
+		if !ok || !strings.HasPrefix(post, "cgroup2 ") {
+			continue
+		}
+		if f := strings.Fields(pre); len(f) >= 5 && f[3] == "/" {
+			return f[4]
+		}
+	}
+	return ""
 }
 
 func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
@@ -31,7 +97,11 @@ func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
 		return nil, fmt.Errorf("runtime detection: %w", err)
 	}
 	log := a.log.With("component", "runtime")
-	mon, err := rtmon.New(rtmon.Config{Logger: log})
+	// The blocking hooks go on the cgroup2 root, multi-attached: the agent
+	// may not know a pod's cgroup (the dir store knows only its netns), and
+	// a process that moves to another cgroup is still under the root. The
+	// netns filter makes them act for pods only.
+	mon, err := rtmon.New(rtmon.Config{Logger: log, Cgroup: cgroup2Root()})
 	if err != nil {
 		return nil, fmt.Errorf("runtime detection: %w", err)
 	}
@@ -58,9 +128,17 @@ func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
 		a.features = append(a.features, api.Feature{Name: "runtime-" + n, State: state})
 	}
 	a.features = append(a.features, api.Feature{Name: "runtime-module-hook", State: string(mon.ModulePath())})
+	hooks := mon.CgroupHooks()
+	for _, h := range slices.Sorted(maps.Keys(hooks)) {
+		state := "attached"
+		if err := hooks[h]; err != nil {
+			state = "no (" + err.Error() + "): Block cannot be enforced for its rule"
+		}
+		a.features = append(a.features, api.Feature{Name: "runtime-" + h, State: state})
+	}
 	alerts := a.metrics.RegisterRuntime(func() (metrics.RuntimeEvents, error) {
 		c, err := mon.Counters()
-		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched}, err
+		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched, Blocked: c.Blocked}, err
 	})
 	return &runtimeDetection{mon: mon, svc: svc, alerts: alerts}, nil
 }
@@ -83,6 +161,7 @@ func (r runtimeEndpoints) RuntimeEndpoints() []detect.Endpoint {
 		if p := v.ms.Endpoints[id]; p != nil {
 			ep.SPIFFEID = v.identities[uint32(p.Identity)].SPIFFEID
 		}
+		ep.Actions = r.actions(ep)
 		out = append(out, ep)
 	}
 	return out
@@ -97,9 +176,10 @@ func (a *Agent) emitAlert(al detect.Alert) {
 		a.log.Error("encode runtime alert", "rule", al.RuleID, "error", err)
 		return
 	}
-	a.sysmon.alerts.WithLabelValues(al.RuleID, al.Technique, al.Action).Inc()
+	// A line may stand for several events (the aggregator's count).
+	a.sysmon.alerts.WithLabelValues(al.RuleID, al.Technique, al.Action).Add(float64(max(al.Count, 1)))
 	a.log.Warn("runtime alert", "rule", al.RuleID, "technique", al.Technique, "pod", al.Pod.Namespace+"/"+al.Pod.Pod,
-		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm)
+		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm, "action", al.Action, "count", al.Count)
 	if p := a.pipe.Load(); p != nil {
 		p.writeAlert(line)
 	}
@@ -120,4 +200,33 @@ func (p *flowPipe) writeAlert(line []byte) {
 	if err := p.flowLog.Flush(); err != nil {
 		p.log.Warn("flush the flow log", "error", err)
 	}
+}
+
+// actions are the kernel masks of ep's answers under the runtime policies.
+func (r runtimeEndpoints) actions(ep detect.Endpoint) detect.Actions {
+	d := r.a.sysmon
+	in := d.inputs.Load()
+	if in == nil {
+		return detect.Actions{}
+	}
+	var out detect.Actions
+	want := policy.RuntimeActions(in.pols, ep.Namespace, in.labels[podRef{ep.Namespace, ep.Pod}], ep.SPIFFEID)
+	for rule, act := range want {
+		bit := detect.Bit(rule)
+		switch act {
+		case v1alpha1.RuntimeBlock:
+			if err := d.mon.CgroupHooks()[rtmon.HookOf(rule)]; err != nil {
+				key := ep.Namespace + "/" + ep.Pod + " " + rule
+				if _, seen := d.warned.LoadOrStore(key, true); !seen {
+					r.a.log.Error("runtime policy asks Block, which this node cannot enforce: the rule's hook is unavailable",
+						"pod", ep.Namespace+"/"+ep.Pod, "rule", rule, "hook", rtmon.HookOf(rule), "error", err)
+				}
+				continue
+			}
+			out.Block |= bit
+		case v1alpha1.RuntimeKill:
+			out.Kill |= bit
+		}
+	}
+	return out
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -167,4 +168,191 @@ func waitAlert(t *testing.T, path string, want func(detect.Alert) bool) detect.A
 			t.Fatalf("no matching alert in the flow log after 10s:\n%s", b)
 		}
 	}
+}
+
+// A BulkheadRuntimePolicy in the dir store reaches the kernel: with Block
+// for BH-RT-008, a raw socket from inside the selected pod fails with EPERM
+// and the alert says "block"; once the policy file is gone the pod is back
+// to Alert and the same socket opens. Repeats of one alert are folded into
+// a counted line.
+func TestRuntimePolicyBlocksThroughStore(t *testing.T) {
+	privileged.Require(t)
+	var st unix.Statfs_t
+	if err := unix.Statfs(rtmon.StandardTracefs, &st); err == nil && uint32(st.Type) != unix.TRACEFS_MAGIC {
+		t.Cleanup(func() {
+			if err := unix.Unmount(rtmon.StandardTracefs, 0); err != nil {
+				t.Errorf("unmount the tracefs the agent mounted: %v", err)
+			}
+		})
+	}
+	flowLog := filepath.Join(t.TempDir(), "flows.log")
+	a, store := newTestAgentWith(t, func(c *Config) {
+		c.RuntimeDetection, c.FlowLog, c.RuntimeResync = true, flowLog, 100*time.Millisecond
+	})
+	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
+	rp := `apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: no-sniffing, namespace: shop}
+spec:
+  selector: {podSelector: {matchLabels: {app: web}}}
+  detections:
+  - {rule: BH-RT-008, action: Block}
+`
+	if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(store, "runtime.yaml"), []byte(rp), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startTestAgent(t, a)
+	if err := a.sysmon.mon.CgroupHooks()[rtmon.HookSockCreate]; err != nil {
+		privileged.Unsupported(t, "sock_create hook: %v", err)
+	}
+	req := podVeth(t, "c0ffee62", "web", "10.213.6.2/32")
+	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	var nsSt unix.Stat_t
+	if err := unix.Stat(req.Netns, &nsSt); err != nil {
+		t.Fatal(err)
+	}
+	ino := uint32(nsSt.Ino)
+	waitActions(t, a, ino, detect.Actions{Block: detect.Bit(detect.RuleRawSocket.ID)})
+
+	tid, err := rawSocketFromPod(t, req.Netns)
+	if !errors.Is(err, unix.EPERM) {
+		t.Fatalf("raw socket in a pod under Block: %v, want EPERM", err)
+	}
+	al := waitAlert(t, flowLog, func(al detect.Alert) bool { return al.TID == tid })
+	if al.RuleID != detect.RuleRawSocket.ID || al.Action != "block" || al.ActionResult != "denied" || al.Technique != "T1040" ||
+		al.Pod.Pod != "web" || al.Count != 1 {
+		t.Errorf("alert %+v", al)
+	}
+	if n := eventsMetric(t, a, "blocked"); n < 1 {
+		t.Errorf("bulkhead_runtime_events_total{result=blocked} is %v", n)
+	}
+
+	if err := os.Remove(filepath.Join(store, "runtime.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	waitActions(t, a, ino, detect.Actions{})
+	// The thread may be the one before: the line is told apart by time.
+	since := time.Now()
+	tid, err = rawSocketFromPod(t, req.Netns)
+	if err != nil {
+		t.Fatalf("raw socket after the policy is gone: %v, want success", err)
+	}
+	al = waitAlert(t, flowLog, func(al detect.Alert) bool { return al.TID == tid && !al.Time.Before(since) })
+	if al.Action != "alert" {
+		t.Errorf("alert after the policy is gone: %+v", al)
+	}
+
+	// A burst of one process's identical calls: the first line at once,
+	// the rest in one counted line at the window's end (10 s by default;
+	// this waits for it, it asserts nothing about time).
+	const n = 50
+	since = time.Now()
+	var burstTID uint32
+	if err := ns.WithNetNSPath(req.Netns, func(ns.NetNS) error {
+		burstTID = uint32(unix.Gettid())
+		for range n {
+			unix.Syscall(unix.SYS_BPF, 0, 0, 0)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var lines []detect.Alert
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		lines = lines[:0]
+		total := 0
+		readAlerts(t, flowLog, func(al detect.Alert) {
+			if al.TID == burstTID && al.RuleID == detect.RuleBPF.ID && !al.Time.Before(since) {
+				lines = append(lines, al)
+				total += al.Count
+			}
+		})
+		if total == n {
+			break
+		}
+		if total > n || time.Now().After(deadline) {
+			t.Fatalf("burst of %d: lines %+v (counts add up to %d)", n, lines, total)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(lines) != 2 || lines[0].Count != 1 || lines[1].Count != n-1 || lines[1].FirstTime == nil {
+		t.Errorf("burst of %d: %d lines %+v, want 1 then a line with count %d", n, len(lines), lines, n-1)
+	}
+}
+
+func waitActions(t *testing.T, a *Agent, ino uint32, want detect.Actions) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if ep, ok := a.sysmon.mon.Endpoint(ino); ok && ep.Actions == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			ep, _ := a.sysmon.mon.Endpoint(ino)
+			t.Fatalf("netns %d actions %+v, want %+v after 10s", ino, ep.Actions, want)
+		}
+	}
+}
+
+// rawSocketFromPod opens (and closes) a raw ICMP socket from a thread in
+// the pod's netns, and returns the thread's ID and socket(2)'s error.
+func rawSocketFromPod(t *testing.T, netns string) (uint32, error) {
+	t.Helper()
+	var tid int
+	var serr error
+	if err := ns.WithNetNSPath(netns, func(ns.NetNS) error {
+		tid = unix.Gettid()
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+		if err == nil {
+			unix.Close(fd)
+		}
+		serr = err
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return uint32(tid), serr
+}
+
+func readAlerts(t *testing.T, path string, each func(detect.Alert)) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if !strings.Contains(sc.Text(), `"event_kind":"alert"`) {
+			continue
+		}
+		var al detect.Alert
+		if err := json.Unmarshal(sc.Bytes(), &al); err != nil {
+			t.Fatalf("alert line %s: %v", sc.Text(), err)
+		}
+		each(al)
+	}
+}
+
+func eventsMetric(t *testing.T, a *Agent, result string) float64 {
+	t.Helper()
+	mfs, err := a.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "bulkhead_runtime_events_total" {
+			for _, m := range mf.GetMetric() {
+				if m.GetLabel()[0].GetValue() == result {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return -1
 }

@@ -14,8 +14,19 @@
  * dropped before the ring buffer. A failed ring-buffer reserve is counted in
  * sysmon_counters, never silent.
  *
- * Tracepoints observe only: every hook runs at syscall entry, before the
- * syscall has taken effect, and the syscall may still fail afterwards.
+ * Tracepoints observe, and can kill: every hook runs at syscall entry,
+ * before the syscall has taken effect, and the syscall may still fail
+ * afterwards. Where the pod's kill mask has the rule's bit, the hook queues
+ * SIGKILL (bpf_send_signal) for the caller. The signal is delivered on the
+ * way back to user space, so the syscall itself runs first: a mount
+ * happens, a setns switches namespaces, and only then does the process
+ * die. A kill ends the process; it does not undo the syscall.
+ *
+ * The cgroup hooks (connect_unix, sock_create, sysctl) run before the
+ * operation and can deny it: the caller sees EPERM. They use the same
+ * watched map, so only pods' processes pay more than the lookup. Whether
+ * they deny is the pod's block mask; the verdict never depends on the ring
+ * buffer having room.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -30,6 +41,21 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 struct sysmon_event *unused_sysmon_event __attribute__((unused));
 enum sysmon_kind unused_sysmon_kind __attribute__((unused));
 enum sysmon_counter unused_sysmon_counter __attribute__((unused));
+enum sysmon_rule_bit unused_sysmon_rule_bit __attribute__((unused));
+struct sysmon_sock_name *unused_sysmon_sock_name __attribute__((unused));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_PACKET 17
+#define SOCK_RAW 3
+#define SIGKILL 9
+#define CLONE_NEWNS 0x00020000
+#define CLONE_NEWUSER 0x10000000
+#define PTRACE_ATTACH 16
+#define PTRACE_SEIZE 0x4206
+#define SUN_PATH 108
 
 /* Syscall numbers of init_module and finit_module on the running
  * architecture; Go sets them at load time. */
@@ -42,6 +68,14 @@ struct {
 	__type(value, struct sysmon_watch);
 	__uint(max_entries, 4096);
 } sysmon_watched SEC(".maps");
+
+/* Container runtime socket file names, filled by Go. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sysmon_sock_name);
+	__type(value, __u8);
+	__uint(max_entries, SYSMON_SOCK_NAMES);
+} sysmon_sock_names SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -63,18 +97,25 @@ static __always_inline void count(__u32 which)
 		*c += 1; /* per-CPU: no atomics needed */
 }
 
-/* begin filters by netns and reserves an event with the common fields
- * filled in; NULL means nothing is to be sent. */
-static __always_inline struct sysmon_event *begin(struct task_struct *task, __u16 kind, long nr)
+/* watch_of is the watch of the task's network namespace, or NULL (and
+ * counted) for a task in no watched one. */
+static __always_inline struct sysmon_watch *watch_of(struct task_struct *task, __u32 *netns)
 {
-	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
-	struct sysmon_event *e;
+	struct sysmon_watch *w;
 
-	if (!bpf_map_lookup_elem(&sysmon_watched, &netns)) {
+	*netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+	w = bpf_map_lookup_elem(&sysmon_watched, netns);
+	if (!w)
 		count(SMC_UNWATCHED);
-		return NULL;
-	}
-	e = bpf_ringbuf_reserve(&sysmon_events, sizeof(*e), 0);
+	return w;
+}
+
+/* reserve reserves an event with the common fields filled in; NULL (and
+ * counted as lost) when the ring buffer is full. */
+static __always_inline struct sysmon_event *reserve(struct task_struct *task, __u32 netns, __u16 kind, long nr)
+{
+	struct sysmon_event *e = bpf_ringbuf_reserve(&sysmon_events, sizeof(*e), 0);
+
 	if (!e) {
 		count(SMC_LOST);
 		return NULL;
@@ -101,6 +142,16 @@ static __always_inline void send(struct sysmon_event *e)
 	count(SMC_SENT);
 }
 
+/* kill queues SIGKILL for the caller when the pod's kill mask has bit,
+ * before any event is reserved: a full ring buffer must not spare the
+ * process. Returns the flags that record the outcome. */
+static __always_inline __u16 kill(struct sysmon_watch *w, __u32 bit)
+{
+	if (!(w->kill & bit))
+		return 0;
+	return bpf_send_signal(SIGKILL) == 0 ? SMF_KILLED : SMF_KILL_FAILED;
+}
+
 /* copy_args copies a syscall's first n (at most 4) arguments. A macro, not
  * a function: the verifier refuses loads through a context pointer that has
  * been offset, which passing ctx->args would make. n must be the syscall's
@@ -115,13 +166,29 @@ static __always_inline void send(struct sysmon_event *e)
 		if ((n) > 3) (e)->args[3] = (ctx)->args[3]; \
 	} while (0)
 
-#define sys_event(ctx, kind, nargs)                                                           \
-	({                                                                                     \
-		struct sysmon_event *__e =                                                     \
-			begin((struct task_struct *)bpf_get_current_task(), (kind), (ctx)->id); \
-		if (__e)                                                                       \
-			copy_args(__e, (ctx), (nargs));                                        \
-		__e;                                                                           \
+/* simple_hook is a tracepoint hook whose rule matches on the syscall
+ * alone (or on its first argument, in match): it kills when the pod says
+ * so, then reports the first nargs arguments. */
+#define simple_hook(ctx, kind, nargs, bit, match)                                   \
+	({                                                                          \
+		struct task_struct *__t = (struct task_struct *)bpf_get_current_task(); \
+		struct sysmon_watch *__w;                                           \
+		struct sysmon_event *__e;                                           \
+		__u32 __ns;                                                         \
+		__u16 __f = 0;                                                      \
+		__w = watch_of(__t, &__ns);                                         \
+		if (__w) {                                                          \
+			if (match)                                                  \
+				__f = kill(__w, (bit));                             \
+			__e = reserve(__t, __ns, (kind), (ctx)->id);                \
+			if (__e) {                                                  \
+				copy_args(__e, (ctx), (nargs));                     \
+				__e->flags |= __f;                                  \
+			}                                                           \
+		} else {                                                            \
+			__e = NULL;                                                 \
+		}                                                                   \
+		__e;                                                                \
 	})
 
 /* fd_inode is the inode number of the file at fd in the current task; for
@@ -159,14 +226,26 @@ SEC("tracepoint/syscalls/sys_enter_setns")
 int sysmon_setns(struct trace_event_raw_sys_enter *ctx)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct sysmon_event *e = begin(task, SM_SETNS, ctx->id);
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	__u16 flags = 0;
+	__u64 target;
+	__u32 netns;
 
+	w = watch_of(task, &netns);
+	if (!w)
+		return 0;
+	target = fd_inode(task, (long)ctx->args[0]);
+	if (target && own_namespace(task, target))
+		flags |= SMF_TARGET_OWN;
+	else if (target)
+		flags |= kill(w, SMR_SETNS); /* BH-RT-001's match */
+	e = reserve(task, netns, SM_SETNS, ctx->id);
 	if (!e)
 		return 0;
 	copy_args(e, ctx, 2);
-	e->target_ino = fd_inode(task, (long)ctx->args[0]);
-	if (e->target_ino && own_namespace(task, e->target_ino))
-		e->flags |= SMF_TARGET_OWN;
+	e->target_ino = target;
+	e->flags = flags;
 	send(e);
 	return 0;
 }
@@ -174,7 +253,8 @@ int sysmon_setns(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_unshare")
 int sysmon_unshare(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_UNSHARE, 1);
+	struct sysmon_event *e =
+		simple_hook(ctx, SM_UNSHARE, 1, SMR_UNSHARE, ctx->args[0] & (CLONE_NEWUSER | CLONE_NEWNS));
 
 	if (e)
 		send(e);
@@ -184,7 +264,7 @@ int sysmon_unshare(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_mount")
 int sysmon_mount(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_MOUNT, 4);
+	struct sysmon_event *e = simple_hook(ctx, SM_MOUNT, 4, SMR_MOUNT, true);
 
 	if (!e)
 		return 0;
@@ -199,7 +279,8 @@ int sysmon_mount(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_ptrace")
 int sysmon_ptrace(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_PTRACE, 4);
+	struct sysmon_event *e = simple_hook(ctx, SM_PTRACE, 4, SMR_PTRACE,
+					     ctx->args[0] == PTRACE_ATTACH || ctx->args[0] == PTRACE_SEIZE);
 
 	if (e)
 		send(e);
@@ -209,8 +290,24 @@ int sysmon_ptrace(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_bpf")
 int sysmon_bpf(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_BPF, 3);
+	struct sysmon_event *e = simple_hook(ctx, SM_BPF, 3, SMR_BPF, true);
 
+	if (e)
+		send(e);
+	return 0;
+}
+
+/* cgroup/sock_create runs in inet_create and inet6_create only, so an
+ * AF_PACKET socket is seen here, where it can be killed but not denied.
+ * The family test comes before the map lookup: socket() is common. */
+SEC("tracepoint/syscalls/sys_enter_socket")
+int sysmon_socket(struct trace_event_raw_sys_enter *ctx)
+{
+	struct sysmon_event *e;
+
+	if (ctx->args[0] != AF_PACKET)
+		return 0;
+	e = simple_hook(ctx, SM_PACKET_SOCKET, 3, SMR_PACKET_SOCK, true);
 	if (e)
 		send(e);
 	return 0;
@@ -222,10 +319,14 @@ SEC("tracepoint/sched/sched_process_exec")
 int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct sysmon_event *e = begin(task, SM_EXEC, -1);
 	unsigned long start, end, len;
+	struct sysmon_event *e;
 	struct mm_struct *mm;
+	__u32 netns;
 
+	if (!watch_of(task, &netns))
+		return 0;
+	e = reserve(task, netns, SM_EXEC, -1);
 	if (!e)
 		return 0;
 	bpf_probe_read_kernel_str(e->str[0], sizeof(e->str[0]), (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
@@ -246,7 +347,7 @@ int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 SEC("tracepoint/syscalls/sys_enter_init_module")
 int sysmon_init_module(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_MODULE, 3);
+	struct sysmon_event *e = simple_hook(ctx, SM_MODULE, 3, SMR_MODULE, true);
 
 	if (e)
 		send(e);
@@ -256,7 +357,7 @@ int sysmon_init_module(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_finit_module")
 int sysmon_finit_module(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = sys_event(ctx, SM_MODULE, 3);
+	struct sysmon_event *e = simple_hook(ctx, SM_MODULE, 3, SMR_MODULE, true);
 
 	if (e)
 		send(e);
@@ -269,19 +370,172 @@ int sysmon_finit_module(struct trace_event_raw_sys_enter *ctx)
 SEC("raw_tracepoint/sys_enter")
 int sysmon_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
+	struct task_struct *task;
 	long nr = (long)ctx->args[1];
-	struct pt_regs *regs;
+	struct sysmon_watch *w;
 	struct sysmon_event *e;
+	struct pt_regs *regs;
+	__u16 flags;
+	__u32 netns;
 
 	if (nr != nr_init_module && nr != nr_finit_module)
 		return 0;
-	e = begin((struct task_struct *)bpf_get_current_task(), SM_MODULE, nr);
+	task = (struct task_struct *)bpf_get_current_task();
+	w = watch_of(task, &netns);
+	if (!w)
+		return 0;
+	flags = kill(w, SMR_MODULE);
+	e = reserve(task, netns, SM_MODULE, nr);
 	if (!e)
 		return 0;
+	e->flags = flags;
 	regs = (struct pt_regs *)ctx->args[0];
 	e->args[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);
 	e->args[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);
 	e->args[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);
 	send(e);
 	return 0;
+}
+
+/* ---- cgroup hooks: these can deny ---- */
+
+/* deny records a cgroup hook's verdict for the pod's rule bit: 0 (deny,
+ * EPERM) when the pod blocks it, 1 (allow) otherwise. */
+static __always_inline int verdict(struct sysmon_watch *w, __u32 bit, __u16 *flags)
+{
+	if (!(w->block & bit))
+		return 1;
+	count(SMC_BLOCKED);
+	*flags |= SMF_BLOCKED;
+	return 0;
+}
+
+/* A sun_path being scanned: its length and where its last component
+ * starts. path has room past SUN_PATH so that a copy of SYSMON_SOCK_NAME
+ * bytes from any start stays in it. */
+struct sun_scan {
+	char path[160]; /* SUN_PATH + SYSMON_SOCK_NAME, rounded up */
+	__u32 max;
+	__u32 len;
+	__u32 base;
+};
+
+static long sun_scan_step(__u64 i, struct sun_scan *s)
+{
+	char c;
+
+	if (i >= s->max || i >= SUN_PATH)
+		return 1;
+	c = s->path[i & 127];
+	if (c == 0)
+		return 1;
+	s->len = i + 1;
+	if (c == '/')
+		s->base = i + 1;
+	return 0;
+}
+
+/* The connect's path is matched as the caller wrote it: its last component
+ * against sysmon_sock_names. See the README for what that misses. A
+ * bpf_loop keeps the verifier's work linear in the path's length. */
+SEC("cgroup/connect_unix")
+int sysmon_connect_unix(struct bpf_sock_addr *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct sysmon_sock_name name = {};
+	struct bpf_sock_addr_kern *sa;
+	struct sun_scan sc = {};
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	__u32 netns, n, base;
+	__u16 flags = 0;
+	int allow;
+
+	w = watch_of(task, &netns);
+	if (!w)
+		return 1;
+	sa = bpf_cast_to_kern_ctx(ctx);
+	sc.max = sa->uaddrlen;
+	if (sc.max <= 2)
+		return 1;
+	sc.max -= 2; /* sun_family */
+	if (bpf_probe_read_kernel(sc.path, SUN_PATH, (char *)sa->uaddr + 2))
+		return 1;
+	/* An abstract socket (leading NUL) has no file name to match. */
+	bpf_loop(SUN_PATH, sun_scan_step, &sc, 0);
+	base = sc.base;
+	if (sc.len <= base)
+		return 1;
+	n = sc.len - base;
+	if (n > SYSMON_SOCK_NAME || base > SUN_PATH)
+		return 1;
+	if (bpf_probe_read_kernel(name.name, n, sc.path + base))
+		return 1;
+	if (!bpf_map_lookup_elem(&sysmon_sock_names, &name))
+		return 1;
+	allow = verdict(w, SMR_RUNTIME_SOCK, &flags);
+	e = reserve(task, netns, SM_CONNECT_UNIX, -1);
+	if (e) {
+		e->flags = flags;
+		e->args[0] = sc.len;
+		__builtin_memcpy(e->str, sc.path, SUN_PATH);
+		send(e);
+	}
+	return allow;
+}
+
+SEC("cgroup/sock_create")
+int sysmon_sock_create(struct bpf_sock *sk)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 family = sk->family, type = sk->type;
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	__u16 flags = 0;
+	__u32 netns;
+	int allow;
+
+	if (!((family == AF_INET || family == AF_INET6) && type == SOCK_RAW))
+		return 1;
+	w = watch_of(task, &netns);
+	if (!w)
+		return 1;
+	allow = verdict(w, SMR_RAW_SOCK, &flags);
+	e = reserve(task, netns, SM_SOCK_CREATE, -1);
+	if (e) {
+		e->flags = flags;
+		e->args[0] = family;
+		e->args[1] = type;
+		e->args[2] = sk->protocol;
+		send(e);
+	}
+	return allow;
+}
+
+SEC("cgroup/sysctl")
+int sysmon_sysctl(struct bpf_sysctl *ctx)
+{
+	struct task_struct *task;
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	__u16 flags = 0;
+	__u32 netns;
+	int allow;
+
+	if (!ctx->write)
+		return 1;
+	task = (struct task_struct *)bpf_get_current_task();
+	w = watch_of(task, &netns);
+	if (!w)
+		return 1;
+	allow = verdict(w, SMR_SYSCTL, &flags);
+	e = reserve(task, netns, SM_SYSCTL, -1);
+	if (e) {
+		e->flags = flags;
+		e->args[0] = ctx->file_pos;
+		bpf_sysctl_get_name(ctx, (char *)e->str, 2 * SYSMON_STR, 0);
+		bpf_sysctl_get_new_value(ctx, e->str[2], SYSMON_STR);
+		send(e);
+	}
+	return allow;
 }

@@ -31,6 +31,7 @@ type objects struct {
 	binding      *rbacv1.ClusterRoleBinding
 	daemonSet    *appsv1.DaemonSet
 	serviceAccts []string
+	crds         []string
 }
 
 // parseObjects decodes a multi-document YAML stream as Helm writes it.
@@ -65,6 +66,9 @@ func parseObjects(t *testing.T, b []byte) objects {
 		case "ServiceAccount":
 			o.serviceAccts = append(o.serviceAccts, meta.Metadata.Name)
 			continue
+		case "CustomResourceDefinition":
+			o.crds = append(o.crds, meta.Metadata.Name)
+			continue
 		default:
 			continue
 		}
@@ -72,7 +76,11 @@ func parseObjects(t *testing.T, b []byte) objects {
 			t.Fatalf("%s %s: %v", meta.Kind, meta.Metadata.Name, err)
 		}
 	}
-	for _, k := range []string{"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"} {
+	slices.Sort(o.crds)
+	if want := []string{"bulkheadpolicies.bulkhead.io", "bulkheadruntimepolicies.bulkhead.io"}; !slices.Equal(o.crds, want) {
+		t.Fatalf("CustomResourceDefinitions %v, want %v", o.crds, want)
+	}
+	for _, k := range []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"} {
 		if o.kinds[k] != 1 {
 			t.Fatalf("want one %s, have %d (all: %v)", k, o.kinds[k], o.kinds)
 		}
@@ -121,6 +129,7 @@ func TestClusterRoleLeastPrivilege(t *testing.T) {
 		"/pods: get,list,watch",
 		"bulkhead.io/bulkheadpolicies: get,list,watch",
 		"bulkhead.io/bulkheadpolicies/status: patch,update",
+		"bulkhead.io/bulkheadruntimepolicies: list",
 		"networking.k8s.io/networkpolicies: get,list,watch",
 	}
 	slices.Sort(want)

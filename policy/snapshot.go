@@ -27,6 +27,10 @@ type Snapshot struct {
 	Pods             []Pod
 	NetworkPolicies  []*networkingv1.NetworkPolicy
 	BulkheadPolicies []*v1alpha1.BulkheadPolicy
+	// RuntimePolicies are valid BulkheadRuntimePolicies: the runtime
+	// monitor's answers per pod (RuntimeActions). The compiler does not
+	// read them.
+	RuntimePolicies []*v1alpha1.BulkheadRuntimePolicy
 }
 
 // Namespace is a namespace and its labels. Namespaces that pods or policies

@@ -45,6 +45,16 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 			unix.Close(fd)
 			unix.Getpid()
 		}},
+		{"socket", func(b *testing.B) {
+			// A UDP socket: what the sys_enter_socket tracepoint (AF_PACKET
+			// test) and the sock_create hook (SOCK_RAW test) both see and let
+			// through.
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			unix.Close(fd)
+		}},
 		{"readwrite", func(b *testing.B) {
 			if _, err := unix.Read(zero, buf); err != nil {
 				b.Fatal(err)
@@ -67,6 +77,10 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 		{"one-empty-tracepoint", nil, true},
 		{"tracepoints", &Config{NoModuleHook: true}, false},
 		{"tracepoints+rawtp", &Config{ModulePath: ModuleRawSysEnter}, false},
+		// The blocking hooks on the cgroup2 root, as the agent attaches
+		// them: for the benchmark's own process too. They allow everything
+		// from an unwatched netns, so the node is unaffected.
+		{"tracepoints+cgroup", &Config{NoModuleHook: true, Cgroup: "root"}, false},
 	}
 	for _, l := range loops {
 		for _, c := range monitors {
@@ -93,7 +107,11 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 					defer l.Close()
 				}
 				if c.cfg != nil {
-					m, err := New(*c.cfg)
+					cfg := *c.cfg
+					if cfg.Cgroup == "root" {
+						cfg.Cgroup = benchCgroupRoot(b)
+					}
+					m, err := New(cfg)
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -109,4 +127,16 @@ func BenchmarkSysmonOverhead(b *testing.B) {
 			})
 		}
 	}
+}
+
+// benchCgroupRoot mounts the cgroup2 hierarchy at a folder of b's own, for
+// its root, and unmounts it when b ends.
+func benchCgroupRoot(b *testing.B) string {
+	b.Helper()
+	root := b.TempDir()
+	if err := unix.Mount("cgroup2", root, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		b.Fatalf("mount cgroup2: %v", err)
+	}
+	b.Cleanup(func() { unix.Unmount(root, unix.MNT_DETACH) })
+	return root
 }

@@ -19,6 +19,10 @@ const (
 	helperNetnsEnv  = "BULKHEAD_SYSMON_NETNS"
 	helperCountEnv  = "BULKHEAD_SYSMON_COUNT"
 	helperCgroupEnv = "BULKHEAD_SYSMON_CGROUP"
+	// helperPathEnv is the unix socket connect-unix connects to.
+	helperPathEnv = "BULKHEAD_SYSMON_PATH"
+	// helperExpectEnv is the outcome the helper must see: "ok" or "eperm".
+	helperExpectEnv = "BULKHEAD_SYSMON_EXPECT"
 )
 
 // helper runs the test binary as a process that enters the network
@@ -27,15 +31,23 @@ const (
 // first, then any child it made the syscall from).
 func helper(t testing.TB, action, nsPath string, extraEnv ...string) []int {
 	t.Helper()
+	pids, stderr, err := helperRun(t, action, nsPath, extraEnv...)
+	if err != nil {
+		t.Fatalf("helper %s: %v: %s", action, err, stderr)
+	}
+	return pids
+}
+
+// helperRun is helper for a run that may end badly (killed): it returns the
+// PIDs printed before the end, its stderr, and the process's error.
+func helperRun(t testing.TB, action, nsPath string, extraEnv ...string) ([]int, string, error) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperActionEnv+"="+action, helperNetnsEnv+"="+nsPath)
 	cmd.Env = append(cmd.Env, extraEnv...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("helper %s: %v: %s", action, err, stderr.String())
-	}
+	out, runErr := cmd.Output()
 	var pids []int
 	for _, f := range strings.Fields(string(out)) {
 		p, err := strconv.Atoi(f)
@@ -45,9 +57,27 @@ func helper(t testing.TB, action, nsPath string, extraEnv ...string) []int {
 		pids = append(pids, p)
 	}
 	if len(pids) == 0 {
-		t.Fatalf("helper %s printed no pid", action)
+		t.Fatalf("helper %s printed no pid (%v): %s", action, runErr, stderr.String())
 	}
-	return pids
+	return pids, stderr.String(), runErr
+}
+
+// expect checks an operation's outcome against helperExpectEnv: "ok"
+// wants success, "eperm" wants EPERM.
+func expect(what string, err error) error {
+	switch want := os.Getenv(helperExpectEnv); want {
+	case "ok":
+		if err != nil {
+			return fmt.Errorf("%s: %w, want success", what, err)
+		}
+	case "eperm":
+		if !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("%s: %v, want EPERM", what, err)
+		}
+	default:
+		return fmt.Errorf("%s=%q: want ok or eperm", helperExpectEnv, want)
+	}
+	return nil
 }
 
 // runHelper is the helper process's main. Its thread stays locked and is
@@ -156,6 +186,53 @@ func runHelper(action, nsPath string) error {
 			return errors.New("finit_module of a bogus image succeeded")
 		}
 		return nil
+	case "connect-unix":
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		path := os.Getenv(helperPathEnv)
+		return expect("connect "+path, unix.Connect(fd, &unix.SockaddrUnix{Name: path}))
+	case "raw-socket", "packet-socket":
+		family, proto := unix.AF_INET, unix.IPPROTO_ICMP
+		if action == "packet-socket" {
+			family, proto = unix.AF_PACKET, int(htons(unix.ETH_P_ALL))
+		}
+		fd, err := unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
+		if err == nil {
+			unix.Close(fd)
+		}
+		return expect(action, err)
+	case "sysctl-write":
+		// tcp_fin_timeout is per network namespace: this writes the pod's
+		// (the test's throwaway netns), never the host's.
+		const name = "/proc/sys/net/ipv4/tcp_fin_timeout"
+		old, err := os.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(string(old)))
+		if err != nil {
+			return err
+		}
+		f, err := os.OpenFile(name, os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		_, werr := f.WriteString(strconv.Itoa(n+1) + "\n")
+		f.Close()
+		if err := expect("write "+name, werr); err != nil {
+			return err
+		}
+		now, err := os.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		if changed := string(now) != string(old); changed != (werr == nil) {
+			return fmt.Errorf("%s: %q before, %q after a write that returned %v", name, old, now, werr)
+		}
+		return nil
 	case "unshare-noop":
 		n, err := strconv.Atoi(os.Getenv(helperCountEnv))
 		if err != nil {
@@ -171,3 +248,5 @@ func runHelper(action, nsPath string) error {
 	}
 	return fmt.Errorf("unknown action %q", action)
 }
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -24,20 +25,49 @@ type Config struct {
 	// NoModuleHook leaves module loads unhooked (the raw_tp path runs for
 	// every syscall; benchmarks measure with and without it).
 	NoModuleHook bool
-	Logger       *slog.Logger
+	// Cgroup is the cgroup v2 folder the blocking hooks (connect_unix,
+	// sock_create, sysctl) attach to, with bpf_link (multi-attach: they
+	// run beside other programs there, never replace them). They see
+	// every process in that cgroup's subtree and act only for watched
+	// netns. The agent gives the cgroup2 root; tests give a cgroup of
+	// their own. "" attaches none: CgroupHooks then says so, and Block
+	// cannot be enforced.
+	Cgroup string
+	// RuntimeSockets are the file names of container runtime sockets
+	// (BH-RT-007): a connect to a path whose last component is one of
+	// them matches. nil means DefaultRuntimeSockets. At most 8, each 1 to
+	// 32 bytes without "/".
+	RuntimeSockets []string
+	Logger         *slog.Logger
 }
+
+// DefaultRuntimeSockets are docker's, containerd's and CRI-O's sockets.
+var DefaultRuntimeSockets = []string{"docker.sock", "containerd.sock", "crio.sock"}
+
+// The cgroup hooks by name, for CgroupHooks.
+const (
+	HookConnectUnix = "cgroup/connect_unix"
+	HookSockCreate  = "cgroup/sock_create"
+	HookSysctl      = "cgroup/sysctl"
+)
 
 // Monitor is the loaded and attached system monitor.
 type Monitor struct {
-	objs       sysmonObjects
+	objs       tracingObjects
 	links      []link.Link
 	modulePath ModulePath
 	log        *slog.Logger
+
+	// hooks is each cgroup hook's attach result: nil when attached.
+	hooks map[string]error
 
 	mu      sync.Mutex
 	watched map[uint32]detect.Endpoint
 	nextID  uint32
 }
+
+// ErrNoCgroup is a cgroup hook's state when Config.Cgroup is empty.
+var ErrNoCgroup = errors.New("no cgroup v2 folder to attach to")
 
 // ErrNotWatched is returned by Unwatch for a namespace that is not watched.
 var ErrNotWatched = errors.New("netns not watched")
@@ -67,10 +97,27 @@ func New(cfg Config) (*Monitor, error) {
 	if mp == "" {
 		mp = modulePath(StandardTracefs)
 	}
-	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}}
+	socks := cfg.RuntimeSockets
+	if socks == nil {
+		socks = DefaultRuntimeSockets
+	}
+	names, err := sockNames(socks)
+	if err != nil {
+		return nil, err
+	}
+	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}, hooks: map[string]error{}}
+	// The cgroup programs load on their own (attachCgroupHooks): a kernel
+	// without one of them still runs the tracepoints.
 	if err := spec.LoadAndAssign(&m.objs, nil); err != nil {
 		return nil, fmt.Errorf("load sysmon: %w", err)
 	}
+	for _, n := range names {
+		if err := m.objs.SysmonSockNames.Put(n, uint8(1)); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("fill runtime socket names: %w", err)
+		}
+	}
+	m.attachCgroupHooks(cfg.Cgroup, spec)
 	tps := []struct {
 		name string
 		prog *ebpf.Program
@@ -80,6 +127,7 @@ func New(cfg Config) (*Monitor, error) {
 		{"sys_enter_mount", m.objs.SysmonMount},
 		{"sys_enter_ptrace", m.objs.SysmonPtrace},
 		{"sys_enter_bpf", m.objs.SysmonBpf},
+		{"sys_enter_socket", m.objs.SysmonSocket},
 	}
 	if !cfg.NoModuleHook && mp == ModuleTracepoints {
 		tps = append(tps, struct {
@@ -119,6 +167,96 @@ func New(cfg Config) (*Monitor, error) {
 	return m, nil
 }
 
+// attachCgroupHooks loads and attaches each cgroup program on its own, so
+// that one the kernel lacks (connect_unix needs 6.7) leaves the others
+// working; each one's outcome is in m.hooks.
+func (m *Monitor) attachCgroupHooks(cgroup string, spec *ebpf.CollectionSpec) {
+	hooks := []struct {
+		hook, prog string
+		attach     ebpf.AttachType
+	}{
+		{HookConnectUnix, "sysmon_connect_unix", ebpf.AttachCgroupUnixConnect},
+		{HookSockCreate, "sysmon_sock_create", ebpf.AttachCGroupInetSockCreate},
+		{HookSysctl, "sysmon_sysctl", ebpf.AttachCGroupSysctl},
+	}
+	for _, h := range hooks {
+		hook := h.hook
+		if cgroup == "" {
+			m.hooks[hook] = ErrNoCgroup
+			continue
+		}
+		// Lazy loading: only this program, on the monitor's own maps.
+		var obj struct {
+			P *ebpf.Program `ebpf:"prog"`
+		}
+		one := spec.Copy()
+		one.Programs = map[string]*ebpf.ProgramSpec{"prog": spec.Programs[h.prog]}
+		err := one.LoadAndAssign(&obj, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+			sysmonMapSysmonWatched: m.objs.SysmonWatched, sysmonMapSysmonEvents: m.objs.SysmonEvents,
+			sysmonMapSysmonCounters: m.objs.SysmonCounters, sysmonMapSysmonSockNames: m.objs.SysmonSockNames,
+		}})
+		if err != nil {
+			m.hooks[hook] = fmt.Errorf("load %s: %w", hook, err)
+			m.log.Warn("runtime cgroup hook unavailable", "hook", hook, "error", m.hooks[hook])
+			continue
+		}
+		prog := obj.P
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: h.attach, Program: prog})
+		prog.Close() // the link holds it
+		if err != nil {
+			m.hooks[hook] = fmt.Errorf("attach %s to %s: %w", hook, cgroup, err)
+			m.log.Warn("runtime cgroup hook unavailable", "hook", hook, "error", m.hooks[hook])
+			continue
+		}
+		m.hooks[hook] = nil
+		m.links = append(m.links, l)
+	}
+}
+
+// CgroupHooks is each blocking hook's state: nil when attached, else why
+// not. A rule whose hook is missing has no other source: it is silent, and
+// Block cannot be enforced for it.
+func (m *Monitor) CgroupHooks() map[string]error {
+	out := make(map[string]error, len(m.hooks))
+	for k, v := range m.hooks {
+		out[k] = v
+	}
+	return out
+}
+
+// HookOf is the cgroup hook a rule needs; "" for the tracepoint rules.
+func HookOf(ruleID string) string {
+	switch ruleID {
+	case detect.RuleRuntimeSocket.ID:
+		return HookConnectUnix
+	case detect.RuleRawSocket.ID:
+		return HookSockCreate
+	case detect.RuleSysctlWrite.ID:
+		return HookSysctl
+	}
+	return ""
+}
+
+// sockNames checks the runtime socket names and encodes them.
+func sockNames(names []string) ([]sysmonSysmonSockName, error) {
+	const maxN, maxLen = 8, 32
+	if len(names) > maxN {
+		return nil, fmt.Errorf("runtime sockets: %d names, at most %d", len(names), maxN)
+	}
+	out := make([]sysmonSysmonSockName, 0, len(names))
+	for _, n := range names {
+		if n == "" || len(n) > maxLen || strings.ContainsAny(n, "/\x00") {
+			return nil, fmt.Errorf("runtime sockets: %q: want a file name of 1 to %d bytes without \"/\"", n, maxLen)
+		}
+		var s sysmonSysmonSockName
+		for i := range len(n) {
+			s.Name[i] = int8(n[i])
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
 // ModulePath is the module-load hook in use; "" when none is attached.
 func (m *Monitor) ModulePath() ModulePath { return m.modulePath }
 
@@ -133,7 +271,7 @@ func (m *Monitor) Watch(netns uint32, ep detect.Endpoint) error {
 	defer m.mu.Unlock()
 	m.nextID++
 	ep.Netns = netns
-	if err := m.objs.SysmonWatched.Put(netns, sysmonSysmonWatch{Endpoint: m.nextID}); err != nil {
+	if err := m.objs.SysmonWatched.Put(netns, sysmonSysmonWatch{Endpoint: m.nextID, Block: ep.Actions.Block, Kill: ep.Actions.Kill}); err != nil {
 		return fmt.Errorf("watch netns %d: %w", netns, err)
 	}
 	m.watched[netns] = ep
@@ -171,6 +309,8 @@ type Counters struct {
 	// Unwatched: hook runs for processes in no watched namespace, dropped
 	// before the ring buffer.
 	Unwatched uint64
+	// Blocked: operations a cgroup hook denied.
+	Blocked uint64
 }
 
 // Counters reads the kernel's counters.
@@ -178,6 +318,7 @@ func (m *Monitor) Counters() (Counters, error) {
 	var c Counters
 	for key, dst := range map[sysmonSysmonCounter]*uint64{
 		sysmonSysmonCounterSMC_SENT: &c.Sent, sysmonSysmonCounterSMC_LOST: &c.Lost, sysmonSysmonCounterSMC_UNWATCHED: &c.Unwatched,
+		sysmonSysmonCounterSMC_BLOCKED: &c.Blocked,
 	} {
 		var per []uint64
 		if err := m.objs.SysmonCounters.Lookup(uint32(key), &per); err != nil {
@@ -209,4 +350,31 @@ func (m *Monitor) watchedInodes() []uint32 {
 		out = append(out, ino)
 	}
 	return out
+}
+
+// tracingObjects are the maps and the tracepoint programs; the cgroup
+// programs are loaded one by one in attachCgroupHooks.
+type tracingObjects struct {
+	sysmonMaps
+	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
+	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
+	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
+	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
+	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
+	SysmonPtrace      *ebpf.Program `ebpf:"sysmon_ptrace"`
+	SysmonSetns       *ebpf.Program `ebpf:"sysmon_setns"`
+	SysmonSocket      *ebpf.Program `ebpf:"sysmon_socket"`
+	SysmonSysEnter    *ebpf.Program `ebpf:"sysmon_sys_enter"`
+	SysmonUnshare     *ebpf.Program `ebpf:"sysmon_unshare"`
+}
+
+func (o *tracingObjects) Close() error {
+	errs := []error{o.sysmonMaps.Close()}
+	for _, p := range []*ebpf.Program{o.SysmonBpf, o.SysmonExec, o.SysmonFinitModule, o.SysmonInitModule, o.SysmonMount,
+		o.SysmonPtrace, o.SysmonSetns, o.SysmonSocket, o.SysmonSysEnter, o.SysmonUnshare} {
+		if p != nil {
+			errs = append(errs, p.Close())
+		}
+	}
+	return errors.Join(errs...)
 }

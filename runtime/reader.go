@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -20,8 +21,13 @@ const EventSize = int(unsafe.Sizeof(sysmonSysmonEvent{}))
 // ErrShortEvent is returned for a record shorter than EventSize.
 var ErrShortEvent = errors.New("short sysmon event")
 
-// smfTargetOwn is SMF_TARGET_OWN (bpf/include/sysmon.h).
-const smfTargetOwn = 1 << 0
+// The event flags (enum sysmon_flag in bpf/include/sysmon.h).
+const (
+	smfTargetOwn  = 1 << 0
+	smfBlocked    = 1 << 1
+	smfKilled     = 1 << 2
+	smfKillFailed = 1 << 3
+)
 
 // Reader reads the monitor's events. One goroutine reads; Close from
 // another unblocks it.
@@ -82,6 +88,7 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 		Kind: detect.Kind(s.Kind), Syscall: syscallName(s.SyscallNr), Netns: s.Netns, CgroupID: s.CgroupId,
 		PID: s.Pid, TID: s.Tid, PPID: s.Ppid, UID: s.Uid, StartNs: s.StartNs, Comm: cString(s.Comm[:]), Args: s.Args,
 		TargetNS: s.TargetIno, TargetOwn: s.Flags&smfTargetOwn != 0,
+		Blocked: s.Flags&smfBlocked != 0, Killed: s.Flags&smfKilled != 0, KillFailed: s.Flags&smfKillFailed != 0,
 	}
 	switch ev.Kind {
 	case detect.KindMount:
@@ -91,6 +98,15 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 		ev.Exe = cString(s.Str[0][:])
 		ev.Argv, ev.ArgvTruncated = splitArgv(s.Str[1][:], s.Str[2][:], s.Args[0])
 		ev.Args = [4]uint64{}
+	case detect.KindConnectUnix:
+		ev.Syscall = "connect"
+		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))
+	case detect.KindSockCreate, detect.KindPacketSocket:
+		ev.Syscall = "socket"
+	case detect.KindSysctl:
+		ev.Syscall = "write"
+		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))
+		ev.Source = strings.TrimRight(cString(s.Str[2][:]), "\n")
 	}
 	return ev, s.TsNs, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
@@ -21,12 +22,16 @@ type EndpointSource interface {
 type ServiceConfig struct {
 	Monitor   *Monitor
 	Endpoints EndpointSource
-	// Emit receives every alert, from one goroutine.
+	// Emit receives every alert line, one call at a time.
 	Emit func(detect.Alert)
 	// Resync is how often the watch set is reconciled with Endpoints even
 	// without a Changed call; 0 means 5 s.
 	Resync time.Duration
-	Logger *slog.Logger
+	// AggregateWindow folds repeated identical alerts from one process
+	// (detect.Aggregator): 0 means 10 s. Repeats go out at the window's
+	// end (checked every Resync) as one line with their count.
+	AggregateWindow time.Duration
+	Logger          *slog.Logger
 }
 
 // Service keeps the monitor's watch set equal to the endpoint table and
@@ -38,6 +43,10 @@ type Service struct {
 	// procs are the processes that exec'd in watched pods, for each
 	// alert's process and ancestry (read loop only).
 	procs *detect.ProcessCache
+	agg   *detect.Aggregator
+	// emitMu keeps Emit's calls one at a time: the reader and the flush
+	// tick both emit.
+	emitMu sync.Mutex
 }
 
 // ProcessCacheSize bounds the exec cache.
@@ -52,7 +61,11 @@ func NewService(cfg ServiceConfig) *Service {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1), procs: detect.NewProcessCache(ProcessCacheSize)}
+	if cfg.AggregateWindow <= 0 {
+		cfg.AggregateWindow = 10 * time.Second
+	}
+	return &Service{cfg: cfg, log: log, changed: make(chan struct{}, 1),
+		procs: detect.NewProcessCache(ProcessCacheSize), agg: detect.NewAggregator(cfg.AggregateWindow)}
 }
 
 // Changed tells the service that the endpoint table changed. It never
@@ -86,11 +99,13 @@ func (s *Service) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			rd.Close()
 			<-done
+			s.emit(s.agg.FlushAll())
 			return nil
 		case <-s.changed:
 			s.reconcile()
 		case <-t.C:
 			s.reconcile()
+			s.emit(s.agg.Flush(time.Now()))
 			// Loss is reported, never silent.
 			if c, err := s.cfg.Monitor.Counters(); err == nil && c.Lost != lastLost {
 				s.log.Warn("runtime events lost: the ring buffer was full", "lost", c.Lost-lastLost, "lost_total", c.Lost)
@@ -121,8 +136,16 @@ func (s *Service) readLoop(rd *Reader) {
 		alerts := detect.Detect(ev, ep)
 		s.procs.Annotate(alerts, ev)
 		for _, a := range alerts {
-			s.cfg.Emit(a)
+			s.emit(s.agg.Add(a, time.Now()))
 		}
+	}
+}
+
+func (s *Service) emit(alerts []detect.Alert) {
+	s.emitMu.Lock()
+	defer s.emitMu.Unlock()
+	for _, a := range alerts {
+		s.cfg.Emit(a)
 	}
 }
 

@@ -19,7 +19,8 @@ const (
 	sysmonSysmonCounterSMC_SENT      sysmonSysmonCounter = 0
 	sysmonSysmonCounterSMC_LOST      sysmonSysmonCounter = 1
 	sysmonSysmonCounterSMC_UNWATCHED sysmonSysmonCounter = 2
-	sysmonSysmonCounterSMC_MAX       sysmonSysmonCounter = 3
+	sysmonSysmonCounterSMC_BLOCKED   sysmonSysmonCounter = 3
+	sysmonSysmonCounterSMC_MAX       sysmonSysmonCounter = 4
 )
 
 type sysmonSysmonEvent struct {
@@ -44,42 +45,75 @@ type sysmonSysmonEvent struct {
 type sysmonSysmonKind uint32
 
 const (
-	sysmonSysmonKindSM_SETNS   sysmonSysmonKind = 1
-	sysmonSysmonKindSM_UNSHARE sysmonSysmonKind = 2
-	sysmonSysmonKindSM_MOUNT   sysmonSysmonKind = 3
-	sysmonSysmonKindSM_PTRACE  sysmonSysmonKind = 4
-	sysmonSysmonKindSM_BPF     sysmonSysmonKind = 5
-	sysmonSysmonKindSM_MODULE  sysmonSysmonKind = 6
-	sysmonSysmonKindSM_EXEC    sysmonSysmonKind = 7
+	sysmonSysmonKindSM_SETNS         sysmonSysmonKind = 1
+	sysmonSysmonKindSM_UNSHARE       sysmonSysmonKind = 2
+	sysmonSysmonKindSM_MOUNT         sysmonSysmonKind = 3
+	sysmonSysmonKindSM_PTRACE        sysmonSysmonKind = 4
+	sysmonSysmonKindSM_BPF           sysmonSysmonKind = 5
+	sysmonSysmonKindSM_MODULE        sysmonSysmonKind = 6
+	sysmonSysmonKindSM_EXEC          sysmonSysmonKind = 7
+	sysmonSysmonKindSM_CONNECT_UNIX  sysmonSysmonKind = 8
+	sysmonSysmonKindSM_SOCK_CREATE   sysmonSysmonKind = 9
+	sysmonSysmonKindSM_SYSCTL        sysmonSysmonKind = 10
+	sysmonSysmonKindSM_PACKET_SOCKET sysmonSysmonKind = 11
 )
+
+type sysmonSysmonRuleBit uint32
+
+const (
+	sysmonSysmonRuleBitSMR_SETNS        sysmonSysmonRuleBit = 1
+	sysmonSysmonRuleBitSMR_UNSHARE      sysmonSysmonRuleBit = 2
+	sysmonSysmonRuleBitSMR_MOUNT        sysmonSysmonRuleBit = 4
+	sysmonSysmonRuleBitSMR_PTRACE       sysmonSysmonRuleBit = 8
+	sysmonSysmonRuleBitSMR_BPF          sysmonSysmonRuleBit = 16
+	sysmonSysmonRuleBitSMR_MODULE       sysmonSysmonRuleBit = 32
+	sysmonSysmonRuleBitSMR_RUNTIME_SOCK sysmonSysmonRuleBit = 64
+	sysmonSysmonRuleBitSMR_RAW_SOCK     sysmonSysmonRuleBit = 128
+	sysmonSysmonRuleBitSMR_SYSCTL       sysmonSysmonRuleBit = 256
+	sysmonSysmonRuleBitSMR_PACKET_SOCK  sysmonSysmonRuleBit = 512
+)
+
+type sysmonSysmonSockName struct {
+	_    structs.HostLayout
+	Name [32]int8
+}
 
 type sysmonSysmonWatch struct {
 	_        structs.HostLayout
 	Endpoint uint32
-	Flags    uint32
+	Block    uint32
+	Kill     uint32
+	Pad      uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sysmonMapSysmonCounters      = "sysmon_counters"
-	sysmonMapSysmonEvents        = "sysmon_events"
-	sysmonMapSysmonWatched       = "sysmon_watched"
-	sysmonProgSysmonBpf          = "sysmon_bpf"
-	sysmonProgSysmonExec         = "sysmon_exec"
-	sysmonProgSysmonFinitModule  = "sysmon_finit_module"
-	sysmonProgSysmonInitModule   = "sysmon_init_module"
-	sysmonProgSysmonMount        = "sysmon_mount"
-	sysmonProgSysmonPtrace       = "sysmon_ptrace"
-	sysmonProgSysmonSetns        = "sysmon_setns"
-	sysmonProgSysmonSysEnter     = "sysmon_sys_enter"
-	sysmonProgSysmonUnshare      = "sysmon_unshare"
-	sysmonVarNrFinitModule       = "nr_finit_module"
-	sysmonVarNrInitModule        = "nr_init_module"
-	sysmonVarUnusedSysmonCounter = "unused_sysmon_counter"
-	sysmonVarUnusedSysmonEvent   = "unused_sysmon_event"
-	sysmonVarUnusedSysmonKind    = "unused_sysmon_kind"
+	sysmonMapSysmonCounters       = "sysmon_counters"
+	sysmonMapSysmonEvents         = "sysmon_events"
+	sysmonMapSysmonSockNames      = "sysmon_sock_names"
+	sysmonMapSysmonWatched        = "sysmon_watched"
+	sysmonProgSysmonBpf           = "sysmon_bpf"
+	sysmonProgSysmonConnectUnix   = "sysmon_connect_unix"
+	sysmonProgSysmonExec          = "sysmon_exec"
+	sysmonProgSysmonFinitModule   = "sysmon_finit_module"
+	sysmonProgSysmonInitModule    = "sysmon_init_module"
+	sysmonProgSysmonMount         = "sysmon_mount"
+	sysmonProgSysmonPtrace        = "sysmon_ptrace"
+	sysmonProgSysmonSetns         = "sysmon_setns"
+	sysmonProgSysmonSockCreate    = "sysmon_sock_create"
+	sysmonProgSysmonSocket        = "sysmon_socket"
+	sysmonProgSysmonSysEnter      = "sysmon_sys_enter"
+	sysmonProgSysmonSysctl        = "sysmon_sysctl"
+	sysmonProgSysmonUnshare       = "sysmon_unshare"
+	sysmonVarNrFinitModule        = "nr_finit_module"
+	sysmonVarNrInitModule         = "nr_init_module"
+	sysmonVarUnusedSysmonCounter  = "unused_sysmon_counter"
+	sysmonVarUnusedSysmonEvent    = "unused_sysmon_event"
+	sysmonVarUnusedSysmonKind     = "unused_sysmon_kind"
+	sysmonVarUnusedSysmonRuleBit  = "unused_sysmon_rule_bit"
+	sysmonVarUnusedSysmonSockName = "unused_sysmon_sock_name"
 )
 
 // loadSysmon returns the embedded CollectionSpec for sysmon.
@@ -125,13 +159,17 @@ type sysmonSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonProgramSpecs struct {
 	SysmonBpf         *ebpf.ProgramSpec `ebpf:"sysmon_bpf"`
+	SysmonConnectUnix *ebpf.ProgramSpec `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.ProgramSpec `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.ProgramSpec `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.ProgramSpec `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.ProgramSpec `ebpf:"sysmon_mount"`
 	SysmonPtrace      *ebpf.ProgramSpec `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.ProgramSpec `ebpf:"sysmon_setns"`
+	SysmonSockCreate  *ebpf.ProgramSpec `ebpf:"sysmon_sock_create"`
+	SysmonSocket      *ebpf.ProgramSpec `ebpf:"sysmon_socket"`
 	SysmonSysEnter    *ebpf.ProgramSpec `ebpf:"sysmon_sys_enter"`
+	SysmonSysctl      *ebpf.ProgramSpec `ebpf:"sysmon_sysctl"`
 	SysmonUnshare     *ebpf.ProgramSpec `ebpf:"sysmon_unshare"`
 }
 
@@ -139,20 +177,23 @@ type sysmonProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonMapSpecs struct {
-	SysmonCounters *ebpf.MapSpec `ebpf:"sysmon_counters"`
-	SysmonEvents   *ebpf.MapSpec `ebpf:"sysmon_events"`
-	SysmonWatched  *ebpf.MapSpec `ebpf:"sysmon_watched"`
+	SysmonCounters  *ebpf.MapSpec `ebpf:"sysmon_counters"`
+	SysmonEvents    *ebpf.MapSpec `ebpf:"sysmon_events"`
+	SysmonSockNames *ebpf.MapSpec `ebpf:"sysmon_sock_names"`
+	SysmonWatched   *ebpf.MapSpec `ebpf:"sysmon_watched"`
 }
 
 // sysmonVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonVariableSpecs struct {
-	NrFinitModule       *ebpf.VariableSpec `ebpf:"nr_finit_module"`
-	NrInitModule        *ebpf.VariableSpec `ebpf:"nr_init_module"`
-	UnusedSysmonCounter *ebpf.VariableSpec `ebpf:"unused_sysmon_counter"`
-	UnusedSysmonEvent   *ebpf.VariableSpec `ebpf:"unused_sysmon_event"`
-	UnusedSysmonKind    *ebpf.VariableSpec `ebpf:"unused_sysmon_kind"`
+	NrFinitModule        *ebpf.VariableSpec `ebpf:"nr_finit_module"`
+	NrInitModule         *ebpf.VariableSpec `ebpf:"nr_init_module"`
+	UnusedSysmonCounter  *ebpf.VariableSpec `ebpf:"unused_sysmon_counter"`
+	UnusedSysmonEvent    *ebpf.VariableSpec `ebpf:"unused_sysmon_event"`
+	UnusedSysmonKind     *ebpf.VariableSpec `ebpf:"unused_sysmon_kind"`
+	UnusedSysmonRuleBit  *ebpf.VariableSpec `ebpf:"unused_sysmon_rule_bit"`
+	UnusedSysmonSockName *ebpf.VariableSpec `ebpf:"unused_sysmon_sock_name"`
 }
 
 // sysmonObjects contains all objects after they have been loaded into the kernel.
@@ -175,15 +216,17 @@ func (o *sysmonObjects) Close() error {
 //
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonMaps struct {
-	SysmonCounters *ebpf.Map `ebpf:"sysmon_counters"`
-	SysmonEvents   *ebpf.Map `ebpf:"sysmon_events"`
-	SysmonWatched  *ebpf.Map `ebpf:"sysmon_watched"`
+	SysmonCounters  *ebpf.Map `ebpf:"sysmon_counters"`
+	SysmonEvents    *ebpf.Map `ebpf:"sysmon_events"`
+	SysmonSockNames *ebpf.Map `ebpf:"sysmon_sock_names"`
+	SysmonWatched   *ebpf.Map `ebpf:"sysmon_watched"`
 }
 
 func (m *sysmonMaps) Close() error {
 	return _SysmonClose(
 		m.SysmonCounters,
 		m.SysmonEvents,
+		m.SysmonSockNames,
 		m.SysmonWatched,
 	)
 }
@@ -192,11 +235,13 @@ func (m *sysmonMaps) Close() error {
 //
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonVariables struct {
-	NrFinitModule       *ebpf.Variable `ebpf:"nr_finit_module"`
-	NrInitModule        *ebpf.Variable `ebpf:"nr_init_module"`
-	UnusedSysmonCounter *ebpf.Variable `ebpf:"unused_sysmon_counter"`
-	UnusedSysmonEvent   *ebpf.Variable `ebpf:"unused_sysmon_event"`
-	UnusedSysmonKind    *ebpf.Variable `ebpf:"unused_sysmon_kind"`
+	NrFinitModule        *ebpf.Variable `ebpf:"nr_finit_module"`
+	NrInitModule         *ebpf.Variable `ebpf:"nr_init_module"`
+	UnusedSysmonCounter  *ebpf.Variable `ebpf:"unused_sysmon_counter"`
+	UnusedSysmonEvent    *ebpf.Variable `ebpf:"unused_sysmon_event"`
+	UnusedSysmonKind     *ebpf.Variable `ebpf:"unused_sysmon_kind"`
+	UnusedSysmonRuleBit  *ebpf.Variable `ebpf:"unused_sysmon_rule_bit"`
+	UnusedSysmonSockName *ebpf.Variable `ebpf:"unused_sysmon_sock_name"`
 }
 
 // sysmonPrograms contains all programs after they have been loaded into the kernel.
@@ -204,26 +249,34 @@ type sysmonVariables struct {
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonPrograms struct {
 	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
+	SysmonConnectUnix *ebpf.Program `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
 	SysmonPtrace      *ebpf.Program `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.Program `ebpf:"sysmon_setns"`
+	SysmonSockCreate  *ebpf.Program `ebpf:"sysmon_sock_create"`
+	SysmonSocket      *ebpf.Program `ebpf:"sysmon_socket"`
 	SysmonSysEnter    *ebpf.Program `ebpf:"sysmon_sys_enter"`
+	SysmonSysctl      *ebpf.Program `ebpf:"sysmon_sysctl"`
 	SysmonUnshare     *ebpf.Program `ebpf:"sysmon_unshare"`
 }
 
 func (p *sysmonPrograms) Close() error {
 	return _SysmonClose(
 		p.SysmonBpf,
+		p.SysmonConnectUnix,
 		p.SysmonExec,
 		p.SysmonFinitModule,
 		p.SysmonInitModule,
 		p.SysmonMount,
 		p.SysmonPtrace,
 		p.SysmonSetns,
+		p.SysmonSockCreate,
+		p.SysmonSocket,
 		p.SysmonSysEnter,
+		p.SysmonSysctl,
 		p.SysmonUnshare,
 	)
 }

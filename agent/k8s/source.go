@@ -313,6 +313,7 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		wg.Go(func() { i.informer.RunWithContext(ctx) })
 	}
 	wg.Go(func() { s.probe(ctx) })
+	wg.Go(func() { s.warnRuntimePolicies(ctx, runtimePolicyCheckEvery) })
 	if s.status != nil {
 		s.status.setCache(c.bhps)
 		wg.Go(func() { s.status.run(ctx) })

@@ -122,7 +122,7 @@ func newFixture(t *testing.T, cfg Config, typed, dyn []runtime.Object) *fixture 
 	f := &fixture{
 		client: fake.NewClientset(typed...),
 		dynamic: dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
-			map[schema.GroupVersionResource]string{BulkheadPolicies: "BulkheadPolicyList"}, dyn...),
+			map[schema.GroupVersionResource]string{BulkheadPolicies: "BulkheadPolicyList", RuntimePolicies: "BulkheadRuntimePolicyList"}, dyn...),
 		updates: make(chan *store.Result, 100),
 		fails:   make(chan []api.StoreError, 100),
 	}

@@ -7,6 +7,9 @@ type RuntimeEvents struct {
 	// Sent reached the ring buffer; Lost did not fit in it; Unwatched
 	// came from processes in no watched netns and were dropped on purpose.
 	Sent, Lost, Unwatched uint64
+	// Blocked: operations a cgroup hook denied (Block), counted in the
+	// kernel whether or not their event fit in the ring buffer.
+	Blocked uint64
 }
 
 // RegisterRuntime exports runtime detection's metrics: the kernel's event
@@ -21,7 +24,7 @@ func (m *Metrics) RegisterRuntime(events func() (RuntimeEvents, error)) *prometh
 }
 
 var runtimeEventsDesc = prometheus.NewDesc(namespace+"_runtime_events_total",
-	"System monitor events in the kernel, by result: sent (to the ring buffer), lost (the ring buffer was full), unwatched (from a process in no watched netns, dropped on purpose).",
+	"System monitor events in the kernel, by result: sent (to the ring buffer), lost (the ring buffer was full), unwatched (from a process in no watched netns, dropped on purpose), blocked (operations a cgroup hook denied).",
 	[]string{"result"}, nil)
 
 type runtimeCollector struct {
@@ -39,7 +42,7 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, r := range []struct {
 		result string
 		n      uint64
-	}{{"sent", ev.Sent}, {"lost", ev.Lost}, {"unwatched", ev.Unwatched}} {
+	}{{"sent", ev.Sent}, {"lost", ev.Lost}, {"unwatched", ev.Unwatched}, {"blocked", ev.Blocked}} {
 		ch <- prometheus.MustNewConstMetric(runtimeEventsDesc, prometheus.CounterValue, float64(r.n), r.result)
 	}
 }

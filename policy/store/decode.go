@@ -32,6 +32,7 @@ type Object struct {
 	Pod             *policy.Pod
 	NetworkPolicy   *networkingv1.NetworkPolicy
 	BulkheadPolicy  *v1alpha1.BulkheadPolicy
+	RuntimePolicy   *v1alpha1.BulkheadRuntimePolicy
 	node            *yaml.Node
 	namespace, name string
 }
@@ -191,9 +192,15 @@ func decodeDoc(file string, root *yaml.Node) (*Object, error) {
 			return nil, err
 		}
 		o = BulkheadPolicyObject(&bp)
+	case v1alpha1.APIVersion + " " + v1alpha1.RuntimePolicyKind:
+		var rp v1alpha1.BulkheadRuntimePolicy
+		if err := strict(&rp); err != nil {
+			return nil, err
+		}
+		o = RuntimePolicyObject(&rp)
 	default:
-		return nil, at(root.Line, fmt.Errorf("unsupported apiVersion %q kind %q (want v1 Namespace, v1 Pod, networking.k8s.io/v1 NetworkPolicy or %s %s)",
-			tm.APIVersion, tm.Kind, v1alpha1.APIVersion, v1alpha1.Kind))
+		return nil, at(root.Line, fmt.Errorf("unsupported apiVersion %q kind %q (want v1 Namespace, v1 Pod, networking.k8s.io/v1 NetworkPolicy, or %s %s or %s)",
+			tm.APIVersion, tm.Kind, v1alpha1.APIVersion, v1alpha1.Kind, v1alpha1.RuntimePolicyKind))
 	}
 	return o, nil
 }

@@ -237,6 +237,8 @@ func Build(objs []*Object, opt Options) (*Result, error) {
 			s.NetworkPolicies = append(s.NetworkPolicies, o.NetworkPolicy)
 		case o.BulkheadPolicy != nil:
 			s.BulkheadPolicies = append(s.BulkheadPolicies, o.BulkheadPolicy)
+		case o.RuntimePolicy != nil:
+			s.RuntimePolicies = append(s.RuntimePolicies, o.RuntimePolicy)
 		}
 	}
 	if opt.AllLocal {

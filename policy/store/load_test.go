@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/bulkhead-io/bulkhead/tests/kubeletvol"
@@ -118,5 +119,46 @@ func refsOrNil(res *Result) []string {
 func TestLoadMissingDir(t *testing.T) {
 	if _, err := Load(filepath.Join(t.TempDir(), "nope"), Options{}); err == nil {
 		t.Fatal("loading a missing folder succeeded")
+	}
+}
+
+// TestLoadRuntimePolicy: a BulkheadRuntimePolicy reaches the snapshot; an
+// invalid one is reported at its field's line and left out.
+func TestLoadRuntimePolicy(t *testing.T) {
+	dir := t.TempDir()
+	good := `apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: guard, namespace: shop}
+spec:
+  selector: {podSelector: {matchLabels: {app: cart}}}
+  detections:
+  - {rule: BH-RT-007, action: Block}
+  - {rule: BH-RT-005, action: Kill}
+---
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  selector: {podSelector: {}}
+  detections:
+  - rule: BH-RT-001
+    action: Quarantine
+`
+	if err := os.WriteFile(filepath.Join(dir, "rt.yaml"), []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Load(dir, Options{})
+	if err == nil || !strings.Contains(err.Error(), "rt.yaml:17:") || !strings.Contains(err.Error(), "Quarantine is not supported yet") {
+		t.Errorf("error %v: want rt.yaml:17 (the action) and Quarantine not supported", err)
+	}
+	if res == nil || len(res.Snapshot.RuntimePolicies) != 1 || res.Snapshot.RuntimePolicies[0].Name != "guard" {
+		t.Fatalf("runtime policies: %+v", res)
+	}
+	// A misspelt field is an error, never ignored.
+	if err := os.WriteFile(filepath.Join(dir, "rt.yaml"), []byte(strings.Replace(good, "action: Block", "acton: Block", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, Options{}); err == nil || !strings.Contains(err.Error(), "acton") {
+		t.Errorf("misspelt field: %v", err)
 	}
 }

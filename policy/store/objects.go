@@ -50,6 +50,14 @@ func BulkheadPolicyObject(bp *v1alpha1.BulkheadPolicy) *Object {
 	return &Object{Kind: v1alpha1.Kind, namespace: bp.Namespace, name: bp.Name, BulkheadPolicy: bp}
 }
 
+// RuntimePolicyObject is the store object of a BulkheadRuntimePolicy.
+func RuntimePolicyObject(rp *v1alpha1.BulkheadRuntimePolicy) *Object {
+	if rp.Namespace == "" {
+		rp.Namespace = "default"
+	}
+	return &Object{Kind: v1alpha1.RuntimePolicyKind, namespace: rp.Namespace, name: rp.Name, RuntimePolicy: rp}
+}
+
 // Validate checks what the apiserver does not: the policy rules the
 // compiler relies on. Build leaves out every object it rejects.
 func (o *Object) Validate() error {
@@ -58,6 +66,8 @@ func (o *Object) Validate() error {
 		return policy.ValidateNetworkPolicy(o.NetworkPolicy)
 	case o.BulkheadPolicy != nil:
 		return policy.ValidateBulkheadPolicy(o.BulkheadPolicy)
+	case o.RuntimePolicy != nil:
+		return policy.ValidateRuntimePolicy(o.RuntimePolicy)
 	}
 	return nil
 }

@@ -24,6 +24,12 @@ const (
 	// KindExec is a successful exec; it feeds the ProcessCache and raises
 	// no alert by itself.
 	KindExec Kind = 7
+	// The cgroup hooks' kinds: these can block.
+	KindConnectUnix Kind = 8
+	KindSockCreate  Kind = 9
+	KindSysctl      Kind = 10
+	// KindPacketSocket is socket(AF_PACKET), from a tracepoint.
+	KindPacketSocket Kind = 11
 )
 
 func (k Kind) String() string {
@@ -42,6 +48,14 @@ func (k Kind) String() string {
 		return "module"
 	case KindExec:
 		return "exec"
+	case KindConnectUnix:
+		return "connect_unix"
+	case KindSockCreate:
+		return "sock_create"
+	case KindSysctl:
+		return "sysctl"
+	case KindPacketSocket:
+		return "packet_socket"
 	}
 	return fmt.Sprintf("kind-%d", uint16(k))
 }
@@ -70,7 +84,14 @@ type Event struct {
 	// TargetOwn (setns): the target is one of the caller's own namespaces.
 	TargetOwn bool
 	// Source, Target and FSType are mount's strings (empty for others).
+	// Connect_unix puts the socket path in Target; sysctl puts the name
+	// (kernel/core_pattern) in Target and the value written in Source.
 	Source, Target, FSType string
+	// Blocked: a cgroup hook denied the operation (the caller saw EPERM).
+	Blocked bool
+	// Killed: the hook queued SIGKILL for the caller; KillFailed: it was
+	// asked to and bpf_send_signal failed.
+	Killed, KillFailed bool
 	// Exe and Argv are exec's file and arguments; ArgvTruncated tells that
 	// the kernel sent only the first bytes of a longer argv.
 	Exe           string
@@ -85,4 +106,14 @@ type Endpoint struct {
 	Pod       string `json:"pod_name,omitempty"`
 	SPIFFEID  string `json:"spiffe_id,omitempty"`
 	Netns     uint32 `json:"netns_inode"`
+	// Actions are the kernel's answers for this pod (from its
+	// BulkheadRuntimePolicy); the zero value alerts only.
+	Actions Actions `json:"-"`
+}
+
+// Actions are a pod's answers other than Alert, as rule bits (Rule.Bit):
+// the kernel reads them from the watch map.
+type Actions struct {
+	Block uint32 // denied by a cgroup hook
+	Kill  uint32 // SIGKILL at syscall entry
 }

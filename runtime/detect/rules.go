@@ -36,12 +36,39 @@ var (
 	RulePtraceAttach    = Rule{"BH-RT-004", "ptrace attach to another process", "T1055.008", "Process Injection: Ptrace System Calls", SeverityHigh}
 	RuleBPF             = Rule{"BH-RT-005", "bpf() syscall from a pod", "T1014", "Rootkit", SeverityHigh}
 	RuleModuleLoad      = Rule{"BH-RT-006", "kernel module load", "T1547.006", "Boot or Logon Autostart Execution: Kernel Modules and Extensions", SeverityCritical}
+	// The cgroup hooks' rules: these can block.
+	RuleRuntimeSocket = Rule{"BH-RT-007", "connect to a container runtime socket", "T1610", "Deploy Container", SeverityCritical}
+	RuleRawSocket     = Rule{"BH-RT-008", "raw IP socket", "T1040", "Network Sniffing", SeverityHigh}
+	RuleSysctlWrite   = Rule{"BH-RT-009", "write to /proc/sys", "T1611", "Escape to Host", SeverityHigh}
+	// AF_PACKET sockets come from a tracepoint: the sock_create hook does
+	// not run for them, so they can be killed but not blocked.
+	RulePacketSocket = Rule{"BH-RT-010", "AF_PACKET socket", "T1040", "Network Sniffing", SeverityHigh}
 )
 
-// Rules lists the default rule set.
+// Rules lists the default rule set, in ID order: rule i (from 0) is
+// BH-RT-(i+1), and its kernel bit (Bit) is 1<<i (enum sysmon_rule_bit).
 func Rules() []Rule {
-	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad}
+	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad,
+		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket}
 }
+
+// Bit is the rule's bit in Actions and the kernel's masks; 0 for an
+// unknown rule.
+func Bit(ruleID string) uint32 {
+	for i, r := range Rules() {
+		if r.ID == ruleID {
+			return 1 << i
+		}
+	}
+	return 0
+}
+
+// Answers, as alerts carry them.
+const (
+	ActionAlert = "alert"
+	ActionBlock = "block"
+	ActionKill  = "kill"
+)
 
 // Alert is one rule's match on one event. Field names are the flow log's
 // conventions (snake_case, Hubble's where one exists).
@@ -67,8 +94,19 @@ type Alert struct {
 	// and empty for a process that did not exec in a watched namespace.
 	Process   *Process  `json:"process,omitempty"`
 	Ancestors []Process `json:"ancestors,omitempty"`
-	// Action is what was done: only "alert" in this version.
+	// Action is what was done: "alert", "block" (the caller saw EPERM) or
+	// "kill" (SIGKILL queued at syscall entry: the syscall itself may
+	// have taken effect).
 	Action string `json:"action"`
+	// ActionResult says how the answer went: "denied", "sigkill queued",
+	// or "sigkill failed" (the process lives on).
+	ActionResult string `json:"action_result,omitempty"`
+	// Count is how many identical events this line stands for (the
+	// Aggregator's folding); 1 for a line of its own.
+	Count int `json:"count"`
+	// FirstTime and LastTime bound a line that folds several events.
+	FirstTime *time.Time `json:"first_time,omitempty"`
+	LastTime  *time.Time `json:"last_time,omitempty"`
 }
 
 // Detect returns the alerts that ev raises for the pod ep; none for benign
@@ -82,13 +120,23 @@ func Detect(ev Event, ep Endpoint) []Alert {
 	if sev == "" {
 		sev = rule.Severity
 	}
-	return []Alert{{
+	al := Alert{
 		EventKind: "alert", Time: ev.Time, RuleID: rule.ID, Rule: rule.Name,
 		Technique: rule.Technique, TechniqueName: rule.TechniqueName, Severity: sev,
 		Pod: ep, Syscall: ev.Syscall, Args: args,
 		PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, Comm: ev.Comm, CgroupID: ev.CgroupID,
-		Action: "alert",
-	}}
+		Action: ActionAlert, Count: 1,
+	}
+	// The kernel says what it did; the alert reports that, not the policy.
+	switch {
+	case ev.Blocked:
+		al.Action, al.ActionResult = ActionBlock, "denied"
+	case ev.Killed:
+		al.Action, al.ActionResult = ActionKill, "sigkill queued"
+	case ev.KillFailed:
+		al.Action, al.ActionResult = ActionKill, "sigkill failed"
+	}
+	return []Alert{al}
 }
 
 // Annotate adds the process context the cache holds for ev to each alert.
@@ -145,8 +193,49 @@ func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
 			args["len"] = strconv.FormatUint(a[1], 10)
 		}
 		return RuleModuleLoad, "", args, true
+	case KindConnectUnix:
+		return RuleRuntimeSocket, "", map[string]string{"path": ev.Target}, true
+	case KindSockCreate, KindPacketSocket:
+		r = RuleRawSocket
+		if ev.Kind == KindPacketSocket {
+			r = RulePacketSocket
+		}
+		return r, "", map[string]string{
+			"family": sockFamily(a[0]), "type": sockType(a[1]), "protocol": strconv.FormatUint(a[2], 10),
+		}, true
+	case KindSysctl:
+		sev = SeverityHigh
+		if ev.Target == "kernel/core_pattern" || ev.Target == "kernel/modprobe" || ev.Target == "kernel/hotplug" {
+			// A handler the host kernel runs as root: the classic escape.
+			sev = SeverityCritical
+		}
+		return RuleSysctlWrite, sev, map[string]string{"name": ev.Target, "value": ev.Source}, true
 	}
 	return
+}
+
+func sockFamily(f uint64) string {
+	switch f {
+	case unix.AF_PACKET:
+		return "AF_PACKET"
+	case unix.AF_INET:
+		return "AF_INET"
+	case unix.AF_INET6:
+		return "AF_INET6"
+	}
+	return strconv.FormatUint(f, 10)
+}
+
+func sockType(t uint64) string {
+	switch t {
+	case unix.SOCK_RAW:
+		return "SOCK_RAW"
+	case unix.SOCK_DGRAM:
+		return "SOCK_DGRAM"
+	case unix.SOCK_STREAM:
+		return "SOCK_STREAM"
+	}
+	return strconv.FormatUint(t, 10)
 }
 
 // sensitiveMount: the mounts that hand a pod the host (issue 14's list). A

@@ -244,9 +244,11 @@ var indexRE = regexp.MustCompile(`\[\d+\]`)
 func unindexed(field string) string { return indexRE.ReplaceAllString(field, "[]") }
 
 // crdRules lists every CEL rule of the generated CRD.
-func crdRules(t *testing.T) []celRule {
+func crdRules(t *testing.T) []celRule { return crdRulesOf(t, crdPath) }
+
+func crdRulesOf(t *testing.T, path string) []celRule {
 	t.Helper()
-	raw, err := os.ReadFile(crdPath)
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}

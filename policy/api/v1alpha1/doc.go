@@ -1,4 +1,5 @@
-// Package v1alpha1 holds the bulkhead.io/v1alpha1 API types: BulkheadPolicy.
+// Package v1alpha1 holds the bulkhead.io/v1alpha1 API types: BulkheadPolicy
+// and BulkheadRuntimePolicy.
 // The CRD manifest under manifests/crds/ and the deepcopy functions are
 // generated from these types by controller-gen.
 //

@@ -1,0 +1,50 @@
+package runtime
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
+	"github.com/bulkhead-io/bulkhead/runtime/detect"
+)
+
+// TestRuleCatalog: the API's rule catalog (what BulkheadRuntimePolicy
+// accepts) and the monitor agree: the same IDs in the same order (rule i
+// is kernel bit 1<<i), Block exactly where a cgroup hook sees the rule, and
+// Kill exactly where a tracepoint does.
+func TestRuleCatalog(t *testing.T) {
+	api, rules := v1alpha1.RuntimeRules(), detect.Rules()
+	if len(api) != len(rules) {
+		t.Fatalf("API has %d rules, detect %d", len(api), len(rules))
+	}
+	for i, r := range api {
+		if rules[i].ID != r.ID || detect.Bit(r.ID) != 1<<i {
+			t.Errorf("rule %d: API %s, detect %s, bit %#x", i, r.ID, rules[i].ID, detect.Bit(r.ID))
+		}
+		hooked := HookOf(r.ID) != ""
+		if r.Block != hooked || r.Kill == hooked {
+			t.Errorf("%s: API Block %v Kill %v, cgroup hook %q", r.ID, r.Block, r.Kill, HookOf(r.ID))
+		}
+	}
+	if detect.Bit("BH-RT-999") != 0 {
+		t.Error("an unknown rule has a bit")
+	}
+}
+
+func TestSockNames(t *testing.T) {
+	if _, err := sockNames(DefaultRuntimeSockets); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range [][]string{
+		{""}, {"run/docker.sock"}, {strings.Repeat("a", 33)}, {"a\x00b"},
+		{"1", "2", "3", "4", "5", "6", "7", "8", "9"},
+	} {
+		if _, err := sockNames(bad); err == nil {
+			t.Errorf("runtime sockets %q accepted", bad)
+		}
+	}
+	n, err := sockNames([]string{strings.Repeat("b", 32)})
+	if err != nil || n[0].Name[31] != 'b' {
+		t.Errorf("a 32-byte name: %v %v", n, err)
+	}
+}
