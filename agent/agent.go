@@ -61,6 +61,9 @@ type Agent struct {
 	// sysmon is the runtime-detection component (nil without
 	// --runtime-detection).
 	sysmon *runtimeDetection
+	// runtimeUnenforced are the store's BulkheadRuntimePolicies while
+	// runtime detection is off, for `bulkhead status`.
+	runtimeUnenforced atomic.Pointer[[]api.PolicyError]
 	// adopter enforces on running pods no CNI ADD registered (nil with
 	// Adopt off); localPods are the store's running pods of this node.
 	adopter   *adopt.Adopter

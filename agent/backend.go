@@ -278,6 +278,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 		Features:            a.features,
 		LostEventsUserspace: a.hub.LostUserspace(), PolicyApply: a.applyRetry.status(),
 	}
+	resp.PolicyErrors = append(resp.PolicyErrors, ptrOrNil(a.runtimeUnenforced.Load())...)
 	resp.EndpointWarnings = a.endpointWarningsLocked()
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost

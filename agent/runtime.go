@@ -48,10 +48,17 @@ type runtimeInputs struct {
 // said, never silent.
 func (a *Agent) foldRuntimePolicies(rps []*v1alpha1.BulkheadRuntimePolicy, pods map[podRef]policy.Pod) {
 	if a.sysmon == nil {
-		if len(rps) > 0 {
+		var unenforced []api.PolicyError
+		for _, rp := range rps {
+			unenforced = append(unenforced, api.PolicyError{Policy: v1alpha1.RuntimePolicyKind + " " + rp.Namespace + "/" + rp.Name,
+				Message: v1alpha1.RuntimePolicyKind + " " + rp.Namespace + "/" + rp.Name +
+					": not enforced: runtime detection is off (start the agent with --runtime-detection)"})
+		}
+		if len(rps) > 0 && len(unenforced) != len(ptrOrNil(a.runtimeUnenforced.Load())) {
 			a.log.Warn("the store has BulkheadRuntimePolicies, and runtime detection is off (--runtime-detection): they are not enforced",
 				"count", len(rps))
 		}
+		a.runtimeUnenforced.Store(&unenforced)
 		return
 	}
 	in := &runtimeInputs{labels: make(map[podRef]map[string]string, len(pods))}
@@ -229,4 +236,11 @@ func (r runtimeEndpoints) actions(ep detect.Endpoint) detect.Actions {
 		}
 	}
 	return out
+}
+
+func ptrOrNil[T any](p *[]T) []T {
+	if p == nil {
+		return nil
+	}
+	return *p
 }

@@ -356,3 +356,45 @@ func eventsMetric(t *testing.T, a *Agent, result string) float64 {
 	}
 	return -1
 }
+
+// TestRuntimePolicyWithDetectionOff: a BulkheadRuntimePolicy that nothing
+// would enforce (runtime detection off) is named in `bulkhead status`, and
+// goes from it when the policy goes.
+func TestRuntimePolicyWithDetectionOff(t *testing.T) {
+	privileged.Require(t)
+	a, store := newTestAgentWith(t, func(c *Config) { c.RuntimeDetection = false })
+	rp := `apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: no-sniffing, namespace: shop}
+spec:
+  selector: {podSelector: {matchLabels: {app: web}}}
+  detections:
+  - {rule: BH-RT-008, action: Block}
+`
+	if err := os.WriteFile(filepath.Join(store, "runtime.yaml"), []byte(rp), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startTestAgent(t, a)
+	st, err := a.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.PolicyErrors) != 1 || st.PolicyErrors[0].Policy != "BulkheadRuntimePolicy shop/no-sniffing" ||
+		!strings.Contains(st.PolicyErrors[0].Message, "--runtime-detection") {
+		t.Fatalf("status policy errors %+v, want the runtime policy named as not enforced", st.PolicyErrors)
+	}
+	if err := os.Remove(filepath.Join(store, "runtime.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err = a.Status(context.Background())
+		if err == nil && len(st.PolicyErrors) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status policy errors after the policy went: %+v (%v)", st.PolicyErrors, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
