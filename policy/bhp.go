@@ -32,25 +32,7 @@ func compileBulkheadPolicy(bp *v1alpha1.BulkheadPolicy) (*cpolicy, error) {
 		errs = append(errs, field.Required(field.NewPath("metadata", "name"), ""))
 	}
 	p := &cpolicy{key: policyKey{KindBulkheadPolicy, ns, bp.Name}}
-	sp := spec.Child("selector")
-	switch s := bp.Spec.Selector; {
-	case s.SPIFFEID != "" && s.PodSelector != nil:
-		errs = append(errs, field.Forbidden(sp, "set exactly one of spiffeID and podSelector"))
-	case s.SPIFFEID != "":
-		pat, err := identity.ParseSPIFFEPattern(s.SPIFFEID)
-		if err != nil {
-			errs = append(errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, err.Error()))
-		} else if pns, ok := pat.Namespace(); ok && pns != ns {
-			// A namespaced policy governs only its own namespace; a selector
-			// naming another one would silently select nothing.
-			errs = append(errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, "selects namespace "+pns+", but the policy is in "+ns))
-		}
-		p.subjectSPIFFE = &pat
-	case s.PodSelector != nil:
-		p.subjectSel = selector(s.PodSelector, sp.Child("podSelector"), &errs)
-	default:
-		errs = append(errs, field.Required(sp, "set exactly one of spiffeID and podSelector"))
-	}
+	p.subjectSPIFFE, p.subjectSel = subjectSelector(bp.Spec.Selector, ns, spec.Child("selector"), &errs)
 	polMode := mode(bp.Spec.Mode, v1alpha1.ModeEnforce, spec.Child("mode"), &errs)
 	for i, r := range bp.Spec.Ingress {
 		rp := spec.Child("ingress").Index(i)
@@ -165,4 +147,29 @@ func bhpRule(ns string, dir Direction, index int, polMode v1alpha1.Mode, peers [
 		}
 	}
 	return r
+}
+
+// subjectSelector parses the selector of a namespaced policy of ours
+// (BulkheadPolicy, BulkheadRuntimePolicy): a SPIFFE ID pattern or a pod
+// selector, exactly one.
+func subjectSelector(s v1alpha1.Selector, ns string, sp *field.Path, errs *field.ErrorList) (*identity.SPIFFEPattern, labels.Selector) {
+	switch {
+	case s.SPIFFEID != "" && s.PodSelector != nil:
+		*errs = append(*errs, field.Forbidden(sp, "set exactly one of spiffeID and podSelector"))
+	case s.SPIFFEID != "":
+		pat, err := identity.ParseSPIFFEPattern(s.SPIFFEID)
+		if err != nil {
+			*errs = append(*errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, err.Error()))
+		} else if pns, ok := pat.Namespace(); ok && pns != ns {
+			// A namespaced policy governs only its own namespace; a selector
+			// naming another one would silently select nothing.
+			*errs = append(*errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, "selects namespace "+pns+", but the policy is in "+ns))
+		}
+		return &pat, nil
+	case s.PodSelector != nil:
+		return nil, selector(s.PodSelector, sp.Child("podSelector"), errs)
+	default:
+		*errs = append(*errs, field.Required(sp, "set exactly one of spiffeID and podSelector"))
+	}
+	return nil, nil
 }

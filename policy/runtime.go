@@ -40,23 +40,7 @@ func CompileRuntimePolicy(rp *v1alpha1.BulkheadRuntimePolicy) (*RuntimePolicy, e
 		errs = append(errs, field.Required(field.NewPath("metadata", "name"), ""))
 	}
 	p := &RuntimePolicy{Namespace: ns, Name: rp.Name, Actions: map[string]v1alpha1.RuntimeAction{}}
-	sp := spec.Child("selector")
-	switch s := rp.Spec.Selector; {
-	case s.SPIFFEID != "" && s.PodSelector != nil:
-		errs = append(errs, field.Forbidden(sp, "set exactly one of spiffeID and podSelector"))
-	case s.SPIFFEID != "":
-		pat, err := identity.ParseSPIFFEPattern(s.SPIFFEID)
-		if err != nil {
-			errs = append(errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, err.Error()))
-		} else if pns, ok := pat.Namespace(); ok && pns != ns {
-			errs = append(errs, field.Invalid(sp.Child("spiffeID"), s.SPIFFEID, "selects namespace "+pns+", but the policy is in "+ns))
-		}
-		p.spiffe = &pat
-	case s.PodSelector != nil:
-		p.sel = selector(s.PodSelector, sp.Child("podSelector"), &errs)
-	default:
-		errs = append(errs, field.Required(sp, "set exactly one of spiffeID and podSelector"))
-	}
+	p.spiffe, p.sel = subjectSelector(rp.Spec.Selector, ns, spec.Child("selector"), &errs)
 	dp := spec.Child("detections")
 	if len(rp.Spec.Detections) == 0 {
 		errs = append(errs, field.Required(dp, "list at least one rule; a pod no policy selects alerts on every rule"))
