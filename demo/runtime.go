@@ -24,14 +24,14 @@ import (
 const runtimeTitle = "6. A compromised pod: the syscall hooks see it"
 
 var runtimeStory = []string{
-	"A shell in frontend tries to make a user namespace (unshare -U), the first",
-	"step of many container escapes. The agent watches each pod's syscalls by",
-	"its network namespace; the alert lands in the flow log next to the flows.",
+	"A shell in frontend makes a user namespace (unshare -U), the first step",
+	"of many container escapes. The agent watches each pod's syscalls by its",
+	"network namespace; the alert lands in the flow log next to the flows.",
 }
 
 // runtimeCommand runs in frontend's network namespace, as a process of the
 // pod would.
-var runtimeCommand = []string{"/bin/sh", "-c", "unshare --user /bin/true && echo escaped"}
+var runtimeCommand = []string{"/bin/sh", "-c", "unshare -U true && echo out"}
 
 // alertWithin bounds the wait for the alert line.
 const alertWithin = 10 * time.Second
@@ -42,7 +42,7 @@ func (r *run) runtimeAlert(ctx context.Context) error {
 		r.p.say("  " + line)
 	}
 	front := r.byRef["shop/frontend"]
-	r.p.note(fmt.Sprintf("    $ %s    (in shop/frontend's namespace)", shellQuote(runtimeCommand)))
+	r.p.note(fmt.Sprintf("    frontend$ %s", shellQuote(runtimeCommand)))
 	since := time.Now()
 	err := front.netns.Do(func(ns.NetNS) error {
 		// The child is forked from this thread, so it starts in the pod's
@@ -62,8 +62,9 @@ func (r *run) runtimeAlert(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s %s (%s %s), severity %s",
-		al.RuleID, al.Rule, al.Technique, al.TechniqueName, al.Severity)))
+	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s (%s %s), severity %s",
+		al.RuleID, al.Technique, al.TechniqueName, al.Severity)))
+	r.p.say("    rule     " + al.Rule)
 	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
 	r.p.say(fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)))
 	chain := []string{processText(al.Process, al.PID, al.Comm)}
@@ -78,9 +79,10 @@ func (r *run) runtimeAlert(ctx context.Context) error {
 		r.p.fail("  check failed: the alert does not carry the process and its shell")
 		return fmt.Errorf("runtime alert without its process context: %+v", al)
 	}
-	r.p.good("  check: the alert names the pod, its SPIFFE ID, the program and its parent shell")
-	r.p.note("  Syscall tracepoints observe: the process asked, and the syscall ran. Blocking needs a")
-	r.p.note("  cgroup hook, and kill and quarantine are next (see the README's Runtime detection).")
+	r.p.good("  check: the alert names the pod, its SPIFFE ID, the program and its shell")
+	r.p.note("  A tracepoint observes: the process asked, and the syscall ran. A")
+	r.p.note("  BulkheadRuntimePolicy can answer with Kill here, or Block where a")
+	r.p.note("  cgroup hook sees the operation first (see Runtime detection in the README).")
 	return nil
 }
 
@@ -134,7 +136,7 @@ func processText(p *detect.Process, pid uint32, comm string) string {
 	if len(p.Argv) > 0 {
 		cmd = strings.Join(p.Argv, " ")
 	}
-	return fmt.Sprintf("%s (pid %d, exe %s)", cmd, p.PID, p.Exe)
+	return fmt.Sprintf("%s (pid %d)", cmd, p.PID)
 }
 
 func argsText(args map[string]string) string {

@@ -378,8 +378,8 @@ func TestExplainDefaultAllowWording(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		"egress  at shop/db: allow by default (no policy isolates it in this direction)",
-		"ingress at ops/monitor: allow by default (no policy isolates it in this direction)",
+		"egress  at shop/db: allow by default (not isolated in this direction)",
+		"ingress at ops/monitor: allow by default (not isolated in this direction)",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("lacks %q:\n%s", want, out)

@@ -79,7 +79,7 @@ func writeSide(b *strings.Builder, indent, label, at, peer string, s Side, why s
 	case !s.Enforced, s.Rule == nil && s.Default == "allow":
 		// One wording for every default allow: unselected, or selected by
 		// policies that only deny, and none of whose rules matched.
-		b.WriteString(" by default (no policy isolates it in this direction)")
+		b.WriteString(" by default (not isolated in this direction)")
 	case s.AuthRequired:
 		fmt.Fprintf(b, " (AUTH_REQUIRED): plaintext is dropped; only %s would allow it, through the mTLS tunnel", ruleText(*s.Rule))
 	case s.Rule != nil:

@@ -161,7 +161,7 @@ func TestMakeDemo(t *testing.T) {
 		}
 		t.Logf("run %d took %v", run, time.Since(start).Round(time.Millisecond))
 		for _, want := range []string{"self-check passed", "spiffe://cluster.local/ns/ops/sa/debug", "DROPPED by BulkheadPolicy shop/no-ops ingress[0]", "AUDIT", "DENY",
-			"ALERT BH-RT-002", "exe /usr/bin/unshare"} {
+			"ALERT BH-RT-002", "process  unshare -U true (pid", "<- /bin/sh -c unshare -U true"} {
 			if !strings.Contains(out.String(), want) {
 				t.Errorf("run %d: output lacks %q:\n%s", run, want, out.String())
 			}
