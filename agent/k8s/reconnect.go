@@ -125,7 +125,7 @@ type watchFunc func(ctx context.Context, opts metav1.ListOptions) (watch.Interfa
 // reflector returns from ListAndWatch and sleeps its backoff (0.8 s
 // doubling to 30 s, with as much jitter, reset only after two quiet
 // minutes) before it lists again, even when the apiserver is already back.
-// After a few restarts in a row a policy waited 7 to 40 s to be enforced.
+// After a few restarts in a row a policy waited up to 50 s to be enforced.
 // Here the reflector never leaves its watch:
 //   - the next open waits in waitTransport until the apiserver answers;
 //   - on 410, a watch that began with its initial events (watch-list, as
