@@ -27,14 +27,7 @@ import (
 func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 	privileged.Require(t)
 	// Registered first, so it runs after the agent has stopped.
-	var st unix.Statfs_t
-	if err := unix.Statfs(rtmon.StandardTracefs, &st); err == nil && uint32(st.Type) != unix.TRACEFS_MAGIC {
-		t.Cleanup(func() {
-			if err := unix.Unmount(rtmon.StandardTracefs, 0); err != nil {
-				t.Errorf("unmount the tracefs the agent mounted: %v", err)
-			}
-		})
-	}
+	unmountTracefsAfter(t)
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
 	a, store := newTestAgentWith(t, func(c *Config) { c.RuntimeDetection, c.FlowLog = true, flowLog })
 	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
@@ -177,14 +170,7 @@ func waitAlert(t *testing.T, path string, want func(detect.Alert) bool) detect.A
 // a counted line.
 func TestRuntimePolicyBlocksThroughStore(t *testing.T) {
 	privileged.Require(t)
-	var st unix.Statfs_t
-	if err := unix.Statfs(rtmon.StandardTracefs, &st); err == nil && uint32(st.Type) != unix.TRACEFS_MAGIC {
-		t.Cleanup(func() {
-			if err := unix.Unmount(rtmon.StandardTracefs, 0); err != nil {
-				t.Errorf("unmount the tracefs the agent mounted: %v", err)
-			}
-		})
-	}
+	unmountTracefsAfter(t)
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
 	a, store := newTestAgentWith(t, func(c *Config) {
 		c.RuntimeDetection, c.FlowLog, c.RuntimeResync = true, flowLog, 100*time.Millisecond
@@ -396,5 +382,18 @@ spec:
 			t.Fatalf("status policy errors after the policy went: %+v (%v)", st.PolicyErrors, err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// unmountTracefsAfter unmounts, when t ends, the tracefs that the agent
+// will mount because none is mounted now.
+func unmountTracefsAfter(t *testing.T) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(rtmon.StandardTracefs, &st); err == nil && uint32(st.Type) != unix.TRACEFS_MAGIC {
+		t.Cleanup(func() {
+			if err := unix.Unmount(rtmon.StandardTracefs, 0); err != nil {
+				t.Errorf("unmount the tracefs the agent mounted: %v", err)
+			}
+		})
 	}
 }
