@@ -129,7 +129,7 @@ func TestClusterRoleLeastPrivilege(t *testing.T) {
 		"/pods: get,list,watch",
 		"bulkhead.io/bulkheadpolicies: get,list,watch",
 		"bulkhead.io/bulkheadpolicies/status: patch,update",
-		"bulkhead.io/bulkheadruntimepolicies: list",
+		"bulkhead.io/bulkheadruntimepolicies: get,list,watch",
 		"networking.k8s.io/networkpolicies: get,list,watch",
 	}
 	slices.Sort(want)

@@ -23,7 +23,10 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-const crdPath = "../../manifests/crds/bulkhead.io_bulkheadpolicies.yaml"
+const (
+	crdPath        = "../../manifests/crds/bulkhead.io_bulkheadpolicies.yaml"
+	runtimeCRDPath = "../../manifests/crds/bulkhead.io_bulkheadruntimepolicies.yaml"
+)
 
 // TestAgainstAPIServer runs the store against a real kube-apiserver and
 // etcd: every kind of change, a BulkheadPolicy that the CRD's schema
@@ -207,7 +210,13 @@ func podsOf(r *store.Result, ns string) []string {
 // until it is served.
 func applyCRD(ctx context.Context, t testing.TB, dyn dynamic.Interface) {
 	t.Helper()
-	b, err := os.ReadFile(crdPath)
+	applyCRDFile(ctx, t, dyn, crdPath, BulkheadPolicies)
+}
+
+// applyCRDFile creates the CRD in path and waits until res is served.
+func applyCRDFile(ctx context.Context, t testing.TB, dyn dynamic.Interface, path string, res schema.GroupVersionResource) {
+	t.Helper()
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,8 +243,8 @@ func applyCRD(ctx context.Context, t testing.TB, dyn dynamic.Interface) {
 		return false
 	})
 	// Established can come a moment before the resource is served.
-	waitFor(t, "BulkheadPolicies served", func() bool {
-		_, err := dyn.Resource(BulkheadPolicies).List(ctx, metav1.ListOptions{})
+	waitFor(t, res.Resource+" served", func() bool {
+		_, err := dyn.Resource(res).List(ctx, metav1.ListOptions{})
 		return err == nil
 	})
 }

@@ -36,7 +36,7 @@ import (
 // GETs carry no body, so sending one again is safe.
 //
 // The cost: while the apiserver is away each blocked request dials it
-// every interval. An agent has four informers, so at 250 ms that is 16
+// every interval. An agent has five informers, so at 250 ms that is 20
 // refused connections a second per node, and none once it is back.
 type waitTransport struct {
 	next     http.RoundTripper

@@ -64,7 +64,10 @@ type Config struct {
 	// BulkheadPolicy status writes (default 2 per second, bursts of 10).
 	StatusQPS   float64
 	StatusBurst int
-	Logger      *slog.Logger
+	// CRDCheckInterval is how often a BulkheadRuntimePolicy CRD that is
+	// not installed is looked for again (default 30 s).
+	CRDCheckInterval time.Duration
+	Logger           *slog.Logger
 }
 
 // Source is the Kubernetes store. It implements the agent's Source.
@@ -117,6 +120,9 @@ func New(cfg Config) *Source {
 	}
 	if cfg.StatusBurst <= 0 {
 		cfg.StatusBurst = 10
+	}
+	if cfg.CRDCheckInterval <= 0 {
+		cfg.CRDCheckInterval = crdCheckEvery
 	}
 	s := &Source{cfg: cfg, since: time.Now()}
 	if cfg.NodeName != "" && cfg.Dynamic != nil {
@@ -201,7 +207,7 @@ func (s *Source) setConnected(ok bool, why error) {
 
 // caches are the informers' stores.
 type caches struct {
-	namespaces, pods, netpols, bhps cache.Store
+	namespaces, pods, netpols, bhps, runtimePolicies cache.Store
 }
 
 // Run starts the informers, hands over the first state once all of them
@@ -249,7 +255,7 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		informer  cache.SharedIndexInformer
 		transform cache.TransformFunc
 	}
-	cs, bhps := s.cfg.Client, s.cfg.Dynamic.Resource(BulkheadPolicies)
+	cs, bhps, rps := s.cfg.Client, s.cfg.Dynamic.Resource(BulkheadPolicies), s.runtimePolicyKind()
 	infs := []inf{
 		{"namespaces", s.informer(cs, &corev1.Namespace{},
 			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
@@ -279,6 +285,7 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 			func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return bhps.List(ctx, o) },
 			func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return bhps.Watch(ctx, o) }),
 			trimPolicyStatus(s.cfg.NodeName)},
+		{"bulkheadruntimepolicies", s.informer(s.cfg.Dynamic, &unstructured.Unstructured{}, rps.List, rps.Watch), trimMeta},
 	}
 	var synced []cache.InformerSynced
 	for _, i := range infs {
@@ -304,7 +311,8 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		}
 		synced = append(synced, i.informer.HasSynced)
 	}
-	c := caches{infs[0].informer.GetStore(), infs[1].informer.GetStore(), infs[2].informer.GetStore(), infs[3].informer.GetStore()}
+	c := caches{infs[0].informer.GetStore(), infs[1].informer.GetStore(), infs[2].informer.GetStore(),
+		infs[3].informer.GetStore(), infs[4].informer.GetStore()}
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -313,7 +321,6 @@ func (s *Source) Run(ctx context.Context, update func(*store.Result), fail func(
 		wg.Go(func() { i.informer.RunWithContext(ctx) })
 	}
 	wg.Go(func() { s.probe(ctx) })
-	wg.Go(func() { s.warnRuntimePolicies(ctx, runtimePolicyCheckEvery) })
 	if s.status != nil {
 		s.status.setCache(c.bhps)
 		wg.Go(func() { s.status.run(ctx) })
@@ -499,6 +506,19 @@ func (b *builder) build(c caches) (*store.Result, map[types.NamespacedName]polic
 			}
 		}
 		policies[types.NamespacedName{Namespace: u.GetNamespace(), Name: u.GetName()}] = st
+	}
+	for _, obj := range sorted(c.runtimePolicies) {
+		u := obj.(*unstructured.Unstructured)
+		where := v1alpha1.RuntimePolicyKind + " " + u.GetNamespace() + "/" + u.GetName()
+		var rp v1alpha1.BulkheadRuntimePolicy
+		// Strict, as for BulkheadPolicy above.
+		err := runtime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(u.Object, &rp, true)
+		var o *store.Object
+		if err == nil {
+			rp.ResourceVersion = ""
+			o = store.RuntimePolicyObject(&rp)
+		}
+		add(where, where, o, err)
 	}
 	// Objects deleted from the cluster lose their last good version.
 	for ref := range b.lastGood {

@@ -63,6 +63,13 @@ metadata: {name: web-in, namespace: shop}
 spec:
   selector: {podSelector: {matchLabels: {app: web}}}
   ingress: [{action: Allow, from: [{spiffeID: "spiffe://cluster.local/ns/shop/sa/*"}]}]
+---
+apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: guard, namespace: shop}
+spec:
+  selector: {podSelector: {matchLabels: {app: web}}}
+  detections: [{rule: BH-RT-007, action: Block}, {rule: BH-RT-001, action: Kill}]
 `
 
 // badBHP passes the CRD's schema but not the store's validation: a
@@ -225,6 +232,9 @@ func TestInitialSyncMatchesDirStore(t *testing.T) {
 	}
 	if g, w := got.Snapshot.BulkheadPolicies[0].Spec, want.Snapshot.BulkheadPolicies[0].Spec; !reflect.DeepEqual(g, w) {
 		t.Errorf("BulkheadPolicy spec\n got %+v\nwant %+v", g, w)
+	}
+	if len(got.Snapshot.RuntimePolicies) != 1 || !reflect.DeepEqual(got.Snapshot.RuntimePolicies[0].Spec, want.Snapshot.RuntimePolicies[0].Spec) {
+		t.Errorf("BulkheadRuntimePolicies\n got %+v\nwant %+v", got.Snapshot.RuntimePolicies, want.Snapshot.RuntimePolicies)
 	}
 	if len(got.Objects) != len(want.Objects) || len(got.Rejected) != 0 {
 		t.Errorf("%d objects, rejected %v; want %d and none", len(got.Objects), got.Rejected, len(want.Objects))

@@ -54,7 +54,11 @@ type Error struct {
 
 func (e *Error) Error() string {
 	if e.Line == 0 {
-		// Objects from the apiserver have a name but no line.
+		// Objects from the apiserver have a name but no line; their
+		// validation errors name them already.
+		if msg := e.Err.Error(); strings.HasPrefix(msg, e.File+": ") {
+			return msg
+		}
 		return fmt.Sprintf("%s: %v", e.File, e.Err)
 	}
 	return fmt.Sprintf("%s:%d: %v", e.File, e.Line, e.Err)
