@@ -2,7 +2,6 @@ package k8s
 
 import (
 	"context"
-	"os"
 	"reflect"
 	"slices"
 	"strings"
@@ -16,11 +15,8 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/yaml"
 )
 
 const (
@@ -37,7 +33,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	defer cancel()
 	cs := kubernetes.NewForConfigOrDie(srv.Config())
 	dyn := dynamic.NewForConfigOrDie(srv.Config())
-	applyCRD(ctx, t, dyn)
+	srv.InstallCRD(ctx, crdPath)
 
 	must := func(_ any, err error) {
 		t.Helper()
@@ -204,47 +200,4 @@ func podsOf(r *store.Result, ns string) []string {
 		}
 	}
 	return out
-}
-
-// applyCRD creates the BulkheadPolicy CRD from manifests/crds and waits
-// until it is served.
-func applyCRD(ctx context.Context, t testing.TB, dyn dynamic.Interface) {
-	t.Helper()
-	applyCRDFile(ctx, t, dyn, crdPath, BulkheadPolicies)
-}
-
-// applyCRDFile creates the CRD in path and waits until res is served.
-func applyCRDFile(ctx context.Context, t testing.TB, dyn dynamic.Interface, path string, res schema.GroupVersionResource) {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var u unstructured.Unstructured
-	if err := yaml.Unmarshal(b, &u.Object); err != nil {
-		t.Fatal(err)
-	}
-	crds := dyn.Resource(schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"})
-	if _, err := crds.Create(ctx, &u, metav1.CreateOptions{}); err != nil {
-		t.Fatalf("create the CRD: %v", err)
-	}
-	waitFor(t, "the CRD established", func() bool {
-		cur, err := crds.Get(ctx, u.GetName(), metav1.GetOptions{})
-		if err != nil {
-			return false
-		}
-		conds, _, _ := unstructured.NestedSlice(cur.Object, "status", "conditions")
-		for _, c := range conds {
-			m, _ := c.(map[string]any)
-			if m["type"] == "Established" && m["status"] == "True" {
-				return true
-			}
-		}
-		return false
-	})
-	// Established can come a moment before the resource is served.
-	waitFor(t, res.Resource+" served", func() bool {
-		_, err := dyn.Resource(res).List(ctx, metav1.ListOptions{})
-		return err == nil
-	})
 }

@@ -14,7 +14,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -31,7 +30,7 @@ func BenchmarkAPIServerReturn(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	cs := kubernetes.NewForConfigOrDie(srv.Config())
-	applyCRD(ctx, b, dynamic.NewForConfigOrDie(srv.Config()))
+	srv.InstallCRD(ctx, crdPath)
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
 		b.Fatal(err)
 	}

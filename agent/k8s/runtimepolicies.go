@@ -142,7 +142,7 @@ func (s *Source) runtimePolicyKind() *optionalKind {
 	res := s.cfg.Dynamic.Resource(RuntimePolicies)
 	return &optionalKind{
 		gvr: RuntimePolicies, kind: v1alpha1.RuntimePolicyKind, every: s.cfg.CRDCheckInterval,
-		list: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return res.List(ctx, o) },
+		list:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return res.List(ctx, o) },
 		watch: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return res.Watch(ctx, o) },
 		report: func(missing bool) {
 			if missing {

@@ -180,7 +180,7 @@ func TestRuntimePoliciesAgainstAPIServer(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	dyn := dynamic.NewForConfigOrDie(srv.Config())
-	applyCRD(ctx, t, dyn)
+	srv.InstallCRD(ctx, crdPath)
 	cs := kubernetes.NewForConfigOrDie(srv.Config())
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -199,7 +199,7 @@ func TestRuntimePoliciesAgainstAPIServer(t *testing.T) {
 	if !strings.Contains(logs.String(), "the BulkheadRuntimePolicy CRD is not installed") {
 		t.Errorf("log does not say the CRD is missing: %s", logs.String())
 	}
-	applyCRDFile(ctx, t, dyn, runtimeCRDPath, RuntimePolicies)
+	srv.InstallCRD(ctx, runtimeCRDPath)
 	res := dyn.Resource(RuntimePolicies).Namespace("shop")
 	if _, err := res.Create(ctx, runtimePolicy("guard", cartSelector, "BH-RT-007", "Block"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

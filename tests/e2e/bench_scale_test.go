@@ -46,7 +46,9 @@ const (
 //	BULKHEAD_PRIVILEGED=1 BULKHEAD_K8S_BIN=... go test ./tests/e2e -run '^$' -bench AgentAtScale -benchtime 1x
 func BenchmarkAgentAtScale(b *testing.B) {
 	srv := kubeapi.Start(b)
-	srv.InstallCRD(context.Background(), filepath.Join(cnichain.RepoRoot(b), "manifests", "crds", "bulkhead.io_bulkheadpolicies.yaml"))
+	for _, crd := range []string{"bulkhead.io_bulkheadpolicies.yaml", "bulkhead.io_bulkheadruntimepolicies.yaml"} {
+		srv.InstallCRD(context.Background(), filepath.Join(cnichain.RepoRoot(b), "manifests", "crds", crd))
+	}
 	rc := srv.Config()
 	rc.QPS, rc.Burst = 2000, 4000
 	cs := kubernetes.NewForConfigOrDie(rc)
@@ -222,7 +224,7 @@ func procMemory(b *testing.B, pid int) (hwm, rss float64) {
 
 // apiRequests sums apiserver_request_total by verb, and the open watches
 // (apiserver_longrunning_requests) as "open-WATCH".
-var agentResource = regexp.MustCompile(`resource="(pods|namespaces|networkpolicies|bulkheadpolicies)"`)
+var agentResource = regexp.MustCompile(`resource="(pods|namespaces|networkpolicies|bulkheadpolicies|bulkheadruntimepolicies)"`)
 
 func apiRequests(b *testing.B, cs *kubernetes.Clientset) map[string]float64 {
 	b.Helper()
