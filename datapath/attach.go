@@ -332,6 +332,9 @@ func (d *Datapath) Detach(ep Endpoint) error {
 	if err == nil {
 		err = d.clearAddrs(ep.ID)
 	}
+	if err == nil {
+		err = d.flushEndpointFlows(ep.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", ep.ID, err)
 	}

@@ -436,6 +436,53 @@ func TestIntegrationTraffic(t *testing.T) {
 	}
 }
 
+// TestDetachFlushesEndpointFlows: detaching an endpoint deletes its
+// conntrack entries, and only its own. Kept, an established entry would
+// outlive the endpoint ID's retirement and let the old peer's packets of
+// that 5-tuple into the next pod with the ID and the address.
+func TestDetachFlushesEndpointFlows(t *testing.T) {
+	tp := newTopo(t, 2)
+	client, server := tp.pods[0], tp.pods[1]
+	serve(t, server)
+	d := newTestDatapath(t, Config{})
+	if _, err := d.Apply(tp.state(1, serverRules(client.id)...)); err != nil {
+		t.Fatal(err)
+	}
+	attach(t, d, tp)
+	for _, addr := range []netip.Addr{server.ip4, server.ip6} {
+		keep, err := dialTCP(client, addr, 8080)
+		mustWork(t, "dial", err)
+		defer keep.Close()
+		mustWork(t, "echo", echo(keep, "one"))
+	}
+	count := func() map[uint32]int {
+		t.Helper()
+		entries, err := d.Conntrack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := map[uint32]int{}
+		for _, e := range entries {
+			n[e.Key.EpId]++
+		}
+		return n
+	}
+	before := count()
+	if before[uint32(server.ep)] < 2 || before[uint32(client.ep)] < 2 {
+		t.Fatalf("conntrack entries by endpoint before: %v, want the client's and the server's TCP flows in both families", before)
+	}
+	if err := d.Detach(tp.endpoint(server)); err != nil {
+		t.Fatal(err)
+	}
+	after := count()
+	if after[uint32(server.ep)] != 0 {
+		t.Errorf("%d conntrack entries of the detached endpoint %d left", after[uint32(server.ep)], server.ep)
+	}
+	if after[uint32(client.ep)] < before[uint32(client.ep)] {
+		t.Errorf("the client's entries went from %d to %d when the server was detached", before[uint32(client.ep)], after[uint32(client.ep)])
+	}
+}
+
 func TestIntegrationTighteningEstablished(t *testing.T) {
 	tp := newTopo(t, 2)
 	client, server := tp.pods[0], tp.pods[1]
