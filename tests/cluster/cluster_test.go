@@ -191,6 +191,23 @@ func TestHelmInstall(t *testing.T) {
 	if _, err := c.Kubectl("-n", "demo", "delete", "bulkheadpolicy", "server-http"); err != nil {
 		t.Fatal(err)
 	}
+	// A BulkheadRuntimePolicy is read from the apiserver: the chart leaves
+	// runtime detection off, so the agent names it in its status as not
+	// enforced, never accepts it in silence; deleted, it is gone from
+	// there. The CRD's CEL rules refuse Kill on a rule a cgroup hook sees.
+	if _, err := c.KubectlStdin(runtimePolicyYAML("demo", "guard", "BH-RT-007", "Block"), "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	const notEnforced = "BulkheadRuntimePolicy demo/guard: not enforced: runtime detection is off"
+	waitStatusPolicyError(t, agentAPI, notEnforced, true, 60*time.Second)
+	if out, err := c.KubectlStdin(runtimePolicyYAML("demo", "bad", "BH-RT-007", "Kill"), "apply", "-f", "-"); err == nil ||
+		!strings.Contains(string(out), "Kill is only possible") {
+		t.Fatalf("a BulkheadRuntimePolicy with Kill on BH-RT-007: err %v, output %s", err, out)
+	}
+	if _, err := c.Kubectl("-n", "demo", "delete", "bulkheadruntimepolicy", "guard"); err != nil {
+		t.Fatal(err)
+	}
+	waitStatusPolicyError(t, agentAPI, notEnforced, false, 60*time.Second)
 	waitReach(t, clientNS, serverIP, true, "after deleting the BulkheadPolicy", 90*time.Second)
 
 	// A NetworkPolicy that lets in pods of namespaces labelled team=a:
@@ -336,6 +353,40 @@ func TestHelmInstall(t *testing.T) {
 // contains substr, and returns the message.
 // waitAdopted waits until the agent lists the pods of namespace as adopted
 // endpoints keyed by containerd's sandbox IDs (not synthetic ones).
+// waitStatusPolicyError waits until the agent's status lists (present) or
+// no longer lists a policy error that contains msg.
+func waitStatusPolicyError(t *testing.T, c *api.Client, msg string, present bool, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last []api.PolicyError
+	for {
+		st, err := c.Status(context.Background())
+		if err == nil {
+			last = st.PolicyErrors
+			found := slices.ContainsFunc(last, func(e api.PolicyError) bool { return strings.Contains(e.Message, msg) })
+			if found == present {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status policy errors %+v (err %v): want %q present=%v", last, err, msg, present)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// runtimePolicyYAML is a BulkheadRuntimePolicy on the server with one
+// detection.
+func runtimePolicyYAML(namespace, name, rule, action string) string {
+	return fmt.Sprintf(`apiVersion: bulkhead.io/v1alpha1
+kind: BulkheadRuntimePolicy
+metadata: {name: %s, namespace: %s}
+spec:
+  selector: {podSelector: {matchLabels: {app: server}}}
+  detections: [{rule: %s, action: %s}]
+`, name, namespace, rule, action)
+}
+
 func waitAdopted(t *testing.T, c *api.Client, namespace string, names []string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
