@@ -88,7 +88,7 @@ func TestInstallYAMLCurrent(t *testing.T) {
 	if !bytes.Equal(out, have) {
 		t.Errorf("%s is not the chart's default rendering: run make generate", installYAML)
 	}
-	for _, name := range []string{"bulkhead.io_bulkheadpolicies.yaml"} {
+	for _, name := range []string{"bulkhead.io_bulkheadpolicies.yaml", "bulkhead.io_bulkheadruntimepolicies.yaml"} {
 		a, err := os.ReadFile(filepath.Join("crds", name))
 		if err != nil {
 			t.Fatal(err)
@@ -111,6 +111,7 @@ var nonDefault = []string{
 	"flowLog.enabled=true",
 	"flowLog.path=/var/log/bh/flows.json",
 	"flowLog.maxSize=1048576",
+	"runtimeDetection.enabled=true",
 	"spire.adminSocket=/run/spire/admin/admin.sock",
 	"spire.identitySource=spire",
 	"metrics.address=0.0.0.0",
@@ -143,6 +144,9 @@ func TestHelmTemplateValues(t *testing.T) {
 		if args[flag] != want {
 			t.Errorf("agent --%s=%q, want %q", flag, args[flag], want)
 		}
+	}
+	if _, ok := args["runtime-detection"]; !ok {
+		t.Errorf("runtimeDetection.enabled=true: agent args %q lack --runtime-detection", agent.Args)
 	}
 	if agent.Image != "bulkhead/bulkhead:v9.9.9" || agent.ImagePullPolicy != "Never" {
 		t.Errorf("agent image %s (%s)", agent.Image, agent.ImagePullPolicy)
@@ -209,6 +213,8 @@ func TestHelmTemplateRejectsBadValues(t *testing.T) {
 		"image.pullPolicy=Sometimes",
 		"trustDomain=Example Org",
 		"spire.identitySource=vault",
+		"runtimeDetection.enabled=true", // without flowLog.enabled
+		"runtimeDetection.enabled=on",
 		"trustdomain=typo.example",
 	} {
 		_, err := template(t, set)

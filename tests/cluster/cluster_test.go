@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/runtime/detect"
 	"github.com/bulkhead-io/bulkhead/tests/cnichain"
 	tnetns "github.com/bulkhead-io/bulkhead/tests/netns"
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -59,6 +60,7 @@ func TestHelmInstall(t *testing.T) {
 	// helm install, with the node's folders pointing at the test's.
 	ports := FreePorts(t, 3)
 	runDir, stateDir := filepath.Join(c.Dir, "run-bulkhead"), filepath.Join(c.Dir, "state-bulkhead")
+	flowLog := filepath.Join(c.Dir, "flowlog", "flows.json")
 	repo, tag, _ := strings.Cut(strings.TrimPrefix(BulkheadRef, "docker.io/"), ":")
 	chart := filepath.Join(cnichain.RepoRoot(t), "manifests", "helm", "bulkhead")
 	set := []string{
@@ -68,6 +70,7 @@ func TestHelmInstall(t *testing.T) {
 		"k8sServiceHost=127.0.0.1", "k8sServicePort=" + strconv.Itoa(c.APIPort),
 		"metrics.port=" + strconv.Itoa(ports[0]), "tunnel.port=" + strconv.Itoa(ports[1]),
 		"tunnel.redirectPort=" + strconv.Itoa(ports[2]), "logLevel=debug",
+		"flowLog.enabled=true", "flowLog.path=" + flowLog, "runtimeDetection.enabled=true",
 	}
 	args := []string{"install", "bulkhead", chart, "-n", "kube-system"}
 	for _, s := range set {
@@ -191,23 +194,33 @@ func TestHelmInstall(t *testing.T) {
 	if _, err := c.Kubectl("-n", "demo", "delete", "bulkheadpolicy", "server-http"); err != nil {
 		t.Fatal(err)
 	}
-	// A BulkheadRuntimePolicy is read from the apiserver: the chart leaves
-	// runtime detection off, so the agent names it in its status as not
-	// enforced, never accepts it in silence; deleted, it is gone from
-	// there. The CRD's CEL rules refuse Kill on a rule a cgroup hook sees.
-	if _, err := c.KubectlStdin(runtimePolicyYAML("demo", "guard", "BH-RT-007", "Block"), "apply", "-f", "-"); err != nil {
+	// Runtime detection in the cluster (runtimeDetection.enabled): a
+	// process in the client pod's network namespace unshares a user
+	// namespace (BH-RT-002). A BulkheadRuntimePolicy applied with kubectl
+	// that asks Kill for it has it killed, and the alert in the flow log
+	// names the pod; once the policy is deleted the same call is only
+	// reported. The CRD's CEL rules refuse Kill on a cgroup hook's rule.
+	if _, err := c.KubectlStdin(runtimePolicyYAML("demo", "guard", "client", "BH-RT-002", "Kill"), "apply", "-f", "-"); err != nil {
 		t.Fatal(err)
 	}
-	const notEnforced = "BulkheadRuntimePolicy demo/guard: not enforced: runtime detection is off"
-	waitStatusPolicyError(t, agentAPI, notEnforced, true, 60*time.Second)
-	if out, err := c.KubectlStdin(runtimePolicyYAML("demo", "bad", "BH-RT-007", "Kill"), "apply", "-f", "-"); err == nil ||
+	since := time.Now()
+	waitUnshare(t, clientNS.Path(), "signal: killed", "under a runtime policy that asks Kill", 60*time.Second)
+	al := waitClusterAlert(t, flowLog, func(al detect.Alert) bool {
+		return al.RuleID == "BH-RT-002" && al.Pod.Namespace == "demo" && al.Pod.Pod == "client" && !al.Time.Before(since) && al.Action == "kill"
+	})
+	t.Logf("alert: %s %s on %s/%s (%s), %s", al.RuleID, al.Rule, al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID, al.ActionResult)
+	if out, err := c.KubectlStdin(runtimePolicyYAML("demo", "bad", "client", "BH-RT-007", "Kill"), "apply", "-f", "-"); err == nil ||
 		!strings.Contains(string(out), "Kill is only possible") {
 		t.Fatalf("a BulkheadRuntimePolicy with Kill on BH-RT-007: err %v, output %s", err, out)
 	}
 	if _, err := c.Kubectl("-n", "demo", "delete", "bulkheadruntimepolicy", "guard"); err != nil {
 		t.Fatal(err)
 	}
-	waitStatusPolicyError(t, agentAPI, notEnforced, false, 60*time.Second)
+	since = time.Now()
+	waitUnshare(t, clientNS.Path(), "", "after deleting the runtime policy", 60*time.Second)
+	waitClusterAlert(t, flowLog, func(al detect.Alert) bool {
+		return al.RuleID == "BH-RT-002" && al.Pod.Pod == "client" && !al.Time.Before(since) && al.Action == "alert"
+	})
 	waitReach(t, clientNS, serverIP, true, "after deleting the BulkheadPolicy", 90*time.Second)
 
 	// A NetworkPolicy that lets in pods of namespaces labelled team=a:
@@ -353,38 +366,73 @@ func TestHelmInstall(t *testing.T) {
 // contains substr, and returns the message.
 // waitAdopted waits until the agent lists the pods of namespace as adopted
 // endpoints keyed by containerd's sandbox IDs (not synthetic ones).
-// waitStatusPolicyError waits until the agent's status lists (present) or
-// no longer lists a policy error that contains msg.
-func waitStatusPolicyError(t *testing.T, c *api.Client, msg string, present bool, timeout time.Duration) {
+// waitUnshare runs unshare(CLONE_NEWUSER) from a process in the network
+// namespace ns until its outcome is want ("" for success, else the start
+// of the error, "signal: killed"): the agent applies a policy change
+// within about a second, the loop only bounds a broken run.
+func waitUnshare(t *testing.T, ns, want, what string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
-	var last []api.PolicyError
 	for {
-		st, err := c.Status(context.Background())
-		if err == nil {
-			last = st.PolicyErrors
-			found := slices.ContainsFunc(last, func(e api.PolicyError) bool { return strings.Contains(e.Message, msg) })
-			if found == present {
-				return
-			}
+		out, err := exec.Command("nsenter", "--net="+ns, "unshare", "--user", "true").CombinedOutput()
+		got := ""
+		if err != nil {
+			got = err.Error()
+		}
+		if strings.HasPrefix(got, want) && (want != "" || err == nil) {
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("status policy errors %+v (err %v): want %q present=%v", last, err, msg, present)
+			t.Fatalf("unshare --user %s: %q (%s), want %q", what, got, out, want)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
 }
 
-// runtimePolicyYAML is a BulkheadRuntimePolicy on the server with one
-// detection.
-func runtimePolicyYAML(namespace, name, rule, action string) string {
+// waitClusterAlert returns the first alert line of the flow log at path
+// for which want holds, waiting up to a minute for it.
+func waitClusterAlert(t *testing.T, path string, want func(detect.Alert) bool) detect.Alert {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		b, _ := os.ReadFile(path)
+		for line := range strings.Lines(string(b)) {
+			if !strings.Contains(line, `"event_kind":"alert"`) {
+				continue
+			}
+			var al detect.Alert
+			if err := json.Unmarshal([]byte(line), &al); err != nil {
+				t.Fatalf("alert line %s: %v", line, err)
+			}
+			if want(al) {
+				return al
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no matching alert in %s after a minute; its alerts:\n%s", path, grepLines(string(b), `"event_kind":"alert"`))
+		}
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out strings.Builder
+	for line := range strings.Lines(s) {
+		if strings.Contains(line, sub) {
+			out.WriteString(line)
+		}
+	}
+	return out.String()
+}
+
+// runtimePolicyYAML is a BulkheadRuntimePolicy on the pods labelled
+// app=<app> with one detection.
+func runtimePolicyYAML(namespace, name, app, rule, action string) string {
 	return fmt.Sprintf(`apiVersion: bulkhead.io/v1alpha1
 kind: BulkheadRuntimePolicy
 metadata: {name: %s, namespace: %s}
 spec:
-  selector: {podSelector: {matchLabels: {app: server}}}
+  selector: {podSelector: {matchLabels: {app: %s}}}
   detections: [{rule: %s, action: %s}]
-`, name, namespace, rule, action)
+`, name, namespace, app, rule, action)
 }
 
 func waitAdopted(t *testing.T, c *api.Client, namespace string, names []string, timeout time.Duration) {
