@@ -313,32 +313,294 @@ int sysmon_socket(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
+/* A prefix of the exec'd path that marks a world-writable scratch folder
+ * (BH-RT-013): the path as the exec gave it. */
+static __always_inline bool has_prefix(const char *s, const char *p, int n)
+{
+	for (int i = 0; i < n; i++) /* n is a constant: unrolled */
+		if (s[i] != p[i])
+			return false;
+	return true;
+}
+
+static __always_inline bool tmp_path(const char *file)
+{
+	return has_prefix(file, "/tmp/", 5) || has_prefix(file, "/dev/shm/", 9);
+}
+
+/* comm_is compares the task's comm with a name, its NUL included. */
+#define comm_is(comm, lit) has_prefix((comm), lit, sizeof(lit))
+
+/* A shell (BH-RT-014), by the comm the exec gave the task: the basename of
+ * the file exec'd (busybox's applets exec'd through a link are named by
+ * the link). */
+static __always_inline bool is_shell(const char *comm)
+{
+	return comm_is(comm, "sh") || comm_is(comm, "bash") || comm_is(comm, "dash") || comm_is(comm, "ash") ||
+	       comm_is(comm, "zsh") || comm_is(comm, "ksh") || comm_is(comm, "busybox");
+}
+
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+/* sock_family is the address family of the socket at fd in fds, or -1
+ * when fd is not open or not a socket. */
+static __always_inline int sock_family(struct file **fds, unsigned int max, int fd)
+{
+	struct socket *sock;
+	struct file *f = NULL;
+	umode_t mode;
+
+	if ((unsigned int)fd >= max)
+		return -1;
+	if (bpf_core_read(&f, sizeof(f), fds + fd) || !f)
+		return -1;
+	mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return -1;
+	sock = BPF_CORE_READ(f, private_data);
+	return BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+}
+
 /* Execs in watched namespaces feed Go's process cache, so that alerts
- * carry the process and its ancestry. */
+ * carry the process and its ancestry. The exec rules are judged here too,
+ * from what only the kernel sees, at no cost beyond the exec itself: a
+ * Kill queues SIGKILL before the new program runs an instruction (the
+ * exec itself has happened). */
 SEC("tracepoint/sched/sched_process_exec")
 int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	unsigned long start, end, len;
+	char file[SYSMON_STR] = {};
+	char comm[16] = {};
+	__u32 netns, rules = 0;
+	__s64 sockfd = -1;
+	int family = -1;
+	struct sysmon_watch *w;
 	struct sysmon_event *e;
+	struct file *exe;
 	struct mm_struct *mm;
-	__u32 netns;
+	__u32 nlink = 1;
+	__u16 flags;
 
-	if (!watch_of(task, &netns))
+	w = watch_of(task, &netns);
+	if (!w)
 		return 0;
+	bpf_probe_read_kernel_str(file, sizeof(file), (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
+	bpf_get_current_comm(comm, sizeof(comm));
+	mm = BPF_CORE_READ(task, mm);
+	exe = BPF_CORE_READ(mm, exe_file);
+	if (exe) {
+		/* memfd_create's files, O_TMPFILE's and deleted ones: no name on
+		 * any file system. */
+		nlink = BPF_CORE_READ(exe, f_inode, i_nlink);
+		if (nlink == 0)
+			rules |= SMR_FILELESS_EXEC;
+	}
+	if (tmp_path(file))
+		rules |= SMR_TMP_EXEC;
+	if (is_shell(comm)) {
+		struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+		unsigned int max = BPF_CORE_READ(fdt, max_fds);
+		struct file **fds = BPF_CORE_READ(fdt, fd);
+
+		family = sock_family(fds, max, 0);
+		sockfd = 0;
+		if (family < 0) {
+			family = sock_family(fds, max, 1);
+			sockfd = 1;
+		}
+		if (family >= 0)
+			rules |= SMR_REVERSE_SHELL;
+		else
+			sockfd = -1;
+	}
+	flags = kill(w, rules);
 	e = reserve(task, netns, SM_EXEC, -1);
 	if (!e)
 		return 0;
-	bpf_probe_read_kernel_str(e->str[0], sizeof(e->str[0]), (void *)ctx + (ctx->__data_loc_filename & 0xFFFF));
-	mm = BPF_CORE_READ(task, mm);
+	e->flags = flags;
+	e->rules = rules;
+	e->kill_rules = flags ? (w->kill & rules) : 0;
+	__builtin_memcpy(e->str[0], file, sizeof(file));
 	start = BPF_CORE_READ(mm, arg_start);
 	end = BPF_CORE_READ(mm, arg_end);
 	len = end - start;
 	if (len > 2 * SYSMON_STR)
 		len = 2 * SYSMON_STR;
 	e->args[0] = end - start; /* argv's full length */
+	e->args[1] = nlink;
+	e->args[2] = sockfd;
+	e->args[3] = family;
+	if (exe)
+		e->target_ino = BPF_CORE_READ(exe, f_inode, i_ino);
 	if (len > 0)
 		bpf_probe_read_user(e->str[1], len, (void *)start);
+	send(e);
+	return 0;
+}
+
+/* chroot and pivot_root (BH-RT-011): a pod that changes its root is
+ * leaving the file system the runtime gave it, or making one to leave by. */
+SEC("tracepoint/syscalls/sys_enter_chroot")
+int sysmon_chroot(struct trace_event_raw_sys_enter *ctx)
+{
+	struct sysmon_event *e = simple_hook(ctx, SM_CHROOT, 1, SMR_CHROOT, true);
+
+	if (!e)
+		return 0;
+	bpf_probe_read_user_str(e->str[0], sizeof(e->str[0]), (void *)ctx->args[0]);
+	send(e);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_pivot_root")
+int sysmon_pivot_root(struct trace_event_raw_sys_enter *ctx)
+{
+	struct sysmon_event *e = simple_hook(ctx, SM_PIVOT_ROOT, 2, SMR_CHROOT, true);
+
+	if (!e)
+		return 0;
+	bpf_probe_read_user_str(e->str[0], sizeof(e->str[0]), (void *)ctx->args[0]);
+	bpf_probe_read_user_str(e->str[1], sizeof(e->str[1]), (void *)ctx->args[1]);
+	send(e);
+	return 0;
+}
+
+/* ns_root_uid is the kernel uid that is root in the task's user namespace:
+ * 0 for the initial one, the mapped uid in a pod with a user namespace.
+ * (__u32)-1 when the map has no uid 0. */
+static __always_inline __u32 ns_root_uid(struct task_struct *task)
+{
+	struct user_namespace *ns = BPF_CORE_READ(task, cred, user_ns);
+	__u32 n = BPF_CORE_READ(ns, uid_map.nr_extents);
+
+	if (n > 5) {
+		/* Past 5 extents the map is an array sorted by first id: uid 0,
+		 * when mapped, is the first extent's. */
+		struct uid_gid_extent *fw = BPF_CORE_READ(ns, uid_map.forward);
+		struct uid_gid_extent x = {};
+
+		if (bpf_core_read(&x, sizeof(x), fw) == 0 && x.first == 0)
+			return x.lower_first;
+		return (__u32)-1;
+	}
+	for (__u32 i = 0; i < 5; i++) {
+		if (i >= n)
+			break;
+		if (BPF_CORE_READ(ns, uid_map.extent[i].first) == 0)
+			return BPF_CORE_READ(ns, uid_map.extent[i].lower_first);
+	}
+	return (__u32)-1;
+}
+
+/* setuid, setreuid and setresuid to root (BH-RT-015) from a caller whose
+ * real uid is neither the node's root nor root in its user namespace: the syscall succeeds only
+ * for a setuid-root program or with CAP_SETUID, and both are the attack.
+ * -1 (leave unchanged) is not root. The uid tests come before the map
+ * lookup: these syscalls are rare, but cheap to rule out. */
+static __always_inline void setuid_hook(struct trace_event_raw_sys_enter *ctx, int nargs)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 root, ruid = (__u32)bpf_get_current_uid_gid();
+	struct sysmon_event *e;
+	bool to_root = false;
+
+	/* Not a loop: the verifier refuses loads through an offset ctx. */
+	if ((__u32)ctx->args[0] == 0)
+		to_root = true;
+	if (nargs > 1 && (__u32)ctx->args[1] == 0)
+		to_root = true;
+	if (nargs > 2 && (__u32)ctx->args[2] == 0)
+		to_root = true;
+	if (!to_root)
+		return;
+	/* The node's root, in whatever user namespace, is no elevation. */
+	if (ruid == 0)
+		return;
+	root = ns_root_uid(task);
+	if (ruid == root)
+		return;
+	if (nargs == 1)
+		e = simple_hook(ctx, SM_SETUID, 1, SMR_SETUID_ROOT, true);
+	else if (nargs == 2)
+		e = simple_hook(ctx, SM_SETUID, 2, SMR_SETUID_ROOT, true);
+	else
+		e = simple_hook(ctx, SM_SETUID, 3, SMR_SETUID_ROOT, true);
+	if (!e)
+		return;
+	e->args[3] = BPF_CORE_READ(task, cred, euid.val);
+	send(e);
+}
+
+SEC("tracepoint/syscalls/sys_enter_setuid")
+int sysmon_setuid(struct trace_event_raw_sys_enter *ctx)
+{
+	setuid_hook(ctx, 1);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_setreuid")
+int sysmon_setreuid(struct trace_event_raw_sys_enter *ctx)
+{
+	setuid_hook(ctx, 2);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_setresuid")
+int sysmon_setresuid(struct trace_event_raw_sys_enter *ctx)
+{
+	setuid_hook(ctx, 3);
+	return 0;
+}
+
+#define LINUX_CAPABILITY_VERSION_1 0x19980330
+
+/* capset (BH-RT-015) from a caller whose real uid is not root (as for
+ * setuid), asking for a capability its permitted set lacks (or, for the
+ * inheritable set, that neither set has): capset never grants that, so it
+ * is an attempt to gain one. Dropping capabilities (the common capset)
+ * does not match. */
+SEC("tracepoint/syscalls/sys_enter_capset")
+int sysmon_capset(struct trace_event_raw_sys_enter *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 ruid = (__u32)bpf_get_current_uid_gid();
+	struct { __u32 version; int pid; } hdr = {};
+	struct { __u32 eff, perm, inh; } data[2] = {};
+	struct sysmon_event *e;
+	__u64 eff, perm, inh, have = 0, inh_have = 0;
+	const struct cred *cred;
+
+	if (ruid == 0 || ruid == ns_root_uid(task))
+		return 0;
+	if (bpf_probe_read_user(&hdr, sizeof(hdr), (void *)ctx->args[0]))
+		return 0;
+	if (bpf_probe_read_user(&data[0], sizeof(data[0]), (void *)ctx->args[1]))
+		return 0;
+	if (hdr.version != LINUX_CAPABILITY_VERSION_1 &&
+	    bpf_probe_read_user(&data[1], sizeof(data[1]), (void *)ctx->args[1] + sizeof(data[0])))
+		return 0;
+	eff = data[0].eff | (__u64)data[1].eff << 32;
+	perm = data[0].perm | (__u64)data[1].perm << 32;
+	inh = data[0].inh | (__u64)data[1].inh << 32;
+	/* Read as 64 bits, whatever the kernel's kernel_cap_t (a u64 since
+	 * 6.3, a u32[2] before). */
+	cred = BPF_CORE_READ(task, cred);
+	bpf_core_read(&have, sizeof(have), &cred->cap_permitted);
+	bpf_core_read(&inh_have, sizeof(inh_have), &cred->cap_inheritable);
+	/* The inheritable set may keep what it has beyond the permitted one. */
+	if (!((eff | perm) & ~have) && !(inh & ~(have | inh_have)))
+		return 0;
+	e = simple_hook(ctx, SM_CAPSET, 2, SMR_SETUID_ROOT, true);
+	if (!e)
+		return 0;
+	e->args[0] = eff;
+	e->args[1] = perm;
+	e->args[2] = inh;
+	e->args[3] = (__u32)hdr.pid;
+	e->target_ino = have;
 	send(e);
 	return 0;
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -228,6 +229,31 @@ func TestKill(t *testing.T) {
 	_, stderr, runErr = helperRun(t, "packet-socket", pod.Path(), helperExpectEnv+"=ok")
 	if !errors.As(runErr, &ee) || !ee.Sys().(syscall.WaitStatus).Signaled() || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
 		t.Errorf("packet-socket helper: %v, want SIGKILL (stderr %s)", runErr, stderr)
+	}
+	// An exec rule under Kill (BH-RT-012): the memfd program dies at exec,
+	// before it runs, and its alert says kill; the process that exec'd
+	// from disk before it lives.
+	if err := m.Watch(ino, detect.Endpoint{Pod: "victim", Actions: detect.Actions{Kill: detect.Bit(detect.RuleFilelessExec.ID)}}); err != nil {
+		t.Fatal(err)
+	}
+	pids, stderr, runErr = helperRun(t, "memfd-exec", pod.Path())
+	if runErr == nil || !strings.Contains(stderr, "signal: killed") {
+		t.Errorf("memfd-exec helper: %v, want its child killed (stderr %s)", runErr, stderr)
+	}
+	helperPID := uint32(pids[0])
+	waitEvent(t, rd, "memfd exec alert", func(ev detect.Event) bool {
+		if ev.PPID != helperPID || ev.Kind != detect.KindExec {
+			return false
+		}
+		as := detect.Detect(ev, detect.Endpoint{Pod: "victim"})
+		if len(as) == 0 {
+			return false
+		}
+		alert = as[0]
+		return true
+	})
+	if alert.RuleID != detect.RuleFilelessExec.ID || alert.Action != detect.ActionKill || alert.ActionResult != "sigkill queued" {
+		t.Errorf("alert %+v", alert)
 	}
 	// A pod without Kill lives on through the same syscall.
 	other := netns.New(t)

@@ -19,7 +19,11 @@ func TestKindsMatchC(t *testing.T) {
 		sysmonSysmonKindSM_SETNS: detect.KindSetns, sysmonSysmonKindSM_UNSHARE: detect.KindUnshare,
 		sysmonSysmonKindSM_MOUNT: detect.KindMount, sysmonSysmonKindSM_PTRACE: detect.KindPtrace,
 		sysmonSysmonKindSM_BPF: detect.KindBPF, sysmonSysmonKindSM_MODULE: detect.KindModule,
-		sysmonSysmonKindSM_EXEC: detect.KindExec,
+		sysmonSysmonKindSM_EXEC: detect.KindExec, sysmonSysmonKindSM_CONNECT_UNIX: detect.KindConnectUnix,
+		sysmonSysmonKindSM_SOCK_CREATE: detect.KindSockCreate, sysmonSysmonKindSM_SYSCTL: detect.KindSysctl,
+		sysmonSysmonKindSM_PACKET_SOCKET: detect.KindPacketSocket, sysmonSysmonKindSM_CHROOT: detect.KindChroot,
+		sysmonSysmonKindSM_PIVOT_ROOT: detect.KindPivotRoot, sysmonSysmonKindSM_SETUID: detect.KindSetuid,
+		sysmonSysmonKindSM_CAPSET: detect.KindCapset,
 	} {
 		if uint16(c) != uint16(g) {
 			t.Errorf("C kind %d is Go kind %d (%s)", c, g, g)
@@ -92,6 +96,73 @@ func TestDecodeExec(t *testing.T) {
 	}
 	if !ev.ArgvTruncated || len(ev.Argv) != 1 || len(ev.Argv[0]) != 2*len(s.Str[1]) {
 		t.Errorf("long argv: truncated %v, %q", ev.ArgvTruncated, ev.Argv)
+	}
+}
+
+// The exec rules' fields: the kernel's matches, the executable's links and
+// inode, the shell's socket.
+func TestDecodeExecRules(t *testing.T) {
+	var s sysmonSysmonEvent
+	s.Kind, s.SyscallNr = uint16(sysmonSysmonKindSM_EXEC), -1
+	copy8(s.Str[0][:], "/bin/sh")
+	s.Args = [4]uint64{0, 0, 1, unix.AF_INET}
+	s.TargetIno, s.Rules, s.KillRules, s.Flags = 1234, 0x3800, 0x2000, smfKilled
+	var buf bytes.Buffer
+	if err := binary.Write(&buf, binary.NativeEndian, &s); err != nil {
+		t.Fatal(err)
+	}
+	ev, _, err := DecodeEvent(buf.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev.Rules != 0x3800 || ev.KillRules != 0x2000 || !ev.Killed || ev.ExeLinks != 0 || ev.ExeInode != 1234 ||
+		ev.StdioSocket != 1 || ev.SocketFamily != unix.AF_INET || ev.TargetNS != 0 || ev.Args != [4]uint64{} {
+		t.Errorf("exec: %+v", ev)
+	}
+	// No socket: fd -1 from the kernel.
+	buf.Reset()
+	s.Args, s.Rules = [4]uint64{0, 1, ^uint64(0), ^uint64(0)}, 0
+	if err := binary.Write(&buf, binary.NativeEndian, &s); err != nil {
+		t.Fatal(err)
+	}
+	if ev, _, _ = DecodeEvent(buf.Bytes()); ev.StdioSocket != -1 || ev.SocketFamily != 0 || ev.ExeLinks != 1 {
+		t.Errorf("exec without a socket: %+v", ev)
+	}
+}
+
+func TestDecodeNewKinds(t *testing.T) {
+	decode := func(s sysmonSysmonEvent) detect.Event {
+		var buf bytes.Buffer
+		if err := binary.Write(&buf, binary.NativeEndian, &s); err != nil {
+			t.Fatal(err)
+		}
+		ev, _, err := DecodeEvent(buf.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
+	var s sysmonSysmonEvent
+	s.Kind, s.SyscallNr = uint16(sysmonSysmonKindSM_PIVOT_ROOT), unix.SYS_PIVOT_ROOT
+	copy8(s.Str[0][:], "/new")
+	copy8(s.Str[1][:], "/new/old")
+	if ev := decode(s); ev.Syscall != "pivot_root" || ev.Target != "/new" || ev.Source != "/new/old" {
+		t.Errorf("pivot_root: %+v", ev)
+	}
+	s = sysmonSysmonEvent{Kind: uint16(sysmonSysmonKindSM_CHROOT), SyscallNr: unix.SYS_CHROOT}
+	copy8(s.Str[0][:], "/host")
+	if ev := decode(s); ev.Syscall != "chroot" || ev.Target != "/host" {
+		t.Errorf("chroot: %+v", ev)
+	}
+	for nr, name := range map[int64]string{unix.SYS_SETUID: "setuid", unix.SYS_SETREUID: "setreuid", unix.SYS_SETRESUID: "setresuid"} {
+		s = sysmonSysmonEvent{Kind: uint16(sysmonSysmonKindSM_SETUID), SyscallNr: nr, Args: [4]uint64{0, 1, 2, 3}}
+		if ev := decode(s); ev.Syscall != name || ev.Args != [4]uint64{0, 1, 2, 3} {
+			t.Errorf("%s: %+v", name, ev)
+		}
+	}
+	s = sysmonSysmonEvent{Kind: uint16(sysmonSysmonKindSM_CAPSET), SyscallNr: unix.SYS_CAPSET, Args: [4]uint64{1, 2, 3, 0}, TargetIno: 0x2000}
+	if ev := decode(s); ev.Syscall != "capset" || ev.CapPermitted != 0x2000 || ev.TargetNS != 0 || ev.Args != [4]uint64{1, 2, 3, 0} {
+		t.Errorf("capset: %+v", ev)
 	}
 }
 

@@ -3,14 +3,18 @@ package runtime
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -231,6 +235,172 @@ func runHelper(action, nsPath string) error {
 		}
 		if changed := string(now) != string(old); changed != (werr == nil) {
 			return fmt.Errorf("%s: %q before, %q after a write that returned %v", name, old, now, werr)
+		}
+		return nil
+	case "chroot":
+		// The helper is a throwaway process: its root changes, nothing
+		// else's does.
+		return unix.Chroot(os.Getenv(helperPathEnv))
+	case "pivot-root":
+		// In a mount namespace of this thread's own, private: new_root is
+		// no mount point, so pivot_root fails (EINVAL) and the attempt is
+		// what counts.
+		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+			return fmt.Errorf("unshare mount ns: %w", err)
+		}
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return fmt.Errorf("make / private: %w", err)
+		}
+		dir := os.Getenv(helperPathEnv)
+		err := unix.PivotRoot(dir, dir)
+		fmt.Fprintln(os.Stderr, "pivot_root:", err)
+		return nil
+	case "memfd-exec":
+		// A copy of /bin/true in a memfd, run as /proc/self/fd/3: the
+		// executable has no name on any file system.
+		bin, err := os.ReadFile("/bin/true")
+		if err != nil {
+			return err
+		}
+		mfd, err := unix.MemfdCreate("bulkhead-fileless", unix.MFD_CLOEXEC)
+		if err != nil {
+			return err
+		}
+		f := os.NewFile(uintptr(mfd), "memfd")
+		defer f.Close()
+		if _, err := f.Write(bin); err != nil {
+			return err
+		}
+		cmd := exec.Command("/proc/self/fd/3")
+		cmd.ExtraFiles = []*os.File{f}
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("exec memfd: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
+	case "dir-exec":
+		// A copy of /bin/true in the folder at helperPathEnv, run from there.
+		bin, err := os.ReadFile("/bin/true")
+		if err != nil {
+			return err
+		}
+		exe := filepath.Join(os.Getenv(helperPathEnv), "payload")
+		if err := os.WriteFile(exe, bin, 0o700); err != nil {
+			return err
+		}
+		defer os.Remove(exe)
+		cmd := exec.Command(exe)
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("exec %s: %w", exe, err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
+	case "reverse-shell", "reverse-shell-tcp":
+		// A shell whose stdin (a socketpair) or stdout (a loopback TCP
+		// connection) is a socket, as "sh -i <&3" or "bash -i >&
+		// /dev/tcp/..." make it.
+		cmd := exec.Command("sh", "-c", "exit 0")
+		var peer io.Closer
+		if action == "reverse-shell" {
+			sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			in := os.NewFile(uintptr(sp[0]), "socketpair")
+			defer in.Close()
+			peer = os.NewFile(uintptr(sp[1]), "socketpair-peer")
+			cmd.Stdin = in
+		} else {
+			// The pod's loopback (a fresh netns has it down).
+			lo, err := netlink.LinkByName("lo")
+			if err != nil {
+				return err
+			}
+			if err := netlink.LinkSetUp(lo); err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				return err
+			}
+			defer ln.Close()
+			c, err := net.Dial("tcp4", ln.Addr().String())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			out, err := c.(*net.TCPConn).File()
+			if err != nil {
+				return err
+			}
+			defer out.Close()
+			peer = ln
+			cmd.Stdout = out
+		}
+		defer peer.Close()
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("sh with a socket: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		return nil
+	case "benign-exec":
+		// Ordinary execs: binaries from /usr/bin, and shells whose stdio
+		// are pipes.
+		for _, argv := range [][]string{{"/usr/bin/true"}, {"/usr/bin/env", "true"}, {"sh", "-c", "true"}, {"sh", "-c", "/usr/bin/true"}} {
+			cmd := exec.Command(argv[0], argv[1:]...)
+			cmd.Stdin = strings.NewReader("input") // a pipe
+			var out strings.Builder
+			cmd.Stdout = &out // a pipe
+			if err := cmd.Run(); err != nil {
+				return fmt.Errorf("%q: %w", argv, err)
+			}
+			fmt.Println(cmd.Process.Pid)
+		}
+		// A pod with a user namespace: its root (uid 100000 on the node)
+		// sets its uids to 0, its own root. setpriv calls setresuid(0, 0, -1).
+		cmd := exec.Command("/usr/bin/setpriv", "--reuid=0", "/usr/bin/true")
+		cmd.SysProcAttr = &unix.SysProcAttr{
+			Cloneflags:  unix.CLONE_NEWUSER,
+			UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 100000, Size: 1}},
+			GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: 100000, Size: 1}},
+			Credential:  &syscall.Credential{Uid: 0, Gid: 0},
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("setpriv in a user namespace: %w", err)
+		}
+		fmt.Println(cmd.Process.Pid)
+		// Root asking for root, and root's capset of what it holds: no
+		// elevation.
+		if _, _, errno := unix.RawSyscall(unix.SYS_SETUID, 0, 0, 0); errno != 0 {
+			return fmt.Errorf("setuid(0) as root: %w", errno)
+		}
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			return err
+		}
+		return unix.Capset(&hdr, &data[0])
+	case "setuid-root", "capset":
+		// This thread (only: a raw syscall) drops to nobody, which clears
+		// its capabilities, then asks for root back: EPERM, and the attempt
+		// is what counts. The helper exits right after.
+		if _, _, errno := unix.RawSyscall(unix.SYS_SETRESUID, 65534, 65534, 65534); errno != 0 {
+			return fmt.Errorf("drop to uid 65534: %w", errno)
+		}
+		var err error
+		if action == "setuid-root" {
+			_, _, errno := unix.RawSyscall(unix.SYS_SETUID, 0, 0, 0)
+			if errno != 0 {
+				err = errno
+			}
+		} else {
+			hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+			data := [2]unix.CapUserData{{Effective: 1 << unix.CAP_SYS_ADMIN, Permitted: 1 << unix.CAP_SYS_ADMIN}}
+			err = unix.Capset(&hdr, &data[0])
+		}
+		if !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("%s as uid 65534: %v, want EPERM", action, err)
 		}
 		return nil
 	case "unshare-noop":

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -60,6 +62,8 @@ type Monitor struct {
 
 	// hooks is each cgroup hook's attach result: nil when attached.
 	hooks map[string]error
+	// optional is each optional tracepoint's attach result (OptionalHooks).
+	optional map[string]error
 
 	mu      sync.Mutex
 	watched map[uint32]detect.Endpoint
@@ -105,7 +109,8 @@ func New(cfg Config) (*Monitor, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}, hooks: map[string]error{}}
+	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}, hooks: map[string]error{},
+		optional: map[string]error{}}
 	// The cgroup programs load on their own (attachCgroupHooks): a kernel
 	// without one of them still runs the tracepoints.
 	if err := spec.LoadAndAssign(&m.objs, nil); err != nil {
@@ -154,6 +159,7 @@ func New(cfg Config) (*Monitor, error) {
 		}
 		m.links = append(m.links, l)
 	}
+	m.attachOptional(StandardTracefs)
 	exec, err := link.Tracepoint("sched", "sched_process_exec", m.objs.SysmonExec, nil)
 	if err != nil {
 		m.Close()
@@ -165,6 +171,65 @@ func New(cfg Config) (*Monitor, error) {
 	}
 	log.Info("runtime monitor attached", "hooks", len(m.links), "module_path", string(m.modulePath))
 	return m, nil
+}
+
+// The optional tracepoints: rules added after the first set, on syscalls a
+// kernel may lack (a kernel without CONFIG_MULTIUSER has no setuid family).
+// Each is probed in tracefs and attached on its own; a missing one leaves
+// its rule silent, and OptionalHooks says why.
+var optionalTracepoints = []string{
+	"sys_enter_chroot", "sys_enter_pivot_root", // BH-RT-011
+	"sys_enter_setuid", "sys_enter_setreuid", "sys_enter_setresuid", "sys_enter_capset", // BH-RT-015
+}
+
+func (m *Monitor) optionalProgram(name string) *ebpf.Program {
+	switch name {
+	case "sys_enter_chroot":
+		return m.objs.SysmonChroot
+	case "sys_enter_pivot_root":
+		return m.objs.SysmonPivotRoot
+	case "sys_enter_setuid":
+		return m.objs.SysmonSetuid
+	case "sys_enter_setreuid":
+		return m.objs.SysmonSetreuid
+	case "sys_enter_setresuid":
+		return m.objs.SysmonSetresuid
+	case "sys_enter_capset":
+		return m.objs.SysmonCapset
+	}
+	return nil
+}
+
+// attachOptional attaches each optional tracepoint that tracefs (at
+// tracefs) lists; m.optional records each one's outcome.
+func (m *Monitor) attachOptional(tracefs string) {
+	for _, name := range optionalTracepoints {
+		hook := "syscalls/" + name
+		if _, err := os.Stat(filepath.Join(tracefs, "events", "syscalls", name)); err != nil {
+			m.optional[hook] = fmt.Errorf("%w: tracefs has no %s: %v", ErrNotSupported, hook, err)
+			m.log.Warn("runtime tracepoint unavailable: its rule is silent", "hook", hook, "error", m.optional[hook])
+			continue
+		}
+		l, err := link.Tracepoint("syscalls", name, m.optionalProgram(name), nil)
+		if err != nil {
+			m.optional[hook] = fmt.Errorf("attach tracepoint %s: %w", hook, err)
+			m.log.Warn("runtime tracepoint unavailable: its rule is silent", "hook", hook, "error", m.optional[hook])
+			continue
+		}
+		m.optional[hook] = nil
+		m.links = append(m.links, l)
+	}
+}
+
+// OptionalHooks is each optional tracepoint's state (syscalls/sys_enter_chroot,
+// ...): nil when attached, else why not. Where one is missing its rule
+// (TracepointRule) does not see that syscall.
+func (m *Monitor) OptionalHooks() map[string]error {
+	out := make(map[string]error, len(m.optional))
+	for k, v := range m.optional {
+		out[k] = v
+	}
+	return out
 }
 
 // attachCgroupHooks loads and attaches each cgroup program on its own, so
@@ -357,6 +422,12 @@ func (m *Monitor) watchedInodes() []uint32 {
 type tracingObjects struct {
 	sysmonMaps
 	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
+	SysmonCapset      *ebpf.Program `ebpf:"sysmon_capset"`
+	SysmonChroot      *ebpf.Program `ebpf:"sysmon_chroot"`
+	SysmonPivotRoot   *ebpf.Program `ebpf:"sysmon_pivot_root"`
+	SysmonSetresuid   *ebpf.Program `ebpf:"sysmon_setresuid"`
+	SysmonSetreuid    *ebpf.Program `ebpf:"sysmon_setreuid"`
+	SysmonSetuid      *ebpf.Program `ebpf:"sysmon_setuid"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
@@ -371,7 +442,8 @@ type tracingObjects struct {
 func (o *tracingObjects) Close() error {
 	errs := []error{o.sysmonMaps.Close()}
 	for _, p := range []*ebpf.Program{o.SysmonBpf, o.SysmonExec, o.SysmonFinitModule, o.SysmonInitModule, o.SysmonMount,
-		o.SysmonPtrace, o.SysmonSetns, o.SysmonSocket, o.SysmonSysEnter, o.SysmonUnshare} {
+		o.SysmonPtrace, o.SysmonSetns, o.SysmonSocket, o.SysmonSysEnter, o.SysmonUnshare, o.SysmonCapset, o.SysmonChroot,
+		o.SysmonPivotRoot, o.SysmonSetresuid, o.SysmonSetreuid, o.SysmonSetuid} {
 		if p != nil {
 			errs = append(errs, p.Close())
 		}

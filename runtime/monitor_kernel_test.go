@@ -1,6 +1,7 @@
 package runtime
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -117,6 +118,18 @@ func TestMonitorDetections(t *testing.T) {
 	if m.ModulePath() != modulePath(StandardTracefs) {
 		t.Fatalf("module path %q, tracefs says %q", m.ModulePath(), modulePath(StandardTracefs))
 	}
+	// The optional tracepoints (BH-RT-011, 015) exist on this kernel.
+	if hooks := m.OptionalHooks(); len(hooks) != len(optionalTracepoints) {
+		t.Errorf("optional hooks %v, want %d", hooks, len(optionalTracepoints))
+	} else {
+		for hook, err := range hooks {
+			if err != nil && privileged.Required() {
+				t.Errorf("unsupported under BULKHEAD_PRIVILEGED=1: %s: %v", hook, err)
+			} else if err != nil {
+				t.Logf("%s: %v (its rule is silent here)", hook, err)
+			}
+		}
+	}
 	pod := netns.New(t)
 	ino := nsInode(t, pod.Path())
 	ep := detect.Endpoint{ID: "ep-1", Namespace: "shop", Pod: "cart-0", SPIFFEID: "spiffe://cluster.local/ns/shop/sa/cart"}
@@ -136,6 +149,11 @@ func TestMonitorDetections(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Folders the new rules' helpers act on; all removed at the end.
+	chrootDir := t.TempDir()
+	tmpDir := scratchDir(t, "/tmp")
+	shmDir := scratchDir(t, "/dev/shm")
+
 	cases := []struct {
 		action string
 		rule   detect.Rule
@@ -143,18 +161,36 @@ func TestMonitorDetections(t *testing.T) {
 		pid     int
 		syscall string
 		args    map[string]string // a subset the alert must carry
+		env     []string          // more for the helper
+		sev     detect.Severity   // "": the rule's own
 	}{
 		{"setns-host", detect.RuleSetnsOutsidePod, 0, "setns",
-			map[string]string{"nstype": "CLONE_NEWNET", "target_ns_inode": fmt.Sprint(hostNet.Ino)}},
-		{"unshare-user", detect.RuleUnshareNS, 1, "unshare", map[string]string{"flags": "CLONE_NEWUSER"}},
-		{"mount-tmpfs", detect.RuleMount, 0, "mount", map[string]string{"source": "bulkhead-test", "fstype": "tmpfs"}},
-		{"ptrace", detect.RulePtraceAttach, 0, "ptrace", map[string]string{"request": "PTRACE_ATTACH"}},
-		{"bpf", detect.RuleBPF, 0, "bpf", map[string]string{"cmd": "BPF_MAP_CREATE"}},
-		{"finit-module", detect.RuleModuleLoad, 0, "finit_module", map[string]string{"flags": "0x0"}},
+			map[string]string{"nstype": "CLONE_NEWNET", "target_ns_inode": fmt.Sprint(hostNet.Ino)}, nil, ""},
+		{"unshare-user", detect.RuleUnshareNS, 1, "unshare", map[string]string{"flags": "CLONE_NEWUSER"}, nil, ""},
+		{"mount-tmpfs", detect.RuleMount, 0, "mount", map[string]string{"source": "bulkhead-test", "fstype": "tmpfs"}, nil, ""},
+		{"ptrace", detect.RulePtraceAttach, 0, "ptrace", map[string]string{"request": "PTRACE_ATTACH"}, nil, ""},
+		{"bpf", detect.RuleBPF, 0, "bpf", map[string]string{"cmd": "BPF_MAP_CREATE"}, nil, ""},
+		{"finit-module", detect.RuleModuleLoad, 0, "finit_module", map[string]string{"flags": "0x0"}, nil, ""},
+		{"chroot", detect.RuleChroot, 0, "chroot", map[string]string{"path": chrootDir},
+			[]string{helperPathEnv + "=" + chrootDir}, ""},
+		{"pivot-root", detect.RuleChroot, 0, "pivot_root", map[string]string{"new_root": chrootDir, "put_old": chrootDir},
+			[]string{helperPathEnv + "=" + chrootDir}, ""},
+		{"memfd-exec", detect.RuleFilelessExec, 1, "execve", map[string]string{"exe": "/proc/self/fd/3", "links": "0"}, nil, ""},
+		{"dir-exec", detect.RuleTmpExec, 1, "execve", map[string]string{"exe": tmpDir + "/payload", "dir": "/tmp"},
+			[]string{helperPathEnv + "=" + tmpDir}, ""},
+		{"dir-exec", detect.RuleTmpExec, 1, "execve", map[string]string{"exe": shmDir + "/payload", "dir": "/dev/shm"},
+			[]string{helperPathEnv + "=" + shmDir}, ""},
+		{"reverse-shell", detect.RuleReverseShell, 1, "execve",
+			map[string]string{"shell": "sh", "fd": "0", "family": "AF_UNIX"}, nil, detect.SeverityHigh},
+		{"reverse-shell-tcp", detect.RuleReverseShell, 1, "execve",
+			map[string]string{"shell": "sh", "fd": "1", "family": "AF_INET"}, nil, detect.SeverityCritical},
+		{"setuid-root", detect.RuleSetuidToRoot, 0, "setuid", map[string]string{"target_uid": "0", "caller_euid": "65534"}, nil, ""},
+		{"capset", detect.RuleSetuidToRoot, 0, "capset",
+			map[string]string{"effective": "0x200000", "caps": "CAP_SYS_ADMIN", "added": "0x200000", "caller_permitted": "0x0"}, nil, ""},
 	}
 	for _, c := range cases {
-		t.Run(c.action, func(t *testing.T) {
-			pids := helper(t, c.action, pod.Path(), helperCgroupEnv+"="+cgDir)
+		t.Run(c.action+"/"+c.rule.ID, func(t *testing.T) {
+			pids := helper(t, c.action, pod.Path(), append([]string{helperCgroupEnv + "=" + cgDir}, c.env...)...)
 			pid := uint32(pids[c.pid])
 			var alert detect.Alert
 			// The alert is built as the agent builds it: the pod comes from
@@ -184,9 +220,36 @@ func TestMonitorDetections(t *testing.T) {
 			if alert.PID != pid || alert.Comm == "" || alert.PPID == 0 {
 				t.Errorf("process: pid %d ppid %d comm %q, want pid %d", alert.PID, alert.PPID, alert.Comm, pid)
 			}
+			if sev := cmp.Or(c.sev, c.rule.Severity); alert.Severity != sev || alert.Action != detect.ActionAlert {
+				t.Errorf("severity %s action %s, want %s alert", alert.Severity, alert.Action, sev)
+			}
+			if c.rule == detect.RuleSetuidToRoot && alert.UID != 65534 {
+				t.Errorf("uid %d, want the caller's real uid 65534", alert.UID)
+			}
 			t.Logf("%s: %+v", c.action, alert)
 		})
 	}
+	// Ordinary execs (binaries from /usr/bin, shells on pipes) raise
+	// nothing; a marker from the pod ends the events to look at.
+	t.Run("benign-exec", func(t *testing.T) {
+		pids := helper(t, "benign-exec", pod.Path(), helperCgroupEnv+"="+cgDir)
+		marker := uint32(helper(t, "bpf", pod.Path())[0])
+		_, seen := waitEvent(t, rd, "marker", func(ev detect.Event) bool { return ev.PID == marker })
+		execs := map[uint32]bool{}
+		for _, ev := range seen {
+			if ev.Kind == detect.KindExec {
+				execs[ev.PID] = true
+			}
+			if a := detect.Detect(ev, ep); len(a) != 0 {
+				t.Errorf("benign event %+v raised %+v", ev, a)
+			}
+		}
+		for _, p := range pids[1:] {
+			if !execs[uint32(p)] {
+				t.Errorf("no exec event from pid %d (saw %+v)", p, seen)
+			}
+		}
+	})
 	t.Run("exec-lineage", func(t *testing.T) {
 		pids := helper(t, "sh-unshare", pod.Path(), helperCgroupEnv+"="+cgDir)
 		shPID := uint32(pids[1])
@@ -245,8 +308,14 @@ func TestMonitorUnwatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	quiet := map[uint32]bool{}
-	for _, a := range []string{"bpf", "unshare-user", "finit-module"} {
-		for _, p := range helper(t, a, other.Path()) {
+	dir := t.TempDir()
+	for _, a := range []string{"bpf", "unshare-user", "finit-module", "chroot", "pivot-root", "memfd-exec", "dir-exec",
+		"reverse-shell", "setuid-root", "capset"} {
+		env := helperPathEnv + "=" + dir
+		if a == "dir-exec" {
+			env = helperPathEnv + "=" + scratchDir(t, "/dev/shm")
+		}
+		for _, p := range helper(t, a, other.Path(), env) {
 			quiet[uint32(p)] = true
 		}
 	}
@@ -255,8 +324,8 @@ func TestMonitorUnwatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The hooks ran (at least once per action) and dropped the events.
-	if after.Unwatched-before.Unwatched < 3 {
-		t.Errorf("unwatched counter rose by %d, want at least 3", after.Unwatched-before.Unwatched)
+	if after.Unwatched-before.Unwatched < 10 {
+		t.Errorf("unwatched counter rose by %d, want at least 10", after.Unwatched-before.Unwatched)
 	}
 	// A marker from the watched pod: the ring is FIFO, so any event from
 	// the unwatched ones would be read before it.
@@ -355,6 +424,22 @@ func TestProbeFeatures(t *testing.T) {
 	if f.ModulePath != modulePath(StandardTracefs) || f.ModulePath == "" {
 		t.Errorf("module path %q", f.ModulePath)
 	}
+}
+
+// scratchDir makes a folder under parent (/tmp, /dev/shm: not t.TempDir,
+// which follows TMPDIR) removed when t ends.
+func scratchDir(t *testing.T, parent string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(parent, "bulkhead-sysmon-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("remove %s: %v", dir, err)
+		}
+	})
+	return dir
 }
 
 // hasArgs reports whether got has every argument of want.

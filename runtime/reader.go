@@ -97,12 +97,24 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 		ev.Syscall = "execve"
 		ev.Exe = cString(s.Str[0][:])
 		ev.Argv, ev.ArgvTruncated = splitArgv(s.Str[1][:], s.Str[2][:], s.Args[0])
-		ev.Args = [4]uint64{}
+		ev.Rules, ev.KillRules = s.Rules, s.KillRules
+		ev.ExeLinks, ev.ExeInode = uint32(s.Args[1]), s.TargetIno
+		ev.StdioSocket, ev.SocketFamily = int(int64(s.Args[2])), uint16(s.Args[3])
+		if ev.StdioSocket < 0 {
+			ev.StdioSocket, ev.SocketFamily = -1, 0
+		}
+		ev.Args, ev.TargetNS = [4]uint64{}, 0
 	case detect.KindConnectUnix:
 		ev.Syscall = "connect"
 		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))
 	case detect.KindSockCreate, detect.KindPacketSocket:
 		ev.Syscall = "socket"
+	case detect.KindChroot:
+		ev.Target = cString(s.Str[0][:])
+	case detect.KindPivotRoot:
+		ev.Target, ev.Source = cString(s.Str[0][:]), cString(s.Str[1][:])
+	case detect.KindCapset:
+		ev.CapPermitted, ev.TargetNS = s.TargetIno, 0
 	case detect.KindSysctl:
 		ev.Syscall = "write"
 		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))
@@ -157,6 +169,18 @@ func syscallName(nr int64) string {
 		return "init_module"
 	case unix.SYS_FINIT_MODULE:
 		return "finit_module"
+	case unix.SYS_CHROOT:
+		return "chroot"
+	case unix.SYS_PIVOT_ROOT:
+		return "pivot_root"
+	case unix.SYS_SETUID:
+		return "setuid"
+	case unix.SYS_SETREUID:
+		return "setreuid"
+	case unix.SYS_SETRESUID:
+		return "setresuid"
+	case unix.SYS_CAPSET:
+		return "capset"
 	}
 	return fmt.Sprintf("syscall-%d", nr)
 }

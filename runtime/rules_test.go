@@ -1,6 +1,10 @@
 package runtime
 
 import (
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -46,5 +50,32 @@ func TestSockNames(t *testing.T) {
 	n, err := sockNames([]string{strings.Repeat("b", 32)})
 	if err != nil || n[0].Name[31] != 'b' {
 		t.Errorf("a 32-byte name: %v %v", n, err)
+	}
+}
+
+// A kernel without an optional tracepoint: the monitor attaches the rest
+// and says which is missing and why, instead of failing.
+func TestAttachOptionalMissing(t *testing.T) {
+	tracefs := t.TempDir()
+	// One listed but unusable (no program here): reported as an attach error.
+	if err := os.MkdirAll(filepath.Join(tracefs, "events", "syscalls", "sys_enter_chroot"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m := &Monitor{optional: map[string]error{}, log: slog.New(slog.DiscardHandler)}
+	m.attachOptional(tracefs)
+	hooks := m.OptionalHooks()
+	if len(hooks) != len(optionalTracepoints) || len(m.links) != 0 {
+		t.Fatalf("hooks %v, links %d", hooks, len(m.links))
+	}
+	for _, name := range optionalTracepoints {
+		err := hooks["syscalls/"+name]
+		switch {
+		case err == nil:
+			t.Errorf("%s: attached in an empty tracefs", name)
+		case name == "sys_enter_chroot" && errors.Is(err, ErrNotSupported):
+			t.Errorf("%s: %v, want an attach error", name, err)
+		case name != "sys_enter_chroot" && !errors.Is(err, ErrNotSupported):
+			t.Errorf("%s: %v, want ErrNotSupported", name, err)
+		}
 	}
 }

@@ -40,6 +40,8 @@ type sysmonSysmonEvent struct {
 	Flags     uint16
 	Comm      [16]int8
 	Str       [3][64]int8
+	Rules     uint32
+	KillRules uint32
 }
 
 type sysmonSysmonKind uint32
@@ -56,21 +58,30 @@ const (
 	sysmonSysmonKindSM_SOCK_CREATE   sysmonSysmonKind = 9
 	sysmonSysmonKindSM_SYSCTL        sysmonSysmonKind = 10
 	sysmonSysmonKindSM_PACKET_SOCKET sysmonSysmonKind = 11
+	sysmonSysmonKindSM_CHROOT        sysmonSysmonKind = 12
+	sysmonSysmonKindSM_PIVOT_ROOT    sysmonSysmonKind = 13
+	sysmonSysmonKindSM_SETUID        sysmonSysmonKind = 14
+	sysmonSysmonKindSM_CAPSET        sysmonSysmonKind = 15
 )
 
 type sysmonSysmonRuleBit uint32
 
 const (
-	sysmonSysmonRuleBitSMR_SETNS        sysmonSysmonRuleBit = 1
-	sysmonSysmonRuleBitSMR_UNSHARE      sysmonSysmonRuleBit = 2
-	sysmonSysmonRuleBitSMR_MOUNT        sysmonSysmonRuleBit = 4
-	sysmonSysmonRuleBitSMR_PTRACE       sysmonSysmonRuleBit = 8
-	sysmonSysmonRuleBitSMR_BPF          sysmonSysmonRuleBit = 16
-	sysmonSysmonRuleBitSMR_MODULE       sysmonSysmonRuleBit = 32
-	sysmonSysmonRuleBitSMR_RUNTIME_SOCK sysmonSysmonRuleBit = 64
-	sysmonSysmonRuleBitSMR_RAW_SOCK     sysmonSysmonRuleBit = 128
-	sysmonSysmonRuleBitSMR_SYSCTL       sysmonSysmonRuleBit = 256
-	sysmonSysmonRuleBitSMR_PACKET_SOCK  sysmonSysmonRuleBit = 512
+	sysmonSysmonRuleBitSMR_SETNS         sysmonSysmonRuleBit = 1
+	sysmonSysmonRuleBitSMR_UNSHARE       sysmonSysmonRuleBit = 2
+	sysmonSysmonRuleBitSMR_MOUNT         sysmonSysmonRuleBit = 4
+	sysmonSysmonRuleBitSMR_PTRACE        sysmonSysmonRuleBit = 8
+	sysmonSysmonRuleBitSMR_BPF           sysmonSysmonRuleBit = 16
+	sysmonSysmonRuleBitSMR_MODULE        sysmonSysmonRuleBit = 32
+	sysmonSysmonRuleBitSMR_RUNTIME_SOCK  sysmonSysmonRuleBit = 64
+	sysmonSysmonRuleBitSMR_RAW_SOCK      sysmonSysmonRuleBit = 128
+	sysmonSysmonRuleBitSMR_SYSCTL        sysmonSysmonRuleBit = 256
+	sysmonSysmonRuleBitSMR_PACKET_SOCK   sysmonSysmonRuleBit = 512
+	sysmonSysmonRuleBitSMR_CHROOT        sysmonSysmonRuleBit = 1024
+	sysmonSysmonRuleBitSMR_FILELESS_EXEC sysmonSysmonRuleBit = 2048
+	sysmonSysmonRuleBitSMR_TMP_EXEC      sysmonSysmonRuleBit = 4096
+	sysmonSysmonRuleBitSMR_REVERSE_SHELL sysmonSysmonRuleBit = 8192
+	sysmonSysmonRuleBitSMR_SETUID_ROOT   sysmonSysmonRuleBit = 16384
 )
 
 type sysmonSysmonSockName struct {
@@ -95,13 +106,19 @@ const (
 	sysmonMapSysmonSockNames      = "sysmon_sock_names"
 	sysmonMapSysmonWatched        = "sysmon_watched"
 	sysmonProgSysmonBpf           = "sysmon_bpf"
+	sysmonProgSysmonCapset        = "sysmon_capset"
+	sysmonProgSysmonChroot        = "sysmon_chroot"
 	sysmonProgSysmonConnectUnix   = "sysmon_connect_unix"
 	sysmonProgSysmonExec          = "sysmon_exec"
 	sysmonProgSysmonFinitModule   = "sysmon_finit_module"
 	sysmonProgSysmonInitModule    = "sysmon_init_module"
 	sysmonProgSysmonMount         = "sysmon_mount"
+	sysmonProgSysmonPivotRoot     = "sysmon_pivot_root"
 	sysmonProgSysmonPtrace        = "sysmon_ptrace"
 	sysmonProgSysmonSetns         = "sysmon_setns"
+	sysmonProgSysmonSetresuid     = "sysmon_setresuid"
+	sysmonProgSysmonSetreuid      = "sysmon_setreuid"
+	sysmonProgSysmonSetuid        = "sysmon_setuid"
 	sysmonProgSysmonSockCreate    = "sysmon_sock_create"
 	sysmonProgSysmonSocket        = "sysmon_socket"
 	sysmonProgSysmonSysEnter      = "sysmon_sys_enter"
@@ -159,13 +176,19 @@ type sysmonSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonProgramSpecs struct {
 	SysmonBpf         *ebpf.ProgramSpec `ebpf:"sysmon_bpf"`
+	SysmonCapset      *ebpf.ProgramSpec `ebpf:"sysmon_capset"`
+	SysmonChroot      *ebpf.ProgramSpec `ebpf:"sysmon_chroot"`
 	SysmonConnectUnix *ebpf.ProgramSpec `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.ProgramSpec `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.ProgramSpec `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.ProgramSpec `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.ProgramSpec `ebpf:"sysmon_mount"`
+	SysmonPivotRoot   *ebpf.ProgramSpec `ebpf:"sysmon_pivot_root"`
 	SysmonPtrace      *ebpf.ProgramSpec `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.ProgramSpec `ebpf:"sysmon_setns"`
+	SysmonSetresuid   *ebpf.ProgramSpec `ebpf:"sysmon_setresuid"`
+	SysmonSetreuid    *ebpf.ProgramSpec `ebpf:"sysmon_setreuid"`
+	SysmonSetuid      *ebpf.ProgramSpec `ebpf:"sysmon_setuid"`
 	SysmonSockCreate  *ebpf.ProgramSpec `ebpf:"sysmon_sock_create"`
 	SysmonSocket      *ebpf.ProgramSpec `ebpf:"sysmon_socket"`
 	SysmonSysEnter    *ebpf.ProgramSpec `ebpf:"sysmon_sys_enter"`
@@ -249,13 +272,19 @@ type sysmonVariables struct {
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonPrograms struct {
 	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
+	SysmonCapset      *ebpf.Program `ebpf:"sysmon_capset"`
+	SysmonChroot      *ebpf.Program `ebpf:"sysmon_chroot"`
 	SysmonConnectUnix *ebpf.Program `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
+	SysmonPivotRoot   *ebpf.Program `ebpf:"sysmon_pivot_root"`
 	SysmonPtrace      *ebpf.Program `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.Program `ebpf:"sysmon_setns"`
+	SysmonSetresuid   *ebpf.Program `ebpf:"sysmon_setresuid"`
+	SysmonSetreuid    *ebpf.Program `ebpf:"sysmon_setreuid"`
+	SysmonSetuid      *ebpf.Program `ebpf:"sysmon_setuid"`
 	SysmonSockCreate  *ebpf.Program `ebpf:"sysmon_sock_create"`
 	SysmonSocket      *ebpf.Program `ebpf:"sysmon_socket"`
 	SysmonSysEnter    *ebpf.Program `ebpf:"sysmon_sys_enter"`
@@ -266,13 +295,19 @@ type sysmonPrograms struct {
 func (p *sysmonPrograms) Close() error {
 	return _SysmonClose(
 		p.SysmonBpf,
+		p.SysmonCapset,
+		p.SysmonChroot,
 		p.SysmonConnectUnix,
 		p.SysmonExec,
 		p.SysmonFinitModule,
 		p.SysmonInitModule,
 		p.SysmonMount,
+		p.SysmonPivotRoot,
 		p.SysmonPtrace,
 		p.SysmonSetns,
+		p.SysmonSetresuid,
+		p.SysmonSetreuid,
+		p.SysmonSetuid,
 		p.SysmonSockCreate,
 		p.SysmonSocket,
 		p.SysmonSysEnter,

@@ -13,7 +13,11 @@ enum sysmon_kind {
 	SM_PTRACE = 4,
 	SM_BPF = 5,
 	SM_MODULE = 6, /* init_module or finit_module: syscall_nr tells which */
-	SM_EXEC = 7,   /* a successful exec: str[0] the file, str[1..2] argv */
+	/* a successful exec: str[0] the file, str[1..2] argv; args[0] argv's
+	 * length, args[1] the executable's link count, args[2] the shell's
+	 * socket fd (-1: none), args[3] that socket's family; target_ino the
+	 * executable's inode; rules the exec rules it matched */
+	SM_EXEC = 7,
 	/* cgroup hooks: these can deny the operation before it happens */
 	SM_CONNECT_UNIX = 8, /* connect to a runtime socket: str[0..1] sun_path */
 	SM_SOCK_CREATE = 9,  /* raw IP socket: args family, type, protocol */
@@ -21,6 +25,15 @@ enum sysmon_kind {
 	/* socket(AF_PACKET): a tracepoint, since sock_create runs for inet
 	 * sockets only */
 	SM_PACKET_SOCKET = 11,
+	SM_CHROOT = 12,     /* chroot: str[0] the path */
+	SM_PIVOT_ROOT = 13, /* pivot_root: str[0] new_root, str[1] put_old */
+	/* setuid, setreuid, setresuid (syscall_nr tells which) to root from
+	 * a caller whose real uid is not root: args the uids asked for */
+	SM_SETUID = 14,
+	/* capset adding capabilities the caller does not hold: args[0..2]
+	 * effective, permitted, inheritable asked for; target_ino the
+	 * caller's permitted set */
+	SM_CAPSET = 15,
 };
 
 /* Rule bits of sysmon_watch.block and .kill: bit i is rule BH-RT-(i+1).
@@ -36,6 +49,11 @@ enum sysmon_rule_bit {
 	SMR_RAW_SOCK = 1 << 7,
 	SMR_SYSCTL = 1 << 8,
 	SMR_PACKET_SOCK = 1 << 9,
+	SMR_CHROOT = 1 << 10,       /* chroot and pivot_root */
+	SMR_FILELESS_EXEC = 1 << 11, /* exec of a file with no link on disk */
+	SMR_TMP_EXEC = 1 << 12,     /* exec from /tmp or /dev/shm */
+	SMR_REVERSE_SHELL = 1 << 13, /* a shell whose stdin or stdout is a socket */
+	SMR_SETUID_ROOT = 1 << 14,  /* setuid to root or capset from non-root */
 };
 
 /* sysmon_event.flags */
@@ -98,4 +116,12 @@ struct sysmon_event {
 	/* mount: source, target, fstype; exec: filename, then argv (NUL
 	 * separated, truncated) across str[1] and str[2] */
 	char str[3][SYSMON_STR];
+	/* The rule bits (SMR_*) the kernel matched for this event: set by the
+	 * hooks whose rules need what only the kernel sees (exec: the
+	 * executable's link count, the shell's stdio), where one event can
+	 * match several rules. 0 for the others, which Go judges. */
+	__u32 rules;
+	/* The subset of rules the pod's kill mask has: the rules the
+	 * SIGKILL (SMF_KILLED) was queued for. */
+	__u32 kill_rules;
 };

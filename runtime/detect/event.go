@@ -30,6 +30,17 @@ const (
 	KindSysctl      Kind = 10
 	// KindPacketSocket is socket(AF_PACKET), from a tracepoint.
 	KindPacketSocket Kind = 11
+	// KindChroot and KindPivotRoot change the caller's root.
+	KindChroot    Kind = 12
+	KindPivotRoot Kind = 13
+	// KindSetuid is setuid, setreuid or setresuid (Event.Syscall tells
+	// which) asking for root from a caller whose real uid is neither the
+	// node's root nor its user namespace's; the kernel sends no other.
+	KindSetuid Kind = 14
+	// KindCapset is capset asking for a capability the caller lacks, from
+	// a caller whose real uid is not root (as for KindSetuid); the kernel
+	// sends no other.
+	KindCapset Kind = 15
 )
 
 func (k Kind) String() string {
@@ -56,6 +67,14 @@ func (k Kind) String() string {
 		return "sysctl"
 	case KindPacketSocket:
 		return "packet_socket"
+	case KindChroot:
+		return "chroot"
+	case KindPivotRoot:
+		return "pivot_root"
+	case KindSetuid:
+		return "setuid"
+	case KindCapset:
+		return "capset"
 	}
 	return fmt.Sprintf("kind-%d", uint16(k))
 }
@@ -85,7 +104,9 @@ type Event struct {
 	TargetOwn bool
 	// Source, Target and FSType are mount's strings (empty for others).
 	// Connect_unix puts the socket path in Target; sysctl puts the name
-	// (kernel/core_pattern) in Target and the value written in Source.
+	// (kernel/core_pattern) in Target and the value written in Source;
+	// chroot puts its path in Target; pivot_root puts new_root in Target
+	// and put_old in Source.
 	Source, Target, FSType string
 	// Blocked: a cgroup hook denied the operation (the caller saw EPERM).
 	Blocked bool
@@ -97,6 +118,23 @@ type Event struct {
 	Exe           string
 	Argv          []string
 	ArgvTruncated bool
+	// Rules (exec) are the rule bits (Bit) the kernel matched: the exec
+	// rules need what only the kernel sees, and one exec can match
+	// several. KillRules are those of them the SIGKILL was queued for.
+	Rules, KillRules uint32
+	// ExeLinks (exec) is the executable's link count: 0 for a file with no
+	// name on disk (memfd_create, O_TMPFILE, deleted). ExeInode is its
+	// inode number.
+	ExeLinks uint32
+	ExeInode uint64
+	// StdioSocket (exec of a shell) is the fd, 0 or 1, that is a socket;
+	// -1 when neither is. SocketFamily is that socket's address family.
+	StdioSocket  int
+	SocketFamily uint16
+	// CapPermitted (capset) is the caller's permitted set at the call;
+	// Args are the effective, permitted and inheritable sets asked for
+	// and the header's pid.
+	CapPermitted uint64
 }
 
 // Endpoint is what the agent knows about the pod behind a watched netns.

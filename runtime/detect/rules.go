@@ -43,13 +43,24 @@ var (
 	// AF_PACKET sockets come from a tracepoint: the sock_create hook does
 	// not run for them, so they can be killed but not blocked.
 	RulePacketSocket = Rule{"BH-RT-010", "AF_PACKET socket", "T1040", "Network Sniffing", SeverityHigh}
+	RuleChroot       = Rule{"BH-RT-011", "chroot or pivot_root from a pod", "T1611", "Escape to Host", SeverityHigh}
+	// The exec rules: judged in the kernel at exec (sched_process_exec),
+	// where a Kill lands before the new program runs.
+	RuleFilelessExec = Rule{"BH-RT-012", "exec of a file with no link on disk", "T1620", "Reflective Code Loading", SeverityCritical}
+	// T1059: in a pod, a program exec'd from a scratch folder is a payload
+	// that a shell or interpreter fetched and ran (T1204 User Execution
+	// needs a user to open it, which a server workload has not).
+	RuleTmpExec      = Rule{"BH-RT-013", "exec from /tmp or /dev/shm", "T1059", "Command and Scripting Interpreter", SeverityHigh}
+	RuleReverseShell = Rule{"BH-RT-014", "shell with a socket as stdin or stdout", "T1059.004", "Command and Scripting Interpreter: Unix Shell", SeverityCritical}
+	RuleSetuidToRoot = Rule{"BH-RT-015", "setuid to root or capset from a non-root process", "T1548", "Abuse Elevation Control Mechanism", SeverityHigh}
 )
 
 // Rules lists the default rule set, in ID order: rule i (from 0) is
 // BH-RT-(i+1), and its kernel bit (Bit) is 1<<i (enum sysmon_rule_bit).
 func Rules() []Rule {
 	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad,
-		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket}
+		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket, RuleChroot, RuleFilelessExec,
+		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot}
 }
 
 // Bit is the rule's bit in Actions and the kernel's masks; 0 for an
@@ -113,30 +124,80 @@ type Alert struct {
 // events (unshare(0), ptrace of one's own tracee, setns into one's own
 // namespace).
 func Detect(ev Event, ep Endpoint) []Alert {
-	rule, sev, args, ok := match(ev)
-	if !ok {
-		return nil
+	var hits []hit
+	if ev.Kind == KindExec {
+		hits = execMatches(ev)
+	} else if rule, sev, args, ok := match(ev); ok {
+		hits = []hit{{rule, sev, args}}
 	}
-	if sev == "" {
-		sev = rule.Severity
+	var out []Alert
+	for _, h := range hits {
+		sev := h.sev
+		if sev == "" {
+			sev = h.rule.Severity
+		}
+		al := Alert{
+			EventKind: "alert", Time: ev.Time, RuleID: h.rule.ID, Rule: h.rule.Name,
+			Technique: h.rule.Technique, TechniqueName: h.rule.TechniqueName, Severity: sev,
+			Pod: ep, Syscall: ev.Syscall, Args: h.args,
+			PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, Comm: ev.Comm, CgroupID: ev.CgroupID,
+			Action: ActionAlert, Count: 1,
+		}
+		// An exec may match several rules and be killed for some of them:
+		// each alert says what was done for its own rule.
+		killed, killFailed := ev.Killed, ev.KillFailed
+		if ev.Kind == KindExec && ev.KillRules&Bit(h.rule.ID) == 0 {
+			killed, killFailed = false, false
+		}
+		// The kernel says what it did; the alert reports that, not the policy.
+		switch {
+		case ev.Blocked:
+			al.Action, al.ActionResult = ActionBlock, "denied"
+		case killed:
+			al.Action, al.ActionResult = ActionKill, "sigkill queued"
+		case killFailed:
+			al.Action, al.ActionResult = ActionKill, "sigkill failed"
+		}
+		out = append(out, al)
 	}
-	al := Alert{
-		EventKind: "alert", Time: ev.Time, RuleID: rule.ID, Rule: rule.Name,
-		Technique: rule.Technique, TechniqueName: rule.TechniqueName, Severity: sev,
-		Pod: ep, Syscall: ev.Syscall, Args: args,
-		PID: ev.PID, TID: ev.TID, PPID: ev.PPID, UID: ev.UID, Comm: ev.Comm, CgroupID: ev.CgroupID,
-		Action: ActionAlert, Count: 1,
+	return out
+}
+
+type hit struct {
+	rule Rule
+	sev  Severity
+	args map[string]string
+}
+
+// execMatches are the exec rules the kernel matched (Event.Rules), with
+// their arguments. The kernel judges them: it alone sees the executable's
+// link count and the shell's stdio, and its Kill must agree with the
+// alerts.
+func execMatches(ev Event) []hit {
+	var hits []hit
+	if ev.Rules&Bit(RuleFilelessExec.ID) != 0 {
+		hits = append(hits, hit{RuleFilelessExec, "", map[string]string{
+			"exe": ev.Exe, "links": strconv.FormatUint(uint64(ev.ExeLinks), 10), "inode": strconv.FormatUint(ev.ExeInode, 10),
+		}})
 	}
-	// The kernel says what it did; the alert reports that, not the policy.
-	switch {
-	case ev.Blocked:
-		al.Action, al.ActionResult = ActionBlock, "denied"
-	case ev.Killed:
-		al.Action, al.ActionResult = ActionKill, "sigkill queued"
-	case ev.KillFailed:
-		al.Action, al.ActionResult = ActionKill, "sigkill failed"
+	if ev.Rules&Bit(RuleTmpExec.ID) != 0 {
+		dir := "/tmp"
+		if strings.HasPrefix(ev.Exe, "/dev/shm/") {
+			dir = "/dev/shm"
+		}
+		hits = append(hits, hit{RuleTmpExec, "", map[string]string{"exe": ev.Exe, "dir": dir}})
 	}
-	return []Alert{al}
+	if ev.Rules&Bit(RuleReverseShell.ID) != 0 {
+		sev := SeverityHigh
+		if ev.SocketFamily == unix.AF_INET || ev.SocketFamily == unix.AF_INET6 {
+			// A network peer drives the shell: the classic reverse shell.
+			sev = SeverityCritical
+		}
+		hits = append(hits, hit{RuleReverseShell, sev, map[string]string{
+			"exe": ev.Exe, "shell": ev.Comm, "fd": strconv.Itoa(ev.StdioSocket), "family": sockFamily(uint64(ev.SocketFamily)),
+		}})
+	}
+	return hits
 }
 
 // Annotate adds the process context the cache holds for ev to each alert.
@@ -210,12 +271,71 @@ func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
 			sev = SeverityCritical
 		}
 		return RuleSysctlWrite, sev, map[string]string{"name": ev.Target, "value": ev.Source}, true
+	case KindChroot:
+		return RuleChroot, "", map[string]string{"path": ev.Target}, true
+	case KindPivotRoot:
+		return RuleChroot, "", map[string]string{"new_root": ev.Target, "put_old": ev.Source}, true
+	case KindSetuid:
+		args := map[string]string{"caller_euid": uid(a[3])}
+		switch ev.Syscall {
+		case "setuid":
+			args["target_uid"] = uid(a[0])
+		case "setreuid":
+			args["target_ruid"], args["target_euid"] = uid(a[0]), uid(a[1])
+		default:
+			args["target_ruid"], args["target_euid"], args["target_suid"] = uid(a[0]), uid(a[1]), uid(a[2])
+		}
+		return RuleSetuidToRoot, "", args, true
+	case KindCapset:
+		added := (a[0] | a[1] | a[2]) &^ ev.CapPermitted
+		return RuleSetuidToRoot, "", map[string]string{
+			"effective": hex(a[0]), "permitted": hex(a[1]), "inheritable": hex(a[2]),
+			"caller_permitted": hex(ev.CapPermitted), "added": hex(added), "caps": capNames(added),
+			"pid": strconv.FormatInt(int64(int32(a[3])), 10),
+		}, true
 	}
 	return
 }
 
+// uid shows a uid argument; -1 (leave unchanged) as -1.
+func uid(u uint64) string {
+	if uint32(u) == ^uint32(0) {
+		return "-1"
+	}
+	return strconv.FormatUint(uint64(uint32(u)), 10)
+}
+
+func hex(v uint64) string { return "0x" + strconv.FormatUint(v, 16) }
+
+var capabilityNames = []string{"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+	"CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+	"CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+	"CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+	"CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+	"CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+	"CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"}
+
+// capNames names the capabilities in set, in bit order; bits past the
+// known ones as their number.
+func capNames(set uint64) string {
+	var parts []string
+	for i := range 64 {
+		if set&(1<<i) == 0 {
+			continue
+		}
+		if i < len(capabilityNames) {
+			parts = append(parts, capabilityNames[i])
+		} else {
+			parts = append(parts, strconv.Itoa(i))
+		}
+	}
+	return strings.Join(parts, "|")
+}
+
 func sockFamily(f uint64) string {
 	switch f {
+	case unix.AF_UNIX:
+		return "AF_UNIX"
 	case unix.AF_PACKET:
 		return "AF_PACKET"
 	case unix.AF_INET:
