@@ -77,6 +77,40 @@ struct {
 	__uint(max_entries, SYSMON_SOCK_NAMES);
 } sysmon_sock_names SEC(".maps");
 
+/* The container runtime's set-up inside a pod. A task that joins a watched
+ * network namespace by setns from outside it is the runtime (runc's init
+ * joining the pod's sandbox) or a tool of the node's, not the pod: until it
+ * execs, its setns, unshare, mount, chroot and pivot_root are the set-up
+ * of a container (runc unshares, mounts the rootfs, /proc and /dev, and
+ * pivots into it), and no rule judges them. The mark passes to the tasks
+ * it forks (runc's init clones its last stage after joining) and ends at
+ * exec: from there on the program is the pod's. A pod's own processes
+ * never join their namespace from outside, so they are never marked.
+ * Keyed by thread ID; the value is the task's start time, so that a reused
+ * ID never inherits a mark. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u32);   /* thread ID */
+	__type(value, __u64); /* the task's start_time */
+	__uint(max_entries, 8192);
+} sysmon_entering SEC(".maps");
+
+static __always_inline void mark_entering(struct task_struct *task)
+{
+	__u32 pid = BPF_CORE_READ(task, pid);
+	__u64 start = BPF_CORE_READ(task, start_time);
+
+	bpf_map_update_elem(&sysmon_entering, &pid, &start, BPF_ANY);
+}
+
+static __always_inline bool entering(struct task_struct *task)
+{
+	__u32 pid = BPF_CORE_READ(task, pid);
+	__u64 *start = bpf_map_lookup_elem(&sysmon_entering, &pid);
+
+	return start && *start == BPF_CORE_READ(task, start_time);
+}
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024); /* Go may resize it before load */
@@ -233,7 +267,15 @@ int sysmon_setns(struct trace_event_raw_sys_enter *ctx)
 	__u32 netns;
 
 	w = watch_of(task, &netns);
-	if (!w)
+	if (!w) {
+		/* Joining a pod from outside: the runtime's set-up begins. */
+		__u32 ino = fd_inode(task, (long)ctx->args[0]);
+
+		if (ino && bpf_map_lookup_elem(&sysmon_watched, &ino))
+			mark_entering(task);
+		return 0;
+	}
+	if (entering(task))
 		return 0;
 	target = fd_inode(task, (long)ctx->args[0]);
 	if (target && own_namespace(task, target))
@@ -253,9 +295,11 @@ int sysmon_setns(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_unshare")
 int sysmon_unshare(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e =
-		simple_hook(ctx, SM_UNSHARE, 1, SMR_UNSHARE, ctx->args[0] & (CLONE_NEWUSER | CLONE_NEWNS));
+	struct sysmon_event *e;
 
+	if (entering((struct task_struct *)bpf_get_current_task()))
+		return 0;
+	e = simple_hook(ctx, SM_UNSHARE, 1, SMR_UNSHARE, ctx->args[0] & (CLONE_NEWUSER | CLONE_NEWNS));
 	if (e)
 		send(e);
 	return 0;
@@ -264,8 +308,11 @@ int sysmon_unshare(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_mount")
 int sysmon_mount(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = simple_hook(ctx, SM_MOUNT, 4, SMR_MOUNT, true);
+	struct sysmon_event *e;
 
+	if (entering((struct task_struct *)bpf_get_current_task()))
+		return 0;
+	e = simple_hook(ctx, SM_MOUNT, 4, SMR_MOUNT, true);
 	if (!e)
 		return 0;
 	/* dev_name, dir_name, type: user strings, any of them may be NULL. */
@@ -381,9 +428,14 @@ int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 	struct sysmon_event *e;
 	struct file *exe;
 	struct mm_struct *mm;
-	__u32 nlink = 1;
+	__u32 nlink = 1, pid;
 	__u16 flags;
 
+	/* The program exec'd is the pod's: a set-up mark ends here. */
+	pid = ctx->old_pid;
+	bpf_map_delete_elem(&sysmon_entering, &pid);
+	pid = ctx->pid;
+	bpf_map_delete_elem(&sysmon_entering, &pid);
 	w = watch_of(task, &netns);
 	if (!w)
 		return 0;
@@ -446,8 +498,11 @@ int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 SEC("tracepoint/syscalls/sys_enter_chroot")
 int sysmon_chroot(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = simple_hook(ctx, SM_CHROOT, 1, SMR_CHROOT, true);
+	struct sysmon_event *e;
 
+	if (entering((struct task_struct *)bpf_get_current_task()))
+		return 0;
+	e = simple_hook(ctx, SM_CHROOT, 1, SMR_CHROOT, true);
 	if (!e)
 		return 0;
 	bpf_probe_read_user_str(e->str[0], sizeof(e->str[0]), (void *)ctx->args[0]);
@@ -458,8 +513,11 @@ int sysmon_chroot(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_pivot_root")
 int sysmon_pivot_root(struct trace_event_raw_sys_enter *ctx)
 {
-	struct sysmon_event *e = simple_hook(ctx, SM_PIVOT_ROOT, 2, SMR_CHROOT, true);
+	struct sysmon_event *e;
 
+	if (entering((struct task_struct *)bpf_get_current_task()))
+		return 0;
+	e = simple_hook(ctx, SM_PIVOT_ROOT, 2, SMR_CHROOT, true);
 	if (!e)
 		return 0;
 	bpf_probe_read_user_str(e->str[0], sizeof(e->str[0]), (void *)ctx->args[0]);
@@ -602,6 +660,23 @@ int sysmon_capset(struct trace_event_raw_sys_enter *ctx)
 	e->args[3] = (__u32)hdr.pid;
 	e->target_ino = have;
 	send(e);
+	return 0;
+}
+
+/* A task in the runtime's set-up passes its mark to the tasks it forks
+ * (see sysmon_entering). Every fork on the node runs this: one lookup. */
+SEC("raw_tracepoint/sched_process_fork")
+int sysmon_fork(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct task_struct *parent = (struct task_struct *)ctx->args[0];
+	struct task_struct *child = (struct task_struct *)ctx->args[1];
+	__u32 pid;
+
+	if (!entering(parent))
+		return 0;
+	pid = BPF_CORE_READ(child, pid);
+	__u64 start = BPF_CORE_READ(child, start_time);
+	bpf_map_update_elem(&sysmon_entering, &pid, &start, BPF_ANY);
 	return 0;
 }
 

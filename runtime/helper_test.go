@@ -27,6 +27,11 @@ const (
 	helperPathEnv = "BULKHEAD_SYSMON_PATH"
 	// helperExpectEnv is the outcome the helper must see: "ok" or "eperm".
 	helperExpectEnv = "BULKHEAD_SYSMON_EXPECT"
+	// helperEnteredEnv marks the helper exec'd again inside the pod's
+	// netns (and cgroup); helperSetupEnv keeps it from exec'ing, so that it
+	// acts as a container runtime's set-up does.
+	helperEnteredEnv = "BULKHEAD_SYSMON_ENTERED"
+	helperSetupEnv   = "BULKHEAD_SYSMON_SETUP"
 )
 
 // helper runs the test binary as a process that enters the network
@@ -89,19 +94,29 @@ func expect(what string, err error) error {
 // the Go runtime must not reuse it.
 func runHelper(action, nsPath string) error {
 	goruntime.LockOSThread()
-	if cg := os.Getenv(helperCgroupEnv); cg != "" {
-		if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte("0"), 0); err != nil {
-			return fmt.Errorf("join cgroup %s: %w", cg, err)
+	if os.Getenv(helperEnteredEnv) == "" {
+		if cg := os.Getenv(helperCgroupEnv); cg != "" {
+			if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte("0"), 0); err != nil {
+				return fmt.Errorf("join cgroup %s: %w", cg, err)
+			}
+		}
+		fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", nsPath, err)
+		}
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("setns %s: %w", nsPath, err)
+		}
+		unix.Close(fd)
+		// A process that joined the pod from outside is the runtime's
+		// set-up until it execs (sysmon_entering): exec again, as a
+		// pod's program, unless the test wants the set-up itself.
+		if os.Getenv(helperSetupEnv) == "" {
+			// By /proc/self/exe: the test binary lives under /tmp,
+			// whose execs are a rule of their own (BH-RT-013).
+			return unix.Exec("/proc/self/exe", os.Args, append(os.Environ(), helperEnteredEnv+"=1"))
 		}
 	}
-	fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", nsPath, err)
-	}
-	if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-		return fmt.Errorf("setns %s: %w", nsPath, err)
-	}
-	unix.Close(fd)
 	fmt.Println(os.Getpid())
 	switch action {
 	case "setns-host":

@@ -166,6 +166,14 @@ func New(cfg Config) (*Monitor, error) {
 		return nil, fmt.Errorf("attach tracepoint sched/sched_process_exec: %w", err)
 	}
 	m.links = append(m.links, exec)
+	// The container runtime's set-up in a pod is not the pod's (see
+	// sysmon_entering in bpf/sysmon.c): its mark follows its forks.
+	fork, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: "sched_process_fork", Program: m.objs.SysmonFork})
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("attach raw_tp sched_process_fork: %w", err)
+	}
+	m.links = append(m.links, fork)
 	if cfg.NoModuleHook {
 		m.modulePath = ""
 	}
@@ -429,6 +437,7 @@ type tracingObjects struct {
 	SysmonSetreuid    *ebpf.Program `ebpf:"sysmon_setreuid"`
 	SysmonSetuid      *ebpf.Program `ebpf:"sysmon_setuid"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
+	SysmonFork        *ebpf.Program `ebpf:"sysmon_fork"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
@@ -441,7 +450,7 @@ type tracingObjects struct {
 
 func (o *tracingObjects) Close() error {
 	errs := []error{o.sysmonMaps.Close()}
-	for _, p := range []*ebpf.Program{o.SysmonBpf, o.SysmonExec, o.SysmonFinitModule, o.SysmonInitModule, o.SysmonMount,
+	for _, p := range []*ebpf.Program{o.SysmonBpf, o.SysmonExec, o.SysmonFork, o.SysmonFinitModule, o.SysmonInitModule, o.SysmonMount,
 		o.SysmonPtrace, o.SysmonSetns, o.SysmonSocket, o.SysmonSysEnter, o.SysmonUnshare, o.SysmonCapset, o.SysmonChroot,
 		o.SysmonPivotRoot, o.SysmonSetresuid, o.SysmonSetreuid, o.SysmonSetuid} {
 		if p != nil {

@@ -102,6 +102,7 @@ type sysmonSysmonWatch struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sysmonMapSysmonCounters       = "sysmon_counters"
+	sysmonMapSysmonEntering       = "sysmon_entering"
 	sysmonMapSysmonEvents         = "sysmon_events"
 	sysmonMapSysmonSockNames      = "sysmon_sock_names"
 	sysmonMapSysmonWatched        = "sysmon_watched"
@@ -111,6 +112,7 @@ const (
 	sysmonProgSysmonConnectUnix   = "sysmon_connect_unix"
 	sysmonProgSysmonExec          = "sysmon_exec"
 	sysmonProgSysmonFinitModule   = "sysmon_finit_module"
+	sysmonProgSysmonFork          = "sysmon_fork"
 	sysmonProgSysmonInitModule    = "sysmon_init_module"
 	sysmonProgSysmonMount         = "sysmon_mount"
 	sysmonProgSysmonPivotRoot     = "sysmon_pivot_root"
@@ -181,6 +183,7 @@ type sysmonProgramSpecs struct {
 	SysmonConnectUnix *ebpf.ProgramSpec `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.ProgramSpec `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.ProgramSpec `ebpf:"sysmon_finit_module"`
+	SysmonFork        *ebpf.ProgramSpec `ebpf:"sysmon_fork"`
 	SysmonInitModule  *ebpf.ProgramSpec `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.ProgramSpec `ebpf:"sysmon_mount"`
 	SysmonPivotRoot   *ebpf.ProgramSpec `ebpf:"sysmon_pivot_root"`
@@ -201,6 +204,7 @@ type sysmonProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonMapSpecs struct {
 	SysmonCounters  *ebpf.MapSpec `ebpf:"sysmon_counters"`
+	SysmonEntering  *ebpf.MapSpec `ebpf:"sysmon_entering"`
 	SysmonEvents    *ebpf.MapSpec `ebpf:"sysmon_events"`
 	SysmonSockNames *ebpf.MapSpec `ebpf:"sysmon_sock_names"`
 	SysmonWatched   *ebpf.MapSpec `ebpf:"sysmon_watched"`
@@ -240,6 +244,7 @@ func (o *sysmonObjects) Close() error {
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonMaps struct {
 	SysmonCounters  *ebpf.Map `ebpf:"sysmon_counters"`
+	SysmonEntering  *ebpf.Map `ebpf:"sysmon_entering"`
 	SysmonEvents    *ebpf.Map `ebpf:"sysmon_events"`
 	SysmonSockNames *ebpf.Map `ebpf:"sysmon_sock_names"`
 	SysmonWatched   *ebpf.Map `ebpf:"sysmon_watched"`
@@ -248,6 +253,7 @@ type sysmonMaps struct {
 func (m *sysmonMaps) Close() error {
 	return _SysmonClose(
 		m.SysmonCounters,
+		m.SysmonEntering,
 		m.SysmonEvents,
 		m.SysmonSockNames,
 		m.SysmonWatched,
@@ -277,6 +283,7 @@ type sysmonPrograms struct {
 	SysmonConnectUnix *ebpf.Program `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
+	SysmonFork        *ebpf.Program `ebpf:"sysmon_fork"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
 	SysmonPivotRoot   *ebpf.Program `ebpf:"sysmon_pivot_root"`
@@ -300,6 +307,7 @@ func (p *sysmonPrograms) Close() error {
 		p.SysmonConnectUnix,
 		p.SysmonExec,
 		p.SysmonFinitModule,
+		p.SysmonFork,
 		p.SysmonInitModule,
 		p.SysmonMount,
 		p.SysmonPivotRoot,

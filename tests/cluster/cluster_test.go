@@ -221,6 +221,22 @@ func TestHelmInstall(t *testing.T) {
 	waitClusterAlert(t, flowLog, func(al detect.Alert) bool {
 		return al.RuleID == "BH-RT-002" && al.Pod.Pod == "client" && !al.Time.Before(since) && al.Action == "alert"
 	})
+	// Everything else this cluster did (containerd and runc starting the
+	// pods' sandboxes and containers, the kubelet, adoption, the servers)
+	// raised no alert: only the test's own unshares.
+	b, err := os.ReadFile(flowLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(grepLines(string(b), `"event_kind":"alert"`)) {
+		var al detect.Alert
+		if err := json.Unmarshal([]byte(line), &al); err != nil {
+			t.Fatalf("alert line %s: %v", line, err)
+		}
+		if al.RuleID != "BH-RT-002" || al.Comm != "unshare" {
+			t.Errorf("an alert the test did not provoke: %s", line)
+		}
+	}
 	waitReach(t, clientNS, serverIP, true, "after deleting the BulkheadPolicy", 90*time.Second)
 
 	// A NetworkPolicy that lets in pods of namespaces labelled team=a:
