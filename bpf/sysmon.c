@@ -444,10 +444,16 @@ int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 	mm = BPF_CORE_READ(task, mm);
 	exe = BPF_CORE_READ(mm, exe_file);
 	if (exe) {
-		/* memfd_create's files, O_TMPFILE's and deleted ones: no name on
-		 * any file system. */
+		/* memfd_create's files ("memfd:<name>") and O_TMPFILE's ("#<ino>"):
+		 * no name on any file system. A file deleted or renamed over
+		 * after the exec opened it has no link either, and is no
+		 * attack: a package upgrade (write x.new, rename over x) racing
+		 * an exec of x does that. It is told apart by its name. */
+		char name[6] = {};
+
 		nlink = BPF_CORE_READ(exe, f_inode, i_nlink);
-		if (nlink == 0)
+		bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(exe, f_path.dentry, d_name.name));
+		if (nlink == 0 && (has_prefix(name, "memfd:", 6) || name[0] == '#'))
 			rules |= SMR_FILELESS_EXEC;
 	}
 	if (tmp_path(file))

@@ -15,5 +15,13 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
+	// Re-executed as a program of TestBenignPodMix's pod.
+	if role := os.Getenv(benignRoleEnv); role != "" {
+		if err := runBenignRole(role); err != nil {
+			fmt.Fprintln(os.Stderr, "benign pod program:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
