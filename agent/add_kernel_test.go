@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -41,7 +42,7 @@ func newTestAgent(t *testing.T) (*Agent, string) {
 }
 
 // newTestAgentWith is newTestAgent with the configuration adjusted by tune.
-func newTestAgentWith(t *testing.T, tune func(*Config)) (*Agent, string) {
+func newTestAgentWith(t testing.TB, tune func(*Config)) (*Agent, string) {
 	t.Helper()
 	privileged.Require(t)
 	dir := t.TempDir()
@@ -81,22 +82,24 @@ func testBPFFS(t testing.TB) string {
 }
 
 // startTestAgent runs a until the test ends and waits until it is ready.
-func startTestAgent(t *testing.T, a *Agent) {
+// stop stops it earlier, and waits for Run to return.
+func startTestAgent(t testing.TB, a *Agent) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	t.Cleanup(func() {
+	stop = sync.OnceFunc(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("agent run: %v", err)
 		}
 	})
+	t.Cleanup(stop)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st, err := a.Status(ctx)
 		if err == nil && st.Ready {
-			return
+			return stop
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("agent not ready after 10s: %+v", st)

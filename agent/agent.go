@@ -376,6 +376,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.pipe.Store(pipe)
+	if err := a.openAlertLog(); err != nil {
+		a.pipe.Store(nil)
+		pipe.close()
+		srv.Close()
+		return err
+	}
 	wg.Go(func() {
 		defer a.guard.Stop()
 		err := a.source.Run(ctx, func(r *store.Result) { a.guard.Offer(ctx, r) },
@@ -395,8 +401,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.svids != nil {
 		wg.Go(func() { a.runSVIDs(ctx) })
 	}
+	// The runtime service writes its last aggregated alerts as it stops,
+	// to the flow log (or the alert log): it is waited for before either
+	// closes.
+	var runtimeDone sync.WaitGroup
 	if a.sysmon != nil {
-		wg.Go(func() {
+		runtimeDone.Go(func() {
 			if err := a.sysmon.svc.Run(ctx); err != nil {
 				errc <- fmt.Errorf("runtime detection: %w", err)
 			}
@@ -431,9 +441,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	ln.Close()
 	cancel()
 	a.batch.Close()
+	runtimeDone.Wait()
 	a.pipe.Store(nil)
 	pipe.close()
 	wg.Wait()
+	a.closeAlertLog()
 	if a.svids != nil {
 		_ = a.svids.Close()
 	}
@@ -898,6 +910,7 @@ func (a *Agent) publish(ms *policy.MapState) {
 	fc := flows.NewContextFrom(a.flowCtx, ms, infos, v.podAddrs(remote))
 	a.flowCtx = fc
 	fc.Endpoints = v.endpointPods()
+	fc.IsolatedBy = v.isolatedBy(ms, a.compiler)
 	a.enricher.SetContext(fc)
 	a.metrics.Endpoints.Set(float64(len(v.endpoints)))
 	if a.sysmon != nil {

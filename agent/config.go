@@ -31,9 +31,17 @@ type Config struct {
 	// FlowLogFilter selects which records the flow log keeps.
 	FlowLogFilter flows.Selector
 	// RuntimeDetection loads the system monitor (runtime package), watches
-	// every endpoint's netns and writes its alerts to the flow log as JSON
-	// lines with event_kind "alert". It needs FlowLog and the json format.
+	// every endpoint's netns and writes its alerts, in FlowFormat, to
+	// AlertLog when it is set, else to FlowLog (JSON lines with event_kind
+	// "alert", or OCSF Detection Findings). It needs one of the two files.
 	RuntimeDetection bool
+	// AlertLog is a file of runtime alerts only, one per line in
+	// FlowFormat, rotated at AlertLogMaxSize bytes (0: never) keeping
+	// AlertLogMaxFiles rotated files; empty: alerts go to FlowLog. It needs
+	// RuntimeDetection.
+	AlertLog         string
+	AlertLogMaxSize  int64
+	AlertLogMaxFiles int
 	// RuntimeResync is how often the monitor's watch set is reconciled with
 	// the endpoint table besides after each apply; 0 means 1 s.
 	RuntimeResync time.Duration
@@ -203,14 +211,7 @@ func (c *Config) setDefaults() error {
 	if err := c.FlowLogFilter.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--flow-log-allow/--flow-log-deny: %w", err))
 	}
-	if c.RuntimeDetection && c.FlowLog == "" {
-		// Alerts must go somewhere a user looks; a flag that detects into
-		// nothing would be worse than none.
-		errs = append(errs, errors.New("--runtime-detection writes alerts to the flow log: it needs --flow-log"))
-	}
-	if c.RuntimeDetection && c.FlowFormat != "json" {
-		errs = append(errs, fmt.Errorf("--runtime-detection writes alerts as JSON lines; --flow-format %s is not supported with it yet", c.FlowFormat))
-	}
+	errs = append(errs, c.validateAlertLog()...)
 	if c.FlowRing <= 0 {
 		errs = append(errs, fmt.Errorf("--flow-ring %d: must be positive", c.FlowRing))
 	}
@@ -250,6 +251,26 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return nil
+}
+
+// validateAlertLog checks where runtime alerts go.
+func (c *Config) validateAlertLog() []error {
+	var errs []error
+	if c.RuntimeDetection && c.FlowLog == "" && c.AlertLog == "" {
+		// Alerts must go somewhere a user looks; a flag that detects into
+		// nothing would be worse than none.
+		errs = append(errs, errors.New("--runtime-detection writes alerts to --alert-log, or to the flow log without it: it needs --alert-log or --flow-log"))
+	}
+	if c.AlertLog != "" && !c.RuntimeDetection {
+		errs = append(errs, errors.New("--alert-log holds runtime alerts: it needs --runtime-detection"))
+	}
+	if c.AlertLog != "" && c.FlowLog != "" && filepath.Clean(c.AlertLog) == filepath.Clean(c.FlowLog) {
+		errs = append(errs, fmt.Errorf("--alert-log %s is the --flow-log: drop --alert-log to write alerts into the flow log", c.AlertLog))
+	}
+	if c.AlertLogMaxSize < 0 || c.AlertLogMaxFiles < 0 {
+		errs = append(errs, errors.New("--alert-log-max-size and --alert-log-max-files must not be negative"))
+	}
+	return errs
 }
 
 // DefaultSVIDTTL is the lifetime of the built-in CA's SVIDs; they are

@@ -30,8 +30,22 @@ func TestConfigFlagBounds(t *testing.T) {
 		ok         bool
 	}{
 		{"runtime detection without a flow log", "--runtime-detection", func(c *Config) { c.RuntimeDetection = true }, false},
-		{"runtime detection with ocsf", "--runtime-detection", func(c *Config) {
+		{"runtime detection with an ocsf flow log", "", func(c *Config) {
 			c.RuntimeDetection, c.FlowLog, c.FlowFormat = true, "/var/log/flows", "ocsf"
+		}, true},
+		{"runtime detection with an alert log only", "", func(c *Config) { c.RuntimeDetection, c.AlertLog = true, "/var/log/alerts" }, true},
+		{"runtime detection with an ocsf alert log only", "", func(c *Config) {
+			c.RuntimeDetection, c.AlertLog, c.FlowFormat = true, "/var/log/alerts", "ocsf"
+		}, true},
+		{"alert log without runtime detection", "--alert-log", func(c *Config) { c.AlertLog = "/var/log/alerts" }, false},
+		{"alert log is the flow log", "--alert-log", func(c *Config) {
+			c.RuntimeDetection, c.AlertLog, c.FlowLog = true, "/var/log/flows", "/var/log/./flows"
+		}, false},
+		{"alert log max size negative", "--alert-log-max-size", func(c *Config) {
+			c.RuntimeDetection, c.AlertLog, c.AlertLogMaxSize = true, "/var/log/alerts", -1
+		}, false},
+		{"alert log max files negative", "--alert-log-max-files", func(c *Config) {
+			c.RuntimeDetection, c.AlertLog, c.AlertLogMaxFiles = true, "/var/log/alerts", -1
 		}, false},
 		{"runtime detection with a json flow log", "", func(c *Config) { c.RuntimeDetection, c.FlowLog = true, "/var/log/flows" }, true},
 		{"identity grace 0", "--identity-grace", func(c *Config) { c.IdentityGrace = 0 }, false},

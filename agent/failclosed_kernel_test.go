@@ -21,7 +21,7 @@ import (
 
 // podVeth makes a pod netns and a veth whose host end is in this (the
 // agent's) namespace, and returns an ADD request for it.
-func podVeth(t *testing.T, container, name, ip string) api.EndpointAddRequest {
+func podVeth(t testing.TB, container, name, ip string) api.EndpointAddRequest {
 	t.Helper()
 	cur, err := ns.GetCurrentNS()
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
 )
 
@@ -340,6 +341,45 @@ func (v *view) endpointPods() map[policy.EndpointID]flows.PodName {
 	out := make(map[policy.EndpointID]flows.PodName, len(v.pods))
 	for id, ref := range v.pods {
 		out[id] = flows.PodName{Namespace: ref.ns, Name: ref.name}
+	}
+	return out
+}
+
+// isolatedBy names, for each local endpoint, the policies that isolate its
+// pod in each direction whose default is not allow ("Kind ns/name", as
+// explain's isolated_by), for the records of the drops of that default
+// deny. It asks the compiler once per apply, on the goroutine that
+// compiled ms: only local endpoints make drop events. Which policies
+// select a pod depends on its identity only, so the replicas of a workload
+// are asked about once.
+func (v *view) isolatedBy(ms *policy.MapState, c *policy.Compiler) map[policy.EndpointID]*[2][]string {
+	out := map[policy.EndpointID]*[2][]string{}
+	byIdentity := map[identity.NumericID]*[2][]string{}
+	for id, ref := range v.pods {
+		ep := ms.Endpoints[id]
+		if ep == nil {
+			continue
+		}
+		if iso, ok := byIdentity[ep.Identity]; ok {
+			if iso != nil {
+				out[id] = iso
+			}
+			continue
+		}
+		var iso [2][]string
+		for _, d := range []policy.Direction{policy.Ingress, policy.Egress} {
+			if ep.Default[d] == policy.DefaultAllow {
+				continue
+			}
+			for _, p := range c.IsolatedBy(ref.ns, ref.name, d) {
+				iso[d] = append(iso[d], p.String())
+			}
+		}
+		byIdentity[ep.Identity] = nil
+		if iso[policy.Ingress] != nil || iso[policy.Egress] != nil {
+			out[id] = &iso
+			byIdentity[ep.Identity] = &iso
+		}
 	}
 	return out
 }

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"encoding/json"
 	"fmt"
 	"maps"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
+	"github.com/bulkhead-io/bulkhead/agent/flowlog"
+	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/agent/metrics"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/api/v1alpha1"
@@ -30,6 +31,11 @@ type runtimeDetection struct {
 	mon    *rtmon.Monitor
 	svc    *rtmon.Service
 	alerts *prometheus.CounterVec
+	// hub keeps recent alerts for `bulkhead observe --alerts`.
+	hub *flows.AlertHub
+	// alertLog is the --alert-log file while Run runs (nil without it:
+	// alerts then go to the flow log).
+	alertLog atomic.Pointer[flowlog.Writer]
 	// inputs are the store's runtime policies and its pods' labels, swapped
 	// whole by foldStore and read by the service's reconcile.
 	inputs atomic.Pointer[runtimeInputs]
@@ -143,11 +149,22 @@ func openRuntimeDetection(a *Agent) (*runtimeDetection, error) {
 		}
 		a.features = append(a.features, api.Feature{Name: "runtime-" + h, State: state})
 	}
+	// The tracepoints of later rules, which a kernel may lack: where one is
+	// missing, its rule does not see that syscall, and a Kill asked for it
+	// is not enforced.
+	optional := mon.OptionalHooks()
+	for _, h := range slices.Sorted(maps.Keys(optional)) {
+		state := "attached"
+		if err := optional[h]; err != nil {
+			state = "no (" + err.Error() + "): its rule does not see this syscall"
+		}
+		a.features = append(a.features, api.Feature{Name: "runtime-" + h, State: state})
+	}
 	alerts := a.metrics.RegisterRuntime(func() (metrics.RuntimeEvents, error) {
 		c, err := mon.Counters()
 		return metrics.RuntimeEvents{Sent: c.Sent, Lost: c.Lost, Unwatched: c.Unwatched, Blocked: c.Blocked}, err
 	})
-	return &runtimeDetection{mon: mon, svc: svc, alerts: alerts}, nil
+	return &runtimeDetection{mon: mon, svc: svc, alerts: alerts, hub: flows.NewAlertHub(alertRing, a.cfg.NodeName)}, nil
 }
 
 // runtimeEndpoints lists the published endpoints with their netns inodes.
@@ -172,41 +189,6 @@ func (r runtimeEndpoints) RuntimeEndpoints() []detect.Endpoint {
 		out = append(out, ep)
 	}
 	return out
-}
-
-// emitAlert writes an alert to the flow log (one JSON line, event_kind
-// "alert") and to the agent's log, so that an alert raised while the flow
-// pipeline is down still leaves a trace.
-func (a *Agent) emitAlert(al detect.Alert) {
-	line, err := json.Marshal(al)
-	if err != nil {
-		a.log.Error("encode runtime alert", "rule", al.RuleID, "error", err)
-		return
-	}
-	// A line may stand for several events (the aggregator's count).
-	a.sysmon.alerts.WithLabelValues(al.RuleID, al.Technique, al.Action).Add(float64(max(al.Count, 1)))
-	a.log.Warn("runtime alert", "rule", al.RuleID, "technique", al.Technique, "pod", al.Pod.Namespace+"/"+al.Pod.Pod,
-		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm, "action", al.Action, "count", al.Count)
-	if p := a.pipe.Load(); p != nil {
-		p.writeAlert(line)
-	}
-}
-
-// writeAlert appends one alert line to the flow log and flushes it: alerts
-// are rare, and one should not wait for the next tick.
-func (p *flowPipe) writeAlert(line []byte) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed || p.flowLog == nil {
-		return
-	}
-	if err := p.flowLog.WriteLine(line); err != nil {
-		p.log.Warn("write alert to the flow log", "error", err)
-		return
-	}
-	if err := p.flowLog.Flush(); err != nil {
-		p.log.Warn("flush the flow log", "error", err)
-	}
 }
 
 // actions are the kernel masks of ep's answers under the runtime policies.

@@ -46,6 +46,11 @@ func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 	if mp := features["runtime-module-hook"]; mp == "" || mp != string(a.sysmon.mon.ModulePath()) || features["runtime-tracepoint"] != "yes" {
 		t.Errorf("status features %v: want the runtime probes and module hook %q", features, a.sysmon.mon.ModulePath())
 	}
+	for _, h := range []string{"syscalls/sys_enter_chroot", "syscalls/sys_enter_setuid", "syscalls/sys_enter_capset"} {
+		if features["runtime-"+h] != "attached" {
+			t.Errorf("status feature runtime-%s = %q, want attached", h, features["runtime-"+h])
+		}
+	}
 	req := podVeth(t, "c0ffee61", "web", "10.213.6.1/32")
 	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
 		t.Fatal(err)
@@ -123,7 +128,7 @@ func bpfFromPod(t *testing.T, netns string) uint32 {
 	return uint32(tid)
 }
 
-func waitWatched(t *testing.T, m *rtmon.Monitor, ino uint32, want bool) {
+func waitWatched(t testing.TB, m *rtmon.Monitor, ino uint32, want bool) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if _, ok := m.Endpoint(ino); ok == want {
@@ -272,6 +277,54 @@ spec:
 	}
 }
 
+// The alerts the aggregator still holds when the agent stops (the repeats
+// of a burst, within their window) are written before the flow log
+// closes: the line counts add up to the events, as they do while it runs.
+func TestRuntimeAlertsFlushedAtStop(t *testing.T) {
+	privileged.Require(t)
+	unmountTracefsAfter(t)
+	flowLog := filepath.Join(t.TempDir(), "flows.log")
+	a, store := newTestAgentWith(t, func(c *Config) { c.RuntimeDetection, c.FlowLog = true, flowLog })
+	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
+	if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stop := startTestAgent(t, a)
+	req := podVeth(t, "c0ffee63", "web", "10.213.6.3/32")
+	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	var nsSt unix.Stat_t
+	if err := unix.Stat(req.Netns, &nsSt); err != nil {
+		t.Fatal(err)
+	}
+	waitWatched(t, a.sysmon.mon, uint32(nsSt.Ino), true)
+	const n = 20
+	var tid uint32
+	if err := ns.WithNetNSPath(req.Netns, func(ns.NetNS) error {
+		tid = uint32(unix.Gettid())
+		for range n {
+			unix.Syscall(unix.SYS_BPF, 0, 0, 0)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// The first line goes out at once; the repeats wait for the window's
+	// end, 10 s away, unless the agent writes them as it stops.
+	waitAlert(t, flowLog, func(al detect.Alert) bool { return al.TID == tid && al.RuleID == detect.RuleBPF.ID })
+	stop()
+	total := 0
+	readAlerts(t, flowLog, func(al detect.Alert) {
+		if al.TID == tid && al.RuleID == detect.RuleBPF.ID {
+			total += al.Count
+		}
+	})
+	if total != n {
+		t.Errorf("after the stop the flow log's alert lines count %d events, want %d", total, n)
+	}
+}
+
 func waitActions(t *testing.T, a *Agent, ino uint32, want detect.Actions) {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -387,7 +440,7 @@ spec:
 
 // unmountTracefsAfter unmounts, when t ends, the tracefs that the agent
 // will mount because none is mounted now.
-func unmountTracefsAfter(t *testing.T) {
+func unmountTracefsAfter(t testing.TB) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(rtmon.StandardTracefs, &st); err == nil && uint32(st.Type) != unix.TRACEFS_MAGIC {
 		t.Cleanup(func() {

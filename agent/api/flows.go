@@ -37,8 +37,16 @@ type FlowStreamer interface {
 
 // flowsHandler serves PathFlows with chunked JSON lines, flushing each.
 func flowsHandler(logger *slog.Logger, fs FlowStreamer) http.Handler {
+	return streamHandler(logger, fs.ObserveFlows)
+}
+
+// streamHandler serves a stream of JSON lines, flushing each: the request
+// body is decoded into Req and handed to serve with the line writer. An
+// error before the first line is an error response; after it, the stream
+// just ends.
+func streamHandler[Req any](logger *slog.Logger, serve func(context.Context, Req, func([]byte) error) error) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var req ObserveRequest
+		var req Req
 		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes)).Decode(&req); err != nil {
 			writeError(w, logger, r, Errorf(CodeInvalidRequest, "decode request body: %w", err))
 			return
@@ -59,7 +67,7 @@ func flowsHandler(logger *slog.Logger, fs FlowStreamer) http.Handler {
 			}
 			return nil
 		}
-		err := fs.ObserveFlows(r.Context(), req, write)
+		err := serve(r.Context(), req, write)
 		if err != nil && !started {
 			writeError(w, logger, r, err)
 			return
@@ -75,7 +83,13 @@ func flowsHandler(logger *slog.Logger, fs FlowStreamer) http.Handler {
 // ends, ctx is done, or fn returns an error. The client's per-request
 // timeout does not apply: a followed stream lasts as long as ctx.
 func (c *Client) ObserveFlows(ctx context.Context, req ObserveRequest, fn func(line []byte) error) error {
-	resp, err := c.send(ctx, http.MethodPost, PathFlows, req)
+	return c.stream(ctx, PathFlows, req, fn)
+}
+
+// stream POSTs req to path and hands each line of the JSON-lines answer to
+// fn.
+func (c *Client) stream(ctx context.Context, path string, req any, fn func(line []byte) error) error {
+	resp, err := c.send(ctx, http.MethodPost, path, req)
 	if err != nil {
 		return err
 	}
@@ -86,7 +100,7 @@ func (c *Client) ObserveFlows(ctx context.Context, req ObserveRequest, fn func(l
 		if json.Unmarshal(data, &eb) == nil && eb.Error != nil && eb.Error.Code != "" {
 			return eb.Error
 		}
-		return &Error{Code: codeForStatus(resp.StatusCode), Message: fmt.Sprintf("%s: http %d", PathFlows, resp.StatusCode)}
+		return &Error{Code: codeForStatus(resp.StatusCode), Message: fmt.Sprintf("%s: http %d", path, resp.StatusCode)}
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
@@ -96,7 +110,7 @@ func (c *Client) ObserveFlows(ctx context.Context, req ObserveRequest, fn func(l
 		}
 	}
 	if err := sc.Err(); err != nil && ctx.Err() == nil {
-		return Errorf(CodeUnavailable, "read %s stream: %w", PathFlows, err)
+		return Errorf(CodeUnavailable, "read %s stream: %w", path, err)
 	}
 	return nil
 }

@@ -56,6 +56,9 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	if fs, ok := b.(FlowStreamer); ok {
 		mux.Handle("POST "+PathFlows, flowsHandler(logger, fs))
 	}
+	if as, ok := b.(AlertStreamer); ok {
+		mux.Handle("POST "+PathAlerts, streamHandler(logger, as.ObserveAlerts))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, logger, r, Errorf(CodeUnsupported, "no such endpoint %s %s", r.Method, r.URL.Path))
 	})

@@ -61,6 +61,10 @@ func (f *Flow) AppendJSON(dst []byte) []byte {
 	dst = appendPolicies(dst, `,"egress_allowed_by":`, f.EgressAllowedBy)
 	dst = appendPolicies(dst, `,"ingress_denied_by":`, f.IngressDeniedBy)
 	dst = appendPolicies(dst, `,"egress_denied_by":`, f.EgressDeniedBy)
+	if len(f.IsolatedBy) > 0 {
+		dst = append(dst, `,"isolated_by":`...)
+		dst = appendLabels(dst, f.IsolatedBy)
+	}
 	return append(dst, '}')
 }
 

@@ -80,6 +80,13 @@ type Context struct {
 	// Endpoints names the pods of this node's endpoints, for records of
 	// packets whose source address is forged and so names nobody.
 	Endpoints map[policy.EndpointID]PodName
+	// IsolatedBy names, for this node's endpoints, the policies ("Kind
+	// ns/name") that isolate each in each direction (indexed by
+	// policy.Direction), for the records of flows dropped by that
+	// isolation's default deny. Computed once per apply (the agent asks
+	// the compiler, policy.Compiler.IsolatedBy); the slices are shared by
+	// every record and never changed.
+	IsolatedBy map[policy.EndpointID]*[2][]string
 }
 
 // NewContext builds a Context from a MapState, the compiler's identities
@@ -273,6 +280,15 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 			}
 		case f.Verdict != VerdictForwarded:
 			by = policyDefaultDeny
+			// A drop (or audit) of the isolation's default deny names
+			// what isolates the deciding pod: the local endpoint, in the
+			// event's direction (the destination at ingress, the source
+			// at egress). Not the drops with rule 0 that policy did not
+			// decide (AUTH_REQUIRED between enrolled pods, TUNNEL_DOWN).
+			iso := c.IsolatedBy[ev.Endpoint]
+			if iso != nil && int(ev.Direction) < len(iso) && (f.DropReasonDesc == DropPolicyDenied || f.Verdict == VerdictAudit) {
+				f.IsolatedBy = iso[ev.Direction]
+			}
 		}
 		b.by[0] = by
 		list := b.by[:]

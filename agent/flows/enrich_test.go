@@ -255,3 +255,73 @@ func TestContextFromKeepsUnchangedViews(t *testing.T) {
 		t.Error("the earlier context's view changed")
 	}
 }
+
+// TestEnrichIsolatedBy (issue 16): a drop by the default deny of an
+// isolated pod names the policies that isolate the deciding pod (the local
+// endpoint) in the deciding direction, in the record, its JSON, OCSF and
+// the compact line; a drop by a rule, an allow and a drop policy did not
+// decide name none.
+func TestEnrichIsolatedBy(t *testing.T) {
+	e := NewEnricher("node-1")
+	c := enrichContext()
+	c.IsolatedBy = map[policy.EndpointID]*[2][]string{
+		5: {
+			policy.Ingress: {"NetworkPolicy shop/web-in", "BulkheadPolicy shop/lockdown"},
+			policy.Egress:  {"NetworkPolicy shop/web-out"},
+		},
+	}
+	e.SetContext(c)
+	ingress := datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Direction: policy.Ingress, Verdict: policy.VerdictDeny,
+		DropReason: datapath.DropPolicy, Rule: policy.RuleDefault, Proto: 6, Src: enrichPeer, Dst: enrichPod,
+		SrcPort: 40000, DstPort: 5432, SrcIdentity: 400, DstIdentity: 300, TCPFlags: 2}
+	egress := datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Direction: policy.Egress, Verdict: policy.VerdictDeny,
+		DropReason: datapath.DropPolicy, Rule: policy.RuleDefault, Proto: 17, Src: enrichPod, Dst: enrichCIDR,
+		SrcPort: 5353, DstPort: 53, SrcIdentity: 300, DstIdentity: 16777217}
+	with := func(ev datapath.FlowEvent, edit func(*datapath.FlowEvent)) *datapath.FlowEvent {
+		edit(&ev)
+		return &ev
+	}
+	for _, tc := range []struct {
+		name string
+		ev   *datapath.FlowEvent
+		want []string
+	}{
+		{"ingress default deny", &ingress, []string{"NetworkPolicy shop/web-in", "BulkheadPolicy shop/lockdown"}},
+		{"egress default deny", &egress, []string{"NetworkPolicy shop/web-out"}},
+		{"audit", with(egress, func(ev *datapath.FlowEvent) { ev.Verdict, ev.DropReason = policy.VerdictAudit, datapath.DropNone }),
+			[]string{"NetworkPolicy shop/web-out"}},
+		{"rule deny", with(egress, func(ev *datapath.FlowEvent) { ev.Rule = 9 }), nil},
+		{"allow", with(ingress, func(ev *datapath.FlowEvent) {
+			ev.Type, ev.Verdict, ev.DropReason, ev.Rule = datapath.EventFlowNew, policy.VerdictAllow, datapath.DropNone, 7
+		}), nil},
+		{"malformed", with(ingress, func(ev *datapath.FlowEvent) { ev.DropReason = datapath.DropMalformed }), nil},
+		{"auth required, rule 0", with(ingress, func(ev *datapath.FlowEvent) { ev.DropReason = datapath.DropAuthRequired }), nil},
+		{"another endpoint", with(ingress, func(ev *datapath.FlowEvent) { ev.Endpoint = 6 }), nil},
+	} {
+		f := e.Enrich(tc.ev)
+		if !slices.Equal(f.IsolatedBy, tc.want) {
+			t.Errorf("%s: isolated_by %q, want %q", tc.name, f.IsolatedBy, tc.want)
+		}
+		assertSameJSON(t, 0, f)
+		raw := string(f.AppendJSON(nil))
+		if o := f.ToOCSF(); !slices.Equal(o.Unmapped.IsolatedBy, tc.want) {
+			t.Errorf("%s: ocsf unmapped.isolated_by %q", tc.name, o.Unmapped.IsolatedBy)
+		}
+		compact := Compact(f, false)
+		if tc.want == nil {
+			if strings.Contains(raw, "isolated_by") || strings.Contains(compact, "isolated by") {
+				t.Errorf("%s: names an isolation:\n%s\n%s", tc.name, raw, compact)
+			}
+			continue
+		}
+		if !strings.Contains(raw, `"isolated_by":["`+strings.Join(tc.want, `","`)+`"]`) {
+			t.Errorf("%s: JSON %s", tc.name, raw)
+		}
+		if !strings.HasSuffix(compact, "by default-deny (isolated by "+strings.Join(tc.want, ", ")+")") {
+			t.Errorf("%s: compact %q", tc.name, compact)
+		}
+	}
+	if n := testing.AllocsPerRun(100, func() { e.Enrich(&ingress) }); n != 1 {
+		t.Errorf("a default-deny drop's record allocates %v times, want 1", n)
+	}
+}

@@ -81,6 +81,7 @@ type ocsfUnmapped struct {
 	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`
 	EgressDeniedBy   []*Policy `json:"egress_denied_by,omitempty"`
+	IsolatedBy       []string  `json:"isolated_by,omitempty"`
 }
 
 // ToOCSF maps a flow to an OCSF Network Activity event. A drop is Refuse,
@@ -103,6 +104,7 @@ func (f *Flow) ToOCSF() *OCSFEvent {
 			IsReply: f.IsReply, NodeName: f.NodeName, MTLS: f.MTLS,
 			IngressAllowedBy: f.IngressAllowedBy, EgressAllowedBy: f.EgressAllowedBy,
 			IngressDeniedBy: f.IngressDeniedBy, EgressDeniedBy: f.EgressDeniedBy,
+			IsolatedBy: f.IsolatedBy,
 		},
 	}
 	switch {

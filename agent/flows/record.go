@@ -46,6 +46,12 @@ type Flow struct {
 	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`
 	EgressDeniedBy   []*Policy `json:"egress_denied_by,omitempty"`
+	// IsolatedBy names, as "Kind ns/name", the policies that isolate the
+	// deciding pod in the deciding direction (the destination's ingress,
+	// the source's egress), on a flow decided by that isolation's default
+	// deny (denied_by "default-deny"): the policies whose rules did not
+	// allow it. As explain's isolated_by; Hubble has no such field.
+	IsolatedBy []string `json:"isolated_by,omitempty"`
 }
 
 // IP is the network layer.

@@ -34,9 +34,12 @@ func paintVerdict(v string, color bool) string {
 }
 
 // Compact renders one flow on one line, for people: when, who to whom,
-// what, the verdict, and the rule that decided it.
+// at which side (a pod-to-pod flow is seen twice: at the client's egress
+// and at the server's ingress), what, the verdict, and the rule that
+// decided it; a default deny says which policies isolate the pod.
 //
-//	05:00:00.123 shop/frontend:40000 -> shop/api:8080 TCP SYN DROPPED by BulkheadPolicy shop/api egress[1]
+//	05:00:00.123 shop/frontend:40000 -> shop/api:8080 egress TCP SYN DROPPED by BulkheadPolicy shop/api egress[1]
+//	05:00:00.124 shop/frontend:40000 -> shop/db:5432 ingress TCP SYN DROPPED by default-deny (isolated by NetworkPolicy shop/db-in)
 func Compact(f *Flow, color bool) string {
 	var b strings.Builder
 	b.WriteString(f.Time.Local().Format("15:04:05.000"))
@@ -45,6 +48,10 @@ func Compact(f *Flow, color bool) string {
 	b.WriteString(endpointName(f.Source, f.ipSource(), src))
 	b.WriteString(" -> ")
 	b.WriteString(endpointName(f.Destination, f.ipDestination(), dst))
+	if d := f.direction(); d != "" {
+		b.WriteByte(' ')
+		b.WriteString(d)
+	}
 	b.WriteByte(' ')
 	b.WriteString(protoSummary(f.L4))
 	if f.IsReply {
@@ -58,6 +65,10 @@ func Compact(f *Flow, color bool) string {
 	if by := f.Decider(); by != "" {
 		b.WriteString(" by ")
 		b.WriteString(by)
+		if iso := f.isolation(); iso != "" {
+			b.WriteString(" ")
+			b.WriteString(iso)
+		}
 		if f.DropReasonDesc == DropAuthRequired {
 			// The rule allows this traffic, only not in plaintext.
 			b.WriteString(" ")
@@ -71,8 +82,22 @@ func Compact(f *Flow, color bool) string {
 	return b.String()
 }
 
+// direction is the side the flow was seen at, lowercase: "egress" at the
+// sending pod, "ingress" at the receiving one.
+func (f *Flow) direction() string { return strings.ToLower(f.TrafficDirection) }
+
+// isolation is "(isolated by NetworkPolicy shop/db-in, ...)" for a flow
+// decided by a default deny, empty otherwise.
+func (f *Flow) isolation() string {
+	if len(f.IsolatedBy) == 0 {
+		return ""
+	}
+	return "(isolated by " + strings.Join(f.IsolatedBy, ", ") + ")"
+}
+
 // Decider names the rule that decided the flow, preferring a denying rule,
-// in the direction that decided: "BulkheadPolicy shop/api egress[1]".
+// in the direction that decided: "BulkheadPolicy shop/api egress[1]", or
+// "default-deny" for the default of a pod that policies isolate.
 func (f *Flow) Decider() string {
 	if p := f.DecidingPolicy(); p != nil {
 		return p.String()
@@ -92,6 +117,10 @@ func (f *Flow) DecidingPolicy() *Policy {
 }
 
 func (p *Policy) String() string {
+	if p.Kind == "default" {
+		// "default-deny", "no-policy-selects": the name says it.
+		return p.Name
+	}
 	name := p.Name
 	if p.Namespace != "" {
 		name = p.Namespace + "/" + p.Name
@@ -106,7 +135,7 @@ func (p *Policy) String() string {
 // WriteTable renders flows as aligned columns.
 func WriteTable(w io.Writer, fs []*Flow, color bool) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tSOURCE\tDESTINATION\tPROTO\tVERDICT\tDECIDED BY")
+	fmt.Fprintln(tw, "TIME\tSOURCE\tDESTINATION\tDIRECTION\tPROTO\tVERDICT\tDECIDED BY")
 	for _, f := range fs {
 		src, dst, _ := f.L4.ports()
 		proto := protoSummary(f.L4)
@@ -116,9 +145,13 @@ func WriteTable(w io.Writer, fs []*Flow, color bool) error {
 		if f.MTLS {
 			proto += " mtls"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", f.Time.Local().Format("15:04:05.000"),
+		by := f.Decider()
+		if iso := f.isolation(); iso != "" {
+			by += " " + iso
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Time.Local().Format("15:04:05.000"),
 			endpointName(f.Source, f.ipSource(), src), endpointName(f.Destination, f.ipDestination(), dst),
-			proto, paintVerdict(f.Verdict, color), f.Decider())
+			f.direction(), proto, paintVerdict(f.Verdict, color), by)
 	}
 	return tw.Flush()
 }

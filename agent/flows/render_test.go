@@ -11,7 +11,7 @@ func TestCompact(t *testing.T) {
 	f := sampleFlow()
 	f.Time = time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.Local)
 	got := Compact(f, false)
-	want := "03:04:05.006 shop/frontend:40000 -> [fd00::2]:8080 TCP SYN,ACK DROPPED by BulkheadPolicy shop/api egress[1]"
+	want := "03:04:05.006 shop/frontend:40000 -> [fd00::2]:8080 egress TCP SYN,ACK DROPPED by BulkheadPolicy shop/api egress[1]"
 	if got != want {
 		t.Fatalf("Compact =\n%q\nwant\n%q", got, want)
 	}
@@ -63,5 +63,48 @@ func TestCompactTunnelDelivered(t *testing.T) {
 	f.Source = &Endpoint{Identity: 1, SPIFFEID: ""}
 	if got := Compact(f, false); !strings.Contains(got, "10.1.0.1:40000 -> ") || strings.Contains(got, "via") {
 		t.Errorf("host source: Compact = %q", got)
+	}
+}
+
+// TestCompactDirectionAndIsolation (issue 16): a pod-to-pod flow is
+// recorded at both pods; each line says which side it was seen at, and a
+// default deny names the policies that isolate the pod, in the compact
+// line and the table.
+func TestCompactDirectionAndIsolation(t *testing.T) {
+	at := time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.Local)
+	mk := func(dir string) *Flow {
+		return &Flow{Time: at, Verdict: VerdictForwarded, TrafficDirection: dir, EventKind: "new",
+			IP:          &IP{Source: "10.0.0.1", Destination: "10.0.0.2", IPVersion: "IPv4"},
+			L4:          &Layer4{TCP: &TCP{SourcePort: 40000, DestinationPort: 5432, Flags: &TCPFlags{SYN: true}}},
+			Source:      &Endpoint{Identity: 300, Namespace: "shop", PodName: "web"},
+			Destination: &Endpoint{Identity: 301, Namespace: "shop", PodName: "db"}}
+	}
+	out, in := mk(DirectionEgress), mk(DirectionIngress)
+	out.EgressAllowedBy = []*Policy{{Kind: "default", Name: "no-policy-selects"}}
+	in.Verdict, in.DropReasonDesc = VerdictDropped, DropPolicyDenied
+	in.IngressDeniedBy = []*Policy{{Kind: "default", Name: "default-deny"}}
+	in.IsolatedBy = []string{"NetworkPolicy shop/db-in", "BulkheadPolicy shop/x"}
+	for _, c := range []struct {
+		f    *Flow
+		want string
+	}{
+		{out, "03:04:05.006 shop/web:40000 -> shop/db:5432 egress TCP SYN FORWARDED by no-policy-selects"},
+		{in, "03:04:05.006 shop/web:40000 -> shop/db:5432 ingress TCP SYN DROPPED by default-deny (isolated by NetworkPolicy shop/db-in, BulkheadPolicy shop/x)"},
+	} {
+		if got := Compact(c.f, false); got != c.want {
+			t.Errorf("Compact =\n%q\nwant\n%q", got, c.want)
+		}
+	}
+	var buf bytes.Buffer
+	if err := WriteTable(&buf, []*Flow{out, in}, false); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	col := strings.Index(lines[0], "DIRECTION")
+	if len(lines) != 3 || col < 0 || strings.Index(lines[1], "egress") != col || strings.Index(lines[2], "ingress") != col {
+		t.Fatalf("table without a direction column:\n%s", buf.String())
+	}
+	if !strings.HasSuffix(lines[2], "default-deny (isolated by NetworkPolicy shop/db-in, BulkheadPolicy shop/x)") {
+		t.Errorf("table row %q", lines[2])
 	}
 }

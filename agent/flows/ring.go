@@ -70,7 +70,7 @@ func (h *Hub) Publish(fl *Flow) (lost uint64) {
 }
 
 // Last returns up to n of the most recent flows that pass sel, oldest
-// first. n <= 0 means all that are kept.
+// first. n == 0 means all that are kept, n < 0 none.
 func (h *Hub) Last(n int, sel *Selector) []*Flow {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -82,7 +82,10 @@ func (h *Hub) lastLocked(n int, sel *Selector) []*Flow {
 	if h.full {
 		size = len(h.ring)
 	}
-	if n <= 0 {
+	if n < 0 {
+		return nil
+	}
+	if n == 0 {
 		n = size
 	}
 	var out []*Flow
@@ -113,9 +116,10 @@ type Subscription struct {
 	pendingLost uint64
 }
 
-// Subscribe returns the last n flows passing sel and a follower that gets
-// every later one, atomically: no flow falls between the two. buffer is
-// how far the follower may lag before it loses flows.
+// Subscribe returns the last n flows passing sel (as Last: n < 0 is
+// none, a follower from now) and a follower that gets every later one,
+// atomically: no flow falls between the two. buffer is how far the
+// follower may lag before it loses flows.
 func (h *Hub) Subscribe(n int, sel Selector, buffer int) ([]*Flow, *Subscription) {
 	s := &Subscription{hub: h, sel: sel, ch: make(chan Item, max(buffer, 1))}
 	h.mu.Lock()

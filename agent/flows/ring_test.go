@@ -96,3 +96,22 @@ func TestHubPublishLostReachesFollowers(t *testing.T) {
 		t.Fatalf("got %+v, want the kernel loss marker", it)
 	}
 }
+
+// TestHubSubscribeFromNow (issue 16): a negative n sends no recent flows,
+// only those published after the subscription (observe --follow).
+func TestHubSubscribeFromNow(t *testing.T) {
+	h := NewHub(10, "")
+	h.Publish(flowN(1, VerdictDropped))
+	if got := h.Last(-1, nil); len(got) != 0 {
+		t.Fatalf("Last(-1) = %v, want none", times(got))
+	}
+	backlog, sub := h.Subscribe(-1, Selector{}, 10)
+	defer sub.Close()
+	if len(backlog) != 0 {
+		t.Fatalf("backlog = %v, want none", times(backlog))
+	}
+	h.Publish(flowN(2, VerdictDropped))
+	if it := <-sub.C(); it.Flow == nil || it.Flow.Time.Unix() != 2 {
+		t.Fatalf("follower got %+v, want flow 2", it)
+	}
+}

@@ -38,8 +38,11 @@ func main() {
 	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "where endpoint records persist across restarts")
 	fs.StringVar(&cfg.BPFFS, "bpffs", datapath.DefaultBPFFS, "directory on a bpffs mount for pinned programs, maps and links")
 	fs.StringVar(&cfg.FlowLog, "flow-log", "", "write flow records to this file, one JSON object per line")
-	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity)")
-	fs.BoolVar(&cfg.RuntimeDetection, "runtime-detection", false, "load the syscall monitor and write its alerts (escape attempts from pods: setns, unshare, mount, ptrace, bpf, module loads) to --flow-log as JSON lines with event_kind \"alert\"; alert only, never blocks (default off while it is new)")
+	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity; runtime alerts as OCSF Detection Findings)")
+	fs.BoolVar(&cfg.RuntimeDetection, "runtime-detection", false, "load the syscall monitor and write its alerts (escape attempts from pods: setns, unshare, mount, ptrace, bpf, module loads, ...) in --flow-format to --alert-log, or without it to --flow-log (JSON lines with event_kind \"alert\", or OCSF Detection Findings); needs one of them (default off while it is new)")
+	fs.StringVar(&cfg.AlertLog, "alert-log", "", "write runtime alerts (--runtime-detection) to this file instead of --flow-log, one per line in --flow-format")
+	fs.Int64Var(&cfg.AlertLogMaxSize, "alert-log-max-size", 100<<20, "rotate the alert log at this many bytes (0: never)")
+	fs.IntVar(&cfg.AlertLogMaxFiles, "alert-log-max-files", 5, "rotated alert log files to keep")
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
 	fs.IntVar(&cfg.FlowLogMaxFiles, "flow-log-max-files", 5, "rotated flow log files to keep")
 	ringKiB := fs.Uint("flow-event-ring-kib", 1024, "size of the kernel's flow event ring buffer in KiB (a power of two); a larger ring loses fewer events in bursts")
@@ -84,6 +87,12 @@ func main() {
 	fs.Visit(func(f *flag.Flag) {
 		if f.Name == "svid-ttl" && src != "builtin" {
 			fmt.Fprintf(os.Stderr, "bulkhead-agent: --svid-ttl applies to --identity-source builtin only (SPIRE's registration entries set their TTL)\n")
+			os.Exit(2)
+		}
+		// The alert log's rotation flags size a file that only --alert-log
+		// opens: given alone they would do nothing.
+		if (f.Name == "alert-log-max-size" || f.Name == "alert-log-max-files") && cfg.AlertLog == "" {
+			fmt.Fprintf(os.Stderr, "bulkhead-agent: --%s applies to --alert-log, which is not set (the flow log's rotation is --flow-log-max-size and --flow-log-max-files)\n", f.Name)
 			os.Exit(2)
 		}
 	})

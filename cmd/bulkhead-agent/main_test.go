@@ -33,6 +33,12 @@ func TestBadFlagsAreReported(t *testing.T) {
 		{"--identity-source builtin --svid-ttl 10s", "--svid-ttl 10s: want between 1m and 720h"},
 		{"--identity-source vault", `--identity-source "vault": want none, builtin or spire`},
 		{"--identity-source spire", "--identity-source spire needs --spire-admin-socket"},
+		{"--runtime-detection", "it needs --alert-log or --flow-log"},
+		{"--alert-log " + filepath.Join(dir, "alerts.log"), "--alert-log holds runtime alerts: it needs --runtime-detection"},
+		{"--runtime-detection --alert-log " + filepath.Join(dir, "f.log") + " --flow-log " + filepath.Join(dir, "f.log"), "is the --flow-log"},
+		{"--runtime-detection --alert-log " + filepath.Join(dir, "alerts.log") + " --alert-log-max-size -1", "--alert-log-max-size and --alert-log-max-files must not be negative"},
+		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --alert-log-max-size 1000", "--alert-log-max-size applies to --alert-log, which is not set"},
+		{"--alert-log-max-files 2", "--alert-log-max-files applies to --alert-log, which is not set"},
 	} {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestBadFlagsAreReported$")
 		cmd.Env = append(os.Environ(), "BULKHEAD_AGENT_TEST_ARGS="+base+" "+tt.args)

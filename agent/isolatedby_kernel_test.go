@@ -1,0 +1,168 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/bulkhead-io/bulkhead/agent/flows"
+)
+
+// TestIsolatedByOnRealDrops (issue 16): real TCP between two pods on a
+// bridge, both enforced by a running agent. shop/b is isolated at ingress
+// by two NetworkPolicies and at egress by one of them; a's SYN to b is
+// dropped at b's ingress, b's SYN to a at b's egress, and each drop's
+// record names default-deny and the policies that isolate b in that
+// direction, as the compiler says (explain's isolated_by).
+func TestIsolatedByOnRealDrops(t *testing.T) {
+	a, store := newTestAgent(t)
+	objs := `apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop, labels: {app: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: shop, labels: {app: b}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-lock, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  policyTypes: [Ingress, Egress]
+`
+	if err := os.WriteFile(filepath.Join(store, "objs.yaml"), []byte(objs), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startTestAgent(t, a)
+	ctx := context.Background()
+
+	// Two pods whose host veths are ports of one bridge in the agent's
+	// namespace: pod to pod is switched, through both pods' programs.
+	ipA, ipB := "10.216.0.1", "10.216.0.2"
+	reqA := podVeth(t, "c0ffee16a", "a", ipA+"/32")
+	reqB := podVeth(t, "c0ffee16b", "b", ipB+"/32")
+	br := fmt.Sprintf("bhbr%d", time.Now().UnixNano()%1e9)
+	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: br}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName(br); err == nil {
+			_ = netlink.LinkDel(l)
+		}
+	})
+	brLink, err := netlink.LinkByName(br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{reqA.HostVeth, reqB.HostVeth} {
+		l, err := netlink.LinkByName(host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.LinkSetMaster(l, brLink); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := netlink.LinkSetUp(brLink); err != nil {
+		t.Fatal(err)
+	}
+	inPod := func(path string, f func() error) {
+		t.Helper()
+		if err := ns.WithNetNSPath(path, func(ns.NetNS) error { return f() }); err != nil {
+			t.Fatalf("in %s: %v", path, err)
+		}
+	}
+	macs := map[string]net.HardwareAddr{}
+	for _, p := range []struct{ path, ip string }{{reqA.Netns, ipA}, {reqB.Netns, ipB}} {
+		inPod(p.path, func() error {
+			l, err := netlink.LinkByName("eth0")
+			if err != nil {
+				return err
+			}
+			addr, err := netlink.ParseAddr(p.ip + "/24")
+			if err != nil {
+				return err
+			}
+			macs[p.ip] = l.Attrs().HardwareAddr
+			return netlink.AddrAdd(l, addr)
+		})
+	}
+	// Static neighbours: the SYNs leave at once, without ARP.
+	for _, p := range []struct{ path, peer string }{{reqA.Netns, ipB}, {reqB.Netns, ipA}} {
+		inPod(p.path, func() error {
+			l, err := netlink.LinkByName("eth0")
+			if err != nil {
+				return err
+			}
+			return netlink.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, State: netlink.NUD_PERMANENT,
+				IP: net.ParseIP(p.peer), HardwareAddr: macs[p.peer]})
+		})
+	}
+	if _, err := a.AddEndpoint(ctx, reqA); err != nil {
+		t.Fatalf("ADD a: %v", err)
+	}
+	if _, err := a.AddEndpoint(ctx, reqB); err != nil {
+		t.Fatalf("ADD b: %v", err)
+	}
+
+	want := map[string][]string{
+		flows.DirectionIngress: {"NetworkPolicy shop/b-in", "NetworkPolicy shop/b-lock"},
+		flows.DirectionEgress:  {"NetworkPolicy shop/b-lock"},
+	}
+	found := map[string]*flows.Flow{}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(found) < 2 && time.Now().Before(deadline) {
+		// Each attempt is a new connection (a new source port): its SYN
+		// makes a new drop event.
+		for _, p := range []struct{ path, to string }{{reqA.Netns, ipB}, {reqB.Netns, ipA}} {
+			inPod(p.path, func() error {
+				if c, err := net.DialTimeout("tcp", net.JoinHostPort(p.to, "5432"), 200*time.Millisecond); err == nil {
+					c.Close()
+				}
+				return nil
+			})
+		}
+		for _, f := range a.hub.Last(0, nil) {
+			if f.Verdict == flows.VerdictDropped && f.Source.PodName == "a" && f.Destination.PodName == "b" &&
+				f.TrafficDirection == flows.DirectionIngress ||
+				f.Verdict == flows.VerdictDropped && f.Source.PodName == "b" && f.Destination.PodName == "a" &&
+					f.TrafficDirection == flows.DirectionEgress {
+				found[f.TrafficDirection] = f
+			}
+		}
+	}
+	for _, dir := range []string{flows.DirectionIngress, flows.DirectionEgress} {
+		f := found[dir]
+		if f == nil {
+			t.Errorf("no %s drop of shop/b recorded; flows: %d", dir, len(a.hub.Last(0, nil)))
+			continue
+		}
+		by := f.DecidingPolicy()
+		if f.DropReasonDesc != flows.DropPolicyDenied || by == nil || by.Name != "default-deny" || !slices.Equal(f.IsolatedBy, want[dir]) {
+			t.Errorf("%s drop: %s, decided by %v, isolated_by %q, want %q", dir, f.DropReasonDesc, by, f.IsolatedBy, want[dir])
+		}
+		t.Logf("%s", flows.Compact(f, false))
+	}
+	// Pod a is isolated by nothing: no drop of its own, no isolated_by.
+	for _, f := range a.hub.Last(0, nil) {
+		if f.Verdict != flows.VerdictDropped && len(f.IsolatedBy) > 0 {
+			t.Errorf("a flow not dropped names isolated_by: %s", flows.Compact(f, false))
+		}
+	}
+}
