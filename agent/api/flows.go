@@ -18,7 +18,8 @@ const PathFlows = "/v1/flows"
 
 // ObserveRequest selects flows.
 type ObserveRequest struct {
-	// Last is how many recent flows to send first (0: all that are kept).
+	// Last is how many recent flows to send first (0: all that are kept;
+	// negative: none, only new ones with Follow).
 	Last int `json:"last,omitempty"`
 	// Follow keeps the stream open for new flows.
 	Follow bool `json:"follow,omitempty"`
