@@ -358,6 +358,16 @@ func (a *Agent) Explain(_ context.Context, req api.ExplainRequest) (api.ExplainR
 		return api.ExplainResponse{}, err
 	}
 	r := explain.Verdict(v.ms, src, dst, proto, req.Port)
+	// A side that a default deny decided names what isolates that end, as
+	// the flow records of its drops do (computed at the last apply).
+	if fc := a.enricher.Context(); fc != nil {
+		explain.NameIsolation(&r, src, dst, func(at explain.Peer, dir policy.Direction) []string {
+			if iso := fc.IsolatedBy[at.Endpoint]; iso != nil {
+				return iso[dir]
+			}
+			return nil
+		})
+	}
 	resp := api.ExplainResponse{
 		Verdict: r.Combined, SourceIdentity: uint32(r.FromIdentity), DestinationIdentity: uint32(r.ToIdentity),
 		PolicyRevision: v.ms.Revision, Reason: explain.Text(r),

@@ -2,18 +2,23 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
+	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
+	"github.com/bulkhead-io/bulkhead/policy"
+	"github.com/bulkhead-io/bulkhead/policy/explain"
 )
 
 // TestIsolatedByOnRealDrops (issue 16): real TCP between two pods on a
@@ -158,6 +163,20 @@ spec:
 			t.Errorf("%s drop: %s, decided by %v, isolated_by %q, want %q", dir, f.DropReasonDesc, by, f.IsolatedBy, want[dir])
 		}
 		t.Logf("%s", flows.Compact(f, false))
+	}
+	// Live explain names the same policies for the same pair.
+	r, err := a.Explain(ctx, api.ExplainRequest{Source: api.Peer{Pod: &api.PodRef{Namespace: "shop", Name: "a"}},
+		Destination: api.Peer{Pod: &api.PodRef{Namespace: "shop", Name: "b"}}, Protocol: "TCP", Port: 5432})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var detail explain.Result
+	if err := json.Unmarshal(r.Detail, &detail); err != nil {
+		t.Fatal(err)
+	}
+	if r.Verdict != policy.VerdictDeny.String() || !slices.Equal(detail.Ingress.IsolatedBy, want[flows.DirectionIngress]) ||
+		!strings.Contains(r.Reason, "isolated by NetworkPolicy shop/b-in, NetworkPolicy shop/b-lock") {
+		t.Errorf("live explain a -> b: %s, ingress isolated_by %q:\n%s", r.Verdict, detail.Ingress.IsolatedBy, r.Reason)
 	}
 	// Pod a is isolated by nothing: no drop of its own, no isolated_by.
 	for _, f := range a.hub.Last(0, nil) {

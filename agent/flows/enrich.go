@@ -172,6 +172,10 @@ func NewEnricher(nodeName string) *Enricher {
 // SetContext publishes a new context; records enriched afterwards use it.
 func (e *Enricher) SetContext(c *Context) { e.ctx.Store(c) }
 
+// Context is the context records are enriched with now (nil before the
+// first SetContext).
+func (e *Enricher) Context() *Context { return e.ctx.Load() }
+
 // flowBlock holds a record and everything it points to, so that a record
 // costs one allocation. The pointers of f point into the block, which the
 // garbage collector keeps alive as a whole while f is referenced.

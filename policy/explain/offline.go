@@ -136,23 +136,37 @@ func (o *Offline) Peer(s string) (Peer, error) {
 // that pod in that direction (Side.IsolatedBy).
 func (o *Offline) Verdict(src, dst Peer, proto uint8, port uint16) Result {
 	r := Verdict(o.MapState, src, dst, proto, port)
-	for _, res := range []*Result{&r, r.Other} {
-		if res == nil {
-			continue
+	NameIsolation(&r, src, dst, func(at Peer, dir policy.Direction) []string {
+		ns, name, _ := strings.Cut(at.Name, "/")
+		var out []string
+		for _, p := range o.compiler.IsolatedBy(ns, name, dir) {
+			out = append(out, p.String())
 		}
-		o.isolatedBy(&res.Egress, src, policy.Egress)
-		o.isolatedBy(&res.Ingress, dst, policy.Ingress)
-	}
+		return out
+	})
 	return r
 }
 
-func (o *Offline) isolatedBy(s *Side, at Peer, dir policy.Direction) {
-	if s.Rule != nil || at.Endpoint == 0 || (s.Default != "deny" && s.Default != "audit") {
-		return
-	}
-	ns, name, _ := strings.Cut(at.Name, "/")
-	for _, p := range o.compiler.IsolatedBy(ns, name, dir) {
-		s.IsolatedBy = append(s.IsolatedBy, p.String())
+// NameIsolation sets Side.IsolatedBy on each side of r (and r.Other) that
+// the default deny (or audit) of an endpoint decided: the egress side
+// from src, the ingress side from dst, as by names the policies that
+// isolate that end in that direction. The offline engine asks its
+// compiler; the agent, what its last apply computed.
+func NameIsolation(r *Result, src, dst Peer, by func(at Peer, dir policy.Direction) []string) {
+	for _, res := range []*Result{r, r.Other} {
+		if res == nil {
+			continue
+		}
+		for _, x := range []struct {
+			s   *Side
+			at  Peer
+			dir policy.Direction
+		}{{&res.Egress, src, policy.Egress}, {&res.Ingress, dst, policy.Ingress}} {
+			if x.s.Rule != nil || x.at.Endpoint == 0 || (x.s.Default != "deny" && x.s.Default != "audit") {
+				continue
+			}
+			x.s.IsolatedBy = by(x.at, x.dir)
+		}
 	}
 }
 

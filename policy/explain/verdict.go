@@ -84,8 +84,8 @@ type Side struct {
 	Default string `json:"default,omitempty"`
 	// IsolatedBy names the policies ("Kind ns/name") that isolate this
 	// end in this direction, when a default deny (or audit) decided: none
-	// of their rules allows the connection. Only the offline engine,
-	// which holds the compiler, fills it.
+	// of their rules allows the connection. Filled by NameIsolation (the
+	// offline engine, and the agent's live explain).
 	IsolatedBy []string `json:"isolated_by,omitempty"`
 	// Matching lists every rule with an entry that matches, for context.
 	Matching []Rule `json:"matching,omitempty"`
