@@ -114,12 +114,18 @@ func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 
 // bpfFromPod calls bpf(BPF_MAP_CREATE, NULL, 0), which the kernel refuses,
 // from a thread inside the pod's netns, and returns the thread's ID.
-func bpfFromPod(t *testing.T, netns string) uint32 {
+func bpfFromPod(t testing.TB, netns string) uint32 { return bpfBurstFromPod(t, netns, 1) }
+
+// bpfBurstFromPod makes n bpf() calls from one thread in the pod's netns,
+// and returns the thread's ID.
+func bpfBurstFromPod(t testing.TB, netns string, n int) uint32 {
 	t.Helper()
 	var tid int
 	err := ns.WithNetNSPath(netns, func(ns.NetNS) error {
 		tid = unix.Gettid()
-		unix.Syscall(unix.SYS_BPF, 0, 0, 0)
+		for range n {
+			unix.Syscall(unix.SYS_BPF, 0, 0, 0)
+		}
 		return nil
 	})
 	if err != nil {
@@ -243,16 +249,7 @@ spec:
 	// this waits for it, it asserts nothing about time).
 	const n = 50
 	since = time.Now()
-	var burstTID uint32
-	if err := ns.WithNetNSPath(req.Netns, func(ns.NetNS) error {
-		burstTID = uint32(unix.Gettid())
-		for range n {
-			unix.Syscall(unix.SYS_BPF, 0, 0, 0)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	burstTID := bpfBurstFromPod(t, req.Netns, n)
 	var lines []detect.Alert
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -300,16 +297,7 @@ func TestRuntimeAlertsFlushedAtStop(t *testing.T) {
 	}
 	waitWatched(t, a.sysmon.mon, uint32(nsSt.Ino), true)
 	const n = 20
-	var tid uint32
-	if err := ns.WithNetNSPath(req.Netns, func(ns.NetNS) error {
-		tid = uint32(unix.Gettid())
-		for range n {
-			unix.Syscall(unix.SYS_BPF, 0, 0, 0)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	tid := bpfBurstFromPod(t, req.Netns, n)
 	// The first line goes out at once; the repeats wait for the window's
 	// end, 10 s away, unless the agent writes them as it stops.
 	waitAlert(t, flowLog, func(al detect.Alert) bool { return al.TID == tid && al.RuleID == detect.RuleBPF.ID })

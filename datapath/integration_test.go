@@ -441,14 +441,8 @@ func TestIntegrationTraffic(t *testing.T) {
 // outlive the endpoint ID's retirement and let the old peer's packets of
 // that 5-tuple into the next pod with the ID and the address.
 func TestDetachFlushesEndpointFlows(t *testing.T) {
-	tp := newTopo(t, 2)
+	tp, d := servedPair(t)
 	client, server := tp.pods[0], tp.pods[1]
-	serve(t, server)
-	d := newTestDatapath(t, Config{})
-	if _, err := d.Apply(tp.state(1, serverRules(client.id)...)); err != nil {
-		t.Fatal(err)
-	}
-	attach(t, d, tp)
 	for _, addr := range []netip.Addr{server.ip4, server.ip6} {
 		keep, err := dialTCP(client, addr, 8080)
 		mustWork(t, "dial", err)
@@ -483,15 +477,23 @@ func TestDetachFlushesEndpointFlows(t *testing.T) {
 	}
 }
 
-func TestIntegrationTighteningEstablished(t *testing.T) {
+// servedPair is a client and a server pod, the server serving, both
+// attached under serverRules (revision 1).
+func servedPair(t *testing.T) (*topo, *Datapath) {
+	t.Helper()
 	tp := newTopo(t, 2)
-	client, server := tp.pods[0], tp.pods[1]
-	serve(t, server)
+	serve(t, tp.pods[1])
 	d := newTestDatapath(t, Config{})
-	if _, err := d.Apply(tp.state(1, serverRules(client.id)...)); err != nil {
+	if _, err := d.Apply(tp.state(1, serverRules(tp.pods[0].id)...)); err != nil {
 		t.Fatal(err)
 	}
 	attach(t, d, tp)
+	return tp, d
+}
+
+func TestIntegrationTighteningEstablished(t *testing.T) {
+	tp, d := servedPair(t)
+	client, server := tp.pods[0], tp.pods[1]
 	for _, addr := range []netip.Addr{server.ip4, server.ip6} {
 		keep, err := dialTCP(client, addr, 8080)
 		mustWork(t, "dial", err)
