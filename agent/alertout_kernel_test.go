@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/cli"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
@@ -43,25 +41,10 @@ func TestRuntimeAlertsToAlertLogAndObserve(t *testing.T) {
 			if tt.flowLog {
 				flowLog = filepath.Join(dir, "flows.log")
 			}
-			a, store := newTestAgentWith(t, func(c *Config) {
-				c.RuntimeDetection, c.AlertLog, c.FlowLog, c.FlowFormat = true, alertLog, flowLog, tt.format
+			a, req, _ := runtimePod(t, "c0ffee7"+string(rune('0'+i)), "10.213.6."+string(rune('7'+i))+"/32", func(c *Config) {
+				c.AlertLog, c.FlowLog, c.FlowFormat = alertLog, flowLog, tt.format
 				c.AlertLogMaxSize, c.AlertLogMaxFiles = 1<<20, 2
 			})
-			pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
-			if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			startTestAgent(t, a)
-			container := "c0ffee7" + string(rune('0'+i))
-			req := podVeth(t, container, "web", "10.213.6."+string(rune('7'+i))+"/32")
-			if _, err := a.AddEndpoint(context.Background(), req); err != nil {
-				t.Fatal(err)
-			}
-			var nsSt unix.Stat_t
-			if err := unix.Stat(req.Netns, &nsSt); err != nil {
-				t.Fatal(err)
-			}
-			waitWatched(t, a.sysmon.mon, uint32(nsSt.Ino), true)
 			tid := bpfFromPod(t, req.Netns)
 
 			// The alert log.

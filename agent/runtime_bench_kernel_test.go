@@ -3,7 +3,6 @@ package agent
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -248,23 +247,9 @@ func benchRuntimeAgent(b *testing.B, container, ip string) (*Agent, string, stri
 	b.Helper()
 	unmountTracefsAfter(b)
 	alertLog := filepath.Join(b.TempDir(), "alerts.log")
-	a, store := newTestAgentWith(b, func(c *Config) {
-		c.RuntimeDetection, c.AlertLog, c.AlertLogMaxSize, c.AlertLogMaxFiles = true, alertLog, 1<<40, 1
+	a, req, _ := runtimePod(b, container, ip, func(c *Config) {
+		c.AlertLog, c.AlertLogMaxSize, c.AlertLogMaxFiles = alertLog, 1<<40, 1
 	})
-	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
-	if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
-		b.Fatal(err)
-	}
-	startTestAgent(b, a)
-	req := podVeth(b, container, "web", ip)
-	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
-		b.Fatal(err)
-	}
-	var nsSt unix.Stat_t
-	if err := unix.Stat(req.Netns, &nsSt); err != nil {
-		b.Fatal(err)
-	}
-	waitWatched(b, a.sysmon.mon, uint32(nsSt.Ino), true)
 	// The alert log exists once the agent runs with it.
 	if _, err := os.Stat(alertLog); err != nil {
 		b.Fatal(err)

@@ -112,6 +112,33 @@ func TestRuntimeDetectionAlertsToFlowLog(t *testing.T) {
 	}
 }
 
+// runtimePod starts an agent with runtime detection (tune says where its
+// alerts go) and the pod shop/web in its store, adds the pod's endpoint
+// (container, ip) and waits until its netns is watched. It returns the
+// agent, the ADD, and what stops the agent before the test ends.
+func runtimePod(t testing.TB, container, ip string, tune func(*Config)) (*Agent, api.EndpointAddRequest, func()) {
+	t.Helper()
+	a, store := newTestAgentWith(t, func(c *Config) {
+		c.RuntimeDetection = true
+		tune(c)
+	})
+	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
+	if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stop := startTestAgent(t, a)
+	req := podVeth(t, container, "web", ip)
+	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	var nsSt unix.Stat_t
+	if err := unix.Stat(req.Netns, &nsSt); err != nil {
+		t.Fatal(err)
+	}
+	waitWatched(t, a.sysmon.mon, uint32(nsSt.Ino), true)
+	return a, req, stop
+}
+
 // bpfFromPod calls bpf(BPF_MAP_CREATE, NULL, 0), which the kernel refuses,
 // from a thread inside the pod's netns, and returns the thread's ID.
 func bpfFromPod(t testing.TB, netns string) uint32 { return bpfBurstFromPod(t, netns, 1) }
@@ -281,21 +308,7 @@ func TestRuntimeAlertsFlushedAtStop(t *testing.T) {
 	privileged.Require(t)
 	unmountTracefsAfter(t)
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
-	a, store := newTestAgentWith(t, func(c *Config) { c.RuntimeDetection, c.FlowLog = true, flowLog })
-	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web}\n"
-	if err := os.WriteFile(filepath.Join(store, "web.yaml"), []byte(pod), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	stop := startTestAgent(t, a)
-	req := podVeth(t, "c0ffee63", "web", "10.213.6.3/32")
-	if _, err := a.AddEndpoint(context.Background(), req); err != nil {
-		t.Fatal(err)
-	}
-	var nsSt unix.Stat_t
-	if err := unix.Stat(req.Netns, &nsSt); err != nil {
-		t.Fatal(err)
-	}
-	waitWatched(t, a.sysmon.mon, uint32(nsSt.Ino), true)
+	_, req, stop := runtimePod(t, "c0ffee63", "10.213.6.3/32", func(c *Config) { c.FlowLog = flowLog })
 	const n = 20
 	tid := bpfBurstFromPod(t, req.Netns, n)
 	// The first line goes out at once; the repeats wait for the window's
