@@ -6,7 +6,6 @@ import (
 	"path"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
@@ -88,117 +87,36 @@ func (f *AlertFilter) Match(al *detect.Alert) bool {
 	return true
 }
 
-// AlertHub keeps the most recent alerts in a bounded ring and fans new ones
-// out to followers, as Hub does for flows: a follower that cannot keep up
-// loses alerts (counted, and marked in its stream), never slows the runtime
+// AlertHub keeps the most recent alerts and fans new ones out to
+// followers, as Hub does for flows: a follower that cannot keep up loses
+// alerts (counted, and marked in its stream), never slows the runtime
 // service.
 type AlertHub struct {
-	nodeName string
-
-	mu   sync.Mutex
-	ring []*detect.Alert
-	next int
-	full bool
-	subs map[*AlertSubscription]struct{}
-}
-
-// NewAlertHub keeps up to capacity recent alerts (at least 1).
-func NewAlertHub(capacity int, nodeName string) *AlertHub {
-	return &AlertHub{nodeName: nodeName, ring: make([]*detect.Alert, max(capacity, 1)), subs: map[*AlertSubscription]struct{}{}}
-}
-
-// Publish records al (which must not be modified afterwards) and hands it
-// to every follower whose filter it passes. It returns how many followers
-// lost it.
-func (h *AlertHub) Publish(al *detect.Alert) (lost uint64) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.ring[h.next] = al
-	h.next++
-	if h.next == len(h.ring) {
-		h.next, h.full = 0, true
-	}
-	for s := range h.subs {
-		if !s.f.Match(al) {
-			continue
-		}
-		if s.pendingLost > 0 {
-			select {
-			case s.ch <- AlertItem{Lost: &LostEvents{Time: time.Now(), Source: "userspace", NumEventsLost: s.pendingLost, NodeName: h.nodeName}}:
-				s.pendingLost = 0
-			default:
-				s.pendingLost++
-				lost++
-				continue
-			}
-		}
-		select {
-		case s.ch <- AlertItem{Alert: al}:
-		default:
-			s.pendingLost++
-			lost++
-		}
-	}
-	return lost
-}
-
-// Last returns up to n of the most recent alerts that pass f, oldest first;
-// n <= 0 means all that are kept.
-func (h *AlertHub) Last(n int, f *AlertFilter) []*detect.Alert {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.lastLocked(n, f)
-}
-
-func (h *AlertHub) lastLocked(n int, f *AlertFilter) []*detect.Alert {
-	size := h.next
-	if h.full {
-		size = len(h.ring)
-	}
-	switch {
-	case n < 0:
-		return nil // from now on: no recent ones
-	case n == 0:
-		n = size
-	}
-	var out []*detect.Alert
-	for i := 1; i <= size && len(out) < n; i++ {
-		al := h.ring[(h.next-i+len(h.ring))%len(h.ring)]
-		if f == nil || f.Match(al) {
-			out = append(out, al)
-		}
-	}
-	slices.Reverse(out)
-	return out
+	ring[*detect.Alert, AlertItem]
 }
 
 // AlertSubscription is one follower of an AlertHub.
-type AlertSubscription struct {
-	hub         *AlertHub
-	f           AlertFilter
-	ch          chan AlertItem
-	pendingLost uint64
+type AlertSubscription = follower[*detect.Alert, AlertItem]
+
+// NewAlertHub keeps up to capacity recent alerts (at least 1).
+func NewAlertHub(capacity int, nodeName string) *AlertHub {
+	return &AlertHub{newRing(capacity, nodeName, func(al *detect.Alert) AlertItem { return AlertItem{Alert: al} },
+		func(l *LostEvents) AlertItem { return AlertItem{Lost: l} })}
+}
+
+// Last returns up to n of the most recent alerts that pass f, oldest first:
+// n == 0 means all that are kept, n < 0 none.
+func (h *AlertHub) Last(n int, f *AlertFilter) []*detect.Alert {
+	if f == nil {
+		return h.last(n, nil)
+	}
+	return h.last(n, f.Match)
 }
 
 // Subscribe returns the last n alerts passing f and a follower that gets
 // every later one, with nothing falling between the two.
 func (h *AlertHub) Subscribe(n int, f AlertFilter, buffer int) ([]*detect.Alert, *AlertSubscription) {
-	s := &AlertSubscription{hub: h, f: f, ch: make(chan AlertItem, max(buffer, 1))}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	backlog := h.lastLocked(n, &f)
-	h.subs[s] = struct{}{}
-	return backlog, s
-}
-
-// C delivers the follower's items.
-func (s *AlertSubscription) C() <-chan AlertItem { return s.ch }
-
-// Close stops delivery (the channel stays open, as Subscription's).
-func (s *AlertSubscription) Close() {
-	s.hub.mu.Lock()
-	defer s.hub.mu.Unlock()
-	delete(s.hub.subs, s)
+	return h.subscribe(n, f.Match, buffer)
 }
 
 // CompactAlert is one line per alert, for people:

@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -12,75 +13,73 @@ type Item struct {
 	Lost *LostEvents `json:"lost_events,omitempty"`
 }
 
-// Hub keeps the most recent flows in a bounded ring and fans new ones out
-// to followers. A follower that cannot keep up never slows the pipeline:
-// its flows are dropped, counted, and replaced in its stream by one
-// LostEvents marker at the point of the gap.
-type Hub struct {
+// ring keeps the most recent records (flows, or runtime alerts) in a
+// bounded ring and fans new ones out to followers. A follower that cannot
+// keep up never slows the publisher: its records are dropped, counted, and
+// replaced in its stream by one LostEvents marker at the point of the gap.
+// I is the stream's element: item wraps a record, lost a marker.
+type ring[T, I any] struct {
 	nodeName string
+	item     func(T) I
+	lost     func(*LostEvents) I
 
 	mu     sync.Mutex
-	ring   []*Flow
-	next   int // where the next flow goes
+	buf    []T
+	next   int // where the next record goes
 	full   bool
-	subs   map[*Subscription]struct{}
-	lostUS uint64 // flows dropped for slow followers, all time
+	subs   map[*follower[T, I]]struct{}
+	lostUS uint64 // records dropped for slow followers, all time
 }
 
-// NewHub keeps up to capacity recent flows (at least 1).
-func NewHub(capacity int, nodeName string) *Hub {
-	return &Hub{nodeName: nodeName, ring: make([]*Flow, max(capacity, 1)), subs: map[*Subscription]struct{}{}}
+func newRing[T, I any](capacity int, nodeName string, item func(T) I, lost func(*LostEvents) I) ring[T, I] {
+	return ring[T, I]{nodeName: nodeName, item: item, lost: lost, buf: make([]T, max(capacity, 1)),
+		subs: map[*follower[T, I]]struct{}{}}
 }
 
-// Publish records fl and hands it to every follower whose filter it
-// passes. fl must not be modified afterwards. It returns how many followers
-// lost fl because they lagged, so that the caller can count userspace loss.
-func (h *Hub) Publish(fl *Flow) (lost uint64) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.ring[h.next] = fl
-	h.next++
-	if h.next == len(h.ring) {
-		h.next, h.full = 0, true
+// Publish records x and hands it to every follower whose filter it
+// passes. x must not be modified afterwards. It returns how many followers
+// lost x because they lagged, so that the caller can count userspace loss.
+func (r *ring[T, I]) Publish(x T) (lost uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.buf[r.next] = x
+	r.next++
+	if r.next == len(r.buf) {
+		r.next, r.full = 0, true
 	}
-	for s := range h.subs {
-		if !s.sel.Match(fl) {
+	for s := range r.subs {
+		if !s.match(x) {
 			continue
 		}
 		if s.pendingLost > 0 {
 			select {
-			case s.ch <- Item{Lost: &LostEvents{Time: time.Now(), Source: "userspace", NumEventsLost: s.pendingLost, NodeName: h.nodeName}}:
+			case s.ch <- r.lost(&LostEvents{Time: time.Now(), Source: "userspace", NumEventsLost: s.pendingLost, NodeName: r.nodeName}):
 				s.pendingLost = 0
 			default:
 				s.pendingLost++
-				h.lostUS++
+				r.lostUS++
 				lost++
 				continue
 			}
 		}
 		select {
-		case s.ch <- Item{Flow: fl}:
+		case s.ch <- r.item(x):
 		default:
 			s.pendingLost++
-			h.lostUS++
+			r.lostUS++
 			lost++
 		}
 	}
 	return lost
 }
 
-// Last returns up to n of the most recent flows that pass sel, oldest
-// first. n == 0 means all that are kept, n < 0 none.
-func (h *Hub) Last(n int, sel *Selector) []*Flow {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.lastLocked(n, sel)
-}
-
-func (h *Hub) lastLocked(n int, sel *Selector) []*Flow {
-	size := h.next
-	if h.full {
-		size = len(h.ring)
+// last returns up to n of the most recent records that match passes (all
+// with a nil match), oldest first. n == 0 means all that are kept, n < 0
+// none. r.mu is held.
+func (r *ring[T, I]) lastLocked(n int, match func(T) bool) []T {
+	size := r.next
+	if r.full {
+		size = len(r.buf)
 	}
 	if n < 0 {
 		return nil
@@ -88,32 +87,95 @@ func (h *Hub) lastLocked(n int, sel *Selector) []*Flow {
 	if n == 0 {
 		n = size
 	}
-	var out []*Flow
+	var out []T
 	for i := 1; i <= size && len(out) < n; i++ {
-		fl := h.ring[(h.next-i+len(h.ring))%len(h.ring)]
-		if sel == nil || sel.Match(fl) {
-			out = append(out, fl)
+		x := r.buf[(r.next-i+len(r.buf))%len(r.buf)]
+		if match == nil || match(x) {
+			out = append(out, x)
 		}
 	}
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
-	}
+	slices.Reverse(out)
 	return out
 }
 
-// LostUserspace is how many flows were dropped for slow followers.
-func (h *Hub) LostUserspace() uint64 {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.lostUS
+func (r *ring[T, I]) last(n int, match func(T) bool) []T {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lastLocked(n, match)
 }
 
-// Subscription is one follower.
-type Subscription struct {
-	hub         *Hub
-	sel         Selector
-	ch          chan Item
+// LostUserspace is how many records were dropped for slow followers.
+func (r *ring[T, I]) LostUserspace() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lostUS
+}
+
+// subscribe returns the last n records passing match (as last: n < 0 is
+// none, a follower from now) and a follower that gets every later one,
+// atomically: no record falls between the two. buffer is how far the
+// follower may lag before it loses records.
+func (r *ring[T, I]) subscribe(n int, match func(T) bool, buffer int) ([]T, *follower[T, I]) {
+	s := &follower[T, I]{r: r, match: match, ch: make(chan I, max(buffer, 1))}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	backlog := r.lastLocked(n, match)
+	r.subs[s] = struct{}{}
+	return backlog, s
+}
+
+// PublishLost tells every follower that records were lost before they
+// reached the agent (kernel ring buffer full): a marker in each stream.
+func (r *ring[T, I]) PublishLost(l *LostEvents) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for s := range r.subs {
+		select {
+		case s.ch <- r.lost(l):
+		default:
+			s.pendingLost += l.NumEventsLost
+		}
+	}
+}
+
+// follower is one follower of a ring.
+type follower[T, I any] struct {
+	r           *ring[T, I]
+	match       func(T) bool
+	ch          chan I
 	pendingLost uint64
+}
+
+// C delivers the follower's items.
+func (s *follower[T, I]) C() <-chan I { return s.ch }
+
+// Close stops delivery. The channel is not closed, so a Publish racing with
+// Close never sends on a closed channel.
+func (s *follower[T, I]) Close() {
+	s.r.mu.Lock()
+	defer s.r.mu.Unlock()
+	delete(s.r.subs, s)
+}
+
+// Hub is the ring of flows.
+type Hub struct{ ring[*Flow, Item] }
+
+// Subscription is one follower of a Hub.
+type Subscription = follower[*Flow, Item]
+
+// NewHub keeps up to capacity recent flows (at least 1).
+func NewHub(capacity int, nodeName string) *Hub {
+	return &Hub{newRing(capacity, nodeName, func(f *Flow) Item { return Item{Flow: f} },
+		func(l *LostEvents) Item { return Item{Lost: l} })}
+}
+
+// Last returns up to n of the most recent flows that pass sel, oldest
+// first. n == 0 means all that are kept, n < 0 none.
+func (h *Hub) Last(n int, sel *Selector) []*Flow {
+	if sel == nil {
+		return h.last(n, nil)
+	}
+	return h.last(n, sel.Match)
 }
 
 // Subscribe returns the last n flows passing sel (as Last: n < 0 is
@@ -121,35 +183,5 @@ type Subscription struct {
 // atomically: no flow falls between the two. buffer is how far the
 // follower may lag before it loses flows.
 func (h *Hub) Subscribe(n int, sel Selector, buffer int) ([]*Flow, *Subscription) {
-	s := &Subscription{hub: h, sel: sel, ch: make(chan Item, max(buffer, 1))}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	backlog := h.lastLocked(n, &sel)
-	h.subs[s] = struct{}{}
-	return backlog, s
-}
-
-// C delivers the follower's items.
-func (s *Subscription) C() <-chan Item { return s.ch }
-
-// Close stops delivery. The channel is not closed, so a Publish racing with
-// Close never sends on a closed channel.
-func (s *Subscription) Close() {
-	s.hub.mu.Lock()
-	defer s.hub.mu.Unlock()
-	delete(s.hub.subs, s)
-}
-
-// PublishLost tells every follower that events were lost before they
-// reached the agent (kernel ring buffer full): a marker in each stream.
-func (h *Hub) PublishLost(l *LostEvents) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for s := range h.subs {
-		select {
-		case s.ch <- Item{Lost: l}:
-		default:
-			s.pendingLost += l.NumEventsLost
-		}
-	}
+	return h.subscribe(n, sel.Match, buffer)
 }
