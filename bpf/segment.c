@@ -1016,6 +1016,59 @@ static __always_inline int nd_link_scoped(const struct pkt *p)
 	return p->hop_limit == 1;
 }
 
+/* quarantine_dns_exempt reports whether p, a packet of a quarantined
+ * endpoint, is DNS between the pod and one of the resolvers in
+ * quarantine_dns: a query to port 53 (egress) or its answer (ingress). It is
+ * then judged by policy like any packet; the quarantine takes nothing
+ * else away from it. */
+static __always_inline int quarantine_dns_exempt(const struct pkt *p, __u8 dir)
+{
+	struct quarantine_dns_key k;
+
+	/* A later fragment has the ports its first fragment had (ports 0 when
+	 * that was not seen, which never match). */
+	if (p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_TCP_)
+		return 0;
+	if (dir == DIR_EGRESS) {
+		if (p->dport != 53)
+			return 0;
+		__builtin_memcpy(k.addr, p->daddr, 16);
+	} else {
+		if (p->sport != 53)
+			return 0;
+		__builtin_memcpy(k.addr, p->saddr, 16);
+	}
+	return bpf_map_lookup_elem(&quarantine_dns, &k) != NULL;
+}
+
+/* drop_quarantined drops a quarantined endpoint's packet: counted always,
+ * reported at most once per drop_event_interval per flow, with the
+ * quarantine's number as the rule. Established flows die here too: the
+ * check comes before conntrack. */
+static __always_inline int drop_quarantined(struct __sk_buff *skb, struct pkt *p, __u32 ep_id,
+					    __u8 dir, __u32 qid)
+{
+	struct ep_config cfg;
+	struct ct_key k = {};
+	__u64 now = ct_now();
+	__u8 from_pod = dir == DIR_EGRESS;
+	__u32 peer, gen, zero = 0;
+	const struct global_config *g;
+
+	count_drop(DROP_QUARANTINED, skb->len);
+	ct_normalise(p, ep_id, &k);
+	if (!drop_event_due(&k, now))
+		return TC_ACT_SHOT;
+	g = bpf_map_lookup_elem(&globals, &zero);
+	gen = live_revision(g) & 1;
+	if (!ep_config_at(gen, ep_id, &cfg))
+		cfg.identity = 0;
+	peer = ipcache_lookup(from_pod ? p->daddr : p->saddr, gen, g ? g->ct_seed : 0);
+	emit(p, now, EVENT_DROP, VERDICT_DENY, DROP_QUARANTINED, qid, dir, from_pod, ep_id, skb->ifindex,
+	     cfg.identity, peer, 0);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct pkt p = {};
@@ -1052,6 +1105,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	    nd_link_scoped(&p)) {
 		count_verdict(VERDICT_PASS, p.len);
 		return BH_PASS;
+	}
+	{
+		const struct quarantine *q = bpf_map_lookup_elem(&ep_quarantine, &ep_id);
+
+		if (q && q->id && !quarantine_dns_exempt(&p, dir))
+			return drop_quarantined(skb, &p, ep_id, dir, q->id);
 	}
 	if (icmp_error(&p) && icmp_related(skb, &p, ep_id)) {
 		count_verdict(VERDICT_ALLOW, p.len);

@@ -335,6 +335,9 @@ func (d *Datapath) Detach(ep Endpoint) error {
 	if err == nil {
 		err = d.flushEndpointFlows(ep.ID)
 	}
+	if err == nil {
+		err = d.clearQuarantine(ep.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("detach endpoint %d: %w", ep.ID, err)
 	}

@@ -130,22 +130,26 @@ type Datapath struct {
 	ct4, ct6 *ctTable
 	epcfg    *epConfigTable
 	globals  *globalsTable
+	// quarantine is ep_quarantine (see SetQuarantine).
+	quarantine *quarantineTable
 	// The exact-match tables in front of ipcache and policy.
 	hosts, policyExact *exactTable
 }
 
 // Typed views of the maps' keys and values, generated from bpf/include.
 type (
-	PolicyKey     = segmentPolicyKey
-	PolicyValue   = segmentPolicyValue
-	IPCacheKey    = segmentIpcacheKey
-	IPCacheValue  = segmentIpcacheValue
-	EPConfig      = segmentEpConfig
-	GlobalConfig  = segmentGlobalConfig
-	ConntrackKey  = segmentCtKey
-	Conntrack4Key = segmentCt4Key
-	ConntrackItem = segmentCtEntry
-	Counter       = segmentCounter
+	PolicyKey    = segmentPolicyKey
+	PolicyValue  = segmentPolicyValue
+	IPCacheKey   = segmentIpcacheKey
+	IPCacheValue = segmentIpcacheValue
+	EPConfig     = segmentEpConfig
+	// QuarantineDNSKey is a resolver quarantined endpoints may query.
+	QuarantineDNSKey = segmentQuarantineDnsKey
+	GlobalConfig     = segmentGlobalConfig
+	ConntrackKey     = segmentCtKey
+	Conntrack4Key    = segmentCt4Key
+	ConntrackItem    = segmentCtEntry
+	Counter          = segmentCounter
 )
 
 // pinnedMaps are the maps that live under BPFFS/maps; the rest (.rodata,
@@ -159,7 +163,7 @@ func (d *Datapath) pinnedMaps() map[string]**ebpf.Map {
 		"policy_exact": &m.PolicyExact, "endpoint_addrs": &m.EndpointAddrs,
 		"fragments": &m.Fragments, "drop_events": &m.DropEvents, "counters": &m.Counters,
 		"events": &m.Events, "tunnel_listener": &m.TunnelListener, "tunnel_socks": &m.TunnelSocks,
-		"id_flags": &m.IdFlags,
+		"id_flags": &m.IdFlags, "ep_quarantine": &m.EpQuarantine, "quarantine_dns": &m.QuarantineDns,
 	}
 }
 
@@ -241,7 +245,9 @@ func New(cfg Config) (*Datapath, error) {
 	var errPol, errGlob error
 	d.policyExact, errPol = mapExactTable(d.objs.PolicyExact, "policy_exact", 4, 3)
 	d.globals, errGlob = mapGlobals(d.objs.Globals)
-	if err := errors.Join(err4, err6, errEP, errHosts, errPol, errGlob); err != nil {
+	var errQ error
+	d.quarantine, errQ = mapQuarantine(d.objs.EpQuarantine)
+	if err := errors.Join(err4, err6, errEP, errHosts, errPol, errGlob, errQ); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -539,8 +545,8 @@ func (d *Datapath) Close() error {
 	d.mu.Lock()
 	d.unmapMu.Lock()
 	err := errors.Join(d.ct4.close(), d.ct6.close(), d.epcfg.close(), d.hosts.close(), d.policyExact.close(),
-		d.globals.close())
-	d.ct4, d.ct6, d.epcfg, d.hosts, d.policyExact, d.globals = nil, nil, nil, nil, nil, nil
+		d.globals.close(), d.quarantine.close())
+	d.ct4, d.ct6, d.epcfg, d.hosts, d.policyExact, d.globals, d.quarantine = nil, nil, nil, nil, nil, nil, nil
 	d.unmapMu.Unlock()
 	d.mu.Unlock()
 	return errors.Join(err, d.objs.Close())

@@ -183,13 +183,18 @@ func ipcacheKeyOf(p netip.Prefix) IPCacheKey {
 	if a.Is4() {
 		bits += 96
 	}
+	return IPCacheKey{Prefixlen: uint32(bits), Addr: addrWords(a)}
+}
+
+// addrWords encodes an address in its BPF layout (IPv4 v4-mapped): the
+// inverse of addrOf.
+func addrWords(a netip.Addr) [4]uint32 {
 	b := a.As16()
-	var k IPCacheKey
-	k.Prefixlen = uint32(bits)
+	var w [4]uint32
 	for i := range 4 {
-		k.Addr[i] = binary.NativeEndian.Uint32(b[4*i:])
+		w[i] = binary.NativeEndian.Uint32(b[4*i:])
 	}
-	return k
+	return w
 }
 
 // addrOf decodes a v4-mapped or IPv6 address from its BPF layout.

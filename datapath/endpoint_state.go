@@ -44,6 +44,9 @@ func (d *Datapath) Forget(ep Endpoint) error {
 	if err == nil {
 		err = d.flushEndpointFlows(ep.ID)
 	}
+	if err == nil {
+		err = d.clearQuarantine(ep.ID)
+	}
 	if err != nil {
 		return fmt.Errorf("forget endpoint %d on ifindex %d: %w", ep.ID, ep.Ifindex, err)
 	}

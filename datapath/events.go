@@ -71,6 +71,9 @@ const (
 	// endpoint_addrs slot is gone, so it is not known whether a bridge
 	// would switch the packet past the tunnel.
 	DropTunnelDown DropReason = 9
+	// DropQuarantined: the endpoint is quarantined (SetQuarantine); the
+	// event's RuleID is the quarantine's number.
+	DropQuarantined DropReason = 10
 )
 
 // SourceValidation reports whether r is one of source validation's drop
@@ -101,6 +104,8 @@ func (r DropReason) String() string {
 		return "AUTH_REQUIRED"
 	case DropTunnelDown:
 		return "TUNNEL_DOWN"
+	case DropQuarantined:
+		return "QUARANTINED"
 	}
 	return fmt.Sprintf("REASON_%d", uint8(r))
 }

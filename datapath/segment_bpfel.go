@@ -227,6 +227,16 @@ type segmentPolicyValue struct {
 	TunFlags  uint8
 }
 
+type segmentQuarantine struct {
+	_  structs.HostLayout
+	Id uint32
+}
+
+type segmentQuarantineDnsKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
 type segmentTunnelLsn struct {
 	_    structs.HostLayout
 	Ino  uint64
@@ -246,6 +256,7 @@ const (
 	segmentMapEndpoints                  = "endpoints"
 	segmentMapEndpointsArray             = "endpoints_array"
 	segmentMapEpConfigs                  = "ep_configs"
+	segmentMapEpQuarantine               = "ep_quarantine"
 	segmentMapEvents                     = "events"
 	segmentMapFragments                  = "fragments"
 	segmentMapGlobals                    = "globals"
@@ -254,6 +265,7 @@ const (
 	segmentMapIpcacheHosts               = "ipcache_hosts"
 	segmentMapPolicy                     = "policy"
 	segmentMapPolicyExact                = "policy_exact"
+	segmentMapQuarantineDns              = "quarantine_dns"
 	segmentMapTunnelListener             = "tunnel_listener"
 	segmentMapTunnelScratch              = "tunnel_scratch"
 	segmentMapTunnelSocks                = "tunnel_socks"
@@ -343,6 +355,7 @@ type segmentMapSpecs struct {
 	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
 	EndpointsArray *ebpf.MapSpec `ebpf:"endpoints_array"`
 	EpConfigs      *ebpf.MapSpec `ebpf:"ep_configs"`
+	EpQuarantine   *ebpf.MapSpec `ebpf:"ep_quarantine"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Globals        *ebpf.MapSpec `ebpf:"globals"`
@@ -351,6 +364,7 @@ type segmentMapSpecs struct {
 	IpcacheHosts   *ebpf.MapSpec `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
+	QuarantineDns  *ebpf.MapSpec `ebpf:"quarantine_dns"`
 	TunnelListener *ebpf.MapSpec `ebpf:"tunnel_listener"`
 	TunnelScratch  *ebpf.MapSpec `ebpf:"tunnel_scratch"`
 	TunnelSocks    *ebpf.MapSpec `ebpf:"tunnel_socks"`
@@ -406,6 +420,7 @@ type segmentMaps struct {
 	Endpoints      *ebpf.Map `ebpf:"endpoints"`
 	EndpointsArray *ebpf.Map `ebpf:"endpoints_array"`
 	EpConfigs      *ebpf.Map `ebpf:"ep_configs"`
+	EpQuarantine   *ebpf.Map `ebpf:"ep_quarantine"`
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Globals        *ebpf.Map `ebpf:"globals"`
@@ -414,6 +429,7 @@ type segmentMaps struct {
 	IpcacheHosts   *ebpf.Map `ebpf:"ipcache_hosts"`
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
+	QuarantineDns  *ebpf.Map `ebpf:"quarantine_dns"`
 	TunnelListener *ebpf.Map `ebpf:"tunnel_listener"`
 	TunnelScratch  *ebpf.Map `ebpf:"tunnel_scratch"`
 	TunnelSocks    *ebpf.Map `ebpf:"tunnel_socks"`
@@ -429,6 +445,7 @@ func (m *segmentMaps) Close() error {
 		m.Endpoints,
 		m.EndpointsArray,
 		m.EpConfigs,
+		m.EpQuarantine,
 		m.Events,
 		m.Fragments,
 		m.Globals,
@@ -437,6 +454,7 @@ func (m *segmentMaps) Close() error {
 		m.IpcacheHosts,
 		m.Policy,
 		m.PolicyExact,
+		m.QuarantineDns,
 		m.TunnelListener,
 		m.TunnelScratch,
 		m.TunnelSocks,

@@ -59,6 +59,10 @@ enum bh_drop_reason {
 	/* a flow that must be tunnelled, and no tunnel listener, or no
 	 * endpoint_addrs slot to tell whether the pod is a bridge port */
 	DROP_TUNNEL_DOWN = 9,
+	/* the endpoint is quarantined (ep_quarantine): everything in and out
+	 * is dropped but DNS to the resolvers in quarantine_dns; the event's
+	 * rule_id is the quarantine's number */
+	DROP_QUARANTINED = 10,
 };
 
 enum bh_event_type {
@@ -219,6 +223,21 @@ struct ep_config {
 	__u8 flags;
 	__u8 def_ingress; /* policy.DefaultVerdict */
 	__u8 def_egress;
+};
+
+/* An endpoint's quarantine (ep_quarantine, by endpoint ID): id 0 is none,
+ * else the agent's number for the quarantine, reported as the rule_id of
+ * every DROP_QUARANTINED event. Written by Go with one aligned 4-byte store
+ * into the mapped array, independent of the policy generations: it takes
+ * effect at the next packet and stays across applies. */
+struct quarantine {
+	__u32 id;
+};
+
+/* quarantine_dns key: a resolver's address (IPv4 stored v4-mapped) that a
+ * quarantined endpoint may still reach on port 53. */
+struct quarantine_dns_key {
+	__u32 addr[4];
 };
 
 /* The addresses an endpoint may send from, keyed by endpoint ID

@@ -51,6 +51,26 @@ struct {
 	__uint(max_entries, MAX_ENDPOINTS);
 } endpoint_addrs SEC(".maps");
 
+/* Endpoint ID -> its quarantine (struct quarantine), read on every
+ * packet of a managed endpoint: an array for an inlined lookup, mapped so
+ * that Go sets and lifts a quarantine with one store. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct quarantine);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, MAX_ENDPOINTS);
+} ep_quarantine SEC(".maps");
+
+/* The resolvers a quarantined endpoint may still query (port 53, UDP or
+ * TCP); looked up only for a quarantined endpoint's packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct quarantine_dns_key);
+	__type(value, __u8);
+	__uint(max_entries, 64);
+} quarantine_dns SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_key);
