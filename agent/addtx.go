@@ -105,5 +105,8 @@ func (a *Agent) removeIf(ctx context.Context, k api.EndpointKey, cond func(*endp
 	a.retireIDLocked(rec.ID)
 	a.tombstoneLocked(rec)
 	a.mu.Unlock()
+	if rec.Quarantine != nil {
+		a.countQuarantines()
+	}
 	return rec, errors.Join(err, a.dp.Forget(rec.dpEndpoint()), a.records.Delete(recordKey(rec.Key)))
 }

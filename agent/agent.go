@@ -126,6 +126,9 @@ type Agent struct {
 	// goroutine); the next one keeps its unchanged identity views.
 	flowCtx *flows.Context
 
+	// quar numbers quarantines and names them in flow records.
+	quar quarantines
+
 	// attach is dp.Attach for ADDs (tests fail it, as late as an ADD can
 	// fail).
 	attach func(datapath.Endpoint) (datapath.AttachMode, error)
@@ -265,6 +268,11 @@ func New(cfg Config) (*Agent, error) {
 	if err := a.restoreEndpoints(); err != nil {
 		a.closeOnFail()
 		return nil, err
+	}
+	a.restoreQuarantines()
+	if err := dp.SetQuarantineDNS(cfg.QuarantineDNS); err != nil {
+		a.closeOnFail()
+		return nil, fmt.Errorf("--quarantine-dns: %w", err)
 	}
 	a.applyPolicy = dp.Apply
 	a.attach = dp.Attach
@@ -908,6 +916,7 @@ func (a *Agent) publish(ms *policy.MapState) {
 	v.mtls = a.buildMTLSView(ms, ids, v, a.nodeAddrs)
 	a.view.Store(v)
 	fc := flows.NewContextFrom(a.flowCtx, ms, infos, v.podAddrs(remote))
+	fc.Quarantine = a.quar.lookup
 	a.flowCtx = fc
 	fc.Endpoints = v.endpointPods()
 	fc.IsolatedBy = v.isolatedBy(ms, a.compiler)

@@ -22,10 +22,13 @@ const alertRing = 1024
 // when it is set, else to the flow log.
 func (a *Agent) emitAlert(al detect.Alert) {
 	d := a.sysmon
+	al.ID = newAlertID()
+	a.quarantineOnAlert(&al)
 	// A line may stand for several events (the aggregator's count).
 	d.alerts.WithLabelValues(al.RuleID, al.Technique, al.Action).Add(float64(max(al.Count, 1)))
 	a.log.Warn("runtime alert", "rule", al.RuleID, "technique", al.Technique, "pod", al.Pod.Namespace+"/"+al.Pod.Pod,
-		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm, "action", al.Action, "count", al.Count)
+		"syscall", al.Syscall, "pid", al.PID, "comm", al.Comm, "action", al.Action, "count", al.Count, "alert", al.ID,
+		"quarantine", al.Quarantine)
 	d.hub.Publish(&al)
 	line, err := encodeAlert(&al, a.cfg.FlowFormat)
 	if err != nil {

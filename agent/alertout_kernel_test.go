@@ -56,7 +56,8 @@ func TestRuntimeAlertsToAlertLogAndObserve(t *testing.T) {
 				}
 			} else {
 				f := waitOCSFFinding(t, alertLog, tid)
-				if f["class_uid"] != 2004.0 || f["severity_id"] != 4.0 || jsonPath(f, "finding_info.uid") != detect.RuleBPF.ID ||
+				if f["class_uid"] != 2004.0 || f["severity_id"] != 4.0 || jsonPath(f, "finding_info.analytic.uid") != detect.RuleBPF.ID ||
+					jsonPath(f, "finding_info.uid") == "" || jsonPath(f, "finding_info.uid") == detect.RuleBPF.ID ||
 					jsonPath(f, "resources.0.name") != "web" || jsonPath(f, "resources.0.namespace") != "shop" ||
 					jsonPath(f, "unmapped.syscall") != "bpf" || jsonPath(f, "finding_info.attacks.0.technique.uid") != "T1014" {
 					t.Errorf("alert log OCSF finding: %v", f)

@@ -54,6 +54,10 @@ func (a *Agent) addEndpoint(ctx context.Context, req api.EndpointAddRequest, ado
 		Key: req.EndpointKey, Network: req.Network, Netns: req.Netns, HostVeth: req.HostVeth,
 		HostIfIndex: req.HostIfIndex, IPs: req.IPs, Pod: req.Pod, CreatedAt: start, MAC: req.MAC, Adopted: adopted,
 	}
+	if prior != nil {
+		// A repeated ADD keeps the endpoint's quarantine.
+		rec.Quarantine = prior.Quarantine
+	}
 	// The pod's link-local addresses (and the MAC, from a plugin that
 	// sends none): read them now, before any state changes.
 	if _, err := rec.ensureLink(); err != nil {
@@ -90,6 +94,10 @@ func (a *Agent) addEndpoint(ctx context.Context, req api.EndpointAddRequest, ado
 	attachTook := time.Since(submitted)
 	if perr := <-persistErr; err == nil {
 		err = perr
+	}
+	if err == nil && cp.Quarantine != nil {
+		// The endpoint ID may be new; the quarantine follows it.
+		err = a.dp.SetQuarantine(rec.ID, cp.Quarantine.Number)
 	}
 	if err == nil && mode != cp.Mode {
 		// A fallback that the start-up probe did not predict: the record

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"time"
 
@@ -39,9 +40,17 @@ type Config struct {
 	// FlowFormat, rotated at AlertLogMaxSize bytes (0: never) keeping
 	// AlertLogMaxFiles rotated files; empty: alerts go to FlowLog. It needs
 	// RuntimeDetection.
-	AlertLog         string
+	AlertLog string
+	// QuarantineDNS are the resolvers a quarantined pod may still query
+	// (port 53); none: a quarantined pod reaches nothing at all.
+	QuarantineDNS    []netip.Addr
 	AlertLogMaxSize  int64
 	AlertLogMaxFiles int
+	// ScanThreshold and ScanWindow tune the scan rule (BH-RT-016): new
+	// connections denied to that many distinct destinations within the
+	// window; 0 is the default (detect.DefaultScanThreshold, ...Window).
+	ScanThreshold int
+	ScanWindow    time.Duration
 	// RuntimeResync is how often the monitor's watch set is reconciled with
 	// the endpoint table besides after each apply; 0 means 1 s.
 	RuntimeResync time.Duration
@@ -269,6 +278,13 @@ func (c *Config) validateAlertLog() []error {
 	}
 	if c.AlertLogMaxSize < 0 || c.AlertLogMaxFiles < 0 {
 		errs = append(errs, errors.New("--alert-log-max-size and --alert-log-max-files must not be negative"))
+	}
+	if c.ScanThreshold < 0 || c.ScanWindow < 0 {
+		errs = append(errs, errors.New("--scan-threshold and --scan-window must not be negative"))
+	}
+	if c.ScanThreshold == 1 {
+		// One denied connection is a policy at work, not a scan.
+		errs = append(errs, errors.New("--scan-threshold 1 would call every denied connection a scan: use 2 or more"))
 	}
 	return errs
 }

@@ -27,6 +27,9 @@ type endpointRecord struct {
 	// Records written before it was kept have none: the agent reads it
 	// from the pod's netns when it restores them.
 	MAC string `json:"mac,omitempty"`
+	// Quarantine is the endpoint's quarantine (agent/quarantine.go); nil
+	// when it has none.
+	Quarantine *quarantineRecord `json:"quarantine,omitempty"`
 	// LinkLocal are the pod interface's IPv6 link-local addresses, the
 	// only ones its neighbour discovery may claim. Empty: the pod had
 	// none (IPv6 off). Absent (nil, records written before they were

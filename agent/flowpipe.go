@@ -49,6 +49,9 @@ type flowPipeConfig struct {
 	// LogFilter decides which records reach the flow log (the stream and
 	// metrics see every record), as Hubble's exporter allow and deny lists.
 	LogFilter flows.Selector
+	// OnEvent, when set, sees every event before it is recorded (the
+	// scan detection); it must be quick.
+	OnEvent func(*datapath.FlowEvent)
 }
 
 // flowPipe moves datapath events to the flow log, the hub and metrics.
@@ -62,6 +65,7 @@ type flowPipe struct {
 	ocsf     bool
 	flowLog  *flowlog.Writer // nil without --flow-log
 	logSel   flows.Selector
+	onEvent  func(*datapath.FlowEvent)
 
 	// readDone is closed when the read loop started by startFlows ends.
 	readDone chan struct{}
@@ -156,7 +160,7 @@ func newFlowPipe(cfg flowPipeConfig) *flowPipe {
 	p := &flowPipe{
 		log: cfg.Log, dp: cfg.Datapath, events: cfg.Events, enricher: cfg.Enricher, hub: cfg.Hub,
 		nodeName: cfg.NodeName, ocsf: cfg.Format == "ocsf", flowLog: cfg.FlowLog, logSel: cfg.LogFilter,
-		buf: make([]byte, 0, 4096), metrics: newFlowMetrics(cfg.Metrics),
+		buf: make([]byte, 0, 4096), metrics: newFlowMetrics(cfg.Metrics), onEvent: cfg.OnEvent,
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
@@ -188,6 +192,7 @@ func (a *Agent) startFlows(ctx context.Context, wg *sync.WaitGroup) (*flowPipe, 
 	p := newFlowPipe(flowPipeConfig{
 		Log: a.log, Datapath: a.dp, Events: rd, Enricher: a.enricher, Hub: a.hub, Metrics: a.metrics,
 		NodeName: a.cfg.NodeName, Format: a.cfg.FlowFormat, FlowLog: fl, LogFilter: a.cfg.FlowLogFilter,
+		OnEvent: a.scanHook(),
 	})
 	p.readDone = make(chan struct{})
 	wg.Go(func() { defer close(p.readDone); p.readLoop() })
@@ -283,6 +288,9 @@ func (p *flowPipe) checkKernelLoss() {
 // emit is the per-event hot path: enrich (one allocation), count, encode
 // into a reused buffer, write, publish.
 func (p *flowPipe) emit(ev *datapath.FlowEvent) {
+	if p.onEvent != nil {
+		p.onEvent(ev)
+	}
 	f := p.enricher.Enrich(ev)
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -11,9 +10,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
@@ -57,68 +53,10 @@ spec:
 	startTestAgent(t, a)
 	ctx := context.Background()
 
-	// Two pods whose host veths are ports of one bridge in the agent's
-	// namespace: pod to pod is switched, through both pods' programs.
 	ipA, ipB := "10.216.0.1", "10.216.0.2"
 	reqA := podVeth(t, "c0ffee16a", "a", ipA+"/32")
 	reqB := podVeth(t, "c0ffee16b", "b", ipB+"/32")
-	br := fmt.Sprintf("bhbr%d", time.Now().UnixNano()%1e9)
-	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: br}}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if l, err := netlink.LinkByName(br); err == nil {
-			_ = netlink.LinkDel(l)
-		}
-	})
-	brLink, err := netlink.LinkByName(br)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, host := range []string{reqA.HostVeth, reqB.HostVeth} {
-		l, err := netlink.LinkByName(host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := netlink.LinkSetMaster(l, brLink); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := netlink.LinkSetUp(brLink); err != nil {
-		t.Fatal(err)
-	}
-	inPod := func(path string, f func() error) {
-		t.Helper()
-		if err := ns.WithNetNSPath(path, func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatalf("in %s: %v", path, err)
-		}
-	}
-	macs := map[string]net.HardwareAddr{}
-	for _, p := range []struct{ path, ip string }{{reqA.Netns, ipA}, {reqB.Netns, ipB}} {
-		inPod(p.path, func() error {
-			l, err := netlink.LinkByName("eth0")
-			if err != nil {
-				return err
-			}
-			addr, err := netlink.ParseAddr(p.ip + "/24")
-			if err != nil {
-				return err
-			}
-			macs[p.ip] = l.Attrs().HardwareAddr
-			return netlink.AddrAdd(l, addr)
-		})
-	}
-	// Static neighbours: the SYNs leave at once, without ARP.
-	for _, p := range []struct{ path, peer string }{{reqA.Netns, ipB}, {reqB.Netns, ipA}} {
-		inPod(p.path, func() error {
-			l, err := netlink.LinkByName("eth0")
-			if err != nil {
-				return err
-			}
-			return netlink.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, State: netlink.NUD_PERMANENT,
-				IP: net.ParseIP(p.peer), HardwareAddr: macs[p.peer]})
-		})
-	}
+	inPod := bridgePods(t, []bridgedPod{{reqA, ipA}, {reqB, ipB}})
 	if _, err := a.AddEndpoint(ctx, reqA); err != nil {
 		t.Fatalf("ADD a: %v", err)
 	}

@@ -112,6 +112,7 @@ var nonDefault = []string{
 	"flowLog.path=/var/log/bh/flows.json",
 	"flowLog.maxSize=1048576",
 	"runtimeDetection.enabled=true",
+	"quarantineDNS={10.96.0.10,fd00::a}",
 	"spire.adminSocket=/run/spire/admin/admin.sock",
 	"spire.identitySource=spire",
 	"metrics.address=0.0.0.0",
@@ -140,6 +141,7 @@ func TestHelmTemplateValues(t *testing.T) {
 		"metrics-addr":       "0.0.0.0:9970",
 		"tunnel-port":        "15100",
 		"cni-conf-dir":       "/var/lib/k3s/cni/net.d",
+		"quarantine-dns":     "10.96.0.10,fd00::a",
 	} {
 		if args[flag] != want {
 			t.Errorf("agent --%s=%q, want %q", flag, args[flag], want)
@@ -215,6 +217,7 @@ func TestHelmTemplateRejectsBadValues(t *testing.T) {
 		"spire.identitySource=vault",
 		"runtimeDetection.enabled=true", // without flowLog.enabled
 		"runtimeDetection.enabled=on",
+		"quarantineDNS={kube-dns}",
 		"trustdomain=typo.example",
 	} {
 		_, err := template(t, set)

@@ -63,21 +63,19 @@ func CompileRuntimePolicy(rp *v1alpha1.BulkheadRuntimePolicy) (*RuntimePolicy, e
 		case v1alpha1.RuntimeBlock:
 			if !r.Block {
 				errs = append(errs, field.Invalid(ip.Child("action"), d.Action,
-					fmt.Sprintf("Block is only possible for the rules a cgroup hook can deny (%s); %s is seen by a tracepoint, which cannot stop it: use Kill or Alert",
-						blockable(catalog), d.Rule)))
+					fmt.Sprintf("Block is only possible for the rules a cgroup hook can deny (%s); %s is seen %s, which cannot stop it: use %s",
+						blockable(catalog), d.Rule, seenBy(r), otherAnswers(r))))
 				continue
 			}
 		case v1alpha1.RuntimeKill:
 			if !r.Kill {
 				errs = append(errs, field.Invalid(ip.Child("action"), d.Action,
-					fmt.Sprintf("Kill is only possible for the rules a tracepoint sees; %s is seen by a cgroup hook: use Block or Alert", d.Rule)))
+					fmt.Sprintf("Kill is only possible for the rules a tracepoint sees; %s is seen %s: use %s", d.Rule, seenBy(r), otherAnswers(r))))
 				continue
 			}
 		case v1alpha1.RuntimeQuarantine:
-			errs = append(errs, field.Invalid(ip.Child("action"), d.Action, "Quarantine is not supported yet"))
-			continue
 		default:
-			errs = append(errs, field.NotSupported(ip.Child("action"), d.Action, []string{"Alert", "Block", "Kill"}))
+			errs = append(errs, field.NotSupported(ip.Child("action"), d.Action, []string{"Alert", "Block", "Kill", "Quarantine"}))
 			continue
 		}
 		p.Actions[d.Rule] = d.Action
@@ -101,10 +99,13 @@ func (p *RuntimePolicy) Selects(ns string, podLabels map[string]string, spiffeID
 	return p.sel != nil && p.sel.Matches(labels.Set(podLabels))
 }
 
-// RuntimeActions is the answer per rule for one pod under the given
-// policies: Alert for every rule no policy sets. Where two policies set
-// the same rule, the stronger answer wins (Kill and Block over Alert; no
-// rule can have both Kill and Block).
+// RuntimeActions is the kernel's answer per rule for one pod under the
+// given policies: Alert for every rule no policy sets. Where two policies
+// set the same rule, the stronger answer wins (Kill and Block over Alert;
+// no rule can have both Kill and Block). Quarantine is not a kernel answer
+// (see RuntimeQuarantines): it adds to the others, never replaces one, so
+// a rule one policy Blocks and another Quarantines is blocked and its pod
+// quarantined.
 func RuntimeActions(pols []*RuntimePolicy, ns string, podLabels map[string]string, spiffeID string) map[string]v1alpha1.RuntimeAction {
 	out := map[string]v1alpha1.RuntimeAction{}
 	for _, p := range pols {
@@ -112,12 +113,57 @@ func RuntimeActions(pols []*RuntimePolicy, ns string, podLabels map[string]strin
 			continue
 		}
 		for rule, a := range p.Actions {
+			if a == v1alpha1.RuntimeQuarantine {
+				a = v1alpha1.RuntimeAlert
+			}
 			if cur, ok := out[rule]; !ok || cur == v1alpha1.RuntimeAlert {
 				out[rule] = a
 			}
 		}
 	}
 	return out
+}
+
+// RuntimeQuarantines are the rules whose alerts quarantine the pod under
+// the given policies.
+func RuntimeQuarantines(pols []*RuntimePolicy, ns string, podLabels map[string]string, spiffeID string) map[string]bool {
+	var out map[string]bool
+	for _, p := range pols {
+		if !p.Selects(ns, podLabels, spiffeID) {
+			continue
+		}
+		for rule, a := range p.Actions {
+			if a == v1alpha1.RuntimeQuarantine {
+				if out == nil {
+					out = map[string]bool{}
+				}
+				out[rule] = true
+			}
+		}
+	}
+	return out
+}
+
+// seenBy says where a rule is seen, for the errors that refuse an answer.
+func seenBy(r v1alpha1.RuntimeRule) string {
+	switch {
+	case r.Agent:
+		return "by the agent in the pod's flows, after the fact"
+	case r.Block:
+		return "by a cgroup hook"
+	}
+	return "by a tracepoint"
+}
+
+// otherAnswers are the answers a rule can have, for the same errors.
+func otherAnswers(r v1alpha1.RuntimeRule) string {
+	switch {
+	case r.Agent:
+		return "Quarantine or Alert"
+	case r.Block:
+		return "Block, Quarantine or Alert"
+	}
+	return "Kill, Quarantine or Alert"
 }
 
 func ruleIDs(c []v1alpha1.RuntimeRule) []string {

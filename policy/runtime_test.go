@@ -31,7 +31,9 @@ func TestValidateRuntimePolicy(t *testing.T) {
 		{"block a tracepoint rule", runtimePolicy(app, det("BH-RT-003", "Block")),
 			"spec.detections[0].action: Invalid value: \"Block\": Block is only possible for the rules a cgroup hook can deny"},
 		{"kill a cgroup rule", runtimePolicy(app, det("BH-RT-008", "Kill")), "spec.detections[0].action: Invalid value: \"Kill\": Kill is only possible"},
-		{"quarantine", runtimePolicy(app, det("BH-RT-007", "Quarantine")), "spec.detections[0].action: Invalid value: \"Quarantine\": Quarantine is not supported yet"},
+		{"quarantine on any rule", runtimePolicy(app, det("BH-RT-007", "Quarantine"), det("BH-RT-002", "Quarantine"), det("BH-RT-016", "Quarantine")), ""},
+		{"kill a scan", runtimePolicy(app, det("BH-RT-016", "Kill")), "BH-RT-016 is seen by the agent in the pod's flows, after the fact: use Quarantine or Alert"},
+		{"block a scan", runtimePolicy(app, det("BH-RT-016", "Block")), "Block is only possible for the rules a cgroup hook can deny"},
 		{"unknown rule", runtimePolicy(app, det("BH-RT-099", "Alert")), "spec.detections[0].rule: Unsupported value: \"BH-RT-099\""},
 		{"unknown action", runtimePolicy(app, det("BH-RT-001", "Pause")), "spec.detections[0].action: Unsupported value: \"Pause\""},
 		{"duplicate rule", runtimePolicy(app, det("BH-RT-001", "Alert"), det("BH-RT-001", "Kill")), "spec.detections[1].rule: Duplicate value"},
@@ -75,5 +77,21 @@ func TestRuntimeActions(t *testing.T) {
 	}
 	if got := RuntimeActions(pols, "shop", map[string]string{"app": "web"}, "spiffe://cluster.local/ns/shop/sa/web"); len(got) != 0 {
 		t.Errorf("an unselected pod: %v", got)
+	}
+	// Quarantine adds to the kernel's answer; it never replaces it.
+	q := mk(v1alpha1.Selector{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "cart"}}},
+		v1alpha1.RuntimeDetection{Rule: "BH-RT-007", Action: "Quarantine"}, v1alpha1.RuntimeDetection{Rule: "BH-RT-002", Action: "Quarantine"})
+	for _, order := range [][]*RuntimePolicy{{cart, sa, q}, {q, cart, sa}} {
+		got := RuntimeActions(order, "shop", map[string]string{"app": "cart"}, "spiffe://cluster.local/ns/shop/sa/cart")
+		if got["BH-RT-007"] != "Block" || got["BH-RT-005"] != "Kill" || got["BH-RT-002"] != "Alert" {
+			t.Errorf("with a quarantine policy: kernel answers %v", got)
+		}
+		qs := RuntimeQuarantines(order, "shop", map[string]string{"app": "cart"}, "spiffe://cluster.local/ns/shop/sa/cart")
+		if len(qs) != 2 || !qs["BH-RT-007"] || !qs["BH-RT-002"] {
+			t.Errorf("quarantining rules %v", qs)
+		}
+	}
+	if qs := RuntimeQuarantines([]*RuntimePolicy{q}, "shop", map[string]string{"app": "web"}, ""); len(qs) != 0 {
+		t.Errorf("an unselected pod is quarantined by %v", qs)
 	}
 }

@@ -141,6 +141,12 @@ func (s *Service) readLoop(rd *Reader) {
 	}
 }
 
+// Raise emits an alert that something other than the monitor saw (the
+// agent's scan detection), folded with its repeats like the monitor's.
+func (s *Service) Raise(a detect.Alert) {
+	s.emit(s.agg.Add(a, time.Now()))
+}
+
 func (s *Service) emit(alerts []detect.Alert) {
 	s.emitMu.Lock()
 	defer s.emitMu.Unlock()

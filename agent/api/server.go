@@ -59,6 +59,11 @@ func NewHandler(b Backend, logger *slog.Logger) http.Handler {
 	if as, ok := b.(AlertStreamer); ok {
 		mux.Handle("POST "+PathAlerts, streamHandler(logger, as.ObserveAlerts))
 	}
+	if q, ok := b.(Quarantiner); ok {
+		mux.Handle("GET "+PathQuarantines, get(logger, q.ListQuarantines))
+		mux.Handle("POST "+PathQuarantineAdd, post(logger, q.Quarantine))
+		mux.Handle("POST "+PathQuarantineRelease, post(logger, q.ReleaseQuarantine))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, logger, r, Errorf(CodeUnsupported, "no such endpoint %s %s", r.Method, r.URL.Path))
 	})

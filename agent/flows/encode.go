@@ -65,6 +65,19 @@ func (f *Flow) AppendJSON(dst []byte) []byte {
 		dst = append(dst, `,"isolated_by":`...)
 		dst = appendLabels(dst, f.IsolatedBy)
 	}
+	if q := f.Quarantine; q != nil {
+		dst = append(dst, `,"quarantine":{`...)
+		sep := ""
+		for _, kv := range [...][2]string{{"alert_id", q.AlertID}, {"rule_id", q.RuleID}, {"reason", q.Reason}} {
+			if kv[1] == "" {
+				continue
+			}
+			dst = append(dst, sep+`"`+kv[0]+`":`...)
+			dst = appendString(dst, kv[1])
+			sep = ","
+		}
+		dst = append(dst, '}')
+	}
 	return append(dst, '}')
 }
 

@@ -32,6 +32,9 @@ const (
 	// while the node's tunnel endpoint is not there.
 	DropAuthRequired = "AUTH_REQUIRED"
 	DropTunnelDown   = "TUNNEL_DOWN"
+	// DropQuarantined: the pod is quarantined; everything but DNS to the
+	// listed resolvers is dropped (Flow.Quarantine says why).
+	DropQuarantined = "QUARANTINED"
 )
 
 // IdentityView is what a flow record says about an identity. Built once per
@@ -87,6 +90,10 @@ type Context struct {
 	// the compiler, policy.Compiler.IsolatedBy); the slices are shared by
 	// every record and never changed.
 	IsolatedBy map[policy.EndpointID]*[2][]string
+	// Quarantine names the quarantine with a number (the rule of a
+	// QUARANTINED drop); nil, or a nil answer, when it is not known.
+	// Quarantines change between applies: it is a lookup, not a copy.
+	Quarantine func(number uint32) *QuarantineRef
 }
 
 // NewContext builds a Context from a MapState, the compiler's identities
@@ -229,6 +236,11 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 			f.DropReasonDesc = DropAuthRequired
 		case ev.DropReason == datapath.DropTunnelDown:
 			f.DropReasonDesc = DropTunnelDown
+		case ev.DropReason == datapath.DropQuarantined:
+			f.DropReasonDesc = DropQuarantined
+			if c.Quarantine != nil {
+				f.Quarantine = c.Quarantine(uint32(ev.Rule))
+			}
 		case ev.Rule == policy.RuleDefault:
 			f.DropReasonDesc = DropPolicyDenied
 		default:
@@ -271,9 +283,10 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	} else {
 		f.Destination.ID = uint32(ev.Endpoint)
 	}
-	// Malformed and forged packets are dropped before policy: no policy
-	// decided them.
-	if ev.DropReason != datapath.DropMalformed && !forged {
+	// Malformed, forged and quarantined packets are dropped before
+	// policy: no policy decided them (a quarantine drop's rule is the
+	// quarantine's number).
+	if ev.DropReason != datapath.DropMalformed && ev.DropReason != datapath.DropQuarantined && !forged {
 		by := policyDefaultAllow
 		switch {
 		case ev.Rule != policy.RuleDefault:

@@ -325,3 +325,48 @@ func TestEnrichIsolatedBy(t *testing.T) {
 		t.Errorf("a default-deny drop's record allocates %v times, want 1", n)
 	}
 }
+
+// TestEnrichQuarantined: a QUARANTINED drop names what quarantined the pod
+// (looked up by the quarantine's number, the event's rule), names no
+// policy (none decided it), and says so in its JSON, OCSF and compact line.
+func TestEnrichQuarantined(t *testing.T) {
+	e := NewEnricher("node-1")
+	c := enrichContext()
+	refs := map[uint32]*QuarantineRef{
+		3: {AlertID: "a-1f2e", RuleID: "BH-RT-002"},
+		4: {Reason: "incident 7"},
+	}
+	c.Quarantine = func(n uint32) *QuarantineRef { return refs[n] }
+	e.SetContext(c)
+	ev := datapath.FlowEvent{Type: datapath.EventDrop, Endpoint: 5, Direction: policy.Egress, Verdict: policy.VerdictDeny,
+		DropReason: datapath.DropQuarantined, Rule: 3, Proto: 6, Src: enrichPod, Dst: enrichPeer,
+		SrcPort: 40000, DstPort: 80, SrcIdentity: 300, DstIdentity: 400, TCPFlags: 2}
+	f := e.Enrich(&ev)
+	if f.DropReasonDesc != DropQuarantined || f.Quarantine == nil || *f.Quarantine != *refs[3] {
+		t.Fatalf("record: drop_reason_desc %q, quarantine %+v", f.DropReasonDesc, f.Quarantine)
+	}
+	if f.EgressDeniedBy != nil || f.IngressDeniedBy != nil || f.IsolatedBy != nil {
+		t.Errorf("a quarantine drop names policies: %+v %+v %v", f.EgressDeniedBy, f.IngressDeniedBy, f.IsolatedBy)
+	}
+	assertSameJSON(t, 0, f)
+	raw := string(f.AppendJSON(nil))
+	if !strings.Contains(raw, `"quarantine":{"alert_id":"a-1f2e","rule_id":"BH-RT-002"}`) {
+		t.Errorf("JSON %s", raw)
+	}
+	if o := f.ToOCSF(); o.Unmapped.Quarantine == nil || o.Unmapped.Quarantine.AlertID != "a-1f2e" {
+		t.Errorf("ocsf unmapped.quarantine %+v", o.Unmapped.Quarantine)
+	}
+	if compact := Compact(f, false); !strings.HasSuffix(compact, "DROPPED by quarantine (alert a-1f2e BH-RT-002)") {
+		t.Errorf("compact %q", compact)
+	}
+	ev.Rule = 4
+	if f := e.Enrich(&ev); f.Quarantine == nil || f.Quarantine.Reason != "incident 7" {
+		t.Errorf("operator's quarantine: %+v", f.Quarantine)
+	} else {
+		assertSameJSON(t, 1, f)
+	}
+	ev.Rule = 9 // unknown: still QUARANTINED, no reference
+	if f := e.Enrich(&ev); f.DropReasonDesc != DropQuarantined || f.Quarantine != nil {
+		t.Errorf("unknown quarantine: %q %+v", f.DropReasonDesc, f.Quarantine)
+	}
+}

@@ -71,17 +71,18 @@ type ocsfConnectionInfo struct {
 // ocsfUnmapped carries what OCSF has no attribute for: the deciding rules
 // and the Bulkhead verdict, under the same names as the native format.
 type ocsfUnmapped struct {
-	Verdict          string    `json:"verdict"`
-	DropReasonDesc   string    `json:"drop_reason_desc,omitempty"`
-	TrafficDirection string    `json:"traffic_direction"`
-	IsReply          bool      `json:"is_reply"`
-	NodeName         string    `json:"node_name,omitempty"`
-	MTLS             bool      `json:"mtls,omitempty"`
-	IngressAllowedBy []*Policy `json:"ingress_allowed_by,omitempty"`
-	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
-	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`
-	EgressDeniedBy   []*Policy `json:"egress_denied_by,omitempty"`
-	IsolatedBy       []string  `json:"isolated_by,omitempty"`
+	Verdict          string         `json:"verdict"`
+	DropReasonDesc   string         `json:"drop_reason_desc,omitempty"`
+	TrafficDirection string         `json:"traffic_direction"`
+	IsReply          bool           `json:"is_reply"`
+	NodeName         string         `json:"node_name,omitempty"`
+	MTLS             bool           `json:"mtls,omitempty"`
+	IngressAllowedBy []*Policy      `json:"ingress_allowed_by,omitempty"`
+	EgressAllowedBy  []*Policy      `json:"egress_allowed_by,omitempty"`
+	IngressDeniedBy  []*Policy      `json:"ingress_denied_by,omitempty"`
+	EgressDeniedBy   []*Policy      `json:"egress_denied_by,omitempty"`
+	IsolatedBy       []string       `json:"isolated_by,omitempty"`
+	Quarantine       *QuarantineRef `json:"quarantine,omitempty"`
 }
 
 // ToOCSF maps a flow to an OCSF Network Activity event. A drop is Refuse,
@@ -104,7 +105,7 @@ func (f *Flow) ToOCSF() *OCSFEvent {
 			IsReply: f.IsReply, NodeName: f.NodeName, MTLS: f.MTLS,
 			IngressAllowedBy: f.IngressAllowedBy, EgressAllowedBy: f.EgressAllowedBy,
 			IngressDeniedBy: f.IngressDeniedBy, EgressDeniedBy: f.EgressDeniedBy,
-			IsolatedBy: f.IsolatedBy,
+			IsolatedBy: f.IsolatedBy, Quarantine: f.Quarantine,
 		},
 	}
 	switch {

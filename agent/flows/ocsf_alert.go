@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"cmp"
 	"encoding/json"
 	"path"
 	"strconv"
@@ -140,6 +141,7 @@ type ocsfAlertUnmapped struct {
 	Args          map[string]string `json:"args,omitempty"`
 	Action        string            `json:"action"`
 	ActionResult  string            `json:"action_result,omitempty"`
+	Quarantine    string            `json:"quarantine,omitempty"`
 	Endpoint      string            `json:"endpoint,omitempty"`
 	NetnsInode    uint32            `json:"netns_inode"`
 	CgroupID      uint64            `json:"cgroup_id"`
@@ -177,7 +179,7 @@ func AlertToOCSF(al *detect.Alert) *OCSFFinding {
 		Message:  al.Rule + " in " + podLabel(al.Pod) + " (" + al.Syscall + ", pid " + strconv.FormatUint(uint64(al.PID), 10) + ", " + al.Action + ")",
 		Metadata: ocsfFindingMeta{Version: ocsfSchemaVersion, Product: ocsfProduct{Name: "Bulkhead", VendorName: "Bulkhead"}},
 		Unmapped: ocsfAlertUnmapped{
-			Syscall: al.Syscall, Args: al.Args, Action: al.Action, ActionResult: al.ActionResult,
+			Syscall: al.Syscall, Args: al.Args, Action: al.Action, ActionResult: al.ActionResult, Quarantine: al.Quarantine,
 			Endpoint: al.Pod.ID, NetnsInode: al.Pod.Netns, CgroupID: al.CgroupID, Comm: al.Comm, PPID: al.PPID,
 		},
 	}
@@ -193,7 +195,7 @@ func AlertToOCSF(al *detect.Alert) *OCSFFinding {
 	attacks := []ocsfAttack{{Technique: ocsfTechnique{UID: al.Technique, Name: al.TechniqueName}}}
 	e.Attacks = attacks
 	e.FindingInfo = ocsfFindingInfo{
-		UID: al.RuleID, Title: al.Rule, Attacks: attacks,
+		UID: cmp.Or(al.ID, al.RuleID), Title: al.Rule, Attacks: attacks,
 		Analytic: ocsfAnalytic{UID: al.RuleID, Name: al.Rule, TypeID: 1, Type: "Rule"},
 	}
 	if al.FirstTime != nil && al.LastTime != nil {

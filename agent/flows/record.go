@@ -52,6 +52,18 @@ type Flow struct {
 	// deny (denied_by "default-deny"): the policies whose rules did not
 	// allow it. As explain's isolated_by; Hubble has no such field.
 	IsolatedBy []string `json:"isolated_by,omitempty"`
+	// Quarantine names, on a flow dropped because its pod is quarantined
+	// (drop_reason_desc QUARANTINED), what quarantined it: the runtime
+	// alert, or an operator. Hubble has no such field.
+	Quarantine *QuarantineRef `json:"quarantine,omitempty"`
+}
+
+// QuarantineRef is what quarantined a pod: an alert (its ID and rule) or
+// an operator's `bulkhead quarantine add` (its reason).
+type QuarantineRef struct {
+	AlertID string `json:"alert_id,omitempty"`
+	RuleID  string `json:"rule_id,omitempty"`
+	Reason  string `json:"reason,omitempty"`
 }
 
 // IP is the network layer.

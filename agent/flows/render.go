@@ -102,6 +102,15 @@ func (f *Flow) Decider() string {
 	if p := f.DecidingPolicy(); p != nil {
 		return p.String()
 	}
+	if q := f.Quarantine; q != nil {
+		switch {
+		case q.AlertID != "":
+			return "quarantine (alert " + q.AlertID + " " + q.RuleID + ")"
+		case q.Reason != "":
+			return "quarantine (" + q.Reason + ")"
+		}
+		return "quarantine"
+	}
 	return ""
 }
 

@@ -43,6 +43,8 @@ type Metrics struct {
 	// by kind, namespace, policy, reason ("policy" or "endpoint") and
 	// fallback ("previous-version" or "isolation").
 	PolicyOverBudget *prometheus.GaugeVec
+	// QuarantinesActive is how many endpoints are quarantined.
+	QuarantinesActive prometheus.Gauge
 }
 
 // MapStat is how full one BPF map is.
@@ -84,6 +86,10 @@ func New(mapStats func() []MapStat) *Metrics {
 			Namespace: namespace, Name: "policy_apply_seconds", Help: "Time to apply a MapState difference to the datapath.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
+		QuarantinesActive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "quarantined_endpoints",
+			Help: "Endpoints whose traffic is cut by a quarantine (all but DNS to the listed resolvers).",
+		}),
 		CNIAddSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "cni_add_seconds", Help: "Time the agent took to serve a CNI ADD, until enforcement was live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12),
@@ -110,7 +116,7 @@ func New(mapStats func() []MapStat) *Metrics {
 	m.LostEvents.WithLabelValues("userspace")
 	reg.MustRegister(m.Flows, m.Drops, m.PolicyVerdicts, m.LostEvents, m.Endpoints, m.PolicyRevision,
 		m.CompileSeconds, m.ApplySeconds, m.CNIAddSeconds, m.PolicyApplyFailures, m.PolicyApplyLagging,
-		m.StoreHeld, m.StoreHolds, m.PolicyOverBudget,
+		m.StoreHeld, m.StoreHolds, m.PolicyOverBudget, m.QuarantinesActive,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if mapStats != nil {
 		reg.MustRegister(&mapCollector{stats: mapStats})

@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
@@ -21,6 +22,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
 	"github.com/bulkhead-io/bulkhead/datapath"
+	"github.com/bulkhead-io/bulkhead/runtime/detect"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -41,6 +43,9 @@ func main() {
 	fs.StringVar(&cfg.FlowFormat, "flow-format", "json", "flow record format: json (Hubble field names) or ocsf (OCSF Network Activity; runtime alerts as OCSF Detection Findings)")
 	fs.BoolVar(&cfg.RuntimeDetection, "runtime-detection", false, "load the syscall monitor and write its alerts (escape attempts from pods: setns, unshare, mount, ptrace, bpf, module loads, ...) in --flow-format to --alert-log, or without it to --flow-log (JSON lines with event_kind \"alert\", or OCSF Detection Findings); needs one of them (default off while it is new)")
 	fs.StringVar(&cfg.AlertLog, "alert-log", "", "write runtime alerts (--runtime-detection) to this file instead of --flow-log, one per line in --flow-format")
+	fs.Var(addrListValue{&cfg.QuarantineDNS}, "quarantine-dns", "comma-separated resolver addresses a quarantined pod may still query on port 53 (the cluster DNS service's address, e.g.); none: a quarantined pod reaches nothing")
+	fs.IntVar(&cfg.ScanThreshold, "scan-threshold", detect.DefaultScanThreshold, "the scan rule (BH-RT-016, with --runtime-detection): a pod whose new connections are denied to this many distinct destinations (address, protocol, port) within --scan-window")
+	fs.DurationVar(&cfg.ScanWindow, "scan-window", detect.DefaultScanWindow, "the scan rule's window (see --scan-threshold)")
 	fs.Int64Var(&cfg.AlertLogMaxSize, "alert-log-max-size", 100<<20, "rotate the alert log at this many bytes (0: never)")
 	fs.IntVar(&cfg.AlertLogMaxFiles, "alert-log-max-files", 5, "rotated alert log files to keep")
 	fs.Int64Var(&cfg.FlowLogMaxSize, "flow-log-max-size", 100<<20, "rotate the flow log at this many bytes (0: never)")
@@ -165,6 +170,36 @@ func main() {
 }
 
 // uint32Value is a flag of a uint32 field; agent.New checks its range.
+// addrListValue is a comma-separated list of IP addresses; a repeated
+// flag adds to it.
+type addrListValue struct{ p *[]netip.Addr }
+
+func (v addrListValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	s := make([]string, len(*v.p))
+	for i, a := range *v.p {
+		s[i] = a.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (v addrListValue) Set(s string) error {
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f)
+		if err != nil || a.Zone() != "" {
+			return fmt.Errorf("%q is not an IP address", f)
+		}
+		*v.p = append(*v.p, a.Unmap())
+	}
+	return nil
+}
+
 type uint32Value struct{ p *uint32 }
 
 func (v uint32Value) String() string {

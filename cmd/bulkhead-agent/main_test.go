@@ -37,6 +37,9 @@ func TestBadFlagsAreReported(t *testing.T) {
 		{"--alert-log " + filepath.Join(dir, "alerts.log"), "--alert-log holds runtime alerts: it needs --runtime-detection"},
 		{"--runtime-detection --alert-log " + filepath.Join(dir, "f.log") + " --flow-log " + filepath.Join(dir, "f.log"), "is the --flow-log"},
 		{"--runtime-detection --alert-log " + filepath.Join(dir, "alerts.log") + " --alert-log-max-size -1", "--alert-log-max-size and --alert-log-max-files must not be negative"},
+		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --scan-threshold 1", "--scan-threshold 1 would call every denied connection a scan"},
+		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --scan-window -1s", "--scan-threshold and --scan-window must not be negative"},
+		{"--quarantine-dns kube-dns", `"kube-dns" is not an IP address`},
 		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --alert-log-max-size 1000", "--alert-log-max-size applies to --alert-log, which is not set"},
 		{"--alert-log-max-files 2", "--alert-log-max-files applies to --alert-log, which is not set"},
 	} {

@@ -32,8 +32,8 @@ func newRoot() *cobra.Command {
 		Use:   "bulkhead",
 		Short: "Bulkhead: identity-based segmentation, flow logs and policy explain for pods",
 		Long: `bulkhead talks to the node's bulkhead-agent (status, endpoints, identities,
-observe, live explain) and works on policies offline from a store folder
-(policy check, explain, matrix, diff, impact, generate).`,
+observe, quarantine, live explain) and works on policies offline from a
+store folder (policy check, explain, matrix, diff, impact, generate).`,
 		Example: `  bulkhead status
   bulkhead observe --verdict DROPPED --follow
   bulkhead policy explain --from shop/frontend --to shop/api --port 8080`,
@@ -45,7 +45,7 @@ observe, live explain) and works on policies offline from a store folder
 		socket = env
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "the agent's API socket (or $BULKHEAD_SOCKET)")
-	root.AddCommand(newDemo(), newPolicy(g), newStatus(g), newEndpoints(g), newIdentities(g), newObserve(g), newVersion())
+	root.AddCommand(newDemo(), newPolicy(g), newStatus(g), newEndpoints(g), newIdentities(g), newObserve(g), newQuarantine(g), newVersion())
 	return root
 }
 

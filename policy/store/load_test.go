@@ -142,14 +142,14 @@ spec:
   selector: {podSelector: {}}
   detections:
   - rule: BH-RT-001
-    action: Quarantine
+    action: Block
 `
 	if err := os.WriteFile(filepath.Join(dir, "rt.yaml"), []byte(good), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	res, err := Load(dir, Options{})
-	if err == nil || !strings.Contains(err.Error(), "rt.yaml:17:") || !strings.Contains(err.Error(), "Quarantine is not supported yet") {
-		t.Errorf("error %v: want rt.yaml:17 (the action) and Quarantine not supported", err)
+	if err == nil || !strings.Contains(err.Error(), "rt.yaml:17:") || !strings.Contains(err.Error(), "Block is only possible") {
+		t.Errorf("error %v: want rt.yaml:17 (the action) and Block refused for a tracepoint rule", err)
 	}
 	if res == nil || len(res.Snapshot.RuntimePolicies) != 1 || res.Snapshot.RuntimePolicies[0].Name != "guard" {
 		t.Fatalf("runtime policies: %+v", res)

@@ -53,6 +53,9 @@ var (
 	RuleTmpExec      = Rule{"BH-RT-013", "exec from /tmp or /dev/shm", "T1059", "Command and Scripting Interpreter", SeverityHigh}
 	RuleReverseShell = Rule{"BH-RT-014", "shell with a socket as stdin or stdout", "T1059.004", "Command and Scripting Interpreter: Unix Shell", SeverityCritical}
 	RuleSetuidToRoot = Rule{"BH-RT-015", "setuid to root or capset from a non-root process", "T1548", "Abuse Elevation Control Mechanism", SeverityHigh}
+	// Seen by the agent in the datapath's drop events (ScanDetector), not
+	// by a hook: it has no process, and no kernel bit.
+	RuleScan = Rule{"BH-RT-016", "scan from a pod: new connections denied to many destinations", "T1046", "Network Service Discovery", SeverityHigh}
 )
 
 // Rules lists the default rule set, in ID order: rule i (from 0) is
@@ -60,7 +63,7 @@ var (
 func Rules() []Rule {
 	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad,
 		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket, RuleChroot, RuleFilelessExec,
-		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot}
+		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot, RuleScan}
 }
 
 // Bit is the rule's bit in Actions and the kernel's masks; 0 for an
@@ -84,7 +87,10 @@ const (
 // Alert is one rule's match on one event. Field names are the flow log's
 // conventions (snake_case, Hubble's where one exists).
 type Alert struct {
-	EventKind string    `json:"event_kind"` // always "alert"
+	EventKind string `json:"event_kind"` // always "alert"
+	// ID names this alert line uniquely (the agent sets it as it emits
+	// the line); a quarantine and its drop records name it.
+	ID        string    `json:"alert_id,omitempty"`
 	Time      time.Time `json:"time"`
 	RuleID    string    `json:"rule_id"`
 	Rule      string    `json:"rule"`
@@ -112,6 +118,10 @@ type Alert struct {
 	// ActionResult says how the answer went: "denied", "sigkill queued",
 	// or "sigkill failed" (the process lives on).
 	ActionResult string `json:"action_result,omitempty"`
+	// Quarantine says what became of the pod's quarantine, when the rule's
+	// answer includes Quarantine: "quarantined", "already quarantined", or
+	// "failed: ..." (the pod's traffic is then not cut).
+	Quarantine string `json:"quarantine,omitempty"`
 	// Count is how many identical events this line stands for (the
 	// Aggregator's folding); 1 for a line of its own.
 	Count int `json:"count"`

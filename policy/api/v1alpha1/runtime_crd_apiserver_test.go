@@ -29,12 +29,18 @@ var runtimeCases = []struct{ name, field, msg, spec string }{
 	{name: "block and kill", spec: `
 selector: {podSelector: {matchLabels: {app: web}}}
 detections: [{rule: BH-RT-007, action: Block}, {rule: BH-RT-005, action: Kill}, {rule: BH-RT-010, action: Alert}]`},
-	{name: "quarantine", field: "spec.detections[0].action", msg: "Quarantine is not supported yet", spec: `
+	{name: "quarantine", spec: `
 selector: {podSelector: {}}
-detections: [{rule: BH-RT-001, action: Quarantine}]`},
+detections: [{rule: BH-RT-001, action: Quarantine}, {rule: BH-RT-007, action: Quarantine}]`},
 	{name: "block a tracepoint rule", field: "spec.detections[0].action", msg: "Block is only possible for the rules a cgroup hook can deny", spec: `
 selector: {podSelector: {}}
 detections: [{rule: BH-RT-003, action: Block}]`},
+	{name: "kill the agent's scan rule", field: "spec.detections[0].action", msg: "Kill is only possible for the rules a tracepoint sees", spec: `
+selector: {podSelector: {}}
+detections: [{rule: BH-RT-016, action: Kill}]`},
+	{name: "block the agent's scan rule", field: "spec.detections[0].action", msg: "Block is only possible for the rules a cgroup hook can deny", spec: `
+selector: {podSelector: {}}
+detections: [{rule: BH-RT-016, action: Block}]`},
 	{name: "kill a cgroup rule", field: "spec.detections[0].action", msg: "Kill is only possible for the rules a tracepoint sees", spec: `
 selector: {podSelector: {}}
 detections: [{rule: BH-RT-009, action: Kill}]`},

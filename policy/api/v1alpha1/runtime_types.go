@@ -44,18 +44,19 @@ type BulkheadRuntimePolicySpec struct {
 
 // RuntimeDetection is the answer to one rule.
 //
-// +kubebuilder:validation:XValidation:rule="self.action != 'Quarantine'",message="Quarantine is not supported yet",fieldPath=".action"
 // +kubebuilder:validation:XValidation:rule="self.action != 'Block' || self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009']",message="Block is only possible for the rules a cgroup hook can deny: BH-RT-007, BH-RT-008, BH-RT-009",fieldPath=".action"
-// +kubebuilder:validation:XValidation:rule="self.action != 'Kill' || !(self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009'])",message="Kill is only possible for the rules a tracepoint sees (BH-RT-001 to 006, and 010 on); use Block for this rule",fieldPath=".action"
+// +kubebuilder:validation:XValidation:rule="self.action != 'Kill' || !(self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009', 'BH-RT-016'])",message="Kill is only possible for the rules a tracepoint sees (BH-RT-001 to 006, and 010 to 015)",fieldPath=".action"
 type RuntimeDetection struct {
 	// Rule is a rule ID of the default rule set (see the README's table).
-	// +kubebuilder:validation:Enum=BH-RT-001;BH-RT-002;BH-RT-003;BH-RT-004;BH-RT-005;BH-RT-006;BH-RT-007;BH-RT-008;BH-RT-009;BH-RT-010;BH-RT-011;BH-RT-012;BH-RT-013;BH-RT-014;BH-RT-015
+	// +kubebuilder:validation:Enum=BH-RT-001;BH-RT-002;BH-RT-003;BH-RT-004;BH-RT-005;BH-RT-006;BH-RT-007;BH-RT-008;BH-RT-009;BH-RT-010;BH-RT-011;BH-RT-012;BH-RT-013;BH-RT-014;BH-RT-015;BH-RT-016
 	Rule string `json:"rule"`
 	// Action is the answer: Alert reports; Block denies the operation
 	// (EPERM) before it happens, for the rules a cgroup hook sees; Kill
 	// sends SIGKILL at syscall entry, for the rules a tracepoint sees (the
-	// syscall may still take effect before the process dies).
-	// Quarantine is not supported yet.
+	// syscall may still take effect before the process dies); Quarantine
+	// cuts the pod's network in the datapath, every packet in and out but
+	// DNS to the node's listed resolvers, until `bulkhead quarantine
+	// release` (any rule).
 	Action RuntimeAction `json:"action"`
 }
 
@@ -67,8 +68,7 @@ const (
 	RuntimeAlert RuntimeAction = "Alert"
 	RuntimeBlock RuntimeAction = "Block"
 	RuntimeKill  RuntimeAction = "Kill"
-	// RuntimeQuarantine is named so that it is rejected with a clear
-	// error: it is not built yet.
+	// RuntimeQuarantine cuts the pod's network when the rule fires.
 	RuntimeQuarantine RuntimeAction = "Quarantine"
 )
 
@@ -79,6 +79,9 @@ type RuntimeRule struct {
 	Block bool
 	// Kill: a tracepoint sees it at syscall entry and can send SIGKILL.
 	Kill bool
+	// Agent: the agent sees it in the datapath's flow events, after the
+	// fact and with no process to name: neither Block nor Kill applies.
+	Agent bool
 }
 
 // RuntimeRules is the rule catalog the API accepts, in ID order. The
@@ -90,5 +93,6 @@ func RuntimeRules() []RuntimeRule {
 		{ID: "BH-RT-007", Block: true}, {ID: "BH-RT-008", Block: true}, {ID: "BH-RT-009", Block: true},
 		{ID: "BH-RT-010", Kill: true}, {ID: "BH-RT-011", Kill: true}, {ID: "BH-RT-012", Kill: true},
 		{ID: "BH-RT-013", Kill: true}, {ID: "BH-RT-014", Kill: true}, {ID: "BH-RT-015", Kill: true},
+		{ID: "BH-RT-016", Agent: true},
 	}
 }
