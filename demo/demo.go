@@ -204,6 +204,9 @@ func (r *run) setup(ctx context.Context) error {
 	if err := r.writeStore("00-workloads.yaml", workloadsYAML); err != nil {
 		return err
 	}
+	if err := r.writeStore(runtimePolicyFile, runtimePolicyYAML); err != nil {
+		return err
+	}
 
 	// Namespaces first: creating one retires an OS thread, and the agent's
 	// parent-death signal is tied to the thread that started it.

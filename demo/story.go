@@ -101,7 +101,11 @@ func (r *run) story(ctx context.Context) error {
 	if err := r.runtimeAlert(ctx); err != nil {
 		return err
 	}
-	return r.showLastFlows(ctx, 12)
+	if err := r.showLastFlows(ctx, 12); err != nil {
+		return err
+	}
+	// The end: the compromised pod, and the answer.
+	return r.quarantine(ctx)
 }
 
 func indent(s, prefix string) string {
