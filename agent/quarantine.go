@@ -20,12 +20,14 @@ import (
 )
 
 // A quarantined endpoint has every packet in and out dropped by the
-// datapath but DNS to Config.QuarantineDNS (datapath.SetQuarantine). Its
-// record keeps the quarantine, so a restarted agent keeps it too; the
-// datapath's slot (pinned) keeps it meanwhile. The record is written
-// before the slot is set and after it is cleared: whatever a crash
-// interrupts, the record says what was asked last, and restoreQuarantines
-// makes the datapath say it again.
+// datapath but DNS to Config.QuarantineDNS (datapath.SetQuarantine). The
+// datapath's slot (pinned) keeps it while the agent is down; the endpoint's
+// record keeps what it was for. The slot is set first, then the record
+// written (its fsync would otherwise delay the cut by milliseconds), and on
+// release the slot is cleared first: a crash between the two leaves a slot
+// with no record, or a record whose slot was cleared. restoreQuarantines
+// keeps both quarantined, so a crash can only keep a pod cut off, never
+// let it out.
 
 // quarantineRecord is an endpoint's quarantine, kept in its record.
 type quarantineRecord struct {
@@ -231,23 +233,24 @@ func (a *Agent) quarantineEndpoint(k api.EndpointKey, q quarantineRecord) (*api.
 		return &out, false, nil
 	}
 	q.Number = a.quar.allocate()
-	q.Since = time.Now()
-	cp.Quarantine = &q
-	if err := a.records.Put(recordKey(k), cp); err != nil {
-		return nil, false, fmt.Errorf("record the quarantine of %s: %w", k.ContainerID, err)
-	}
 	// Named before the first drop can be reported.
 	a.quar.add(q.Number, q.ref())
 	if err := a.dp.SetQuarantine(cp.ID, q.Number); err != nil {
-		cp.Quarantine = nil
-		_ = a.records.Put(recordKey(k), cp)
 		return nil, false, fmt.Errorf("quarantine endpoint %d: %w", cp.ID, err)
 	}
+	q.Since = time.Now() // enforced from the next packet on
+	cp.Quarantine = &q
 	a.mu.Lock()
 	if cur := a.endpoints[k]; cur != nil {
 		cur.Quarantine = &q
 	}
 	a.mu.Unlock()
+	if err := a.records.Put(recordKey(k), cp); err != nil {
+		// Enforced all the same, and kept across a restart by the pinned
+		// slot; only what it was for would be lost.
+		a.log.Error("record the quarantine (it is enforced; a restarted agent keeps it without its alert)",
+			"container", k.ContainerID, "error", err)
+	}
 	a.countQuarantines()
 	a.log.Warn("pod quarantined: all its traffic is dropped but DNS to the listed resolvers",
 		"pod", podRefOf(&cp).String(), "container", k.ContainerID, "endpoint", cp.ID, "number", q.Number,
@@ -277,9 +280,12 @@ func (a *Agent) releaseEndpoint(k api.EndpointKey) (*api.Quarantine, bool, error
 	}
 	cp.Quarantine = nil
 	if err := a.records.Put(recordKey(k), cp); err != nil {
-		// The datapath lets the pod talk again; a restart would
-		// quarantine it anew from the record. Say so.
-		return nil, false, fmt.Errorf("record the release of %s (traffic flows again, but a restarted agent would quarantine it again): %w", k.ContainerID, err)
+		// A release the record does not hold would be undone by the next
+		// start: keep the pod quarantined, and say so.
+		if serr := a.dp.SetQuarantine(cp.ID, q.Number); serr != nil {
+			err = errors.Join(err, serr)
+		}
+		return nil, false, fmt.Errorf("record the release of %s (the pod stays quarantined): %w", k.ContainerID, err)
 	}
 	a.mu.Lock()
 	if cur := a.endpoints[k]; cur != nil {
@@ -292,32 +298,47 @@ func (a *Agent) releaseEndpoint(k api.EndpointKey) (*api.Quarantine, bool, error
 	return &out, true, nil
 }
 
-// restoreQuarantines makes the datapath hold exactly the restored
-// records' quarantines: a record's is set again (its slot may be new, or
-// lost with the pins), and a slot no record asks for is cleared. Called
-// once the records are loaded, before anything else touches the slots.
+// restoreQuarantines reconciles the restored records with the datapath's
+// slots, never letting a pod out: a record's quarantine is set again (its
+// slot may be new, or lost with the pins); a restored endpoint's slot with
+// no record (a crash before the record was written) stays, and gets a
+// record that says so; a slot of no restored endpoint is cleared (its
+// endpoint is gone, and its ID may be given to another pod). Called once
+// the records are loaded, before anything else touches the slots.
 func (a *Agent) restoreQuarantines() {
-	want := map[policy.EndpointID]uint32{}
-	n := 0
+	slots := a.dp.QuarantinedEndpoints()
+	byID := map[policy.EndpointID]*endpointRecord{}
 	for _, rec := range a.endpoints {
-		if q := rec.Quarantine; q != nil {
-			want[rec.ID] = q.Number
-			a.quar.seen(q.Number)
-			a.quar.add(q.Number, q.ref())
-			n++
-		}
+		byID[rec.ID] = rec
 	}
-	for id := range a.dp.QuarantinedEndpoints() {
-		if _, ok := want[id]; !ok {
+	for id, num := range slots {
+		rec := byID[id]
+		if rec == nil {
 			if err := a.dp.SetQuarantine(id, 0); err != nil {
-				a.log.Warn("clear a quarantine no record asks for", "endpoint", id, "error", err)
+				a.log.Warn("clear the quarantine of a gone endpoint", "endpoint", id, "error", err)
+			}
+			continue
+		}
+		if rec.Quarantine == nil {
+			rec.Quarantine = &quarantineRecord{Number: num, Since: time.Now(),
+				Reason: "found in the datapath at start-up, with no record (the agent stopped as it quarantined the pod)"}
+			if err := a.records.Put(recordKey(rec.Key), *rec); err != nil {
+				a.log.Warn("record a quarantine found in the datapath", "container", rec.Key.ContainerID, "error", err)
 			}
 		}
 	}
-	for id, num := range want {
-		if err := a.dp.SetQuarantine(id, num); err != nil {
-			a.log.Error("restore quarantine", "endpoint", id, "error", err)
+	n := 0
+	for _, rec := range a.endpoints {
+		q := rec.Quarantine
+		if q == nil {
+			continue
 		}
+		a.quar.seen(q.Number)
+		a.quar.add(q.Number, q.ref())
+		if err := a.dp.SetQuarantine(rec.ID, q.Number); err != nil {
+			a.log.Error("restore quarantine", "endpoint", rec.ID, "error", err)
+		}
+		n++
 	}
 	a.countQuarantines()
 	if n > 0 {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/flows"
+	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
 	"github.com/bulkhead-io/bulkhead/tests/privileged"
 )
@@ -148,7 +149,18 @@ spec:
 	if n := gaugeMetric(t, a, "bulkhead_quarantined_endpoints"); n != 1 {
 		t.Errorf("bulkhead_quarantined_endpoints %v, want 1", n)
 	}
-	// A restarted agent keeps it.
+	// A restarted agent keeps it. b's slot is set as an agent that
+	// stopped before writing the record would have left it: it is kept
+	// too, with a record that says so.
+	var bID policy.EndpointID
+	for id, rec := range a.view.Load().endpoints {
+		if rec.Pod.Name == "b" {
+			bID = id
+		}
+	}
+	if err := a.dp.SetQuarantine(bID, 4242); err != nil {
+		t.Fatal(err)
+	}
 	stop()
 	cfg := a.cfg
 	a, err = New(cfg)
@@ -160,8 +172,12 @@ spec:
 		c.Close()
 		t.Error("a new connection succeeded after the agent restarted")
 	}
-	if list, err := a.ListQuarantines(ctx); err != nil || len(list.Quarantines) != 1 || list.Quarantines[0].AlertID != al.ID {
+	if list, err := a.ListQuarantines(ctx); err != nil || len(list.Quarantines) != 2 || list.Quarantines[0].AlertID != al.ID ||
+		list.Quarantines[1].Pod.Name != "b" || !strings.Contains(list.Quarantines[1].Reason, "no record") {
 		t.Fatalf("quarantines after the restart: %+v %v", list, err)
+	}
+	if _, err := a.ReleaseQuarantine(ctx, api.QuarantineReleaseRequest{Pod: api.PodRef{Namespace: "shop", Name: "b"}}); err != nil {
+		t.Fatal(err)
 	}
 	resp, err := a.ReleaseQuarantine(ctx, api.QuarantineReleaseRequest{Pod: api.PodRef{Namespace: "shop", Name: "a"}})
 	if err != nil || !resp.Changed {
