@@ -32,6 +32,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
 
 #include "sysmon.h"
 
@@ -76,6 +77,14 @@ struct {
 	__type(value, __u8);
 	__uint(max_entries, SYSMON_SOCK_NAMES);
 } sysmon_sock_names SEC(".maps");
+
+/* Cloud instance metadata addresses, filled by Go. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sysmon_addr);
+	__type(value, __u8);
+	__uint(max_entries, SYSMON_METADATA_ADDRS);
+} sysmon_metadata_addrs SEC(".maps");
 
 /* The container runtime's set-up inside a pod. A task that joins a watched
  * network namespace by setns from outside it is the runtime (runc's init
@@ -881,4 +890,54 @@ int sysmon_sysctl(struct bpf_sysctl *ctx)
 		send(e);
 	}
 	return allow;
+}
+
+/* metadata_connect judges a connect to addr (v4-mapped for IPv4): one hash
+ * lookup for every connect on the node, and the watch lookup only for a
+ * metadata address, which ordinary traffic never is. */
+static __always_inline int metadata_connect(const struct sysmon_addr *addr, __u32 family, __u16 port)
+{
+	struct task_struct *task;
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	__u16 flags = 0;
+	__u32 netns;
+	int allow;
+
+	if (!bpf_map_lookup_elem(&sysmon_metadata_addrs, addr))
+		return 1;
+	task = (struct task_struct *)bpf_get_current_task();
+	w = watch_of(task, &netns);
+	if (!w)
+		return 1;
+	allow = verdict(w, SMR_METADATA, &flags);
+	e = reserve(task, netns, SM_CONNECT_METADATA, -1);
+	if (e) {
+		e->flags = flags;
+		e->args[0] = family;
+		e->args[1] = bpf_ntohs(port);
+		__builtin_memcpy(e->str[0], addr->addr, 16);
+		send(e);
+	}
+	return allow;
+}
+
+SEC("cgroup/connect4")
+int sysmon_connect4(struct bpf_sock_addr *ctx)
+{
+	struct sysmon_addr a = { .addr = { 0, 0, bpf_htonl(0xffff), ctx->user_ip4 } };
+
+	return metadata_connect(&a, AF_INET, (__u16)ctx->user_port);
+}
+
+SEC("cgroup/connect6")
+int sysmon_connect6(struct bpf_sock_addr *ctx)
+{
+	struct sysmon_addr a = {};
+
+	a.addr[0] = ctx->user_ip6[0];
+	a.addr[1] = ctx->user_ip6[1];
+	a.addr[2] = ctx->user_ip6[2];
+	a.addr[3] = ctx->user_ip6[3];
+	return metadata_connect(&a, AF_INET6, (__u16)ctx->user_port);
 }

@@ -32,6 +32,8 @@ func TestValidateRuntimePolicy(t *testing.T) {
 			"spec.detections[0].action: Invalid value: \"Block\": Block is only possible for the rules a cgroup hook can deny"},
 		{"kill a cgroup rule", runtimePolicy(app, det("BH-RT-008", "Kill")), "spec.detections[0].action: Invalid value: \"Kill\": Kill is only possible"},
 		{"quarantine on any rule", runtimePolicy(app, det("BH-RT-007", "Quarantine"), det("BH-RT-002", "Quarantine"), det("BH-RT-016", "Quarantine")), ""},
+		{"block the metadata service", runtimePolicy(app, det("BH-RT-017", "Block")), ""},
+		{"kill a metadata connect", runtimePolicy(app, det("BH-RT-017", "Kill")), "BH-RT-017 is seen by a cgroup hook: use Block, Quarantine or Alert"},
 		{"kill a scan", runtimePolicy(app, det("BH-RT-016", "Kill")), "BH-RT-016 is seen by the agent in the pod's flows, after the fact: use Quarantine or Alert"},
 		{"block a scan", runtimePolicy(app, det("BH-RT-016", "Block")), "Block is only possible for the rules a cgroup hook can deny"},
 		{"unknown rule", runtimePolicy(app, det("BH-RT-099", "Alert")), "spec.detections[0].rule: Unsupported value: \"BH-RT-099\""},

@@ -22,6 +22,7 @@ import (
 type blockSetup struct {
 	m     *Monitor
 	rd    *Reader
+	pod   *netns.NS
 	ns    string
 	ino   uint32
 	cg    string
@@ -40,7 +41,7 @@ func newBlockSetup(t *testing.T) *blockSetup {
 		}
 	}
 	pod := netns.New(t)
-	s := &blockSetup{m: m, ns: pod.Path(), ino: nsInode(t, pod.Path()), cg: cg, hooks: m.CgroupHooks(),
+	s := &blockSetup{m: m, pod: pod, ns: pod.Path(), ino: nsInode(t, pod.Path()), cg: cg, hooks: m.CgroupHooks(),
 		ep: detect.Endpoint{ID: "ep-b", Namespace: "shop", Pod: "cart-0", SPIFFEID: "spiffe://cluster.local/ns/shop/sa/cart"}}
 	s.watch(t, detect.Actions{})
 	rd, err := m.NewReader()
@@ -261,4 +262,45 @@ func TestKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	helper(t, "bpf", other.Path())
+}
+
+// TestBlockMetadata: a connect to a cloud instance metadata address (over
+// IPv4 and IPv6; the test serves them on the pod's own loopback, never a
+// real one) is reported with the address and port, and denied with EPERM
+// under Block. A connect to another address passes untouched.
+func TestBlockMetadata(t *testing.T) {
+	s := newBlockSetup(t)
+	netns.Addr(t, s.pod, "lo", "169.254.169.254/32", "fd00:ec2::254/128", "10.213.9.9/32")
+	s.pod.Do(t, func() error {
+		for _, a := range []string{"169.254.169.254:80", "[fd00:ec2::254]:80", "10.213.9.9:80"} {
+			l, err := net.Listen("tcp", a)
+			if err != nil {
+				return err
+			}
+			t.Cleanup(func() { l.Close() })
+		}
+		return nil
+	})
+	rule := detect.RuleMetadata
+	for _, c := range []struct{ target, addr string }{
+		{"169.254.169.254:80", "169.254.169.254"}, {"[fd00:ec2::254]:80", "fd00:ec2::254"},
+	} {
+		a := s.run(t, "connect-tcp", "ok", rule, helperPathEnv+"="+c.target)
+		if a.Action != detect.ActionAlert || a.Args["address"] != c.addr || a.Args["port"] != "80" || a.Syscall != "connect" {
+			t.Errorf("alert-only %s: %+v", c.target, a)
+		}
+	}
+	s.watch(t, detect.Actions{Block: detect.Bit(rule.ID)})
+	a := s.run(t, "connect-tcp", "eperm", rule, helperPathEnv+"=169.254.169.254:80")
+	if a.Action != detect.ActionBlock || a.ActionResult != "denied" || a.Args["address"] != "169.254.169.254" {
+		t.Errorf("block: %+v", a)
+	}
+	helper(t, "connect-tcp", s.ns, helperCgroupEnv+"="+s.cg, helperExpectEnv+"=ok", helperPathEnv+"=10.213.9.9:80")
+	marker := uint32(helper(t, "bpf", s.ns)[0])
+	_, seen := waitEvent(t, s.rd, "marker", func(ev detect.Event) bool { return ev.PID == marker })
+	for _, ev := range seen {
+		if ev.Kind == detect.KindConnectMetadata {
+			t.Errorf("a connect to another address was reported: %+v", ev)
+		}
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -213,6 +214,22 @@ func runHelper(action, nsPath string) error {
 		defer unix.Close(fd)
 		path := os.Getenv(helperPathEnv)
 		return expect("connect "+path, unix.Connect(fd, &unix.SockaddrUnix{Name: path}))
+	case "connect-tcp":
+		ap, err := netip.ParseAddrPort(os.Getenv(helperPathEnv))
+		if err != nil {
+			return err
+		}
+		family := unix.AF_INET6
+		var sa unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+		if ap.Addr().Is4() {
+			family, sa = unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+		}
+		fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return expect("connect "+ap.String(), unix.Connect(fd, sa))
 	case "raw-socket", "packet-socket":
 		family, proto := unix.AF_INET, unix.IPPROTO_ICMP
 		if action == "packet-socket" {

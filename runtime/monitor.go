@@ -1,9 +1,11 @@
 package runtime
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,17 +42,31 @@ type Config struct {
 	// them matches. nil means DefaultRuntimeSockets. At most 8, each 1 to
 	// 32 bytes without "/".
 	RuntimeSockets []string
-	Logger         *slog.Logger
+	// MetadataAddrs are the cloud instance metadata addresses (BH-RT-017):
+	// a connect to one of them, any port, matches. nil means
+	// DefaultMetadataAddrs. At most 16.
+	MetadataAddrs []netip.Addr
+	Logger        *slog.Logger
 }
 
 // DefaultRuntimeSockets are docker's, containerd's and CRI-O's sockets.
 var DefaultRuntimeSockets = []string{"docker.sock", "containerd.sock", "crio.sock"}
+
+// DefaultMetadataAddrs are the instance metadata services' addresses:
+// the link-local one that AWS, GCP, Azure and OpenStack serve, AWS's IPv6
+// one, and Alibaba Cloud's.
+var DefaultMetadataAddrs = []netip.Addr{
+	netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254"), netip.MustParseAddr("100.100.100.200"),
+}
 
 // The cgroup hooks by name, for CgroupHooks.
 const (
 	HookConnectUnix = "cgroup/connect_unix"
 	HookSockCreate  = "cgroup/sock_create"
 	HookSysctl      = "cgroup/sysctl"
+	// BH-RT-017 needs both; HookOf names connect4.
+	HookConnect4 = "cgroup/connect4"
+	HookConnect6 = "cgroup/connect6"
 )
 
 // Monitor is the loaded and attached system monitor.
@@ -109,6 +125,13 @@ func New(cfg Config) (*Monitor, error) {
 	if err != nil {
 		return nil, err
 	}
+	mds := cfg.MetadataAddrs
+	if mds == nil {
+		mds = DefaultMetadataAddrs
+	}
+	if len(mds) > sysmonMetadataAddrs {
+		return nil, fmt.Errorf("metadata addresses: %d, at most %d", len(mds), sysmonMetadataAddrs)
+	}
 	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}, hooks: map[string]error{},
 		optional: map[string]error{}}
 	// The cgroup programs load on their own (attachCgroupHooks): a kernel
@@ -120,6 +143,12 @@ func New(cfg Config) (*Monitor, error) {
 		if err := m.objs.SysmonSockNames.Put(n, uint8(1)); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("fill runtime socket names: %w", err)
+		}
+	}
+	for _, a := range mds {
+		if err := m.objs.SysmonMetadataAddrs.Put(sysmonSysmonAddr{Addr: addrKey(a)}, uint8(1)); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("fill metadata addresses: %w", err)
 		}
 	}
 	m.attachCgroupHooks(cfg.Cgroup, spec)
@@ -251,6 +280,8 @@ func (m *Monitor) attachCgroupHooks(cgroup string, spec *ebpf.CollectionSpec) {
 		{HookConnectUnix, "sysmon_connect_unix", ebpf.AttachCgroupUnixConnect},
 		{HookSockCreate, "sysmon_sock_create", ebpf.AttachCGroupInetSockCreate},
 		{HookSysctl, "sysmon_sysctl", ebpf.AttachCGroupSysctl},
+		{HookConnect4, "sysmon_connect4", ebpf.AttachCGroupInet4Connect},
+		{HookConnect6, "sysmon_connect6", ebpf.AttachCGroupInet6Connect},
 	}
 	for _, h := range hooks {
 		hook := h.hook
@@ -267,6 +298,7 @@ func (m *Monitor) attachCgroupHooks(cgroup string, spec *ebpf.CollectionSpec) {
 		err := one.LoadAndAssign(&obj, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 			sysmonMapSysmonWatched: m.objs.SysmonWatched, sysmonMapSysmonEvents: m.objs.SysmonEvents,
 			sysmonMapSysmonCounters: m.objs.SysmonCounters, sysmonMapSysmonSockNames: m.objs.SysmonSockNames,
+			sysmonMapSysmonMetadataAddrs: m.objs.SysmonMetadataAddrs,
 		}})
 		if err != nil {
 			m.hooks[hook] = fmt.Errorf("load %s: %w", hook, err)
@@ -306,8 +338,24 @@ func HookOf(ruleID string) string {
 		return HookSockCreate
 	case detect.RuleSysctlWrite.ID:
 		return HookSysctl
+	case detect.RuleMetadata.ID:
+		return HookConnect4
 	}
 	return ""
+}
+
+// sysmonMetadataAddrs is SYSMON_METADATA_ADDRS.
+const sysmonMetadataAddrs = 16
+
+// addrKey is an address as sysmon_addr holds it: 16 bytes, IPv4
+// v4-mapped, in network order, read as native words.
+func addrKey(a netip.Addr) [4]uint32 {
+	b := a.As16()
+	var w [4]uint32
+	for i := range 4 {
+		w[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return w
 }
 
 // sockNames checks the runtime socket names and encodes them.

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 	"unsafe"
@@ -104,6 +105,13 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 			ev.StdioSocket, ev.SocketFamily = -1, 0
 		}
 		ev.Args, ev.TargetNS = [4]uint64{}, 0
+	case detect.KindConnectMetadata:
+		ev.Syscall = "connect"
+		var b [16]byte
+		for i := range b {
+			b[i] = byte(s.Str[0][i])
+		}
+		ev.Target = netip.AddrFrom16(b).Unmap().String()
 	case detect.KindConnectUnix:
 		ev.Syscall = "connect"
 		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))

@@ -13,6 +13,11 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sysmonSysmonAddr struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+}
+
 type sysmonSysmonCounter uint32
 
 const (
@@ -47,21 +52,22 @@ type sysmonSysmonEvent struct {
 type sysmonSysmonKind uint32
 
 const (
-	sysmonSysmonKindSM_SETNS         sysmonSysmonKind = 1
-	sysmonSysmonKindSM_UNSHARE       sysmonSysmonKind = 2
-	sysmonSysmonKindSM_MOUNT         sysmonSysmonKind = 3
-	sysmonSysmonKindSM_PTRACE        sysmonSysmonKind = 4
-	sysmonSysmonKindSM_BPF           sysmonSysmonKind = 5
-	sysmonSysmonKindSM_MODULE        sysmonSysmonKind = 6
-	sysmonSysmonKindSM_EXEC          sysmonSysmonKind = 7
-	sysmonSysmonKindSM_CONNECT_UNIX  sysmonSysmonKind = 8
-	sysmonSysmonKindSM_SOCK_CREATE   sysmonSysmonKind = 9
-	sysmonSysmonKindSM_SYSCTL        sysmonSysmonKind = 10
-	sysmonSysmonKindSM_PACKET_SOCKET sysmonSysmonKind = 11
-	sysmonSysmonKindSM_CHROOT        sysmonSysmonKind = 12
-	sysmonSysmonKindSM_PIVOT_ROOT    sysmonSysmonKind = 13
-	sysmonSysmonKindSM_SETUID        sysmonSysmonKind = 14
-	sysmonSysmonKindSM_CAPSET        sysmonSysmonKind = 15
+	sysmonSysmonKindSM_SETNS            sysmonSysmonKind = 1
+	sysmonSysmonKindSM_UNSHARE          sysmonSysmonKind = 2
+	sysmonSysmonKindSM_MOUNT            sysmonSysmonKind = 3
+	sysmonSysmonKindSM_PTRACE           sysmonSysmonKind = 4
+	sysmonSysmonKindSM_BPF              sysmonSysmonKind = 5
+	sysmonSysmonKindSM_MODULE           sysmonSysmonKind = 6
+	sysmonSysmonKindSM_EXEC             sysmonSysmonKind = 7
+	sysmonSysmonKindSM_CONNECT_UNIX     sysmonSysmonKind = 8
+	sysmonSysmonKindSM_SOCK_CREATE      sysmonSysmonKind = 9
+	sysmonSysmonKindSM_SYSCTL           sysmonSysmonKind = 10
+	sysmonSysmonKindSM_PACKET_SOCKET    sysmonSysmonKind = 11
+	sysmonSysmonKindSM_CHROOT           sysmonSysmonKind = 12
+	sysmonSysmonKindSM_PIVOT_ROOT       sysmonSysmonKind = 13
+	sysmonSysmonKindSM_SETUID           sysmonSysmonKind = 14
+	sysmonSysmonKindSM_CAPSET           sysmonSysmonKind = 15
+	sysmonSysmonKindSM_CONNECT_METADATA sysmonSysmonKind = 16
 )
 
 type sysmonSysmonRuleBit uint32
@@ -82,6 +88,7 @@ const (
 	sysmonSysmonRuleBitSMR_TMP_EXEC      sysmonSysmonRuleBit = 4096
 	sysmonSysmonRuleBitSMR_REVERSE_SHELL sysmonSysmonRuleBit = 8192
 	sysmonSysmonRuleBitSMR_SETUID_ROOT   sysmonSysmonRuleBit = 16384
+	sysmonSysmonRuleBitSMR_METADATA      sysmonSysmonRuleBit = 65536
 )
 
 type sysmonSysmonSockName struct {
@@ -104,11 +111,14 @@ const (
 	sysmonMapSysmonCounters       = "sysmon_counters"
 	sysmonMapSysmonEntering       = "sysmon_entering"
 	sysmonMapSysmonEvents         = "sysmon_events"
+	sysmonMapSysmonMetadataAddrs  = "sysmon_metadata_addrs"
 	sysmonMapSysmonSockNames      = "sysmon_sock_names"
 	sysmonMapSysmonWatched        = "sysmon_watched"
 	sysmonProgSysmonBpf           = "sysmon_bpf"
 	sysmonProgSysmonCapset        = "sysmon_capset"
 	sysmonProgSysmonChroot        = "sysmon_chroot"
+	sysmonProgSysmonConnect4      = "sysmon_connect4"
+	sysmonProgSysmonConnect6      = "sysmon_connect6"
 	sysmonProgSysmonConnectUnix   = "sysmon_connect_unix"
 	sysmonProgSysmonExec          = "sysmon_exec"
 	sysmonProgSysmonFinitModule   = "sysmon_finit_module"
@@ -180,6 +190,8 @@ type sysmonProgramSpecs struct {
 	SysmonBpf         *ebpf.ProgramSpec `ebpf:"sysmon_bpf"`
 	SysmonCapset      *ebpf.ProgramSpec `ebpf:"sysmon_capset"`
 	SysmonChroot      *ebpf.ProgramSpec `ebpf:"sysmon_chroot"`
+	SysmonConnect4    *ebpf.ProgramSpec `ebpf:"sysmon_connect4"`
+	SysmonConnect6    *ebpf.ProgramSpec `ebpf:"sysmon_connect6"`
 	SysmonConnectUnix *ebpf.ProgramSpec `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.ProgramSpec `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.ProgramSpec `ebpf:"sysmon_finit_module"`
@@ -203,11 +215,12 @@ type sysmonProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sysmonMapSpecs struct {
-	SysmonCounters  *ebpf.MapSpec `ebpf:"sysmon_counters"`
-	SysmonEntering  *ebpf.MapSpec `ebpf:"sysmon_entering"`
-	SysmonEvents    *ebpf.MapSpec `ebpf:"sysmon_events"`
-	SysmonSockNames *ebpf.MapSpec `ebpf:"sysmon_sock_names"`
-	SysmonWatched   *ebpf.MapSpec `ebpf:"sysmon_watched"`
+	SysmonCounters      *ebpf.MapSpec `ebpf:"sysmon_counters"`
+	SysmonEntering      *ebpf.MapSpec `ebpf:"sysmon_entering"`
+	SysmonEvents        *ebpf.MapSpec `ebpf:"sysmon_events"`
+	SysmonMetadataAddrs *ebpf.MapSpec `ebpf:"sysmon_metadata_addrs"`
+	SysmonSockNames     *ebpf.MapSpec `ebpf:"sysmon_sock_names"`
+	SysmonWatched       *ebpf.MapSpec `ebpf:"sysmon_watched"`
 }
 
 // sysmonVariableSpecs contains global variables before they are loaded into the kernel.
@@ -243,11 +256,12 @@ func (o *sysmonObjects) Close() error {
 //
 // It can be passed to loadSysmonObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sysmonMaps struct {
-	SysmonCounters  *ebpf.Map `ebpf:"sysmon_counters"`
-	SysmonEntering  *ebpf.Map `ebpf:"sysmon_entering"`
-	SysmonEvents    *ebpf.Map `ebpf:"sysmon_events"`
-	SysmonSockNames *ebpf.Map `ebpf:"sysmon_sock_names"`
-	SysmonWatched   *ebpf.Map `ebpf:"sysmon_watched"`
+	SysmonCounters      *ebpf.Map `ebpf:"sysmon_counters"`
+	SysmonEntering      *ebpf.Map `ebpf:"sysmon_entering"`
+	SysmonEvents        *ebpf.Map `ebpf:"sysmon_events"`
+	SysmonMetadataAddrs *ebpf.Map `ebpf:"sysmon_metadata_addrs"`
+	SysmonSockNames     *ebpf.Map `ebpf:"sysmon_sock_names"`
+	SysmonWatched       *ebpf.Map `ebpf:"sysmon_watched"`
 }
 
 func (m *sysmonMaps) Close() error {
@@ -255,6 +269,7 @@ func (m *sysmonMaps) Close() error {
 		m.SysmonCounters,
 		m.SysmonEntering,
 		m.SysmonEvents,
+		m.SysmonMetadataAddrs,
 		m.SysmonSockNames,
 		m.SysmonWatched,
 	)
@@ -280,6 +295,8 @@ type sysmonPrograms struct {
 	SysmonBpf         *ebpf.Program `ebpf:"sysmon_bpf"`
 	SysmonCapset      *ebpf.Program `ebpf:"sysmon_capset"`
 	SysmonChroot      *ebpf.Program `ebpf:"sysmon_chroot"`
+	SysmonConnect4    *ebpf.Program `ebpf:"sysmon_connect4"`
+	SysmonConnect6    *ebpf.Program `ebpf:"sysmon_connect6"`
 	SysmonConnectUnix *ebpf.Program `ebpf:"sysmon_connect_unix"`
 	SysmonExec        *ebpf.Program `ebpf:"sysmon_exec"`
 	SysmonFinitModule *ebpf.Program `ebpf:"sysmon_finit_module"`
@@ -304,6 +321,8 @@ func (p *sysmonPrograms) Close() error {
 		p.SysmonBpf,
 		p.SysmonCapset,
 		p.SysmonChroot,
+		p.SysmonConnect4,
+		p.SysmonConnect6,
 		p.SysmonConnectUnix,
 		p.SysmonExec,
 		p.SysmonFinitModule,

@@ -34,6 +34,10 @@ enum sysmon_kind {
 	 * effective, permitted, inheritable asked for; target_ino the
 	 * caller's permitted set */
 	SM_CAPSET = 15,
+	/* connect (TCP or UDP) to a cloud instance metadata address
+	 * (sysmon_metadata_addrs): str[0] the address's 16 bytes (IPv4
+	 * v4-mapped), args[0] the family, args[1] the port (host order) */
+	SM_CONNECT_METADATA = 16,
 };
 
 /* Rule bits of sysmon_watch.block and .kill: bit i is rule BH-RT-(i+1).
@@ -54,7 +58,16 @@ enum sysmon_rule_bit {
 	SMR_TMP_EXEC = 1 << 12,     /* exec from /tmp or /dev/shm */
 	SMR_REVERSE_SHELL = 1 << 13, /* a shell whose stdin or stdout is a socket */
 	SMR_SETUID_ROOT = 1 << 14,  /* setuid to root or capset from non-root */
+	/* 1 << 15 is BH-RT-016, the agent's scan rule: no kernel hook */
+	SMR_METADATA = 1 << 16, /* connect to a cloud metadata address */
 };
+
+/* Key of sysmon_metadata_addrs: an address (IPv4 v4-mapped, network
+ * order) whose connects BH-RT-017 reports. */
+struct sysmon_addr {
+	__u32 addr[4];
+};
+#define SYSMON_METADATA_ADDRS 16
 
 /* sysmon_event.flags */
 enum sysmon_flag {

@@ -41,6 +41,9 @@ const (
 	// a caller whose real uid is not root (as for KindSetuid); the kernel
 	// sends no other.
 	KindCapset Kind = 15
+	// KindConnectMetadata is a connect to a cloud instance metadata
+	// address (Event.Target the address, Args[1] the port).
+	KindConnectMetadata Kind = 16
 )
 
 func (k Kind) String() string {
@@ -75,6 +78,8 @@ func (k Kind) String() string {
 		return "setuid"
 	case KindCapset:
 		return "capset"
+	case KindConnectMetadata:
+		return "connect_metadata"
 	}
 	return fmt.Sprintf("kind-%d", uint16(k))
 }

@@ -56,6 +56,9 @@ var (
 	// Seen by the agent in the datapath's drop events (ScanDetector), not
 	// by a hook: it has no process, and no kernel bit.
 	RuleScan = Rule{"BH-RT-016", "scan from a pod: new connections denied to many destinations", "T1046", "Network Service Discovery", SeverityHigh}
+	// The node's instance credentials are one request away from a pod
+	// that reaches the metadata service.
+	RuleMetadata = Rule{"BH-RT-017", "connect to the cloud instance metadata service", "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", SeverityHigh}
 )
 
 // Rules lists the default rule set, in ID order: rule i (from 0) is
@@ -63,7 +66,7 @@ var (
 func Rules() []Rule {
 	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad,
 		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket, RuleChroot, RuleFilelessExec,
-		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot, RuleScan}
+		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot, RuleScan, RuleMetadata}
 }
 
 // Bit is the rule's bit in Actions and the kernel's masks; 0 for an
@@ -266,6 +269,8 @@ func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
 		return RuleModuleLoad, "", args, true
 	case KindConnectUnix:
 		return RuleRuntimeSocket, "", map[string]string{"path": ev.Target}, true
+	case KindConnectMetadata:
+		return RuleMetadata, "", map[string]string{"address": ev.Target, "port": strconv.FormatUint(a[1], 10)}, true
 	case KindSockCreate, KindPacketSocket:
 		r = RuleRawSocket
 		if ev.Kind == KindPacketSocket {

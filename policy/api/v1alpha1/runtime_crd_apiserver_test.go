@@ -35,6 +35,12 @@ detections: [{rule: BH-RT-001, action: Quarantine}, {rule: BH-RT-007, action: Qu
 	{name: "block a tracepoint rule", field: "spec.detections[0].action", msg: "Block is only possible for the rules a cgroup hook can deny", spec: `
 selector: {podSelector: {}}
 detections: [{rule: BH-RT-003, action: Block}]`},
+	{name: "block the metadata service", spec: `
+selector: {podSelector: {}}
+detections: [{rule: BH-RT-017, action: Block}]`},
+	{name: "kill a metadata connect", field: "spec.detections[0].action", msg: "Kill is only possible for the rules a tracepoint sees", spec: `
+selector: {podSelector: {}}
+detections: [{rule: BH-RT-017, action: Kill}]`},
 	{name: "kill the agent's scan rule", field: "spec.detections[0].action", msg: "Kill is only possible for the rules a tracepoint sees", spec: `
 selector: {podSelector: {}}
 detections: [{rule: BH-RT-016, action: Kill}]`},
