@@ -85,3 +85,32 @@ func TestAttachOptionalMissing(t *testing.T) {
 		}
 	}
 }
+
+// TestModulePathChoice: the module tracepoints when the kernel has them;
+// without them, raw_tp sys_enter on a kernel that can load modules, and
+// nothing on one that cannot (no /proc/modules).
+func TestModulePathChoice(t *testing.T) {
+	with, without := t.TempDir(), t.TempDir()
+	for _, n := range []string{"sys_enter_init_module", "sys_enter_finit_module"} {
+		if err := os.MkdirAll(filepath.Join(with, "events", "syscalls", n), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	modules := filepath.Join(t.TempDir(), "modules")
+	if err := os.WriteFile(modules, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	gone := filepath.Join(t.TempDir(), "modules")
+	for _, c := range []struct {
+		tracefs, modules string
+		want             ModulePath
+	}{
+		{with, modules, ModuleTracepoints},
+		{without, modules, ModuleRawSysEnter},
+		{without, gone, ModuleNone},
+	} {
+		if got := modulePathIn(c.tracefs, c.modules); got != c.want {
+			t.Errorf("tracefs %s, modules %s: %q, want %q", c.tracefs, c.modules, got, c.want)
+		}
+	}
+}
