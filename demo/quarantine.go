@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -122,16 +125,31 @@ func (r *run) quarantine(ctx context.Context) error {
 		return fmt.Errorf("%w: the drop record does not name alert %s: %+v", ErrSelfCheck, al.ID, f.Quarantine)
 	}
 	r.p.say("  frontend -> api 8080/TCP, allowed by policy, is now dropped:")
-	r.p.say("    " + r.p.paint(styleRed, flows.Compact(f, false)))
+	// The compact line, cut before its verdict to fit 80 columns.
+	line := flows.Compact(f, false)
+	if i := strings.Index(line, " DROPPED "); i > 0 {
+		r.p.say("    " + r.p.paint(styleRed, line[:i]))
+		line = "  " + line[i+1:]
+	}
+	r.p.say("    " + r.p.paint(styleRed, line))
 	r.p.good("  check: the pod's allowed traffic is cut, and each drop names the alert")
 
-	var b strings.Builder
-	if err := cli.Quarantines(ctx, r.client, &b, cli.FormatTable); err != nil {
-		return err
+	// `bulkhead quarantine list`, narrowed to 80 columns.
+	l, err := r.client.ListQuarantines(ctx)
+	if err != nil {
+		return fmt.Errorf("list quarantines: %w", err)
 	}
 	r.p.say("  $ bulkhead quarantine list")
-	r.p.say(indent(strings.TrimRight(b.String(), "\n"), "  "))
-	b.Reset()
+	tw := tabwriter.NewWriter(r.p.w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  POD\tSINCE\tBY")
+	for _, q := range l.Quarantines {
+		fmt.Fprintf(tw, "  %s/%s\t%s ago\talert %s %s\n", q.Pod.Namespace, q.Pod.Name,
+			time.Since(q.Since).Round(time.Second), q.AlertID, q.RuleID)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	var b strings.Builder
 	if err := cli.ReleaseQuarantine(ctx, r.client, &b, "shop/frontend", cli.FormatText); err != nil {
 		return err
 	}
@@ -149,11 +167,20 @@ func (r *run) quarantine(ctx context.Context) error {
 
 // showAlert prints an alert's headline and what became of it.
 func (r *run) showAlert(al *detect.Alert) {
-	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s %s (%s %s), severity %s",
-		al.ID, al.RuleID, al.Technique, al.TechniqueName, al.Severity)))
+	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s (%s %s), severity %s",
+		al.RuleID, al.Technique, al.TechniqueName, al.Severity)))
+	r.p.say("    id       " + al.ID)
 	r.p.say("    rule     " + al.Rule)
 	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
-	r.p.say(fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)))
+	if call := fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)); len(call) <= 78 {
+		r.p.say(call)
+	} else {
+		// One argument a line, to fit 80 columns.
+		r.p.say("    syscall  " + al.Syscall)
+		for _, k := range slices.Sorted(maps.Keys(al.Args)) {
+			r.p.say(fmt.Sprintf("      %s=%s", k, al.Args[k]))
+		}
+	}
 	answer := al.Action
 	if al.ActionResult != "" {
 		answer += ": " + al.ActionResult
@@ -163,4 +190,3 @@ func (r *run) showAlert(al *detect.Alert) {
 	}
 	r.p.say("    answer   " + answer)
 }
-
