@@ -508,6 +508,130 @@ int sysmon_exec(struct trace_event_raw_sched_process_exec *ctx)
 	return 0;
 }
 
+/* The open rules (BH-RT-018 kernel memory and raw disks, BH-RT-019
+ * password hash files) match the path as the caller wrote it: a prefix
+ * from sysmon_open_prefixes for paths under /dev/ and /proc/, or a name
+ * ending in etc/shadow or etc/gshadow. A relative path through a directory
+ * fd, a link, or a bind mount under another name is not seen. */
+#define OPEN_PATH 128
+
+struct sysmon_path {
+	char p[OPEN_PATH];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sysmon_open_prefix);
+	__type(value, __u32);
+	__uint(max_entries, SYSMON_OPEN_PREFIXES);
+} sysmon_open_prefixes SEC(".maps");
+
+/* The path being judged: too big for the stack next to the rest. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sysmon_path);
+	__uint(max_entries, 1);
+} sysmon_path_scratch SEC(".maps");
+
+#define TRY_PREFIX(L)                                                    \
+	if (len >= (L)) {                                                \
+		__builtin_memset(&k, 0, sizeof(k));                      \
+		__builtin_memcpy(k.p, p, (L));                           \
+		bit = bpf_map_lookup_elem(&sysmon_open_prefixes, &k);    \
+		if (bit)                                                 \
+			return *bit;                                     \
+	}
+
+static __always_inline __u32 open_prefix_rule(const char *p, __u32 len)
+{
+	struct sysmon_open_prefix k;
+	__u32 *bit;
+
+	TRY_PREFIX(7)
+	TRY_PREFIX(8)
+	TRY_PREFIX(9)
+	TRY_PREFIX(11)
+	TRY_PREFIX(12)
+	return 0;
+}
+
+/* ends_with reports whether the path of length len ends in suf (n bytes,
+ * a literal), at its start or after a '/'. Indexes are masked into the
+ * buffer for the verifier; len < OPEN_PATH keeps them right. */
+static __always_inline bool ends_with(const char *p, __u32 len, const char *suf, __u32 n)
+{
+	__u32 off;
+
+	if (len < n || len >= OPEN_PATH)
+		return false;
+	off = len - n;
+#pragma unroll
+	for (__u32 i = 0; i < 11; i++) {
+		if (i < n && p[(off + i) & (OPEN_PATH - 1)] != suf[i])
+			return false;
+	}
+	return off == 0 || p[(off - 1) & (OPEN_PATH - 1)] == '/';
+}
+
+static __always_inline int open_hook(const char *upath, long nr, __u64 flags)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct sysmon_watch *w;
+	struct sysmon_event *e;
+	struct sysmon_path *buf;
+	__u32 netns, len, bit = 0, zero = 0;
+	__u16 f;
+	long n;
+
+	w = watch_of(task, &netns);
+	if (!w || entering(task))
+		return 0;
+	buf = bpf_map_lookup_elem(&sysmon_path_scratch, &zero);
+	if (!buf)
+		return 0;
+	n = bpf_probe_read_user_str(buf->p, OPEN_PATH, upath);
+	if (n <= 1)
+		return 0;
+	len = n - 1;
+	if (buf->p[0] == '/' && (buf->p[1] == 'd' || buf->p[1] == 'p'))
+		bit = open_prefix_rule(buf->p, len);
+	if (!bit && (ends_with(buf->p, len, "etc/shadow", 10) || ends_with(buf->p, len, "etc/gshadow", 11)))
+		bit = SMR_SHADOW;
+	if (!bit)
+		return 0;
+	f = kill(w, bit);
+	e = reserve(task, netns, SM_OPEN, nr);
+	if (!e)
+		return 0;
+	e->flags = f;
+	e->rules = bit;
+	e->args[0] = flags;
+	__builtin_memcpy(e->str[0], buf->p, SYSMON_STR);
+	__builtin_memcpy(e->str[1], buf->p + SYSMON_STR, SYSMON_STR);
+	send(e);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat")
+int sysmon_openat(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_hook((const char *)ctx->args[1], ctx->id, ctx->args[2]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_open")
+int sysmon_open(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_hook((const char *)ctx->args[0], ctx->id, ctx->args[1]);
+}
+
+/* openat2's flags are in its open_how, which is not read. */
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int sysmon_openat2(struct trace_event_raw_sys_enter *ctx)
+{
+	return open_hook((const char *)ctx->args[1], ctx->id, 0);
+}
+
 /* chroot and pivot_root (BH-RT-011): a pod that changes its root is
  * leaving the file system the runtime gave it, or making one to leave by. */
 SEC("tracepoint/syscalls/sys_enter_chroot")

@@ -214,6 +214,13 @@ func runHelper(action, nsPath string) error {
 		defer unix.Close(fd)
 		path := os.Getenv(helperPathEnv)
 		return expect("connect "+path, unix.Connect(fd, &unix.SockaddrUnix{Name: path}))
+	case "open-path":
+		// The path need not exist: the tracepoint sees the attempt.
+		fd, err := unix.Open(os.Getenv(helperPathEnv), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			unix.Close(fd)
+		}
+		return nil
 	case "connect-tcp":
 		ap, err := netip.ParseAddrPort(os.Getenv(helperPathEnv))
 		if err != nil {

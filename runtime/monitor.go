@@ -46,11 +46,51 @@ type Config struct {
 	// a connect to one of them, any port, matches. nil means
 	// DefaultMetadataAddrs. At most 16.
 	MetadataAddrs []netip.Addr
-	Logger        *slog.Logger
+	// OpenPrefixes are the path prefixes whose opens BH-RT-018 reports
+	// (kernel memory, raw disks); nil means DefaultOpenPrefixes. Each is
+	// 7, 8, 9, 11 or 12 bytes long (the lengths the kernel tries); at most
+	// 32.
+	OpenPrefixes []string
+	Logger       *slog.Logger
 }
 
 // DefaultRuntimeSockets are docker's, containerd's and CRI-O's sockets.
 var DefaultRuntimeSockets = []string{"docker.sock", "containerd.sock", "crio.sock"}
+
+// DefaultOpenPrefixes: kernel memory and I/O ports, the kernel's core
+// image, and the block devices of SCSI/SATA, virtio, IDE, Xen, NVMe and
+// eMMC disks, device-mapper and software RAID.
+var DefaultOpenPrefixes = []string{
+	"/dev/mem", "/dev/kmem", "/dev/port", "/proc/kcore",
+	"/dev/sd", "/dev/vd", "/dev/hd", "/dev/xvd", "/dev/nvme", "/dev/mmcblk", "/dev/dm-", "/dev/mapper/", "/dev/md",
+}
+
+// openPrefixKeys checks the prefixes and makes their map keys.
+func openPrefixKeys(prefixes []string) ([]sysmonSysmonOpenPrefix, error) {
+	if len(prefixes) > sysmonOpenPrefixes {
+		return nil, fmt.Errorf("open prefixes: %d, at most %d", len(prefixes), sysmonOpenPrefixes)
+	}
+	out := make([]sysmonSysmonOpenPrefix, 0, len(prefixes))
+	for _, p := range prefixes {
+		switch len(p) {
+		case 7, 8, 9, 11, 12:
+		default:
+			return nil, fmt.Errorf("open prefix %q: %d bytes, the kernel tries 7, 8, 9, 11 and 12", p, len(p))
+		}
+		if !strings.HasPrefix(p, "/dev/") && !strings.HasPrefix(p, "/proc/") || strings.ContainsRune(p, 0) {
+			return nil, fmt.Errorf("open prefix %q: the kernel looks at paths under /dev/ and /proc/ only", p)
+		}
+		var k sysmonSysmonOpenPrefix
+		for i := range len(p) {
+			k.P[i] = int8(p[i])
+		}
+		out = append(out, k)
+	}
+	return out, nil
+}
+
+// sysmonOpenPrefixes is SYSMON_OPEN_PREFIXES.
+const sysmonOpenPrefixes = 32
 
 // DefaultMetadataAddrs are the instance metadata services' addresses:
 // the link-local one that AWS, GCP, Azure and OpenStack serve, AWS's IPv6
@@ -132,6 +172,14 @@ func New(cfg Config) (*Monitor, error) {
 	if len(mds) > sysmonMetadataAddrs {
 		return nil, fmt.Errorf("metadata addresses: %d, at most %d", len(mds), sysmonMetadataAddrs)
 	}
+	ops := cfg.OpenPrefixes
+	if ops == nil {
+		ops = DefaultOpenPrefixes
+	}
+	opKeys, err := openPrefixKeys(ops)
+	if err != nil {
+		return nil, err
+	}
 	m := &Monitor{modulePath: mp, log: log, watched: map[uint32]detect.Endpoint{}, hooks: map[string]error{},
 		optional: map[string]error{}}
 	// The cgroup programs load on their own (attachCgroupHooks): a kernel
@@ -149,6 +197,12 @@ func New(cfg Config) (*Monitor, error) {
 		if err := m.objs.SysmonMetadataAddrs.Put(sysmonSysmonAddr{Addr: addrKey(a)}, uint8(1)); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("fill metadata addresses: %w", err)
+		}
+	}
+	for _, k := range opKeys {
+		if err := m.objs.SysmonOpenPrefixes.Put(k, detect.Bit(detect.RuleRawDevice.ID)); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("fill open prefixes: %w", err)
 		}
 	}
 	m.attachCgroupHooks(cfg.Cgroup, spec)
@@ -217,6 +271,7 @@ func New(cfg Config) (*Monitor, error) {
 var optionalTracepoints = []string{
 	"sys_enter_chroot", "sys_enter_pivot_root", // BH-RT-011
 	"sys_enter_setuid", "sys_enter_setreuid", "sys_enter_setresuid", "sys_enter_capset", // BH-RT-015
+	"sys_enter_openat", "sys_enter_open", "sys_enter_openat2", // BH-RT-018, BH-RT-019
 }
 
 func (m *Monitor) optionalProgram(name string) *ebpf.Program {
@@ -233,6 +288,12 @@ func (m *Monitor) optionalProgram(name string) *ebpf.Program {
 		return m.objs.SysmonSetresuid
 	case "sys_enter_capset":
 		return m.objs.SysmonCapset
+	case "sys_enter_openat":
+		return m.objs.SysmonOpenat
+	case "sys_enter_open":
+		return m.objs.SysmonOpen
+	case "sys_enter_openat2":
+		return m.objs.SysmonOpenat2
 	}
 	return nil
 }
@@ -494,13 +555,16 @@ type tracingObjects struct {
 	SysmonSocket      *ebpf.Program `ebpf:"sysmon_socket"`
 	SysmonSysEnter    *ebpf.Program `ebpf:"sysmon_sys_enter"`
 	SysmonUnshare     *ebpf.Program `ebpf:"sysmon_unshare"`
+	SysmonOpenat      *ebpf.Program `ebpf:"sysmon_openat"`
+	SysmonOpen        *ebpf.Program `ebpf:"sysmon_open"`
+	SysmonOpenat2     *ebpf.Program `ebpf:"sysmon_openat2"`
 }
 
 func (o *tracingObjects) Close() error {
 	errs := []error{o.sysmonMaps.Close()}
 	for _, p := range []*ebpf.Program{o.SysmonBpf, o.SysmonExec, o.SysmonFork, o.SysmonFinitModule, o.SysmonInitModule, o.SysmonMount,
 		o.SysmonPtrace, o.SysmonSetns, o.SysmonSocket, o.SysmonSysEnter, o.SysmonUnshare, o.SysmonCapset, o.SysmonChroot,
-		o.SysmonPivotRoot, o.SysmonSetresuid, o.SysmonSetreuid, o.SysmonSetuid} {
+		o.SysmonPivotRoot, o.SysmonSetresuid, o.SysmonSetreuid, o.SysmonSetuid, o.SysmonOpenat, o.SysmonOpen, o.SysmonOpenat2} {
 		if p != nil {
 			errs = append(errs, p.Close())
 		}

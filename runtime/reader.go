@@ -105,6 +105,9 @@ func DecodeEvent(raw []byte) (ev detect.Event, mono uint64, err error) {
 			ev.StdioSocket, ev.SocketFamily = -1, 0
 		}
 		ev.Args, ev.TargetNS = [4]uint64{}, 0
+	case detect.KindOpen:
+		ev.Target = cString(append(append([]int8{}, s.Str[0][:]...), s.Str[1][:]...))
+		ev.Rules = s.Rules
 	case detect.KindConnectMetadata:
 		ev.Syscall = "connect"
 		var b [16]byte
@@ -189,6 +192,12 @@ func syscallName(nr int64) string {
 		return "setresuid"
 	case unix.SYS_CAPSET:
 		return "capset"
+	case unix.SYS_OPEN:
+		return "open"
+	case unix.SYS_OPENAT:
+		return "openat"
+	case unix.SYS_OPENAT2:
+		return "openat2"
 	}
 	return fmt.Sprintf("syscall-%d", nr)
 }

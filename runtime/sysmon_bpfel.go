@@ -68,7 +68,18 @@ const (
 	sysmonSysmonKindSM_SETUID           sysmonSysmonKind = 14
 	sysmonSysmonKindSM_CAPSET           sysmonSysmonKind = 15
 	sysmonSysmonKindSM_CONNECT_METADATA sysmonSysmonKind = 16
+	sysmonSysmonKindSM_OPEN             sysmonSysmonKind = 17
 )
+
+type sysmonSysmonOpenPrefix struct {
+	_ structs.HostLayout
+	P [16]int8
+}
+
+type sysmonSysmonPath struct {
+	_ structs.HostLayout
+	P [128]int8
+}
 
 type sysmonSysmonRuleBit uint32
 
@@ -89,6 +100,8 @@ const (
 	sysmonSysmonRuleBitSMR_REVERSE_SHELL sysmonSysmonRuleBit = 8192
 	sysmonSysmonRuleBitSMR_SETUID_ROOT   sysmonSysmonRuleBit = 16384
 	sysmonSysmonRuleBitSMR_METADATA      sysmonSysmonRuleBit = 65536
+	sysmonSysmonRuleBitSMR_RAW_DEVICE    sysmonSysmonRuleBit = 131072
+	sysmonSysmonRuleBitSMR_SHADOW        sysmonSysmonRuleBit = 262144
 )
 
 type sysmonSysmonSockName struct {
@@ -112,6 +125,8 @@ const (
 	sysmonMapSysmonEntering       = "sysmon_entering"
 	sysmonMapSysmonEvents         = "sysmon_events"
 	sysmonMapSysmonMetadataAddrs  = "sysmon_metadata_addrs"
+	sysmonMapSysmonOpenPrefixes   = "sysmon_open_prefixes"
+	sysmonMapSysmonPathScratch    = "sysmon_path_scratch"
 	sysmonMapSysmonSockNames      = "sysmon_sock_names"
 	sysmonMapSysmonWatched        = "sysmon_watched"
 	sysmonProgSysmonBpf           = "sysmon_bpf"
@@ -125,6 +140,9 @@ const (
 	sysmonProgSysmonFork          = "sysmon_fork"
 	sysmonProgSysmonInitModule    = "sysmon_init_module"
 	sysmonProgSysmonMount         = "sysmon_mount"
+	sysmonProgSysmonOpen          = "sysmon_open"
+	sysmonProgSysmonOpenat        = "sysmon_openat"
+	sysmonProgSysmonOpenat2       = "sysmon_openat2"
 	sysmonProgSysmonPivotRoot     = "sysmon_pivot_root"
 	sysmonProgSysmonPtrace        = "sysmon_ptrace"
 	sysmonProgSysmonSetns         = "sysmon_setns"
@@ -198,6 +216,9 @@ type sysmonProgramSpecs struct {
 	SysmonFork        *ebpf.ProgramSpec `ebpf:"sysmon_fork"`
 	SysmonInitModule  *ebpf.ProgramSpec `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.ProgramSpec `ebpf:"sysmon_mount"`
+	SysmonOpen        *ebpf.ProgramSpec `ebpf:"sysmon_open"`
+	SysmonOpenat      *ebpf.ProgramSpec `ebpf:"sysmon_openat"`
+	SysmonOpenat2     *ebpf.ProgramSpec `ebpf:"sysmon_openat2"`
 	SysmonPivotRoot   *ebpf.ProgramSpec `ebpf:"sysmon_pivot_root"`
 	SysmonPtrace      *ebpf.ProgramSpec `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.ProgramSpec `ebpf:"sysmon_setns"`
@@ -219,6 +240,8 @@ type sysmonMapSpecs struct {
 	SysmonEntering      *ebpf.MapSpec `ebpf:"sysmon_entering"`
 	SysmonEvents        *ebpf.MapSpec `ebpf:"sysmon_events"`
 	SysmonMetadataAddrs *ebpf.MapSpec `ebpf:"sysmon_metadata_addrs"`
+	SysmonOpenPrefixes  *ebpf.MapSpec `ebpf:"sysmon_open_prefixes"`
+	SysmonPathScratch   *ebpf.MapSpec `ebpf:"sysmon_path_scratch"`
 	SysmonSockNames     *ebpf.MapSpec `ebpf:"sysmon_sock_names"`
 	SysmonWatched       *ebpf.MapSpec `ebpf:"sysmon_watched"`
 }
@@ -260,6 +283,8 @@ type sysmonMaps struct {
 	SysmonEntering      *ebpf.Map `ebpf:"sysmon_entering"`
 	SysmonEvents        *ebpf.Map `ebpf:"sysmon_events"`
 	SysmonMetadataAddrs *ebpf.Map `ebpf:"sysmon_metadata_addrs"`
+	SysmonOpenPrefixes  *ebpf.Map `ebpf:"sysmon_open_prefixes"`
+	SysmonPathScratch   *ebpf.Map `ebpf:"sysmon_path_scratch"`
 	SysmonSockNames     *ebpf.Map `ebpf:"sysmon_sock_names"`
 	SysmonWatched       *ebpf.Map `ebpf:"sysmon_watched"`
 }
@@ -270,6 +295,8 @@ func (m *sysmonMaps) Close() error {
 		m.SysmonEntering,
 		m.SysmonEvents,
 		m.SysmonMetadataAddrs,
+		m.SysmonOpenPrefixes,
+		m.SysmonPathScratch,
 		m.SysmonSockNames,
 		m.SysmonWatched,
 	)
@@ -303,6 +330,9 @@ type sysmonPrograms struct {
 	SysmonFork        *ebpf.Program `ebpf:"sysmon_fork"`
 	SysmonInitModule  *ebpf.Program `ebpf:"sysmon_init_module"`
 	SysmonMount       *ebpf.Program `ebpf:"sysmon_mount"`
+	SysmonOpen        *ebpf.Program `ebpf:"sysmon_open"`
+	SysmonOpenat      *ebpf.Program `ebpf:"sysmon_openat"`
+	SysmonOpenat2     *ebpf.Program `ebpf:"sysmon_openat2"`
 	SysmonPivotRoot   *ebpf.Program `ebpf:"sysmon_pivot_root"`
 	SysmonPtrace      *ebpf.Program `ebpf:"sysmon_ptrace"`
 	SysmonSetns       *ebpf.Program `ebpf:"sysmon_setns"`
@@ -329,6 +359,9 @@ func (p *sysmonPrograms) Close() error {
 		p.SysmonFork,
 		p.SysmonInitModule,
 		p.SysmonMount,
+		p.SysmonOpen,
+		p.SysmonOpenat,
+		p.SysmonOpenat2,
 		p.SysmonPivotRoot,
 		p.SysmonPtrace,
 		p.SysmonSetns,

@@ -38,6 +38,10 @@ enum sysmon_kind {
 	 * (sysmon_metadata_addrs): str[0] the address's 16 bytes (IPv4
 	 * v4-mapped), args[0] the family, args[1] the port (host order) */
 	SM_CONNECT_METADATA = 16,
+	/* open, openat or openat2 (syscall_nr tells which) of a path an open
+	 * rule matches: str[0..1] the path as the caller wrote it, args[0] the
+	 * flags (0 for openat2), rules the rule's bit */
+	SM_OPEN = 17,
 };
 
 /* Rule bits of sysmon_watch.block and .kill: bit i is rule BH-RT-(i+1).
@@ -60,6 +64,17 @@ enum sysmon_rule_bit {
 	SMR_SETUID_ROOT = 1 << 14,  /* setuid to root or capset from non-root */
 	/* 1 << 15 is BH-RT-016, the agent's scan rule: no kernel hook */
 	SMR_METADATA = 1 << 16, /* connect to a cloud metadata address */
+	SMR_RAW_DEVICE = 1 << 17, /* open of kernel memory or a raw disk */
+	SMR_SHADOW = 1 << 18,     /* open of a password hash file */
+};
+
+/* Key of sysmon_open_prefixes: a path prefix (NUL-padded) whose opens an
+ * open rule reports; the value is the rule's bit. Prefixes are 7, 8, 9, 11
+ * or 12 bytes long (the lengths open_prefix_rule tries). */
+#define SYSMON_OPEN_PREFIX 16
+#define SYSMON_OPEN_PREFIXES 32
+struct sysmon_open_prefix {
+	char p[SYSMON_OPEN_PREFIX];
 };
 
 /* Key of sysmon_metadata_addrs: an address (IPv4 v4-mapped, network

@@ -44,6 +44,9 @@ const (
 	// KindConnectMetadata is a connect to a cloud instance metadata
 	// address (Event.Target the address, Args[1] the port).
 	KindConnectMetadata Kind = 16
+	// KindOpen is open, openat or openat2 (Event.Syscall tells which) of
+	// a path an open rule matched (Event.Rules), Event.Target the path.
+	KindOpen Kind = 17
 )
 
 func (k Kind) String() string {
@@ -80,6 +83,8 @@ func (k Kind) String() string {
 		return "capset"
 	case KindConnectMetadata:
 		return "connect_metadata"
+	case KindOpen:
+		return "open"
 	}
 	return fmt.Sprintf("kind-%d", uint16(k))
 }

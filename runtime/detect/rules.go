@@ -59,6 +59,10 @@ var (
 	// The node's instance credentials are one request away from a pod
 	// that reaches the metadata service.
 	RuleMetadata = Rule{"BH-RT-017", "connect to the cloud instance metadata service", "T1552.005", "Unsecured Credentials: Cloud Instance Metadata API", SeverityHigh}
+	// A raw disk gives the node's file systems, past every mount the
+	// runtime made; kernel memory gives the kernel.
+	RuleRawDevice = Rule{"BH-RT-018", "open of kernel memory or a raw disk device", "T1006", "Direct Volume Access", SeverityHigh}
+	RuleShadow    = Rule{"BH-RT-019", "open of a password hash file (etc/shadow, etc/gshadow)", "T1003.008", "OS Credential Dumping: /etc/passwd and /etc/shadow", SeverityHigh}
 )
 
 // Rules lists the default rule set, in ID order: rule i (from 0) is
@@ -66,7 +70,7 @@ var (
 func Rules() []Rule {
 	return []Rule{RuleSetnsOutsidePod, RuleUnshareNS, RuleMount, RulePtraceAttach, RuleBPF, RuleModuleLoad,
 		RuleRuntimeSocket, RuleRawSocket, RuleSysctlWrite, RulePacketSocket, RuleChroot, RuleFilelessExec,
-		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot, RuleScan, RuleMetadata}
+		RuleTmpExec, RuleReverseShell, RuleSetuidToRoot, RuleScan, RuleMetadata, RuleRawDevice, RuleShadow}
 }
 
 // Bit is the rule's bit in Actions and the kernel's masks; 0 for an
@@ -271,6 +275,24 @@ func match(ev Event) (r Rule, sev Severity, args map[string]string, ok bool) {
 		return RuleRuntimeSocket, "", map[string]string{"path": ev.Target}, true
 	case KindConnectMetadata:
 		return RuleMetadata, "", map[string]string{"address": ev.Target, "port": strconv.FormatUint(a[1], 10)}, true
+	case KindOpen:
+		args := map[string]string{"path": ev.Target}
+		if ev.Syscall != "openat2" {
+			args["flags"] = openFlags(a[0])
+		}
+		if ev.Rules&Bit(RuleShadow.ID) != 0 {
+			if ev.Target != "/etc/shadow" && ev.Target != "/etc/gshadow" {
+				// Not the container's own: a host's, mounted in.
+				sev = SeverityCritical
+			}
+			return RuleShadow, sev, args, true
+		}
+		switch {
+		case strings.HasPrefix(ev.Target, "/dev/mem"), strings.HasPrefix(ev.Target, "/dev/kmem"),
+			strings.HasPrefix(ev.Target, "/dev/port"), strings.HasPrefix(ev.Target, "/proc/kcore"):
+			sev = SeverityCritical
+		}
+		return RuleRawDevice, sev, args, true
 	case KindSockCreate, KindPacketSocket:
 		r = RuleRawSocket
 		if ev.Kind == KindPacketSocket {
@@ -431,4 +453,26 @@ func bpfCmd(c uint64) string {
 		return bpfCmds[c]
 	}
 	return strconv.FormatUint(c, 10)
+}
+
+// openFlags names an open's access mode and the flags that matter here.
+func openFlags(f uint64) string {
+	var parts []string
+	switch f & unix.O_ACCMODE {
+	case unix.O_WRONLY:
+		parts = append(parts, "O_WRONLY")
+	case unix.O_RDWR:
+		parts = append(parts, "O_RDWR")
+	default:
+		parts = append(parts, "O_RDONLY")
+	}
+	for _, fl := range []struct {
+		bit  uint64
+		name string
+	}{{unix.O_CREAT, "O_CREAT"}, {unix.O_TRUNC, "O_TRUNC"}, {unix.O_APPEND, "O_APPEND"}, {unix.O_PATH, "O_PATH"}} {
+		if f&fl.bit != 0 {
+			parts = append(parts, fl.name)
+		}
+	}
+	return strings.Join(parts, "|")
 }

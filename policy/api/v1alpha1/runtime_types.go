@@ -45,10 +45,10 @@ type BulkheadRuntimePolicySpec struct {
 // RuntimeDetection is the answer to one rule.
 //
 // +kubebuilder:validation:XValidation:rule="self.action != 'Block' || self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009', 'BH-RT-017']",message="Block is only possible for the rules a cgroup hook can deny: BH-RT-007, BH-RT-008, BH-RT-009, BH-RT-017",fieldPath=".action"
-// +kubebuilder:validation:XValidation:rule="self.action != 'Kill' || !(self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009', 'BH-RT-016', 'BH-RT-017'])",message="Kill is only possible for the rules a tracepoint sees (BH-RT-001 to 006, and 010 to 015)",fieldPath=".action"
+// +kubebuilder:validation:XValidation:rule="self.action != 'Kill' || !(self.rule in ['BH-RT-007', 'BH-RT-008', 'BH-RT-009', 'BH-RT-016', 'BH-RT-017'])",message="Kill is only possible for the rules a tracepoint sees (BH-RT-001 to 006, 010 to 015, 018 and 019)",fieldPath=".action"
 type RuntimeDetection struct {
 	// Rule is a rule ID of the default rule set (see the README's table).
-	// +kubebuilder:validation:Enum=BH-RT-001;BH-RT-002;BH-RT-003;BH-RT-004;BH-RT-005;BH-RT-006;BH-RT-007;BH-RT-008;BH-RT-009;BH-RT-010;BH-RT-011;BH-RT-012;BH-RT-013;BH-RT-014;BH-RT-015;BH-RT-016;BH-RT-017
+	// +kubebuilder:validation:Enum=BH-RT-001;BH-RT-002;BH-RT-003;BH-RT-004;BH-RT-005;BH-RT-006;BH-RT-007;BH-RT-008;BH-RT-009;BH-RT-010;BH-RT-011;BH-RT-012;BH-RT-013;BH-RT-014;BH-RT-015;BH-RT-016;BH-RT-017;BH-RT-018;BH-RT-019
 	Rule string `json:"rule"`
 	// Action is the answer: Alert reports; Block denies the operation
 	// (EPERM) before it happens, for the rules a cgroup hook sees; Kill
@@ -93,6 +93,7 @@ func RuntimeRules() []RuntimeRule {
 		{ID: "BH-RT-007", Block: true}, {ID: "BH-RT-008", Block: true}, {ID: "BH-RT-009", Block: true},
 		{ID: "BH-RT-010", Kill: true}, {ID: "BH-RT-011", Kill: true}, {ID: "BH-RT-012", Kill: true},
 		{ID: "BH-RT-013", Kill: true}, {ID: "BH-RT-014", Kill: true}, {ID: "BH-RT-015", Kill: true},
-		{ID: "BH-RT-016", Agent: true}, {ID: "BH-RT-017", Block: true},
+		{ID: "BH-RT-016", Agent: true}, {ID: "BH-RT-017", Block: true}, {ID: "BH-RT-018", Kill: true},
+		{ID: "BH-RT-019", Kill: true},
 	}
 }
