@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -21,8 +23,9 @@ import (
 	"github.com/bulkhead-io/bulkhead/runtime/detect"
 )
 
-// The quarantine step: frontend, compromised, reaches for the node's
-// container runtime socket (blocked in the kernel) and then scans db. The
+// The quarantine step: frontend, compromised, opens a node's password
+// hashes (alerted), reaches for the node's container runtime socket
+// (blocked in the kernel) and then scans db. The
 // scan (BH-RT-016, seen in the datapath's drops) quarantines it: its
 // traffic is cut in the datapath, each drop names the alert, and the
 // release gives it back.
@@ -30,9 +33,9 @@ import (
 const quarantineTitle = "7. The answer: Block, then quarantine"
 
 var quarantineStory = []string{
-	"The shop's BulkheadRuntimePolicy (in the store since the start) answers",
-	"for frontend: a connect to a runtime socket is blocked, and a scan",
-	"quarantines the pod. frontend, compromised, tries both.",
+	"frontend, compromised, grabs credentials, reaches for the node's",
+	"container runtime and scans. The shop's BulkheadRuntimePolicy (in the",
+	"store since the start) blocks the runtime socket and quarantines a scan.",
 }
 
 const runtimePolicyFile = "05-runtime.yaml"
@@ -63,6 +66,34 @@ func (r *run) quarantine(ctx context.Context) error {
 		return fmt.Errorf("%w: frontend -> api %s before the quarantine: want allowed (%v)", ErrSelfCheck, web, err)
 	}
 
+	// A node's password hashes, as a hostPath mount would show them: a
+	// stand-in file the demo makes (the host's own is never opened).
+	shadow := filepath.Join(r.dir, "host", "etc", "shadow")
+	if err := os.MkdirAll(filepath.Dir(shadow), 0o700); err != nil {
+		return err
+	}
+	if err := os.WriteFile(shadow, []byte("root:*:20000:0:99999:7:::\n"), 0o600); err != nil {
+		return err
+	}
+	r.p.note(fmt.Sprintf("    frontend$ cat %s", shadow))
+	since := time.Now()
+	// A process of the pod: this thread joined the pod's netns from
+	// outside, as a runtime's set-up does, and such threads' opens are
+	// not the pod's (see Runtime detection in the README).
+	err := front.netns.Do(func(ns.NetNS) error {
+		return exec.CommandContext(ctx, "cat", shadow).Run()
+	})
+	if err != nil {
+		return fmt.Errorf("read the shadow stand-in: %w", err)
+	}
+	al, err := r.waitAlert(ctx, since, func(a *detect.Alert) bool {
+		return a.RuleID == detect.RuleShadow.ID && a.Pod.Pod == "frontend"
+	})
+	if err != nil {
+		return err
+	}
+	r.showAlert(al)
+
 	// A runtime socket on the node: a unix socket named as containerd's.
 	sock := filepath.Join(r.dir, "containerd.sock")
 	ln, err := net.Listen("unix", sock)
@@ -71,7 +102,7 @@ func (r *run) quarantine(ctx context.Context) error {
 	}
 	defer ln.Close()
 	r.p.note(fmt.Sprintf("    frontend$ connect(%s)", sock))
-	since := time.Now()
+	since = time.Now()
 	err = front.netns.Do(func(ns.NetNS) error {
 		c, err := net.Dial("unix", sock)
 		if err == nil {
@@ -82,7 +113,7 @@ func (r *run) quarantine(ctx context.Context) error {
 	if !errors.Is(err, syscall.EPERM) {
 		return fmt.Errorf("%w: frontend's connect to the runtime socket: %v, want EPERM from the cgroup hook", ErrSelfCheck, err)
 	}
-	al, err := r.waitAlert(ctx, since, func(a *detect.Alert) bool {
+	al, err = r.waitAlert(ctx, since, func(a *detect.Alert) bool {
 		return a.RuleID == detect.RuleRuntimeSocket.ID && a.Pod.Pod == "frontend"
 	})
 	if err != nil {
@@ -167,9 +198,9 @@ func (r *run) quarantine(ctx context.Context) error {
 
 // showAlert prints an alert's headline and what became of it.
 func (r *run) showAlert(al *detect.Alert) {
-	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s (%s %s), severity %s",
-		al.RuleID, al.Technique, al.TechniqueName, al.Severity)))
+	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s, severity %s", al.RuleID, al.Severity)))
 	r.p.say("    id       " + al.ID)
+	r.p.say("    attack   " + al.Technique + " " + al.TechniqueName)
 	r.p.say("    rule     " + al.Rule)
 	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
 	if call := fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)); len(call) <= 78 {
