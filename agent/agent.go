@@ -978,7 +978,13 @@ func hostAddrs() ([]netip.Addr, error) {
 func (a *Agent) watchHostAddrs(ctx context.Context) {
 	updates := make(chan netlink.AddrUpdate, 64)
 	if err := netlink.AddrSubscribeWithOptions(updates, ctx.Done(), netlink.AddrSubscribeOptions{
-		ErrorCallback: func(err error) { a.log.Warn("address updates", "error", err) },
+		ErrorCallback: func(err error) {
+			// Closing the subscription at a stop ends its receive with an
+			// error (EAGAIN): that is the stop, not a problem.
+			if ctx.Err() == nil {
+				a.log.Warn("address updates", "error", err)
+			}
+		},
 	}); err != nil {
 		a.log.Warn("cannot watch the node's addresses; they refresh with endpoint changes only", "error", err)
 		return

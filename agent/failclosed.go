@@ -208,7 +208,13 @@ func (a *Agent) idReservedLocked(id policy.EndpointID) bool {
 func (a *Agent) reconcileVeths(ctx context.Context, interval time.Duration) {
 	updates := make(chan netlink.LinkUpdate, 64)
 	if err := netlink.LinkSubscribeWithOptions(updates, ctx.Done(), netlink.LinkSubscribeOptions{
-		ErrorCallback: func(err error) { a.log.Warn("link updates", "error", err) },
+		ErrorCallback: func(err error) {
+			// Closing the subscription at a stop ends its receive with an
+			// error (EAGAIN): that is the stop, not a problem.
+			if ctx.Err() == nil {
+				a.log.Warn("link updates", "error", err)
+			}
+		},
 	}); err != nil {
 		a.log.Warn("cannot watch links; vanished veths are found by polling only", "error", err)
 		updates = nil

@@ -1,12 +1,15 @@
 package agent
 
 import (
+	"bytes"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -68,4 +71,38 @@ func TestProbesOnMetricsAddr(t *testing.T) {
 	if code, body := fetch("/metrics"); code != http.StatusOK || !strings.Contains(body, "bulkhead_") {
 		t.Errorf("/metrics: %d %.100q", code, body)
 	}
+}
+
+// TestCleanStopWarnsNothing: an agent stopped cleanly logs no warning or
+// error on its way out (the closed address subscription used to warn
+// "address updates ... resource temporarily unavailable").
+func TestCleanStopWarnsNothing(t *testing.T) {
+	var buf syncBuffer
+	a, _ := newTestAgentWith(t, func(c *Config) {
+		c.Logger = slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	stop := startTestAgent(t, a)
+	time.Sleep(200 * time.Millisecond)
+	stop()
+	if out := buf.String(); out != "" {
+		t.Errorf("a clean stop logged:\n%s", out)
+	}
+}
+
+// syncBuffer is a bytes.Buffer for a logger's concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -54,21 +54,24 @@ const (
 
 // run is the state of one demo run.
 type run struct {
-	cfg      Config
-	p        *printer
-	id       string
-	dir      string
-	store    string
-	bpffs    string
-	socket   string
-	flowLog  string
-	client   *api.Client
-	agent    *agentProc
-	chain    *chain
-	pods     []*pod
-	byRef    map[string]*pod
-	diag     *syncBuffer
-	cleanups []func() error
+	cfg Config
+	// ownsRouting: the demo's agent installed the tunnel's policy routing
+	// (none was there before), so the demo removes it.
+	ownsRouting bool
+	p           *printer
+	id          string
+	dir         string
+	store       string
+	bpffs       string
+	socket      string
+	flowLog     string
+	client      *api.Client
+	agent       *agentProc
+	chain       *chain
+	pods        []*pod
+	byRef       map[string]*pod
+	diag        *syncBuffer
+	cleanups    []func() error
 }
 
 // Run runs the demo and removes what it created, whether it succeeds, fails
@@ -129,6 +132,11 @@ func (r *run) cleanup() error {
 		r.p.heading("--keep: everything is left in place")
 		r.p.say("  explore: bulkhead observe --socket \\\n             " + r.socket)
 		r.p.say("  netns:   ip netns list | grep bh-" + r.id)
+		// The pods' echo servers were goroutines of this process: without
+		// a word, a connection to one would just be refused.
+		r.p.say("  servers: the pods' echo servers ran in this process and stopped")
+		r.p.say("           with it; serve again with, e.g.,")
+		r.p.say("           ip netns exec bh-" + r.id + "-shop-api python3 -m http.server 8080")
 		r.p.say("  remove:  sh " + script)
 		return nil
 	}
@@ -233,10 +241,11 @@ func (r *run) setup(ctx context.Context) error {
 	r.onCleanup(func() error { return removePins(r.bpffs) })
 	// So does the tunnel's policy routing, which the agent installs and
 	// leaves for its restarts.
-	unroute, err := tunnelRoutingCleanup()
+	unroute, owned, err := tunnelRoutingCleanup()
 	if err != nil {
 		return err
 	}
+	r.ownsRouting = owned
 	r.onCleanup(unroute)
 	agent, err := startAgent(ctx, agentConfig{
 		Binary: agentBin, Store: r.store, Socket: r.socket, StateDir: filepath.Join(r.dir, "state"),
@@ -360,6 +369,9 @@ func (r *run) writeCleanupScript() (string, error) {
 			// Deleting the namespace deletes the pod's veth pair and routes.
 			fmt.Fprintf(&b, "ip netns del %s\n", filepath.Base(p.netns.Path()))
 		}
+	}
+	if r.ownsRouting {
+		b.WriteString(tunnelRoutingScript())
 	}
 	fmt.Fprintf(&b, "rm -rf %s %s\n", r.bpffs, r.dir)
 	path := filepath.Join(r.dir, "cleanup.sh")

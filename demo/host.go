@@ -49,14 +49,26 @@ func ensureForwarding() (func() error, error) {
 // routing that the demo's agent installs in this namespace, once the agent
 // has stopped: nothing when the routing was there before the demo (a
 // node's own agent installed it and relies on it).
-func tunnelRoutingCleanup() (func() error, error) {
+func tunnelRoutingCleanup() (remove func() error, owned bool, err error) {
 	mark, mask, table, prio := uint32(datapath.DefaultTunnelMark), uint32(datapath.DefaultTunnelMask), datapath.DefaultTunnelTable, datapath.DefaultTunnelPriority
 	had, err := datapath.HasTunnelRouting(mark, mask, table, prio)
 	if err != nil {
-		return nil, fmt.Errorf("look for the tunnel's routing: %w", err)
+		return nil, false, fmt.Errorf("look for the tunnel's routing: %w", err)
 	}
 	if had {
-		return func() error { return nil }, nil
+		return func() error { return nil }, false, nil
 	}
-	return func() error { return datapath.RemoveTunnelRouting(mark, mask, table, prio) }, nil
+	return func() error { return datapath.RemoveTunnelRouting(mark, mask, table, prio) }, true, nil
+}
+
+// tunnelRoutingScript is the shell that removes the tunnel's policy
+// routing, for the --keep cleanup script.
+func tunnelRoutingScript() string {
+	var b strings.Builder
+	for _, ip := range []string{"ip", "ip -6"} {
+		fmt.Fprintf(&b, "%s rule del priority %d fwmark %#x/%#x lookup %d 2>/dev/null\n", ip,
+			datapath.DefaultTunnelPriority, datapath.DefaultTunnelMark, datapath.DefaultTunnelMask, datapath.DefaultTunnelTable)
+		fmt.Fprintf(&b, "%s route flush table %d 2>/dev/null\n", ip, datapath.DefaultTunnelTable)
+	}
+	return b.String()
 }

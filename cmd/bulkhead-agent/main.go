@@ -79,6 +79,7 @@ func main() {
 	fs.Var(uint32Value{&cfg.TunnelMark}, "tunnel-mark", "packet mark (within 0xf00) that steers tunnelled packets to the tunnel; change it if another component uses those bits")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
+	fs.Usage = func() { agentUsage(fs, fs.Output()) }
 	_ = fs.Parse(os.Args[1:])
 	if *showVersion {
 		fmt.Println("bulkhead-agent", version)

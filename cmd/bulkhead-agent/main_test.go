@@ -52,3 +52,33 @@ func TestBadFlagsAreReported(t *testing.T) {
 		}
 	}
 }
+
+// TestHelp: --help names every flag with two dashes, as the README and the
+// errors do, gives examples, and exits 0.
+func TestHelp(t *testing.T) {
+	if os.Getenv("BULKHEAD_AGENT_TEST_HELP") != "" {
+		os.Args = []string{"bulkhead-agent", "--help"}
+		main()
+		os.Exit(3) // main must exit first
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelp$")
+	cmd.Env = append(os.Environ(), "BULKHEAD_AGENT_TEST_HELP=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("--help: %v\n%s", err, out)
+	}
+	help := string(out)
+	for _, want := range []string{"Usage:", "Examples:", "  --store string", "  --runtime-detection\n", "(default 5)", "--quarantine-dns"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("help lacks %q:\n%s", want, help)
+		}
+	}
+	for _, line := range strings.Split(help, "\n") {
+		if strings.HasPrefix(line, "  -") && !strings.HasPrefix(line, "  --") {
+			t.Errorf("a flag with one dash: %q", line)
+		}
+		if len(line) > 100 {
+			t.Errorf("line of %d columns: %q", len(line), line)
+		}
+	}
+}

@@ -68,8 +68,11 @@ bulkhead-agent. It measures the reachability matrix with real traffic, then
 adds a NetworkPolicy, a BulkheadPolicy by SPIFFE ID, a Deny rule and an
 Audit-mode policy, showing after each step what changed and which policy
 decided it. Every matrix is checked against the expected one and against
-the offline policy engine; the command fails if one differs. Everything it
-created is removed at the end, also on failure and on Ctrl-C.`,
+the offline policy engine; the command fails if one differs. It ends with
+mTLS between two enrolled pods, then a compromised frontend: runtime
+alerts, a blocked connect to the runtime socket, and a scan that
+quarantines the pod until it is released. Everything it created is
+removed at the end, also on failure and on Ctrl-C.`,
 		Example: `  make demo
   sudo bulkhead demo --cni-bin /opt/cni/bin
   sudo bulkhead demo --keep   # leave the agent and pods running to explore`,
@@ -83,7 +86,7 @@ created is removed at the end, also on failure and on Ctrl-C.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.CNIBin, "cni-bin", cfg.CNIBin, "directory with the reference CNI plugins ptp and host-local (default $BULKHEAD_CNI_BIN)")
+	f.StringVar(&cfg.CNIBin, "cni-bin", cfg.CNIBin, "directory with the reference CNI plugins ptp and host-local ($BULKHEAD_CNI_BIN when set)")
 	f.StringVar(&cfg.BinDir, "bin-dir", cfg.BinDir, "directory with bulkhead-agent and bulkhead-cni")
 	f.BoolVar(&cfg.Keep, "keep", false, "do not clean up: leave the agent, pods and files for debugging")
 	return cmd
