@@ -334,7 +334,8 @@ var agentFlags = sync.OnceValues(func() (map[string]map[string]bool, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("build bulkhead-agent: %w\n%s", err, out)
 	}
-	flagLine := regexp.MustCompile(`(?m)^\s+-([a-z0-9-]+)`)
+	// --flag, as the agent prints them (one dash: Go's own usage).
+	flagLine := regexp.MustCompile(`(?m)^\s+--?([a-z0-9][a-z0-9-]*)`)
 	sets := map[string]map[string]bool{}
 	for name, args := range map[string][]string{"agent": {"-h"}, "install-cni": {"install-cni", "-h"}} {
 		var out bytes.Buffer

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -35,7 +36,11 @@ func runCNIInstaller(name string, args []string) int {
 		watch = fs.Bool("watch", false, "keep running and chain bulkhead-cni again whenever the primary CNI rewrites its config")
 		uninstallOnExit = fs.Bool("uninstall-on-exit", false, "with --watch: uninstall on SIGTERM or SIGINT")
 	}
+	fs.Usage = func() { installerUsage(fs, name, fs.Output()) }
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
 	}
 	if fs.NArg() > 0 {

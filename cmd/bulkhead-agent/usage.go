@@ -33,6 +33,21 @@ over the pins under --bpffs and the records under --state-dir.
 
 Flags:
 `)
+	flagsUsage(fs, w)
+}
+
+// installerUsage is install-cni's and uninstall-cni's --help.
+func installerUsage(fs *flag.FlagSet, name string, w io.Writer) {
+	what := "chains bulkhead-cni into the node's primary CNI config and copies the plugin"
+	if name == cmdUninstallCNI {
+		what = "takes bulkhead-cni out of the node's primary CNI config again, and its binary"
+	}
+	fmt.Fprintf(w, "bulkhead-agent %s %s\n(see the README's CNI installer).\n\nUsage:\n  bulkhead-agent %s [flags]\n\nFlags:\n", name, what, name)
+	flagsUsage(fs, w)
+}
+
+// flagsUsage lists fs's flags, two dashes each, with their help wrapped.
+func flagsUsage(fs *flag.FlagSet, w io.Writer) {
 	fs.VisitAll(func(f *flag.Flag) {
 		kind, usage := flag.UnquoteUsage(f)
 		head := "  --" + f.Name
