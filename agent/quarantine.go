@@ -148,6 +148,17 @@ func (a *Agent) Quarantine(_ context.Context, req api.QuarantineRequest) (api.Qu
 // ReleaseQuarantine is api.Quarantiner.
 func (a *Agent) ReleaseQuarantine(_ context.Context, req api.QuarantineReleaseRequest) (api.QuarantineResponse, error) {
 	pod := podRef{req.Pod.Namespace, req.Pod.Name}
+	resp, err := a.eachPodEndpoint(pod, "release the quarantine of", a.releaseEndpoint)
+	if err == nil && resp.Changed {
+		a.log.Warn("quarantine released", "pod", pod.String())
+	}
+	return resp, err
+}
+
+// eachPodEndpoint runs do for each of pod's endpoints on this node and
+// gathers what it changed; what names the operation in errors.
+func (a *Agent) eachPodEndpoint(pod podRef, what string,
+	do func(api.EndpointKey) (*api.Quarantine, bool, error)) (api.QuarantineResponse, error) {
 	keys := a.podEndpoints(pod)
 	if len(keys) == 0 {
 		return api.QuarantineResponse{}, api.Errorf(api.CodeEndpointNotFound, "pod %s has no endpoint on this node", pod)
@@ -155,7 +166,7 @@ func (a *Agent) ReleaseQuarantine(_ context.Context, req api.QuarantineReleaseRe
 	resp := api.QuarantineResponse{Quarantines: []api.Quarantine{}}
 	var errs []error
 	for _, k := range keys {
-		q, changed, err := a.releaseEndpoint(k)
+		q, changed, err := do(k)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -166,10 +177,7 @@ func (a *Agent) ReleaseQuarantine(_ context.Context, req api.QuarantineReleaseRe
 		resp.Changed = resp.Changed || changed
 	}
 	if err := errors.Join(errs...); err != nil {
-		return resp, fmt.Errorf("release the quarantine of %s: %w", pod, err)
-	}
-	if resp.Changed {
-		a.log.Warn("quarantine released", "pod", pod.String())
+		return resp, fmt.Errorf("%s %s: %w", what, pod, err)
 	}
 	return resp, nil
 }
@@ -190,27 +198,9 @@ func (a *Agent) podEndpoints(pod podRef) []api.EndpointKey {
 
 // quarantinePod quarantines each of pod's endpoints that is not yet.
 func (a *Agent) quarantinePod(pod podRef, q quarantineRecord) (api.QuarantineResponse, error) {
-	keys := a.podEndpoints(pod)
-	if len(keys) == 0 {
-		return api.QuarantineResponse{}, api.Errorf(api.CodeEndpointNotFound, "pod %s has no endpoint on this node", pod)
-	}
-	resp := api.QuarantineResponse{Quarantines: []api.Quarantine{}}
-	var errs []error
-	for _, k := range keys {
-		got, changed, err := a.quarantineEndpoint(k, q)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if got != nil {
-			resp.Quarantines = append(resp.Quarantines, *got)
-		}
-		resp.Changed = resp.Changed || changed
-	}
-	if err := errors.Join(errs...); err != nil {
-		return resp, fmt.Errorf("quarantine %s: %w", pod, err)
-	}
-	return resp, nil
+	return a.eachPodEndpoint(pod, "quarantine", func(k api.EndpointKey) (*api.Quarantine, bool, error) {
+		return a.quarantineEndpoint(k, q)
+	})
 }
 
 // quarantineEndpoint quarantines the endpoint k; changed is false when it
@@ -218,16 +208,11 @@ func (a *Agent) quarantinePod(pod podRef, q quarantineRecord) (api.QuarantineRes
 func (a *Agent) quarantineEndpoint(k api.EndpointKey, q quarantineRecord) (*api.Quarantine, bool, error) {
 	unlock := a.fc.lockKey(k)
 	defer unlock()
-	a.mu.Lock()
-	rec := a.endpoints[k]
-	var cp endpointRecord
-	if rec != nil {
-		cp = *rec
-	}
-	a.mu.Unlock()
+	rec := a.priorEndpoint(k) // a copy
 	if rec == nil {
 		return nil, false, nil // gone meanwhile
 	}
+	cp := *rec
 	if cp.Quarantine != nil {
 		out := quarantineOf(&cp, cp.Quarantine)
 		return &out, false, nil
@@ -264,16 +249,11 @@ func (a *Agent) quarantineEndpoint(k api.EndpointKey, q quarantineRecord) (*api.
 func (a *Agent) releaseEndpoint(k api.EndpointKey) (*api.Quarantine, bool, error) {
 	unlock := a.fc.lockKey(k)
 	defer unlock()
-	a.mu.Lock()
-	rec := a.endpoints[k]
-	var cp endpointRecord
-	if rec != nil {
-		cp = *rec
-	}
-	a.mu.Unlock()
-	if rec == nil || cp.Quarantine == nil {
+	rec := a.priorEndpoint(k) // a copy
+	if rec == nil || rec.Quarantine == nil {
 		return nil, false, nil
 	}
+	cp := *rec
 	q := cp.Quarantine
 	if err := a.dp.SetQuarantine(cp.ID, 0); err != nil {
 		return nil, false, fmt.Errorf("lift the quarantine of endpoint %d: %w", cp.ID, err)
