@@ -95,6 +95,12 @@ func main() {
 			fmt.Fprintf(os.Stderr, "bulkhead-agent: --svid-ttl applies to --identity-source builtin only (SPIRE's registration entries set their TTL)\n")
 			os.Exit(2)
 		}
+		// The scan rule runs with the runtime monitor only: tuned without
+		// it, nothing would detect scans.
+		if (f.Name == "scan-threshold" || f.Name == "scan-window") && !cfg.RuntimeDetection {
+			fmt.Fprintf(os.Stderr, "bulkhead-agent: --%s tunes the scan rule (BH-RT-016) of --runtime-detection, which is off\n", f.Name)
+			os.Exit(2)
+		}
 		// The alert log's rotation flags size a file that only --alert-log
 		// opens: given alone they would do nothing.
 		if (f.Name == "alert-log-max-size" || f.Name == "alert-log-max-files") && cfg.AlertLog == "" {

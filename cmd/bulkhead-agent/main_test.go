@@ -40,6 +40,8 @@ func TestBadFlagsAreReported(t *testing.T) {
 		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --scan-threshold 1", "--scan-threshold 1 would call every denied connection a scan"},
 		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --scan-window -1s", "--scan-threshold and --scan-window must not be negative"},
 		{"--quarantine-dns kube-dns", `"kube-dns" is not an IP address`},
+		{"--scan-threshold 50", "--scan-threshold tunes the scan rule (BH-RT-016) of --runtime-detection, which is off"},
+		{"--scan-window 30s", "--scan-window tunes the scan rule (BH-RT-016) of --runtime-detection, which is off"},
 		{"--runtime-detection --flow-log " + filepath.Join(dir, "f.log") + " --alert-log-max-size 1000", "--alert-log-max-size applies to --alert-log, which is not set"},
 		{"--alert-log-max-files 2", "--alert-log-max-files applies to --alert-log, which is not set"},
 	} {
