@@ -4,12 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -194,30 +192,4 @@ func (r *run) quarantine(ctx context.Context) error {
 	r.p.note("  endpoint's record restores it). DNS to --quarantine-dns resolvers")
 	r.p.note("  still passes, so the pod can be inspected but reaches nothing else.")
 	return nil
-}
-
-// showAlert prints an alert's headline and what became of it.
-func (r *run) showAlert(al *detect.Alert) {
-	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s, severity %s", al.RuleID, al.Severity)))
-	r.p.say("    id       " + al.ID)
-	r.p.say("    attack   " + al.Technique + " " + al.TechniqueName)
-	r.p.say("    rule     " + al.Rule)
-	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
-	if call := fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)); len(call) <= 78 {
-		r.p.say(call)
-	} else {
-		// One argument a line, to fit 80 columns.
-		r.p.say("    syscall  " + al.Syscall)
-		for _, k := range slices.Sorted(maps.Keys(al.Args)) {
-			r.p.say(fmt.Sprintf("      %s=%s", k, al.Args[k]))
-		}
-	}
-	answer := al.Action
-	if al.ActionResult != "" {
-		answer += ": " + al.ActionResult
-	}
-	if al.Quarantine != "" {
-		answer += "; quarantine: " + al.Quarantine
-	}
-	r.p.say("    answer   " + answer)
 }

@@ -6,8 +6,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -62,11 +64,7 @@ func (r *run) runtimeAlert(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s (%s %s), severity %s",
-		al.RuleID, al.Technique, al.TechniqueName, al.Severity)))
-	r.p.say("    rule     " + al.Rule)
-	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
-	r.p.say(fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)))
+	r.showAlert(al)
 	chain := []string{processText(al.Process, al.PID, al.Comm)}
 	for _, a := range al.Ancestors {
 		chain = append(chain, processText(&a, a.PID, ""))
@@ -84,6 +82,32 @@ func (r *run) runtimeAlert(ctx context.Context) error {
 	r.p.note("  BulkheadRuntimePolicy can answer with Kill here, or Block where a")
 	r.p.note("  cgroup hook sees the operation first (see Runtime detection in the README).")
 	return nil
+}
+
+// showAlert prints an alert's headline and what became of it.
+func (r *run) showAlert(al *detect.Alert) {
+	r.p.say(r.p.paint(styleBold+styleRed, fmt.Sprintf("  ALERT %s, severity %s", al.RuleID, al.Severity)))
+	r.p.say("    id       " + al.ID)
+	r.p.say("    attack   " + al.Technique + " " + al.TechniqueName)
+	r.p.say("    rule     " + al.Rule)
+	r.p.say(fmt.Sprintf("    pod      %s/%s  %s", al.Pod.Namespace, al.Pod.Pod, al.Pod.SPIFFEID))
+	if call := fmt.Sprintf("    syscall  %s(%s)", al.Syscall, argsText(al.Args)); len(call) <= 78 {
+		r.p.say(call)
+	} else {
+		// One argument a line, to fit 80 columns.
+		r.p.say("    syscall  " + al.Syscall)
+		for _, k := range slices.Sorted(maps.Keys(al.Args)) {
+			r.p.say(fmt.Sprintf("      %s=%s", k, al.Args[k]))
+		}
+	}
+	answer := al.Action
+	if al.ActionResult != "" {
+		answer += ": " + al.ActionResult
+	}
+	if al.Quarantine != "" {
+		answer += "; quarantine: " + al.Quarantine
+	}
+	r.p.say("    answer   " + answer)
 }
 
 // waitAlert reads the flow log until an alert after since matches.
