@@ -1,8 +1,11 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -91,4 +94,37 @@ func bridgePods(t *testing.T, pods []bridgedPod) (inPod func(path string, f func
 		})
 	}
 	return inPod
+}
+
+// podPair is pods shop/a and shop/b (labels app=a and app=b) on one bridge,
+// both added to a running agent.
+type podPair struct {
+	a          *Agent
+	stop       func()
+	reqA, reqB api.EndpointAddRequest
+	ipA, ipB   string
+	inPod      func(path string, f func() error)
+}
+
+// startPodPair starts an agent (tune, when not nil, adjusts its config)
+// whose store holds the two pods and objs, then adds them at 10.<net>.0.1
+// and .2, with container IDs c0ffee<net>a and b.
+func startPodPair(t *testing.T, net int, objs string, tune func(*Config)) *podPair {
+	t.Helper()
+	a, store := newTestAgentWith(t, tune)
+	pods := "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: shop, labels: {app: a}}\n---\n" +
+		"apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: shop, labels: {app: b}}\n---\n"
+	if err := os.WriteFile(filepath.Join(store, "objs.yaml"), []byte(pods+objs), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := &podPair{a: a, stop: startTestAgent(t, a), ipA: fmt.Sprintf("10.%d.0.1", net), ipB: fmt.Sprintf("10.%d.0.2", net)}
+	p.reqA = podVeth(t, fmt.Sprintf("c0ffee%da", net), "a", p.ipA+"/32")
+	p.reqB = podVeth(t, fmt.Sprintf("c0ffee%db", net), "b", p.ipB+"/32")
+	p.inPod = bridgePods(t, []bridgedPod{{p.reqA, p.ipA}, {p.reqB, p.ipB}})
+	for _, req := range []api.EndpointAddRequest{p.reqA, p.reqB} {
+		if _, err := a.AddEndpoint(context.Background(), req); err != nil {
+			t.Fatalf("ADD %s: %v", req.Pod.Name, err)
+		}
+	}
+	return p
 }

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -24,16 +22,7 @@ import (
 // record names default-deny and the policies that isolate b in that
 // direction, as the compiler says (explain's isolated_by).
 func TestIsolatedByOnRealDrops(t *testing.T) {
-	a, store := newTestAgent(t)
-	objs := `apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: shop, labels: {app: a}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: shop, labels: {app: b}}
----
-apiVersion: networking.k8s.io/v1
+	p := startPodPair(t, 216, `apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: b-in, namespace: shop}
 spec:
@@ -46,23 +35,9 @@ metadata: {name: b-lock, namespace: shop}
 spec:
   podSelector: {matchLabels: {app: b}}
   policyTypes: [Ingress, Egress]
-`
-	if err := os.WriteFile(filepath.Join(store, "objs.yaml"), []byte(objs), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	startTestAgent(t, a)
-	ctx := context.Background()
-
-	ipA, ipB := "10.216.0.1", "10.216.0.2"
-	reqA := podVeth(t, "c0ffee16a", "a", ipA+"/32")
-	reqB := podVeth(t, "c0ffee16b", "b", ipB+"/32")
-	inPod := bridgePods(t, []bridgedPod{{reqA, ipA}, {reqB, ipB}})
-	if _, err := a.AddEndpoint(ctx, reqA); err != nil {
-		t.Fatalf("ADD a: %v", err)
-	}
-	if _, err := a.AddEndpoint(ctx, reqB); err != nil {
-		t.Fatalf("ADD b: %v", err)
-	}
+`, nil)
+	a, ctx, inPod := p.a, context.Background(), p.inPod
+	reqA, reqB, ipA, ipB := p.reqA, p.reqB, p.ipA, p.ipB
 
 	want := map[string][]string{
 		flows.DirectionIngress: {"NetworkPolicy shop/b-in", "NetworkPolicy shop/b-lock"},

@@ -32,41 +32,20 @@ import (
 func TestQuarantineOnAlert(t *testing.T) {
 	privileged.Require(t)
 	unmountTracefsAfter(t)
-	ipA, ipB := "10.217.0.1", "10.217.0.2"
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
-	a, store := newTestAgentWith(t, func(c *Config) {
-		c.RuntimeDetection, c.FlowLog, c.RuntimeResync = true, flowLog, 100*time.Millisecond
-		c.QuarantineDNS = []netip.Addr{netip.MustParseAddr(ipB)}
-	})
-	objs := `apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: shop, labels: {app: a}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: shop, labels: {app: b}}
----
-apiVersion: bulkhead.io/v1alpha1
+	p := startPodPair(t, 217, `apiVersion: bulkhead.io/v1alpha1
 kind: BulkheadRuntimePolicy
 metadata: {name: cut-off, namespace: shop}
 spec:
   selector: {podSelector: {matchLabels: {app: a}}}
   detections:
   - {rule: BH-RT-005, action: Quarantine}
-`
-	if err := os.WriteFile(filepath.Join(store, "objs.yaml"), []byte(objs), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	stop := startTestAgent(t, a)
-	ctx := context.Background()
-	reqA := podVeth(t, "c0ffee17a", "a", ipA+"/32")
-	reqB := podVeth(t, "c0ffee17b", "b", ipB+"/32")
-	inPod := bridgePods(t, []bridgedPod{{reqA, ipA}, {reqB, ipB}})
-	for _, req := range []api.EndpointAddRequest{reqA, reqB} {
-		if _, err := a.AddEndpoint(ctx, req); err != nil {
-			t.Fatalf("ADD %s: %v", req.Pod.Name, err)
-		}
-	}
+`, func(c *Config) {
+		runtimeTune(c, flowLog)
+		c.QuarantineDNS = []netip.Addr{netip.MustParseAddr("10.217.0.2")}
+	})
+	a, stop, ctx, inPod := p.a, p.stop, context.Background(), p.inPod
+	reqA, reqB, ipB := p.reqA, p.reqB, p.ipB
 	// b serves TCP on 8080 and answers DNS-sized UDP on 53.
 	serveEcho(t, inPod, reqB.Netns, ipB+":8080", ipB+":53")
 	dial := func() (net.Conn, error) { return dialFrom(inPod, reqA.Netns, ipB+":8080") }
@@ -300,20 +279,8 @@ func dialFrom(inPod func(string, func() error), netns, addr string) (net.Conn, e
 func TestScanQuarantined(t *testing.T) {
 	privileged.Require(t)
 	unmountTracefsAfter(t)
-	ipA, ipB := "10.218.0.1", "10.218.0.2"
 	flowLog := filepath.Join(t.TempDir(), "flows.log")
-	a, store := newTestAgentWith(t, func(c *Config) {
-		c.RuntimeDetection, c.FlowLog, c.RuntimeResync = true, flowLog, 100*time.Millisecond
-	})
-	objs := `apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: shop, labels: {app: a}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: shop, labels: {app: b}}
----
-apiVersion: networking.k8s.io/v1
+	p := startPodPair(t, 218, `apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: b-in, namespace: shop}
 spec:
@@ -329,20 +296,9 @@ spec:
   selector: {podSelector: {matchLabels: {app: a}}}
   detections:
   - {rule: BH-RT-016, action: Quarantine}
-`
-	if err := os.WriteFile(filepath.Join(store, "objs.yaml"), []byte(objs), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	startTestAgent(t, a)
-	ctx := context.Background()
-	reqA := podVeth(t, "c0ffee18a", "a", ipA+"/32")
-	reqB := podVeth(t, "c0ffee18b", "b", ipB+"/32")
-	inPod := bridgePods(t, []bridgedPod{{reqA, ipA}, {reqB, ipB}})
-	for _, req := range []api.EndpointAddRequest{reqA, reqB} {
-		if _, err := a.AddEndpoint(ctx, req); err != nil {
-			t.Fatalf("ADD %s: %v", req.Pod.Name, err)
-		}
-	}
+`, func(c *Config) { runtimeTune(c, flowLog) })
+	a, ctx, inPod := p.a, context.Background(), p.inPod
+	reqA, reqB, ipB := p.reqA, p.reqB, p.ipB
 	serveEcho(t, inPod, reqB.Netns, ipB+":8080", "")
 	if c, err := dialFrom(inPod, reqA.Netns, ipB+":8080"); err != nil {
 		t.Fatalf("allowed connection before the scan: %v", err)
@@ -383,4 +339,10 @@ spec:
 	if list, err := a.ListQuarantines(ctx); err != nil || len(list.Quarantines) != 1 || list.Quarantines[0].RuleID != detect.RuleScan.ID {
 		t.Errorf("quarantines: %+v %v", list, err)
 	}
+}
+
+// runtimeTune turns runtime detection on, with alerts in flowLog and a
+// fast watch reconcile.
+func runtimeTune(c *Config, flowLog string) {
+	c.RuntimeDetection, c.FlowLog, c.RuntimeResync = true, flowLog, 100*time.Millisecond
 }
