@@ -14,6 +14,7 @@ import (
 	"github.com/bulkhead-io/bulkhead/agent/adopt"
 	"github.com/bulkhead-io/bulkhead/agent/api"
 	"github.com/bulkhead-io/bulkhead/agent/batch"
+	"github.com/bulkhead-io/bulkhead/datapath"
 	"github.com/bulkhead-io/bulkhead/identity"
 	"github.com/bulkhead-io/bulkhead/policy"
 	"github.com/bulkhead-io/bulkhead/policy/explain"
@@ -291,6 +292,7 @@ func (a *Agent) Status(context.Context) (api.StatusResponse, error) {
 	if c, err := a.dp.Counters(); err == nil {
 		resp.LostEventsKernel = c.EventsLost
 	}
+	resp.DatapathVersion = datapathVersion(a.dp.Version())
 	resp.IdentitySource = a.identitySourceStatus()
 	resp.MTLS = a.mtlsStatus()
 	if a.adopter != nil {
@@ -433,4 +435,14 @@ func (a *Agent) storePodIPs(ref podRef) ([]netip.Addr, bool) {
 	defer a.mu.Unlock()
 	ips, ok := a.remoteIPs[ref]
 	return ips, ok
+}
+
+func datapathVersion(v datapath.Version) *api.DatapathVersion {
+	out := &api.DatapathVersion{Serial: v.Serial, Object: v.Object, Settings: v.Settings, LoadedAt: v.LoadedAt}
+	if m := v.Migration; m != nil {
+		out.Migration = &api.DatapathMigration{FromSerial: m.From.Serial, FromObject: m.From.Object, At: m.At,
+			DurationMS: float64(m.Duration) / 1e6, SwapMS: float64(m.SwapDuration) / 1e6, LinksSwapped: m.LinksSwapped,
+			Reused: m.Reused, Copied: m.Copied, Created: m.Created, Removed: m.Removed}
+	}
+	return out
 }

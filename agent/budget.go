@@ -105,15 +105,14 @@ func (r *budgetReport) errors() []api.PolicyError {
 	return out
 }
 
-// trieBudget is the budget for the live policy trie. A trie pinned by an
-// earlier agent keeps its size (maps cannot be resized in place), so the
-// budget follows the live size, and a different --policy-map-entries is
-// reported rather than silently ignored.
+// trieBudget is the budget for the live policy trie. A different
+// --policy-map-entries than the pinned trie's migrates the datapath to a
+// trie of the new size (datapath.New copies the entries over), so the live
+// size is the flag's; it is read back rather than assumed.
 func (a *Agent) trieBudget() policy.Budget {
 	live := a.dp.PolicyMapEntries()
 	if want := a.cfg.Datapath.MaxPolicyEntries; want != 0 && int(want) != live {
-		a.log.Warn("--policy-map-entries differs from the pinned policy trie, which keeps its size until its pins are removed",
-			"requested", want, "live", live)
+		a.log.Warn("--policy-map-entries differs from the live policy trie", "requested", want, "live", live)
 	}
 	b := a.cfg.policyBudget(live)
 	a.log.Info("policy trie budget", "trieEntries", live, "endpoint", b.Endpoint, "policy", b.Policy)

@@ -67,6 +67,9 @@ type Config struct {
 	// ctRefreshAlways makes every packet of a tracked flow rewrite its
 	// slot (tests: the most writes readers can race with).
 	ctRefreshAlways bool
+	// migrationFault, when set (tests), runs after each step of
+	// finishMigration; an error it returns cuts the migration short there.
+	migrationFault func(step string) error
 }
 
 func (c *Config) setDefaults() {
@@ -132,6 +135,8 @@ type Datapath struct {
 	globals  *globalsTable
 	// quarantine is ep_quarantine (see SetQuarantine).
 	quarantine *quarantineTable
+	// version is the running datapath's (see Version).
+	version Version
 	// The exact-match tables in front of ipcache and policy.
 	hosts, policyExact *exactTable
 }
@@ -210,6 +215,13 @@ func Probe() error {
 // New loads the datapath and pins it under cfg.BPFFS, or re-opens what an
 // earlier process pinned there. Re-opening attaches nothing: links pinned
 // by earlier Attach calls keep enforcing throughout.
+//
+// Pins of another version, or loaded with other settings, are migrated:
+// this version's programs are loaded beside them on the pinned maps (or on
+// copies, see planMigration), every attachment moves to them atomically,
+// and the old pins go. Pins of a newer version (ErrNewerDatapath), or of a
+// layout that cannot be carried over (ErrNotMigratable), are refused and
+// left enforcing.
 func New(cfg Config) (*Datapath, error) {
 	cfg.setDefaults()
 	if err := checkMemoryOrder(runtime.GOARCH); err != nil {
@@ -222,20 +234,20 @@ func New(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("tunnel mark %#x/%#x: want a non-zero mark inside its mask", cfg.TunnelMark, cfg.TunnelMask)
 	}
 	d := &Datapath{cfg: cfg, log: cfg.Logger}
+	var mig *migration
 	if _, err := os.Stat(d.progPin("bulkhead_from_pod")); err == nil {
-		if err := d.openPinned(); err != nil {
+		if mig, err = d.openExisting(); err != nil {
 			return nil, err
 		}
-		if err := d.checkLoadRecord(); err != nil {
-			d.Close()
-			return nil, err
-		}
-		d.log.Info("datapath re-opened from pins", "bpffs", cfg.BPFFS)
 	} else {
-		if err := d.load(); err != nil {
+		spec, settings, err := d.spec()
+		if err != nil {
 			return nil, err
 		}
-		d.log.Info("datapath loaded and pinned", "bpffs", cfg.BPFFS)
+		if err := d.load(spec, settings, nil); err != nil {
+			return nil, err
+		}
+		d.log.Info("datapath loaded and pinned", "bpffs", cfg.BPFFS, "version", d.version.String())
 	}
 	var err4, err6, errEP, errHosts error
 	d.ct4, err4 = mapCTTable(d.objs.Conntrack4, false)
@@ -256,7 +268,77 @@ func New(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	d.syncExact()
+	if mig != nil {
+		if err := d.finishMigration(mig); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("migrate the datapath from %s (the next start tries again): %w", mig.from, err)
+		}
+	}
 	return d, nil
+}
+
+// openExisting re-opens the pinned datapath when it is this version's,
+// loaded with these settings. Otherwise it loads this version's beside it
+// and returns the migration that finishMigration completes.
+func (d *Datapath) openExisting() (*migration, error) {
+	pinned, recorded, err := PinnedVersion(d.cfg.BPFFS)
+	if err != nil {
+		return nil, err
+	}
+	if cur := currentSerial(); pinned.Serial > cur {
+		return nil, fmt.Errorf("%w: %s is pinned under %s, and this agent's datapath is version %d; it stays in "+
+			"place and enforcing: run a version at least as new, or remove the pins to load this one "+
+			"(enforcement stops until it is loaded)", ErrNewerDatapath, pinned, d.cfg.BPFFS, cur)
+	}
+	if !recorded {
+		if pinned, err = d.legacyVersion(); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.checkTunnelMark(pinned); err != nil {
+		return nil, err
+	}
+	spec, settings, err := d.spec()
+	if err != nil {
+		return nil, err
+	}
+	if recorded && pinned.Object == objectDigest() && pinned.Settings == settings {
+		if err := d.openPinned(); err != nil {
+			return nil, err
+		}
+		d.version = pinned
+		d.log.Info("datapath re-opened from pins", "bpffs", d.cfg.BPFFS, "version", pinned.String())
+		return nil, nil
+	}
+	mig, err := d.planMigration(spec, pinned)
+	if err != nil {
+		return nil, err
+	}
+	defer mig.close()
+	d.log.Info("migrating the pinned datapath", "bpffs", d.cfg.BPFFS, "from", pinned.String(),
+		"to_serial", currentSerial(), "reused", len(mig.reused), "copied", mig.copied, "created", mig.created)
+	if err := d.load(spec, settings, mig); err != nil {
+		return nil, err
+	}
+	return mig, nil
+}
+
+// spec is this version's collection spec with this Config's settings, and
+// their digest.
+func (d *Datapath) spec() (*ebpf.CollectionSpec, string, error) {
+	jiffy, err := jiffyLength()
+	if err != nil {
+		return nil, "", err
+	}
+	spec, err := loadSpec(d.cfg, jiffy)
+	if err != nil {
+		return nil, "", err
+	}
+	settings, err := settingsDigest(spec)
+	if err != nil {
+		return nil, "", err
+	}
+	return spec, settings, nil
 }
 
 func (d *Datapath) mapPin(name string) string  { return filepath.Join(d.cfg.BPFFS, "maps", name) }
@@ -377,17 +459,14 @@ func ringWakeupMask(spec *ebpf.CollectionSpec, ringBytes uint32, cpus int) uint6
 	return mask
 }
 
-func (d *Datapath) load() error {
-	jiffy, err := jiffyLength()
-	if err != nil {
-		return err
-	}
-	spec, err := loadSpec(d.cfg, jiffy)
-	if err != nil {
-		return err
-	}
-	for name := range d.pinnedMaps() {
-		spec.Maps[name].Pinning = ebpf.PinByName
+// load loads spec. Without a migration it pins everything; with one, the
+// maps mig reuses are the pinned ones, the ones it copies are filled, and
+// nothing is pinned yet (finishMigration does that).
+func (d *Datapath) load(spec *ebpf.CollectionSpec, settings string, mig *migration) error {
+	if mig == nil {
+		for name := range d.pinnedMaps() {
+			spec.Maps[name].Pinning = ebpf.PinByName
+		}
 	}
 	for _, dir := range []string{"maps", "progs", "links"} {
 		if err := os.MkdirAll(filepath.Join(d.cfg.BPFFS, dir), 0o700); err != nil {
@@ -402,18 +481,29 @@ func (d *Datapath) load() error {
 		}
 		return fmt.Errorf("load bpf objects: %w", err)
 	}
+	d.version = Version{Serial: currentSerial(), Object: objectDigest(), Settings: settings,
+		TunnelMark: d.cfg.TunnelMark, TunnelMask: d.cfg.TunnelMask, LoadedAt: time.Now().UTC()}
+	if mig != nil {
+		if err := d.copyMaps(mig); err != nil {
+			d.Close()
+			return err
+		}
+	}
 	if err := d.seedConntrack(); err != nil {
 		d.Close()
 		return err
 	}
-	if err := d.pinLoadRecord(); err != nil {
+	if mig != nil {
+		return nil
+	}
+	if err := d.pinVersion(d.version); err != nil {
 		d.Close()
 		return err
 	}
 	// The programs are pinned last: their pins are what New looks for
 	// to re-open, so a load that failed before here is loaded again.
 	for name, p := range d.pinnedProgs() {
-		if err := (*p).Pin(d.progPin(name)); err != nil {
+		if err := pinReplacing(*p, d.progPin(name)); err != nil {
 			d.Close()
 			return fmt.Errorf("pin program %s: %w", name, err)
 		}

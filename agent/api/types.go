@@ -255,6 +255,9 @@ type StatusResponse struct {
 	PolicyErrors []PolicyError `json:"policyErrors,omitempty"`
 	// Features are the kernel features the datapath probed.
 	Features []Feature `json:"features,omitempty"`
+	// DatapathVersion is the running datapath's version, and how it took
+	// over from the one pinned before it, if it did.
+	DatapathVersion *DatapathVersion `json:"datapathVersion,omitempty"`
 	// LostEventsKernel counts flow events the kernel ring buffer had no
 	// room for; LostEventsUserspace those the agent dropped for slow
 	// consumers.
@@ -453,4 +456,36 @@ type ExplainResponse struct {
 	// deciding and the matching rules), for the CLI to render exactly as it
 	// renders an offline explain.
 	Detail json.RawMessage `json:"detail,omitempty"`
+}
+
+// DatapathVersion identifies the loaded BPF datapath.
+type DatapathVersion struct {
+	// Serial numbers the BPF object's versions (0: pinned before versions
+	// were recorded); Object is its SHA-256, Settings a digest of the
+	// load-time settings.
+	Serial   int       `json:"serial"`
+	Object   string    `json:"object,omitempty"`
+	Settings string    `json:"settings,omitempty"`
+	LoadedAt time.Time `json:"loadedAt,omitzero"`
+	// Migration is the last migration from an older pinned datapath.
+	Migration *DatapathMigration `json:"migration,omitempty"`
+}
+
+// DatapathMigration reports how a datapath took over from the pinned one.
+type DatapathMigration struct {
+	FromSerial int       `json:"fromSerial"`
+	FromObject string    `json:"fromObject,omitempty"`
+	At         time.Time `json:"at"`
+	// DurationMS is the whole migration (mostly loading the programs:
+	// the old ones enforce meanwhile); SwapMS the moving of the
+	// attachments, LinksSwapped of them, each one atomic update.
+	DurationMS   float64 `json:"durationMs"`
+	SwapMS       float64 `json:"swapMs"`
+	LinksSwapped int     `json:"linksSwapped"`
+	// Maps used as they were, copied into a new size, made anew, and old
+	// pins removed.
+	Reused  []string `json:"reused,omitempty"`
+	Copied  []string `json:"copied,omitempty"`
+	Created []string `json:"created,omitempty"`
+	Removed []string `json:"removed,omitempty"`
 }

@@ -61,6 +61,12 @@ func Status(ctx context.Context, c *api.Client, w io.Writer, format string) erro
 		for _, f := range st.Features {
 			fmt.Fprintf(tw, "  %s:\t%s\n", f.Name, f.State)
 		}
+		if v := st.DatapathVersion; v != nil {
+			fmt.Fprintf(tw, "  version:\t%s\n", datapathVersionLine(v))
+			if m := v.Migration; m != nil {
+				fmt.Fprintf(tw, "  migrated:\t%s\n", migrationLine(m))
+			}
+		}
 		fmt.Fprintf(tw, "Store:\t%s\n", st.Store)
 		fmt.Fprintf(tw, "Endpoints:\t%d\n", st.Endpoints)
 		fmt.Fprintf(tw, "Identities:\t%d\n", st.Identities)
@@ -243,4 +249,31 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+func datapathVersionLine(v *api.DatapathVersion) string {
+	obj := v.Object
+	if len(obj) > 12 {
+		obj = obj[:12]
+	}
+	return fmt.Sprintf("%d (object %s, settings %s), loaded %s", v.Serial, obj, v.Settings,
+		v.LoadedAt.Local().Format(time.RFC3339))
+}
+
+func migrationLine(m *api.DatapathMigration) string {
+	from := fmt.Sprintf("version %d", m.FromSerial)
+	if m.FromSerial == 0 {
+		from = "version 0 (from before versions were recorded)"
+	}
+	line := fmt.Sprintf("from %s at %s in %.0f ms; %d attachments moved in %.2f ms; %d maps kept",
+		from, m.At.Local().Format(time.RFC3339), m.DurationMS, m.LinksSwapped, m.SwapMS, len(m.Reused))
+	for _, p := range []struct {
+		what  string
+		names []string
+	}{{"copied", m.Copied}, {"made anew", m.Created}, {"old pins removed", m.Removed}} {
+		if len(p.names) > 0 {
+			line += fmt.Sprintf(", %s: %s", p.what, strings.Join(p.names, " "))
+		}
+	}
+	return line
 }

@@ -43,6 +43,9 @@ type env struct {
 	client   *api.Client
 	// extraArgs are added to the agent's command line.
 	extraArgs []string
+	// agentBin, when set, is the agent binary launchAgent runs instead of
+	// bin/bulkhead-agent (an older build, for the upgrade tests).
+	agentBin string
 }
 
 type agentProc struct {
@@ -156,6 +159,9 @@ func (e *env) startAgent() {
 func (e *env) launchAgent() {
 	e.t.Helper()
 	bin := filepath.Join(cnichain.RepoRoot(e.t), "bin", "bulkhead-agent")
+	if e.agentBin != "" {
+		bin = e.agentBin
+	}
 	cmd := exec.Command(bin, "--store", "dir:"+e.store, "--socket", e.socket, "--state-dir", e.stateDir,
 		"--bpffs", e.bpffs, "--flow-log", e.flowLog, "--metrics-addr", "", "--node-name", "e2e-node", "--log-level", "debug")
 	cmd.Args = append(cmd.Args, e.extraArgs...)
