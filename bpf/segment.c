@@ -332,6 +332,76 @@ static __always_inline void policy_decide(__u32 ep_id, const struct ep_config *c
 	}
 }
 
+/* pickup_decide's working memory: its frame must fit in the 32 bytes of
+ * stack the programs' frame leaves. */
+struct pickup_scratch {
+	struct policy_key k;
+	struct ep_config cfg;
+	struct decision d;
+	__u32 ep_id;
+	__u32 peer;
+	__u32 port_dir_gen;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct pickup_scratch);
+	__uint(max_entries, 1);
+} pickup_scratch SEC(".maps");
+
+/* pickup_decide judges, in the plaintext view and in generation gen, the
+ * TCP flow from peer to port in direction dir (port_dir_gen: the port in
+ * bits 0-15, dir in 16-23, gen in 24) of endpoint ep_id, for handle_flow's
+ * pick-up of a lost reply. It returns the decision packed (verdict in bits
+ * 0-7, flags in 8-15, rule in 32-63), or 0 (no verdict) when it cannot
+ * tell.
+ *
+ * It is policy_decide for that one case, as a global function, which the
+ * verifier checks once, on its own: inlined, a third policy lookup in
+ * handle_flow took the program past the verifier's budget of a million
+ * instructions. Its state lives in pickup_scratch (the programs' frame
+ * leaves it 32 bytes of stack), and it reads the trie's values in place:
+ * the trie holds every entry, policy_exact only speeds lookups up. */
+__attribute__((noinline)) __u64 pickup_decide(__u32 ep_id, __u32 peer, __u32 port_dir_gen)
+{
+	const struct policy_value *exact = NULL, *wild = NULL;
+	struct pickup_scratch *s;
+	struct global_config *g;
+	__u32 zero = 0, gen;
+	__u8 dir;
+
+	s = bpf_map_lookup_elem(&pickup_scratch, &zero);
+	if (!s)
+		return 0;
+	s->ep_id = ep_id;
+	s->peer = peer;
+	s->port_dir_gen = port_dir_gen;
+	g = bpf_map_lookup_elem(&globals, &zero);
+	gen = (s->port_dir_gen >> 24) & 1;
+	if (!g || !ep_config_at(gen, s->ep_id, &s->cfg))
+		return 0;
+	dir = (s->port_dir_gen >> 16) & 0xff;
+	if (dir == DIR_INGRESS && s->peer == host_identity && (g->flags[gen] & GLOBAL_ALLOW_HOST_INGRESS))
+		return VERDICT_ALLOW;
+	s->k.prefixlen = POLICY_FULL_BITS;
+	s->k.ep_id = s->ep_id;
+	s->k.slot = gen;
+	s->k.dir = dir;
+	s->k.proto = IPPROTO_TCP_;
+	s->k.dport = bpf_htons(s->port_dir_gen & 0xffff);
+	if (s->cfg.flags & (EP_EXACT_PEER << dir)) {
+		s->k.peer = s->peer;
+		exact = bpf_map_lookup_elem(&policy, &s->k);
+	}
+	if (s->cfg.flags & (EP_WILD_PEER << dir)) {
+		s->k.peer = ID_NONE;
+		wild = bpf_map_lookup_elem(&policy, &s->k);
+	}
+	decide_view(&s->cfg, dir, exact, wild, 0, &s->d);
+	return s->d.verdict | (__u64)s->d.flags << 8 | (__u64)s->d.rule << 32;
+}
+
 /* ct_normalise builds the IPv6 (or v4-mapped) key and reports whether the
  * packet's source is side a. */
 static __always_inline int ct_normalise(const struct pkt *p, __u32 ep_id, struct ct_key *k)
@@ -696,7 +766,7 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	struct ct_ref r;
 	__u64 now, rev;
 	__u32 gflags = 0, seed = 0, peer_id, gen;
-	int pkt_is_a, found, hint = -1, tun = 0;
+	int pkt_is_a, found, hint = -1, tun = 0, pickup = 0;
 	__u8 st = 0, reason;
 
 	/* One read of the live word selects the generation of everything this
@@ -858,6 +928,34 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		if (!tunnel_listening(skb, p))
 			reason = DROP_TUNNEL_DOWN;
 	}
+	/* A TCP segment in the middle of a connection (ACK without SYN) that
+	 * its own direction denies may belong to a flow whose entry was lost
+	 * (evicted, expired, flushed): judged as a new flow the wrong way
+	 * round, the reply of an allowed connection would be dropped as
+	 * denied and the connection would hang. Judge it in the direction its
+	 * connection was opened (towards this segment's source port, in the
+	 * plaintext view) and, when that is allowed, pick the connection up
+	 * as netfilter's loose TCP tracking does. Only TCP: its handshake
+	 * cannot be skipped, so no new connection starts this way, whereas a
+	 * datagram has nothing that tells a reply from a new flow. A revoked
+	 * connection's tombstone is found before this, and its original
+	 * direction is denied anyway. */
+	if (reason == DROP_POLICY && p->proto == IPPROTO_TCP_ && st == 0 &&
+	    (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_ACK) {
+		__u8 rdir = from_pod ? DIR_INGRESS : DIR_EGRESS;
+		__u64 rd = pickup_decide(ep_id, peer_id, p->sport | (__u32)rdir << 16 | gen << 24);
+		__u8 rv = rd & 0xff;
+
+		if (rv != VERDICT_NONE && rv != VERDICT_DENY && !enrolled_pair(cfg, gen, peer_id)) {
+			d.verdict = rv;
+			d.flags = (rd >> 8) & 0xff;
+			d.rule = rd >> 32;
+			d.auth = 0;
+			dir = rdir;
+			pickup = 1;
+			reason = DROP_NONE;
+		}
+	}
 	if (reason != DROP_NONE) {
 		count_drop(reason, p->len);
 		/* drop_events is keyed by the family-independent key. */
@@ -882,6 +980,13 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 		.verdict = d.verdict,
 		.flags = d.flags,
 	};
+	if (pickup) {
+		/* The connection was opened the other way: this segment is
+		 * its reply, and the handshake is long done. */
+		e.dport = p->sport;
+		e.orig_is_a = !pkt_is_a;
+		e.state = CT_SYN_A | CT_SYN_B;
+	}
 	if (p->proto == IPPROTO_TCP_) {
 		if (p->tcp_flags & TCP_SYN)
 			e.state |= pkt_is_a ? CT_SYN_A : CT_SYN_B;
@@ -897,7 +1002,8 @@ static __always_inline int handle_flow(struct __sk_buff *skb, struct pkt *p, __u
 	/* An audit verdict that only an mTLS allow would have turned into an
 	 * allow says so. */
 	emit(p, now, EVENT_FLOW_NEW, d.verdict, d.auth ? DROP_AUTH_REQUIRED : DROP_NONE, d.rule, dir,
-	     from_pod, ep_id, ifindex, cfg->identity, peer_id, ct_evflags(st));
+	     from_pod, ep_id, ifindex, cfg->identity, peer_id,
+	     pickup ? (EVF_REPLY | EVF_PICKUP) : ct_evflags(st));
 	count_verdict(d.verdict, p->len);
 	if (st & CT_REDIRECT)
 		return tunnel_forward(skb, ep_id, p->len);

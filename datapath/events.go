@@ -147,6 +147,11 @@ type FlowEvent struct {
 	// MTLS: the flow was delivered to this endpoint by the tunnel; the
 	// source identity is the one the tunnel verified.
 	MTLS bool
+	// PickedUp: a TCP reply whose flow had no conntrack entry (evicted,
+	// expired) and which its own direction's policy denies, passed because
+	// the direction its connection was opened in is allowed; the flow is
+	// tracked again from it (EventFlowNew, IsReply).
+	PickedUp bool
 }
 
 func isICMP(proto uint8) bool { return proto == 1 || proto == 58 }
@@ -156,6 +161,7 @@ const (
 	evfReply     = 1 << 0
 	evfTunnelled = 1 << 1
 	evfMTLS      = 1 << 2
+	evfPickup    = 1 << 3
 )
 
 // EventSize is the size of one flow event record in the ring buffer
@@ -210,6 +216,7 @@ func DecodeEvent(raw []byte) (FlowEvent, error) {
 		IsReply:     raw[offFlags]&evfReply != 0,
 		Tunnelled:   raw[offFlags]&evfTunnelled != 0,
 		MTLS:        raw[offFlags]&evfMTLS != 0,
+		PickedUp:    raw[offFlags]&evfPickup != 0,
 		Verdict:     policy.Verdict(raw[offVerdict]),
 		DropReason:  DropReason(raw[offDropReason]),
 		Rule:        policy.RuleID(ne.Uint32(raw[offRuleID:])),
@@ -262,6 +269,9 @@ func AppendEvent(dst []byte, ev *FlowEvent) []byte {
 	}
 	if ev.Tunnelled {
 		b[offFlags] |= evfTunnelled
+	}
+	if ev.PickedUp {
+		b[offFlags] |= evfPickup
 	}
 	if ev.MTLS {
 		b[offFlags] |= evfMTLS

@@ -30,6 +30,7 @@ func decodeEventReflect(raw []byte) (FlowEvent, error) {
 		IsReply:     e.Flags&evfReply != 0,
 		Tunnelled:   e.Flags&evfTunnelled != 0,
 		MTLS:        e.Flags&evfMTLS != 0,
+		PickedUp:    e.Flags&evfPickup != 0,
 		Verdict:     policy.Verdict(e.Verdict),
 		DropReason:  DropReason(e.DropReason),
 		Rule:        policy.RuleID(e.RuleId),

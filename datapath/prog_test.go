@@ -777,3 +777,87 @@ func TestEndpointIDRange(t *testing.T) {
 		t.Fatalf("a refused apply wrote the ipcache: %v %v", ok, err)
 	}
 }
+
+// A TCP reply whose flow lost its conntrack entry (evicted, expired,
+// flushed) and which its own direction denies is picked up when the
+// direction its connection was opened in is allowed: the connection goes
+// on instead of hanging behind a misleading POLICY_DENIED. Only TCP
+// segments past the handshake are picked up, and only when that original
+// direction is allowed.
+func TestProgPicksUpLostReply(t *testing.T) {
+	f := newProgFixture(t, baseState(allowIn(clientID, 6, 80, 80, 7)))
+	syn := tcpSyn(clientIP, podIP, 40000, 80)
+	if got := f.toPod(t, syn); got != retPass {
+		t.Fatalf("SYN: %#x", got)
+	}
+	drainEvents(t, f.ev)
+	if err := f.d.flushEndpointFlows(testEP); err != nil {
+		t.Fatal(err)
+	}
+	// The server pushes data: egress is default-deny, the flow is gone.
+	push := syn.reversed()
+	push.tcpFlags = tcpACK
+	if got := f.fromPod(t, push); got != retPass {
+		t.Fatalf("server push after the entry was lost: got %#x, want pass (picked up)", got)
+	}
+	ev := f.oneEvent(t)
+	if ev.Type != EventFlowNew || !ev.PickedUp || !ev.IsReply || ev.Direction != policy.Ingress || ev.Rule != 7 ||
+		ev.Verdict != policy.VerdictAllow || ev.SrcPort != 80 || ev.DstIdentity != clientID {
+		t.Fatalf("pick-up event %+v", ev)
+	}
+	ct, ok := ctLookup(t, f.d, uint32(testEP), syn)
+	if !ok || ct.Dir != uint8(policy.Ingress) || ct.Dport != 80 || ct.RuleId != 7 || ct.State&(ctSynA|ctSynB) != ctSynA|ctSynB {
+		t.Fatalf("picked-up entry %+v (found %v), want the client's ingress flow to 80, established", ct, ok)
+	}
+	// It is tracked again in its original direction: both ways pass
+	// without new events.
+	data := syn
+	data.tcpFlags = tcpACK
+	if got := f.toPod(t, data); got != retPass {
+		t.Fatalf("client data after the pick-up: %#x", got)
+	}
+	if got := f.fromPod(t, push); got != retPass {
+		t.Fatalf("server data after the pick-up: %#x", got)
+	}
+	f.noEvent(t)
+
+	drops := func(what string, s pktSpec, fromPod bool) {
+		t.Helper()
+		run := f.toPod
+		if fromPod {
+			run = f.fromPod
+		}
+		if got := run(t, s); got != retShot {
+			t.Errorf("%s: got %#x, want drop", what, got)
+		}
+		if _, ok := ctLookup(t, f.d, uint32(testEP), s); ok {
+			t.Errorf("%s: left a conntrack entry", what)
+		}
+		drainEvents(t, f.ev)
+	}
+	// Not picked up: a SYN or SYN-ACK (a handshake is never skipped), a
+	// segment without ACK, UDP, and a reply whose original direction is
+	// denied too (another port, another peer).
+	synack := syn.reversed()
+	synack.sport = 81
+	synack.tcpFlags = tcpSYN | tcpACK
+	drops("SYN-ACK from the pod's port 81", synack, true)
+	bare := tcpSyn(podIP, clientIP, 80, 40001)
+	bare.tcpFlags = tcpSYN
+	drops("SYN from the pod's port 80", bare, true)
+	rst := tcpSyn(podIP, clientIP, 80, 40002)
+	rst.tcpFlags = tcpRST
+	drops("RST without ACK", rst, true)
+	drops("UDP from the pod's port 80", pktSpec{src: podIP, dst: clientIP, proto: 17, sport: 80, dport: 40003}, true)
+	other := push
+	other.sport = 81
+	drops("ACK from the pod's port 81", other, true)
+	toOther := push
+	toOther.dst = otherIP
+	drops("ACK from port 80 to a peer not allowed in", toOther, true)
+	// Towards the pod the same holds the other way round: an ACK from a
+	// peer's port the pod may not connect to is dropped.
+	in := tcpSyn(clientIP, podIP, 443, 40004)
+	in.tcpFlags = tcpACK
+	drops("ACK into the pod from a port it may not reach", in, false)
+}

@@ -192,6 +192,23 @@ type segmentIpcacheValue struct {
 	Identity uint32
 }
 
+type segmentPickupScratch struct {
+	_   structs.HostLayout
+	K   segmentPolicyKey
+	Cfg segmentEpConfig
+	D   struct {
+		_       structs.HostLayout
+		Rule    uint32
+		Verdict uint8
+		Flags   uint8
+		Auth    uint8
+		_       [1]byte
+	}
+	EpId       uint32
+	Peer       uint32
+	PortDirGen uint32
+}
+
 type segmentPolicyExactBucket struct {
 	_   structs.HostLayout
 	Way [4]segmentPolicyExactSlot
@@ -263,6 +280,7 @@ const (
 	segmentMapIdFlags                    = "id_flags"
 	segmentMapIpcache                    = "ipcache"
 	segmentMapIpcacheHosts               = "ipcache_hosts"
+	segmentMapPickupScratch              = "pickup_scratch"
 	segmentMapPolicy                     = "policy"
 	segmentMapPolicyExact                = "policy_exact"
 	segmentMapQuarantineDns              = "quarantine_dns"
@@ -362,6 +380,7 @@ type segmentMapSpecs struct {
 	IdFlags        *ebpf.MapSpec `ebpf:"id_flags"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.MapSpec `ebpf:"ipcache_hosts"`
+	PickupScratch  *ebpf.MapSpec `ebpf:"pickup_scratch"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyExact    *ebpf.MapSpec `ebpf:"policy_exact"`
 	QuarantineDns  *ebpf.MapSpec `ebpf:"quarantine_dns"`
@@ -427,6 +446,7 @@ type segmentMaps struct {
 	IdFlags        *ebpf.Map `ebpf:"id_flags"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	IpcacheHosts   *ebpf.Map `ebpf:"ipcache_hosts"`
+	PickupScratch  *ebpf.Map `ebpf:"pickup_scratch"`
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyExact    *ebpf.Map `ebpf:"policy_exact"`
 	QuarantineDns  *ebpf.Map `ebpf:"quarantine_dns"`
@@ -452,6 +472,7 @@ func (m *segmentMaps) Close() error {
 		m.IdFlags,
 		m.Ipcache,
 		m.IpcacheHosts,
+		m.PickupScratch,
 		m.Policy,
 		m.PolicyExact,
 		m.QuarantineDns,

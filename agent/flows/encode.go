@@ -57,6 +57,9 @@ func (f *Flow) AppendJSON(dst []byte) []byte {
 	if f.MTLS {
 		dst = append(dst, `,"mtls":true`...)
 	}
+	if f.PickedUp {
+		dst = append(dst, `,"picked_up":true`...)
+	}
 	dst = appendPolicies(dst, `,"ingress_allowed_by":`, f.IngressAllowedBy)
 	dst = appendPolicies(dst, `,"egress_allowed_by":`, f.EgressAllowedBy)
 	dst = appendPolicies(dst, `,"ingress_denied_by":`, f.IngressDeniedBy)

@@ -213,6 +213,7 @@ func (e *Enricher) Enrich(ev *datapath.FlowEvent) *Flow {
 	f.NodeName = e.nodeName
 	f.IsReply = ev.IsReply
 	f.MTLS = ev.MTLS || ev.Tunnelled
+	f.PickedUp = ev.PickedUp
 	f.TrafficDirection = DirectionIngress
 	f.EventKind = ev.Type.String()
 	if ev.Direction == policy.Egress {

@@ -77,6 +77,7 @@ type ocsfUnmapped struct {
 	IsReply          bool           `json:"is_reply"`
 	NodeName         string         `json:"node_name,omitempty"`
 	MTLS             bool           `json:"mtls,omitempty"`
+	PickedUp         bool           `json:"picked_up,omitempty"`
 	IngressAllowedBy []*Policy      `json:"ingress_allowed_by,omitempty"`
 	EgressAllowedBy  []*Policy      `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy      `json:"ingress_denied_by,omitempty"`
@@ -102,7 +103,7 @@ func (f *Flow) ToOCSF() *OCSFEvent {
 		Metadata:      ocsfMetadata{Version: ocsfSchemaVersion, Product: ocsfProduct{Name: "Bulkhead", VendorName: "Bulkhead"}},
 		Unmapped: ocsfUnmapped{
 			Verdict: f.Verdict, DropReasonDesc: f.DropReasonDesc, TrafficDirection: f.TrafficDirection,
-			IsReply: f.IsReply, NodeName: f.NodeName, MTLS: f.MTLS,
+			IsReply: f.IsReply, NodeName: f.NodeName, MTLS: f.MTLS, PickedUp: f.PickedUp,
 			IngressAllowedBy: f.IngressAllowedBy, EgressAllowedBy: f.EgressAllowedBy,
 			IngressDeniedBy: f.IngressDeniedBy, EgressDeniedBy: f.EgressDeniedBy,
 			IsolatedBy: f.IsolatedBy, Quarantine: f.Quarantine,

@@ -41,7 +41,12 @@ type Flow struct {
 	// pod, the tunnel delivered it and the source is the identity its
 	// verified SVID names (source.spiffe_id), not what its address maps to.
 	// Hubble has no such field.
-	MTLS             bool      `json:"mtls,omitempty"`
+	MTLS bool `json:"mtls,omitempty"`
+	// PickedUp marks the reply of a connection whose conntrack entry was
+	// lost (evicted or expired), passed because the direction the
+	// connection was opened in is allowed, and tracked again from it.
+	// Hubble has no such field.
+	PickedUp         bool      `json:"picked_up,omitempty"`
 	IngressAllowedBy []*Policy `json:"ingress_allowed_by,omitempty"`
 	EgressAllowedBy  []*Policy `json:"egress_allowed_by,omitempty"`
 	IngressDeniedBy  []*Policy `json:"ingress_denied_by,omitempty"`

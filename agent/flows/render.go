@@ -57,6 +57,9 @@ func Compact(f *Flow, color bool) string {
 	if f.IsReply {
 		b.WriteString(" reply")
 	}
+	if f.PickedUp {
+		b.WriteString(" (picked up)")
+	}
 	b.WriteByte(' ')
 	b.WriteString(paintVerdict(f.Verdict, color))
 	if f.MTLS {

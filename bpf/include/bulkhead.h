@@ -415,3 +415,4 @@ struct flow_event {
 #define EVF_REPLY (1 << 0)     /* the packet went against the flow */
 #define EVF_TUNNELLED (1 << 1) /* redirected into the tunnel at the source pod */
 #define EVF_MTLS (1 << 2)      /* delivered by the tunnel: the peer identity is verified */
+#define EVF_PICKUP (1 << 3)    /* a reply whose flow had no entry, picked up (see handle_flow) */
