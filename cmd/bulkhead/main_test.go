@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -453,5 +454,20 @@ func TestGenerateMessageSingular(t *testing.T) {
 	_, errOut, err := run(t, "policy", "generate", dir+"/flows.json", "-f", dir+"/out.yaml")
 	if err != nil || !strings.Contains(errOut, "wrote 2 policies for 1 connection to ") {
 		t.Errorf("%v: %q", err, errOut)
+	}
+}
+
+// A mistyped verb of a group is an error with a suggestion, not the
+// group's help and exit 0; the bare group still prints its help.
+func TestUnknownVerbIsAnError(t *testing.T) {
+	for _, args := range [][]string{{"policy", "chek"}, {"policy", "chek", "store"}, {"quarantine", "lst"}} {
+		_, _, err := run(t, args...)
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("unknown command %q", args[1])) ||
+			!strings.Contains(err.Error(), "did you mean") {
+			t.Errorf("%v: %v, want an unknown command error with a suggestion", args, err)
+		}
+	}
+	if out, _, err := run(t, "policy"); err != nil || !strings.Contains(out, "Available Commands") {
+		t.Errorf("bulkhead policy: %v %q, want its help", err, out)
 	}
 }

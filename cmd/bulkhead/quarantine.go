@@ -23,13 +23,6 @@ pod's node does it: run the command on that node.`,
 		Example: `  bulkhead quarantine list
   bulkhead quarantine add shop/web-1 --reason "INC-4211: reverse shell"
   bulkhead quarantine release shop/web-1`,
-		// Runnable only to refuse a mistyped verb: cobra lets a group
-		// without Run answer help and exit 0, and a script that typed
-		// "relase" must not believe the pod was released.
-		Args: unknownVerb,
-		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
-		// cobra defaults this only on the root's own lookup.
-		SuggestionsMinimumDistance: 2,
 	}
 	cmd.AddCommand(newQuarantineList(g), newQuarantineAdd(g), newQuarantineRelease(g))
 	return cmd
@@ -93,6 +86,8 @@ func onePod(_ *cobra.Command, args []string) error {
 	return err
 }
 
+// unknownVerb refuses a verb a group of commands does not have (see
+// refuseUnknownVerbs).
 func unknownVerb(cmd *cobra.Command, args []string) error {
 	if len(args) == 0 {
 		return nil

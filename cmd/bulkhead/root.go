@@ -46,7 +46,28 @@ store folder (policy check, explain, matrix, diff, impact, generate).`,
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", socket, "the agent's API socket (or $BULKHEAD_SOCKET)")
 	root.AddCommand(newDemo(), newPolicy(g), newStatus(g), newEndpoints(g), newIdentities(g), newObserve(g), newQuarantine(g), newVersion())
+	refuseUnknownVerbs(root)
 	return root
+}
+
+// refuseUnknownVerbs makes every group of commands below root (policy,
+// quarantine) refuse a verb it does not have, with a suggestion: cobra lets
+// a group without Run answer with its help and exit 0, and a script that
+// typed "policy chek" or "quarantine relase" must not take that for
+// success. (The root refuses unknown commands itself.)
+func refuseUnknownVerbs(root *cobra.Command) {
+	for _, c := range root.Commands() {
+		if !c.HasSubCommands() {
+			continue
+		}
+		if c.Run == nil && c.RunE == nil {
+			c.Args = unknownVerb
+			c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+		}
+		// cobra defaults this only on the root's own lookup.
+		c.SuggestionsMinimumDistance = 2
+		refuseUnknownVerbs(c)
+	}
 }
 
 func newDemo() *cobra.Command {
