@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -70,7 +69,7 @@ func (d *Datapath) Apply(ms *policy.MapState) (ApplyStats, error) {
 	}
 	d.global.Revision++
 	d.globals.publish(d.global.Revision)
-	d.lastPublish = time.Now()
+	d.startQuiesce()
 	st.Revision, st.Published = d.global.Revision, true
 	d.log.Debug("policy applied", "revision", st.Revision, "mapstate_revision", ms.Revision,
 		"policy_writes", st.PolicyWrites, "policy_deletes", st.PolicyDeletes,
@@ -143,17 +142,6 @@ func (d *Datapath) holds(g uint8, w *genWrite) bool {
 		gen.applied[id] = p
 	}
 	return true
-}
-
-// slotQuiesce is how long a generation that just went inactive is left
-// alone: a packet that read the revision just before the publish may still
-// be inside its lookups there. A program run takes microseconds.
-const slotQuiesce = 2 * time.Millisecond
-
-func (d *Datapath) waitQuiesce() {
-	if wait := slotQuiesce - time.Since(d.lastPublish); wait > 0 {
-		time.Sleep(wait)
-	}
 }
 
 func validEntries(p *policy.EndpointPolicy) error {

@@ -120,8 +120,9 @@ type Datapath struct {
 	gens [2]generation
 	// global mirrors globals; global.Revision&1 is the live generation.
 	global GlobalConfig
-	// lastPublish is when the live generation last changed (see Apply).
-	lastPublish time.Time
+	// quiesce is the grace period of the last publish (see quiesce.go),
+	// nil once waited for.
+	quiesce *quiescence
 	// beforeWrite, when set (tests), is called before every write Apply
 	// makes to a map BPF reads; an error it returns fails that write.
 	beforeWrite func(op string) error
@@ -618,7 +619,7 @@ func (d *Datapath) readMirrors() error {
 	}
 	// A packet may still judge by the generation that was live before the
 	// last publish, which may have been an instant ago.
-	d.lastPublish = time.Now()
+	d.startQuiesce()
 	return nil
 }
 

@@ -154,10 +154,14 @@
 //
 // One window remains: a packet that read the old revision and is still
 // inside its lookups when the next Apply starts rewriting that generation.
-// A program run takes a microsecond or less, so Apply leaves a generation
-// alone for 2 ms after it went inactive (it sleeps only when applies come
-// faster than that) instead of waiting for a real RCU grace period, which
-// userspace cannot ask for. On weakly ordered CPUs the packet's reads of
+// The programs run inside RCU read-side sections, so every publish starts
+// an RCU grace period in the background (membarrier's
+// MEMBARRIER_CMD_GLOBAL is synchronize_rcu), and the next write into the
+// generation it made inactive waits for what is left of it (quiesce.go):
+// a real quiescence signal, which holds on preemptible and PREEMPT_RT
+// kernels too. A grace period is some milliseconds, so only applies that
+// follow each other faster wait. Where membarrier is missing, Apply falls
+// back to leaving the generation alone for 2 ms, and says so. On weakly ordered CPUs the packet's reads of
 // the generation's entries depend on the revision it loaded (they are
 // keyed or indexed by it), so they cannot see the inactive generation's
 // older contents after it was published.
