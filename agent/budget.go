@@ -111,9 +111,6 @@ func (r *budgetReport) errors() []api.PolicyError {
 // size is the flag's; it is read back rather than assumed.
 func (a *Agent) trieBudget() policy.Budget {
 	live := a.dp.PolicyMapEntries()
-	if want := a.cfg.Datapath.MaxPolicyEntries; want != 0 && int(want) != live {
-		a.log.Warn("--policy-map-entries differs from the live policy trie", "requested", want, "live", live)
-	}
 	b := a.cfg.policyBudget(live)
 	a.log.Info("policy trie budget", "trieEntries", live, "endpoint", b.Endpoint, "policy", b.Policy)
 	return b

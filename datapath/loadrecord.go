@@ -28,8 +28,7 @@ func (d *Datapath) legacyVersion() (Version, error) {
 	v := Version{}
 	m, err := ebpf.LoadPinnedMap(d.mapPin(legacyRecordPin), nil)
 	if errors.Is(err, fs.ErrNotExist) {
-		d.log.Warn("the pinned datapath has no record of its load-time settings (pinned by an older version): "+
-			"the tunnel mark it was loaded with cannot be checked", "tunnel_mark", fmt.Sprintf("%#x", d.cfg.TunnelMark))
+		// The oldest pins: the migration loads the mark asked for.
 		v.TunnelMark, v.TunnelMask = d.cfg.TunnelMark, d.cfg.TunnelMask
 		return v, nil
 	}

@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -292,24 +293,12 @@ func testMigrationUnderTraffic(t *testing.T, clsact bool) {
 		t.Fatal(err)
 	}
 	defer again.Close()
-	if got := pinnedProgIDs(t, bpffs); !mapsEqual(got, after) {
+	if got := pinnedProgIDs(t, bpffs); !maps.Equal(got, after) {
 		t.Errorf("re-opening loaded the programs again: %v, want %v", got, after)
 	}
 	if m2 := again.Version().Migration; m2 == nil || !m2.At.Equal(m.At) {
 		t.Errorf("re-opened version %+v, want the same migration", again.Version())
 	}
-}
-
-func mapsEqual[K comparable, V comparable](a, b map[K]V) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if b[k] != v {
-			return false
-		}
-	}
-	return true
 }
 
 // A migration cut short at any step is finished by the next start, and
@@ -376,7 +365,7 @@ func TestNewerPinnedDatapathIsRefused(t *testing.T) {
 	if !errors.Is(err, ErrNewerDatapath) || !strings.Contains(err.Error(), fmt.Sprintf("version %d", v.Serial)) {
 		t.Fatalf("New over a newer datapath: %v, want ErrNewerDatapath naming version %d", err, v.Serial)
 	}
-	if got := pinnedProgIDs(t, bpffs); !mapsEqual(got, before) {
+	if got := pinnedProgIDs(t, bpffs); !maps.Equal(got, before) {
 		t.Errorf("programs replaced: %v, want %v", got, before)
 	}
 	if got, _, _ := PinnedVersion(bpffs); got.Serial != v.Serial {
@@ -397,7 +386,7 @@ func TestUnmigratableLayoutIsRefused(t *testing.T) {
 		!strings.Contains(err.Error(), "stays in place") {
 		t.Fatalf("New with another conntrack size: %v, want ErrNotMigratable naming conntrack4", err)
 	}
-	if got := pinnedProgIDs(t, bpffs); !mapsEqual(got, before) {
+	if got := pinnedProgIDs(t, bpffs); !maps.Equal(got, before) {
 		t.Errorf("programs replaced: %v, want %v", got, before)
 	}
 	entries, _ := os.ReadDir(filepath.Join(bpffs, "maps"))

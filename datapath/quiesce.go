@@ -1,7 +1,6 @@
 package datapath
 
 import (
-	"errors"
 	"sync"
 	"time"
 
@@ -78,7 +77,3 @@ func (d *Datapath) waitQuiesce() {
 	}
 	d.quiesce = nil
 }
-
-// errNoMembarrier is what rcuGracePeriod returns in tests that simulate a
-// kernel without membarrier.
-var errNoMembarrier = errors.New("membarrier: not supported")

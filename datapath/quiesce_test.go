@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"log/slog"
 	"testing"
 	"time"
@@ -30,6 +31,9 @@ func TestWaitQuiesceWaitsForTheGracePeriod(t *testing.T) {
 	}
 	d.waitQuiesce() // nothing pending: returns at once
 }
+
+// errNoMembarrier stands for a kernel without membarrier.
+var errNoMembarrier = errors.New("membarrier: not supported")
 
 // Without membarrier the wait falls back to the fixed interval after the
 // publish.

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
@@ -186,7 +187,7 @@ func decodeVersion(b []byte) (Version, error) {
 // false when nothing is pinned there, or pins from before versions were
 // recorded (then Serial is 0).
 func PinnedVersion(bpffs string) (v Version, ok bool, err error) {
-	m, err := ebpf.LoadPinnedMap(bpffs+"/maps/"+versionPin, nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, "maps", versionPin), nil)
 	if errors.Is(err, fs.ErrNotExist) {
 		return Version{}, false, nil
 	}
